@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# Dispatcher: no hyperparameters here (they live in configs/). The first call creates .venv.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")"
+
+VENV=.venv
+PY="$VENV/bin/python"
+
+ensure_venv() {
+  # Rebuild when requirements.txt changes (its hash is stamped into the venv).
+  local want have=""
+  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  [ -f "$VENV/.requirements.sha256" ] && have=$(cat "$VENV/.requirements.sha256")
+  if [ ! -x "$PY" ] || [ "$want" != "$have" ]; then
+    echo "setting up $VENV from requirements.txt (first run only, ~2 min)..." >&2
+    [ -x "$PY" ] || python3 -m venv "$VENV"
+    "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
+    echo "$want" > "$VENV/.requirements.sha256"
+  fi
+}
+
+usage() {
+  cat <<'USAGE'
+usage: ./run.sh COMMAND [args]
+  train    [--config FILE] [key=value ...] [accelerate flags]   fine-tune (checkpoints + W&B)
+  submit   [--config FILE] [key=value ...] [accelerate flags]   GCM + ensemble + TTA -> submissions/
+  evaluate [--config FILE] [key=value ...]                      local leaderboard (clean/corruptions/attacks)
+  validate FILE --test-dir DIR [--num-classes N]                check a submission file
+  export   [--config FILE] [key=value ...]                      defended model file + budget report
+  demo-data [--out DIR]                                         generate the offline demo data set
+  bench                                                         performance figures
+  test     [pytest args]                                        the whole test suite
+USAGE
+}
+
+cmd="${1:-}"
+[ $# -gt 0 ] && shift
+case "$cmd" in
+  train)     ensure_venv; exec "$PY" -m train.launch train.main "$@" ;;
+  submit)    ensure_venv; exec "$PY" -m train.launch infer.submit "$@" ;;
+  evaluate)  ensure_venv; exec "$PY" -m infer.evaluate "$@" ;;
+  validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;
+  export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
+  demo-data) ensure_venv; exec "$PY" -m train.demo_data "$@" ;;
+  bench)     ensure_venv; exec "$PY" -m infer.bench "$@" ;;
+  test)      ensure_venv; HF_HUB_OFFLINE=1 WANDB_MODE=disabled exec "$PY" -m pytest tests "$@" ;;
+  -h|--help|help|"") usage; [ -n "$cmd" ] ;;
+  *) echo "error: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
+esac

@@ -1,0 +1,98 @@
+"""Config loading: defaults <- YAML <- overrides, typed, unknown keys rejected."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from train.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_default_config_is_the_demo():
+    cfg = load_config()
+    assert cfg.data.demo and cfg.data.root == "data/demo"
+    assert cfg.model.name == "convnext_atto" and cfg.data.image_size == 64
+    # keys not in default.yaml keep the dataclass defaults
+    assert cfg.gcm.w == 1e20 and cfg.gcm.eps == 1e-8
+
+
+@pytest.mark.parametrize("name", ["cvpr22_phase1.yaml", "cvpr22_phase2.yaml"])
+def test_challenge_configs_load(name):
+    cfg = load_config(ROOT / "configs" / name)
+    assert cfg.model.name == "convnext_tiny" and cfg.data.image_size == 224
+    assert cfg.data.root == "data/cvpr22"
+
+
+def test_overrides_are_cast_to_the_default_type():
+    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-4", "gcm.w=1e19", "tta.hflip=true",
+                             "tta.scales=[1.0, 1.15]", "submit.checkpoints=a.safetensors,b.safetensors"])
+    assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
+    assert cfg.train.lr == pytest.approx(1e-4) and cfg.gcm.w == 1e19
+    assert cfg.tta.hflip is True and cfg.tta.scales == [1.0, 1.15]
+    assert cfg.submit.checkpoints == ["a.safetensors", "b.safetensors"]
+
+
+def test_yaml_1e20_string_is_cast(tmp_path):
+    # PyYAML reads `1e20` (no dot) as a string; the loader must still give a float.
+    path = tmp_path / "c.yaml"
+    path.write_text("gcm:\n  w: 1e20\n  eps: 1e-8\n")
+    cfg = load_config(path)
+    assert cfg.gcm.w == 1e20 and cfg.gcm.eps == 1e-8
+
+
+@pytest.mark.parametrize("override, message", [
+    (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+    (["train.epochs=three"], "config key 'train.epochs': expected int, got 'three'"),
+    (["train.epochs=1.5"], "config key 'train.epochs': expected int"),
+    (["tta.hflip=maybe"], "config key 'tta.hflip': expected bool"),
+    (["wandb.mode=online-ish"], "config key 'wandb.mode': 'online-ish' is not one of"),
+    (["epochs"], "override 'epochs' is not of the form key=value"),
+    (["data=3"], "config key 'data' is a section"),
+    (["train.batch_size=0"], "'train.batch_size' must be at least 1"),
+    (["name=../x"], "config key 'name'"),
+])
+def test_bad_overrides_name_the_key(override, message):
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override)
+    assert message in str(info.value)
+
+
+def test_bad_yaml_names_file_and_line(tmp_path):
+    path = tmp_path / "bad.yaml"
+    path.write_text("train:\n  epochs: 3\n  lr: [1\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml:\d+: invalid YAML"):
+        load_config(path)
+    path.write_text("train:\n  epoch: 3\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: unknown config key 'train.epoch'"):
+        load_config(path)
+    path.write_text("train:\n  epochs: [3]\n")
+    with pytest.raises(ConfigError, match=r"'train.epochs': expected int"):
+        load_config(path)
+    with pytest.raises(ConfigError, match="config file not found"):
+        load_config(tmp_path / "missing.yaml")
+
+
+def test_yaml_safe_load_only(tmp_path):
+    path = tmp_path / "evil.yaml"
+    path.write_text("name: !!python/object/apply:os.system ['echo hacked']\n")
+    with pytest.raises(ConfigError, match="invalid YAML"):
+        load_config(path)
+
+
+def test_saved_config_round_trips(tmp_path):
+    cfg = load_config(None, ["train.epochs=2", "tta.scales=[1.0,0.9]"])
+    save_config(cfg, tmp_path / "config.yaml")
+    again = load_config(tmp_path / "config.yaml")
+    assert config_to_dict(again) == config_to_dict(cfg)
+    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
+
+
+def test_cli_bad_key_is_one_line_exit_2():
+    proc = subprocess.run([sys.executable, "-m", "train.launch", "train.main", "train.epoch=3"],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]

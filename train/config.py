@@ -1,0 +1,408 @@
+"""Typed configuration shared by every stage.
+
+The dataclass defaults describe a real run (ConvNeXt-tiny at 224 px); a YAML file lists only
+what differs from them, and ``key=value`` overrides from the command line come last. Every
+value is cast to the type of its default, so YAML quirks (``1e20`` is a string in YAML 1.1)
+cannot slip through, and an unknown key is an error that names the closest valid one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from train.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
+
+
+class ConfigError(UserError):
+    """A config file or override that does not fit the schema."""
+
+
+def _corruption_family() -> list:
+    # The corruption-style family the 2nd-place team trained with: noise, blur, JPEG,
+    # weather and dropout. Each entry is an albumentations transform name plus its arguments.
+    return [
+        {"name": "GaussNoise", "std_range": [0.02, 0.1]},
+        {"name": "ISONoise"},
+        {"name": "GaussianBlur", "blur_limit": [3, 5]},
+        {"name": "MotionBlur", "blur_limit": [3, 7]},
+        {"name": "ImageCompression", "quality_range": [30, 90]},
+        {"name": "RandomFog", "fog_coef_range": [0.1, 0.3]},
+        {"name": "RandomRain", "drop_length": 8, "blur_value": 3},
+        {"name": "RandomSnow", "snow_point_range": [0.1, 0.3]},
+        {"name": "CoarseDropout", "num_holes_range": [1, 4], "hole_height_range": [0.05, 0.15],
+         "hole_width_range": [0.05, 0.15]},
+    ]
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/cvpr22"
+    demo: bool = False  # generate the offline demo data set under `root` when it is missing
+    train_dir: str = "train_p2"
+    train_labels: str = "label.txt"  # "" -> ImageFolder layout (one sub-folder per class)
+    val_dir: str = ""  # "" -> images of the validation label file live in train_dir
+    val_labels: str = ""  # a second label file; "" -> stratified split of the training set
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    test_dir: str = "test"
+    test_labels: str = ""  # optional hidden labels (`N.png LABEL`) for a local score
+    num_classes: int = 100
+    image_size: int = 224
+    num_workers: int = 2
+    bad_images: str = "error"  # error | skip (skipped files are reported, up to max_bad_images)
+    max_bad_images: int = 100
+
+
+@dataclass
+class AugConfig:
+    scale: list = field(default_factory=lambda: [0.25, 1.0])  # RandomResizedCrop area range
+    ratio: list = field(default_factory=lambda: [0.75, 1.3333])
+    hflip: float = 0.5
+    color_jitter: float = 0.0  # strength; 0 turns it off
+    corruption_p: float = 0.3  # probability that one transform of `corruptions` is applied
+    corruptions: list = field(default_factory=_corruption_family)
+    extra: list = field(default_factory=list)  # more albumentations transforms, same form
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnext_tiny"
+    pretrained: bool = False  # from the HF hub (needs network)
+    pretrained_file: str = ""  # local weights file; the head is re-initialised for num_classes
+    drop_path_rate: float = 0.1
+    normalize: bool = True  # False: the model sees raw [0,1] pixels (2nd-place style)
+    mean: list = field(default_factory=list)  # [] -> from the timm pretrained config
+    std: list = field(default_factory=list)
+    channels_last: bool = False
+    compile: bool = False
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64  # per process
+    grad_accum_steps: int = 1
+    opt: str = "adamw"
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    layer_decay: float = 0.0  # 0 -> off; e.g. 0.8 for fine-tuning pretrained weights
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # alpha; 0 -> off
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.999
+    clip_grad: float = 0.0
+    mixed_precision: str = "no"  # no | bf16 | fp16
+    adv_eps: float = 0.0  # FGSM adversarial regularization in [0,1] pixel units; 0 -> off
+    adv_weight: float = 0.5
+    max_steps: int = 0  # stop after this many optimizer steps (0 -> all epochs)
+    checkpoint_every: int = 0  # optimizer steps between full-state checkpoints (0 -> per epoch)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto | online | offline | disabled
+    project: str = "robust-convnext"
+    entity: str = ""
+    log_images: bool = True
+    timeout: float = 10.0  # seconds to wait for the server before falling back to offline
+
+
+@dataclass
+class TTAConfig:
+    hflip: bool = False
+    scales: list = field(default_factory=lambda: [1.0])  # resize factors, center-cropped/padded back
+
+
+@dataclass
+class GCMConfig:
+    enabled: bool = True
+    w: float = 1e20
+    eps: float = 1e-8
+
+
+@dataclass
+class RandomPadConfig:
+    enabled: bool = False
+    min_ratio: float = 218 / 224  # resize to l in [min, max] * size, zero-pad back to size
+    max_ratio: float = 223 / 224
+    seed: int = 0
+
+
+@dataclass
+class SubmitConfig:
+    checkpoints: list = field(default_factory=list)  # exported models; [] -> runs/<name>/best
+    weights: list = field(default_factory=list)  # one per member; [] -> equal
+    aggregate: str = "prob"  # prob | logit
+    temperature: float = 1.0
+    batch_size: int = 64
+    num_workers: int = 2
+    out_dir: str = "submissions"
+    file_name: str = ""  # "" -> <name>
+    on_bad_image: str = "error"  # error | fallback
+    fallback_class: int = 0
+
+
+@dataclass
+class BudgetConfig:
+    max_params: float = 120e6
+    max_gmacs: float = 5.0
+    enforce: bool = False
+
+
+@dataclass
+class Config:
+    name: str = "cvpr22"
+    out_dir: str = "runs"
+    seed: int = 42
+    resume: str = ""  # "" | auto | path of a checkpoint folder
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    gcm: GCMConfig = field(default_factory=GCMConfig)
+    random_pad: RandomPadConfig = field(default_factory=RandomPadConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+
+_CHOICES = {
+    "data.bad_images": ("error", "skip"),
+    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "wandb.mode": ("auto", "online", "offline", "disabled"),
+    "submit.aggregate": ("prob", "logit"),
+    "submit.on_bad_image": ("error", "fallback"),
+}
+
+
+def _all_keys(obj: Any, prefix: str = "") -> list[str]:
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += _all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def _unknown_key(key: str, cfg: Config) -> ConfigError:
+    valid = _all_keys(cfg) + _sections(cfg)
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown config key '{key}'{hint}")
+
+
+def _sections(cfg: Config) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+
+
+_TRUE = {"true", "yes", "on", "1"}
+_FALSE = {"false", "no", "off", "0"}
+
+
+def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> Any:
+    """Cast ``value`` to the type of ``default``; raise ConfigError naming ``key`` if it cannot."""
+    expected = type(default)
+    try:
+        if expected is bool:
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
+                return value.strip().lower() in _TRUE
+            raise ValueError
+        if expected is int:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, int):
+                return value
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            if isinstance(value, str):
+                return int(value.strip())
+            raise ValueError
+        if expected is float:
+            if isinstance(value, bool):
+                raise ValueError
+            if isinstance(value, (int, float)):
+                return float(value)
+            if isinstance(value, str):
+                return float(value.strip())
+            raise ValueError
+        if expected is str:
+            if isinstance(value, (dict, list)):
+                raise ValueError
+            return "" if value is None else str(value)
+        if expected is list:
+            if isinstance(value, str) and from_text:
+                text = value.strip()
+                if text.startswith("["):
+                    value = yaml.safe_load(text)
+                else:
+                    value = [v for v in text.split(",") if v.strip()] if text else []
+            if value is None:
+                return []
+            if not isinstance(value, list):
+                raise ValueError
+            if default and not isinstance(default[0], dict):
+                return [cast_value(f"{key}[{i}]", v, default[0], from_text) for i, v in enumerate(value)]
+            return list(value)
+    except (ValueError, TypeError, yaml.YAMLError):
+        pass
+    else:
+        raise ConfigError(f"config key '{key}' has a type this loader does not handle")
+    raise ConfigError(f"config key '{key}': expected {expected.__name__}, got {value!r}")
+
+
+def _check_choice(key: str, value: Any) -> None:
+    choices = _CHOICES.get(key)
+    if choices and value not in choices:
+        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+
+
+def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
+    parts = key.split(".")
+    node: Any = cfg
+    for i, part in enumerate(parts):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise _unknown_key(key, cfg)
+        if i == len(parts) - 1:
+            current = getattr(node, part)
+            if dataclasses.is_dataclass(current):
+                if not isinstance(value, dict):
+                    raise ConfigError(f"config key '{key}' is a section; give its keys, e.g. '{key}.…=…'")
+                for sub, sub_value in value.items():
+                    _set(cfg, f"{key}.{sub}", sub_value, from_text)
+                return
+            new = cast_value(key, value, current, from_text)
+            _check_choice(key, new)
+            setattr(node, part, new)
+        else:
+            node = getattr(node, part)
+
+
+def new_config() -> Config:
+    """The dataclass defaults."""
+    return Config()
+
+
+def read_yaml(path: Path) -> dict:
+    """Read a YAML mapping with ``safe_load``; errors name the file (and line when YAML knows it)."""
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{where}: invalid YAML: {problem}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of config keys at the top level")
+    return data
+
+
+def apply_dict(cfg: Config, data: dict, source: str = "") -> Config:
+    """Merge a nested mapping (as read from YAML) into ``cfg``."""
+    for key, value in data.items():
+        try:
+            _set(cfg, str(key), value, from_text=False)
+        except ConfigError as exc:
+            raise ConfigError(f"{source}: {exc}" if source else str(exc)) from None
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """Apply dotted ``key=value`` overrides, each cast to the type of its default."""
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' is not of the form key=value")
+        key, value = item.split("=", 1)
+        _set(cfg, key.strip(), value, from_text=True)
+    return cfg
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- YAML file (``configs/default.yaml`` when ``path`` is None) <- overrides."""
+    cfg = new_config()
+    path = Path(path) if path else DEFAULT_CONFIG
+    apply_dict(cfg, read_yaml(path), source=str(path))
+    apply_overrides(cfg, overrides or [])
+    validate_config(cfg)
+    return cfg
+
+
+def validate_config(cfg: Config) -> None:
+    """Cross-field checks that a single key's type cannot express."""
+    d, t = cfg.data, cfg.train
+    if d.num_classes < 2:
+        raise ConfigError("config key 'data.num_classes' must be at least 2")
+    if d.image_size < 16:
+        raise ConfigError("config key 'data.image_size' must be at least 16")
+    if not 0.0 <= d.val_fraction < 1.0:
+        raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
+    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
+                       ("train.grad_accum_steps", t.grad_accum_steps), ("submit.batch_size", cfg.submit.batch_size)):
+        if value < 1:
+            raise ConfigError(f"config key '{key}' must be at least 1")
+    if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:
+        raise ConfigError(f"config key 'name': {cfg.name!r} must be a plain name (no path separators)")
+    if cfg.model.mean and len(cfg.model.mean) != 3 or cfg.model.std and len(cfg.model.std) != 3:
+        raise ConfigError("config keys 'model.mean'/'model.std' need 3 values (or [] for the timm default)")
+    if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
+        raise ConfigError("config key 'tta.scales' needs one or more positive factors")
+    if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
+        raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
+    if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
+        raise ConfigError("config keys 'random_pad.min_ratio'/'max_ratio' need 0 < min <= max <= 1")
+
+
+def config_to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config."""
+    return dataclasses.asdict(cfg)
+
+
+def config_from_dict(data: dict) -> Config:
+    """Rebuild a config saved by :func:`config_to_dict` (unknown keys are still errors)."""
+    return apply_dict(new_config(), data, source="saved config")
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically)."""
+    from train.io import atomic_write_text
+
+    atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
+
+
+def resolve_path(root: str, path: str) -> Path:
+    """``path`` relative to ``root`` unless absolute; '' stays ''."""
+    if not path:
+        return Path("")
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else Path(root) / p
