@@ -1,0 +1,129 @@
+""" Gradient Concealment Module (GCM)
+
+The first layer of the defended model in "Gradient Concealment: Free Lunch for Defending
+Adversarial Attacks" (arXiv 2205.10617): `y = x + eps * sin(w * x)` with w=1e20, eps=1e-8.
+
+In float32 the forward pass changes nothing measurable (|y - x| <= 1.5e-8, and x is returned
+unchanged for |x| >= 0.25) but the input gradient becomes `1 + eps * w * cos(w * x)`, i.e.
+about +-1e12 with a pseudo-random sign per pixel. Gradient-based attacks therefore follow noise.
+This is gradient masking, not robustness: the straight-through estimator (BPDA, see `bpda`)
+recovers the gradient of the undefended model exactly.
+"""
+from contextlib import contextmanager
+from typing import Iterator
+
+import torch
+from torch import nn
+
+__all__ = ['GradientConcealment', 'DefendedModel', 'apply_gcm', 'set_bpda', 'bpda']
+
+
+class GradientConcealment(nn.Module):
+    """ `y = x + eps * sin(w * x)`, always computed and returned in float32.
+
+    Why float32 always: in float16 `w * x` overflows to inf for any non-zero pixel and
+    `sin(inf)` is NaN, so every output pixel is NaN; bfloat16 keeps the range but loses the
+    precision the module relies on. Autocast is therefore disabled locally and the input cast
+    to float32. The output stays float32 (not cast back to the input dtype) because the
+    backward pass multiplies the gradient by ~1e12, which would overflow a float16 gradient;
+    under autocast the next layer casts it down as usual (a model converted with `.half()`
+    without autocast must be fed through an explicit cast).
+
+    Args:
+        w: Frequency of the sine (1e20 in the paper).
+        eps: Amplitude of the sine (1e-8 in the paper); eps=0 gives the identity.
+        bpda: Use the straight-through estimator: same forward value, identity backward.
+            This is what an honest adaptive attack does; flip it at run time with
+            `set_bpda` / `bpda`.
+    """
+
+    def __init__(self, w: float = 1e20, eps: float = 1e-8, bpda: bool = False):
+        super().__init__()
+        self.w = float(w)
+        self.eps = float(eps)
+        self.bpda = bool(bpda)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type=x.device.type, enabled=False):
+            x = x.float()
+            if self.bpda:
+                # Straight-through, same as the textbook `x + (gcm(x) - x).detach()`, written
+                # so the forward value is exactly gcm(x) (adding x - x = 0 is exact).
+                return self._conceal(x).detach() + (x - x.detach())
+            return self._conceal(x)
+
+    def _conceal(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.eps * torch.sin(self.w * x)
+
+    def extra_repr(self) -> str:
+        return f'w={self.w:g}, eps={self.eps:g}, bpda={self.bpda}'
+
+
+class DefendedModel(nn.Module):
+    """ Runs an input defense layer in front of a model: `model(defense(x))`.
+
+    Named children (`defense`, `model`) rather than an `nn.Sequential` so the wrapped model's
+    state dict keys are simply prefixed with `model.`; the defense layers hold no state.
+    Methods of the base model (`forward_features`, ...) are not forwarded on purpose: calling
+    them would silently skip the defense. Use `.model` to reach the undefended model.
+    """
+
+    def __init__(self, defense: nn.Module, model: nn.Module):
+        super().__init__()
+        self.defense = defense
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(self.defense(x))
+
+
+def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8) -> DefendedModel:
+    """ Put a GradientConcealment layer in front of `model`.
+
+    Args:
+        model: Any module taking an image batch (inputs in [0, 1] in the paper).
+        w: GCM frequency.
+        eps: GCM amplitude.
+
+    Returns:
+        `DefendedModel(GradientConcealment(w, eps), model)`.
+    """
+    return DefendedModel(GradientConcealment(w=w, eps=eps), model)
+
+
+def set_bpda(model: nn.Module, enabled: bool) -> int:
+    """ Switch the straight-through (BPDA) backward on or off for every GCM in `model`.
+
+    Args:
+        model: Module tree to search (the GCM itself also counts).
+        enabled: New value of `bpda`.
+
+    Returns:
+        Number of GradientConcealment modules found.
+    """
+    found = 0
+    for m in model.modules():
+        if isinstance(m, GradientConcealment):
+            m.bpda = bool(enabled)
+            found += 1
+    return found
+
+
+@contextmanager
+def bpda(model: nn.Module) -> Iterator[int]:
+    """ Enable BPDA on every GCM in `model` for the duration of a `with` block.
+
+    Each module's previous setting is restored on exit, also on error.
+
+    Yields:
+        Number of GradientConcealment modules found (0 means there was nothing to bypass).
+    """
+    modules = [m for m in model.modules() if isinstance(m, GradientConcealment)]
+    previous = [m.bpda for m in modules]
+    try:
+        for m in modules:
+            m.bpda = True
+        yield len(modules)
+    finally:
+        for m, state in zip(modules, previous):
+            m.bpda = state
