@@ -1,0 +1,1 @@
+"""Inference: defended models, ensembles and TTA, submission files and their checks."""

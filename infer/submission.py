@@ -1,0 +1,546 @@
+"""Submission files: write them (all or nothing), read them back, and check them.
+
+``write_submission`` produces three files in ``out_dir``:
+
+* ``<name>.csv``: header ``image_id,category_id``, one row per test image sorted by id,
+  plain integers, ``\\n`` line endings, no quoting (the leaderboard CSV of the product card);
+* ``<name>.json``: the challenge's exact form, a JSON array
+  ``[{"image_id": 0, "category_id": 18}, ...]`` (one object per line, sorted by id), as the
+  public Phase I solutions wrote ``t1_p1_result.json``;
+* ``<name>.meta.json``: the caller's meta dict plus counts (``n_images``, ``class_histogram``).
+
+``read_submission`` / ``check_submission`` are strict, because a file the leaderboard rejects
+costs a day's submission slot. The rules, checked for files we did not write as well:
+
+* the file is UTF-8; a UTF-8 byte-order mark (Excel adds one on "save as CSV") is **reported as
+  a problem** (some CSV readers then see a header ``\\ufeffimage_id``), but the rest of the file
+  is still parsed so that every other problem shows up in the same run;
+* CSV: the exact header ``image_id,category_id``; ``\\n`` or ``\\r\\n`` line endings; exactly two
+  unquoted fields per row, each matching ``-?[0-9]+`` (``3.0``, ``+3``, `` 3`` and ``""`` are
+  not integers); no blank lines (one final newline is fine, and so is none);
+* JSON: an array of objects with exactly the keys ``image_id`` and ``category_id``, both JSON
+  integers (not ``true``, ``3.0`` or ``"3"``), no repeated keys;
+* every image_id once; every test image predicted; no id outside the test folder; labels in
+  ``[0, num_classes)`` (negative labels are always reported).
+
+Problems name their place: ``FILE:LINE: ...`` for CSV, ``FILE: entry N: ...`` for JSON, where
+N is the 0-based index in the array (our own writer puts entry N on line N + 2).
+"""
+
+from __future__ import annotations
+
+import codecs
+import json
+import math
+import numbers
+import os
+import re
+import secrets
+import shutil
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from train.data import list_test_images
+from train.errors import UserError
+from train.io import create_temp_beside
+
+FIELDS = ("image_id", "category_id")
+CSV_HEADER = ",".join(FIELDS)
+MAX_PROBLEMS = 20  # listing cap: a wrong file can have 20,000 broken rows
+_SHOW_IDS = 5  # ids quoted in a summary message
+_INT_RE = re.compile(r"-?[0-9]+")
+
+
+class SubmissionNameError(UserError, ValueError):
+    """A submission name that is not a plain file name (it comes from the user's config)."""
+
+
+# ----------------------------------------------------------------------------------- writing
+
+
+def write_submission(
+        out_dir: Path,
+        name: str,
+        image_ids: Sequence[int],
+        predictions: Sequence[int],
+        meta: dict,
+) -> dict[str, Path]:
+    """Write ``<name>.csv``, ``<name>.json`` and ``<name>.meta.json`` into ``out_dir``.
+
+    Each file goes to a temp file beside its target first; only when all three are written and
+    flushed are they renamed into place. If anything fails, the temps are removed and files of
+    an older submission with the same name are put back, so the folder holds either the whole
+    new submission or exactly what it held before.
+
+    Args:
+        out_dir: Folder for the files (created if needed).
+        name: Plain file name without extension, e.g. ``"convnext_gcm"``.
+        image_ids: One id per test image (any order; the files are sorted by id).
+        predictions: The predicted class of each image, aligned with ``image_ids``.
+        meta: JSON-able settings to record (config, checkpoints, TTA, GCM, time...).
+            ``Path`` and numpy values are converted; NaN/inf become ``null``.
+
+    Returns:
+        ``{"csv": path, "json": path, "meta": path}``.
+
+    Raises:
+        ValueError: Mismatched lengths, no predictions, duplicate ids, non-integer values, or
+            a ``meta`` value that cannot be written as JSON.
+        SubmissionNameError: ``name`` is not a plain file name (also a ValueError).
+    """
+    check_submission_name(name)
+    rows = _sorted_rows(image_ids, predictions)
+    histogram = Counter(label for _, label in rows)
+    full_meta = _to_json_safe(dict(meta), "meta")
+    full_meta.update({
+        "n_images": len(rows),
+        "n_classes_predicted": len(histogram),
+        "class_histogram": {str(label): histogram[label] for label in sorted(histogram)},
+    })
+    out_dir = Path(out_dir)
+    paths = {"csv": out_dir / f"{name}.csv", "json": out_dir / f"{name}.json",
+             "meta": out_dir / f"{name}.meta.json"}
+    # Serialise everything before touching the disk: a bad value must not leave half a submission.
+    texts = {
+        paths["csv"]: format_csv(rows),
+        paths["json"]: format_json(rows),
+        paths["meta"]: json.dumps(full_meta, indent=2, allow_nan=False) + "\n",
+    }
+    commit_files(texts)
+    return paths
+
+
+def check_submission_name(name: str) -> None:
+    """Raise :class:`SubmissionNameError` unless ``name`` is a plain file name."""
+    if (not isinstance(name, str) or not name or name in {".", ".."} or name.startswith(".")
+            or any(c in name for c in "/\\\0") or name.strip() != name):
+        raise SubmissionNameError(f"submission name {name!r} must be a plain file name "
+                                  "(no path separators, not hidden, no surrounding spaces)")
+    if name.lower().endswith((".csv", ".json")):
+        raise SubmissionNameError(f"submission name {name!r} must not carry an extension "
+                                  f"(the files are {name}.csv/.json; use {Path(name).stem!r})")
+
+
+def format_csv(rows: Sequence[tuple[int, int]]) -> str:
+    """The leaderboard CSV text of ``(image_id, category_id)`` rows."""
+    return "".join([f"{CSV_HEADER}\n"] + [f"{i},{c}\n" for i, c in rows])
+
+
+def format_json(rows: Sequence[tuple[int, int]]) -> str:
+    """The challenge's JSON array, one ``{"image_id": i, "category_id": c}`` per line."""
+    body = ",\n".join(f'{{"image_id": {i}, "category_id": {c}}}' for i, c in rows)
+    return f"[\n{body}\n]\n" if rows else "[]\n"
+
+
+def commit_files(texts: dict[Path, str]) -> None:
+    """Write several text files as one unit: all of them appear, or none changes.
+
+    ``train.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
+    files that is not enough (a failing second rename would leave a new CSV next to an old
+    JSON), so this writes every temp first and undoes the renames already done on failure.
+    Older files are kept as hard links (a copy where links are unsupported) until the end.
+    """
+    temps: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    installed: list[Path] = []
+    try:
+        for target, text in texts.items():
+            temps[target] = _write_temp(target, text)
+        for target in texts:
+            if target.exists():
+                backups[target] = _backup(target)
+        for target in texts:
+            os.replace(temps[target], target)
+            del temps[target]
+            installed.append(target)
+        for folder in {t.parent for t in texts}:
+            _fsync_dir(folder)
+    except BaseException as exc:
+        for target in reversed(installed):
+            try:
+                if target in backups:
+                    os.replace(backups[target], target)
+                    del backups[target]
+                else:
+                    target.unlink(missing_ok=True)
+            except OSError as undo_exc:
+                # Keep the backup file: it is now the only copy of the old submission.
+                kept = backups.pop(target, None)
+                exc.add_note(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
+        raise
+    finally:
+        for tmp in list(temps.values()) + list(backups.values()):
+            tmp.unlink(missing_ok=True)
+
+
+def _write_temp(target: Path, text: str) -> Path:
+    # Same naming as train.io.atomic_path: hidden, beside the target, so rename stays atomic.
+    fd, tmp = create_temp_beside(target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _backup(target: Path) -> Path:
+    backup = target.with_name(f".{target.name}.{secrets.token_hex(4)}.bak")
+    try:
+        os.link(target, backup)
+    except OSError:
+        shutil.copy2(target, backup)
+    return backup
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the renames durable; not possible on every platform/file system, and not essential.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _sorted_rows(image_ids: Sequence[int], predictions: Sequence[int]) -> list[tuple[int, int]]:
+    if len(image_ids) != len(predictions):
+        raise ValueError(f"{len(image_ids)} image ids but {len(predictions)} predictions")
+    if not len(image_ids):
+        raise ValueError("no predictions to write")
+    ids = [_as_int(v, "image id", k) for k, v in enumerate(image_ids)]
+    labels = [_as_int(v, "prediction", k) for k, v in enumerate(predictions)]
+    duplicates = sorted(i for i, n in Counter(ids).items() if n > 1)
+    if duplicates:
+        raise ValueError(f"duplicate image ids: {_quote_ids(duplicates)}")
+    return sorted(zip(ids, labels))
+
+
+def _as_int(value: Any, what: str, index: int) -> int:
+    # numpy integers are numbers.Integral; bools, floats (even 3.0) and strings are not accepted.
+    if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+        return int(value)
+    raise ValueError(f"{what} #{index} is {value!r} ({type(value).__name__}), not an integer")
+
+
+def _to_json_safe(value: Any, where: str) -> Any:
+    """A copy of ``value`` that ``json.dumps(allow_nan=False)`` accepts, or a ValueError naming the key."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None  # strict JSON has no NaN/Infinity
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _to_json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_to_json_safe(v, f"{where}[{k}]") for k, v in enumerate(value)]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, without importing numpy
+        return _to_json_safe(value.tolist(), where)
+    raise ValueError(f"{where}: {type(value).__name__} value {value!r} cannot be written as JSON")
+
+
+# ----------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class ParsedSubmission:
+    """What a submission file says, and where each prediction came from."""
+
+    predictions: dict[int, int] = field(default_factory=dict)
+    where: dict[int, str] = field(default_factory=dict)  # id -> "FILE:LINE" / "FILE: entry N"
+    problems: list[str] = field(default_factory=list)
+    readable: bool = True  # False: no table could be read at all (missing file, bad JSON...)
+
+    _short: dict[int, str] = field(default_factory=dict, repr=False)  # id -> "line 3" / "entry 2"
+
+    def add(self, loc: str, short: str, image_id: int, label: int) -> None:
+        """Record one prediction; a repeated id is a problem and keeps its first value."""
+        if image_id in self.predictions:
+            self.problems.append(f"{loc}: duplicate image_id {image_id} (first at {self._short[image_id]})")
+            return
+        self.predictions[image_id] = label
+        self.where[image_id] = loc
+        self._short[image_id] = short
+
+
+def read_submission(path: Path) -> tuple[dict[int, int], list[str]]:
+    """Parse a ``.csv`` or ``.json`` submission.
+
+    Args:
+        path: The file; its extension picks the format.
+
+    Returns:
+        ``(image_id -> category_id, problems)``. Rows with a problem are left out of the dict
+        (a duplicate keeps its first value); ``problems`` is empty for a well-formed file.
+    """
+    parsed = parse_submission(path)
+    return parsed.predictions, parsed.problems
+
+
+def parse_submission(path: Path) -> ParsedSubmission:
+    """Like :func:`read_submission`, also giving each prediction's location."""
+    path = Path(path)
+    where = str(path)
+    suffix = path.suffix.lower()
+    if suffix not in (".csv", ".json"):
+        return _unreadable(f"{where}: unknown submission type {path.suffix or '(no extension)'!r}; "
+                           "expected a .csv or .json file")
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        return _unreadable(f"{where}: file not found")
+    except IsADirectoryError:
+        return _unreadable(f"{where}: is a folder, not a file")
+    except OSError as exc:
+        return _unreadable(f"{where}: cannot read: {exc.strerror or exc}")
+    parsed = ParsedSubmission()
+    text = _decode(data, where, suffix == ".csv", parsed.problems)
+    if text is None:
+        parsed.readable = False
+        return parsed
+    if suffix == ".csv":
+        _parse_csv(text, where, parsed)
+    else:
+        _parse_json(text, where, parsed)
+    return parsed
+
+
+def _unreadable(problem: str) -> ParsedSubmission:
+    return ParsedSubmission(problems=[problem], readable=False)
+
+
+def _decode(data: bytes, where: str, is_csv: bool, problems: list[str]) -> str | None:
+    offset = 0
+    if data.startswith(codecs.BOM_UTF8):
+        problems.append(f"{where}{':1' if is_csv else ''}: starts with a UTF-8 byte-order mark (BOM, e.g. "
+                        "from Excel); save it as plain UTF-8 without BOM")
+        offset = len(codecs.BOM_UTF8)
+    try:
+        return data[offset:].decode("utf-8")
+    except UnicodeDecodeError as exc:
+        pos = offset + exc.start
+        line = data.count(b"\n", 0, pos) + 1
+        hint = " (looks like UTF-16)" if data.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)) else ""
+        problems.append(f"{where}:{line}: not UTF-8 text (byte 0x{data[pos]:02x} at offset {pos}){hint}")
+        return None
+
+
+def _parse_int(text: str) -> int | None:
+    if not _INT_RE.fullmatch(text):
+        return None
+    try:
+        return int(text)
+    except ValueError:  # more digits than Python's int() allows
+        return None
+
+
+def _parse_csv(text: str, where: str, parsed: ParsedSubmission) -> None:
+    # Split on "\n" only: str.splitlines() would also split on \x0b, \x1c, \u2028... and shift
+    # the line numbers away from what an editor shows.
+    lines = text.split("\n")
+    if lines[-1] == "":
+        lines.pop()  # the final newline ends the last row; it does not start an empty one
+    if not lines:
+        parsed.problems.append(f"{where}:1: empty file (expected the header {CSV_HEADER!r})")
+        return
+    for number, raw in enumerate(lines, 1):
+        line = raw[:-1] if raw.endswith("\r") else raw
+        loc = f"{where}:{number}"
+        fields = line.split(",")
+        if number == 1:
+            if line == CSV_HEADER:
+                continue
+            if len(fields) != 2 or any(_parse_int(f) is None for f in fields):
+                parsed.problems.append(f"{loc}: header must be {CSV_HEADER!r}, found {line!r}")
+                continue
+            # Headerless file: say so once, and still read this row as data.
+            parsed.problems.append(f"{loc}: missing header {CSV_HEADER!r} (the first line is a data row)")
+        if not line.strip():
+            parsed.problems.append(f"{loc}: blank line")
+            continue
+        if len(fields) != 2:
+            parsed.problems.append(f"{loc}: expected 2 columns ({CSV_HEADER}), found {len(fields)}: {line!r}")
+            continue
+        values = [_parse_int(f) for f in fields]
+        for name, text_value, value in zip(FIELDS, fields, values):
+            if value is None:
+                parsed.problems.append(f"{loc}: {name} {text_value!r} is not an integer")
+        if None not in values:
+            parsed.add(loc, f"line {number}", values[0], values[1])
+
+
+def _parse_json(text: str, where: str, parsed: ParsedSubmission) -> None:
+    try:
+        data = json.loads(text, object_pairs_hook=_JsonObject.from_pairs)
+    except json.JSONDecodeError as exc:
+        parsed.problems.append(f"{where}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}")
+        parsed.readable = False
+        return
+    except (ValueError, RecursionError) as exc:  # e.g. an integer with more than 4300 digits
+        parsed.problems.append(f"{where}: invalid JSON: {exc}")
+        parsed.readable = False
+        return
+    if not isinstance(data, list):
+        hint = " (this is the meta file; check the .json or .csv twin)" if where.endswith(".meta.json") else ""
+        parsed.problems.append(f"{where}: expected a JSON array of {{\"image_id\": ..., \"category_id\": ...}} "
+                               f"objects, found {_json_type(data)}{hint}")
+        parsed.readable = False
+        return
+    for index, entry in enumerate(data):
+        loc = f"{where}: entry {index}"
+        if not isinstance(entry, dict):
+            parsed.problems.append(f"{loc}: expected an object, found {_json_type(entry)} {_json_repr(entry)}")
+            continue
+        ok = True
+        if entry.repeated:
+            parsed.problems.append(f"{loc}: repeated key(s) {', '.join(map(repr, entry.repeated))}")
+            ok = False  # json keeps the last value; which one was meant is anyone's guess
+        missing = [k for k in FIELDS if k not in entry]
+        extra = [k for k in entry if k not in FIELDS]
+        if missing:
+            parsed.problems.append(f"{loc}: missing key(s) {', '.join(map(repr, missing))}")
+        if extra:
+            parsed.problems.append(f"{loc}: unexpected key(s) {', '.join(map(repr, extra))} "
+                                   f"(allowed: {', '.join(FIELDS)})")
+        for key in FIELDS:
+            value = entry.get(key)
+            if key in entry and type(value) is not int:  # excludes bool, a subclass of int
+                parsed.problems.append(f"{loc}: {key} must be an integer, found {_json_type(value)} "
+                                       f"{_json_repr(value)}")
+                ok = False
+        # An entry with valid values but an extra key still counts as a prediction, so the
+        # image is not also reported as missing.
+        if ok and not missing:
+            parsed.add(loc, f"entry {index}", entry["image_id"], entry["category_id"])
+
+
+class _JsonObject(dict):
+    """A JSON object that remembers keys given more than once (plain ``json`` keeps the last)."""
+
+    repeated: list[str]
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[str, Any]]) -> "_JsonObject":
+        obj = cls()
+        obj.repeated = []
+        for key, value in pairs:
+            if key in obj and key not in obj.repeated:
+                obj.repeated.append(key)
+            obj[key] = value
+        return obj
+
+
+def _json_type(value: Any) -> str:
+    if value is None:
+        return "null"
+    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
+                       (list, "array"), (dict, "object")):
+        if isinstance(value, kind):
+            return name
+    return type(value).__name__
+
+
+def _json_repr(value: Any, width: int = 40) -> str:
+    text = json.dumps(value)
+    return text if len(text) <= width else text[:width - 3] + "..."
+
+
+# ---------------------------------------------------------------------------------- checking
+
+
+@dataclass
+class SubmissionCheck:
+    """The outcome of :func:`check_submission`."""
+
+    problems: list[str]
+    n_predictions: int
+    n_test_images: int
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def check_submission(path: Path, test_dir: Path, num_classes: int | None) -> SubmissionCheck:
+    """Check a submission file against the test folder; every problem, uncapped.
+
+    Summaries (missing and extra ids) come first, then per-line problems in file order.
+
+    Raises:
+        UserError: ``test_dir`` is not a usable test folder, or ``num_classes`` < 1 (bad
+            usage, as opposed to a bad submission).
+    """
+    test_dir = Path(test_dir)
+    if num_classes is not None and num_classes < 1:
+        raise UserError(f"number of classes must be at least 1, got {num_classes}")
+    if not test_dir.is_dir():
+        raise UserError(f"test folder {test_dir}: " + ("not a folder" if test_dir.exists() else "not found"))
+    test_ids = [image_id for _, image_id in list_test_images(test_dir)]
+    parsed = parse_submission(Path(path))
+    if not parsed.readable:
+        # Listing every test image as missing would only bury the real problem.
+        return SubmissionCheck(parsed.problems, 0, len(test_ids))
+
+    where = str(path)
+    summary: list[str] = []
+    known = set(test_ids)
+    missing = [i for i in test_ids if i not in parsed.predictions]
+    if missing:
+        summary.append(f"{where}: {len(missing)} of {len(test_ids)} test images have no valid prediction "
+                       f"(image_id {_quote_ids(missing)})")
+    extra = [i for i in parsed.predictions if i not in known]
+    if extra:
+        shown = ", ".join(f"{i} at {parsed.where[i]}" for i in extra[:_SHOW_IDS])
+        more = f", ... {len(extra) - _SHOW_IDS} more" if len(extra) > _SHOW_IDS else ""
+        summary.append(f"{where}: {len(extra)} image_id(s) not in the test folder {test_dir} ({shown}{more})")
+
+    labels: list[str] = []
+    for image_id, label in parsed.predictions.items():
+        if label < 0:
+            labels.append(f"{parsed.where[image_id]}: category_id {label} is negative")
+        elif num_classes is not None and label >= num_classes:
+            labels.append(f"{parsed.where[image_id]}: category_id {label} is outside [0, {num_classes})")
+    return SubmissionCheck(summary + parsed.problems + labels, len(parsed.predictions), len(test_ids))
+
+
+def validate_submission(path: Path, test_dir: Path, num_classes: int | None,
+                        limit: int | None = MAX_PROBLEMS) -> list[str]:
+    """All problems of a submission file (empty list = valid), capped at ``limit`` lines.
+
+    Args:
+        path: A ``.csv`` or ``.json`` submission.
+        test_dir: The test image folder (``N.png`` ...) the submission must cover exactly.
+        num_classes: Labels must lie in ``[0, num_classes)``; ``None`` checks only that they
+            are not negative.
+        limit: Keep the first ``limit`` messages plus one ``... and N more problems``;
+            ``None`` keeps all.
+
+    Raises:
+        UserError: The test folder is missing or invalid (see :func:`check_submission`).
+    """
+    return cap_problems(check_submission(path, test_dir, num_classes).problems, limit)
+
+
+def cap_problems(problems: list[str], limit: int | None = MAX_PROBLEMS) -> list[str]:
+    """The first ``limit`` problems and a ``... and N more problems`` line."""
+    if limit is None or len(problems) <= limit:
+        return list(problems)
+    return problems[:limit] + [f"... and {len(problems) - limit} more problems"]
+
+
+def _quote_ids(ids: Sequence[int]) -> str:
+    shown = ", ".join(str(i) for i in ids[:_SHOW_IDS])
+    return shown + (f", ... {len(ids) - _SHOW_IDS} more" if len(ids) > _SHOW_IDS else "")

@@ -1,0 +1,69 @@
+"""``./run.sh validate FILE --test-dir DIR [--num-classes N]``: check a submission file.
+
+Prints each problem on its own line, then ``FILE: INVALID (N problems)`` and exits 1, or
+``FILE: OK (N predictions for N test images)`` and exits 0. Bad usage (a missing or unusable
+test folder, a bad option) is one ``error: ...`` line and exit 2, like every other command.
+The rules are listed in :mod:`infer.submission`.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import NoReturn, Sequence
+
+from infer.submission import MAX_PROBLEMS, cap_problems, check_submission
+from train.cli import run_cli
+from train.errors import UserError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UserError, so usage mistakes share the CLI's one-line form and exit 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; {' '.join(self.format_usage().split())}")
+
+
+def create_validate_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="run.sh validate", description="Check a submission file (.csv or .json).")
+    parser.add_argument("file", type=Path, help="submission file, e.g. submissions/cvpr22.csv")
+    parser.add_argument("--test-dir", type=Path, required=True, help="folder of test images N.png")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="labels must be in [0, N) (default: only negative labels are rejected)")
+    parser.add_argument("--max-problems", type=int, default=MAX_PROBLEMS,
+                        help=f"list at most this many problems (default {MAX_PROBLEMS}; 0 = all)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    return parser
+
+
+def run(argv: Sequence[str]) -> int:
+    """Check the file named in ``argv`` and print the report; returns 0 (valid) or 1 (invalid)."""
+    parser = create_validate_parser()
+    args = parser.parse_args(list(argv))
+    if args.max_problems < 0:
+        parser.error(f"--max-problems must be 0 (all) or more, got {args.max_problems}")
+    result = check_submission(args.file, args.test_dir, args.num_classes)
+    if not result.ok:
+        for line in cap_problems(result.problems, args.max_problems or None):
+            print(line)
+        count = len(result.problems)
+        print(f"{args.file}: INVALID ({count} problem{'' if count == 1 else 's'})", flush=True)
+        return 1
+    print(f"{args.file}: OK ({result.n_predictions} predictions for {result.n_test_images} test images)",
+          flush=True)
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status: 0 valid, 1 invalid submission, 2 bad usage (via :func:`train.cli.run_cli`)."""
+    status = 0
+
+    def _run(args: Sequence[str]) -> None:
+        nonlocal status
+        status = run(args)
+
+    return run_cli(_run, argv) or status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
