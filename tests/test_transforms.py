@@ -1,0 +1,179 @@
+"""Augmentation pipelines: strict argument checking, reseeding across workers/epochs, eval determinism."""
+
+from __future__ import annotations
+
+import warnings
+from collections import Counter
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from train.config import AugConfig
+from train.data import ImageDataset
+from train.errors import UserError
+from train.transforms import (SeededCompose, create_eval_transform, create_train_transform, worker_init_fn)
+
+SIZE = 32
+
+
+def random_image(h: int = 48, w: int = 40, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def test_default_config_builds_and_runs_without_warnings():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        transform = create_train_transform(AugConfig(), SIZE)
+        for seed in range(30):  # exercises most corruptions of the OneOf
+            transform.set_random_seed(seed)
+            out = transform(image=random_image())["image"]
+            assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
+    names = [type(t).__name__ for t in transform.transforms]
+    assert names == ["RandomResizedCrop", "HorizontalFlip", "OneOf"]
+    assert len(transform.transforms[2].transforms) == len(AugConfig().corruptions)
+
+
+def test_optional_parts_follow_the_config():
+    cfg = AugConfig(color_jitter=0.4, corruption_p=0.0, extra=[{"name": "ToGray", "p": 0.1}])
+    names = [type(t).__name__ for t in create_train_transform(cfg, SIZE).transforms]
+    assert names == ["RandomResizedCrop", "HorizontalFlip", "ColorJitter", "ToGray"]
+    assert create_train_transform(cfg, SIZE).transforms[-1].p == 0.1
+
+
+@pytest.mark.parametrize("key, spec, expected", [
+    ("corruptions", {"name": "GaussNoise", "var_limit": [10.0, 50.0]}, "'var_limit' are not valid for transform GaussNoise"),
+    ("extra", {"name": "ImageCompression", "quality_lower": 30}, "'quality_lower' are not valid"),
+    ("corruptions", {"name": "NoSuchBlur"}, "unknown albumentations transform 'NoSuchBlur'"),
+    ("extra", {"name": "Compose"}, "unknown albumentations transform 'Compose'"),
+    ("corruptions", {"name": "GaussNoise", "std_range": [2, 1]}, "bad arguments for GaussNoise"),
+    ("extra", {"name": "RandomCrop", "height": 8, "width": 8}, "RandomCrop must keep a 32x32x3 uint8 image"),
+    ("extra", {"name": "Normalize"}, "Normalize must keep a 32x32x3 uint8 image, got float32"),
+    ("corruptions", {"blur_limit": 3}, "expected a mapping with a 'name' key"),
+])
+def test_bad_transform_entries_are_user_errors(key, spec, expected):
+    entries = [{"name": "GaussianBlur"}, spec]
+    cfg = AugConfig(**{key: entries})
+    with pytest.raises(UserError) as info:
+        create_train_transform(cfg, SIZE)
+    assert f"aug.{key}[1]" in str(info.value)
+    assert expected in str(info.value)
+
+
+def test_bad_crop_ranges_are_user_errors():
+    with pytest.raises(UserError, match="aug.scale"):
+        create_train_transform(AugConfig(scale=[0.5]), SIZE)
+    with pytest.raises(UserError, match="aug.scale"):
+        create_train_transform(AugConfig(scale=[0.5, 1.5]), SIZE)
+    with pytest.raises(UserError, match="aug.ratio"):
+        create_train_transform(AugConfig(ratio=[1.3, 0.7]), SIZE)
+
+
+def test_same_seed_same_output_and_draws_are_independent():
+    transform = create_train_transform(AugConfig(), SIZE)
+    image = random_image()
+    outs = []
+    for seed in (3, 3, 4):
+        transform.set_random_seed(seed)
+        outs.append(transform(image=image)["image"])
+    assert np.array_equal(outs[0], outs[1]) and not np.array_equal(outs[0], outs[2])
+
+    # Plain A.Compose.set_random_seed gives every child the same seed, so hflip (p=0.5) and
+    # the corruption OneOf (p=0.3) make the same draw: a corruption would never come without
+    # a flip. SeededCompose shares one generator, so the four combinations all occur.
+    transform.save_applied_params = True
+    combos = Counter()
+    for seed in range(1000):
+        transform.set_random_seed(seed)
+        applied = {name for name, _ in transform(image=image)["applied_transforms"]}
+        combos["HorizontalFlip" in applied, bool(applied - {"HorizontalFlip", "RandomResizedCrop"})] += 1
+    assert 100 < combos[False, True] < 200  # ~0.5 * 0.3 * 1000
+    assert 100 < combos[True, True] < 200
+    assert 250 < combos[False, False] < 450 and 250 < combos[True, False] < 450
+
+
+class RepeatedImage(Dataset):
+    """The same image ``n`` times behind a wrapper, as train.loaders wraps the ImageDataset."""
+
+    def __init__(self, inner: ImageDataset, n: int) -> None:
+        self.dataset = inner
+        self.n = n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int):
+        return self.dataset[0][0]
+
+
+@pytest.fixture(scope="module")
+def image_path(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("img") / "0.png"
+    Image.fromarray(random_image(64, 64, seed=1)).save(path)
+    return path
+
+
+def worker_batches(image_path: Path, persistent: bool, init_fn, epochs: int = 2) -> list[list[torch.Tensor]]:
+    """Per epoch: [batch of worker 0, batch of worker 1] (the sequential sampler alternates workers)."""
+    dataset = RepeatedImage(ImageDataset([(image_path, 0)], create_train_transform(AugConfig(), SIZE)), n=8)
+    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=init_fn,
+                        persistent_workers=persistent, generator=torch.Generator().manual_seed(0))
+    return [list(loader) for _ in range(epochs)]
+
+
+@pytest.mark.parametrize("persistent", [False, True])
+def test_workers_and_epochs_get_different_augmentations(image_path, persistent):
+    (w0_e0, w1_e0), (w0_e1, w1_e1) = worker_batches(image_path, persistent, worker_init_fn)
+    assert not torch.equal(w0_e0, w1_e0)
+    assert not torch.equal(w0_e0, w0_e1) and not torch.equal(w1_e0, w1_e1)
+    # Within a batch the stream advances too.
+    assert not torch.equal(w0_e0[0], w0_e0[1])
+
+
+def test_without_worker_init_fn_workers_repeat_each_other(image_path):
+    # The failure the reseeding prevents: forked workers share the transform's RNG state.
+    (w0_e0, w1_e0), (w0_e1, _) = worker_batches(image_path, False, None)
+    assert torch.equal(w0_e0, w1_e0) and torch.equal(w0_e0, w0_e1)
+
+
+def test_worker_init_fn_reseeds_the_wrapped_transform(monkeypatch):
+    transform = create_train_transform(AugConfig(), SIZE)
+    wrapper = RepeatedImage(ImageDataset([], transform), n=1)
+
+    class Info:
+        dataset = wrapper
+
+    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Info())
+    image = random_image()
+    torch.manual_seed(1234)
+    worker_init_fn(0)
+    first = transform(image=image)["image"]
+    transform.set_random_seed(1234)
+    assert np.array_equal(first, transform(image=image)["image"])
+
+
+def test_eval_transform_is_deterministic_and_uses_area_for_downscale():
+    transform = create_eval_transform(SIZE)
+    assert isinstance(transform, SeededCompose)
+    image = random_image(80, 64)
+    outs = []
+    for seed in (0, 1, None):
+        transform.set_random_seed(seed)
+        outs.append(transform(image=image)["image"])
+    assert all(np.array_equal(outs[0], o) for o in outs[1:])
+    assert outs[0].shape == (SIZE, SIZE, 3) and outs[0].dtype == np.uint8
+    assert np.array_equal(outs[0], cv2.resize(image, (SIZE, SIZE), interpolation=cv2.INTER_AREA))
+    small = random_image(16, 20)
+    up = transform(image=small)["image"]
+    assert np.array_equal(up, cv2.resize(small, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
+
+
+def test_pipelines_are_albumentations_composes():
+    # Callers rely on the A.Compose API (set_random_seed, transforms, serialization repr).
+    assert isinstance(create_train_transform(AugConfig(), SIZE), A.Compose)
+    assert "RandomResizedCrop" in repr(create_train_transform(AugConfig(), SIZE))

@@ -1,0 +1,183 @@
+"""Albumentations pipelines for training and evaluation, and per-worker reseeding.
+
+Both pipelines take and return HxWx3 uint8 images: no normalization here, the model
+normalizes (see ``train/model.py``), so defenses and attacks see raw pixels.
+
+albumentations 2.x only *warns* about unknown or renamed (1.x-style) arguments and then
+silently ignores them, so a config written for 1.x would quietly train without the intended
+augmentation. :func:`create_transform` therefore turns any warning raised while building a
+transform into a UserError naming the config entry and the transform.
+
+Seeding: ``A.Compose.set_random_seed(seed)`` gives every child transform its *own* generator
+seeded with the *same* seed, so their draws coincide (with hflip p=0.5 and a corruption
+OneOf at p=0.3, a corruption would only ever be applied to flipped images). The pipelines
+here use :class:`SeededCompose`, whose children share one generator seeded once, so the
+draws are independent and still reproducible for a given seed.
+"""
+
+from __future__ import annotations
+
+import random
+import warnings
+from typing import Any, Mapping, Sequence
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+
+from train.config import AugConfig
+from train.errors import UserError
+
+
+class SeededCompose(A.Compose):
+    """``A.Compose`` whose children draw from one shared generator (see module docstring)."""
+
+    def set_random_seed(self, seed: int | None) -> None:
+        self.seed = seed
+        self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+
+def _one_line(exc: BaseException) -> str:
+    # pydantic validation errors span several lines plus a documentation link.
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip() and "errors.pydantic.dev" not in ln]
+    return "; ".join(lines) or type(exc).__name__
+
+
+def create_transform(spec: Mapping[str, Any], where: str, defaults: Mapping[str, Any] | None = None) -> A.BasicTransform:
+    """Build one albumentations transform from ``{"name": ..., **kwargs}``.
+
+    Args:
+        spec: transform name (an ``albumentations`` class) and its keyword arguments.
+        where: config location for messages, e.g. ``aug.corruptions[2]``.
+        defaults: keyword arguments used unless ``spec`` gives them (e.g. ``p``).
+
+    Raises:
+        UserError: unknown name, bad or unknown (1.x-style) arguments, naming ``where``.
+    """
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
+        raise UserError(f"config key '{where}': expected a mapping with a 'name' key, got {spec!r}")
+    name = spec["name"]
+    cls = getattr(A, name, None)
+    if not (isinstance(cls, type) and issubclass(cls, A.BasicTransform)):
+        raise UserError(f"config key '{where}': unknown albumentations transform '{name}'")
+    kwargs = {**(defaults or {}), **{k: v for k, v in spec.items() if k != "name"}}
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            transform = cls(**kwargs)
+    except (TypeError, ValueError) as exc:
+        raise UserError(f"config key '{where}': bad arguments for {name}: {_one_line(exc)}") from None
+    if caught:
+        raise UserError(f"config key '{where}': {name}: {_one_line(caught[0].message)} "
+                        "(albumentations 2.x argument names are required)")
+    return transform
+
+
+def _check_keeps_image(transform: A.BasicTransform, where: str, name: str, image_size: int) -> None:
+    """Apply ``transform`` once to a dummy image: it must keep an (s, s, 3) uint8 image.
+
+    Catches transforms that fail at run time on our images, change the size (the batch would
+    not collate) or the dtype (the model expects uint8 to arrive from the loader).
+    """
+    dummy = np.random.default_rng(0).integers(0, 256, (image_size, image_size, 3), dtype=np.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            out = transform(image=dummy, force_apply=True)["image"]
+    except Exception as exc:  # noqa: BLE001 - any failure here is a config problem
+        raise UserError(f"config key '{where}': {name} fails on a {image_size}x{image_size} RGB image: "
+                        f"{_one_line(exc)}") from None
+    if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == dummy.shape):
+        got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
+        raise UserError(f"config key '{where}': {name} must keep a {image_size}x{image_size}x3 uint8 image, "
+                        f"got {got}")
+
+
+def _create_list(specs: Sequence[Any], key: str, image_size: int,
+                 defaults: Mapping[str, Any] | None = None) -> list[A.BasicTransform]:
+    if not isinstance(specs, (list, tuple)):
+        raise UserError(f"config key '{key}': expected a list of transforms, got {specs!r}")
+    transforms = []
+    for i, spec in enumerate(specs):
+        where = f"{key}[{i}]"
+        transform = create_transform(spec, where, defaults)
+        _check_keeps_image(transform, where, spec["name"], image_size)
+        transforms.append(transform)
+    return transforms
+
+
+def _pair(values: Sequence[float], key: str) -> tuple[float, float]:
+    if len(values) != 2:
+        raise UserError(f"config key '{key}': expected [min, max], got {list(values)}")
+    low, high = float(values[0]), float(values[1])
+    if not 0 < low <= high:
+        raise UserError(f"config key '{key}': expected 0 < min <= max, got {list(values)}")
+    return low, high
+
+
+def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose:
+    """RandomResizedCrop -> HorizontalFlip -> ColorJitter (optional) -> one corruption -> extras.
+
+    * ``color_jitter`` s > 0: brightness, contrast and saturation by factors in [1-s, 1+s]
+      (no hue shift, as timm), applied with probability 0.8.
+    * ``corruptions``: with probability ``corruption_p`` one of them is applied, chosen with
+      weights given by each entry's ``p`` (default 1, i.e. uniformly).
+    * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
+    """
+    scale = _pair(cfg.scale, "aug.scale")
+    if scale[1] > 1:
+        raise UserError(f"config key 'aug.scale': the crop area fraction cannot exceed 1, got {list(cfg.scale)}")
+    ratio = _pair(cfg.ratio, "aug.ratio")
+    if not 0 <= cfg.hflip <= 1 or not 0 <= cfg.corruption_p <= 1:
+        raise UserError("config keys 'aug.hflip'/'aug.corruption_p' are probabilities in [0, 1]")
+    if cfg.color_jitter < 0:
+        raise UserError(f"config key 'aug.color_jitter' must be >= 0, got {cfg.color_jitter}")
+    transforms: list[A.BasicTransform | A.BaseCompose] = [
+        A.RandomResizedCrop(size=(image_size, image_size), scale=scale, ratio=ratio, area_for_downscale="image"),
+        A.HorizontalFlip(p=cfg.hflip),
+    ]
+    if cfg.color_jitter > 0:
+        s = float(cfg.color_jitter)
+        transforms.append(A.ColorJitter(brightness=s, contrast=s, saturation=s, hue=0.0, p=0.8))
+    corruptions = _create_list(cfg.corruptions, "aug.corruptions", image_size, defaults={"p": 1.0})
+    if corruptions and cfg.corruption_p > 0:
+        transforms.append(A.OneOf(corruptions, p=cfg.corruption_p))
+    transforms += _create_list(cfg.extra, "aug.extra", image_size)
+    return SeededCompose(transforms)
+
+
+def create_eval_transform(image_size: int) -> A.Compose:
+    """Resize to ``image_size`` x ``image_size`` (area interpolation when shrinking)."""
+    return SeededCompose([A.Resize(image_size, image_size, interpolation=cv2.INTER_LINEAR,
+                                   area_for_downscale="image")])
+
+
+def _find_transform(dataset: Any) -> Any:
+    """The albumentations pipeline of ``dataset``, looking through wrappers (``.dataset``)."""
+    for _ in range(8):
+        transform = getattr(dataset, "transform", None)
+        if hasattr(transform, "set_random_seed"):
+            return transform
+        dataset = getattr(dataset, "dataset", None)
+        if dataset is None:
+            break
+    return None
+
+
+def worker_init_fn(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: give each worker (and each epoch) its own random stream.
+
+    Without it every worker starts from the transform's pickled state and repeats the same
+    augmentations every epoch. ``torch.initial_seed()`` in a worker is the loader's base seed
+    (drawn anew for each iterator, i.e. each epoch without persistent workers) plus
+    ``worker_id``; numpy, ``random`` and the dataset's albumentations pipeline are seeded
+    from it. With persistent workers the streams simply continue across epochs.
+    """
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    random.seed(seed)
+    info = torch.utils.data.get_worker_info()
+    transform = _find_transform(info.dataset) if info is not None else None
+    if transform is not None:
+        transform.set_random_seed(seed)
