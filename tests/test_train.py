@@ -1,0 +1,125 @@
+"""Training stage on the real code path: run(cfg) on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, shrink
+from train import main as train_main
+from train.checkpoint import load_model
+from train.config import load_config
+from train.demo_data import generate_demo_data
+from train.tracking import resolve_wandb_mode
+
+
+def test_two_step_run_writes_everything(tiny_config):
+    cfg = tiny_config("train.max_steps=2")
+    result = train_main.run(cfg)
+    assert result["global_step"] == 2
+    run_dir = cfg.run_dir
+    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "config.yaml",
+                 "augmented_samples.png"):
+        assert (run_dir / name).is_file(), name
+    info = json.loads((run_dir / "best.json").read_text())
+    assert info["arch"] == "test_convnext" and info["num_classes"] == 4 and info["image_size"] == 32
+    assert info["config"]["train"]["max_steps"] == 2
+    assert len(info["mean"]) == 3  # normalization recorded in the checkpoint
+    # the resolved config saved beside the checkpoint loads back as the same config
+    assert load_config(run_dir / "config.yaml").train.max_steps == 2
+    model, _ = load_model(run_dir / "best")
+    assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
+    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["e0000_b000002"]
+
+
+def test_demo_run_learns(tmp_path):
+    """The default recipe, shrunk to 32 px and test_convnext, learns the demo classes (chance 25%)."""
+    data = tmp_path / "demo"
+    generate_demo_data(data, num_classes=4, train_per_class=150, test_per_class=5, image_size=32)
+    cfg = load_config(None, shrink(["train.epochs=12", "train.warmup_epochs=1", "train.batch_size=32", "train.lr=4e-3"],
+                                   data, tmp_path / "runs"))
+    result = train_main.run(cfg)
+    assert result["best_acc"] >= 60.0, result
+
+
+def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(run_dir / "last.safetensors"))
+
+
+def test_resume_mid_epoch_equals_uninterrupted(tiny_config, tmp_path):
+    # drop-path, augmentation, mixup and EMA all draw randomness: resume must replay it exactly.
+    common = ["train.epochs=2", "model.drop_path_rate=0.1", "train.mixup=0.2", "train.checkpoint_every=3",
+              "aug.corruption_p=0.5"]
+    full = tiny_config(*common, "name=full")
+    train_main.run(full)
+
+    part = tiny_config(*common, "name=part", "train.max_steps=4")
+    first = train_main.run(part)
+    assert first["global_step"] == 4 and first["epochs"] == 0  # stopped inside epoch 0
+    resumed = train_main.run(tiny_config(*common, "name=part", "resume=auto"))
+    assert resumed["epochs"] == 2
+
+    a, b = _weights(full.run_dir), _weights(part.run_dir)
+    assert a.keys() == b.keys()
+    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    assert worst < 1e-5, f"resumed weights differ from the uninterrupted run by {worst}"
+    full_info = json.loads((full.run_dir / "last.json").read_text())
+    part_info = json.loads((part.run_dir / "last.json").read_text())
+    assert full_info["global_step"] == part_info["global_step"]
+    assert full_info["val_acc"] == pytest.approx(part_info["val_acc"])
+
+
+def test_fresh_run_does_not_mix_with_old_checkpoints(tiny_config):
+    cfg = tiny_config("train.max_steps=3", "train.checkpoint_every=1")
+    train_main.run(cfg)
+    assert len(list((cfg.run_dir / "checkpoints").iterdir())) == 2  # keep_checkpoints
+    train_main.run(tiny_config("train.max_steps=1"))
+    assert [p.name for p in (cfg.run_dir / "checkpoints").iterdir()] == ["e0000_b000001"]
+
+
+def test_wandb_offline_run_and_no_key_fallback(tiny_config, monkeypatch, tmp_path):
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
+    assert resolve_wandb_mode("auto", 2.0)[0] == "offline"
+    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: offline, fast
+    mode, reason = resolve_wandb_mode("auto", 2.0)
+    assert mode == "offline" and "not reachable" in reason
+    monkeypatch.delenv("WANDB_API_KEY")
+
+    cfg = tiny_config("train.max_steps=2", "wandb.mode=auto")
+    train_main.run(cfg)
+    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1
+    key_free = [p for p in cfg.run_dir.rglob("*") if p.is_file() and p.suffix in {".json", ".yaml", ".txt", ".log"}
+                and "xxxxxxxxxx" in p.read_text(errors="ignore")]
+    assert not key_free
+
+
+@pytest.mark.slow
+def test_two_cpu_processes(tiny_data, tmp_path):
+    """`--num_processes 2` without a GPU really runs 2 gloo processes; only rank 0 writes."""
+    out = tmp_path / "runs"
+    overrides = shrink(["name=ddp", "train.epochs=1"], tiny_data, out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "train.launch", "train.main", "--num_processes", "2", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("2 process(es)") == 1, proc.stdout  # printed by the main process only
+    run_dir = out / "ddp"
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    # accelerate saves one RNG state per process: both ranks took part in the checkpoint
+    assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    info = json.loads((run_dir / "last.json").read_text())
+    # 128 training images, batch 16 per process, 2 processes -> 4 optimizer steps per epoch
+    assert info["global_step"] == 4
+    assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [
+        "augmented_samples.png", "best.json", "best.safetensors", "config.yaml", "last.json", "last.safetensors"]

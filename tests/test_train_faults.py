@@ -1,0 +1,133 @@
+"""Training under faults: SIGKILL, torn checkpoint writes, full disk, NaN loss, bad out_dir."""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+from safetensors.torch import load_file
+
+from tests.conftest import ROOT, shrink
+from train import main as train_main
+from train.checkpoint import load_model
+from train.engine import TrainingDiverged
+from train.errors import UserError
+
+COMMON = ["train.epochs=2", "model.drop_path_rate=0.1", "train.checkpoint_every=1", "aug.corruption_p=0.5"]
+
+
+def _max_diff(a, b) -> float:
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
+@pytest.mark.slow
+def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_data, tiny_config, tmp_path):
+    full = tiny_config(*COMMON, "name=full")
+    train_main.run(full)
+
+    out = tmp_path / "runs"
+    args = shrink([*COMMON, "name=killed"], tiny_data, out)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=ROOT, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    ckpts = out / "killed" / "checkpoints"
+    deadline = time.time() + 300
+    # kill once the run is inside epoch 0 with a few checkpoints behind it (8 steps per epoch)
+    while time.time() < deadline and proc.poll() is None:
+        names = [p.name for p in ckpts.iterdir()] if ckpts.is_dir() else []
+        if any(n.startswith("e0000_b000004") for n in names):
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    survivors = sorted(p.name for p in ckpts.iterdir() if not p.name.endswith(".tmp"))
+    assert survivors and all(n.startswith("e0000") for n in survivors)
+
+    resumed = train_main.run(tiny_config(*COMMON, "name=killed", f"out_dir={out}", "resume=auto"))
+    assert resumed["epochs"] == 2
+    diff = _max_diff(load_file(str(full.run_dir / "last.safetensors")),
+                     load_file(str(out / "killed" / "last.safetensors")))
+    assert diff < 1e-5
+
+
+def test_torn_checkpoint_is_never_resumed_from(tiny_config):
+    cfg = tiny_config(*COMMON, "train.max_steps=3")
+    train_main.run(cfg)
+    ckpts = cfg.run_dir / "checkpoints"
+    last = sorted(ckpts.iterdir())[-1]
+    # what a kill in the middle of save_state leaves: a newer folder still under its .tmp name
+    torn = ckpts / "e0000_b000005.tmp"
+    shutil.copytree(last, torn)
+    for f in torn.iterdir():
+        f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
+    assert train_main.resolve_resume(tiny_config(*COMMON, "resume=auto")) == last
+    result = train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4"))
+    assert result["global_step"] == 4
+
+
+def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_config, monkeypatch):
+    cfg = tiny_config(*COMMON, "train.max_steps=2")
+    train_main.run(cfg)
+    before = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    weights_before = (cfg.run_dir / "last.safetensors").read_bytes()
+
+    from accelerate import Accelerator
+
+    def full_disk(self, output_dir=None, **kwargs):
+        os.makedirs(output_dir, exist_ok=True)
+        (open(os.path.join(output_dir, "model.safetensors"), "wb")).write(b"partial")
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(Accelerator, "save_state", full_disk)
+    with pytest.raises(UserError, match="No space left on device; earlier checkpoints are intact"):
+        train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4"))
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == before
+    assert load_model(cfg.run_dir / "last")  # exports still load (hash checked)
+    assert (cfg.run_dir / "last.safetensors").read_bytes() != b"" and weights_before
+
+
+def test_unwritable_out_dir_is_one_clear_error(tiny_config, tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(UserError, match=r"out_dir: cannot write to .*file/demo"):
+        train_main.run(tiny_config(f"out_dir={blocker}"))
+
+
+def test_weights_blowing_up_stop_before_a_bad_checkpoint(tiny_config):
+    cfg = tiny_config("train.lr=1e12", "train.warmup_epochs=0", "train.checkpoint_every=1", "train.epochs=3")
+    with pytest.raises(TrainingDiverged, match=r"became (nan|inf|NaN/inf).*last good checkpoint is kept"):
+        train_main.run(cfg)
+    # any checkpoint left behind holds finite weights: a later resume starts from good state
+    ckpts = cfg.run_dir / "checkpoints"
+    for ckpt in ckpts.iterdir() if ckpts.is_dir() else []:
+        state = load_file(str(ckpt / "model.safetensors"))
+        assert all(bool(v.isfinite().all()) for v in state.values()), ckpt.name
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
+    import torch
+
+    calls = {"n": 0}
+    real_forward = torch.nn.CrossEntropyLoss.forward
+
+    def nan_on_fourth_batch(self, input, target):
+        calls["n"] += 1
+        loss = real_forward(self, input, target)
+        return loss * float("nan") if calls["n"] == 4 else loss
+
+    monkeypatch.setattr(torch.nn.CrossEntropyLoss, "forward", nan_on_fourth_batch)
+    cfg = tiny_config("train.checkpoint_every=1")
+    with pytest.raises(TrainingDiverged, match=r"loss became nan at epoch 0, batch 3.*last good checkpoint is kept"):
+        train_main.run(cfg)
+    names = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    assert names == ["e0000_b000002", "e0000_b000003"]  # keep_checkpoints=2, the newest before the NaN
+    monkeypatch.undo()
+    resumed = train_main.run(tiny_config("resume=auto"))
+    assert resumed["global_step"] == 8

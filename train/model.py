@@ -1,0 +1,107 @@
+"""Model factory: a timm ConvNeXt behind an input-normalization layer.
+
+Every model in this project takes images in [0, 1]. Normalization lives inside the model (as
+buffers saved with the weights) so that defenses like GCM and attacks with eps in pixel units
+see the raw image, exactly as the challenge's Phase II model interface does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+
+from train.config import ModelConfig
+from train.errors import UserError
+
+
+class Normalize(nn.Module):
+    """``(x - mean) / std`` per channel; identity when ``mean``/``std`` are None."""
+
+    def __init__(self, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        super().__init__()
+        self.enabled = mean is not None
+        mean = mean if mean is not None else (0.0, 0.0, 0.0)
+        std = std if std is not None else (1.0, 1.0, 1.0)
+        self.register_buffer("mean", torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        return (x - self.mean.to(x.dtype)) / self.std.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"mean={self.mean.flatten().tolist()}, std={self.std.flatten().tolist()}" if self.enabled else "off"
+
+
+class ImageClassifier(nn.Module):
+    """Normalize -> timm backbone. Input: float images in [0, 1], output: logits."""
+
+    def __init__(self, backbone: nn.Module, mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.backbone = backbone
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(self.normalize(x))
+
+
+def resolve_mean_std(cfg: ModelConfig, backbone: nn.Module) -> tuple[list[float] | None, list[float] | None]:
+    """Mean/std the model normalizes with: explicit config, else timm's pretrained config, else none."""
+    if not cfg.normalize:
+        return None, None
+    if cfg.mean and cfg.std:
+        return [float(v) for v in cfg.mean], [float(v) for v in cfg.std]
+    data_cfg = timm.data.resolve_model_data_config(backbone)
+    return [float(v) for v in data_cfg["mean"]], [float(v) for v in data_cfg["std"]]
+
+
+def create_backbone(
+    name: str,
+    num_classes: int,
+    pretrained: bool = False,
+    pretrained_file: str = "",
+    drop_path_rate: float = 0.0,
+) -> nn.Module:
+    """Create a timm model; pretrained weights come from the hub or a local file.
+
+    A local file goes through ``pretrained_cfg_overlay`` so timm re-initialises a head of a
+    different class count (``checkpoint_path=`` would fail on the mismatch).
+    """
+    kwargs: dict = {"num_classes": num_classes, "drop_path_rate": drop_path_rate}
+    if pretrained_file:
+        path = Path(pretrained_file)
+        if not path.is_file():
+            raise UserError(f"model.pretrained_file: no such file: {path}")
+        kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
+        pretrained = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **kwargs)
+    except RuntimeError as exc:
+        # timm raises RuntimeError for an unknown architecture name.
+        if "Unknown model" in str(exc):
+            close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
+            raise UserError(f"model.name: unknown timm model '{name}' (e.g. {', '.join(close) or 'convnext_tiny'})") from None
+        raise
+    except (OSError, ValueError) as exc:
+        if pretrained and not pretrained_file:
+            raise UserError(
+                f"model.pretrained: could not fetch weights for '{name}' from the hub ({type(exc).__name__}); "
+                "offline? set model.pretrained_file=PATH or model.pretrained=false"
+            ) from None
+        raise
+
+
+def create_classifier(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
+    """Build the trainable model described by ``cfg``."""
+    backbone = create_backbone(cfg.name, num_classes, cfg.pretrained, cfg.pretrained_file, cfg.drop_path_rate)
+    mean, std = resolve_mean_std(cfg, backbone)
+    return ImageClassifier(backbone, mean, std)
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
