@@ -1,0 +1,163 @@
+"""``./run.sh submit``: predict every test image with the defended model and write the files.
+
+``submissions/<name>.csv`` (``image_id,category_id``), the challenge's JSON twin and
+``<name>.meta.json``. With several processes each predicts a shard and the main process
+writes the same files a single process would. Nothing is written unless every image was
+predicted (or explicitly replaced by ``submit.on_bad_image=fallback``), and the files are
+checked with ``validate`` before the command reports success.
+"""
+
+from __future__ import annotations
+
+import platform
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import timm
+import torch
+from accelerate import Accelerator
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_checkpoints
+from infer.submission import validate_submission, write_submission
+from train.checkpoint import resolve_checkpoint
+from train.cli import create_parser, parse_config, quiet_libraries, run_cli
+from train.config import Config, config_to_dict, resolve_path
+from train.data import list_test_images, load_image, read_test_labels
+from train.engine import to_float_images
+from train.errors import UserError
+from train.loaders import create_eval_loader
+from train.transforms import create_eval_transform
+
+
+class TestImages(Dataset):
+    """``(uint8 CHW image, image_id, ok)``; an undecodable file gives ``ok=False`` instead of
+    killing the worker, so the main process can name every bad file at once."""
+
+    def __init__(self, items: Sequence[tuple[Path, int]], image_size: int) -> None:
+        self.items = list(items)
+        self.image_size = image_size
+        self.transform = create_eval_transform(image_size)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int):
+        path, image_id = self.items[index]
+        try:
+            image = self.transform(image=load_image(path))["image"]
+            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), image_id, True
+        except UserError:
+            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), image_id, False
+
+
+def bad_image_reason(path: Path) -> str:
+    try:
+        load_image(path)
+    except UserError as exc:
+        return str(exc)
+    return f"{path}: could not be read"
+
+
+@torch.inference_mode()
+def predict(model: torch.nn.Module, loader, accelerator: Accelerator) -> tuple[list[int], list[int], list[int]]:
+    """Predicted class per image id, gathered from all processes; returns (ids, preds, bad_ids)."""
+    ids, preds, bad = [], [], []
+    for images, image_ids, ok in tqdm(loader, desc="predict", disable=not accelerator.is_local_main_process):
+        with accelerator.autocast():
+            logp = model(to_float_images(images))
+        pred = logp.argmax(dim=1)
+        image_ids, pred, ok = accelerator.gather_for_metrics((image_ids, pred, ok))
+        ids += image_ids.tolist()
+        preds += pred.tolist()
+        bad += image_ids[~ok.bool()].tolist()
+    return ids, preds, bad
+
+
+def score(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int]) -> dict:
+    """Accuracy on the test images that have a hidden label."""
+    hits = [(labels[i] == p) for i, p in zip(ids, preds) if i in labels]
+    return {"test_acc": 100.0 * sum(hits) / len(hits) if hits else float("nan"), "test_labelled": len(hits)}
+
+
+def run(cfg: Config) -> dict:
+    """Write the submission files for ``cfg``; returns counts, paths and (if labelled) accuracy."""
+    start = time.perf_counter()
+    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
+                              mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no")
+    checkpoints = resolve_checkpoints(cfg)
+    members, infos = load_members(checkpoints, cfg.data.num_classes)
+    model = build_defended_model(members, infos, cfg).to(accelerator.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+
+    test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
+    items = list_test_images(test_dir)
+    size = input_size_of(infos)
+    loader = accelerator.prepare(create_eval_loader(TestImages(items, size), cfg.submit.batch_size,
+                                                    cfg.submit.num_workers))
+    accelerator.print(f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
+                      f"{len(model.ensemble.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
+                      f"{accelerator.num_processes} process(es)")
+    ids, preds, bad = predict(model, loader, accelerator)
+    result: dict = {"n_images": len(ids)}
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return result  # the main process holds every prediction and writes the files
+
+    path_of = {image_id: path for path, image_id in items}
+    bad_files = [str(path_of[i]) for i in sorted(bad)]
+    if bad_files and cfg.submit.on_bad_image == "error":
+        raise UserError(f"{bad_image_reason(Path(bad_files[0]))} ({len(bad_files)} unreadable test image(s); "
+                        f"set submit.on_bad_image=fallback to predict class {cfg.submit.fallback_class} for them)")
+    if bad_files:
+        bad_set = set(bad)
+        preds = [cfg.submit.fallback_class if i in bad_set else p for i, p in zip(ids, preds)]
+        accelerator.print(f"warning: {len(bad_files)} unreadable image(s) predicted as class "
+                          f"{cfg.submit.fallback_class} (listed in the meta file)")
+
+    labels_path = resolve_path(cfg.data.root, cfg.data.test_labels) if cfg.data.test_labels else None
+    if labels_path is not None and labels_path.is_file():
+        result.update(score(ids, preds, read_test_labels(labels_path)))
+
+    name = cfg.submit.file_name or cfg.name
+    meta = {
+        "name": name,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seconds": round(time.perf_counter() - start, 2),
+        "test_dir": str(test_dir),
+        "n_images": len(ids),
+        "num_processes": accelerator.num_processes,
+        "checkpoints": [{"path": str(resolve_checkpoint(c)[0]), "sha256": info.get("sha256"), "arch": info["arch"],
+                         "image_size": info["image_size"], "val_acc": info.get("val_acc")}
+                        for c, info in zip(checkpoints, infos)],
+        "defense": describe(model),
+        "bad_images": bad_files,
+        "fallback_class": cfg.submit.fallback_class if bad_files else None,
+        **({k: result[k] for k in ("test_acc", "test_labelled")} if "test_acc" in result else {}),
+        "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
+        "config": config_to_dict(cfg),
+    }
+    paths = write_submission(Path(cfg.submit.out_dir), name, ids, preds, meta)
+    for key in ("csv", "json"):
+        problems = validate_submission(paths[key], test_dir, cfg.data.num_classes)
+        if problems:
+            raise UserError(f"{paths[key]}: failed validation: {problems[0]}")
+    result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
+    acc = f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%" \
+        if "test_acc" in result else ""
+    accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    quiet_libraries()
+    args = create_parser("run.sh submit", "GCM + ensemble + TTA -> submission files.").parse_args(argv)
+    return run(parse_config(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

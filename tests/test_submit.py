@@ -1,0 +1,142 @@
+"""Submit stage: defended model, ensemble/TTA, submission files, bad test images, 2 processes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from infer import submit
+from infer.defended import EnsembleTTA, View, apply_view, build_defended_model, load_members, resolve_views
+from infer.submission import validate_submission
+from tests.conftest import ROOT, TINY_DATA, shrink
+from train import main as train_main
+from train.config import load_config
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_data, tmp_path_factory):
+    """A tiny model trained for 2 epochs by the real training stage: (data_root, runs_dir)."""
+    runs = tmp_path_factory.mktemp("runs")
+    cfg = load_config(None, shrink(["train.epochs=2"], tiny_data, runs))
+    train_main.run(cfg)
+    return tiny_data, runs
+
+
+def _cfg(trained, tmp_path, *overrides):
+    data, runs = trained
+    return load_config(None, shrink([f"submit.out_dir={tmp_path / 'subs'}", *overrides], data, runs))
+
+
+def test_submit_writes_valid_files_and_meta(trained, tmp_path):
+    cfg = _cfg(trained, tmp_path, "tta.hflip=true")
+    result = submit.run(cfg)
+    subs = tmp_path / "subs"
+    assert sorted(p.name for p in subs.iterdir()) == ["demo.csv", "demo.json", "demo.meta.json"]
+    test_dir = trained[0] / "test"
+    assert validate_submission(subs / "demo.csv", test_dir, 4) == []
+    assert validate_submission(subs / "demo.json", test_dir, 4) == []
+    rows = (subs / "demo.csv").read_text().splitlines()
+    n_test = TINY_DATA["num_classes"] * TINY_DATA["test_per_class"]
+    assert rows[0] == "image_id,category_id" and len(rows) == 1 + n_test
+    entries = json.loads((subs / "demo.json").read_text())
+    assert [e["image_id"] for e in entries] == list(range(n_test))
+    assert [f"{e['image_id']},{e['category_id']}" for e in entries] == rows[1:]
+    meta = json.loads((subs / "demo.meta.json").read_text())
+    assert meta["defense"]["gcm"] == {"enabled": True, "w": 1e20, "eps": 1e-8}
+    assert meta["defense"]["tta_views"] == ["scale1", "scale1+hflip"]
+    assert len(meta["checkpoints"][0]["sha256"]) == 64
+    assert meta["test_labelled"] == n_test and 0 <= meta["test_acc"] <= 100
+    assert result["test_acc"] == meta["test_acc"]
+
+
+def test_gcm_does_not_change_predictions(trained, tmp_path):
+    with_gcm = submit.run(_cfg(trained, tmp_path, "submit.file_name=on"))
+    without = submit.run(_cfg(trained, tmp_path, "submit.file_name=off", "gcm.enabled=false"))
+    subs = tmp_path / "subs"
+    assert (subs / "on.csv").read_bytes() == (subs / "off.csv").read_bytes()
+    assert with_gcm["test_acc"] == without["test_acc"]
+
+
+def test_bad_test_image_stops_with_no_output(trained, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(trained[0], data)
+    (data / "test" / "7.png").write_bytes(b"not a png at all")
+    cfg = _cfg(trained, tmp_path, f"data.root={data}")
+    with pytest.raises(submit.UserError, match=r"7\.png.*submit\.on_bad_image=fallback"):
+        submit.run(cfg)
+    assert not (tmp_path / "subs").exists() or not any((tmp_path / "subs").iterdir())
+
+    cfg = _cfg(trained, tmp_path, f"data.root={data}", "submit.on_bad_image=fallback", "submit.fallback_class=3")
+    submit.run(cfg)
+    meta = json.loads((tmp_path / "subs" / "demo.meta.json").read_text())
+    assert meta["bad_images"] == [str(data / "test" / "7.png")] and meta["fallback_class"] == 3
+    rows = dict(line.split(",") for line in (tmp_path / "subs" / "demo.csv").read_text().splitlines()[1:])
+    assert rows["7"] == "3"
+
+
+def test_ensemble_and_tta_aggregation(trained):
+    _, runs = trained
+    members, infos = load_members([runs / "demo" / "best", runs / "demo" / "last"], 4)
+    x = torch.rand(5, 3, 32, 32)
+    views = resolve_views([1.0, 0.9], hflip=True)
+    assert [str(v) for v in views] == ["scale1", "scale0.9", "scale1+hflip", "scale0.9+hflip"]
+    ens = EnsembleTTA(members, [32, 32], views, weights=[3.0, 1.0]).eval()
+    with torch.no_grad():
+        logp = ens(x)
+        # by hand: per member, mean softmax over views; then members weighted 3:1
+        probs = []
+        for m in members:
+            p = torch.stack([m(apply_view(x, v.scale, v.hflip)).softmax(-1) for v in views]).mean(0)
+            probs.append(p)
+        expected = 0.75 * probs[0] + 0.25 * probs[1]
+    assert logp.shape == (5, 4)
+    torch.testing.assert_close(logp.exp(), expected, atol=1e-5, rtol=1e-4)
+    assert torch.allclose(logp.exp().sum(-1), torch.ones(5), atol=1e-5)
+    # mean-logit aggregation and temperature
+    ens_logit = EnsembleTTA(members[:1], [32], [View()], aggregate="logit", temperature=2.0).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ens_logit(x), (members[0](x) / 2.0).log_softmax(-1))
+    # a member with another input size gets the image resized
+    ens_sizes = EnsembleTTA(members[:1], [48], [View()]).eval()
+    with torch.no_grad():
+        assert ens_sizes(x).shape == (5, 4)
+
+
+def test_view_geometry():
+    x = torch.arange(16.0).view(1, 1, 4, 4).repeat(1, 3, 1, 1)
+    assert torch.equal(apply_view(x, 1.0, True), x.flip(-1))
+    small = apply_view(torch.ones(1, 3, 8, 8), 0.5, False)
+    assert small.shape == (1, 3, 8, 8) and small[..., 0, 0].sum() == 0 and small[..., 4, 4].sum() == 3
+    assert apply_view(torch.ones(1, 3, 8, 8), 1.25, False).shape == (1, 3, 8, 8)
+
+
+def test_defended_model_matches_submit_layers(trained):
+    cfg = load_config(None, ["random_pad.enabled=true", "data.image_size=32"])
+    members, infos = load_members([trained[1] / "demo" / "best"], 4)
+    model = build_defended_model(members, infos, cfg)
+    names = [type(m).__name__ for m in (model.gcm, model.random_pad)]
+    assert names == ["GradientConcealment", "RandomResizePad"]
+    plain = build_defended_model(members, infos, cfg, defense=False)
+    assert [type(m).__name__ for m in (plain.gcm, plain.random_pad)] == ["Identity", "Identity"]
+
+
+@pytest.mark.slow
+def test_two_process_submit_writes_the_same_files(trained, tmp_path):
+    data, runs = trained
+    overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", "submit.batch_size=7"], data, runs)
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
+    proc = subprocess.run([sys.executable, "-m", "train.launch", "infer.submit", "--num_processes", "2", *overrides],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    submit.run(load_config(None, shrink([f"submit.out_dir={tmp_path / 'one'}", "submit.batch_size=7"], data, runs)))
+    for name in ("demo.csv", "demo.json"):
+        assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
+    meta = json.loads((tmp_path / "two" / "demo.meta.json").read_text())
+    assert meta["num_processes"] == 2 and meta["n_images"] == 32
