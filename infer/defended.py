@@ -125,6 +125,17 @@ class DefendedClassifier(nn.Module):
         return self.forward(x).exp()
 
 
+def reseed_randomness(model: DefendedClassifier, seed: int, batch_index: int) -> None:
+    """Seed the random defense layers for one batch from (seed, global batch index).
+
+    Batches are dealt to processes whole, so seeding by the global batch index makes a
+    randomized defense draw the same for a batch whichever process predicts it: the
+    submission is identical with 1 or N processes and across runs.
+    """
+    if isinstance(model.random_pad, RandomResizePad):
+        model.random_pad.generator.manual_seed(seed * 1_000_003 + batch_index)
+
+
 def load_members(paths: Sequence[str | Path], num_classes: int | None) -> tuple[list[nn.Module], list[dict]]:
     """Load exported checkpoints; every member must predict the same class count."""
     members, infos = [], []

@@ -21,7 +21,8 @@ from accelerate import Accelerator
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_checkpoints
+from infer.defended import (DefendedClassifier, build_defended_model, describe, input_size_of, load_members,
+                            reseed_randomness, resolve_checkpoints)
 from infer.submission import validate_submission, write_submission
 from train.checkpoint import resolve_checkpoint
 from train.cli import create_parser, parse_config, quiet_libraries, run_cli
@@ -63,10 +64,14 @@ def bad_image_reason(path: Path) -> str:
 
 
 @torch.inference_mode()
-def predict(model: torch.nn.Module, loader, accelerator: Accelerator) -> tuple[list[int], list[int], list[int]]:
+def predict(model: DefendedClassifier, loader, accelerator: Accelerator,
+            seed: int = 0) -> tuple[list[int], list[int], list[int]]:
     """Predicted class per image id, gathered from all processes; returns (ids, preds, bad_ids)."""
     ids, preds, bad = [], [], []
-    for images, image_ids, ok in tqdm(loader, desc="predict", disable=not accelerator.is_local_main_process):
+    bar = tqdm(loader, desc="predict", disable=not accelerator.is_local_main_process)
+    for step, (images, image_ids, ok) in enumerate(bar):
+        # accelerate deals whole batches round-robin: this is the batch's index in a 1-process run
+        reseed_randomness(model, seed, step * accelerator.num_processes + accelerator.process_index)
         with accelerator.autocast():
             logp = model(to_float_images(images))
         pred = logp.argmax(dim=1)
@@ -102,7 +107,7 @@ def run(cfg: Config) -> dict:
     accelerator.print(f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
                       f"{len(model.ensemble.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
                       f"{accelerator.num_processes} process(es)")
-    ids, preds, bad = predict(model, loader, accelerator)
+    ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)
     result: dict = {"n_images": len(ids)}
     accelerator.wait_for_everyone()
     if not accelerator.is_main_process:

@@ -63,6 +63,18 @@ def test_gcm_does_not_change_predictions(trained, tmp_path):
     assert with_gcm["test_acc"] == without["test_acc"]
 
 
+def test_randomized_defense_submissions_are_reproducible(trained, tmp_path):
+    common = ["random_pad.enabled=true", "random_pad.min_ratio=0.5", "submit.batch_size=5"]
+    submit.run(_cfg(trained, tmp_path, "submit.file_name=a", *common))
+    submit.run(_cfg(trained, tmp_path, "submit.file_name=b", *common))
+    submit.run(_cfg(trained, tmp_path, "submit.file_name=c", *common, "random_pad.seed=1"))
+    subs = tmp_path / "subs"
+    assert (subs / "a.csv").read_bytes() == (subs / "b.csv").read_bytes()
+    assert (subs / "a.json").read_bytes() == (subs / "b.json").read_bytes()
+    # the layer really is random: another seed changes some predictions at this strength
+    assert (subs / "a.csv").read_bytes() != (subs / "c.csv").read_bytes()
+
+
 def test_bad_test_image_stops_with_no_output(trained, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(trained[0], data)
@@ -129,13 +141,15 @@ def test_defended_model_matches_submit_layers(trained):
 @pytest.mark.slow
 def test_two_process_submit_writes_the_same_files(trained, tmp_path):
     data, runs = trained
-    overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", "submit.batch_size=7"], data, runs)
+    # random pad on: its draws must not depend on how batches are spread over processes
+    common = ["submit.batch_size=7", "random_pad.enabled=true", "random_pad.min_ratio=0.5"]
+    overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", *common], data, runs)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     proc = subprocess.run([sys.executable, "-m", "train.launch", "infer.submit", "--num_processes", "2", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
-    submit.run(load_config(None, shrink([f"submit.out_dir={tmp_path / 'one'}", "submit.batch_size=7"], data, runs)))
+    submit.run(load_config(None, shrink([f"submit.out_dir={tmp_path / 'one'}", *common], data, runs)))
     for name in ("demo.csv", "demo.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     meta = json.loads((tmp_path / "two" / "demo.meta.json").read_text())
