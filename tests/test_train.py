@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -36,7 +37,10 @@ def test_two_step_run_writes_everything(tiny_config):
     assert load_config(run_dir / "config.yaml").train.max_steps == 2
     model, _ = load_model(run_dir / "best")
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 4)
-    assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["e0000_b000002"]
+    (ckpt,) = (run_dir / "checkpoints").iterdir()
+    assert ckpt.name == "e0000_b000002"
+    # nothing in a checkpoint needs unpickling beyond what accelerate loads with weights_only=True
+    assert not list(ckpt.glob("custom_checkpoint_*")) and (ckpt / "train_state.json").is_file()
 
 
 def test_demo_run_learns(tmp_path):
@@ -84,24 +88,22 @@ def test_fresh_run_does_not_mix_with_old_checkpoints(tiny_config):
     assert [p.name for p in (cfg.run_dir / "checkpoints").iterdir()] == ["e0000_b000001"]
 
 
-def test_wandb_offline_run_and_no_key_fallback(tiny_config, monkeypatch, tmp_path):
+def test_wandb_falls_back_offline_fast_and_never_leaks_the_key(tiny_config, monkeypatch, tmp_path):
     monkeypatch.delenv("WANDB_MODE", raising=False)
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.netrc
-    assert resolve_wandb_mode("auto", 2.0)[0] == "offline"
-    monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # nothing listens: offline, fast
-    mode, reason = resolve_wandb_mode("auto", 2.0)
-    assert mode == "offline" and "not reachable" in reason
-    monkeypatch.delenv("WANDB_API_KEY")
+    assert resolve_wandb_mode("auto", 2.0) == ("offline", "no W&B API key found (WANDB_API_KEY or ~/.netrc)")
 
-    cfg = tiny_config("train.max_steps=2", "wandb.mode=auto")
+    secret = "sentinel" + "0123456789" * 3
+    monkeypatch.setenv("WANDB_API_KEY", secret)
+    monkeypatch.setenv("WANDB_BASE_URL", "http://127.0.0.1:9")  # a key, but no server: offline, fast
+    start = time.perf_counter()
+    cfg = tiny_config("train.max_steps=2", "wandb.mode=auto", "wandb.timeout=2")
     train_main.run(cfg)
-    runs = list((cfg.run_dir / "wandb").glob("offline-run-*"))
-    assert len(runs) == 1
-    key_free = [p for p in cfg.run_dir.rglob("*") if p.is_file() and p.suffix in {".json", ".yaml", ".txt", ".log"}
-                and "xxxxxxxxxx" in p.read_text(errors="ignore")]
-    assert not key_free
+    assert time.perf_counter() - start < 60
+    assert len(list((cfg.run_dir / "wandb").glob("offline-run-*"))) == 1
+    leaked = [p for p in cfg.run_dir.rglob("*") if p.is_file() and secret.encode() in p.read_bytes()]
+    assert leaked == []
 
 
 @pytest.mark.slow

@@ -7,6 +7,7 @@ training states for ``resume=auto``, ``augmented_samples.png`` and the W&B run.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import shutil
@@ -22,9 +23,10 @@ from timm.loss import SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
+from safetensors.torch import load_file, save_file
 from torch import nn
 
-from train.checkpoint import export_model
+from train.checkpoint import export_model, state_dict_of
 from train.cli import create_parser, parse_config, quiet_libraries, run_cli
 from train.config import Config, ConfigError, config_to_dict, save_config
 from train.data import ImageDataset, resolve_samples
@@ -77,7 +79,40 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
                   and not p.name.endswith(".tmp"))
 
 
-def save_checkpoint(accelerator: Accelerator, model: nn.Module, run_dir: Path, progress: Progress, keep: int) -> Path:
+TRAIN_STATE = "train_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+
+
+def save_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
+    """Our own state beside accelerate's, as JSON and safetensors.
+
+    accelerate unpickles registered objects with ``weights_only=False``; keeping progress,
+    scheduler and EMA out of it means a checkpoint is never loaded through pickle.
+    """
+    state = {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()}
+    (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    if ema is not None:
+        save_file(state_dict_of(ema.module), str(folder / EMA_WEIGHTS))
+
+
+def load_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text(encoding="utf-8"))
+        progress.load_state_dict(state["progress"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(load_file(str(folder / EMA_WEIGHTS), device=str(ema_device(ema))))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"resume: {folder} is not a complete checkpoint of this run ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def ema_device(ema) -> torch.device:
+    return next(ema.module.parameters()).device
+
+
+def save_checkpoint(accelerator: Accelerator, model: nn.Module, run_dir: Path, progress: Progress, keep: int,
+                    scheduler, ema) -> Path:
     """Full training state into ``checkpoints/e<epoch>_b<batch>``, published by an atomic rename.
 
     A kill at any point leaves either the previous checkpoints or the new one complete, never
@@ -95,6 +130,8 @@ def save_checkpoint(accelerator: Accelerator, model: nn.Module, run_dir: Path, p
     accelerator.wait_for_everyone()
     try:
         accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            save_extra_state(tmp, progress, scheduler, ema)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact") from None
@@ -212,13 +249,12 @@ def run(cfg: Config) -> dict:
         # Warm-up keeps the EMA useful on short runs (decay ramps up to ema_decay).
         ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema_decay, use_warmup=True,
                          device=accelerator.device)
-        accelerator.register_for_checkpointing(ema)
     progress = Progress()
-    accelerator.register_for_checkpointing(scheduler, progress)
 
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
+        load_extra_state(resume_from, progress, scheduler, ema)
         accelerator.print(f"resumed from {resume_from} (epoch {progress.epoch}, batch {progress.batch}, "
                           f"step {progress.global_step})")
     elif cfg.resume == "auto":
@@ -242,7 +278,7 @@ def run(cfg: Config) -> dict:
 
     def on_step() -> None:
         if t.checkpoint_every and progress.global_step % t.checkpoint_every == 0:
-            save_checkpoint(accelerator, model, run_dir, progress, t.keep_checkpoints)
+            save_checkpoint(accelerator, model, run_dir, progress, t.keep_checkpoints, scheduler, ema)
 
     def on_first_batch(x: torch.Tensor) -> None:
         if progress.global_step == 0:
@@ -281,7 +317,7 @@ def run(cfg: Config) -> dict:
         accelerator.print(f"epoch {epoch}: train loss {train_stats['loss']:.4f}, "
                           f"{train_stats['samples_per_s']:.0f} img/s, val acc {metrics['acc']:.2f}%{ema_txt}")
         export_current(accelerator, model, ema, cfg, progress, metrics, improved)
-        save_checkpoint(accelerator, model, run_dir, progress, t.keep_checkpoints)
+        save_checkpoint(accelerator, model, run_dir, progress, t.keep_checkpoints, scheduler, ema)
         if stopped_early:
             break
 
