@@ -1,0 +1,359 @@
+"""Tests for infer/attacks.py on a tiny conv net trained in a few seconds on synthetic gratings.
+
+The gradient-masking wrapper below is written here on purpose (not imported from gcm/): the
+attack library must work on any model, and the story it has to tell is the generic one.
+"""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infer.attacks import (
+    ATTACKS, EOT, cw_l2, expected_accuracy, fgsm, lp_norm, pgd, project_l1_ball, random_noise,
+    robust_metrics, run_attack, square_linf, transfer, worst_case,
+)
+from train.errors import UserError
+
+NUM_CLASSES = 4
+SIZE = 16
+
+
+def make_gratings(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class k = a sine grating at angle k * 45 degrees on a random gray level, plus noise."""
+    g = torch.Generator().manual_seed(seed)
+    y = torch.randint(0, NUM_CLASSES, (n,), generator=g)
+    r = torch.arange(SIZE).float()
+    yy, xx = torch.meshgrid(r, r, indexing="ij")
+    ang = (y.float() * math.pi / NUM_CLASSES)[:, None, None]
+    grating = torch.sin(2 * math.pi / 6 * (xx * torch.cos(ang) + yy * torch.sin(ang)))
+    base = 0.5 + 0.2 * (torch.rand(n, 1, 1, 1, generator=g) - 0.5)
+    x = base + 0.15 * grating[:, None] + 0.05 * torch.randn(n, 3, SIZE, SIZE, generator=g)
+    return x.clamp(0, 1), y
+
+
+class TinyNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Linear(32, NUM_CLASSES),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x)
+
+
+class Masked(nn.Module):
+    """GCM-style gradient masking `x + 1e-8 * sin(1e20 * x)`: same forward, noise gradient.
+    With `straight_through` the backward is the identity (BPDA)."""
+
+    def __init__(self, model: nn.Module, straight_through: bool = False) -> None:
+        super().__init__()
+        self.model = model
+        self.straight_through = straight_through
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        f = x + 1e-8 * torch.sin(1e20 * x)
+        if self.straight_through:
+            f = x + (f - x).detach()
+        return self.model(f)
+
+
+class _NoBackward(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise AssertionError("backward pass used by a forward-only attack")
+
+
+class ForwardOnly(nn.Module):
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_NoBackward.apply(x))
+
+
+class NoisyInput(nn.Module):
+    """Randomized model: Gaussian noise on the input at every forward (global RNG)."""
+
+    def __init__(self, model: nn.Module, std: float = 0.05) -> None:
+        super().__init__()
+        self.model = model
+        self.std = std
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        return self.model(x + self.std * torch.randn_like(x))
+
+
+class CoinFlip(nn.Module):
+    """Randomized model: the net's logits, or their negation (a sure error), with prob 1/2."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        logits = self.model(x)
+        return logits if torch.rand(()) < 0.5 else -logits
+
+
+@pytest.fixture(scope="module")
+def net() -> nn.Module:
+    torch.manual_seed(0)
+    x, y = make_gratings(512, seed=0)
+    model = TinyNet()
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for _ in range(15):
+        perm = torch.randperm(len(x))
+        for i in range(0, len(x), 64):
+            b = perm[i:i + 64]
+            opt.zero_grad(set_to_none=True)
+            F.cross_entropy(model(x[b]), y[b]).backward()
+            opt.step()
+    opt.zero_grad(set_to_none=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def data(net) -> tuple[torch.Tensor, torch.Tensor]:
+    x, y = make_gratings(64, seed=1)
+    assert accuracy(net, x, y) == 100.0, "the fixture model must learn the task"
+    return x, y
+
+
+def gen(seed: int = 0) -> torch.Generator:
+    return torch.Generator().manual_seed(seed)
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    return 100.0 * (model(x).argmax(1) == y).float().mean().item()
+
+
+# --- constraints ------------------------------------------------------------------------
+
+BALL_CASES = [
+    ("fgsm", "linf", 0.05, {}),
+    ("pgd_linf", "linf", 0.05, dict(steps=5, restarts=2)),
+    ("pgd_l2", "l2", 1.0, dict(steps=5, restarts=2)),
+    ("pgd_l1", "l1", 10.0, dict(steps=5, restarts=2)),
+    ("pgd_l1", "l1", 10.0, dict(steps=3, step_size=30.0)),  # overshooting steps: projection binds
+    ("noise", "linf", 0.05, dict(norm="linf")),
+    ("noise", "l2", 1.0, dict(norm="l2")),
+    ("noise", "l1", 10.0, dict(norm="l1")),
+    ("square", "linf", 0.05, dict(steps=50)),
+    ("cw_l2", "l2", 0.3, dict(steps=20, lr=0.05)),  # eps = max_norm, below C&W's typical ~0.7
+]
+
+
+@pytest.mark.parametrize("name,norm,eps,params", BALL_CASES, ids=lambda v: str(v))
+def test_output_in_ball_and_box(net, data, name, norm, eps, params):
+    x, y = data[0][:16].clone(), data[1][:16]
+    x[:, :, :3] = 0.0  # saturated rows exercise the box clip
+    x[:, :, -3:] = 1.0
+    adv = ATTACKS[name](net, x, y, eps=eps, generator=gen(), **params)
+    assert adv.shape == x.shape and adv.dtype == torch.float32
+    assert adv.min() >= 0.0 and adv.max() <= 1.0
+    assert lp_norm(adv - x, norm).max().item() <= eps + 1e-5
+    assert (adv != x).any(), "the attack did nothing"
+    assert all(p.grad is None for p in net.parameters()), "parameter gradients accumulated"
+
+
+def test_attack_runs_in_eval_mode_and_restores_flags(net, data):
+    seen = []
+
+    class Spy(nn.Module):
+        def forward(self, x):
+            seen.append(self.training)
+            return x
+
+    model = nn.Sequential(Spy(), net)
+    model.train()
+    pgd(model, data[0][:4], data[1][:4], 0.03, steps=2)
+    assert seen and not any(seen)
+    assert model.training and model[0].training and net.training
+    net.eval()
+
+
+# --- sanity checks of DESIGN.md section 4 --------------------------------------------------
+
+def test_pgd_breaks_the_model_and_beats_fgsm(net, data):
+    x, y = data
+    acc_fgsm = accuracy(net, fgsm(net, x, y, 0.05), y)
+    acc_pgd = accuracy(net, pgd(net, x, y, 0.05, generator=gen()), y)
+    assert acc_pgd <= acc_fgsm < 100.0
+    assert accuracy(net, pgd(net, x, y, 0.1, generator=gen()), y) <= 5.0
+    assert accuracy(net, pgd(net, x, y, 2.0, norm="l2", generator=gen()), y) <= 5.0
+    assert accuracy(net, pgd(net, x, y, 40.0, norm="l1", generator=gen()), y) <= 5.0
+
+
+@pytest.mark.parametrize("norm,eps_grid", [
+    ("linf", [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15]),
+    ("l2", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]),
+])
+def test_accuracy_non_increasing_in_eps(net, data, norm, eps_grid):
+    x, y = data
+    accs = [accuracy(net, pgd(net, x, y, eps, norm=norm, generator=gen()), y) for eps in eps_grid]
+    assert accs[0] == 100.0
+    one_sample = 100.0 / len(y)
+    assert all(b <= a + one_sample for a, b in zip(accs, accs[1:])), accs
+    assert accs[-1] <= 5.0, accs
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 2.0), ("l1", 40.0)])
+def test_random_noise_hurts_much_less_than_pgd(net, data, norm, eps):
+    x, y = data
+    acc_noise = accuracy(net, random_noise(x, eps, norm, generator=gen()), y)
+    acc_pgd = accuracy(net, pgd(net, x, y, eps, norm=norm, generator=gen()), y)
+    assert acc_noise >= 90.0 and acc_noise - acc_pgd >= 80.0
+
+
+def test_restarts_keep_first_success(net, data):
+    x, y = data
+    adv1 = pgd(net, x, y, 0.05, restarts=1, generator=gen(3))
+    adv3 = pgd(net, x, y, 0.05, restarts=3, generator=gen(3))
+    fooled1 = net(adv1).argmax(1) != y
+    fooled3 = net(adv3).argmax(1) != y
+    assert 0 < fooled1.sum() < len(y)
+    # The first restart is the same run; its successes are kept, later restarts only add.
+    assert torch.equal(adv3[fooled1], adv1[fooled1])
+    assert (fooled3 | ~fooled1).all() and fooled3.sum() >= fooled1.sum()
+
+
+def test_square_is_forward_only_and_reduces_accuracy(net, data):
+    x, y = data
+    adv = square_linf(ForwardOnly(net), x, y, 0.1, queries=300, generator=gen())
+    assert lp_norm(adv - x, "linf").max() <= 0.1 + 1e-6
+    assert accuracy(net, adv, y) <= 70.0
+
+
+def test_cw_l2_finds_small_adversarials_or_returns_the_original(net, data):
+    x, y = data
+    adv = cw_l2(net, x, y, steps=50, lr=0.05)
+    assert accuracy(net, adv, y) <= 10.0
+    assert lp_norm(adv - x, "l2").max() < 2.0  # smaller than what PGD-L2 needs to reach ~0%
+    weak = cw_l2(net, x, y, c=1e-3, steps=5, lr=0.01)  # cannot succeed: every image unchanged
+    assert torch.equal(weak, x)
+
+
+# --- the gradient-masking story ------------------------------------------------------------
+
+def test_gradient_masking_defeats_pgd_but_not_square_bpda_or_transfer(net, data):
+    x, y = data
+    masked = Masked(net)
+    assert torch.equal(masked(x).argmax(1), net(x).argmax(1))
+    acc_pgd_masked = accuracy(masked, pgd(masked, x, y, 0.1, generator=gen()), y)
+    assert acc_pgd_masked >= 90.0, "the masked gradient should mislead PGD"
+    # Score-based black box: forward passes only, masking is irrelevant.
+    acc_square = accuracy(masked, square_linf(masked, x, y, 0.1, queries=300, generator=gen()), y)
+    assert acc_square <= 70.0
+    # Straight-through backward (BPDA) restores the true gradient.
+    bpda = Masked(net, straight_through=True)
+    assert accuracy(masked, pgd(bpda, x, y, 0.1, generator=gen()), y) <= 5.0
+    # Transfer from the same weights without the masking layer.
+    adv = transfer(net, masked, x, y, "pgd_linf", eps=0.1, generator=gen())
+    assert accuracy(masked, adv, y) <= 5.0
+
+
+# --- randomized defenses -------------------------------------------------------------------
+
+def test_eot_averages_gradients_over_samples(net, data):
+    x, y = data[0][:16], data[1][:16]
+    model = NoisyInput(net)
+    torch.manual_seed(0)
+    adv = pgd(model, x, y, 0.1, steps=5, step_size=0.02, eot_samples=4, generator=gen())
+    assert model.calls == 5 * 4  # one forward/backward per EOT sample per step, no extra
+    assert lp_norm(adv - x, "linf").max() <= 0.1 + 1e-6
+    assert accuracy(net, adv, y) <= 10.0
+
+
+def test_expected_accuracy_averages_draws(net, data):
+    x, y = data
+    assert expected_accuracy(net, x, y, draws=3, batch_size=10) == accuracy(net, x, y)
+    torch.manual_seed(0)
+    model = CoinFlip(net)
+    acc = expected_accuracy(model, x, y, draws=200)  # one coin per forward: 0 or 100 each
+    assert model.calls == 200 and 40.0 <= acc <= 60.0 and acc not in (0.0, 100.0)
+    eot = EOT(net, samples=3)
+    torch.testing.assert_close(eot(x), net(x))
+
+
+# --- metrics -------------------------------------------------------------------------------
+
+def test_robust_metrics_hand_example():
+    clean = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
+    adv = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)
+    m = robust_metrics(clean, adv)
+    assert m == pytest.approx({"clean_acc": 80.0, "robust_acc": 60.0, "ar": 50.0})  # AR = 2 / 4
+    assert math.isnan(robust_metrics(torch.zeros(3, dtype=torch.bool), torch.ones(3, dtype=torch.bool))["ar"])
+    # Per-draw correctness (draws, N): metrics per draw, then averaged.
+    clean = torch.tensor([1, 1, 0, 0], dtype=torch.bool)
+    adv = torch.tensor([[1, 0, 0, 0], [1, 1, 0, 1]], dtype=torch.bool)
+    assert robust_metrics(clean, adv) == pytest.approx({"clean_acc": 50.0, "robust_acc": 50.0, "ar": 75.0})
+
+
+def test_worst_case_is_per_sample_and():
+    got = worst_case({
+        "a": torch.tensor([True, True, False, True]),
+        "b": torch.tensor([True, False, False, True]),
+        "c": torch.tensor([True, True, True, True]),
+    })
+    assert got.tolist() == [True, False, False, True]
+    with pytest.raises(ValueError):
+        worst_case({})
+
+
+# --- L1 projection -------------------------------------------------------------------------
+
+def test_l1_projection_hand_cases():
+    v = torch.tensor([[3.0, 1.0], [2.0, -2.0], [0.3, -0.2]])
+    # Hand: (3,1) r=2 -> theta=1 -> (2,0); (2,-2) r=2 -> theta=1 -> (1,-1); inside: unchanged.
+    got = project_l1_ball(v, 2.0)
+    torch.testing.assert_close(got, torch.tensor([[2.0, 0.0], [1.0, -1.0], [0.3, -0.2]]))
+    got = project_l1_ball(torch.tensor([[2.0, -2.0, 0.5]]), 1.0)  # theta = (4 - 1) / 2
+    torch.testing.assert_close(got, torch.tensor([[0.5, -0.5, 0.0]]))
+
+
+def test_l1_projection_is_the_closest_point_of_the_ball():
+    g = gen(5)
+    v = torch.randn(1, 6, generator=g) * 3
+    p = project_l1_ball(v, 1.5)
+    assert p.abs().sum().item() == pytest.approx(1.5, abs=1e-5)
+    # No point of the ball (random points on its surface and inside) is closer to v.
+    d = torch.randn(5000, 6, generator=g).sign() * torch.rand(5000, 6, generator=g) ** 3
+    q = d / d.abs().sum(1, keepdim=True) * 1.5 * torch.rand(5000, 1, generator=g).sqrt()
+    assert (v - p).norm() <= (v - q).norm(dim=1).min() + 1e-6
+    # Realistic size (224 px, the paper's L1 budget): the radius holds to float precision.
+    big = torch.rand(2, 3, 224, 224, generator=g) - 0.5
+    assert lp_norm(project_l1_ball(big, 1600.0), "l1").max().item() <= 1600.0 * (1 + 1e-6)
+
+
+# --- registry and batching -----------------------------------------------------------------
+
+def test_registry_names():
+    assert set(ATTACKS) == {"fgsm", "pgd_linf", "pgd_l2", "pgd_l1", "cw_l2", "square", "noise"}
+
+
+def test_run_attack_batches_and_scores(net, data):
+    x, y = data
+    expected = net(fgsm(net, x, y, 0.05)).argmax(1) == y
+    got = run_attack("fgsm", net, x, y, batch_size=7, eps=0.05, progress=True)
+    assert got.dtype == torch.bool and torch.equal(got, expected)
+    draws = run_attack("noise", net, x[:10], y[:10], batch_size=4, draws=3, eps=0.01, generator=gen())
+    assert draws.shape == (3, 10)
+    with pytest.raises(UserError, match="pgd_l3"):
+        run_attack("pgd_l3", net, x, y, eps=0.1)
+    with pytest.raises(UserError, match="stepz"):
+        run_attack("pgd_linf", net, x, y, eps=0.1, stepz=3)
