@@ -152,7 +152,8 @@ class SubmitConfig:
     aggregate: str = "prob"  # prob | logit
     temperature: float = 1.0
     batch_size: int = 64
-    num_workers: int = 2
+    num_workers: int = 2  # loader worker processes when a GPU runs the model
+    cpu_num_workers: int = 0  # ... when the CPU does: workers would preempt the model's threads
     out_dir: str = "submissions"
     file_name: str = ""  # "" -> <name>
     on_bad_image: str = "error"  # error | fallback
@@ -164,6 +165,11 @@ class BudgetConfig:
     max_params: float = 120e6
     max_gmacs: float = 5.0
     enforce: bool = False
+
+
+@dataclass
+class ExportConfig:
+    path: str = ""  # "" -> runs/<name>/defended.pt2
 
 
 @dataclass
@@ -182,6 +188,7 @@ class Config:
     random_pad: RandomPadConfig = field(default_factory=RandomPadConfig)
     submit: SubmitConfig = field(default_factory=SubmitConfig)
     budget: BudgetConfig = field(default_factory=BudgetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
 
     @property
     def run_dir(self) -> Path:
