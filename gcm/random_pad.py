@@ -5,8 +5,16 @@ model (after GCM): resize the batch to a random side l in [218, 223], then zero-
 224 x 224 at a random offset, with a new draw on every forward pass. It is a defense, not an
 augmentation, so it stays on in eval mode; evaluate it with EOT and expected accuracy over
 several draws.
+
+Two implementations of the same resize+pad:
+
+* `resize_pad`: `F.interpolate` to the drawn size, then `F.pad`. The eager forward uses it.
+* `resize_pad_static`: the same bilinear sampling written as gathers on a fixed-size canvas,
+  with size and offset given as 0-d tensors. Its shapes do not depend on the draw, so
+  `torch.export` can capture it with the draws inside the graph (a new draw per call of the
+  exported program). It matches `resize_pad` to a few float32 ulps (<= 2e-7 on [0, 1] images).
 """
-from typing import Optional, Tuple
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -14,7 +22,72 @@ from torch import nn
 
 from .gcm import DefendedModel
 
-__all__ = ['RandomResizePad', 'apply_random_pad']
+__all__ = ['RandomResizePad', 'apply_random_pad', 'resize_pad', 'resize_pad_static']
+
+
+IntOrTensor = Union[int, torch.Tensor]
+
+
+def resize_pad(x: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
+    """ Bilinear resize (no antialiasing) of `x` to `h` x `w`, zero-padded back to its size at `(top, left)`. """
+    height, width = x.shape[-2:]
+    x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False, antialias=False)
+    return F.pad(x, (left, width - w - left, top, height - h - top), value=0.)
+
+
+def _axis_sampling(
+        size: int,
+        new: torch.Tensor,
+        offset: torch.Tensor,
+        dtype: torch.dtype,
+        device: torch.device,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """ Source indices, weights and mask along one axis of `resize_pad_static`.
+
+    Output position `i` shows position `i - offset` of the image resized from `size` to `new`,
+    whose source coordinate is `size / new * (i - offset + 0.5) - 0.5` (half-pixel centres,
+    clamped at 0), as in `F.interpolate(..., align_corners=False)`.
+    """
+    dst = torch.arange(size, device=device) - offset
+    if dtype == torch.float64:
+        scale = torch.full((), float(size), dtype=torch.float64, device=device) / new.to(torch.float64)
+        src = scale * (dst.to(torch.float64) + 0.5) - 0.5
+    else:
+        # PyTorch's CPU kernel computes the scale in float32 and the source coordinate as one
+        # fused multiply-add; evaluating that in float64 and rounding once reproduces it
+        # bit for bit (two float32 roundings were off by an ulp of the coordinate, ~1e-5).
+        scale = torch.full((), float(size), dtype=torch.float32, device=device) / new.to(torch.float32)
+        src = (scale.to(torch.float64) * (dst.to(torch.float64) + 0.5) - 0.5).to(torch.float32)
+    src = src.clamp_min(0)
+    floor = src.floor()
+    i0 = floor.long().clamp(0, size - 1)
+    i1 = (i0 + 1).clamp_max(size - 1)
+    lam = (src - floor).clamp(0, 1)
+    inside = (dst >= 0) & (dst < new)
+    return i0, i1, (1 - lam).to(dtype), lam.to(dtype), inside
+
+
+def resize_pad_static(
+        x: torch.Tensor,
+        top: IntOrTensor,
+        left: IntOrTensor,
+        h: IntOrTensor,
+        w: IntOrTensor,
+) -> torch.Tensor:
+    """ `resize_pad` with static shapes: the box may be 0-d integer tensors (e.g. random draws).
+
+    Each output pixel inside the box is a bilinear blend of its four source pixels (gathered
+    with `index_select`, so the op is differentiable w.r.t. `x`), everything outside is 0.
+    Only for downscaling boxes (`h <= height`, `w <= width`), which is all this layer draws.
+    """
+    height, width = x.shape[-2:]
+    as_tensor = lambda v: torch.as_tensor(v, device=x.device)  # noqa: E731
+    c0, c1, cw0, cw1, cols = _axis_sampling(width, as_tensor(w), as_tensor(left), x.dtype, x.device)
+    r0, r1, rw0, rw1, rows = _axis_sampling(height, as_tensor(h), as_tensor(top), x.dtype, x.device)
+    # Along the width first, then the height: the order of F.interpolate's CPU kernel.
+    y = x.index_select(-1, c0) * cw0 + x.index_select(-1, c1) * cw1
+    y = y.index_select(-2, r0) * rw0[:, None] + y.index_select(-2, r1) * rw1[:, None]
+    return torch.where(rows[:, None] & cols[None, :], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
 class RandomResizePad(nn.Module):
@@ -29,6 +102,12 @@ class RandomResizePad(nn.Module):
 
     Draws come from the module's own `torch.Generator`, so runs are reproducible and do not
     disturb the global RNG. `eval()` does not switch it off; `enabled=False` does.
+
+    Under `torch.export` the layer traces `draw_box_tensors` + `resize_pad_static` instead:
+    the draws become random ops of the graph, drawn from torch's global RNG on every call of
+    the exported program (a Generator object cannot live in an exported file), so the file
+    stays randomized rather than freezing the draw seen while tracing. Same distribution of
+    boxes; seed the exported program with `torch.manual_seed`.
 
     Args:
         min_ratio: Smallest resized side as a fraction of the input side.
@@ -70,17 +149,43 @@ class RandomResizePad(nn.Module):
     def _randint(self, lo: int, hi: int) -> int:
         return int(torch.randint(lo, hi + 1, (1,), generator=self.generator).item())
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.enabled:
-            return x
-        height, width = x.shape[-2:]
+    def draw_box(self, height: int, width: int) -> Tuple[int, int, int, int]:
+        """ Next `(top, left, h, w)` from the module's generator (three draws: side, top, left). """
         h = self._randint(*self.side_range(height))
         lo_w, hi_w = self.side_range(width)
         w = min(max(round(h * width / height), lo_w), hi_w)
         top = self._randint(0, height - h)
         left = self._randint(0, width - w)
-        x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False, antialias=False)
-        return F.pad(x, (left, width - w - left, top, height - h - top), value=0.)
+        return top, left, h, w
+
+    def draw_box_tensors(
+            self,
+            height: int,
+            width: int,
+            device: Optional[torch.device] = None,
+    ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """ A `(top, left, h, w)` box as 0-d int64 tensors from the global RNG, without a host sync.
+
+        The distribution of `draw_box` (side uniform in `side_range`, offsets uniform), made of
+        tensor ops only so a traced graph keeps drawing: `randint` for the side, then one
+        `rand` each for the top and left offset.
+        """
+        lo, hi = self.side_range(height)
+        lo_w, hi_w = self.side_range(width)
+        h = torch.randint(lo, hi + 1, (), device=device)
+        # Python's round() and torch.round both round half to even; h * width is exact in float64.
+        w = (h.to(torch.float64) * width / height).round().long().clamp(lo_w, hi_w)
+        top = (torch.rand((), device=device) * (height - h + 1)).floor().long().clamp(min=0).minimum(height - h)
+        left = (torch.rand((), device=device) * (width - w + 1)).floor().long().clamp(min=0).minimum(width - w)
+        return top, left, h, w
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self.enabled:
+            return x
+        height, width = x.shape[-2:]
+        if torch.compiler.is_exporting():
+            return resize_pad_static(x, *self.draw_box_tensors(height, width, x.device))
+        return resize_pad(x, *self.draw_box(height, width))
 
     def extra_repr(self) -> str:
         return (f'min_ratio={self.min_ratio:.4f}, max_ratio={self.max_ratio:.4f}, '
