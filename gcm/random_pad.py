@@ -54,8 +54,9 @@ def _axis_sampling(
         src = scale * (dst.to(torch.float64) + 0.5) - 0.5
     else:
         # PyTorch's CPU kernel computes the scale in float32 and the source coordinate as one
-        # fused multiply-add; evaluating that in float64 and rounding once reproduces it
-        # bit for bit (two float32 roundings were off by an ulp of the coordinate, ~1e-5).
+        # fused multiply-add (on this x86 build); evaluating that in float64 and rounding once
+        # reproduces it bit for bit. Two float32 roundings were off by one ulp of the
+        # coordinate (up to ~1e-5 on the output); a kernel without FMA would differ as much.
         scale = torch.full((), float(size), dtype=torch.float32, device=device) / new.to(torch.float32)
         src = (scale.to(torch.float64) * (dst.to(torch.float64) + 0.5) - 0.5).to(torch.float32)
     src = src.clamp_min(0)
@@ -81,9 +82,9 @@ def resize_pad_static(
     Only for downscaling boxes (`h <= height`, `w <= width`), which is all this layer draws.
     """
     height, width = x.shape[-2:]
-    as_tensor = lambda v: torch.as_tensor(v, device=x.device)  # noqa: E731
-    c0, c1, cw0, cw1, cols = _axis_sampling(width, as_tensor(w), as_tensor(left), x.dtype, x.device)
-    r0, r1, rw0, rw1, rows = _axis_sampling(height, as_tensor(h), as_tensor(top), x.dtype, x.device)
+    top, left, h, w = (torch.as_tensor(v, device=x.device) for v in (top, left, h, w))
+    c0, c1, cw0, cw1, cols = _axis_sampling(width, w, left, x.dtype, x.device)
+    r0, r1, rw0, rw1, rows = _axis_sampling(height, h, top, x.dtype, x.device)
     # Along the width first, then the height: the order of F.interpolate's CPU kernel.
     y = x.index_select(-1, c0) * cw0 + x.index_select(-1, c1) * cw1
     y = y.index_select(-2, r0) * rw0[:, None] + y.index_select(-2, r1) * rw1[:, None]
