@@ -172,7 +172,9 @@ class EvalConfig:
     subset: int = 500  # labelled images evaluated (seeded choice); 0 -> all
     batch_size: int = 50
     seed: int = 0
-    attacks: list = field(default_factory=lambda: ["fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2"])
+    # the paper's white-box columns, then Square (score-based), transfer and the random-noise baseline
+    attacks: list = field(default_factory=lambda: ["fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2",
+                                                   "square", "transfer", "noise"])
     # eps in [0,1] pixel units; the paper's values at 224 px (small images: see configs/default.yaml)
     eps_linf: float = 8 / 255
     eps_l2: float = 8.0
@@ -181,12 +183,13 @@ class EvalConfig:
     step_ratio: float = 0.075  # step = 3/40 * eps, as in the paper
     restarts: int = 1
     cw_steps: int = 100
+    cw_max_norm: float = 0.0  # C&W result projected onto this L2 ball; 0 -> eps_l2
     square_queries: int = 1000
     eps_curve: list = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
     eot_samples: int = 10  # gradient samples per step against the random resize-pad layer
     draws: int = 10  # forward draws for expected accuracy of a randomized model
     surrogate: str = ""  # an independently trained checkpoint for transfer attacks
-    corruption_severities: list = field(default_factory=lambda: [1, 3, 5])
+    corruption_severities: list = field(default_factory=lambda: [1, 3, 5])  # of 1..5 (ImageNet-C levels)
     out_dir: str = ""  # "" -> runs/<name>/eval
 
 
