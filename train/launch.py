@@ -8,6 +8,11 @@ bad key fails in one line before any process starts.
 On a machine without CUDA, ``accelerate launch --cpu --num_processes 2`` silently runs ONE
 process; several CPU processes need ``--multi_gpu`` (the code then uses ``Accelerator(cpu=True)``
 and gloo), which this launcher adds for you.
+
+``accelerate launch`` also exports ``OMP_NUM_THREADS=1`` unless the run is marked CPU-only, so
+a plain CPU run would compute on one core: on 2 cores that made training ~1.26x and submit
+~1.5x slower (BENCHMARKS.md). Without CUDA this launcher gives each process its share of the
+cores instead, unless ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` is set.
 """
 
 from __future__ import annotations
@@ -65,18 +70,44 @@ def _flag_value(args: list[str], name: str) -> str | None:
     return None
 
 
-def resolve_launch_args(accel: list[str], has_cuda: bool) -> tuple[list[str], str | None]:
-    """Add the default accelerate config and fix multi-process CPU runs; returns (args, note)."""
+def _config_processes(accel: list[str]) -> int:
+    """``num_processes`` of the accelerate config file in ``accel`` (1 if unreadable)."""
+    import yaml
+
+    try:
+        with open(_flag_value(accel, "--config_file"), encoding="utf-8") as fh:
+            value = (yaml.safe_load(fh) or {}).get("num_processes", 1)
+        return max(1, int(value))
+    except (OSError, TypeError, ValueError, AttributeError, yaml.YAMLError):
+        return 1  # accelerate itself reports a bad config file
+
+
+def available_cores() -> int:
+    """Cores this process may run on (its affinity mask, e.g. a container's CPU set)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def resolve_launch_args(accel: list[str], has_cuda: bool, cores: int | None = None,
+                        env: dict | None = None) -> tuple[list[str], str | None]:
+    """Add the default accelerate config, fix multi-process CPU runs and their thread count.
+
+    Returns (args, note); ``note`` explains a change the user should know about.
+    """
     accel = list(accel)
+    env = os.environ if env is None else env
     note = None
     if _flag_value(accel, "--config_file") is None:
         accel = ["--config_file", str(DEFAULT_ACCELERATE_CONFIG), *accel]
     n = _flag_value(accel, "--num_processes")
-    if n is not None and n.isdigit() and int(n) > 1 and not has_cuda and "--multi_gpu" not in accel:
+    processes = int(n) if n is not None and n.isdigit() and int(n) > 0 else _config_processes(accel)
+    if processes > 1 and not has_cuda and "--multi_gpu" not in accel:
         if "--cpu" in accel:
             accel.remove("--cpu")
         accel.append("--multi_gpu")
         note = f"no CUDA: running {n} CPU processes with gloo (--multi_gpu added; --cpu alone would run one)"
+    if not has_cuda and _flag_value(accel, "--num_cpu_threads_per_process") is None and not env.get("OMP_NUM_THREADS"):
+        threads = max(1, (cores or available_cores()) // processes)
+        accel += ["--num_cpu_threads_per_process", str(threads)]
     return accel, note
 
 

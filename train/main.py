@@ -273,7 +273,8 @@ def run(cfg: Config) -> dict:
     accelerator.print(
         f"train {cfg.model.name} ({n_params / 1e6:.2f}M params) on {len(train_samples)} images, "
         f"val {len(val_samples)}, {cfg.data.num_classes} classes, {cfg.data.image_size}px, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device}, precision {cfg.train.mixed_precision}"
+        f"{accelerator.num_processes} process(es) on {accelerator.device} ({torch.get_num_threads()} torch threads "
+        f"each), precision {cfg.train.mixed_precision}"
     )
 
     def on_step() -> None:
