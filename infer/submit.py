@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import platform
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
@@ -18,7 +19,7 @@ import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 
 from infer.defended import (DefendedClassifier, build_defended_model, describe, input_size_of, load_members,
@@ -30,21 +31,41 @@ from train.config import Config, config_to_dict, resolve_path
 from train.data import list_test_images, load_image, read_test_labels
 from train.engine import to_float_images
 from train.errors import UserError
+from train.launch import available_cores
 from train.loaders import create_eval_loader
 from train.transforms import create_eval_transform
 
 
 class TestImages(Dataset):
     """``(uint8 CHW image, image_id, ok)``; an undecodable file gives ``ok=False`` instead of
-    killing the worker, so the main process can name every bad file at once."""
+    killing the worker, so the main process can name every bad file at once.
 
-    def __init__(self, items: Sequence[tuple[Path, int]], image_size: int) -> None:
+    Args:
+        decode_threads: Threads that decode a batch together (``__getitems__``) when the
+            loader has no workers, as on CPU (see :func:`resolve_loader_workers`): decoding
+            between two forwards would otherwise leave all but one core idle. OpenCV and PIL
+            release the GIL while decoding. Loader workers always decode one at a time.
+    """
+
+    def __init__(self, items: Sequence[tuple[Path, int]], image_size: int, decode_threads: int = 1) -> None:
         self.items = list(items)
         self.image_size = image_size
         self.transform = create_eval_transform(image_size)
+        self.decode_threads = decode_threads
+        self._pool: ThreadPoolExecutor | None = None
 
     def __len__(self) -> int:
         return len(self.items)
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_pool": None}  # a worker process gets no thread pool
+
+    def __getitems__(self, indices: Sequence[int]) -> list:
+        if self.decode_threads <= 1 or len(indices) < 2 or get_worker_info() is not None:
+            return [self[i] for i in indices]
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
+        return list(self._pool.map(self.__getitem__, indices))
 
     def __getitem__(self, index: int):
         path, image_id = self.items[index]
@@ -53,6 +74,43 @@ class TestImages(Dataset):
             return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), image_id, True
         except UserError:
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), image_id, False
+
+
+def compile_members(model: DefendedClassifier) -> None:
+    """``torch.compile`` each member network in place (``model.compile=true``).
+
+    Only the networks: GCM and the random pad stay eager so the defense computes exactly its
+    float32 formula (a fused kernel may evaluate ``sin(1e20 * x)`` differently).
+    """
+    members = model.ensemble.members
+    for i, member in enumerate(members):
+        members[i] = torch.compile(member)
+
+
+def resolve_loader_workers(cfg: Config, accelerator: Accelerator) -> int:
+    """Loader worker processes for ``submit``.
+
+    With a GPU, ``submit.num_workers`` decode ahead of the model. On CPU the model's torch
+    threads do the work and a worker running beside them preempts them mid-layer: on 2 cores
+    with 2 threads, decoding in the main process between forwards made the whole run ~1.25x
+    faster than 1-3 workers (BENCHMARKS.md). So ``submit.cpu_num_workers`` applies there, and
+    its default (-1) gives the workers only the cores the threads leave free: 0 when
+    ``train.launch`` gives the process every core (its CPU default), 1 with 2 cores and
+    ``OMP_NUM_THREADS=1``.
+    """
+    if accelerator.device.type != "cpu":
+        return cfg.submit.num_workers
+    if cfg.submit.cpu_num_workers >= 0:
+        return cfg.submit.cpu_num_workers
+    return max(0, available_cores() // accelerator.num_processes - torch.get_num_threads())
+
+
+def create_test_loader(cfg: Config, items: Sequence[tuple[Path, int]], image_size: int,
+                       accelerator: Accelerator):
+    """The loader ``run`` predicts from, prepared for ``accelerator`` (sharded across processes)."""
+    workers = resolve_loader_workers(cfg, accelerator)
+    dataset = TestImages(items, image_size, decode_threads=torch.get_num_threads() if workers == 0 else 1)
+    return accelerator.prepare(create_eval_loader(dataset, cfg.submit.batch_size, workers))
 
 
 def bad_image_reason(path: Path) -> str:
@@ -98,15 +156,17 @@ def run(cfg: Config) -> dict:
     model = build_defended_model(members, infos, cfg).to(accelerator.device)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        compile_members(model)
 
     test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
     items = list_test_images(test_dir)
     size = input_size_of(infos)
-    loader = accelerator.prepare(create_eval_loader(TestImages(items, size), cfg.submit.batch_size,
-                                                    cfg.submit.num_workers))
+    loader = create_test_loader(cfg, items, size, accelerator)
     accelerator.print(f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
                       f"{len(model.ensemble.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
-                      f"{accelerator.num_processes} process(es)")
+                      f"{accelerator.num_processes} process(es) with {torch.get_num_threads()} torch thread(s) and "
+                      f"{loader.num_workers} loader worker(s) each")
     ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)
     result: dict = {"n_images": len(ids)}
     accelerator.wait_for_everyone()

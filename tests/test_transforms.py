@@ -159,7 +159,6 @@ def test_worker_init_fn_reseeds_the_wrapped_transform(monkeypatch):
 
 def test_eval_transform_is_deterministic_and_uses_area_for_downscale():
     transform = create_eval_transform(SIZE)
-    assert isinstance(transform, SeededCompose)
     image = random_image(80, 64)
     outs = []
     for seed in (0, 1, None):
@@ -171,6 +170,15 @@ def test_eval_transform_is_deterministic_and_uses_area_for_downscale():
     small = random_image(16, 20)
     up = transform(image=small)["image"]
     assert np.array_equal(up, cv2.resize(small, (SIZE, SIZE), interpolation=cv2.INTER_LINEAR))
+
+
+@pytest.mark.parametrize("shape", [(80, 64), (16, 20), (SIZE, SIZE), (SIZE, 70), (20, 90), (SIZE + 1, SIZE - 1)])
+def test_eval_transform_gives_albumentations_resize_pixels(shape):
+    # EvalResize replaces A.Compose([A.Resize(...)]) for speed: the pixels must not change.
+    reference = A.Compose([A.Resize(SIZE, SIZE, interpolation=cv2.INTER_LINEAR, area_for_downscale="image")])
+    image = random_image(*shape)
+    out = create_eval_transform(SIZE)(image=image)["image"]
+    assert np.array_equal(out, reference(image=image)["image"])
 
 
 def test_pipelines_are_albumentations_composes():
