@@ -467,17 +467,13 @@ class TrainingParts:
 
 
 def create_training(cfg) -> TrainingParts:
-    """Mirror of the set-up in ``train.main.run`` (no run folder, tracking or checkpoints)."""
-    from timm.data import Mixup
-    from timm.loss import SoftTargetCrossEntropy
-    from timm.optim import create_optimizer_v2
-    from timm.scheduler import create_scheduler_v2
+    """What ``train.main.run`` builds before its epoch loop, with its own functions (no run
+    folder, tracking or checkpoints)."""
     from timm.utils import ModelEmaV3
 
     from train.data import ImageDataset, resolve_samples
     from train.loaders import create_train_loader
-    from train.main import create_accelerator
-    from train.model import create_classifier
+    from train.main import create_accelerator, create_loss, create_model_and_optimizer
     from train.transforms import create_train_transform
 
     t = cfg.train
@@ -487,21 +483,8 @@ def create_training(cfg) -> TrainingParts:
                            bad_images=cfg.data.bad_images, max_bad=cfg.data.max_bad_images)
     loader = create_train_loader(dataset, t.batch_size, cfg.seed, cfg.data.num_workers)
     torch.manual_seed(cfg.seed)
-    model = create_classifier(cfg.model, cfg.data.num_classes)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
-                                    layer_decay=t.layer_decay or None)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-                                       warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=max(1, len(loader)))
-    mixup_fn = None
-    if t.mixup > 0 or t.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
-                         label_smoothing=t.label_smoothing, num_classes=cfg.data.num_classes)
-        loss_fn = SoftTargetCrossEntropy()
-    else:
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    model, optimizer, scheduler = create_model_and_optimizer(cfg, max(1, len(loader)))
+    mixup_fn, loss_fn = create_loss(cfg)
     model, optimizer, loader = accelerator.prepare(model, optimizer, loader)
     ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema_decay, use_warmup=True,
                      device=accelerator.device) if t.ema else None
@@ -685,6 +668,20 @@ def bench_gcm(ctx: BenchContext, model: nn.Module, x: torch.Tensor, label: str) 
                         ("<", 0.01), unit="%"))
 
 
+def whole_vs_parts(whole: nn.Module, parts: Sequence[nn.Module], x: torch.Tensor,
+                   rounds: int) -> list[tuple[float, float]]:
+    """Per round, (seconds of ``whole(x)``, summed seconds of each part on ``x``), interleaved."""
+    fns = {"whole": lambda: time_module(whole, x, 1)}
+    fns.update({f"part{i}": (lambda m=m: time_module(m, x, 1)) for i, m in enumerate(parts)})
+    for fn in fns.values():
+        fn()
+    pairs = []
+    for _ in range(rounds):
+        t = interleaved_seconds(fns, 1)
+        pairs.append((t["whole"], sum(v for k, v in t.items() if k != "whole")))
+    return pairs
+
+
 def bench_parts(ctx: BenchContext) -> None:
     from infer.defended import EnsembleTTA, View, resolve_views
     from train.checkpoint import load_model
@@ -710,14 +707,7 @@ def bench_parts(ctx: BenchContext) -> None:
     size = s.image_size
     batched = EnsembleTTA([member], [size], views).eval()
     singles = [EnsembleTTA([member], [size], [v]).eval() for v in views]
-    fns = {"batched": lambda: time_module(batched, x, 1)}
-    fns.update({f"view{i}": (lambda m=m: time_module(m, x, 1)) for i, m in enumerate(singles)})
-    for fn in fns.values():
-        fn()
-    pairs = []
-    for _ in range(parts_rounds):
-        t = interleaved_seconds(fns, 1)
-        pairs.append((t["batched"], sum(v for k, v in t.items() if k != "batched")))
+    pairs = whole_vs_parts(batched, singles, x, parts_rounds)
     ctx.rows.append(Row("parts", f"{len(views)} TTA views batched / {len(views)} single-view forwards",
                         median_ratio(pairs),
                         f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
@@ -732,14 +722,7 @@ def bench_parts(ctx: BenchContext) -> None:
     members = [member, *others]
     ensemble = EnsembleTTA(members, [size] * len(members), [View()]).eval()
     alone = [EnsembleTTA([m], [size], [View()]).eval() for m in members]
-    fns = {"ensemble": lambda: time_module(ensemble, x, 1)}
-    fns.update({f"member{i}": (lambda m=m: time_module(m, x, 1)) for i, m in enumerate(alone)})
-    for fn in fns.values():
-        fn()
-    pairs = []
-    for _ in range(parts_rounds):
-        t = interleaved_seconds(fns, 1)
-        pairs.append((t["ensemble"], sum(v for k, v in t.items() if k != "ensemble")))
+    pairs = whole_vs_parts(ensemble, alone, x, parts_rounds)
     ctx.rows.append(Row("parts", f"ensemble of {len(members)} / sum of its members", median_ratio(pairs),
                         f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
                         f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}", ("<=", 1.05)))

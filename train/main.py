@@ -200,6 +200,30 @@ def save_sample_grid(x: torch.Tensor, path: Path, accelerator: Accelerator, trac
         accelerator.log({"train/augmented_samples": wandb.Image(grid)}, step=0)
 
 
+def create_model_and_optimizer(cfg: Config, updates_per_epoch: int) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+    """The network in its configured memory layout, timm's optimizer and per-step scheduler."""
+    t = cfg.train
+    model = create_classifier(cfg.model, cfg.data.num_classes)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer_v2(model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
+                                    layer_decay=t.layer_decay or None)
+    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
+                                       warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
+                                       updates_per_epoch=updates_per_epoch)
+    return model, optimizer, scheduler
+
+
+def create_loss(cfg: Config) -> tuple[Mixup | None, nn.Module]:
+    """Mixup/CutMix (``None`` when off) and the loss that matches its soft targets."""
+    t = cfg.train
+    if t.mixup > 0 or t.cutmix > 0:
+        mixup_fn = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
+                         label_smoothing=t.label_smoothing, num_classes=cfg.data.num_classes)
+        return mixup_fn, SoftTargetCrossEntropy()
+    return None, nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+
+
 def run(cfg: Config) -> dict:
     """Train as configured; returns the final metrics (also written to ``runs/<name>/``)."""
     t = cfg.train
@@ -222,22 +246,9 @@ def run(cfg: Config) -> dict:
     train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, cfg.data.num_workers)
     val_loader = create_eval_loader(val_set, t.batch_size, cfg.data.num_workers) if len(val_set) else None
 
-    model = create_classifier(cfg.model, cfg.data.num_classes)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
-                                    layer_decay=t.layer_decay or None)
     updates_per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accum_steps)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-                                       warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
-    mixup_fn = None
-    if t.mixup > 0 or t.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
-                         label_smoothing=t.label_smoothing, num_classes=cfg.data.num_classes)
-        loss_fn = SoftTargetCrossEntropy()
-    else:
-        loss_fn = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    model, optimizer, scheduler = create_model_and_optimizer(cfg, updates_per_epoch)
+    mixup_fn, loss_fn = create_loss(cfg)
 
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
