@@ -10,7 +10,7 @@ process; several CPU processes need ``--multi_gpu`` (the code then uses ``Accele
 and gloo), which this launcher adds for you.
 
 ``accelerate launch`` also exports ``OMP_NUM_THREADS=1`` unless the run is marked CPU-only, so
-a plain CPU run would compute on one core: on 2 cores that made training ~1.26x and submit
+a plain CPU run would compute on one core: on 2 cores that made training ~1.47x and submit
 ~1.5x slower (BENCHMARKS.md). Without CUDA this launcher gives each process its share of the
 cores instead, unless ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` is set.
 """
