@@ -293,21 +293,13 @@ def run_forward_only(model: nn.Module, batches: Sequence[torch.Tensor]) -> float
 
 
 def create_predictor(cfg, checkpoint: Path, test_dir: Path):
-    """``(model, loader, accelerator)`` built exactly as ``infer.submit.run`` builds them."""
-    from accelerate import Accelerator
-
-    from infer.defended import build_defended_model, input_size_of, load_members
-    from infer.submit import compile_members, create_test_loader
+    """``(model, loader, accelerator)`` built by the functions ``infer.submit.run`` uses."""
+    from infer.defended import input_size_of
+    from infer.submit import create_accelerator, create_model, create_test_loader
     from train.data import list_test_images
 
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no")
-    members, infos = load_members([checkpoint], cfg.data.num_classes)
-    model = build_defended_model(members, infos, cfg).to(accelerator.device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.model.compile:
-        compile_members(model)
+    accelerator = create_accelerator(cfg)
+    model, infos = create_model(cfg, [checkpoint], accelerator)
     loader = create_test_loader(cfg, list_test_images(test_dir), input_size_of(infos), accelerator)
     return model, loader, accelerator
 
@@ -559,18 +551,27 @@ def measure_train_peak_memory(ctx: BenchContext) -> tuple[float, float]:
     return main_kb / 1024, child_kb / 1024
 
 
-def bench_train_variant(ctx: BenchContext, label: str, *overrides: str) -> None:
-    """The pipeline / model-only comparison again with ``overrides`` (e.g. a costlier augmentation)."""
-    other = create_training(ctx.config(*overrides))
-    steps = ctx.settings.train_steps
-    cfg = other.cfg
-    floats = [(to_float(x, cfg), y) for x, y in collect_train_batches(other, min(steps, len(other.loader)))]
+def time_training(parts: TrainingParts, steps: int, repeats: int, engine: bool = False) -> dict[str, list[float]]:
+    """Samples/s per round of the real pipeline (``pipeline``), of a bare fwd+bwd+step loop on
+    the same batches already in memory (``limit``) and, with ``engine``, of ``train_one_epoch``
+    on those in-memory batches (``engine``), measured interleaved after one warm-up each."""
+    from train.engine import to_float_images
+
+    raw = collect_train_batches(parts, min(steps, len(parts.loader)))
+    floats = [(to_float_images(x, parts.cfg.model.channels_last), y) for x, y in raw]
     epoch = iter(range(1, 10**6))
-    fns = {"pipeline": lambda: run_train_epoch(other, other.loader, steps, next(epoch)),
-           "limit": lambda: run_train_step_only(other, floats, steps)}
+    fns = {"pipeline": lambda: run_train_epoch(parts, parts.loader, steps, next(epoch)),
+           "limit": lambda: run_train_step_only(parts, floats, steps)}
+    if engine:
+        fns["engine"] = lambda: run_train_epoch(parts, raw, steps, 0)
     for fn in fns.values():
         fn()
-    r = measure_interleaved(fns, ctx.settings.repeats)
+    return measure_interleaved(fns, repeats)
+
+
+def bench_train_variant(ctx: BenchContext, label: str, *overrides: str) -> None:
+    """The pipeline / model-only comparison again with ``overrides`` (e.g. a costlier augmentation)."""
+    r = time_training(create_training(ctx.config(*overrides)), ctx.settings.train_steps, ctx.settings.repeats)
     ctx.rows.append(Row("train", f"train {label} / model-only fwd+bwd+step",
                         median_ratio(list(zip(r["pipeline"], r["limit"]))),
                         f"{_img_s(r['pipeline'])} vs {_img_s(r['limit'])} samples/s"))
@@ -593,29 +594,10 @@ def with_random_fog(cfg) -> str | None:
     return "aug.corruptions=" + yaml.safe_dump(swapped, default_flow_style=True, width=10**6).strip()
 
 
-def to_float(x: torch.Tensor, cfg) -> torch.Tensor:
-    from train.engine import to_float_images
-
-    return to_float_images(x, cfg.model.channels_last)
-
-
 def bench_train(ctx: BenchContext) -> None:
     cfg = ctx.config()
-    parts = create_training(cfg)
     steps = ctx.settings.train_steps
-    raw = collect_train_batches(parts, min(steps, len(parts.loader)))
-    from train.engine import to_float_images
-
-    floats = [(to_float_images(x, cfg.model.channels_last), y) for x, y in raw]
-    epoch = iter(range(1, 10**6))
-    fns = {
-        "pipeline": lambda: run_train_epoch(parts, parts.loader, steps, next(epoch)),
-        "engine": lambda: run_train_epoch(parts, raw, steps, 0),
-        "limit": lambda: run_train_step_only(parts, floats, steps),
-    }
-    for fn in fns.values():
-        fn()
-    r = measure_interleaved(fns, ctx.settings.repeats)
+    r = time_training(create_training(cfg), steps, ctx.settings.repeats, engine=True)
     common = (f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {steps} steps, "
               f"{torch.get_num_threads()} threads")
     ctx.rows.append(Row("train", "train (real loader + augmentations) / model-only fwd+bwd+step",
@@ -628,7 +610,6 @@ def bench_train(ctx: BenchContext) -> None:
     ctx.rows.append(Row("train", "train (real loader) / train_one_epoch on in-memory batches (data loading)",
                         median_ratio(list(zip(r["pipeline"], r["engine"]))),
                         f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['engine']):.0f} samples/s"))
-    del raw, floats, parts
     fog = with_random_fog(cfg)
     if fog is not None:
         bench_train_variant(ctx, "with A.RandomFog as the fog corruption (the earlier default)", fog)

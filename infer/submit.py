@@ -87,6 +87,25 @@ def compile_members(model: DefendedClassifier) -> None:
         members[i] = torch.compile(member)
 
 
+def create_accelerator(cfg: Config) -> Accelerator:
+    """The Accelerator ``submit`` predicts with (CPU without CUDA; bf16 autocast if configured)."""
+    return Accelerator(cpu=not torch.cuda.is_available(),
+                       mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no")
+
+
+def create_model(cfg: Config, checkpoints: Sequence[str | Path],
+                 accelerator: Accelerator) -> tuple[DefendedClassifier, list[dict]]:
+    """The defended model of ``checkpoints`` on the accelerator's device, in the configured
+    memory layout and (``model.compile``) compiled; returns it with the members' infos."""
+    members, infos = load_members(checkpoints, cfg.data.num_classes)
+    model = build_defended_model(members, infos, cfg).to(accelerator.device)
+    if cfg.model.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if cfg.model.compile:
+        compile_members(model)
+    return model, infos
+
+
 def resolve_loader_workers(cfg: Config, accelerator: Accelerator) -> int:
     """Loader worker processes for ``submit``.
 
@@ -149,15 +168,9 @@ def score(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int]) -> d
 def run(cfg: Config) -> dict:
     """Write the submission files for ``cfg``; returns counts, paths and (if labelled) accuracy."""
     start = time.perf_counter()
-    accelerator = Accelerator(cpu=not torch.cuda.is_available(),
-                              mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no")
+    accelerator = create_accelerator(cfg)
     checkpoints = resolve_checkpoints(cfg)
-    members, infos = load_members(checkpoints, cfg.data.num_classes)
-    model = build_defended_model(members, infos, cfg).to(accelerator.device)
-    if cfg.model.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    if cfg.model.compile:
-        compile_members(model)
+    model, infos = create_model(cfg, checkpoints, accelerator)
 
     test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
     items = list_test_images(test_dir)
