@@ -36,13 +36,13 @@ USAGE
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  train)     ensure_venv; exec "$PY" -m train.launch train.main "$@" ;;
-  submit)    ensure_venv; exec "$PY" -m train.launch infer.submit "$@" ;;
-  evaluate)  ensure_venv; exec "$PY" -m infer.evaluate "$@" ;;
+  train)     ensure_venv; exec "$PY" -m core.launch train.main "$@" ;;
+  submit)    ensure_venv; exec "$PY" -m core.launch infer.submit "$@" ;;
+  evaluate)  ensure_venv; exec "$PY" -m robust.evaluate "$@" ;;
   validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;
   export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
-  demo-data) ensure_venv; exec "$PY" -m train.demo_data "$@" ;;
-  bench)     ensure_venv; exec "$PY" -m infer.bench "$@" ;;
+  demo-data) ensure_venv; exec "$PY" -m core.demo_data "$@" ;;
+  bench)     ensure_venv; exec "$PY" -m bench "$@" ;;
   test)      ensure_venv; HF_HUB_OFFLINE=1 WANDB_MODE=disabled exec "$PY" -m pytest tests "$@" ;;
   -h|--help|help|"") usage; [ -n "$cmd" ] ;;
   *) echo "error: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;

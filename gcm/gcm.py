@@ -10,7 +10,7 @@ This is gradient masking, not robustness: the straight-through estimator (BPDA, 
 recovers the gradient of the undefended model exactly.
 """
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterator, Optional
 
 import torch
 from torch import nn
@@ -60,21 +60,46 @@ class GradientConcealment(nn.Module):
 
 
 class DefendedModel(nn.Module):
-    """ Runs an input defense layer in front of a model: `model(defense(x))`.
+    """ Input defenses in front of a model: `model(random_pad(gcm(x)))`.
 
-    Named children (`defense`, `model`) rather than an `nn.Sequential` so the wrapped model's
-    state dict keys are simply prefixed with `model.`; the defense layers hold no state.
-    Methods of the base model (`forward_features`, ...) are not forwarded on purpose: calling
-    them would silently skip the defense. Use `.model` to reach the undefended model.
+    The one wrapper of this project: `submit`, `evaluate` and `export` all predict with it
+    (around an ensemble), and `apply_gcm` / `apply_random_pad` build it around any model. A
+    missing defense slot is `None`. Named children rather than an `nn.Sequential` so the
+    wrapped model's state dict keys are simply prefixed with `model.`; the defense layers hold
+    no state. Methods of the base model (`forward_features`, ...) are not forwarded on purpose:
+    calling them would silently skip the defense. Use `.model` to reach the undefended model.
+
+    The random layer's draws belong to this wrapper: `randomized` says whether there are any,
+    and `reseed` restarts them, so every caller reproduces a run the same way.
+
+    Args:
+        model: Any module taking an image batch (inputs in [0, 1] in the paper).
+        gcm: A GradientConcealment layer, or None.
+        random_pad: A RandomResizePad layer (or any random input layer with a `generator`), or None.
     """
 
-    def __init__(self, defense: nn.Module, model: nn.Module):
+    def __init__(self, model: nn.Module, gcm: Optional[nn.Module] = None, random_pad: Optional[nn.Module] = None):
         super().__init__()
-        self.defense = defense
+        self.gcm = gcm
+        self.random_pad = random_pad
         self.model = model
 
+    @property
+    def randomized(self) -> bool:
+        """ True when a random input layer draws anew on every forward pass. """
+        return self.random_pad is not None and getattr(self.random_pad, 'enabled', True)
+
+    def reseed(self, seed: int) -> None:
+        """ Restart the random layer's draws from `seed` (its configured seed is kept); no-op when not randomized. """
+        if self.random_pad is not None:
+            self.random_pad.generator.manual_seed(int(seed))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.model(self.defense(x))
+        if self.gcm is not None:
+            x = self.gcm(x)
+        if self.random_pad is not None:
+            x = self.random_pad(x)
+        return self.model(x)
 
 
 def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8) -> DefendedModel:
@@ -86,9 +111,9 @@ def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8) -> DefendedM
         eps: GCM amplitude.
 
     Returns:
-        `DefendedModel(GradientConcealment(w, eps), model)`.
+        `DefendedModel(model, gcm=GradientConcealment(w, eps))`.
     """
-    return DefendedModel(GradientConcealment(w=w, eps=eps), model)
+    return DefendedModel(model, gcm=GradientConcealment(w=w, eps=eps))
 
 
 def set_bpda(model: nn.Module, enabled: bool) -> int:

@@ -205,6 +205,6 @@ def apply_random_pad(
     `apply_gcm(apply_random_pad(model))`.
 
     Returns:
-        `DefendedModel(RandomResizePad(min_ratio, max_ratio, seed), model)`.
+        `DefendedModel(model, random_pad=RandomResizePad(min_ratio, max_ratio, seed))`.
     """
-    return DefendedModel(RandomResizePad(min_ratio=min_ratio, max_ratio=max_ratio, seed=seed), model)
+    return DefendedModel(model, random_pad=RandomResizePad(min_ratio=min_ratio, max_ratio=max_ratio, seed=seed))

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from gcm import GradientConcealment, RandomResizePad
-from train.checkpoint import load_model
-from train.config import Config
+from core.checkpoint import load_model
+from core.config import Config
+from gcm import DefendedModel, GradientConcealment, RandomResizePad
 
 
 @dataclass(frozen=True)
@@ -107,35 +107,6 @@ class EnsembleTTA(nn.Module):
         return combined.log_softmax(-1)
 
 
-class DefendedClassifier(nn.Module):
-    """GCM -> optional random resize-pad -> ensemble/TTA; returns log-probabilities."""
-
-    def __init__(self, ensemble: EnsembleTTA, gcm: GradientConcealment | None = None,
-                 random_pad: RandomResizePad | None = None) -> None:
-        super().__init__()
-        self.gcm = gcm if gcm is not None else nn.Identity()
-        self.random_pad = random_pad if random_pad is not None else nn.Identity()
-        self.ensemble = ensemble
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.ensemble(self.random_pad(self.gcm(x.float())))
-
-    @torch.no_grad()
-    def predict_proba(self, x: torch.Tensor) -> torch.Tensor:
-        return self.forward(x).exp()
-
-
-def reseed_randomness(model: DefendedClassifier, seed: int, batch_index: int) -> None:
-    """Seed the random defense layers for one batch from (seed, global batch index).
-
-    Batches are dealt to processes whole, so seeding by the global batch index makes a
-    randomized defense draw the same for a batch whichever process predicts it: the
-    submission is identical with 1 or N processes and across runs.
-    """
-    if isinstance(model.random_pad, RandomResizePad):
-        model.random_pad.generator.manual_seed(seed * 1_000_003 + batch_index)
-
-
 def load_members(paths: Sequence[str | Path], num_classes: int | None) -> tuple[list[nn.Module], list[dict]]:
     """Load exported checkpoints; every member must predict the same class count."""
     members, infos = [], []
@@ -146,13 +117,13 @@ def load_members(paths: Sequence[str | Path], num_classes: int | None) -> tuple[
     return members, infos
 
 
-def resolve_checkpoints(cfg: Config) -> list[str]:
+def resolve_member_paths(cfg: Config) -> list[str]:
     """``submit.checkpoints``, or the best model that ``./run.sh train`` wrote for this config."""
     return list(cfg.submit.checkpoints) or [str(cfg.run_dir / "best")]
 
 
 def build_defended_model(members: Sequence[nn.Module], infos: Sequence[dict], cfg: Config,
-                         defense: bool = True) -> DefendedClassifier:
+                         defense: bool = True) -> DefendedModel:
     """The exact model ``submit`` predicts with. ``defense=False`` drops GCM and random pad
     (the undefended reference for evaluation), keeping ensemble and TTA identical."""
     ensemble = EnsembleTTA(
@@ -167,7 +138,7 @@ def build_defended_model(members: Sequence[nn.Module], infos: Sequence[dict], cf
     pad = None
     if defense and cfg.random_pad.enabled:
         pad = RandomResizePad(cfg.random_pad.min_ratio, cfg.random_pad.max_ratio, seed=cfg.random_pad.seed)
-    return DefendedClassifier(ensemble, gcm, pad).eval()
+    return DefendedModel(ensemble, gcm=gcm, random_pad=pad).eval()
 
 
 def input_size_of(infos: Sequence[dict]) -> int:
@@ -175,15 +146,14 @@ def input_size_of(infos: Sequence[dict]) -> int:
     return max(int(info["image_size"]) for info in infos)
 
 
-def describe(model: DefendedClassifier) -> dict:
+def describe(model: DefendedModel) -> dict:
     """Settings recorded in the submission's meta file."""
-    gcm = model.gcm if isinstance(model.gcm, GradientConcealment) else None
-    pad = model.random_pad if isinstance(model.random_pad, RandomResizePad) else None
-    ens = model.ensemble
+    gcm, pad, ens = model.gcm, model.random_pad, model.model
     return {
-        "gcm": {"enabled": gcm is not None, **({"w": gcm.w, "eps": gcm.eps} if gcm else {})},
+        "gcm": {"enabled": gcm is not None, **({"w": gcm.w, "eps": gcm.eps} if gcm is not None else {})},
         "random_pad": {"enabled": pad is not None,
-                       **({"min_ratio": pad.min_ratio, "max_ratio": pad.max_ratio, "seed": pad.seed} if pad else {})},
+                       **({"min_ratio": pad.min_ratio, "max_ratio": pad.max_ratio, "seed": pad.seed}
+                          if pad is not None else {})},
         "tta_views": [str(v) for v in ens.views],
         "members": len(ens.members),
         "member_image_sizes": ens.image_sizes,

@@ -36,14 +36,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from gcm.random_pad import RandomResizePad, resize_pad
-from infer.defended import (DefendedClassifier, build_defended_model, describe, input_size_of, load_members,
-                            resolve_checkpoints)
-from train.cli import create_parser, parse_config, quiet_libraries, run_cli
-from train.config import Config
-from train.errors import UserError
-from train.io import atomic_write_bytes, atomic_write_text
-from train.model import count_params
+from core.cli import create_parser, parse_config, quiet_libraries, run_cli
+from core.config import Config
+from core.errors import UserError
+from core.io import atomic_write_bytes, atomic_write_text
+from core.model import count_params
+from gcm import DefendedModel
+from gcm.random_pad import resize_pad
+from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
 
 # Largest |probability difference| tolerated between the loaded file and the in-process model.
 ROUND_TRIP_ATOL = 1e-5
@@ -55,7 +55,7 @@ MAX_BATCH = 65536
 class ProbabilityOutput(nn.Module):
     """Log-probabilities of the defended model -> probabilities (the Phase II interface)."""
 
-    def __init__(self, model: DefendedClassifier) -> None:
+    def __init__(self, model: DefendedModel) -> None:
         super().__init__()
         self.model = model
 
@@ -75,7 +75,7 @@ class FixedBox(nn.Module):
 
 
 @contextlib.contextmanager
-def fixed_draw(model: DefendedClassifier, box: Sequence[int]) -> Iterator[DefendedClassifier]:
+def fixed_draw(model: DefendedModel, box: Sequence[int]) -> Iterator[DefendedModel]:
     """Run ``model`` with its random resize-pad layer pinned to ``box`` (top, left, h, w)."""
     layer = model.random_pad
     model.random_pad = FixedBox(box)
@@ -97,7 +97,7 @@ def count_gmacs(model: nn.Module, image_size: int) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def budget_report(model: DefendedClassifier, image_size: int, cfg: Config,
+def budget_report(model: DefendedModel, image_size: int, cfg: Config,
                   checkpoints: Sequence[str] = ()) -> dict:
     """Params and GMACs of the whole defended model and of each member, checked against the limits.
 
@@ -107,7 +107,7 @@ def budget_report(model: DefendedClassifier, image_size: int, cfg: Config,
         cfg: supplies ``budget.max_params`` / ``budget.max_gmacs``.
         checkpoints: member paths, recorded in the per-member rows when given.
     """
-    ens = model.ensemble
+    ens = model.model
     views = len(ens.views)
     members = []
     for i, (member, size) in enumerate(zip(ens.members, ens.image_sizes)):
@@ -174,7 +174,7 @@ def random_ops(program: torch.export.ExportedProgram) -> list[str]:
             if node.op == "call_function" and "rand" in str(node.target)]
 
 
-def check_round_trip(loaded: nn.Module, model: DefendedClassifier, image_size: int, seeds: Sequence[int] = (0, 1)) -> float:
+def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, seeds: Sequence[int] = (0, 1)) -> float:
     """Largest |probability difference| between ``loaded`` and ``model`` on random images.
 
     Deterministic model: one comparison. With the random resize-pad layer, for each seed the
@@ -182,7 +182,7 @@ def check_round_trip(loaded: nn.Module, model: DefendedClassifier, image_size: i
     ``RandomResizePad.draw_box_tensors`` gives the box, which the in-process model then uses,
     so the two are compared draw for draw. The caller's RNG state is restored afterwards.
     """
-    pad = model.random_pad if isinstance(model.random_pad, RandomResizePad) else None
+    pad = model.random_pad if model.randomized else None
     worst = 0.0
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(12345)
@@ -239,7 +239,7 @@ def run(cfg: Config) -> dict:
             the in-process model.
     """
     path = resolve_export_path(cfg)
-    checkpoints = resolve_checkpoints(cfg)
+    checkpoints = resolve_member_paths(cfg)
     members, infos = load_members(checkpoints, cfg.data.num_classes)
     model = build_defended_model(members, infos, cfg)
     size = input_size_of(infos)
@@ -255,7 +255,7 @@ def run(cfg: Config) -> dict:
         print(f"warning: over budget: {text}")
 
     program = export_program(ProbabilityOutput(model).eval(), size)
-    randomized = isinstance(model.random_pad, RandomResizePad)
+    randomized = model.randomized
     if randomized and not random_ops(program):
         raise UserError("export: the random resize-pad layer was traced as one fixed draw (no random op in the "
                         "graph); refusing to write a silently weaker defense (random_pad.enabled=true)")

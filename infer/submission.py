@@ -31,20 +31,16 @@ from __future__ import annotations
 
 import codecs
 import json
-import math
 import numbers
-import os
 import re
-import secrets
-import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
-from train.data import list_test_images
-from train.errors import UserError
-from train.io import create_temp_beside
+from core.errors import UserError
+from core.io import atomic_write_files, to_json_safe
+from core.labels import list_test_images
 
 FIELDS = ("image_id", "category_id")
 CSV_HEADER = ",".join(FIELDS)
@@ -93,7 +89,7 @@ def write_submission(
     check_submission_name(name)
     rows = _sorted_rows(image_ids, predictions)
     histogram = Counter(label for _, label in rows)
-    full_meta = _to_json_safe(dict(meta), "meta")
+    full_meta = to_json_safe(dict(meta), "meta")
     full_meta.update({
         "n_images": len(rows),
         "n_classes_predicted": len(histogram),
@@ -108,7 +104,7 @@ def write_submission(
         paths["json"]: format_json(rows),
         paths["meta"]: json.dumps(full_meta, indent=2, allow_nan=False) + "\n",
     }
-    commit_files(texts)
+    atomic_write_files(texts)
     return paths
 
 
@@ -134,84 +130,6 @@ def format_json(rows: Sequence[tuple[int, int]]) -> str:
     return f"[\n{body}\n]\n" if rows else "[]\n"
 
 
-def commit_files(texts: dict[Path, str]) -> None:
-    """Write several text files as one unit: all of them appear, or none changes.
-
-    ``train.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
-    files that is not enough (a failing second rename would leave a new CSV next to an old
-    JSON), so this writes every temp first and undoes the renames already done on failure.
-    Older files are kept as hard links (a copy where links are unsupported) until the end.
-    """
-    temps: dict[Path, Path] = {}
-    backups: dict[Path, Path] = {}
-    installed: list[Path] = []
-    try:
-        for target, text in texts.items():
-            temps[target] = _write_temp(target, text)
-        for target in texts:
-            if target.exists():
-                backups[target] = _backup(target)
-        for target in texts:
-            os.replace(temps[target], target)
-            del temps[target]
-            installed.append(target)
-        for folder in {t.parent for t in texts}:
-            _fsync_dir(folder)
-    except BaseException as exc:
-        for target in reversed(installed):
-            try:
-                if target in backups:
-                    os.replace(backups[target], target)
-                    del backups[target]
-                else:
-                    target.unlink(missing_ok=True)
-            except OSError as undo_exc:
-                # Keep the backup file: it is now the only copy of the old submission.
-                kept = backups.pop(target, None)
-                exc.add_note(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
-        raise
-    finally:
-        for tmp in list(temps.values()) + list(backups.values()):
-            tmp.unlink(missing_ok=True)
-
-
-def _write_temp(target: Path, text: str) -> Path:
-    # Same naming as train.io.atomic_path: hidden, beside the target, so rename stays atomic.
-    fd, tmp = create_temp_beside(target)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return Path(tmp)
-
-
-def _backup(target: Path) -> Path:
-    backup = target.with_name(f".{target.name}.{secrets.token_hex(4)}.bak")
-    try:
-        os.link(target, backup)
-    except OSError:
-        shutil.copy2(target, backup)
-    return backup
-
-
-def _fsync_dir(folder: Path) -> None:
-    # Makes the renames durable; not possible on every platform/file system, and not essential.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _sorted_rows(image_ids: Sequence[int], predictions: Sequence[int]) -> list[tuple[int, int]]:
     if len(image_ids) != len(predictions):
         raise ValueError(f"{len(image_ids)} image ids but {len(predictions)} predictions")
@@ -230,26 +148,6 @@ def _as_int(value: Any, what: str, index: int) -> int:
     if isinstance(value, numbers.Integral) and not isinstance(value, bool):
         return int(value)
     raise ValueError(f"{what} #{index} is {value!r} ({type(value).__name__}), not an integer")
-
-
-def _to_json_safe(value: Any, where: str) -> Any:
-    """A copy of ``value`` that ``json.dumps(allow_nan=False)`` accepts, or a ValueError naming the key."""
-    if value is None or isinstance(value, (str, bool)):
-        return value
-    if isinstance(value, numbers.Integral):
-        return int(value)
-    if isinstance(value, numbers.Real):
-        value = float(value)
-        return value if math.isfinite(value) else None  # strict JSON has no NaN/Infinity
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _to_json_safe(v, f"{where}.{k}") for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_to_json_safe(v, f"{where}[{k}]") for k, v in enumerate(value)]
-    if hasattr(value, "tolist"):  # numpy arrays and scalars, without importing numpy
-        return _to_json_safe(value.tolist(), where)
-    raise ValueError(f"{where}: {type(value).__name__} value {value!r} cannot be written as JSON")
 
 
 # ----------------------------------------------------------------------------------- reading

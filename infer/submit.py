@@ -11,78 +11,34 @@ from __future__ import annotations
 
 import platform
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import timm
 import torch
 from accelerate import Accelerator
-from torch.utils.data import Dataset, get_worker_info
 from tqdm.auto import tqdm
 
-from infer.defended import (DefendedClassifier, build_defended_model, describe, input_size_of, load_members,
-                            reseed_randomness, resolve_checkpoints)
+from core.checkpoint import resolve_checkpoint_files
+from core.cli import create_parser, parse_config, quiet_libraries, run_cli
+from core.config import Config, config_to_dict, resolve_path
+from core.datasets import TestImageDataset, create_eval_loader
+from core.errors import UserError
+from core.images import load_image, to_float_images
+from core.labels import list_test_images, read_hidden_labels
+from core.launch import available_cores
+from gcm import DefendedModel
+from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
 from infer.submission import validate_submission, write_submission
-from train.checkpoint import resolve_checkpoint
-from train.cli import create_parser, parse_config, quiet_libraries, run_cli
-from train.config import Config, config_to_dict, resolve_path
-from train.data import list_test_images, load_image, read_test_labels
-from train.engine import to_float_images
-from train.errors import UserError
-from train.launch import available_cores
-from train.loaders import create_eval_loader
-from train.transforms import create_eval_transform
 
 
-class TestImages(Dataset):
-    """``(uint8 CHW image, image_id, ok)``; an undecodable file gives ``ok=False`` instead of
-    killing the worker, so the main process can name every bad file at once.
-
-    Args:
-        decode_threads: Threads that decode a batch together (``__getitems__``) when the
-            loader has no workers, as on CPU (see :func:`resolve_loader_workers`): decoding
-            between two forwards would otherwise leave all but one core idle. OpenCV and PIL
-            release the GIL while decoding. Loader workers always decode one at a time.
-    """
-
-    def __init__(self, items: Sequence[tuple[Path, int]], image_size: int, decode_threads: int = 1) -> None:
-        self.items = list(items)
-        self.image_size = image_size
-        self.transform = create_eval_transform(image_size)
-        self.decode_threads = decode_threads
-        self._pool: ThreadPoolExecutor | None = None
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getstate__(self) -> dict:
-        return {**self.__dict__, "_pool": None}  # a worker process gets no thread pool
-
-    def __getitems__(self, indices: Sequence[int]) -> list:
-        if self.decode_threads <= 1 or len(indices) < 2 or get_worker_info() is not None:
-            return [self[i] for i in indices]
-        if self._pool is None:
-            self._pool = ThreadPoolExecutor(self.decode_threads, thread_name_prefix="decode")
-        return list(self._pool.map(self.__getitem__, indices))
-
-    def __getitem__(self, index: int):
-        path, image_id = self.items[index]
-        try:
-            image = self.transform(image=load_image(path))["image"]
-            return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))), image_id, True
-        except UserError:
-            return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), image_id, False
-
-
-def compile_members(model: DefendedClassifier) -> None:
+def compile_members(model: DefendedModel) -> None:
     """``torch.compile`` each member network in place (``model.compile=true``).
 
     Only the networks: GCM and the random pad stay eager so the defense computes exactly its
     float32 formula (a fused kernel may evaluate ``sin(1e20 * x)`` differently).
     """
-    members = model.ensemble.members
+    members = model.model.members
     for i, member in enumerate(members):
         members[i] = torch.compile(member)
 
@@ -94,7 +50,7 @@ def create_accelerator(cfg: Config) -> Accelerator:
 
 
 def create_model(cfg: Config, checkpoints: Sequence[str | Path],
-                 accelerator: Accelerator) -> tuple[DefendedClassifier, list[dict]]:
+                 accelerator: Accelerator) -> tuple[DefendedModel, list[dict]]:
     """The defended model of ``checkpoints`` on the accelerator's device, in the configured
     memory layout and (``model.compile``) compiled; returns it with the members' infos."""
     members, infos = load_members(checkpoints, cfg.data.num_classes)
@@ -111,10 +67,10 @@ def resolve_loader_workers(cfg: Config, accelerator: Accelerator) -> int:
 
     With a GPU, ``submit.num_workers`` decode ahead of the model. On CPU the model's torch
     threads do the work and a worker running beside them preempts them mid-layer: on 2 cores
-    with 2 threads, decoding in the main process between forwards made the whole run ~1.25x
-    faster than 1-3 workers (BENCHMARKS.md). So ``submit.cpu_num_workers`` applies there, and
+    with 2 threads, decoding in the main process between forwards beat 1-3 workers (BENCHMARKS.md,
+    the scaling rows). So ``submit.cpu_num_workers`` applies there, and
     its default (-1) gives the workers only the cores the threads leave free: 0 when
-    ``train.launch`` gives the process every core (its CPU default), 1 with 2 cores and
+    ``core.launch`` gives the process every core (its CPU default), 1 with 2 cores and
     ``OMP_NUM_THREADS=1``.
     """
     if accelerator.device.type != "cpu":
@@ -128,7 +84,7 @@ def create_test_loader(cfg: Config, items: Sequence[tuple[Path, int]], image_siz
                        accelerator: Accelerator):
     """The loader ``run`` predicts from, prepared for ``accelerator`` (sharded across processes)."""
     workers = resolve_loader_workers(cfg, accelerator)
-    dataset = TestImages(items, image_size, decode_threads=torch.get_num_threads() if workers == 0 else 1)
+    dataset = TestImageDataset(items, image_size, decode_threads=torch.get_num_threads() if workers == 0 else 1)
     return accelerator.prepare(create_eval_loader(dataset, cfg.submit.batch_size, workers))
 
 
@@ -141,14 +97,15 @@ def bad_image_reason(path: Path) -> str:
 
 
 @torch.inference_mode()
-def predict(model: DefendedClassifier, loader, accelerator: Accelerator,
+def predict(model: DefendedModel, loader, accelerator: Accelerator,
             seed: int = 0) -> tuple[list[int], list[int], list[int]]:
     """Predicted class per image id, gathered from all processes; returns (ids, preds, bad_ids)."""
     ids, preds, bad = [], [], []
     bar = tqdm(loader, desc="predict", disable=not accelerator.is_local_main_process)
     for step, (images, image_ids, ok) in enumerate(bar):
-        # accelerate deals whole batches round-robin: this is the batch's index in a 1-process run
-        reseed_randomness(model, seed, step * accelerator.num_processes + accelerator.process_index)
+        # accelerate deals whole batches round-robin: this is the batch's index in a 1-process run, so
+        # seeding the random layer by it draws the same for a batch whichever process predicts it.
+        model.reseed(seed * 1_000_003 + step * accelerator.num_processes + accelerator.process_index)
         with accelerator.autocast():
             logp = model(to_float_images(images))
         pred = logp.argmax(dim=1)
@@ -159,7 +116,7 @@ def predict(model: DefendedClassifier, loader, accelerator: Accelerator,
     return ids, preds, bad
 
 
-def score(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int]) -> dict:
+def hidden_label_accuracy(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int]) -> dict:
     """Accuracy on the test images that have a hidden label."""
     hits = [(labels[i] == p) for i, p in zip(ids, preds) if i in labels]
     return {"test_acc": 100.0 * sum(hits) / len(hits) if hits else float("nan"), "test_labelled": len(hits)}
@@ -169,7 +126,7 @@ def run(cfg: Config) -> dict:
     """Write the submission files for ``cfg``; returns counts, paths and (if labelled) accuracy."""
     start = time.perf_counter()
     accelerator = create_accelerator(cfg)
-    checkpoints = resolve_checkpoints(cfg)
+    checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
 
     test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
@@ -177,7 +134,7 @@ def run(cfg: Config) -> dict:
     size = input_size_of(infos)
     loader = create_test_loader(cfg, items, size, accelerator)
     accelerator.print(f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
-                      f"{len(model.ensemble.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
+                      f"{len(model.model.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
                       f"{accelerator.num_processes} process(es) with {torch.get_num_threads()} torch thread(s) and "
                       f"{loader.num_workers} loader worker(s) each")
     ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)
@@ -197,9 +154,9 @@ def run(cfg: Config) -> dict:
         accelerator.print(f"warning: {len(bad_files)} unreadable image(s) predicted as class "
                           f"{cfg.submit.fallback_class} (listed in the meta file)")
 
-    labels_path = resolve_path(cfg.data.root, cfg.data.test_labels) if cfg.data.test_labels else None
-    if labels_path is not None and labels_path.is_file():
-        result.update(score(ids, preds, read_test_labels(labels_path)))
+    labels = read_hidden_labels(cfg.data)
+    if labels is not None:
+        result.update(hidden_label_accuracy(ids, preds, labels))
 
     name = cfg.submit.file_name or cfg.name
     meta = {
@@ -209,7 +166,7 @@ def run(cfg: Config) -> dict:
         "test_dir": str(test_dir),
         "n_images": len(ids),
         "num_processes": accelerator.num_processes,
-        "checkpoints": [{"path": str(resolve_checkpoint(c)[0]), "sha256": info.get("sha256"), "arch": info["arch"],
+        "checkpoints": [{"path": str(resolve_checkpoint_files(c)[0]), "sha256": info.get("sha256"), "arch": info["arch"],
                          "image_size": info["image_size"], "val_acc": info.get("val_acc")}
                         for c, info in zip(checkpoints, infos)],
         "defense": describe(model),

@@ -12,9 +12,9 @@ import argparse
 from pathlib import Path
 from typing import NoReturn, Sequence
 
+from core.cli import run_cli
+from core.errors import UserError
 from infer.submission import MAX_PROBLEMS, cap_problems, check_submission
-from train.cli import run_cli
-from train.errors import UserError
 
 
 class _Parser(argparse.ArgumentParser):
@@ -55,7 +55,7 @@ def run(argv: Sequence[str]) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Exit status: 0 valid, 1 invalid submission, 2 bad usage (via :func:`train.cli.run_cli`)."""
+    """Exit status: 0 valid, 1 invalid submission, 2 bad usage (via :func:`core.cli.run_cli`)."""
     status = 0
 
     def _run(args: Sequence[str]) -> None:

@@ -10,8 +10,8 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
-from train.config import Config, load_config  # noqa: E402
-from train.demo_data import generate_demo_data  # noqa: E402
+from core.config import Config, load_config  # noqa: E402
+from core.demo_data import generate_demo_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from train.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from core.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -91,7 +91,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_cli_bad_key_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "train.launch", "train.main", "train.epoch=3"],
+    proc = subprocess.run([sys.executable, "-m", "core.launch", "train.main", "train.epoch=3"],
                           cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from train import data, demo_data
-from train.config import DataConfig
-from train.errors import UserError
-from train.transforms import create_eval_transform
+from core import datasets, demo_data, images
+from core import labels as label_files
+from core.config import DataConfig
+from core.errors import UserError
+from core.transforms import create_eval_transform
 
 
 def write_image(path: Path, size=(8, 6), color=(10, 20, 30), fmt: str | None = None) -> Path:
@@ -47,7 +48,7 @@ def image_dir(tmp_path: Path) -> Path:
 def test_label_file_accepts_crlf_blank_lines_and_tabs(tmp_path, image_dir):
     label_file = tmp_path / "label.txt"
     label_file.write_bytes(b"0.JPEG 5\r\n\r\n1.JPEG\t0\r\n   \r\n10.JPEG   9\r\n2.JPEG 3")
-    samples = data.read_label_file(label_file, image_dir, num_classes=10)
+    samples = label_files.read_label_file(label_file, image_dir, num_classes=10)
     assert samples == [(image_dir / "0.JPEG", 5), (image_dir / "1.JPEG", 0),
                        (image_dir / "10.JPEG", 9), (image_dir / "2.JPEG", 3)]
 
@@ -66,7 +67,7 @@ def test_label_file_line_errors_name_file_and_line(tmp_path, image_dir, content,
     label_file = tmp_path / "label.txt"
     label_file.write_text(content)
     with pytest.raises(UserError) as info:
-        data.read_label_file(label_file, image_dir, num_classes=10)
+        label_files.read_label_file(label_file, image_dir, num_classes=10)
     assert f"{label_file}:{line}: " in str(info.value)
     assert expected in str(info.value)
 
@@ -79,7 +80,7 @@ def test_label_file_rejects_names_escaping_the_image_folder(tmp_path, image_dir,
     label_file = tmp_path / "label.txt"
     label_file.write_text(f"0.JPEG 1\n{name} 2\n")
     with pytest.raises(UserError, match="must be a plain file name") as info:
-        data.read_label_file(label_file, image_dir, num_classes=10)
+        label_files.read_label_file(label_file, image_dir, num_classes=10)
     assert f"{label_file}:2:" in str(info.value)
 
 
@@ -87,7 +88,7 @@ def test_label_file_names_first_missing_image_and_count(tmp_path, image_dir):
     label_file = tmp_path / "label.txt"
     label_file.write_text("0.JPEG 1\n5.JPEG 1\n1.JPEG 2\n6.JPEG 3\n2.JPEG 0\n")
     with pytest.raises(UserError) as info:
-        data.read_label_file(label_file, image_dir, num_classes=10)
+        label_files.read_label_file(label_file, image_dir, num_classes=10)
     message = str(info.value)
     assert f"{label_file}:2: image '5.JPEG' not found in {image_dir}" in message
     assert "2 of 5 listed images are missing" in message
@@ -95,29 +96,29 @@ def test_label_file_names_first_missing_image_and_count(tmp_path, image_dir):
 
 def test_missing_label_file_or_image_folder_is_named(tmp_path, image_dir):
     with pytest.raises(UserError, match="label file not found: .*nope.txt"):
-        data.read_label_file(tmp_path / "nope.txt", image_dir, num_classes=10)
+        label_files.read_label_file(tmp_path / "nope.txt", image_dir, num_classes=10)
     label_file = tmp_path / "label.txt"
     label_file.write_text("0.JPEG 1\n")
     with pytest.raises(UserError, match="image folder not found: .*no_images"):
-        data.read_label_file(label_file, tmp_path / "no_images", num_classes=10)
+        label_files.read_label_file(label_file, tmp_path / "no_images", num_classes=10)
     label_file.write_text("\n\n")
     with pytest.raises(UserError, match="no 'NAME LABEL' lines"):
-        data.read_label_file(label_file, image_dir, num_classes=10)
+        label_files.read_label_file(label_file, image_dir, num_classes=10)
 
 
 def test_read_test_labels(tmp_path):
     path = tmp_path / "test_labels.txt"
     path.write_text("12.png 3\r\n0.png 1\n\n2.png 0\n")
-    assert data.read_test_labels(path) == {12: 3, 0: 1, 2: 0}
+    assert label_files.read_test_labels(path) == {12: 3, 0: 1, 2: 0}
     path.write_text("12.png 3\nabc.png 1\n")
     with pytest.raises(UserError, match=f"{path}:2: 'abc.png' is not named N"):
-        data.read_test_labels(path)
+        label_files.read_test_labels(path)
     path.write_text("12.png 3\n12.jpg 1\n")
     with pytest.raises(UserError, match=f"{path}:2: duplicate image id 12"):
-        data.read_test_labels(path)
+        label_files.read_test_labels(path)
     path.write_text("1.png 3\n2.png 7\n")
     with pytest.raises(UserError, match=f"{path}:2: label 7 out of range"):
-        data.read_test_labels(path, num_classes=5)
+        label_files.read_test_labels(path, num_classes=5)
 
 
 # --------------------------------------------------------------------------- folders
@@ -132,18 +133,18 @@ def test_scan_image_folder(tmp_path):
     (root / "apple" / "notes.txt").write_text("not an image")
     write_image(root / "mango" / "b.webp", fmt="WEBP")
     write_image(root / ".cache" / "c.png", fmt="PNG")
-    samples, classes = data.scan_image_folder(root)
+    samples, classes = label_files.scan_image_folder(root)
     assert classes == ["apple", "mango", "zebra"]
     assert samples == [(root / "apple" / "x.jpeg", 0), (root / "apple" / "nested" / "y.JPG", 0),
                        (root / "mango" / "b.webp", 1), (root / "zebra" / "a.PNG", 2)]
 
     (root / "empty").mkdir()
     with pytest.raises(UserError, match="empty: class folder holds no image"):
-        data.scan_image_folder(root)
+        label_files.scan_image_folder(root)
     with pytest.raises(UserError, match="no class sub-folders"):
-        data.scan_image_folder(write_image(tmp_path / "flat" / "0.png").parent)
+        label_files.scan_image_folder(write_image(tmp_path / "flat" / "0.png").parent)
     with pytest.raises(UserError, match="image folder not found"):
-        data.scan_image_folder(tmp_path / "missing")
+        label_files.scan_image_folder(tmp_path / "missing")
 
 
 def test_list_test_images_sorts_ids_naturally(tmp_path):
@@ -151,7 +152,7 @@ def test_list_test_images_sorts_ids_naturally(tmp_path):
     for name in ("10.png", "2.png", "1.PNG", "0.jpg", "3.JPEG", "11.webp"):
         write_image(test_dir / name, fmt="PNG")
     (test_dir / ".DS_Store").write_bytes(b"junk")
-    items = data.list_test_images(test_dir)
+    items = label_files.list_test_images(test_dir)
     assert [i for _, i in items] == [0, 1, 2, 3, 10, 11]
     assert items[4] == (test_dir / "10.png", 10)
 
@@ -172,16 +173,16 @@ def test_list_test_images_errors_name_the_entry(tmp_path, extra, expected):
     else:
         (test_dir / extra).write_bytes(b"x")
     with pytest.raises(UserError, match=re.escape(expected)):
-        data.list_test_images(test_dir)
+        label_files.list_test_images(test_dir)
 
 
 def test_list_test_images_empty_or_missing(tmp_path):
     (tmp_path / "test").mkdir()
     (tmp_path / "test" / ".hidden.png").write_bytes(b"x")
     with pytest.raises(UserError, match="no test images"):
-        data.list_test_images(tmp_path / "test")
+        label_files.list_test_images(tmp_path / "test")
     with pytest.raises(UserError, match="test image folder not found"):
-        data.list_test_images(tmp_path / "missing")
+        label_files.list_test_images(tmp_path / "missing")
 
 
 # --------------------------------------------------------------------------- splits
@@ -192,17 +193,17 @@ def test_stratified_split_proportions_and_determinism():
     labels = [c for c, n in sizes.items() for _ in range(n)]
     rng = np.random.default_rng(0)
     labels = [labels[i] for i in rng.permutation(len(labels))]
-    train, val = data.stratified_split(labels, 0.1, seed=0)
+    train, val = label_files.stratified_split(labels, 0.1, seed=0)
     assert sorted(train + val) == list(range(len(labels)))
     per_class = Counter(labels[i] for i in val)
     # round(0.1 * n), half up; >= 1 for classes with >= 2 samples; a singleton stays in train.
     assert per_class == {0: 10, 1: 2, 2: 1, 4: 1, 5: 2}
-    assert (train, val) == data.stratified_split(labels, 0.1, seed=0)
-    assert val != data.stratified_split(labels, 0.1, seed=1)[1]
-    assert data.stratified_split(labels, 0.0, seed=0) == (list(range(len(labels))), [])
+    assert (train, val) == label_files.stratified_split(labels, 0.1, seed=0)
+    assert val != label_files.stratified_split(labels, 0.1, seed=1)[1]
+    assert label_files.stratified_split(labels, 0.0, seed=0) == (list(range(len(labels))), [])
     # Never the whole class, even when the fraction rounds to it.
     few = [0, 0, 1, 1, 1]
-    _, val = data.stratified_split(few, 0.9, seed=0)
+    _, val = label_files.stratified_split(few, 0.9, seed=0)
     assert Counter(few[i] for i in val) == {0: 1, 1: 2}
 
 
@@ -214,7 +215,7 @@ def test_stratified_split_independent_of_class_order():
     order_c = sorted(order_a, key=lambda cs: (int(cs[1].split("-")[1]), cs[0]))  # round-robin
 
     def val_names(order):
-        _, val = data.stratified_split([c for c, _ in order], 0.25, seed=7)
+        _, val = label_files.stratified_split([c for c, _ in order], 0.25, seed=7)
         return {order[i][1] for i in val}
 
     assert val_names(order_a) == val_names(order_b) == val_names(order_c)
@@ -226,7 +227,7 @@ def test_stratified_split_independent_of_class_order():
 def test_load_image_grayscale_and_palette(tmp_path):
     gray = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
     Image.fromarray(gray, "L").save(tmp_path / "gray.png")
-    out = data.load_image(tmp_path / "gray.png")
+    out = images.load_image(tmp_path / "gray.png")
     assert out.shape == (6, 8, 3) and out.dtype == np.uint8
     assert (out == gray[:, :, None]).all()
 
@@ -234,11 +235,11 @@ def test_load_image_grayscale_and_palette(tmp_path):
     pal.putpalette([255, 0, 0, 0, 255, 0] + [0] * 762)
     pal.putdata([0, 1, 0, 1, 1, 1, 0, 0])
     pal.save(tmp_path / "pal.png")
-    out = data.load_image(tmp_path / "pal.png")
+    out = images.load_image(tmp_path / "pal.png")
     assert out[0, 0].tolist() == [255, 0, 0] and out[0, 1].tolist() == [0, 255, 0]
 
     pal.save(tmp_path / "pal_t.png", transparency=1)  # index 1 (green) fully transparent
-    out = data.load_image(tmp_path / "pal_t.png")
+    out = images.load_image(tmp_path / "pal_t.png")
     assert out[0, 0].tolist() == [255, 0, 0] and out[0, 1].tolist() == [0, 0, 0]
 
 
@@ -247,21 +248,21 @@ def test_load_image_rgba_is_composited_on_black(tmp_path):
     rgba[..., :3] = (200, 100, 50)
     rgba[..., 3] = [[255, 128, 0], [255, 255, 255]]
     Image.fromarray(rgba, "RGBA").save(tmp_path / "a.png")
-    out = data.load_image(tmp_path / "a.png")
+    out = images.load_image(tmp_path / "a.png")
     assert out.shape == (2, 3, 3)
     assert out[0, 0].tolist() == [200, 100, 50]
     assert out[0, 1].tolist() == [100, 50, 25]
     assert out[0, 2].tolist() == [0, 0, 0]
     la = Image.fromarray(rgba[..., [0, 3]].copy(), "LA")
     la.save(tmp_path / "la.png")
-    assert data.load_image(tmp_path / "la.png")[0, :, 0].tolist() == [200, 100, 0]
+    assert images.load_image(tmp_path / "la.png")[0, :, 0].tolist() == [200, 100, 0]
 
 
 def test_load_image_16bit_is_scaled_not_clipped(tmp_path):
     values = np.array([[0, 257, 30000, 65535]], dtype=np.uint16)
     Image.fromarray(values).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode.startswith("I")
-    out = data.load_image(tmp_path / "deep.png")
+    out = images.load_image(tmp_path / "deep.png")
     assert out[0, :, 0].tolist() == [0, 1, 117, 255]
     assert (out[..., 0] == out[..., 2]).all()
 
@@ -269,7 +270,7 @@ def test_load_image_16bit_is_scaled_not_clipped(tmp_path):
 def test_load_image_cmyk_jpeg(tmp_path):
     Image.new("CMYK", (10, 6), (0, 255, 255, 0)).save(tmp_path / "cmyk.jpg", "JPEG", quality=95)
     assert Image.open(tmp_path / "cmyk.jpg").mode == "CMYK"
-    out = data.load_image(tmp_path / "cmyk.jpg")
+    out = images.load_image(tmp_path / "cmyk.jpg")
     assert out.shape == (6, 10, 3)
     r, g, b = out[3, 5].astype(int)
     assert r > 200 and g < 60 and b < 60  # cyan-free, full magenta+yellow = red
@@ -277,7 +278,7 @@ def test_load_image_cmyk_jpeg(tmp_path):
 
 def test_load_image_lab_tiff_is_colour_managed(tmp_path):
     Image.new("LAB", (4, 3), (128, 128, 128)).save(tmp_path / "lab.tif")  # L=50%, neutral a/b
-    out = data.load_image(tmp_path / "lab.tif")
+    out = images.load_image(tmp_path / "lab.tif")
     assert out.shape == (3, 4, 3)
     assert abs(int(out[0, 0, 0]) - 119) <= 2 and out[0, 0, 0] == out[0, 0, 1] == out[0, 0, 2]
 
@@ -289,7 +290,7 @@ def test_load_image_applies_exif_orientation(tmp_path):
     exif = img.getexif()
     exif[0x0112] = 6  # rotate 90 degrees clockwise to display
     img.save(tmp_path / "rot.jpg", "JPEG", quality=95, exif=exif.tobytes())
-    out = data.load_image(tmp_path / "rot.jpg")
+    out = images.load_image(tmp_path / "rot.jpg")
     assert out.shape == (40, 20, 3)
     # After a clockwise quarter turn the stored top-left is displayed top-right.
     assert out[5, 15, 0] > 200 and out[5, 5, 0] < 50
@@ -310,7 +311,7 @@ def test_load_image_errors_name_the_file(tmp_path):
     }
     for name, expected in cases.items():
         with pytest.raises(UserError) as info:
-            data.load_image(tmp_path / name)
+            images.load_image(tmp_path / name)
         assert str(info.value).startswith(f"{tmp_path / name}: "), str(info.value)
         assert expected in str(info.value)
 
@@ -320,15 +321,15 @@ def test_load_image_truncation_detected_even_if_pil_flag_was_set(tmp_path, monke
     (tmp_path / "cut.jpg").write_bytes(good[: len(good) // 2])
     monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
     with pytest.raises(UserError, match="truncated"):
-        data.load_image(tmp_path / "cut.jpg")
+        images.load_image(tmp_path / "cut.jpg")
 
 
 def test_load_image_refuses_oversized_images(tmp_path, monkeypatch):
     write_image(tmp_path / "big.png", size=(100, 100), fmt="PNG")
-    monkeypatch.setattr(data, "MAX_PIXELS", 99 * 100)
+    monkeypatch.setattr(images, "MAX_PIXELS", 99 * 100)
     with pytest.raises(UserError, match="big.png: image too large .*decompression bomb"):
-        data.load_image(tmp_path / "big.png")
-    assert data.check_image_header(tmp_path / "big.png").startswith("image too large")
+        images.load_image(tmp_path / "big.png")
+    assert images.check_image_header(tmp_path / "big.png").startswith("image too large")
 
 
 # --------------------------------------------------------------------------- datasets
@@ -337,11 +338,11 @@ def test_load_image_refuses_oversized_images(tmp_path, monkeypatch):
 def test_image_dataset_returns_uint8_chw(tmp_path):
     arr = np.random.default_rng(1).integers(0, 256, (20, 30, 3), dtype=np.uint8)
     Image.fromarray(arr).save(tmp_path / "a.png")
-    ds = data.ImageDataset([(tmp_path / "a.png", 4)], transform=None)
+    ds = datasets.ImageDataset([(tmp_path / "a.png", 4)], transform=None)
     x, y = ds[0]
     assert x.dtype == torch.uint8 and x.shape == (3, 20, 30) and y == 4
     assert torch.equal(x, torch.from_numpy(arr).permute(2, 0, 1))
-    x, _ = data.ImageDataset([(tmp_path / "a.png", 4)], create_eval_transform(16))[0]
+    x, _ = datasets.ImageDataset([(tmp_path / "a.png", 4)], create_eval_transform(16))[0]
     assert x.shape == (3, 16, 16) and x.dtype == torch.uint8
 
 
@@ -355,7 +356,7 @@ def make_mixed_samples(tmp_path: Path) -> list[tuple[Path, int]]:
 
 
 def test_image_dataset_error_mode_names_bad_file(tmp_path):
-    ds = data.ImageDataset(make_mixed_samples(tmp_path), transform=None)
+    ds = datasets.ImageDataset(make_mixed_samples(tmp_path), transform=None)
     assert len(ds) == 6
     with pytest.raises(UserError, match="3.jpg: cannot decode image"):
         ds[3]
@@ -364,12 +365,12 @@ def test_image_dataset_error_mode_names_bad_file(tmp_path):
 def test_image_dataset_skip_mode_replaces_and_reports(tmp_path):
     samples = make_mixed_samples(tmp_path)
     with pytest.warns(UserWarning, match=r"skipping 1 unreadable image\(s\): .*1\.jpg: cannot decode image"):
-        ds = data.ImageDataset(samples, transform=None, bad_images="skip", max_bad=5)
+        ds = datasets.ImageDataset(samples, transform=None, bad_images="skip", max_bad=5)
     assert [label for _, label in ds.samples] == [0, 2, 3, 4, 5]  # header check dropped 1.jpg
     with pytest.warns(UserWarning, match=r"3\.jpg: cannot decode image \(truncated"):
         x, label = ds[2]  # 3.jpg fails the full decode -> the next sample (4.jpg)
     assert label == 4
-    assert torch.equal(x, data.ImageDataset([samples[4]], None)[0][0])
+    assert torch.equal(x, datasets.ImageDataset([samples[4]], None)[0][0])
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the known-bad file is skipped silently now
         assert ds[2][1] == 4
@@ -379,29 +380,32 @@ def test_image_dataset_skip_mode_replaces_and_reports(tmp_path):
 
 def test_check_images_reports_header_failures(tmp_path):
     samples = make_mixed_samples(tmp_path) + [(tmp_path / "gone.jpg", 6)]
-    good, bad = data.check_images(samples, max_bad=2)
+    good, bad = images.check_images(samples, max_bad=2)
     assert [label for _, label in good] == [0, 2, 3, 4, 5]
     assert [(p.name, reason.split(" (")[0]) for p, reason in bad] == [
         ("1.jpg", "cannot decode image"), ("gone.jpg", "image file not found")]
     with pytest.raises(UserError, match=r"2 of 7 images cannot be read \(more than data.max_bad_images=1\); "
                                         r"first: .*1\.jpg: cannot decode image \(empty file"):
-        data.check_images(samples, max_bad=1)
+        images.check_images(samples, max_bad=1)
 
 
 def test_image_dataset_skip_mode_limit_counts_late_failures(tmp_path):
     samples = make_mixed_samples(tmp_path)
     with pytest.warns(UserWarning):
-        ds = data.ImageDataset(samples, transform=None, bad_images="skip", max_bad=1)
+        ds = datasets.ImageDataset(samples, transform=None, bad_images="skip", max_bad=1)
     with pytest.raises(UserError, match="more than data.max_bad_images=1 unreadable images; last: .*3.jpg"):
         ds[2]
 
 
 def test_test_image_dataset(tmp_path):
     write_image(tmp_path / "7.png", size=(40, 24), fmt="PNG")
-    ds = data.TestImageDataset([(tmp_path / "7.png", 7)], create_eval_transform(32))
-    x, image_id = ds[0]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and image_id == 7
+    (tmp_path / "8.png").write_bytes(b"not an image")
+    ds = datasets.TestImageDataset([(tmp_path / "7.png", 7), (tmp_path / "8.png", 8)], 32)
+    x, image_id, ok = ds[0]
+    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and image_id == 7 and ok
     assert x[:, 16, 16].tolist() == [10, 20, 30]
+    x, image_id, ok = ds[1]  # an unreadable file is flagged, not raised, so every bad file can be named
+    assert x.shape == (3, 32, 32) and not x.any() and image_id == 8 and not ok
 
 
 # --------------------------------------------------------------------------- resolve_samples
@@ -416,30 +420,30 @@ def test_resolve_samples_label_file_and_split(tmp_path):
     (root / "label.txt").write_text("\n".join(lines))
     cfg = DataConfig(root=str(root), train_dir="imgs", train_labels="label.txt", num_classes=4,
                      val_fraction=0.2, split_seed=3)
-    train, val = data.resolve_samples(cfg)
+    train, val = label_files.resolve_samples(cfg)
     assert len(train) == 32 and len(val) == 8
     assert Counter(label for _, label in val) == {0: 2, 1: 2, 2: 2, 3: 2}
     assert not {p for p, _ in train} & {p for p, _ in val}
     assert all(p.parent == root / "imgs" for p, _ in train + val)
 
     cfg.val_fraction = 0.0
-    assert data.resolve_samples(cfg) == ([(root / "imgs" / f"{i}.png", i % 4) for i in range(40)], [])
+    assert label_files.resolve_samples(cfg) == ([(root / "imgs" / f"{i}.png", i % 4) for i in range(40)], [])
 
     # Absolute label path, and a second label file whose images live in val_dir.
     write_image(root / "val_imgs" / "v0.png", fmt="PNG")
     (tmp_path / "val.txt").write_text("v0.png 1\n")
     cfg.val_labels, cfg.val_dir = str(tmp_path / "val.txt"), "val_imgs"
-    train, val = data.resolve_samples(cfg)
+    train, val = label_files.resolve_samples(cfg)
     assert len(train) == 40 and val == [(root / "val_imgs" / "v0.png", 1)]
 
     # A validation list overlapping the training list is refused.
     (tmp_path / "val.txt").write_text("v0.png 1\n")
     cfg.val_dir = ""
     with pytest.raises(UserError, match="val.txt:1: image 'v0.png' not found"):
-        data.resolve_samples(cfg)
+        label_files.resolve_samples(cfg)
     (tmp_path / "val.txt").write_text("3.png 3\n")
     with pytest.raises(UserError, match="1 validation images are also in the training set"):
-        data.resolve_samples(cfg)
+        label_files.resolve_samples(cfg)
 
 
 def test_resolve_samples_image_folder(tmp_path):
@@ -447,11 +451,11 @@ def test_resolve_samples_image_folder(tmp_path):
         for i in range(5):
             write_image(tmp_path / "train" / cls / f"{i}.png", fmt="PNG")
     cfg = DataConfig(root=str(tmp_path), train_dir="train", train_labels="", num_classes=3, val_fraction=0.2)
-    train, val = data.resolve_samples(cfg)
+    train, val = label_files.resolve_samples(cfg)
     assert len(train) == 12 and Counter(label for _, label in val) == {0: 1, 1: 1, 2: 1}
     cfg.num_classes = 4
     with pytest.raises(UserError, match="3 class folders but data.num_classes=4"):
-        data.resolve_samples(cfg)
+        label_files.resolve_samples(cfg)
 
 
 # --------------------------------------------------------------------------- demo data
@@ -473,12 +477,12 @@ def test_demo_data_is_deterministic_with_the_challenge_layout(tmp_path):
 
     # The layout the configs expect (root=a, train_dir=train, train_labels=label.txt).
     cfg = DataConfig(root=str(a), train_dir="train", train_labels="label.txt", num_classes=3, val_fraction=0.0)
-    train, _ = data.resolve_samples(cfg)
+    train, _ = label_files.resolve_samples(cfg)
     assert [p.name for p, _ in train] == [f"{i}.JPEG" for i in range(12)]
     assert Counter(label for _, label in train) == {0: 4, 1: 4, 2: 4}
-    assert Image.open(train[0][0]).format == "JPEG" and data.load_image(train[0][0]).shape == (32, 32, 3)
-    test_items = data.list_test_images(a / "test")
-    test_labels = data.read_test_labels(a / "test_labels.txt", num_classes=3)
+    assert Image.open(train[0][0]).format == "JPEG" and images.load_image(train[0][0]).shape == (32, 32, 3)
+    test_items = label_files.list_test_images(a / "test")
+    test_labels = label_files.read_test_labels(a / "test_labels.txt", num_classes=3)
     assert [i for _, i in test_items] == sorted(test_labels) == list(range(6))
     assert Counter(test_labels.values()) == {0: 2, 1: 2, 2: 2}
     assert Image.open(test_items[0][0]).format == "PNG"

@@ -12,13 +12,20 @@ import json
 import pytest
 import torch
 
-from infer import evaluate
-from infer.attacks import lp_norm
+from attacks import lp_norm
+from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_config
+from core.demo_data import generate_demo_data
+from gcm import DefendedModel, RandomResizePad
 from infer.defended import build_defended_model, load_members
+from robust import evaluate
+from robust.corruptions import CORRUPTIONS, corrupt
+from robust.results import EvalResult, Row, Score
+from robust.runner import accuracy, check_budget, craft, score
+from robust.specs import SPECS
+from robust.verdict import MASKING_POINTS, sanity_checks
 from tests.conftest import shrink
+from tests.test_attacks import CoinFlip
 from train import main as train_main
-from train.config import ConfigError, load_config
-from train.demo_data import generate_demo_data
 
 # Short attacks on a small subset: seconds per row on 2 CPU cores.
 FAST = ["eval.subset=48", "eval.batch_size=48", "eval.steps=10", "eval.step_ratio=0.25", "eval.cw_steps=10",
@@ -54,14 +61,14 @@ def setup(trained):
 
 
 def _pgd_acc(model, x, y, cfg, adaptive=False) -> float:
-    adv = evaluate.craft("pgd_linf", model, x, y, cfg, eps=STRONG_EPS, adaptive=adaptive)
-    return evaluate.accuracy(evaluate.score(model, adv, y, cfg))
+    adv = craft("pgd_linf", model, x, y, cfg, eps=STRONG_EPS, adaptive=adaptive)
+    return accuracy(score(model, adv, y, cfg))
 
 
 def test_pgd_breaks_undefended_gcm_hides_it_bpda_restores_it(setup):
     cfg, undefended, defended, x, y = setup
-    clean = evaluate.accuracy(evaluate.score(defended, x, y, cfg))
-    assert clean == evaluate.accuracy(evaluate.score(undefended, x, y, cfg))  # GCM changes no prediction
+    clean = accuracy(score(defended, x, y, cfg))
+    assert clean == accuracy(score(undefended, x, y, cfg))  # GCM changes no prediction
     und = _pgd_acc(undefended, x, y, cfg)
     gcm = _pgd_acc(defended, x, y, cfg)
     bpda = _pgd_acc(defended, x, y, cfg, adaptive=True)
@@ -76,10 +83,9 @@ def test_pgd_breaks_undefended_gcm_hides_it_bpda_restores_it(setup):
 def test_every_attack_stays_in_its_ball_and_the_box(setup, adaptive):
     cfg, _, defended, x, y = setup
     x, y = x[:12], y[:12]
-    for name in evaluate.NORM_OF:
-        adv = evaluate.craft(name, defended, x, y, cfg, adaptive=adaptive)
-        eps = evaluate.budget_of(cfg, name)
-        norm = evaluate.NORM_OF[name]
+    for spec in (s for s in SPECS.values() if s.craft is not None):
+        name, eps, norm = spec.name, spec.budget(cfg.eval), spec.norm
+        adv = craft(name, defended, x, y, cfg, adaptive=adaptive)
         assert adv.shape == x.shape and adv.dtype == torch.float32, name
         assert float(lp_norm(adv - x, norm).max()) <= eps * (1 + 1e-4) + 1e-6, name
         assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0, name
@@ -90,21 +96,21 @@ def test_every_attack_stays_in_its_ball_and_the_box(setup, adaptive):
 def test_budget_check_rejects_an_escaped_image(setup):
     _, _, _, x, _ = setup
     x = x[:4]
-    evaluate.check_budget("pgd_l2", x, (x + 0.001).clamp(0, 1), 1.0)  # inside: no error
+    check_budget(SPECS["pgd_l2"], x, (x + 0.001).clamp(0, 1), 1.0)  # inside: no error
     with pytest.raises(RuntimeError, match="pgd_linf left its budget"):
-        evaluate.check_budget("pgd_linf", x, (x + 0.1).clamp(0, 1), 8 / 255)
+        check_budget(SPECS["pgd_linf"], x, (x + 0.1).clamp(0, 1), 8 / 255)
     with pytest.raises(RuntimeError, match="outside"):
-        evaluate.check_budget("noise", x, x + 2.0, 8 / 255 + 3.0)
+        check_budget(SPECS["noise"], x, x + 2.0, 8 / 255 + 3.0)
 
 
 def test_corruptions_are_seeded_and_grow_with_severity(setup):
     cfg, _, _, x, _ = setup
     x = x[:8]
-    for corruption in evaluate.CORRUPTIONS:
+    for corruption in CORRUPTIONS:
         distortion = []
         for severity in (1, 3, 5):
-            out = evaluate.corrupt(x, corruption, severity, seed=0)
-            assert out.shape == x.shape and torch.equal(out, evaluate.corrupt(x, corruption, severity, seed=0))
+            out = corrupt(x, corruption, severity, seed=0)
+            assert out.shape == x.shape and torch.equal(out, corrupt(x, corruption, severity, seed=0))
             assert torch.equal(out, out.mul(255).round().div(255)), corruption.name  # still uint8 pixels
             distortion.append(float((out - x).abs().mean()))
         assert distortion[0] < distortion[1] < distortion[2], (corruption.name, distortion)
@@ -117,21 +123,19 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "eval.md").read_text()
     assert "| model | Top-1 | FGSM | PGD-L1 | PGD-L2 | PGD-Linf | C&W | worst case |" in md
-    rows = result["rows"]
-    und, gcm, ada = (rows[k]["pgd_linf"]["robust_acc"] for k in ("undefended", "defended", "adaptive"))
-    assert gcm > ada + evaluate.MASKING_POINTS  # standard PGD is fooled by GCM, BPDA is not
+    und, gcm, ada = (result.robust_acc(k, "pgd_linf") for k in ("undefended", "defended", "adaptive"))
+    assert gcm > ada + MASKING_POINTS  # standard PGD is fooled by GCM, BPDA is not
     # The masking warning fires for the standard GCM row: the transfer attack beats white-box PGD.
-    masking = [n for n in result["sanity"] if n.startswith("WARNING: GRADIENT MASKING")]
-    assert any("transfer" in n for n in masking) and any("adaptive attack" in n for n in masking), result["sanity"]
-    assert all(n in md for n in result["sanity"])
+    masking = [n for n in result.sanity if n.startswith("WARNING: GRADIENT MASKING")]
+    assert any("transfer" in n for n in masking) and any("adaptive attack" in n for n in masking), result.sanity
+    assert all(n in md for n in result.sanity)
     for value in (und, gcm, ada):
-        assert f"{value:.1f}%" in result["verdict"]
-    assert "gradient masking" in result["verdict"] and result["verdict"] in md
+        assert f"{value:.1f}%" in result.verdict
+    assert "gradient masking" in result.verdict and result.verdict in md
     # Worst case is a per-image AND: never above any single attack of its row.
-    for row in rows.values():
-        assert row["worst_case"]["robust_acc"] <= min(r["robust_acc"] for k, r in row.items()
-                                                      if k not in ("top1", "worst_case")) + 1e-9
-        assert 0.0 <= row["worst_case"]["ar"] <= 100.0
+    for row in result.rows.values():
+        assert row.worst_case.robust_acc <= min(s.robust_acc for s in row.attacks.values()) + 1e-9
+        assert 0.0 <= row.worst_case.ar <= 100.0
     with open(tmp_path / "eval.csv", newline="") as fh:
         table = list(csv.DictReader(fh))
     assert list(table[0]) == ["model", "attack", "clean_acc", "robust_acc", "ar", "eps", "norm", "steps", "n"]
@@ -139,17 +143,22 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     assert float(pgd["robust_acc"]) == pytest.approx(gcm, abs=0.01) and pgd["norm"] == "linf" and pgd["n"] == "48"
     assert {r["attack"] for r in table} >= {"square", "transfer_same_weights", "noise", "worst_case"}
     saved = json.loads((tmp_path / "eval.json").read_text())
-    assert saved["rows"]["adaptive"]["pgd_linf"]["robust_acc"] == pytest.approx(ada)
+    assert saved["rows"]["adaptive"]["attacks"]["pgd_linf"]["robust_acc"] == pytest.approx(ada)
     assert saved["eps_curve"]["undefended"][1] == pytest.approx(und)  # the eps_linf point is the table's
 
 
+def _score(attack: str, robust_acc: float) -> Score:
+    return Score(attack, attack, "linf", 8 / 255, 10, 80.0, robust_acc, float("nan"))
+
+
 def test_sanity_checks_flag_weak_attacks():
-    rows = {k: {"top1": 80.0, "fgsm": {"robust_acc": 30.0}, "pgd_linf": {"robust_acc": 50.0}}
+    rows = {k: Row(k, 80.0, {"fgsm": _score("fgsm", 30.0), "pgd_linf": _score("pgd_linf", 50.0)})
             for k in ("undefended", "defended", "adaptive")}
-    labels = {k: k for k in rows}
-    curve = {"eps": [1 / 255, 8 / 255], "undefended": [60.0, 40.0]}
-    black_box = [{"attack": "noise", "label": "noise", "robust_acc": 40.0}]
-    notes = evaluate.sanity_checks(rows, black_box, curve, labels, 100, "GCM", "BPDA")
+    result = EvalResult(n=100, source="test", defense="GCM", adaptive_attack="BPDA", checkpoints=[], surrogate="",
+                        settings={}, randomized=False, rows=rows, black_box=[_score("noise", 40.0)],
+                        eps_curve={"eps": [1 / 255, 8 / 255], "undefended": [60.0, 40.0]}, corruptions=[],
+                        corruption_severities=[])
+    notes = sanity_checks(result)
     assert sum("weaker than single-step FGSM" in n for n in notes) == 3
     assert any(n.startswith("WARNING: undefended accuracy along eps") for n in notes)
     assert any(n.startswith("WARNING: random noise") for n in notes)
@@ -158,9 +167,41 @@ def test_sanity_checks_flag_weak_attacks():
 
 def test_bad_eval_config_is_a_user_error(trained):
     with pytest.raises(ConfigError, match="eval.attacks.*'pgd_l3'"):
-        evaluate.run(load_config(None, [*trained, "eval.attacks=[fgsm,pgd_l3]"]), progress=False)
+        load_config(None, [*trained, "eval.attacks=[fgsm,pgd_l3]"])
     with pytest.raises(ConfigError, match="eval.corruption_severities"):
-        evaluate.run(load_config(None, [*trained, "eval.corruption_severities=[0]"]), progress=False)
+        load_config(None, [*trained, "eval.corruption_severities=[0]"])
+
+
+def test_every_configurable_attack_has_one_spec():
+    assert tuple(SPECS) == EVAL_ATTACKS
+    e = EvalConfig()
+    for spec in SPECS.values():
+        assert spec.budget(e) > 0 and spec.norm in ("linf", "l2", "l1"), spec.name
+        assert spec.steps_key is None or hasattr(e, spec.steps_key), spec.name
+    assert set(EvalConfig().attacks) == set(EVAL_ATTACKS)
+
+
+def test_craft_in_batches_equals_one_batch(setup, trained):
+    cfg, undefended, _, x, y = setup
+    small = load_config(None, [*trained, *FAST, "eval.batch_size=7"])
+    whole = score(undefended, craft("fgsm", undefended, x, y, cfg), y, cfg)
+    batched = score(undefended, craft("fgsm", undefended, x, y, small), y, small)
+    assert whole.dtype == torch.bool and torch.equal(whole, batched)
+
+
+def test_score_averages_the_draws_of_a_randomized_model(setup):
+    cfg, undefended, _, x, y = setup
+    correct = score(undefended, x, y, cfg)
+    assert correct.shape == (len(x),) and correct.dtype == torch.bool
+    # A random layer that changes nothing (ratio 1) in front of a model right or wrong by a coin flip.
+    coin = CoinFlip(undefended)
+    randomized = DefendedModel(coin, random_pad=RandomResizePad(min_ratio=1.0, max_ratio=1.0))
+    cfg = new_config()
+    cfg.eval.draws, cfg.eval.batch_size = 50, len(x)
+    torch.manual_seed(0)
+    draws = score(randomized, x, y, cfg)
+    assert draws.shape == (50, len(x)) and coin.calls == 50
+    assert 0.0 < accuracy(draws) < accuracy(correct)
 
 
 def test_subset_is_seeded_and_clamped():
@@ -177,8 +218,8 @@ def test_random_pad_eot_path_is_reproducible(trained, tmp_path):
              "eval.eps_curve=[0.0313725]"]
     a = evaluate.run(load_config(None, [*small, f"eval.out_dir={tmp_path / 'a'}"]), progress=False)
     b = evaluate.run(load_config(None, [*small, f"eval.out_dir={tmp_path / 'b'}"]), progress=False)
-    assert a["randomized"] and "EOT over random pad" in a["labels"]["adaptive"]
-    assert a["rows"] == b["rows"] and a["black_box"] == b["black_box"] and a["eps_curve"] == b["eps_curve"]
+    assert a.randomized and "EOT over random pad" in a.rows["adaptive"].label
+    assert a.rows == b.rows and a.black_box == b.black_box and a.eps_curve == b.eps_curve
     # Expected accuracy over 3 draws of 16 images: multiples of 100 / 48.
-    top1 = a["rows"]["defended"]["top1"]
+    top1 = a.rows["defended"].top1
     assert abs(top1 * 48 / 100 - round(top1 * 48 / 100)) < 1e-6

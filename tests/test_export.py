@@ -12,15 +12,15 @@ import pytest
 import timm
 import torch
 
+from core.checkpoint import export_model
+from core.config import load_config
+from core.errors import UserError
+from core.model import count_params, create_classifier
 from gcm import GradientConcealment, RandomResizePad
 from gcm.random_pad import resize_pad, resize_pad_static
 from infer import export
 from infer.defended import build_defended_model, load_members
 from tests.conftest import ROOT
-from train.checkpoint import export_model
-from train.config import load_config
-from train.errors import UserError
-from train.model import count_params, create_classifier
 
 
 @pytest.fixture(scope="module")
@@ -65,7 +65,7 @@ def test_exported_file_predicts_like_the_in_process_model(exported):
     result, cfg = exported
     loaded = torch.export.load(result["path"]).module()
     model = _in_process(cfg)
-    assert isinstance(model.gcm, GradientConcealment) and len(model.ensemble.views) == 2
+    assert isinstance(model.gcm, GradientConcealment) and len(model.model.views) == 2
     torch.manual_seed(3)
     for batch in (1, 5, 9):  # exported with a batch of 2: the batch dimension is dynamic
         x = torch.rand(batch, 3, 32, 32)
@@ -95,7 +95,7 @@ def test_exported_file_keeps_the_concealed_gradient(exported):
     result, cfg = exported
     loaded = torch.export.load(result["path"]).module()
     model = _in_process(cfg)
-    plain = build_defended_model(model.ensemble.members, [{"image_size": s} for s in model.ensemble.image_sizes],
+    plain = build_defended_model(model.model.members, [{"image_size": s} for s in model.model.image_sizes],
                                  cfg, defense=False)
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
@@ -209,7 +209,7 @@ def test_gmacs_scale_with_views_and_members(checkpoints, tmp_path):
     def report(members, *extra):
         cfg = _cfg(members, tmp_path, "tta.hflip=false", *extra)
         model = _in_process(cfg)
-        return export.budget_report(model, max(model.ensemble.image_sizes), cfg)
+        return export.budget_report(model, max(model.model.image_sizes), cfg)
 
     one = report(checkpoints[:1])["gmacs"]
     big = report(checkpoints[2:])["gmacs"]

@@ -8,7 +8,13 @@ import torch
 from torch import nn
 
 from gcm import (
-    DefendedModel, GradientConcealment, RandomResizePad, apply_gcm, apply_random_pad, bpda, set_bpda,
+    DefendedModel,
+    GradientConcealment,
+    RandomResizePad,
+    apply_gcm,
+    apply_random_pad,
+    bpda,
+    set_bpda,
 )
 
 
@@ -104,7 +110,7 @@ def test_gcm_scrambles_model_gradient_sign(model, images):
 
 def test_bpda_recovers_plain_gradient(model, images):
     defended = apply_gcm(model)
-    defended.defense.bpda = True
+    defended.gcm.bpda = True
     grad_bpda = input_grad(defended, images)
     # Straight-through: exactly the plain gradient taken at the (unchanged-looking) GCM output ...
     at_output = GradientConcealment()(images).detach()
@@ -153,7 +159,7 @@ def test_w_eps_configurable(images):
 def test_apply_gcm_wraps_first(model, images):
     defended = apply_gcm(model, w=5., eps=0.5)
     assert isinstance(defended, DefendedModel) and defended.model is model
-    assert isinstance(defended.defense, GradientConcealment) and defended.defense.w == 5.
+    assert isinstance(defended.gcm, GradientConcealment) and defended.gcm.w == 5.
     # State dict is the model's, prefixed: checkpoints load into .model unchanged.
     assert set(defended.state_dict()) == {f'model.{k}' for k in model.state_dict()}
     with torch.no_grad():
@@ -164,7 +170,7 @@ def test_apply_gcm_wraps_first(model, images):
 
 def test_set_bpda_counts_and_sets(model):
     twice = apply_gcm(apply_gcm(model))
-    gcms = [twice.defense, twice.model.defense]
+    gcms = [twice.gcm, twice.model.gcm]
     assert set_bpda(twice, True) == 2 and all(m.bpda for m in gcms)
     assert set_bpda(twice, False) == 2 and not any(m.bpda for m in gcms)
     assert set_bpda(model, True) == 0
@@ -173,7 +179,7 @@ def test_set_bpda_counts_and_sets(model):
 
 def test_bpda_context_restores(model):
     twice = apply_gcm(apply_gcm(model))
-    outer, inner = twice.defense, twice.model.defense
+    outer, inner = twice.gcm, twice.model.gcm
     inner.bpda = True
     with bpda(twice) as found:
         assert found == 2 and outer.bpda and inner.bpda
@@ -216,8 +222,8 @@ def test_random_pad_default_range_at_224():
     boxes = draw_boxes(pad, (224, 224), 60)
     assert {h for _, _, h, _ in boxes} == set(range(218, 224))
     assert all(h == w for _, _, h, w in boxes)
-    assert all(t + h <= 224 and l + w <= 224 for t, l, h, w in boxes)
-    assert len({(t, l) for t, l, _, _ in boxes}) > 10
+    assert all(t + h <= 224 and left + w <= 224 for t, left, h, w in boxes)
+    assert len({(t, left) for t, left, _, _ in boxes}) > 10
 
 
 def test_random_pad_range_scales_with_size():
@@ -296,7 +302,7 @@ def test_random_pad_bad_ratios():
 
 def test_apply_random_pad_and_full_stack(model, images):
     defended = apply_gcm(apply_random_pad(model, min_ratio=0.75, max_ratio=0.9, seed=7))
-    pad = defended.model.defense
+    pad = defended.model.random_pad
     assert isinstance(pad, RandomResizePad) and pad.seed == 7 and pad.min_ratio == 0.75
     with torch.no_grad():
         out = defended(images)
@@ -319,3 +325,19 @@ def test_defended_model_copy_and_save_keep_draws(model, images):
     with torch.no_grad():
         ref = defended(images)
         assert torch.equal(clone(images), ref) and torch.equal(loaded(images), ref)
+
+
+def test_defended_model_owns_its_randomness(model, images):
+    plain = apply_gcm(model)
+    assert not plain.randomized
+    plain.reseed(3)  # nothing to reseed: no error
+    defended = DefendedModel(model, gcm=GradientConcealment(), random_pad=RandomResizePad(seed=7))
+    assert defended.randomized
+    with torch.no_grad():
+        defended.reseed(11)
+        first = [defended(images) for _ in range(3)]
+        defended.reseed(11)
+        again = [defended(images) for _ in range(3)]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert defended.random_pad.seed == 7  # the configured seed stays what the config said
+    assert not DefendedModel(model, random_pad=RandomResizePad(enabled=False)).randomized

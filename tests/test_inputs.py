@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from core.checkpoint import export_model, load_model
+from core.config import load_config
+from core.errors import UserError
+from core.images import MAX_PIXELS
+from core.model import create_classifier
 from infer import submit
 from tests.conftest import ROOT, shrink
-from train.checkpoint import export_model, load_model
-from train.config import load_config
-from train.data import MAX_PIXELS
-from train.errors import UserError
-from train.model import create_classifier
 
 
 def _rgb(size=40) -> np.ndarray:

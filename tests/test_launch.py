@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from train.launch import DEFAULT_ACCELERATE_CONFIG, ROOT, resolve_launch_args, split_args
+from core.launch import DEFAULT_ACCELERATE_CONFIG, ROOT, resolve_launch_args, split_args
 
 
 def flag(args: list[str], name: str) -> str | None:

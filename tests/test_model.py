@@ -5,9 +5,9 @@ import timm
 import torch
 from safetensors.torch import save_file
 
-from train.config import load_config
-from train.errors import UserError
-from train.model import create_backbone, create_classifier
+from core.config import load_config
+from core.errors import UserError
+from core.model import create_backbone, create_classifier
 
 
 def test_local_pretrained_file_loads_backbone_and_reinitialises_head(tmp_path):

@@ -11,12 +11,12 @@ import sys
 import pytest
 import torch
 
+from core.config import load_config
 from infer import submit
 from infer.defended import EnsembleTTA, View, apply_view, build_defended_model, load_members, resolve_views
 from infer.submission import validate_submission
 from tests.conftest import ROOT, TINY_DATA, shrink
 from train import main as train_main
-from train.config import load_config
 
 
 @pytest.fixture(scope="module")
@@ -133,9 +133,10 @@ def test_defended_model_matches_submit_layers(trained):
     members, infos = load_members([trained[1] / "demo" / "best"], 4)
     model = build_defended_model(members, infos, cfg)
     names = [type(m).__name__ for m in (model.gcm, model.random_pad)]
-    assert names == ["GradientConcealment", "RandomResizePad"]
+    assert names == ["GradientConcealment", "RandomResizePad"] and model.randomized
     plain = build_defended_model(members, infos, cfg, defense=False)
-    assert [type(m).__name__ for m in (plain.gcm, plain.random_pad)] == ["Identity", "Identity"]
+    assert (plain.gcm, plain.random_pad) == (None, None) and not plain.randomized
+    assert plain.model.members[0] is model.model.members[0]  # the same networks, only the defense differs
 
 
 @pytest.mark.slow
@@ -146,7 +147,7 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
     overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", *common], data, runs)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run([sys.executable, "-m", "train.launch", "infer.submit", "--num_processes", "2", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "core.launch", "infer.submit", "--num_processes", "2", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the launcher splits the cores between the processes (accelerate alone would give each 1 thread)
@@ -157,3 +158,65 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()
     meta = json.loads((tmp_path / "two" / "demo.meta.json").read_text())
     assert meta["num_processes"] == 2 and meta["n_images"] == 32
+
+
+# --- submit on CPU: loader workers, threaded decoding, compilation ---------------------------
+
+def test_cpu_submit_loader_workers_take_only_the_free_cores(tiny_config, tiny_data):
+    from accelerate import Accelerator
+
+    from core.labels import list_test_images
+    from infer.submit import create_test_loader
+
+    accelerator = Accelerator(cpu=True)
+    items = list_test_images(tiny_data / "test")
+    cfg = tiny_config("submit.num_workers=3", "submit.cpu_num_workers=1")
+    assert create_test_loader(cfg, items, 32, accelerator).num_workers == 1  # explicit value wins
+    cfg = tiny_config("submit.num_workers=3")  # cpu_num_workers=-1: auto
+    cores = len(os.sched_getaffinity(0))
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(cores)  # the model's threads occupy every core: decode in between
+        loader = create_test_loader(cfg, items, 32, accelerator)
+        assert loader.num_workers == 0 and loader.dataset.decode_threads == cores  # decode on every core
+        torch.set_num_threads(1)  # as under accelerate launch (OMP_NUM_THREADS=1)
+        assert create_test_loader(cfg, items, 32, accelerator).num_workers == cores - 1
+    finally:
+        torch.set_num_threads(threads)
+    images, ids, ok = next(iter(loader))
+    assert images.dtype == torch.uint8 and images.shape[1:] == (3, 32, 32) and ok.all()
+
+
+def test_threaded_batch_decoding_gives_the_same_batch(tiny_data, tmp_path):
+    import pickle
+
+    from core.datasets import TestImageDataset
+    from core.labels import list_test_images
+
+    items = list_test_images(tiny_data / "test")[:10]
+    bad = tmp_path / "999.png"
+    bad.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    items.append((bad, 999))
+    one, threaded = TestImageDataset(items, 32), TestImageDataset(items, 32, decode_threads=2)
+    order = list(range(len(items)))[::-1]
+    expected, got = one.__getitems__(order), threaded.__getitems__(order)
+    assert threaded._pool is not None  # the batch went through the pool
+    assert [(i, ok) for _, i, ok in got] == [(i, ok) for _, i, ok in expected]
+    assert got[0][1:] == (999, False) and all(ok for _, _, ok in got[1:])
+    assert all(torch.equal(a[0], b[0]) for a, b in zip(got, expected))
+    assert pickle.loads(pickle.dumps(threaded))._pool is None  # what a loader worker receives
+
+
+def test_compile_wraps_only_the_member_networks(tiny_config):
+    from core.model import create_classifier
+    from gcm import GradientConcealment
+    from infer.defended import build_defended_model
+    from infer.submit import compile_members
+
+    cfg = tiny_config("model.compile=true")
+    members = [create_classifier(cfg.model, 4).eval() for _ in range(2)]
+    model = build_defended_model(members, [{"image_size": 32}] * 2, cfg)
+    compile_members(model)
+    assert all(isinstance(m, torch._dynamo.eval_frame.OptimizedModule) for m in model.model.members)
+    assert [m._orig_mod for m in model.model.members] == members
+    assert type(model.gcm) is GradientConcealment  # the defense stays eager float32

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from core.checkpoint import load_model
+from core.config import load_config
+from core.demo_data import generate_demo_data
+from core.tracking import resolve_wandb_mode
 from tests.conftest import ROOT, shrink
 from train import main as train_main
-from train.checkpoint import load_model
-from train.config import load_config
-from train.demo_data import generate_demo_data
-from train.tracking import resolve_wandb_mode
 
 
 def test_two_step_run_writes_everything(tiny_config):
@@ -112,7 +112,7 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     out = tmp_path / "runs"
     overrides = shrink(["name=ddp", "train.epochs=1"], tiny_data, out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "train.launch", "train.main", "--num_processes", "2", *overrides],
+    proc = subprocess.run([sys.executable, "-m", "core.launch", "train.main", "--num_processes", "2", *overrides],
                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1, proc.stdout  # printed by the main process only

@@ -13,11 +13,12 @@ import time
 import pytest
 from safetensors.torch import load_file
 
+from core.checkpoint import load_model
+from core.errors import UserError
 from tests.conftest import ROOT, shrink
 from train import main as train_main
-from train.checkpoint import load_model
 from train.engine import TrainingDiverged
-from train.errors import UserError
+from train.state import resolve_resume
 
 COMMON = ["train.epochs=2", "model.drop_path_rate=0.1", "train.checkpoint_every=1", "aug.corruption_p=0.5"]
 
@@ -67,7 +68,7 @@ def test_torn_checkpoint_is_never_resumed_from(tiny_config):
     shutil.copytree(last, torn)
     for f in torn.iterdir():
         f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
-    assert train_main.resolve_resume(tiny_config(*COMMON, "resume=auto")) == last
+    assert resolve_resume(tiny_config(*COMMON, "resume=auto")) == last
     result = train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4"))
     assert result["global_step"] == 4
 

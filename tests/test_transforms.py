@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
 
-from train.config import AugConfig
-from train.data import ImageDataset
-from train.errors import UserError
-from train.transforms import (SeededCompose, create_eval_transform, create_train_transform, worker_init_fn)
+from core.config import AugConfig
+from core.datasets import ImageDataset
+from core.errors import UserError
+from core.transforms import create_eval_transform, create_train_transform
+from train.loaders import create_train_loader
 
 SIZE = 32
 
@@ -97,20 +97,6 @@ def test_same_seed_same_output_and_draws_are_independent():
     assert 250 < combos[False, False] < 450 and 250 < combos[True, False] < 450
 
 
-class RepeatedImage(Dataset):
-    """The same image ``n`` times behind a wrapper, as train.loaders wraps the ImageDataset."""
-
-    def __init__(self, inner: ImageDataset, n: int) -> None:
-        self.dataset = inner
-        self.n = n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __getitem__(self, index: int):
-        return self.dataset[0][0]
-
-
 @pytest.fixture(scope="module")
 def image_path(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("img") / "0.png"
@@ -118,43 +104,24 @@ def image_path(tmp_path_factory) -> Path:
     return path
 
 
-def worker_batches(image_path: Path, persistent: bool, init_fn, epochs: int = 2) -> list[list[torch.Tensor]]:
-    """Per epoch: [batch of worker 0, batch of worker 1] (the sequential sampler alternates workers)."""
-    dataset = RepeatedImage(ImageDataset([(image_path, 0)], create_train_transform(AugConfig(), SIZE)), n=8)
-    loader = DataLoader(dataset, batch_size=4, num_workers=2, worker_init_fn=init_fn,
-                        persistent_workers=persistent, generator=torch.Generator().manual_seed(0))
-    return [list(loader) for _ in range(epochs)]
+def loader_epochs(image_path: Path, num_workers: int, epochs: int = 2) -> list[torch.Tensor]:
+    """Per epoch, the 8 augmented copies of one image that the real training loader yields."""
+    dataset = ImageDataset([(image_path, 0)] * 8, create_train_transform(AugConfig(), SIZE))
+    loader = create_train_loader(dataset, batch_size=4, seed=3, num_workers=num_workers)
+    out = []
+    for epoch in range(epochs):
+        loader.sampler.set_epoch(epoch)
+        out.append(torch.cat([images for images, _ in loader]))
+    return out
 
 
-@pytest.mark.parametrize("persistent", [False, True])
-def test_workers_and_epochs_get_different_augmentations(image_path, persistent):
-    (w0_e0, w1_e0), (w0_e1, w1_e1) = worker_batches(image_path, persistent, worker_init_fn)
-    assert not torch.equal(w0_e0, w1_e0)
-    assert not torch.equal(w0_e0, w0_e1) and not torch.equal(w1_e0, w1_e1)
-    # Within a batch the stream advances too.
-    assert not torch.equal(w0_e0[0], w0_e0[1])
-
-
-def test_without_worker_init_fn_workers_repeat_each_other(image_path):
-    # The failure the reseeding prevents: forked workers share the transform's RNG state.
-    (w0_e0, w1_e0), (w0_e1, _) = worker_batches(image_path, False, None)
-    assert torch.equal(w0_e0, w1_e0) and torch.equal(w0_e0, w0_e1)
-
-
-def test_worker_init_fn_reseeds_the_wrapped_transform(monkeypatch):
-    transform = create_train_transform(AugConfig(), SIZE)
-    wrapper = RepeatedImage(ImageDataset([], transform), n=1)
-
-    class Info:
-        dataset = wrapper
-
-    monkeypatch.setattr(torch.utils.data, "get_worker_info", lambda: Info())
-    image = random_image()
-    torch.manual_seed(1234)
-    worker_init_fn(0)
-    first = transform(image=image)["image"]
-    transform.set_random_seed(1234)
-    assert np.array_equal(first, transform(image=image)["image"])
+def test_training_loader_draws_per_sample_and_epoch_whatever_the_workers(image_path):
+    e0, e1 = loader_epochs(image_path, num_workers=2)
+    # Every copy of the image gets its own augmentation, and each epoch new ones.
+    assert len({bytes(img.numpy()) for img in torch.cat([e0, e1])}) == 16
+    # Seeded by (seed, epoch, sample): the same batches with no worker processes, or on a second run.
+    same0, same1 = loader_epochs(image_path, num_workers=0)
+    assert torch.equal(e0, same0) and torch.equal(e1, same1)
 
 
 def test_eval_transform_is_deterministic_and_uses_area_for_downscale():

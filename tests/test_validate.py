@@ -11,10 +11,15 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from infer.submission import (SubmissionNameError, check_submission, read_submission, validate_submission,
-                              write_submission)
+from core.errors import UserError
+from infer.submission import (
+    SubmissionNameError,
+    check_submission,
+    read_submission,
+    validate_submission,
+    write_submission,
+)
 from infer.validate import main
-from train.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 26  # ids 0..25: 2 and 10 are both present, so string order and natural order differ

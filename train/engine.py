@@ -12,7 +12,9 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from train.errors import UserError
+from core.errors import UserError
+from core.images import to_float_images
+from train.setup import Training
 
 
 class TrainingDiverged(UserError):
@@ -37,12 +39,6 @@ class Progress:
             setattr(self, key, value)
 
 
-def to_float_images(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW batch -> float32 in [0, 1] (the loaders ship uint8 to keep worker traffic small)."""
-    x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
-
-
 def fgsm_examples(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float,
                   loss_fn: Callable) -> torch.Tensor:
     """FGSM images for adversarial regularization (the 2nd-place recipe).
@@ -60,32 +56,24 @@ def fgsm_examples(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: 
 
 
 def train_one_epoch(
-    model: nn.Module,
+    training: Training,
     loader,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
-    loss_fn: Callable,
-    accelerator,
     progress: Progress,
-    *,
     epoch: int,
-    mixup_fn: Callable | None = None,
-    ema=None,
-    clip_grad: float = 0.0,
-    adv_eps: float = 0.0,
-    adv_weight: float = 0.5,
-    channels_last: bool = False,
-    log_every: int = 10,
-    max_steps: int = 0,
     on_optimizer_step: Callable[[], None] | None = None,
     on_first_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> dict:
-    """Train until the loader is exhausted (or ``max_steps``); returns mean loss and throughput.
+    """Train until the loader is exhausted (or ``train.max_steps``); returns mean loss and throughput.
 
-    ``progress.batch`` counts consumed batches of this epoch, so the caller can resume with
+    ``loader`` is ``training.train_loader`` or a resumed view of it. ``progress.batch`` counts
+    consumed batches of this epoch, so the caller can resume with
     ``accelerator.skip_first_batches``. ``on_optimizer_step`` runs after every optimizer step
     (checkpointing lives there).
     """
+    t = training.cfg.train
+    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
+    loss_fn, mixup_fn, ema, accelerator = training.loss_fn, training.mixup_fn, training.ema, training.accelerator
+    channels_last = training.cfg.model.channels_last
     model.train()
     raw_model = accelerator.unwrap_model(model)
     total_batches = len(loader) + progress.batch
@@ -103,9 +91,9 @@ def train_one_epoch(
         with accelerator.accumulate(model):
             with accelerator.autocast():
                 loss = loss_fn(model(x), targets)
-                if adv_eps > 0:
-                    x_adv = fgsm_examples(raw_model, x, targets, adv_eps, loss_fn)
-                    loss = (1 - adv_weight) * loss + adv_weight * loss_fn(model(x_adv), targets)
+                if t.adv_eps > 0:
+                    x_adv = fgsm_examples(raw_model, x, targets, t.adv_eps, loss_fn)
+                    loss = (1 - t.adv_weight) * loss + t.adv_weight * loss_fn(model(x_adv), targets)
             value = loss.detach().float().item()
             if not math.isfinite(value):
                 raise TrainingDiverged(
@@ -113,8 +101,8 @@ def train_one_epoch(
                     "(the last good checkpoint is kept: lower train.lr or use train.clip_grad)"
                 )
             accelerator.backward(loss)
-            if accelerator.sync_gradients and clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), clip_grad)
+            if accelerator.sync_gradients and t.clip_grad > 0:
+                accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)
         progress.batch += 1
@@ -127,7 +115,7 @@ def train_one_epoch(
             scheduler.step_update(num_updates=progress.global_step)
             if ema is not None:
                 ema.update(raw_model, step=progress.global_step)
-            if progress.global_step % log_every == 0:
+            if progress.global_step % t.log_every == 0:
                 elapsed = time.perf_counter() - start
                 lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
@@ -136,7 +124,7 @@ def train_one_epoch(
                                 step=progress.global_step)
             if on_optimizer_step is not None:
                 on_optimizer_step()
-            if max_steps and progress.global_step >= max_steps:
+            if t.max_steps and progress.global_step >= t.max_steps:
                 break
     bar.close()
     elapsed = time.perf_counter() - start

@@ -76,15 +76,3 @@ def create_train_loader(dataset: Dataset, batch_size: int, seed: int, num_worker
         # iterator (e.g. after a resume) does not shift the model's random stream.
         generator=torch.Generator().manual_seed(seed),
     )
-
-
-def create_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        shuffle=False,
-        num_workers=num_workers,
-        pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
-        generator=torch.Generator().manual_seed(0),
-    )

@@ -14,8 +14,8 @@ import timm
 import torch
 from torch import nn
 
-from train.config import ModelConfig
-from train.errors import UserError
+from core.config import ModelConfig
+from core.errors import UserError
 
 
 class Normalize(nn.Module):

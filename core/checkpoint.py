@@ -16,9 +16,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from train.errors import UserError
-from train.io import atomic_path, atomic_write_text
-from train.model import ImageClassifier, create_backbone
+from core.errors import UserError
+from core.io import atomic_path, atomic_write_text
+from core.model import ImageClassifier, create_backbone
 
 FORMAT_VERSION = 1
 
@@ -58,7 +58,7 @@ def export_model(model: ImageClassifier, stem: Path, meta: dict[str, Any]) -> Pa
     return weights
 
 
-def resolve_checkpoint(path: str | Path) -> tuple[Path, Path]:
+def resolve_checkpoint_files(path: str | Path) -> tuple[Path, Path]:
     """Find the (weights, json) pair for a run folder, a stem, a ``.safetensors`` or a ``.json``."""
     p = Path(path)
     if p.is_dir():
@@ -90,7 +90,7 @@ def load_model(path: str | Path, num_classes: int | None = None) -> tuple[ImageC
         path: run folder, stem, ``.safetensors`` or ``.json`` of an exported model.
         num_classes: when given, a checkpoint with another class count is an error.
     """
-    weights, info_path = resolve_checkpoint(path)
+    weights, info_path = resolve_checkpoint_files(path)
     info = read_checkpoint_info(info_path)
     if num_classes is not None and int(info["num_classes"]) != num_classes:
         raise UserError(

@@ -1,4 +1,4 @@
-"""Run a stage under ``accelerate launch``: ``python -m train.launch MODULE [args]``.
+"""Run a stage under ``accelerate launch``: ``python -m core.launch MODULE [args]``.
 
 Our own arguments are ``--config FILE``, ``--debug`` and ``key=value``; every other ``--flag``
 (with its value) goes to ``accelerate launch``, e.g. ``--num_processes 4`` or
@@ -10,8 +10,8 @@ process; several CPU processes need ``--multi_gpu`` (the code then uses ``Accele
 and gloo), which this launcher adds for you.
 
 ``accelerate launch`` also exports ``OMP_NUM_THREADS=1`` unless the run is marked CPU-only, so
-a plain CPU run would compute on one core: on 2 cores that made training ~1.47x and submit
-~1.5x slower (BENCHMARKS.md). Without CUDA this launcher gives each process its share of the
+a plain CPU run would compute on one core, several times slower on a multi-core machine
+(BENCHMARKS.md, the "1 thread" rows). Without CUDA this launcher gives each process its share of the
 cores instead, unless ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` is set.
 """
 
@@ -24,9 +24,9 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from train.cli import STATUS_ENV, run_cli
-from train.config import load_config
-from train.errors import UserError
+from core.cli import STATUS_ENV, run_cli
+from core.config import load_config
+from core.errors import UserError
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "default.yaml"
@@ -137,7 +137,7 @@ def launch(module: str, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str]) -> None:
     if not argv:
-        raise UserError("usage: python -m train.launch MODULE [--config FILE] [key=value ...] [accelerate flags]")
+        raise UserError("usage: python -m core.launch MODULE [--config FILE] [key=value ...] [accelerate flags]")
     code = launch(argv[0], argv[1:])
     if code:
         raise SystemExit(code)

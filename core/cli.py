@@ -15,10 +15,10 @@ import warnings
 from pathlib import Path
 from typing import Callable, Sequence
 
-from train.config import Config, load_config
-from train.errors import UserError
+from core.config import Config, load_config
+from core.errors import UserError
 
-# Set by train.launch so the launcher can return our exit code through `accelerate launch`.
+# Set by core.launch so the launcher can return our exit code through `accelerate launch`.
 STATUS_ENV = "ROBUST_PIPELINE_STATUS_FILE"
 
 

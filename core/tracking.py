@@ -10,10 +10,10 @@ from __future__ import annotations
 import netrc
 import os
 import socket
+from pathlib import Path
 from urllib.parse import urlparse
 
-from train.config import Config, config_to_dict
-
+from core.config import Config, config_to_dict
 
 _DEFAULT_URL = "https://api.wandb.ai"
 
@@ -65,30 +65,57 @@ def resolve_wandb_mode(requested: str, timeout: float) -> tuple[str, str]:
     return "online", "API key and server found"
 
 
+def wandb_settings(cfg: Config, mode: str, name: str, run_dir: Path, job_type: str) -> dict:
+    """The ``wandb.init`` keyword arguments every stage uses (train passes them through accelerate)."""
+    import wandb
+
+    os.environ["WANDB_MODE"] = mode
+    os.environ.setdefault("WANDB_SILENT", "true")
+    kwargs = {
+        "name": name,
+        "dir": str(run_dir),
+        "mode": mode,
+        "job_type": job_type,
+        "settings": wandb.Settings(init_timeout=max(cfg.wandb.timeout, 30.0), console="off"),
+    }
+    if cfg.wandb.entity:
+        kwargs["entity"] = cfg.wandb.entity
+    return kwargs
+
+
+def describe_mode(mode: str, reason: str, run_dir: Path) -> str:
+    """The console line saying where the run's W&B data goes."""
+    where = f" (sync later: wandb sync {run_dir}/wandb/offline-run-*)" if mode == "offline" else ""
+    return f"W&B: {mode} - {reason}{where}"
+
+
 def init_tracking(accelerator, cfg: Config, mode: str, reason: str) -> str:
-    """Start the W&B run on the main process with a mode from :func:`resolve_wandb_mode`.
+    """Start the training run's W&B run on the main process with a mode from :func:`resolve_wandb_mode`.
 
     Returns the mode used ('disabled' = none). Call it on every process (accelerate decides
     which one logs); the Accelerator must have been built with ``log_with="wandb"``.
     """
     if mode == "disabled":
         return mode
-    os.environ["WANDB_MODE"] = mode
-    os.environ.setdefault("WANDB_SILENT", "true")
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    import wandb
-
-    init_kwargs = {
-        "name": cfg.name,
-        "dir": str(run_dir),
-        "mode": mode,
-        "settings": wandb.Settings(init_timeout=max(cfg.wandb.timeout, 30.0), console="off"),
-    }
-    if cfg.wandb.entity:
-        init_kwargs["entity"] = cfg.wandb.entity
+    init_kwargs = wandb_settings(cfg, mode, cfg.name, run_dir, "train")
     accelerator.init_trackers(cfg.wandb.project, config=config_to_dict(cfg), init_kwargs={"wandb": init_kwargs})
     if accelerator.is_main_process:
-        where = f" (sync later: wandb sync {run_dir}/wandb/offline-run-*)" if mode == "offline" else ""
-        accelerator.print(f"W&B: {mode} - {reason}{where}")
+        accelerator.print(describe_mode(mode, reason, run_dir))
     return mode
+
+
+def start_run(cfg: Config, name: str, run_dir: Path, job_type: str, config: dict):
+    """A W&B run of a single-process stage (``evaluate``), or ``None`` when W&B is disabled.
+
+    Same mode resolution and settings as training; the caller logs into it and calls ``finish()``.
+    """
+    mode, reason = resolve_wandb_mode(cfg.wandb.mode, cfg.wandb.timeout)
+    if mode == "disabled":
+        return None
+    import wandb
+
+    run = wandb.init(project=cfg.wandb.project, config=config, **wandb_settings(cfg, mode, name, run_dir, job_type))
+    print(describe_mode(mode, reason, run_dir))
+    return run

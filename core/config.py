@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from train.errors import UserError
+from core.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -36,9 +36,9 @@ def _corruption_family() -> list:
         {"name": "MotionBlur", "blur_limit": [3, 7]},
         {"name": "ImageCompression", "quality_range": [30, 90]},
         # Fog as ImageNet-C makes it: a plasma-fractal haze (brighter, less contrast). Not
-        # A.RandomFog: in albumentations 2.0.8 it costs ~17 ms per 64 px image (one cv2 call
-        # per fog particle), 70x this transform, and alone kept the training loader from
-        # hiding behind compute on CPU (BENCHMARKS.md).
+        # A.RandomFog: in albumentations 2.0.8 it draws one cv2 call per fog particle, far
+        # dearer than any other corruption, and alone kept the training loader from hiding
+        # behind compute on CPU (its cost: BENCHMARKS.md, row "with A.RandomFog").
         {"name": "PlasmaBrightnessContrast", "brightness_range": [0.0, 0.3], "contrast_range": [-0.3, 0.0]},
         {"name": "RandomRain", "drop_length": 8, "blur_value": 3},
         {"name": "RandomSnow", "snow_point_range": [0.1, 0.3]},
@@ -226,12 +226,17 @@ class Config:
         return Path(self.out_dir) / self.name
 
 
+# What ``eval.attacks`` may name; ``robust.specs.SPECS`` says what each one runs.
+EVAL_ATTACKS = ("fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "square", "transfer", "noise")
+
+# Keys whose value (or, for a list, each item) must be one of these.
 _CHOICES = {
     "data.bad_images": ("error", "skip"),
     "train.mixed_precision": ("no", "bf16", "fp16"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "submit.aggregate": ("prob", "logit"),
     "submit.on_bad_image": ("error", "fallback"),
+    "eval.attacks": EVAL_ATTACKS,
 }
 
 
@@ -316,8 +321,9 @@ def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> A
 
 def _check_choice(key: str, value: Any) -> None:
     choices = _CHOICES.get(key)
-    if choices and value not in choices:
-        raise ConfigError(f"config key '{key}': {value!r} is not one of {', '.join(choices)}")
+    for item in (value if isinstance(value, list) else [value]) if choices else []:
+        if item not in choices:
+            raise ConfigError(f"config key '{key}': {item!r} is not one of {', '.join(choices)}")
 
 
 def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
@@ -397,28 +403,83 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
 
 
 def validate_config(cfg: Config) -> None:
-    """Cross-field checks that a single key's type cannot express."""
-    d, t = cfg.data, cfg.train
+    """Every check a single key's type cannot express, for every section, in one place.
+
+    ``load_config`` calls it, so a stage (and ``core.launch``, before any process starts)
+    stops on a bad value with one line naming the key.
+    """
+    if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:
+        raise ConfigError(f"config key 'name': {cfg.name!r} must be a plain name (no path separators)")
+    _check_data(cfg.data)
+    _check_train(cfg.train)
+    _check_aug(cfg)
+    _check_model(cfg.model)
+    _check_predict(cfg)
+    _check_eval(cfg.eval)
+
+
+def _at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
+    for key in keys:
+        if getattr(section, key) < 1:
+            raise ConfigError(f"config key '{prefix}.{key}' must be at least 1")
+
+
+def _check_data(d: DataConfig) -> None:
     if d.num_classes < 2:
         raise ConfigError("config key 'data.num_classes' must be at least 2")
     if d.image_size < 16:
         raise ConfigError("config key 'data.image_size' must be at least 16")
     if not 0.0 <= d.val_fraction < 1.0:
         raise ConfigError("config key 'data.val_fraction' must be in [0, 1)")
-    for key, value in (("train.epochs", t.epochs), ("train.batch_size", t.batch_size),
-                       ("train.grad_accum_steps", t.grad_accum_steps), ("submit.batch_size", cfg.submit.batch_size)):
-        if value < 1:
-            raise ConfigError(f"config key '{key}' must be at least 1")
-    if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:
-        raise ConfigError(f"config key 'name': {cfg.name!r} must be a plain name (no path separators)")
-    if cfg.model.mean and len(cfg.model.mean) != 3 or cfg.model.std and len(cfg.model.std) != 3:
+
+
+def _check_train(t: TrainConfig) -> None:
+    _at_least_one(t, "train", ("epochs", "batch_size", "grad_accum_steps"))
+    if (t.mixup > 0 or t.cutmix > 0) and t.batch_size % 2:
+        raise ConfigError("train.batch_size must be even with mixup/cutmix")
+    if t.mixed_precision == "fp16":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
+
+
+def _check_aug(cfg: Config) -> None:
+    # Building the pipeline is the check: albumentations 2.x only warns about a 1.x-style
+    # argument, and create_train_transform turns that (and every other problem) into a
+    # UserError naming the entry, before any process starts.
+    from core.transforms import create_train_transform
+
+    create_train_transform(cfg.aug, cfg.data.image_size)
+
+
+def _check_model(m: ModelConfig) -> None:
+    if m.mean and len(m.mean) != 3 or m.std and len(m.std) != 3:
         raise ConfigError("config keys 'model.mean'/'model.std' need 3 values (or [] for the timm default)")
+
+
+def _check_predict(cfg: Config) -> None:
+    """The sections ``submit``, ``evaluate`` and ``export`` share: submit, tta, random_pad."""
+    _at_least_one(cfg.submit, "submit", ("batch_size",))
     if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
         raise ConfigError("config key 'tta.scales' needs one or more positive factors")
     if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
         raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
     if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
         raise ConfigError("config keys 'random_pad.min_ratio'/'max_ratio' need 0 < min <= max <= 1")
+
+
+def _check_eval(e: EvalConfig) -> None:
+    _at_least_one(e, "eval", ("batch_size", "steps", "cw_steps", "square_queries", "eot_samples", "draws", "restarts"))
+    if e.subset < 0:
+        raise ConfigError("config key 'eval.subset' must be >= 0 (0 = all images)")
+    for key in ("eps_linf", "eps_l2", "eps_l1", "step_ratio"):
+        if getattr(e, key) <= 0:
+            raise ConfigError(f"config key 'eval.{key}' must be positive")
+    if e.cw_max_norm < 0 or any(v <= 0 for v in e.eps_curve):
+        raise ConfigError("config keys 'eval.cw_max_norm' (>= 0) / 'eval.eps_curve' (> 0) out of range")
+    if any(s not in range(1, 6) for s in e.corruption_severities):
+        raise ConfigError(f"config key 'eval.corruption_severities': {e.corruption_severities} must be within 1..5")
 
 
 def config_to_dict(cfg: Any) -> dict:
@@ -433,7 +494,7 @@ def config_from_dict(data: dict) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from train.io import atomic_write_text
+    from core.io import atomic_write_text
 
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 

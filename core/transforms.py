@@ -1,7 +1,7 @@
-"""Albumentations pipelines for training and evaluation, and per-worker reseeding.
+"""Albumentations pipelines for training and the evaluation resize.
 
 Both pipelines take and return HxWx3 uint8 images: no normalization here, the model
-normalizes (see ``train/model.py``), so defenses and attacks see raw pixels.
+normalizes (see ``core/model.py``), so defenses and attacks see raw pixels.
 
 albumentations 2.x only *warns* about unknown or renamed (1.x-style) arguments and then
 silently ignores them, so a config written for 1.x would quietly train without the intended
@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import random
 import warnings
-from typing import Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import albumentations as A
 import cv2
 import numpy as np
-import torch
 
-from train.config import AugConfig
-from train.errors import UserError
+from core.errors import UserError
+
+if TYPE_CHECKING:  # the config module builds these pipelines to check its aug section
+    from core.config import AugConfig
 
 
 class SeededCompose(A.Compose):
@@ -153,8 +154,8 @@ class EvalResize:
     Computes what ``A.Resize(size, size, interpolation=cv2.INTER_LINEAR,
     area_for_downscale="image")`` computes (area interpolation when either side shrinks, the
     image itself when it already has the size) with one ``cv2.resize`` call: wrapped in
-    ``A.Compose`` the same resize cost ~0.16 ms of bookkeeping per image, more than decoding a
-    64 px PNG, on the path every ``submit`` and validation image takes.
+    ``A.Compose`` the same resize costs more bookkeeping per image than decoding a 64 px PNG,
+    on the path every ``submit`` and validation image takes.
     ``tests/test_transforms.py`` compares the pixels with albumentations'.
     """
 
@@ -179,33 +180,3 @@ class EvalResize:
 def create_eval_transform(image_size: int) -> EvalResize:
     """Resize to ``image_size`` x ``image_size`` (area interpolation when shrinking)."""
     return EvalResize(image_size)
-
-
-def _find_transform(dataset: Any) -> Any:
-    """The albumentations pipeline of ``dataset``, looking through wrappers (``.dataset``)."""
-    for _ in range(8):
-        transform = getattr(dataset, "transform", None)
-        if hasattr(transform, "set_random_seed"):
-            return transform
-        dataset = getattr(dataset, "dataset", None)
-        if dataset is None:
-            break
-    return None
-
-
-def worker_init_fn(worker_id: int) -> None:
-    """DataLoader ``worker_init_fn``: give each worker (and each epoch) its own random stream.
-
-    Without it every worker starts from the transform's pickled state and repeats the same
-    augmentations every epoch. ``torch.initial_seed()`` in a worker is the loader's base seed
-    (drawn anew for each iterator, i.e. each epoch without persistent workers) plus
-    ``worker_id``; numpy, ``random`` and the dataset's albumentations pipeline are seeded
-    from it. With persistent workers the streams simply continue across epochs.
-    """
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    random.seed(seed)
-    info = torch.utils.data.get_worker_info()
-    transform = _find_transform(info.dataset) if info is not None else None
-    if transform is not None:
-        transform.set_random_seed(seed)

@@ -1,0 +1,141 @@
+"""Sections ``parts`` and ``compile``: GCM, TTA and ensemble costs, memory layout, precision, compilation."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from bench.measure import (
+    BenchContext,
+    Row,
+    interleaved_seconds,
+    measure_interleaved,
+    median_rate,
+    median_ratio,
+    time_module,
+)
+from bench.submit import create_model_only, load_test_batches, run_forward_only, run_submit
+from core.checkpoint import load_model
+from core.config import ModelConfig
+from core.model import create_classifier
+from gcm import GradientConcealment
+from infer.defended import EnsembleTTA, View, resolve_views
+
+
+def bench_gcm(ctx: BenchContext, model: nn.Module, x: torch.Tensor, label: str) -> None:
+
+    gcm = GradientConcealment()
+    reps = max(5, ctx.settings.repeats * 3)
+    for _ in range(2):
+        time_module(model, x, 1), time_module(gcm, x, 5)
+    pairs = []
+    for _ in range(reps):
+        pairs.append((time_module(gcm, x, 20), time_module(model, x, 1)))
+    ratio = median_ratio(pairs)
+    ctx.rows.append(Row("parts", f"GCM / one forward ({label})", ratio,
+                        f"{statistics.median(p[0] for p in pairs) * 1e3:.2f} ms vs "
+                        f"{statistics.median(p[1] for p in pairs) * 1e3:.1f} ms, batch {x.shape[0]}",
+                        ("<", 0.01), unit="%"))
+
+
+def whole_vs_parts(whole: nn.Module, parts: Sequence[nn.Module], x: torch.Tensor,
+                   rounds: int) -> list[tuple[float, float]]:
+    """Per round, (seconds of ``whole(x)``, summed seconds of each part on ``x``), interleaved."""
+    fns = {"whole": lambda: time_module(whole, x, 1)}
+    fns.update({f"part{i}": (lambda m=m: time_module(m, x, 1)) for i, m in enumerate(parts)})
+    for fn in fns.values():
+        fn()
+    pairs = []
+    for _ in range(rounds):
+        t = interleaved_seconds(fns, 1)
+        pairs.append((t["whole"], sum(v for k, v in t.items() if k != "whole")))
+    return pairs
+
+
+def bench_parts(ctx: BenchContext) -> None:
+
+    cfg = ctx.config()
+    s = ctx.settings
+    bs = cfg.submit.batch_size
+    parts_rounds = max(3, 3 * s.repeats)  # each round takes well under a second: buy robustness
+    member, _ = load_model(ctx.checkpoint)
+    if cfg.model.channels_last:
+        member = member.to(memory_format=torch.channels_last)
+    x = torch.rand(bs, 3, s.image_size, s.image_size)
+    bench_gcm(ctx, member, x, f"{cfg.model.name} at {s.image_size} px")
+    if not s.quick:
+        # The challenge's model and resolution: a forward costs ~8x more per pixel than the demo's.
+        tiny = create_classifier(ModelConfig(name="convnext_tiny", drop_path_rate=0.0), cfg.data.num_classes).eval()
+        bench_gcm(ctx, tiny, torch.rand(8, 3, 224, 224), "convnext_tiny at 224 px")
+        del tiny
+
+    views = resolve_views([1.0, 0.9], hflip=True)[: s.tta_views]
+    size = s.image_size
+    batched = EnsembleTTA([member], [size], views).eval()
+    singles = [EnsembleTTA([member], [size], [v]).eval() for v in views]
+    pairs = whole_vs_parts(batched, singles, x, parts_rounds)
+    ctx.rows.append(Row("parts", f"{len(views)} TTA views batched / {len(views)} single-view forwards",
+                        median_ratio(pairs),
+                        f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
+                        f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}, views "
+                        f"{', '.join(map(str, views))}", ("<=", 1.05)))
+
+    others = []
+    for i in range(1, s.members):
+        torch.manual_seed(i)
+        other = create_classifier(cfg.model, cfg.data.num_classes).eval()
+        others.append(other.to(memory_format=torch.channels_last) if cfg.model.channels_last else other)
+    members = [member, *others]
+    ensemble = EnsembleTTA(members, [size] * len(members), [View()]).eval()
+    alone = [EnsembleTTA([m], [size], [View()]).eval() for m in members]
+    pairs = whole_vs_parts(ensemble, alone, x, parts_rounds)
+    ctx.rows.append(Row("parts", f"ensemble of {len(members)} / sum of its members", median_ratio(pairs),
+                        f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
+                        f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}", ("<=", 1.05)))
+
+    # CPU view of the GPU switches: channels_last layout and bf16 autocast against the default.
+    plain, _ = load_model(ctx.checkpoint)
+    cl, _ = load_model(ctx.checkpoint)
+    cl = cl.to(memory_format=torch.channels_last)
+
+    def bf16_forward() -> float:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return time_module(plain, x, 1)
+
+    fns = {"cl": lambda: time_module(cl, x, 1), "plain": lambda: time_module(plain, x, 1), "bf16": bf16_forward}
+    for fn in fns.values():
+        fn()
+    r = measure_interleaved(fns, parts_rounds)
+    for key, label in (("cl", "channels_last forward / default layout forward (time)"),
+                       ("bf16", "bf16 autocast forward / float32 forward (time)")):
+        ctx.rows.append(Row("parts", label, median_ratio(list(zip(r[key], r["plain"]))),
+                            f"{statistics.median(r[key]) * 1e3:.1f} vs {statistics.median(r['plain']) * 1e3:.1f} ms, "
+                            f"batch {bs}, CPU; < 1 is faster"))
+
+
+def bench_compile(ctx: BenchContext) -> None:
+    """``model.compile=true`` on CPU: the forward, and submit end to end with compilation."""
+    cfg = ctx.config()
+    compiled_cfg = ctx.config("model.compile=true")
+    batches = load_test_batches(ctx.test_dir, ctx.settings.image_size, cfg.submit.batch_size)
+    eager = create_model_only(ctx.checkpoint, cfg)
+    start = time.perf_counter()
+    compiled = create_model_only(ctx.checkpoint, compiled_cfg)
+    run_forward_only(compiled, batches)
+    first = time.perf_counter() - start
+    fns = {"compiled": lambda: run_forward_only(compiled, batches), "eager": lambda: run_forward_only(eager, batches)}
+    for fn in fns.values():
+        fn()
+    r = measure_interleaved(fns, ctx.settings.repeats)
+    ctx.rows.append(Row("compile", "compiled forward / eager forward (img/s)", median_ratio(list(zip(r["compiled"], r["eager"]))),
+                        f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s; first call (compilation) {first:.0f} s"))
+    fns = {"compiled": lambda: run_submit(ctx, "model.compile=true"), "eager": lambda: run_submit(ctx)}
+    r = measure_interleaved(fns, ctx.settings.repeats)
+    ctx.rows.append(Row("compile", "submit model.compile=true / eager, end to end incl. compilation",
+                        median_ratio(list(zip(r["compiled"], r["eager"]))),
+                        f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s on "
+                        f"{sum(b.shape[0] for b in batches)} images (compiled kernels cached on disk after the first run)"))

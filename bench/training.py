@@ -1,0 +1,153 @@
+"""Section ``train``: training with its real loader against a model-only step loop, and peak memory."""
+
+from __future__ import annotations
+
+import gc
+import multiprocessing
+import resource
+import statistics
+import time
+from typing import Sequence
+
+import torch
+import yaml
+
+from bench.measure import BenchContext, Row, measure_interleaved, median_rate, median_ratio, quiet
+from core.config import load_config
+from core.images import to_float_images
+from train.engine import Progress, train_one_epoch
+from train.setup import Training, build_training, create_accelerator
+
+
+def create_training(cfg) -> Training:
+    """What ``train.main.run`` trains with, built by its own ``build_training`` (no run folder,
+    tracking or checkpoints); ``train.max_steps`` bounds each timed run."""
+    torch.manual_seed(cfg.seed)
+    return build_training(cfg, create_accelerator(cfg))
+
+
+def run_train_epoch(training: Training, loader, epoch: int) -> float:
+    """Samples/s of ``train_one_epoch`` for ``train.max_steps`` optimizer steps (its own timer)."""
+    if hasattr(loader, "set_epoch"):
+        loader.set_epoch(epoch)  # new augmentations every run, as in training
+    with quiet():
+        stats = train_one_epoch(training, loader, Progress(), epoch)
+    return stats["samples_per_s"]
+
+
+def run_train_step_only(parts: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
+                        steps: int) -> float:
+    """Samples/s of a bare forward + backward + optimizer step loop on in-memory tensors."""
+    model, optimizer, loss_fn = parts.model, parts.optimizer, parts.loss_fn
+    model.train()
+    n = 0
+    start = time.perf_counter()
+    for i in range(steps):
+        x, y = batches[i % len(batches)]
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        n += x.shape[0]
+    return n / (time.perf_counter() - start)
+
+
+def collect_train_batches(parts: Training, count: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """A few real augmented batches from the real loader, kept as uint8 in memory."""
+    batches = []
+    for images, targets in parts.train_loader:
+        batches.append((images.clone(), targets.clone()))
+        if len(batches) == count:
+            break
+    return batches
+
+
+def _memory_probe(overrides: list[str], steps: int, out: multiprocessing.Queue) -> None:
+    """Child process: train ``steps`` steps with the real loader, report peak RSS (kB)."""
+
+    parts = create_training(load_config(None, [*overrides, f"train.max_steps={steps}"]))
+    run_train_epoch(parts, parts.train_loader, 0)
+    del parts  # shuts the persistent workers down, so they count as waited-for children
+
+    gc.collect()
+    out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+
+
+def measure_train_peak_memory(ctx: BenchContext) -> tuple[float, float]:
+    """Peak resident memory (MB) of a fresh training process and of its largest loader worker."""
+    mp = multiprocessing.get_context("spawn")
+    queue = mp.Queue()
+    proc = mp.Process(target=_memory_probe, args=(ctx.overrides, ctx.settings.train_steps, queue))
+    proc.start()
+    try:
+        main_kb, child_kb = queue.get(timeout=600)
+    finally:
+        proc.join(timeout=60)
+    return main_kb / 1024, child_kb / 1024
+
+
+def time_training(parts: Training, steps: int, repeats: int, engine: bool = False) -> dict[str, list[float]]:
+    """Samples/s per round of the real pipeline (``pipeline``), of a bare fwd+bwd+step loop on
+    the same batches already in memory (``limit``) and, with ``engine``, of ``train_one_epoch``
+    on those in-memory batches (``engine``), measured interleaved after one warm-up each."""
+
+    raw = collect_train_batches(parts, min(steps, len(parts.train_loader)))
+    floats = [(to_float_images(x, parts.cfg.model.channels_last), y) for x, y in raw]
+    epoch = iter(range(1, 10**6))
+    fns = {"pipeline": lambda: run_train_epoch(parts, parts.train_loader, next(epoch)),
+           "limit": lambda: run_train_step_only(parts, floats, steps)}
+    if engine:
+        fns["engine"] = lambda: run_train_epoch(parts, raw, 0)
+    for fn in fns.values():
+        fn()
+    return measure_interleaved(fns, repeats)
+
+
+def bench_train_variant(ctx: BenchContext, label: str, *overrides: str) -> None:
+    """The pipeline / model-only comparison again with ``overrides`` (e.g. a costlier augmentation)."""
+    steps = ctx.settings.train_steps
+    r = time_training(create_training(ctx.config(*overrides, f"train.max_steps={steps}")), steps, ctx.settings.repeats)
+    ctx.rows.append(Row("train", f"train {label} / model-only fwd+bwd+step",
+                        median_ratio(list(zip(r["pipeline"], r["limit"]))),
+                        f"{median_rate(r['pipeline'])} vs {median_rate(r['limit'])} samples/s"))
+
+
+def with_random_fog(cfg) -> str | None:
+    """An ``aug.corruptions`` override with A.RandomFog in place of the default fog, or None.
+
+    The default family used A.RandomFog until the bench showed its cost: in albumentations
+    2.0.8 it draws each fog particle with its own ``cv2.addWeighted``, far dearer than any other
+    corruption. The row keeps that cost visible next to the default.
+    """
+
+    names = [c.get("name") for c in cfg.aug.corruptions]
+    if "PlasmaBrightnessContrast" not in names:
+        return None
+    swapped = [c if c.get("name") != "PlasmaBrightnessContrast" else {"name": "RandomFog", "fog_coef_range": [0.1, 0.3]}
+               for c in cfg.aug.corruptions]
+    return "aug.corruptions=" + yaml.safe_dump(swapped, default_flow_style=True, width=10**6).strip()
+
+
+def bench_train(ctx: BenchContext) -> None:
+    cfg = ctx.config()
+    steps = ctx.settings.train_steps
+    r = time_training(create_training(ctx.config(f"train.max_steps={steps}")), steps, ctx.settings.repeats, engine=True)
+    common = (f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {steps} steps, "
+              f"{torch.get_num_threads()} threads")
+    ctx.rows.append(Row("train", "train (real loader + augmentations) / model-only fwd+bwd+step",
+                        median_ratio(list(zip(r["pipeline"], r["limit"]))),
+                        f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['limit']):.0f} samples/s; {common}",
+                        (">=", 0.9)))
+    ctx.rows.append(Row("train", "train_one_epoch on in-memory batches / model-only (engine: EMA, sync, sched)",
+                        median_ratio(list(zip(r["engine"], r["limit"]))),
+                        f"{statistics.median(r['engine']):.0f} vs {statistics.median(r['limit']):.0f} samples/s"))
+    ctx.rows.append(Row("train", "train (real loader) / train_one_epoch on in-memory batches (data loading)",
+                        median_ratio(list(zip(r["pipeline"], r["engine"]))),
+                        f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['engine']):.0f} samples/s"))
+    fog = with_random_fog(cfg)
+    if fog is not None:
+        bench_train_variant(ctx, "with A.RandomFog as the fog corruption (the earlier default)", fog)
+    main_mb, worker_mb = measure_train_peak_memory(ctx)
+    ctx.rows.append(Row("train", "peak RSS of a training process (ru_maxrss, main)", main_mb,
+                        f"fresh process, {steps} steps; largest loader worker {worker_mb:.0f} MB (RUSAGE_CHILDREN)",
+                        unit="MB"))

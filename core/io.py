@@ -1,0 +1,154 @@
+"""Atomic file writes (an output appears whole or not at all) and strict JSON values."""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import numbers
+import os
+import secrets
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def create_temp_beside(path: Path) -> tuple[int, Path]:
+    """Open a hidden temp file in ``path``'s folder (so a rename onto ``path`` is atomic).
+
+    mkstemp creates files 0600; they get the permissions a plain ``open`` would give, since
+    the temp file becomes the user's output.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.fchmod(fd, 0o666 & ~_umask())
+    return fd, Path(tmp)
+
+
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
+    path = Path(path)
+    fd, tmp_path = create_temp_beside(path)
+    os.close(fd)
+    try:
+        yield tmp_path
+        with open(tmp_path, "rb+") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(data)
+
+
+def atomic_write_files(texts: dict[Path, str]) -> None:
+    """Write several text files as one unit: all of them appear, or none changes.
+
+    ``core.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
+    files that is not enough (a failing second rename would leave a new CSV next to an old
+    JSON), so this writes every temp first and undoes the renames already done on failure.
+    Older files are kept as hard links (a copy where links are unsupported) until the end.
+    """
+    temps: dict[Path, Path] = {}
+    backups: dict[Path, Path] = {}
+    installed: list[Path] = []
+    try:
+        for target, text in texts.items():
+            temps[target] = _write_temp(target, text)
+        for target in texts:
+            if target.exists():
+                backups[target] = _backup(target)
+        for target in texts:
+            os.replace(temps[target], target)
+            del temps[target]
+            installed.append(target)
+        for folder in {t.parent for t in texts}:
+            _fsync_dir(folder)
+    except BaseException as exc:
+        for target in reversed(installed):
+            try:
+                if target in backups:
+                    os.replace(backups[target], target)
+                    del backups[target]
+                else:
+                    target.unlink(missing_ok=True)
+            except OSError as undo_exc:
+                # Keep the backup file: it is now the only copy of the old submission.
+                kept = backups.pop(target, None)
+                exc.add_note(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
+        raise
+    finally:
+        for tmp in list(temps.values()) + list(backups.values()):
+            tmp.unlink(missing_ok=True)
+
+
+def _write_temp(target: Path, text: str) -> Path:
+    # Same naming as core.io.atomic_path: hidden, beside the target, so rename stays atomic.
+    fd, tmp = create_temp_beside(target)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return Path(tmp)
+
+
+def _backup(target: Path) -> Path:
+    backup = target.with_name(f".{target.name}.{secrets.token_hex(4)}.bak")
+    try:
+        os.link(target, backup)
+    except OSError:
+        shutil.copy2(target, backup)
+    return backup
+
+
+def _fsync_dir(folder: Path) -> None:
+    # Makes the renames durable; not possible on every platform/file system, and not essential.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def to_json_safe(value: Any, where: str = "value") -> Any:
+    """A copy of ``value`` that ``json.dumps(allow_nan=False)`` accepts, or a ValueError naming the key."""
+    if value is None or isinstance(value, (str, bool)):
+        return value
+    if isinstance(value, numbers.Integral):
+        return int(value)
+    if isinstance(value, numbers.Real):
+        value = float(value)
+        return value if math.isfinite(value) else None  # strict JSON has no NaN/Infinity
+    if isinstance(value, Path):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): to_json_safe(v, f"{where}.{k}") for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [to_json_safe(v, f"{where}[{k}]") for k, v in enumerate(value)]
+    if hasattr(value, "tolist"):  # numpy arrays and scalars, without importing numpy
+        return to_json_safe(value.tolist(), where)
+    raise ValueError(f"{where}: {type(value).__name__} value {value!r} cannot be written as JSON")

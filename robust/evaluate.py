@@ -1,0 +1,259 @@
+"""``./run.sh evaluate``: a local leaderboard that tells the truth about GCM.
+
+Every number comes from the exact model ``submit`` builds (:func:`build_defended_model`):
+
+* main table, laid out like the paper's (Top-1, FGSM, PGD-L1, PGD-L2, PGD-Linf, C&W, plus the
+  per-sample worst case), with three rows: the undefended model (same members and TTA, no
+  GCM / random pad), the defended model under the standard white-box attacks the paper
+  reports, and the defended model under adaptive attacks (BPDA straight through GCM, EOT over
+  the random resize-pad layer);
+* second table on the defended model: Square (score-based black box), transfer attacks from
+  the same weights without the defense and from an independent checkpoint, a random-noise
+  baseline and corruptions at several severities;
+* PGD-Linf accuracy against eps for the three rows, sanity checks and a verdict computed
+  from the numbers (:mod:`robust.verdict`). :mod:`robust.report` writes them (Markdown, CSV,
+  JSON, two PNGs, W&B).
+
+Randomized models are scored by expected accuracy over ``eval.draws`` forward passes; each
+attack and each scoring pass reseeds the random layer, so a run is reproducible.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from core.cli import create_parser, parse_config, quiet_libraries, run_cli
+from core.config import Config, resolve_path
+from core.datasets import ImageDataset
+from core.errors import UserError
+from core.images import to_float_images
+from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples
+from core.transforms import create_eval_transform
+from gcm import DefendedModel
+from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
+from robust.corruptions import CORRUPTIONS, corrupt
+from robust.metrics import worst_case
+from robust.report import write_report
+from robust.results import EvalResult, Row, Score
+from robust.runner import accuracy, craft, score
+from robust.specs import PAPER_COLUMNS, SPECS
+from robust.verdict import describe_defense, sanity_checks, verdict
+
+# --- data ----------------------------------------------------------------------------------
+
+def select_subset(n: int, subset: int, seed: int) -> np.ndarray:
+    """A fixed, seeded choice of ``subset`` of ``n`` indices in their original order (all if 0)."""
+    if not subset or subset >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=subset, replace=False))
+
+
+def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
+    """Labelled images as one float tensor in [0, 1] at ``image_size``, their labels, and the source.
+
+    The test folder when its hidden labels (``data.test_labels``) exist, else the validation
+    split of the training data. ``eval.subset`` picks a seeded subset.
+    """
+    labels_path = hidden_labels_path(cfg.data)
+    labels = read_hidden_labels(cfg.data)
+    if labels is not None:
+        samples = [(p, labels[i]) for p, i in list_test_images(resolve_path(cfg.data.root, cfg.data.test_dir))
+                   if i in labels]
+        source = f"test set ({labels_path})"
+    else:
+        samples = resolve_samples(cfg.data)[1]
+        source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
+    if not samples:
+        raise UserError("evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a "
+                        "validation split)")
+    samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
+    dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return to_float_images(torch.stack(images)), torch.tensor(labels), source
+
+
+# --- rows and tables -----------------------------------------------------------------------
+
+def _progress_line(progress: bool, label: str, correct: torch.Tensor, start: float) -> None:
+    if progress:
+        print(f"  {label}: {accuracy(correct):.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
+
+
+def run_row(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, *, adaptive: bool = False,
+            clean: torch.Tensor | None = None, keep: Sequence[str] = (), progress: bool = False,
+            desc: str = "") -> dict:
+    """Clean and per-attack correctness for one row of the main table.
+
+    Returns ``{"clean": ..., "attacks": {name: correctness}, "adv": {name: images}}`` with the
+    adversarial images of the attacks named in ``keep`` (reused as transfer attacks).
+    """
+    clean = score(model, x, y, cfg) if clean is None else clean
+    attacks, kept = {}, {}
+    for spec in PAPER_COLUMNS:
+        if spec.name not in cfg.eval.attacks:
+            continue
+        start = time.perf_counter()
+        adv = craft(spec.name, model, x, y, cfg, adaptive=adaptive, progress=progress, desc=f"{desc}: {spec.title}")
+        attacks[spec.name] = score(model, adv, y, cfg)
+        if spec.name in keep:
+            kept[spec.name] = adv
+        _progress_line(progress, f"{desc}: {spec.title}", attacks[spec.name], start)
+    return {"clean": clean, "attacks": attacks, "adv": kept}
+
+
+def summarize_row(label: str, clean: torch.Tensor, attacks: dict[str, torch.Tensor], cfg: Config) -> Row:
+    """Top-1 and RobustART metrics per attack, plus the per-sample worst case over the row's attacks."""
+    row = Row(label, accuracy(clean))
+    for name, correct in attacks.items():
+        spec = SPECS[name]
+        row.attacks[name] = Score.measure(name, spec.title, spec.norm, spec.budget(cfg.eval), spec.steps(cfg.eval),
+                                          clean, correct)
+    if attacks:
+        row.worst_case = Score.measure("worst_case", "worst case", "all", None, 0, clean, worst_case(attacks))
+    return row
+
+
+def run_curve(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, *, adaptive: bool = False,
+              known: torch.Tensor | None = None, progress: bool = False, desc: str = "") -> list[float]:
+    """PGD-Linf accuracy (%) at each ``eval.eps_curve`` eps; ``known`` is the result at ``eval.eps_linf``."""
+    accs = []
+    for eps in cfg.eval.eps_curve:
+        # rel_tol: an eps written in a config with a few digits (0.0314 for 8/255) is the same point
+        if known is not None and math.isclose(eps, cfg.eval.eps_linf, rel_tol=1e-3):
+            accs.append(accuracy(known))
+            continue
+        start = time.perf_counter()
+        adv = craft("pgd_linf", model, x, y, cfg, eps=eps, adaptive=adaptive, progress=progress,
+                    desc=f"{desc}: eps {eps * 255:.3g}/255")
+        correct = score(model, adv, y, cfg)
+        _progress_line(progress, f"{desc}: PGD-Linf eps {eps * 255:.3g}/255", correct, start)
+        accs.append(accuracy(correct))
+    return accs
+
+
+def run_black_box(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, clean: torch.Tensor,
+                  transfers: Sequence[tuple[str, str, torch.Tensor]], progress: bool = False
+                  ) -> list[tuple[Score, torch.Tensor]]:
+    """Square, transfer attacks, random noise and corruptions on ``model``, each with its correctness.
+
+    ``clean`` is the model's correctness on ``x``; ``transfers`` are ``(key, label, adversarial
+    images crafted on another model)``.
+    """
+    e = cfg.eval
+    out = []
+
+    def add(attack: str, label: str, norm: str, eps: float | None, steps: int, images: torch.Tensor) -> None:
+        correct = score(model, images, y, cfg)
+        out.append((Score.measure(attack, label, norm, eps, steps, clean, correct), correct))
+
+    if "square" in e.attacks:
+        start = time.perf_counter()
+        spec = SPECS["square"]
+        adv = craft("square", model, x, y, cfg, progress=progress, desc="defended: Square")
+        add("square", "Square (score-based black box, Linf)", spec.norm, spec.budget(e), spec.steps(e), adv)
+        _progress_line(progress, "defended: Square", out[-1][1], start)
+    spec = SPECS["transfer"]
+    for key, label, adv in transfers:
+        add(key, label, spec.norm, spec.budget(e), spec.steps(e), adv)
+    if "noise" in e.attacks:
+        spec = SPECS["noise"]
+        add("noise", "random noise (Linf, full budget)", spec.norm, spec.budget(e), spec.steps(e),
+            craft("noise", model, x, y, cfg))
+    for corruption in CORRUPTIONS:
+        for severity in e.corruption_severities:
+            add(f"corruption_{corruption.name}_s{severity}", f"corruption: {corruption.name}, severity {severity}",
+                "", None, 0, corrupt(x, corruption, int(severity), e.seed))
+    return out
+
+
+# --- the stage -----------------------------------------------------------------------------
+
+def run(cfg: Config, progress: bool = True) -> EvalResult:
+    """Evaluate the defended model of ``cfg``, write the report and return the numbers."""
+    start = time.perf_counter()
+    e = cfg.eval
+    torch.manual_seed(e.seed)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    checkpoints = resolve_member_paths(cfg)
+    members, infos = load_members(checkpoints, cfg.data.num_classes)
+    undefended = build_defended_model(members, infos, cfg, defense=False).to(device)
+    defended = build_defended_model(members, infos, cfg).to(device)
+    surrogate = None
+    if e.surrogate and "transfer" in e.attacks:
+        s_members, s_infos = load_members([e.surrogate], cfg.data.num_classes)
+        surrogate = build_defended_model(s_members, s_infos, cfg, defense=False).to(device)
+    x, y, source = load_eval_images(cfg, input_size_of(infos))
+    defense, adaptive_attack = describe_defense(cfg)
+    labels = {"undefended": "undefended", "defended": f"{defense} (standard white-box, as in the paper)",
+              "adaptive": f"{defense} (adaptive: {adaptive_attack})"}
+    if progress:
+        print(f"evaluate: {len(x)} images from the {source}, {len(members)} member(s), defense: {defense}, "
+              f"device {device.type}", flush=True)
+
+    keep = ["pgd_linf"] if "transfer" in e.attacks else []
+    raw = {"undefended": run_row(undefended, x, y, cfg, keep=keep, progress=progress, desc="undefended"),
+           "defended": run_row(defended, x, y, cfg, progress=progress, desc="defended")}
+    raw["adaptive"] = run_row(defended, x, y, cfg, adaptive=True, clean=raw["defended"]["clean"], progress=progress,
+                              desc="adaptive")
+    rows = {k: summarize_row(labels[k], v["clean"], v["attacks"], cfg) for k, v in raw.items()}
+
+    transfers = []
+    if "transfer" in e.attacks:
+        same = raw["undefended"]["adv"].get("pgd_linf")
+        if same is None:
+            same = craft("pgd_linf", undefended, x, y, cfg)
+        transfers.append(("transfer_same_weights", "transfer PGD-Linf from the same weights without the defense", same))
+        if surrogate is not None:
+            transfers.append(("transfer_surrogate", f"transfer PGD-Linf from an independent checkpoint ({e.surrogate})",
+                              craft("pgd_linf", surrogate, x, y, cfg, progress=progress, desc="surrogate")))
+    clean = raw["defended"]["clean"]
+    measured = run_black_box(defended, x, y, cfg, clean, transfers, progress)
+    black_box = [s for s, _ in measured]
+    adversarial = {f"defended/{k}": v for k, v in raw["defended"]["attacks"].items()}
+    adversarial.update({f"adaptive/{k}": v for k, v in raw["adaptive"]["attacks"].items()})
+    adversarial.update({s.attack: c for s, c in measured if s.attack == "square" or s.attack.startswith("transfer")})
+    if adversarial:
+        black_box.append(Score.measure("worst_case", f"worst case per image over every attack above and in the "
+                                       f"{defense} rows", "all", None, 0, clean, worst_case(adversarial)))
+
+    curve: dict = {"eps": [float(v) for v in e.eps_curve]}
+    if e.eps_curve:
+        for key, model, adaptive in (("undefended", undefended, False), ("defended", defended, False),
+                                     ("adaptive", defended, True)):
+            curve[key] = run_curve(model, x, y, cfg, adaptive=adaptive, known=raw[key]["attacks"].get("pgd_linf"),
+                                   progress=progress, desc=f"{key} curve")
+
+    settings = {k: getattr(e, k) for k in ("eps_linf", "eps_l2", "eps_l1", "steps", "step_ratio", "restarts",
+                                           "cw_steps", "square_queries", "eot_samples", "draws", "seed")}
+    result = EvalResult(
+        n=len(x), source=source, defense=defense, adaptive_attack=adaptive_attack, checkpoints=checkpoints,
+        surrogate=e.surrogate if surrogate is not None else "",
+        settings={**settings, "cw_max_norm": SPECS["cw_l2"].budget(e)}, randomized=defended.randomized,
+        rows=rows, black_box=black_box, eps_curve=curve,
+        corruptions=[{"name": c.name, "param": c.param, "levels": list(c.levels)} for c in CORRUPTIONS],
+        corruption_severities=list(e.corruption_severities),
+    )
+    result.sanity = sanity_checks(result)
+    result.verdict = verdict(result)
+    result.seconds = round(time.perf_counter() - start, 1)
+    out_dir = Path(e.out_dir) if e.out_dir else cfg.run_dir / "eval"
+    result.out_dir = str(out_dir)
+    result.files = write_report(result, out_dir, cfg, echo=progress)
+    return result
+
+
+def main(argv: Sequence[str] | None = None) -> EvalResult:
+    quiet_libraries()
+    args = create_parser("run.sh evaluate", "Local robustness leaderboard: clean, corruptions, black-box, "
+                                            "white-box and adaptive attacks on the defended model.").parse_args(argv)
+    return run(parse_config(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

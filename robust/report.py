@@ -1,0 +1,211 @@
+"""The evaluation report: Markdown, CSV, JSON, two PNG charts and W&B, from ``evaluate.run``'s result.
+
+Every file is written atomically (whole or not at all). The CSV has one row per (model,
+attack); the JSON holds the whole :class:`EvalResult`; the Markdown has the paper-style
+table, the black-box / corruption table, the settings, the sanity checks and the verdict.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+from typing import Callable
+
+from core.config import Config
+from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
+from core.tracking import start_run
+from robust.results import ROW_KEYS, EvalResult, Score
+from robust.specs import PAPER_COLUMNS
+
+CSV_COLUMNS = ["model", "attack", "clean_acc", "robust_acc", "ar", "eps", "norm", "steps", "n"]
+
+
+def _num(value: float | None, digits: int = 1) -> str:
+    return "-" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.{digits}f}"
+
+
+def _cell(score: Score) -> str:
+    """Robust accuracy with RobustART's AR next to it."""
+    return f"{_num(score.robust_acc)} (AR {_num(score.ar)})"
+
+
+def _columns(result: EvalResult) -> list:
+    """The paper's columns that were run, in its order."""
+    return [spec for spec in PAPER_COLUMNS if spec.name in result.rows["defended"].attacks]
+
+
+def render_markdown(result: EvalResult) -> str:
+    s, rows = result.settings, result.rows
+    cols = _columns(result)
+    lines = [
+        f"Evaluated {result.n} images from the {result.source} in {result.seconds:.0f} s. Accuracy in % "
+        "under each attack, with AR (RobustART: % of the clean-correct images that stay correct) in brackets"
+        + (f"; expected accuracy over {s['draws']} draws of the random layer" if result.randomized else "") + ".",
+        "",
+        "| model | Top-1 | " + " | ".join(spec.title for spec in cols) + " | worst case |",
+        "|---|---|" + "---|" * len(cols) + "---|",
+    ]
+    for key in ROW_KEYS:
+        row = rows[key]
+        cells = [_num(row.top1)] + [_cell(row.attacks[spec.name]) for spec in cols]
+        cells.append(_cell(row.worst_case) if row.worst_case is not None else "-")
+        lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
+    eot = f", EOT {s['eot_samples']} samples per step" if result.randomized else ""
+    lines += ["", f"Budgets (pixels in [0, 1]): FGSM and PGD-Linf eps {s['eps_linf']:.4g} ({s['eps_linf'] * 255:.3g}/255), "
+              f"PGD-L2 {s['eps_l2']:g}, PGD-L1 {s['eps_l1']:g}; PGD {s['steps']} steps of {s['step_ratio']:g} x eps, "
+              f"{s['restarts']} restart(s), random start; C&W L2 {s['cw_steps']} Adam steps, projected onto "
+              f"L2 <= {s['cw_max_norm']:g}{eot}. Worst case: an image counts only if it survives every attack "
+              "of its row.", ""]
+    lines += [f"| black box, transfer, noise, corruptions (on the {result.defense} model) | accuracy % | AR |",
+              "|---|---|---|"]
+    for score in result.black_box:
+        lines.append(f"| {score.label} | {_num(score.robust_acc)} | {_num(score.ar)} |")
+    if not result.surrogate:
+        lines += ["", "Transfer from an independently trained checkpoint: skipped (set `eval.surrogate=PATH`)."]
+    if result.corruption_severities:
+        lines += ["", "Corruption severities (ImageNet-C levels 1..5, albumentations on the uint8 images):", "",
+                  "| corruption | parameter | " + " | ".join(str(i) for i in range(1, 6)) + " |",
+                  "|---|---|" + "---|" * 5]
+        for c in result.corruptions:
+            lines.append(f"| {c['name']} | {c['param']} | " + " | ".join(f"{v:g}" for v in c["levels"]) + " |")
+    curve = result.eps_curve
+    if curve["eps"]:
+        lines += ["", "PGD-Linf accuracy % against eps:", "",
+                  "| model | " + " | ".join(f"{e * 255:.3g}/255" for e in curve["eps"]) + " |",
+                  "|---|" + "---|" * len(curve["eps"])]
+        for key in ROW_KEYS:
+            lines.append(f"| {rows[key].label} | " + " | ".join(_num(v) for v in curve[key]) + " |")
+    lines += ["", "Sanity checks:", ""] + [f"- {n}" for n in result.sanity]
+    lines += ["", f"**Verdict.** {result.verdict}", ""]
+    return "\n".join(lines)
+
+
+def csv_rows(result: EvalResult) -> list[list]:
+    """One row per (model, attack), CSV_COLUMNS order; numbers rounded to 2 decimals."""
+    out = []
+
+    def add(model: str, score: Score) -> None:
+        out.append([model, score.attack, round(score.clean_acc, 2), round(score.robust_acc, 2),
+                    None if math.isnan(score.ar) else round(score.ar, 2), score.eps, score.norm, score.steps,
+                    result.n])
+
+    for key in ROW_KEYS:
+        row = result.rows[key]
+        add(key, Score("clean", "clean", "", 0.0, 0, row.top1, row.top1, 100.0))
+        for score in [*row.attacks.values(), *([row.worst_case] if row.worst_case is not None else [])]:
+            add(key, score)
+    for score in result.black_box:
+        add("defended", score)
+    return out
+
+
+def render_csv(rows: list[list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(CSV_COLUMNS)
+    writer.writerows([["" if v is None else v for v in row] for row in rows])
+    return buf.getvalue()
+
+
+def _png(draw: Callable, size: tuple[float, float] = (9, 4.5)) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=size)
+    try:
+        draw(ax)
+        ax.set_ylabel("accuracy %")
+        ax.set_ylim(0, 100)
+        ax.grid(axis="y", alpha=0.3)
+        ax.legend(fontsize=8)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def bars_png(result: EvalResult) -> bytes:
+    """Accuracy per attack (Top-1, the paper's columns, worst case), one bar per model row."""
+    rows = result.rows
+    cols = _columns(result)
+    titles = ["Top-1"] + [spec.title for spec in cols] + (["worst case"] if rows["defended"].worst_case else [])
+    width = 0.8 / len(ROW_KEYS)
+
+    def draw(ax):
+        for i, key in enumerate(ROW_KEYS):
+            row = rows[key]
+            values = [row.top1] + [row.attacks[spec.name].robust_acc for spec in cols]
+            values += [row.worst_case.robust_acc] if row.worst_case else []
+            ax.bar([j + (i - 1) * width for j in range(len(titles))], values, width, label=row.label)
+        ax.set_xticks(range(len(titles)), titles)
+        ax.set_title(f"Robust accuracy, {result.n} images")
+
+    return _png(draw)
+
+
+def curve_png(result: EvalResult) -> bytes:
+    """PGD-Linf accuracy against eps (x/255) for the three rows."""
+    curve = result.eps_curve
+
+    def draw(ax):
+        # Thick translucent undefended line: the adaptive row often lies exactly on top of it.
+        for key, style, width in zip(ROW_KEYS, ("o-", "s--", "^:"), (5.0, 1.5, 1.5)):
+            ax.plot([e * 255 for e in curve["eps"]], curve[key], style, lw=width, alpha=0.5 if width > 2 else 1.0,
+                    label=result.rows[key].label)
+        ax.set_xlabel("PGD-Linf eps (x/255)")
+        ax.set_title("Accuracy against attack budget")
+
+    return _png(draw, (7, 4.5))
+
+
+def log_wandb(cfg: Config, result: EvalResult, rows: list[list], files: dict[str, Path]) -> None:
+    """Log the CSV table, the charts and the headline numbers to W&B (nothing when disabled)."""
+    run = start_run(cfg, f"{cfg.name}-eval", files["md"].parent, "evaluate", {"eval": result.settings})
+    if run is None:
+        return
+    try:
+        import wandb
+
+        logged = {"eval/table": wandb.Table(columns=CSV_COLUMNS, data=rows)}
+        if "bars" in files:
+            logged["eval/bars"] = wandb.Image(str(files["bars"]))
+        if "eps_curve" in files:
+            logged["eval/eps_curve"] = wandb.Image(str(files["eps_curve"]))
+        run.log(logged)
+        for key, row in result.rows.items():
+            run.summary[f"{key}/top1"] = row.top1
+            for name, score in {**row.attacks, **({"worst_case": row.worst_case} if row.worst_case else {})}.items():
+                run.summary[f"{key}/{name}"] = score.robust_acc
+        run.summary["verdict"] = result.verdict
+    finally:
+        run.finish()
+
+
+def write_report(result: EvalResult, out_dir: Path, cfg: Config, echo: bool = True) -> dict[str, str]:
+    """Write eval.md, eval.csv, eval.json, eval_bars.png, eval_eps_curve.png (atomically) and log to W&B."""
+    out_dir = Path(out_dir)
+    md = render_markdown(result)
+    rows = csv_rows(result)
+    files = {"md": out_dir / "eval.md", "csv": out_dir / "eval.csv", "json": out_dir / "eval.json",
+             "bars": out_dir / "eval_bars.png"}
+    atomic_write_text(files["md"], md)
+    atomic_write_text(files["csv"], render_csv(rows))
+    atomic_write_bytes(files["bars"], bars_png(result))
+    if result.eps_curve["eps"]:
+        files["eps_curve"] = out_dir / "eval_eps_curve.png"
+        atomic_write_bytes(files["eps_curve"], curve_png(result))
+    names = {k: str(v) for k, v in files.items()}
+    payload = {**result.to_dict(), "files": names, "out_dir": str(out_dir)}
+    atomic_write_text(files["json"], json.dumps(to_json_safe(payload), indent=2) + "\n")
+    log_wandb(cfg, result, rows, files)
+    if echo:
+        print("\n" + md)
+        print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return names

@@ -1,0 +1,54 @@
+"""The layout rule of README "Layout": imports go one way, and no stage reaches into a sibling.
+
+Read from the source (every ``import`` / ``from ... import``, lazy ones inside functions too),
+so a new arrow that runs the wrong way fails here before it lands.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import ROOT
+
+# package -> the project packages it may import (besides itself)
+ALLOWED = {
+    "gcm": set(),
+    "attacks": set(),
+    "core": set(),
+    "train": {"core", "attacks"},
+    "infer": {"core", "gcm"},
+    "robust": {"core", "gcm", "attacks", "infer", "train"},
+    "bench": {"core", "gcm", "attacks", "infer", "train", "robust"},
+}
+
+
+def project_imports(path: Path) -> set[str]:
+    """Top-level project packages that ``path`` imports."""
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names = [node.module]
+        else:
+            continue
+        found |= {name.split(".")[0] for name in names} & set(ALLOWED)
+    return found
+
+
+@pytest.mark.parametrize("package", sorted(ALLOWED))
+def test_imports_go_one_way(package):
+    wrong = {}
+    for path in sorted((ROOT / package).rglob("*.py")):
+        bad = project_imports(path) - ALLOWED[package] - {package}
+        if bad:
+            wrong[str(path.relative_to(ROOT))] = sorted(bad)
+    assert not wrong, f"{package}/ may import only {sorted(ALLOWED[package]) or 'torch and itself'}: {wrong}"
+
+
+def test_every_package_is_in_the_rule():
+    packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
+    assert packages == set(ALLOWED)

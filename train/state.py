@@ -1,0 +1,173 @@
+"""A run's files: its folder, full training states for ``resume``, and the exported ``best``/``last`` models.
+
+Full states live in ``runs/<name>/checkpoints/e<epoch>_b<batch>/``: accelerate's own state
+(model, optimizer, RNG) plus ours as JSON and safetensors, published by an atomic rename so a
+kill never leaves a half-written checkpoint under a final name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from core.checkpoint import export_model, state_dict_of
+from core.config import Config, config_to_dict
+from core.errors import UserError
+from train.engine import Progress, TrainingDiverged
+from train.setup import Training
+
+CHECKPOINT_PREFIX = "e"
+TRAIN_STATE = "train_state.json"
+EMA_WEIGHTS = "ema.safetensors"
+
+
+def prepare_run_dir(run_dir: Path) -> None:
+    """Create the run folder up front so an unwritable ``out_dir`` fails before any training."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write_test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"out_dir: cannot write to {run_dir} ({exc.strerror or exc})") from None
+
+
+def checkpoint_dirs(run_dir: Path) -> list[Path]:
+    """Complete full-state checkpoints, oldest first. A ``.tmp`` folder is a torn write."""
+    root = run_dir / "checkpoints"
+    if not root.is_dir():
+        return []
+    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
+                  and not p.name.endswith(".tmp"))
+
+
+def save_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
+    """Our own state beside accelerate's, as JSON and safetensors.
+
+    accelerate unpickles registered objects with ``weights_only=False``; keeping progress,
+    scheduler and EMA out of it means a checkpoint is never loaded through pickle.
+    """
+    state = {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()}
+    (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
+    if ema is not None:
+        save_file(state_dict_of(ema.module), str(folder / EMA_WEIGHTS))
+
+
+def load_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text(encoding="utf-8"))
+        progress.load_state_dict(state["progress"])
+        scheduler.load_state_dict(state["scheduler"])
+        if ema is not None:
+            ema.module.load_state_dict(load_file(str(folder / EMA_WEIGHTS), device=str(ema_device(ema))))
+    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+        raise UserError(f"resume: {folder} is not a complete checkpoint of this run ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+
+
+def ema_device(ema) -> torch.device:
+    return next(ema.module.parameters()).device
+
+
+def save_checkpoint(training: Training, progress: Progress) -> Path:
+    """Full training state into ``checkpoints/e<epoch>_b<batch>``, published by an atomic rename.
+
+    A kill at any point leaves either the previous checkpoints or the new one complete, never
+    a half-written folder under a final name; the ``train.keep_checkpoints`` newest are kept.
+    """
+    accelerator, model, run_dir = training.accelerator, training.model, training.cfg.run_dir
+    if not all(bool(p.isfinite().all()) for p in accelerator.unwrap_model(model).parameters()):
+        raise TrainingDiverged(f"weights became NaN/inf by step {progress.global_step}; stopped without "
+                               "saving them (the last good checkpoint is kept: lower train.lr or use train.clip_grad)")
+    root = run_dir / "checkpoints"
+    final = root / f"{CHECKPOINT_PREFIX}{progress.epoch:04d}_b{progress.batch:06d}"
+    tmp = final.with_name(final.name + ".tmp")
+    if accelerator.is_main_process:
+        root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    try:
+        accelerator.save_state(str(tmp))
+        if accelerator.is_main_process:
+            save_extra_state(tmp, progress, training.scheduler, training.ema)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact") from None
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        if final.exists():
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        for old in checkpoint_dirs(run_dir)[:-training.cfg.train.keep_checkpoints]:
+            shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    return final
+
+
+def resolve_resume(cfg: Config) -> Path | None:
+    if not cfg.resume:
+        return None
+    if cfg.resume == "auto":
+        found = checkpoint_dirs(cfg.run_dir)
+        return found[-1] if found else None
+    path = Path(cfg.resume)
+    if not path.is_dir():
+        raise UserError(f"resume: no checkpoint folder {path}")
+    return path
+
+
+def restore(training: Training, progress: Progress) -> None:
+    """Continue from ``resume`` (a folder, or ``auto``: the newest checkpoint) or start fresh.
+
+    A fresh run under an old name removes the old checkpoints, which a later ``resume=auto``
+    would otherwise pick up.
+    """
+    cfg, accelerator = training.cfg, training.accelerator
+    run_dir = cfg.run_dir
+    resume_from = resolve_resume(cfg)
+    if resume_from is not None:
+        accelerator.load_state(str(resume_from))
+        load_extra_state(resume_from, progress, training.scheduler, training.ema)
+        accelerator.print(f"resumed from {resume_from} (epoch {progress.epoch}, batch {progress.batch}, "
+                          f"step {progress.global_step})")
+    elif cfg.resume == "auto":
+        accelerator.print(f"resume=auto: no checkpoint in {run_dir}/checkpoints, starting fresh")
+    elif accelerator.is_main_process and checkpoint_dirs(run_dir):
+        accelerator.print(f"starting fresh: removing earlier checkpoints in {run_dir}/checkpoints "
+                          "(use resume=auto to continue them)")
+        shutil.rmtree(run_dir / "checkpoints")
+    accelerator.wait_for_everyone()
+
+
+def export_models(training: Training, progress: Progress, metrics: dict, improved: bool) -> None:
+    """Write ``last`` (and ``best`` when improved) on the main process: the EMA weights when they validate better."""
+    accelerator, model, ema, cfg = training.accelerator, training.model, training.ema, training.cfg
+    if not accelerator.is_main_process:
+        return
+    use_ema = ema is not None and metrics.get("ema_acc", -1) >= metrics["acc"]
+    weights = ema.module if use_ema else accelerator.unwrap_model(model)
+    meta = {
+        "arch": cfg.model.name,
+        "num_classes": cfg.data.num_classes,
+        "image_size": cfg.data.image_size,
+        "weights": "ema" if use_ema else "model",
+        "epoch": progress.epoch,
+        "global_step": progress.global_step,
+        "val_acc": max(metrics["acc"], metrics.get("ema_acc", -1)),
+        "val_n": metrics["n"],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "config": config_to_dict(cfg),
+    }
+    try:
+        export_model(weights, cfg.run_dir / "last", meta)
+        if improved:
+            export_model(weights, cfg.run_dir / "best", meta)
+    except OSError as exc:
+        raise UserError(f"cannot write the exported model in {cfg.run_dir}: {exc.strerror or exc}; "
+                        "earlier exports and checkpoints are intact") from None
