@@ -43,7 +43,11 @@ case "$cmd" in
   export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
   demo-data) ensure_venv; exec "$PY" -m core.demo_data "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;
-  test)      ensure_venv; HF_HUB_OFFLINE=1 WANDB_MODE=disabled exec "$PY" -m pytest tests "$@" ;;
+  test)      ensure_venv
+             # lint first: a new violation fails the suite (and CI) in seconds
+             "$PY" -m ruff check --quiet . && "$PY" -m ruff format --check --quiet . || {
+               echo "error: ruff found problems (see above); '.venv/bin/ruff check --fix . && .venv/bin/ruff format .' fixes most" >&2; exit 1; }
+             HF_HUB_OFFLINE=1 WANDB_MODE=disabled exec "$PY" -m pytest tests "$@" ;;
   -h|--help|help|"") usage; [ -n "$cmd" ] ;;
   *) echo "error: unknown command '$cmd'" >&2; usage >&2; exit 2 ;;
 esac

@@ -17,8 +17,18 @@ from attacks.norms import check_norm, per_sample, perturb, rand_sign, rand_unifo
 def _square_p(p_init: float, it: int, n_iters: int) -> float:
     """Schedule of the fraction of pixels changed per query (reference implementation)."""
     it = int(it / n_iters * 10000)
-    for bound, div in ((10, 1), (50, 2), (200, 4), (500, 8), (1000, 16), (2000, 32),
-                       (4000, 64), (6000, 128), (8000, 256), (10000, 512)):
+    for bound, div in (
+        (10, 1),
+        (50, 2),
+        (200, 4),
+        (500, 8),
+        (1000, 16),
+        (2000, 32),
+        (4000, 64),
+        (6000, 128),
+        (8000, 256),
+        (10000, 512),
+    ):
         if it <= bound:
             return p_init / div
     return p_init
@@ -26,13 +36,13 @@ def _square_p(p_init: float, it: int, n_iters: int) -> float:
 
 @torch.no_grad()
 def square_linf(
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        eps: float,
-        queries: int = 1000,
-        p_init: float = 0.05,
-        generator: torch.Generator | None = None,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    queries: int = 1000,
+    p_init: float = 0.05,
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Square Attack, Linf (Andriushchenko et al. 2020): score-based black box.
 
@@ -94,10 +104,10 @@ def square_linf(
 
 
 def random_noise(
-        x: torch.Tensor,
-        eps: float,
-        norm: str = "linf",
-        generator: torch.Generator | None = None,
+    x: torch.Tensor,
+    eps: float,
+    norm: str = "linf",
+    generator: torch.Generator | None = None,
 ) -> torch.Tensor:
     """Random-noise baseline: a random point on the sphere of radius eps (the full budget:
     random signs for linf, uniform directions for l2/l1), clipped to [0, 1]."""

@@ -61,8 +61,7 @@ def _predict(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 def fgsm(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, eot_samples: int = 1) -> torch.Tensor:
     """Fast Gradient Sign Method (Goodfellow et al. 2015), Linf: ``x + eps * sign(grad)``."""
-    return pgd(model, x, y, eps, norm="linf", steps=1, step_size=eps, random_start=False,
-               eot_samples=eot_samples)
+    return pgd(model, x, y, eps, norm="linf", steps=1, step_size=eps, random_start=False, eot_samples=eot_samples)
 
 
 def _l1_step(grad: torch.Tensor, x_adv: torch.Tensor, sparsity: float) -> torch.Tensor:
@@ -103,18 +102,18 @@ def _pgd_once(model, x, y, eps, norm, steps, step_size, random_start, generator,
 
 
 def pgd(
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        eps: float,
-        norm: str = "linf",
-        steps: int = 20,
-        step_size: float | None = None,
-        restarts: int = 1,
-        random_start: bool = True,
-        generator: torch.Generator | None = None,
-        eot_samples: int = 1,
-        l1_sparsity: float = 0.99,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float,
+    norm: str = "linf",
+    steps: int = 20,
+    step_size: float | None = None,
+    restarts: int = 1,
+    random_start: bool = True,
+    generator: torch.Generator | None = None,
+    eot_samples: int = 1,
+    l1_sparsity: float = 0.99,
 ) -> torch.Tensor:
     """Projected gradient descent maximizing the cross-entropy (Madry et al. 2018).
 
@@ -152,8 +151,9 @@ def pgd(
             idx = (~fooled).nonzero().squeeze(1)
             if idx.numel() == 0:
                 break
-            adv = _pgd_once(model, x[idx], y[idx], eps, norm, steps, step_size, random_start,
-                            generator, eot_samples, l1_sparsity)
+            adv = _pgd_once(
+                model, x[idx], y[idx], eps, norm, steps, step_size, random_start, generator, eot_samples, l1_sparsity
+            )
             x_best[idx] = adv
             if r < restarts - 1:  # the last restart needs no success check
                 fooled[idx] = _predict(model, adv) != y[idx]
@@ -161,14 +161,14 @@ def pgd(
 
 
 def cw_l2(
-        model: nn.Module,
-        x: torch.Tensor,
-        y: torch.Tensor,
-        c: float = 1.0,
-        kappa: float = 0.0,
-        steps: int = 100,
-        lr: float = 0.01,
-        max_norm: float | None = None,
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    c: float = 1.0,
+    kappa: float = 0.0,
+    steps: int = 100,
+    lr: float = 0.01,
+    max_norm: float | None = None,
 ) -> torch.Tensor:
     """Carlini-Wagner L2 attack (2017), untargeted, fixed c, optimized with Adam in tanh space.
 

@@ -1,4 +1,5 @@
 """``python -m bench`` (``./run.sh bench``)."""
+
 from bench.main import main
 from core.cli import run_cli
 

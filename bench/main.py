@@ -59,8 +59,13 @@ SECTIONS = ("submit", "train", "parts", "scaling", "compile")
 DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling")  # compile: opt-in, ~1 min of compilation
 
 
-RUNNERS = {"submit": bench_submit, "train": bench_train, "parts": bench_parts, "scaling": bench_scaling,
-           "compile": bench_compile}
+RUNNERS = {
+    "submit": bench_submit,
+    "train": bench_train,
+    "parts": bench_parts,
+    "scaling": bench_scaling,
+    "compile": bench_compile,
+}
 
 
 def resolve_sections(only: str) -> list[str]:
@@ -123,11 +128,12 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     if busy:
         print(f"\nwarning: {busy}")
     failed = [r for r in ctx.rows if r.passed is False]
-    print(f"\n{sum(r.passed is True for r in ctx.rows)} goal(s) met, {len(failed)} missed, in {seconds:.0f} s "
-          f"(ratios: median over {settings.repeats} interleaved round(s))")
+    print(
+        f"\n{sum(r.passed is True for r in ctx.rows)} goal(s) met, {len(failed)} missed, in {seconds:.0f} s "
+        f"(ratios: median over {settings.repeats} interleaved round(s))"
+    )
     if args.write:
         command = "./run.sh bench " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
         write_markdown(Path(args.write), format_markdown(ctx.rows, machine, command.strip(), seconds, busy))
         print(f"wrote {args.write}")
     return ctx.rows
-

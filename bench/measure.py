@@ -46,9 +46,18 @@ class BenchSettings:
     def create(cls, quick: bool, repeats: int | None) -> "BenchSettings":
         if not quick:
             return cls(repeats=repeats or 3)
-        return cls(quick=True, repeats=repeats or 1, num_classes=4, image_size=32, train_per_class=24,
-                   test_per_class=24, train_steps=3, batch_sizes=(8, 16), worker_counts=(0, 1),
-                   model_overrides=("model.name=test_convnext", "train.batch_size=16", "submit.batch_size=16"))
+        return cls(
+            quick=True,
+            repeats=repeats or 1,
+            num_classes=4,
+            image_size=32,
+            train_per_class=24,
+            test_per_class=24,
+            train_steps=3,
+            batch_sizes=(8, 16),
+            worker_counts=(0, 1),
+            model_overrides=("model.name=test_convnext", "train.batch_size=16", "submit.batch_size=16"),
+        )
 
 
 @dataclass
@@ -175,21 +184,37 @@ def prepare_context(workdir: Path, settings: BenchSettings, user_overrides: Sequ
 
     s = settings
     data = workdir / "data"
-    generate_demo_data(data, num_classes=s.num_classes, train_per_class=s.train_per_class,
-                       test_per_class=s.test_per_class, image_size=s.image_size)
+    generate_demo_data(
+        data,
+        num_classes=s.num_classes,
+        train_per_class=s.train_per_class,
+        test_per_class=s.test_per_class,
+        image_size=s.image_size,
+    )
     overrides = [
-        f"data.root={data}", "data.demo=false", "data.train_dir=train", "data.train_labels=label.txt",
-        "data.test_dir=test", "data.test_labels=test_labels.txt", f"data.num_classes={s.num_classes}",
-        f"data.image_size={s.image_size}", f"out_dir={workdir / 'runs'}", "name=bench", "wandb.mode=disabled",
-        f"submit.out_dir={workdir / 'submissions'}", *s.model_overrides, *user_overrides,
+        f"data.root={data}",
+        "data.demo=false",
+        "data.train_dir=train",
+        "data.train_labels=label.txt",
+        "data.test_dir=test",
+        "data.test_labels=test_labels.txt",
+        f"data.num_classes={s.num_classes}",
+        f"data.image_size={s.image_size}",
+        f"out_dir={workdir / 'runs'}",
+        "name=bench",
+        "wandb.mode=disabled",
+        f"submit.out_dir={workdir / 'submissions'}",
+        *s.model_overrides,
+        *user_overrides,
     ]
     cfg = load_config(None, overrides)
     torch.manual_seed(0)
     model = create_classifier(cfg.model, cfg.data.num_classes).eval()
     stem = cfg.run_dir / "best"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    export_model(model, stem, {"arch": cfg.model.name, "num_classes": cfg.data.num_classes,
-                               "image_size": cfg.data.image_size})
+    export_model(
+        model, stem, {"arch": cfg.model.name, "num_classes": cfg.data.num_classes, "image_size": cfg.data.image_size}
+    )
     return BenchContext(s, workdir, overrides, stem, data / "test")
 
 

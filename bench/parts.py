@@ -36,14 +36,22 @@ def bench_gcm(ctx: BenchContext, model: nn.Module, x: torch.Tensor, label: str) 
     for _ in range(reps):
         pairs.append((time_module(gcm, x, 20), time_module(model, x, 1)))
     ratio = median_ratio(pairs)
-    ctx.rows.append(Row("parts", f"GCM / one forward ({label})", ratio,
-                        f"{statistics.median(p[0] for p in pairs) * 1e3:.2f} ms vs "
-                        f"{statistics.median(p[1] for p in pairs) * 1e3:.1f} ms, batch {x.shape[0]}",
-                        ("<", 0.01), unit="%"))
+    ctx.rows.append(
+        Row(
+            "parts",
+            f"GCM / one forward ({label})",
+            ratio,
+            f"{statistics.median(p[0] for p in pairs) * 1e3:.2f} ms vs "
+            f"{statistics.median(p[1] for p in pairs) * 1e3:.1f} ms, batch {x.shape[0]}",
+            ("<", 0.01),
+            unit="%",
+        )
+    )
 
 
-def whole_vs_parts(whole: nn.Module, parts: Sequence[nn.Module], x: torch.Tensor,
-                   rounds: int) -> list[tuple[float, float]]:
+def whole_vs_parts(
+    whole: nn.Module, parts: Sequence[nn.Module], x: torch.Tensor, rounds: int
+) -> list[tuple[float, float]]:
     """Per round, (seconds of ``whole(x)``, summed seconds of each part on ``x``), interleaved."""
     fns = {"whole": lambda: time_module(whole, x, 1)}
     fns.update({f"part{i}": (lambda m=m: time_module(m, x, 1)) for i, m in enumerate(parts)})
@@ -78,11 +86,17 @@ def bench_parts(ctx: BenchContext) -> None:
     batched = EnsembleTTA([member], [size], views).eval()
     singles = [EnsembleTTA([member], [size], [v]).eval() for v in views]
     pairs = whole_vs_parts(batched, singles, x, parts_rounds)
-    ctx.rows.append(Row("parts", f"{len(views)} TTA views batched / {len(views)} single-view forwards",
-                        median_ratio(pairs),
-                        f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
-                        f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}, views "
-                        f"{', '.join(map(str, views))}", ("<=", 1.05)))
+    ctx.rows.append(
+        Row(
+            "parts",
+            f"{len(views)} TTA views batched / {len(views)} single-view forwards",
+            median_ratio(pairs),
+            f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
+            f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}, views "
+            f"{', '.join(map(str, views))}",
+            ("<=", 1.05),
+        )
+    )
 
     others = []
     for i in range(1, s.members):
@@ -93,9 +107,16 @@ def bench_parts(ctx: BenchContext) -> None:
     ensemble = EnsembleTTA(members, [size] * len(members), [View()]).eval()
     alone = [EnsembleTTA([m], [size], [View()]).eval() for m in members]
     pairs = whole_vs_parts(ensemble, alone, x, parts_rounds)
-    ctx.rows.append(Row("parts", f"ensemble of {len(members)} / sum of its members", median_ratio(pairs),
-                        f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
-                        f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}", ("<=", 1.05)))
+    ctx.rows.append(
+        Row(
+            "parts",
+            f"ensemble of {len(members)} / sum of its members",
+            median_ratio(pairs),
+            f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
+            f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}",
+            ("<=", 1.05),
+        )
+    )
 
     # CPU view of the GPU switches: channels_last layout and bf16 autocast against the default.
     plain, _ = load_model(ctx.checkpoint)
@@ -110,11 +131,19 @@ def bench_parts(ctx: BenchContext) -> None:
     for fn in fns.values():
         fn()
     r = measure_interleaved(fns, parts_rounds)
-    for key, label in (("cl", "channels_last forward / default layout forward (time)"),
-                       ("bf16", "bf16 autocast forward / float32 forward (time)")):
-        ctx.rows.append(Row("parts", label, median_ratio(list(zip(r[key], r["plain"]))),
-                            f"{statistics.median(r[key]) * 1e3:.1f} vs {statistics.median(r['plain']) * 1e3:.1f} ms, "
-                            f"batch {bs}, CPU; < 1 is faster"))
+    for key, label in (
+        ("cl", "channels_last forward / default layout forward (time)"),
+        ("bf16", "bf16 autocast forward / float32 forward (time)"),
+    ):
+        ctx.rows.append(
+            Row(
+                "parts",
+                label,
+                median_ratio(list(zip(r[key], r["plain"]))),
+                f"{statistics.median(r[key]) * 1e3:.1f} vs {statistics.median(r['plain']) * 1e3:.1f} ms, "
+                f"batch {bs}, CPU; < 1 is faster",
+            )
+        )
 
 
 def bench_compile(ctx: BenchContext) -> None:
@@ -131,11 +160,22 @@ def bench_compile(ctx: BenchContext) -> None:
     for fn in fns.values():
         fn()
     r = measure_interleaved(fns, ctx.settings.repeats)
-    ctx.rows.append(Row("compile", "compiled forward / eager forward (img/s)", median_ratio(list(zip(r["compiled"], r["eager"]))),
-                        f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s; first call (compilation) {first:.0f} s"))
+    ctx.rows.append(
+        Row(
+            "compile",
+            "compiled forward / eager forward (img/s)",
+            median_ratio(list(zip(r["compiled"], r["eager"]))),
+            f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s; first call (compilation) {first:.0f} s",
+        )
+    )
     fns = {"compiled": lambda: run_submit(ctx, "model.compile=true"), "eager": lambda: run_submit(ctx)}
     r = measure_interleaved(fns, ctx.settings.repeats)
-    ctx.rows.append(Row("compile", "submit model.compile=true / eager, end to end incl. compilation",
-                        median_ratio(list(zip(r["compiled"], r["eager"]))),
-                        f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s on "
-                        f"{sum(b.shape[0] for b in batches)} images (compiled kernels cached on disk after the first run)"))
+    ctx.rows.append(
+        Row(
+            "compile",
+            "submit model.compile=true / eager, end to end incl. compilation",
+            median_ratio(list(zip(r["compiled"], r["eager"]))),
+            f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s on "
+            f"{sum(b.shape[0] for b in batches)} images (compiled kernels cached on disk after the first run)",
+        )
+    )

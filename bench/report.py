@@ -21,15 +21,19 @@ def describe_busy_machine(machine: dict) -> str:
     load = os.getloadavg()[1]  # 5-minute average, mostly covering this run
     own = 1.0  # this process keeps about one core busy on average
     if load - own > 0.5 * machine["cores"]:
-        return (f"the 5-minute load average was {load:.1f} on {machine['cores']} cores: other processes competed "
-                "for the CPU, so these ratios are less reliable than usual (run again on an idle machine)")
+        return (
+            f"the 5-minute load average was {load:.1f} on {machine['cores']} cores: other processes competed "
+            "for the CPU, so these ratios are less reliable than usual (run again on an idle machine)"
+        )
     return ""
 
 
 def format_table(rows: Sequence[Row]) -> str:
     """Plain-text table for the console."""
     header = ("section", "figure", "value", "goal", "", "measured")
-    lines = [header] + [(r.section, r.name, r.formatted_value(), r.formatted_goal(), r.verdict(), r.detail) for r in rows]
+    lines = [header] + [
+        (r.section, r.name, r.formatted_value(), r.formatted_goal(), r.verdict(), r.detail) for r in rows
+    ]
     widths = [max(len(line[i]) for line in lines) for i in range(5)]
     out = []
     for i, line in enumerate(lines):
@@ -41,9 +45,11 @@ def format_table(rows: Sequence[Row]) -> str:
 
 def format_machine(machine: dict) -> str:
     load = ", ".join(f"{v:.2f}" for v in machine["load_avg"])
-    return (f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB RAM, GPU: {machine['gpu']}; "
-            f"torch {machine['torch']} with {machine['torch_threads']} threads, timm {machine['timm']}, "
-            f"Python {machine['python']}; load average at start {load}")
+    return (
+        f"{machine['cpu']}, {machine['cores']} cores, {machine['memory_gb']} GB RAM, GPU: {machine['gpu']}; "
+        f"torch {machine['torch']} with {machine['torch_threads']} threads, timm {machine['timm']}, "
+        f"Python {machine['python']}; load average at start {load}"
+    )
 
 
 def format_markdown(rows: Sequence[Row], machine: dict, command: str, seconds: float, busy: str = "") -> str:
@@ -57,8 +63,9 @@ def format_markdown(rows: Sequence[Row], machine: dict, command: str, seconds: f
         "|---|---|---|---|---|---|",
     ]
     for r in rows:
-        lines.append(f"| {r.section} | {r.name} | {r.formatted_value()} | {r.formatted_goal()} | {r.verdict()} | "
-                     f"{r.detail} |")
+        lines.append(
+            f"| {r.section} | {r.name} | {r.formatted_value()} | {r.formatted_goal()} | {r.verdict()} | {r.detail} |"
+        )
     return "\n".join(lines) + "\n"
 
 

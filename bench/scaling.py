@@ -19,16 +19,27 @@ from core.launch import available_cores
 from infer.submit import resolve_loader_workers
 
 
-def run_launched_training(ctx: BenchContext, num_processes: int, extra: Sequence[str],
-                          launch_flags: Sequence[str] = ()) -> float:
+def run_launched_training(
+    ctx: BenchContext, num_processes: int, extra: Sequence[str], launch_flags: Sequence[str] = ()
+) -> float:
     """Samples/s a launched training run reports for its epoch (``epoch 0: ..., N img/s``).
 
     That figure is ``train_one_epoch``'s own: all processes' samples over the epoch's wall
     time, so process start-up, validation and checkpointing are not in it.
     """
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    cmd = [sys.executable, "-m", "core.launch", "train.main", "--num_processes", str(num_processes), *launch_flags,
-           *ctx.overrides, f"out_dir={ctx.workdir / f'runs_p{num_processes}'}", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "core.launch",
+        "train.main",
+        "--num_processes",
+        str(num_processes),
+        *launch_flags,
+        *ctx.overrides,
+        f"out_dir={ctx.workdir / f'runs_p{num_processes}'}",
+        *extra,
+    ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
     found = re.findall(r"epoch \d+: .*?, ([0-9.]+) img/s", proc.stdout)
     if proc.returncode != 0 or not found:
@@ -48,7 +59,6 @@ def bench_scaling(ctx: BenchContext) -> None:
         if key != "submit.cpu_num_workers" or base >= 0:
             return str(base)
 
-
         return f"{base} (auto: {resolve_loader_workers(cfg, Accelerator(cpu=True))})"
 
     def submit_at(key: str, values: Sequence[int], base: int) -> None:
@@ -57,12 +67,19 @@ def bench_scaling(ctx: BenchContext) -> None:
             fns[base] = lambda: run_submit(ctx)
         r = measure_interleaved(fns, s.repeats)
         for v in (v for v in values if v != base):
-            ctx.rows.append(Row("scaling", f"submit img/s, {key}={v} / {key}={base_label(key, base)}",
-                                median_ratio(list(zip(r[v], r[base]))), f"{statistics.median(r[v]):.0f} img/s"))
+            ctx.rows.append(
+                Row(
+                    "scaling",
+                    f"submit img/s, {key}={v} / {key}={base_label(key, base)}",
+                    median_ratio(list(zip(r[v], r[base]))),
+                    f"{statistics.median(r[v]):.0f} img/s",
+                )
+            )
 
     # What `accelerate launch` alone gives a CPU run: OMP_NUM_THREADS=1 (core.launch sets the cores).
     threads = torch.get_num_threads()
     if threads > 1:
+
         def submit_with_threads(n: int) -> float:
             torch.set_num_threads(n)
             try:
@@ -71,10 +88,15 @@ def bench_scaling(ctx: BenchContext) -> None:
                 torch.set_num_threads(threads)
 
         r = measure_interleaved({1: lambda: submit_with_threads(1), threads: lambda: run_submit(ctx)}, s.repeats)
-        ctx.rows.append(Row("scaling", f"submit img/s, 1 torch thread / {threads} threads",
-                            median_ratio(list(zip(r[1], r[threads]))),
-                            f"{median_rate(r[1])} img/s; 1 thread is what accelerate launch alone gives a CPU run "
-                            "(core.launch passes --num_cpu_threads_per_process = cores)"))
+        ctx.rows.append(
+            Row(
+                "scaling",
+                f"submit img/s, 1 torch thread / {threads} threads",
+                median_ratio(list(zip(r[1], r[threads]))),
+                f"{median_rate(r[1])} img/s; 1 thread is what accelerate launch alone gives a CPU run "
+                "(core.launch passes --num_cpu_threads_per_process = cores)",
+            )
+        )
     submit_at("submit.batch_size", s.batch_sizes, base_bs)
     submit_at(workers_key, s.worker_counts, base_workers)
 
@@ -91,8 +113,14 @@ def bench_scaling(ctx: BenchContext) -> None:
             fn()
         r = measure_interleaved(fns, s.repeats)
         for v in (v for v in values if v != base):
-            ctx.rows.append(Row("scaling", f"train samples/s, {key}={v} / {key}={base}",
-                                median_ratio(list(zip(r[v], r[base]))), f"{statistics.median(r[v]):.0f} samples/s"))
+            ctx.rows.append(
+                Row(
+                    "scaling",
+                    f"train samples/s, {key}={v} / {key}={base}",
+                    median_ratio(list(zip(r[v], r[base]))),
+                    f"{statistics.median(r[v]):.0f} samples/s",
+                )
+            )
         builders.clear()
 
     train_at("data.num_workers", s.worker_counts[:3], base_train_workers)
@@ -106,12 +134,24 @@ def bench_scaling(ctx: BenchContext) -> None:
     # accelerate launch alone would export OMP_NUM_THREADS=1, even for one CPU process
     fns["one_thread"] = lambda: run_launched_training(ctx, 1, extra, ["--num_cpu_threads_per_process", "1"])
     r = measure_interleaved(fns, max(1, min(2, s.repeats)))
-    ctx.rows.append(Row("scaling", f"train, 1 process: launcher's {cores} threads (= cores) / 1 thread "
-                                   "(accelerate's own default)", median_ratio(list(zip(r[1], r["one_thread"]))),
-                        f"{statistics.median(r[1]):.0f} vs {statistics.median(r['one_thread']):.0f} samples/s; "
-                        "core.launch passes --num_cpu_threads_per_process unless it or OMP_NUM_THREADS is set"))
-    ctx.rows.append(Row("scaling", "train, 2 CPU processes / 1 process (samples/s)", median_ratio(list(zip(r[2], r[1]))),
-                        f"{statistics.median(r[2]):.0f} vs {statistics.median(r[1]):.0f} samples/s, one epoch each "
-                        f"(python -m core.launch train.main --num_processes N; the cores split between the "
-                        f"processes), batch {cfg.train.batch_size} per process, {cfg.data.num_workers} loader "
-                        "workers each", (">=", 0.9)))
+    ctx.rows.append(
+        Row(
+            "scaling",
+            f"train, 1 process: launcher's {cores} threads (= cores) / 1 thread (accelerate's own default)",
+            median_ratio(list(zip(r[1], r["one_thread"]))),
+            f"{statistics.median(r[1]):.0f} vs {statistics.median(r['one_thread']):.0f} samples/s; "
+            "core.launch passes --num_cpu_threads_per_process unless it or OMP_NUM_THREADS is set",
+        )
+    )
+    ctx.rows.append(
+        Row(
+            "scaling",
+            "train, 2 CPU processes / 1 process (samples/s)",
+            median_ratio(list(zip(r[2], r[1]))),
+            f"{statistics.median(r[2]):.0f} vs {statistics.median(r[1]):.0f} samples/s, one epoch each "
+            f"(python -m core.launch train.main --num_processes N; the cores split between the "
+            f"processes), batch {cfg.train.batch_size} per process, {cfg.data.num_workers} loader "
+            "workers each",
+            (">=", 0.9),
+        )
+    )

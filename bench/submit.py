@@ -80,8 +80,9 @@ def run_predict_loop(predictor) -> float:
     return len(ids) / (time.perf_counter() - start)
 
 
-def run_timm_style_inference(checkpoint: Path, test_dir: Path, out_csv: Path, batch_size: int,
-                             num_workers: int, channels_last: bool = False) -> float:
+def run_timm_style_inference(
+    checkpoint: Path, test_dir: Path, out_csv: Path, batch_size: int, num_workers: int, channels_last: bool = False
+) -> float:
     """Images/s of the loop timm's ``inference.py`` runs, on our checkpoint and test folder.
 
     As in that script: ``create_model`` + the weights, ``resolve_data_config``,
@@ -91,24 +92,35 @@ def run_timm_style_inference(checkpoint: Path, test_dir: Path, out_csv: Path, ba
     Normalization moves from our model into timm's loader, so the network work is the same.
     """
 
-
     start = time.perf_counter()
     weights, info_path = resolve_checkpoint_files(checkpoint)
     info = read_checkpoint_info(info_path)
     model = timm.create_model(info["arch"], num_classes=int(info["num_classes"]))
     state = load_file(str(weights))
-    model.load_state_dict({k[len("backbone."):]: v for k, v in state.items() if k.startswith("backbone.")})
+    model.load_state_dict({k[len("backbone.") :]: v for k, v in state.items() if k.startswith("backbone.")})
     model.eval()
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     size = int(info["image_size"])
-    data_config = resolve_data_config({
-        "input_size": (3, size, size), "crop_pct": 1.0, "interpolation": "bilinear",
-        "mean": tuple(info["mean"] or (0.0, 0.0, 0.0)), "std": tuple(info["std"] or (1.0, 1.0, 1.0)),
-    }, model=model)
+    data_config = resolve_data_config(
+        {
+            "input_size": (3, size, size),
+            "crop_pct": 1.0,
+            "interpolation": "bilinear",
+            "mean": tuple(info["mean"] or (0.0, 0.0, 0.0)),
+            "std": tuple(info["std"] or (1.0, 1.0, 1.0)),
+        },
+        model=model,
+    )
     dataset = create_dataset(name="", root=str(test_dir), split="")
-    loader = create_loader(dataset, batch_size=batch_size, use_prefetcher=True, num_workers=num_workers,
-                           device=torch.device("cpu"), **data_config)
+    loader = create_loader(
+        dataset,
+        batch_size=batch_size,
+        use_prefetcher=True,
+        num_workers=num_workers,
+        device=torch.device("cpu"),
+        **data_config,
+    )
     top1 = []
     with torch.inference_mode():
         for images, _ in loader:
@@ -135,32 +147,63 @@ def bench_submit(ctx: BenchContext) -> None:
     out_csv = ctx.workdir / "timm_inference.csv"
 
     def timm_loop(workers: int) -> Callable[[], float]:
-        return lambda: run_timm_style_inference(ctx.checkpoint, ctx.test_dir, out_csv, bs, workers,
-                                                cfg.model.channels_last)
+        return lambda: run_timm_style_inference(
+            ctx.checkpoint, ctx.test_dir, out_csv, bs, workers, cfg.model.channels_last
+        )
 
-    fns = {"submit": lambda: run_submit(ctx), "limit": lambda: run_forward_only(model, batches),
-           "predict": lambda: run_predict_loop(predictor),
-           "timm": timm_loop(cfg.submit.num_workers), "timm_same": timm_loop(used_workers)}
+    fns = {
+        "submit": lambda: run_submit(ctx),
+        "limit": lambda: run_forward_only(model, batches),
+        "predict": lambda: run_predict_loop(predictor),
+        "timm": timm_loop(cfg.submit.num_workers),
+        "timm_same": timm_loop(used_workers),
+    }
     for fn in fns.values():  # warm-up: lazy imports, oneDNN kernels, first-use allocations
         fn()
     r = measure_interleaved(fns, ctx.settings.repeats)
     n = sum(b.shape[0] for b in batches)
-    common = (f"{n} images of {ctx.settings.image_size} px, batch {bs}, {torch.get_num_threads()} threads, "
-              f"submit loader workers {used_workers}")
-    ctx.rows.append(Row("submit", "submit end to end / model-only forward", median_ratio(list(zip(r["submit"], r["limit"]))),
-                        f"{median_rate(r['submit'])} vs {median_rate(r['limit'])} img/s; {common}", (">=", 0.9)))
-    ctx.rows.append(Row("submit", f"submit end to end / timm inference.py loop (-j {cfg.submit.num_workers})",
-                        median_ratio(list(zip(r["submit"], r["timm"]))),
-                        f"{median_rate(r['submit'])} vs {median_rate(r['timm'])} img/s; timm with its default "
-                        f"{cfg.submit.num_workers} workers (= submit.num_workers)", (">=", 1.0)))
+    common = (
+        f"{n} images of {ctx.settings.image_size} px, batch {bs}, {torch.get_num_threads()} threads, "
+        f"submit loader workers {used_workers}"
+    )
+    ctx.rows.append(
+        Row(
+            "submit",
+            "submit end to end / model-only forward",
+            median_ratio(list(zip(r["submit"], r["limit"]))),
+            f"{median_rate(r['submit'])} vs {median_rate(r['limit'])} img/s; {common}",
+            (">=", 0.9),
+        )
+    )
+    ctx.rows.append(
+        Row(
+            "submit",
+            f"submit end to end / timm inference.py loop (-j {cfg.submit.num_workers})",
+            median_ratio(list(zip(r["submit"], r["timm"]))),
+            f"{median_rate(r['submit'])} vs {median_rate(r['timm'])} img/s; timm with its default "
+            f"{cfg.submit.num_workers} workers (= submit.num_workers)",
+            (">=", 1.0),
+        )
+    )
     if used_workers != cfg.submit.num_workers:
-        ctx.rows.append(Row("submit", f"submit end to end / timm inference.py loop (-j {used_workers})",
-                            median_ratio(list(zip(r["submit"], r["timm_same"]))),
-                            f"{median_rate(r['submit'])} vs {median_rate(r['timm_same'])} img/s; timm with the worker "
-                            "count submit uses here", (">=", 1.0)))
-    ctx.rows.append(Row("submit", "predict loop (no set-up, no files) / model-only forward",
-                        median_ratio(list(zip(r["predict"], r["limit"]))),
-                        f"{median_rate(r['predict'])} vs {median_rate(r['limit'])} img/s: decode+resize+GCM+model+argmax"))
+        ctx.rows.append(
+            Row(
+                "submit",
+                f"submit end to end / timm inference.py loop (-j {used_workers})",
+                median_ratio(list(zip(r["submit"], r["timm_same"]))),
+                f"{median_rate(r['submit'])} vs {median_rate(r['timm_same'])} img/s; timm with the worker "
+                "count submit uses here",
+                (">=", 1.0),
+            )
+        )
+    ctx.rows.append(
+        Row(
+            "submit",
+            "predict loop (no set-up, no files) / model-only forward",
+            median_ratio(list(zip(r["predict"], r["limit"]))),
+            f"{median_rate(r['predict'])} vs {median_rate(r['limit'])} img/s: decode+resize+GCM+model+argmax",
+        )
+    )
     if not ctx.settings.quick:
         bench_submit_at_scale(ctx)
 
@@ -175,12 +218,21 @@ def bench_submit_at_scale(ctx: BenchContext) -> None:
 
     root = ctx.workdir / "data224"
     generate_demo_data(root, num_classes=10, train_per_class=1, test_per_class=8, image_size=224)
-    cfg = ctx.config(f"data.root={root}", "data.image_size=224", "model.name=convnext_tiny", "submit.batch_size=16",
-                     "tta.hflip=false", "tta.scales=[1.0]")
+    cfg = ctx.config(
+        f"data.root={root}",
+        "data.image_size=224",
+        "model.name=convnext_tiny",
+        "submit.batch_size=16",
+        "tta.hflip=false",
+        "tta.scales=[1.0]",
+    )
     torch.manual_seed(0)
     stem = ctx.workdir / "convnext_tiny_224"
-    export_model(create_classifier(cfg.model, cfg.data.num_classes).eval(), stem,
-                 {"arch": cfg.model.name, "num_classes": cfg.data.num_classes, "image_size": 224})
+    export_model(
+        create_classifier(cfg.model, cfg.data.num_classes).eval(),
+        stem,
+        {"arch": cfg.model.name, "num_classes": cfg.data.num_classes, "image_size": 224},
+    )
     batches = load_test_batches(root / "test", 224, cfg.submit.batch_size)
     model = create_model_only(stem, cfg)
     predictor = create_predictor(cfg, stem, root / "test")
@@ -188,7 +240,13 @@ def bench_submit_at_scale(ctx: BenchContext) -> None:
     for fn in fns.values():
         fn()
     r = measure_interleaved(fns, ctx.settings.repeats)
-    ctx.rows.append(Row("submit", "predict loop / model-only forward, convnext_tiny at 224 px (challenge scale)",
-                        median_ratio(list(zip(r["predict"], r["limit"]))),
-                        f"{statistics.median(r['predict']):.1f} vs {statistics.median(r['limit']):.1f} img/s, "
-                        f"{sum(b.shape[0] for b in batches)} PNGs, batch {cfg.submit.batch_size}", (">=", 0.9)))
+    ctx.rows.append(
+        Row(
+            "submit",
+            "predict loop / model-only forward, convnext_tiny at 224 px (challenge scale)",
+            median_ratio(list(zip(r["predict"], r["limit"]))),
+            f"{statistics.median(r['predict']):.1f} vs {statistics.median(r['limit']):.1f} img/s, "
+            f"{sum(b.shape[0] for b in batches)} PNGs, batch {cfg.submit.batch_size}",
+            (">=", 0.9),
+        )
+    )

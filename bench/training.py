@@ -35,8 +35,7 @@ def run_train_epoch(training: Training, loader, epoch: int) -> float:
     return stats["samples_per_s"]
 
 
-def run_train_step_only(parts: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor]],
-                        steps: int) -> float:
+def run_train_step_only(parts: Training, batches: Sequence[tuple[torch.Tensor, torch.Tensor]], steps: int) -> float:
     """Samples/s of a bare forward + backward + optimizer step loop on in-memory tensors."""
     model, optimizer, loss_fn = parts.model, parts.optimizer, parts.loss_fn
     model.train()
@@ -70,7 +69,9 @@ def _memory_probe(overrides: list[str], steps: int, out: multiprocessing.Queue) 
     del parts  # shuts the persistent workers down, so they count as waited-for children
 
     gc.collect()
-    out.put((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss))
+    out.put(
+        (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)
+    )
 
 
 def measure_train_peak_memory(ctx: BenchContext) -> tuple[float, float]:
@@ -94,8 +95,10 @@ def time_training(parts: Training, steps: int, repeats: int, engine: bool = Fals
     raw = collect_train_batches(parts, min(steps, len(parts.train_loader)))
     floats = [(to_float_images(x, parts.cfg.model.channels_last), y) for x, y in raw]
     epoch = iter(range(1, 10**6))
-    fns = {"pipeline": lambda: run_train_epoch(parts, parts.train_loader, next(epoch)),
-           "limit": lambda: run_train_step_only(parts, floats, steps)}
+    fns = {
+        "pipeline": lambda: run_train_epoch(parts, parts.train_loader, next(epoch)),
+        "limit": lambda: run_train_step_only(parts, floats, steps),
+    }
     if engine:
         fns["engine"] = lambda: run_train_epoch(parts, raw, 0)
     for fn in fns.values():
@@ -107,9 +110,14 @@ def bench_train_variant(ctx: BenchContext, label: str, *overrides: str) -> None:
     """The pipeline / model-only comparison again with ``overrides`` (e.g. a costlier augmentation)."""
     steps = ctx.settings.train_steps
     r = time_training(create_training(ctx.config(*overrides, f"train.max_steps={steps}")), steps, ctx.settings.repeats)
-    ctx.rows.append(Row("train", f"train {label} / model-only fwd+bwd+step",
-                        median_ratio(list(zip(r["pipeline"], r["limit"]))),
-                        f"{median_rate(r['pipeline'])} vs {median_rate(r['limit'])} samples/s"))
+    ctx.rows.append(
+        Row(
+            "train",
+            f"train {label} / model-only fwd+bwd+step",
+            median_ratio(list(zip(r["pipeline"], r["limit"]))),
+            f"{median_rate(r['pipeline'])} vs {median_rate(r['limit'])} samples/s",
+        )
+    )
 
 
 def with_random_fog(cfg) -> str | None:
@@ -123,8 +131,10 @@ def with_random_fog(cfg) -> str | None:
     names = [c.get("name") for c in cfg.aug.corruptions]
     if "PlasmaBrightnessContrast" not in names:
         return None
-    swapped = [c if c.get("name") != "PlasmaBrightnessContrast" else {"name": "RandomFog", "fog_coef_range": [0.1, 0.3]}
-               for c in cfg.aug.corruptions]
+    swapped = [
+        c if c.get("name") != "PlasmaBrightnessContrast" else {"name": "RandomFog", "fog_coef_range": [0.1, 0.3]}
+        for c in cfg.aug.corruptions
+    ]
     return "aug.corruptions=" + yaml.safe_dump(swapped, default_flow_style=True, width=10**6).strip()
 
 
@@ -132,22 +142,45 @@ def bench_train(ctx: BenchContext) -> None:
     cfg = ctx.config()
     steps = ctx.settings.train_steps
     r = time_training(create_training(ctx.config(f"train.max_steps={steps}")), steps, ctx.settings.repeats, engine=True)
-    common = (f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {steps} steps, "
-              f"{torch.get_num_threads()} threads")
-    ctx.rows.append(Row("train", "train (real loader + augmentations) / model-only fwd+bwd+step",
-                        median_ratio(list(zip(r["pipeline"], r["limit"]))),
-                        f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['limit']):.0f} samples/s; {common}",
-                        (">=", 0.9)))
-    ctx.rows.append(Row("train", "train_one_epoch on in-memory batches / model-only (engine: EMA, sync, sched)",
-                        median_ratio(list(zip(r["engine"], r["limit"]))),
-                        f"{statistics.median(r['engine']):.0f} vs {statistics.median(r['limit']):.0f} samples/s"))
-    ctx.rows.append(Row("train", "train (real loader) / train_one_epoch on in-memory batches (data loading)",
-                        median_ratio(list(zip(r["pipeline"], r["engine"]))),
-                        f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['engine']):.0f} samples/s"))
+    common = (
+        f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {steps} steps, "
+        f"{torch.get_num_threads()} threads"
+    )
+    ctx.rows.append(
+        Row(
+            "train",
+            "train (real loader + augmentations) / model-only fwd+bwd+step",
+            median_ratio(list(zip(r["pipeline"], r["limit"]))),
+            f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['limit']):.0f} samples/s; {common}",
+            (">=", 0.9),
+        )
+    )
+    ctx.rows.append(
+        Row(
+            "train",
+            "train_one_epoch on in-memory batches / model-only (engine: EMA, sync, sched)",
+            median_ratio(list(zip(r["engine"], r["limit"]))),
+            f"{statistics.median(r['engine']):.0f} vs {statistics.median(r['limit']):.0f} samples/s",
+        )
+    )
+    ctx.rows.append(
+        Row(
+            "train",
+            "train (real loader) / train_one_epoch on in-memory batches (data loading)",
+            median_ratio(list(zip(r["pipeline"], r["engine"]))),
+            f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['engine']):.0f} samples/s",
+        )
+    )
     fog = with_random_fog(cfg)
     if fog is not None:
         bench_train_variant(ctx, "with A.RandomFog as the fog corruption (the earlier default)", fog)
     main_mb, worker_mb = measure_train_peak_memory(ctx)
-    ctx.rows.append(Row("train", "peak RSS of a training process (ru_maxrss, main)", main_mb,
-                        f"fresh process, {steps} steps; largest loader worker {worker_mb:.0f} MB (RUSAGE_CHILDREN)",
-                        unit="MB"))
+    ctx.rows.append(
+        Row(
+            "train",
+            "peak RSS of a training process (ru_maxrss, main)",
+            main_mb,
+            f"fresh process, {steps} steps; largest loader worker {worker_mb:.0f} MB (RUSAGE_CHILDREN)",
+            unit="MB",
+        )
+    )

@@ -1,1 +1,2 @@
-"""Shared by every stage: config, CLI, errors, atomic io, images, label files, datasets, transforms, model, checkpoints, W&B, launcher, demo data."""
+"""Shared by every stage: config, CLI, errors, atomic files, images, label files, datasets,
+transforms, model factory, checkpoints, W&B, the launcher and the demo data."""

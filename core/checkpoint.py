@@ -108,7 +108,9 @@ def load_model(path: str | Path, num_classes: int | None = None) -> tuple[ImageC
         model.load_state_dict(state, strict=True)
     except RuntimeError as exc:
         first = str(exc).splitlines()[0]
-        raise UserError(f"{weights}: weights do not fit {info['arch']} with {info['num_classes']} classes ({first})") from None
+        raise UserError(
+            f"{weights}: weights do not fit {info['arch']} with {info['num_classes']} classes ({first})"
+        ) from None
     model.eval()
     return model, info
 

@@ -42,8 +42,12 @@ def _corruption_family() -> list:
         {"name": "PlasmaBrightnessContrast", "brightness_range": [0.0, 0.3], "contrast_range": [-0.3, 0.0]},
         {"name": "RandomRain", "drop_length": 8, "blur_value": 3},
         {"name": "RandomSnow", "snow_point_range": [0.1, 0.3]},
-        {"name": "CoarseDropout", "num_holes_range": [1, 4], "hole_height_range": [0.05, 0.15],
-         "hole_width_range": [0.05, 0.15]},
+        {
+            "name": "CoarseDropout",
+            "num_holes_range": [1, 4],
+            "hole_height_range": [0.05, 0.15],
+            "hole_width_range": [0.05, 0.15],
+        },
     ]
 
 
@@ -177,8 +181,9 @@ class EvalConfig:
     batch_size: int = 50
     seed: int = 0
     # the paper's white-box columns, then Square (score-based), transfer and the random-noise baseline
-    attacks: list = field(default_factory=lambda: ["fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2",
-                                                   "square", "transfer", "noise"])
+    attacks: list = field(
+        default_factory=lambda: ["fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "square", "transfer", "noise"]
+    )
     # eps in [0,1] pixel units; the paper's values at 224 px (small images: see configs/default.yaml)
     eps_linf: float = 8 / 255
     eps_l2: float = 8.0

@@ -41,8 +41,13 @@ class ImageDataset(Dataset):
       UserError. ``self.bad`` lists ``(path, reason)`` seen by this process.
     """
 
-    def __init__(self, samples: Sequence[tuple[Path, int]], transform: Callable | None,
-                 bad_images: str = "error", max_bad: int = 100) -> None:
+    def __init__(
+        self,
+        samples: Sequence[tuple[Path, int]],
+        transform: Callable | None,
+        bad_images: str = "error",
+        max_bad: int = 100,
+    ) -> None:
         if bad_images not in ("error", "skip"):
             raise UserError(f"config key 'data.bad_images': {bad_images!r} is not one of error, skip")
         self.transform = transform
@@ -83,8 +88,9 @@ class ImageDataset(Dataset):
                 self._bad_paths.add(path)
                 self.bad.append((path, str(exc)))
                 if len(self.bad) > self.max_bad:
-                    raise UserError(f"more than data.max_bad_images={self.max_bad} unreadable images; "
-                                    f"last: {exc}") from None
+                    raise UserError(
+                        f"more than data.max_bad_images={self.max_bad} unreadable images; last: {exc}"
+                    ) from None
                 warnings.warn(f"skipping unreadable image {exc}", stacklevel=2)
         raise UserError("no readable image left in the data set")
 

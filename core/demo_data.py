@@ -106,7 +106,7 @@ def _draw_shape(draw: ImageDraw.ImageDraw, kind: str, cx: float, cy: float, r: f
     elif kind == "dots":
         for i in (-1, 0, 1):
             for j in (-1, 0, 1):
-                (x, y), = _rotated(cx, cy, angle, [(0.62 * r * i, 0.62 * r * j)])
+                ((x, y),) = _rotated(cx, cy, angle, [(0.62 * r * i, 0.62 * r * j)])
                 d = 0.2 * r
                 draw.ellipse((x - d, y - d, x + d, y + d), fill=255)
     elif kind == "checker":
@@ -147,11 +147,10 @@ def render_image(rng: np.random.Generator, factors: tuple[int, int, int], n_hues
     alpha = np.asarray(mask.resize((size, size), Image.Resampling.BOX), dtype=np.float32)[:, :, None] / 255.0
 
     # Background: a gradient between two low-saturation colours of any hue.
-    bg = [np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.3), rng.uniform(0.1, 0.9)))
-          for _ in range(2)]
+    bg = [np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.0, 0.3), rng.uniform(0.1, 0.9))) for _ in range(2)]
     t = np.linspace(0.0, 1.0, size, dtype=np.float32)
     theta = rng.uniform(0, 2 * math.pi)
-    ramp = (np.cos(theta) * t[None, :] + np.sin(theta) * t[:, None])
+    ramp = np.cos(theta) * t[None, :] + np.sin(theta) * t[:, None]
     ramp = (ramp - ramp.min()) / max(float(ramp.max() - ramp.min()), 1e-6)
     background = bg[0] * (1 - ramp[:, :, None]) + bg[1] * ramp[:, :, None]
 
@@ -172,8 +171,15 @@ def _encode(image: Image.Image, fmt: str) -> bytes:
     return buf.getvalue()
 
 
-def _write_split(folder: Path, split: str, labels: Sequence[int], factors: list[tuple[int, int, int]],
-                 image_size: int, seed: int, ext: str) -> None:
+def _write_split(
+    folder: Path,
+    split: str,
+    labels: Sequence[int],
+    factors: list[tuple[int, int, int]],
+    image_size: int,
+    seed: int,
+    ext: str,
+) -> None:
     folder.mkdir(parents=True)
     n_hues = _hue_count(factors)
     fmt = "JPEG" if ext == ".JPEG" else "PNG"
@@ -201,30 +207,47 @@ def _same_set(out: Path, marker: dict) -> bool:
     return existing is not None and all(existing.get(k) == v for k, v in marker.items())
 
 
-def generate_demo_data(out: Path, num_classes: int = 10, train_per_class: int = 200, test_per_class: int = 50,
-                       image_size: int = 64, seed: int = 0) -> dict:
+def generate_demo_data(
+    out: Path,
+    num_classes: int = 10,
+    train_per_class: int = 200,
+    test_per_class: int = 50,
+    image_size: int = 64,
+    seed: int = 0,
+) -> dict:
     """Write the demo data set to ``out`` (or reuse a complete one made with the same arguments).
 
     Returns a summary: ``root``, ``created`` (False when reused), image counts and arguments.
     Raises UserError if ``out`` exists and is not a demo data set (user data is never replaced).
     """
     out = Path(out)
-    args = {"num_classes": int(num_classes), "train_per_class": int(train_per_class),
-            "test_per_class": int(test_per_class), "image_size": int(image_size), "seed": int(seed)}
+    args = {
+        "num_classes": int(num_classes),
+        "train_per_class": int(train_per_class),
+        "test_per_class": int(test_per_class),
+        "image_size": int(image_size),
+        "seed": int(seed),
+    }
     if train_per_class < 1 or test_per_class < 1:
         raise UserError("demo data needs at least 1 training and 1 test image per class")
     if image_size < 16:
         raise UserError(f"demo data image size must be at least 16, got {image_size}")
     factors = resolve_class_factors(num_classes)
-    summary = {"root": str(out), "train_images": num_classes * train_per_class,
-               "test_images": num_classes * test_per_class, **args}
+    summary = {
+        "root": str(out),
+        "train_images": num_classes * train_per_class,
+        "test_images": num_classes * test_per_class,
+        **args,
+    }
     marker = _marker(args)
     if out.exists():
         if _same_set(out, marker):
             return {**summary, "created": False}
         if _read_marker(out) is None and any(out.iterdir()):
-            raise UserError(f"{out}: exists and is not a generated demo data set (no {MARKER}); "
-                            "choose another folder, it is left untouched")
+            raise UserError(
+                f"{out}: exists and is not a generated demo data set (no {MARKER}); "
+                "choose another folder, it is left untouched"
+            )
 
     start = time.perf_counter()
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -235,12 +258,13 @@ def generate_demo_data(out: Path, num_classes: int = 10, train_per_class: int = 
         test_labels = order.permutation(np.repeat(np.arange(num_classes), test_per_class)).tolist()
         _write_split(tmp / "train", "train", train_labels, factors, image_size, seed, ".JPEG")
         _write_split(tmp / "test", "test", test_labels, factors, image_size, seed, ".png")
-        (tmp / "label.txt").write_text("".join(f"{i}.JPEG {c}\n" for i, c in enumerate(train_labels)),
-                                       encoding="utf-8")
-        (tmp / "test_labels.txt").write_text("".join(f"{i}.png {c}\n" for i, c in enumerate(test_labels)),
-                                             encoding="utf-8")
-        classes = [{"label": k, "shape": SHAPES[s], "hue_family": h, "copies": c}
-                   for k, (s, h, c) in enumerate(factors)]
+        (tmp / "label.txt").write_text("".join(f"{i}.JPEG {c}\n" for i, c in enumerate(train_labels)), encoding="utf-8")
+        (tmp / "test_labels.txt").write_text(
+            "".join(f"{i}.png {c}\n" for i, c in enumerate(test_labels)), encoding="utf-8"
+        )
+        classes = [
+            {"label": k, "shape": SHAPES[s], "hue_family": h, "copies": c} for k, (s, h, c) in enumerate(factors)
+        ]
         (tmp / MARKER).write_text(json.dumps({**marker, "classes": classes}, indent=1) + "\n", encoding="utf-8")
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, out, marker)
@@ -278,17 +302,25 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
     try:
-        info = generate_demo_data(Path(args.out), num_classes=args.num_classes, train_per_class=args.train_per_class,
-                                  test_per_class=args.test_per_class, image_size=args.image_size, seed=args.seed)
+        info = generate_demo_data(
+            Path(args.out),
+            num_classes=args.num_classes,
+            train_per_class=args.train_per_class,
+            test_per_class=args.test_per_class,
+            image_size=args.image_size,
+            seed=args.seed,
+        )
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return UserError.exit_code
     root = Path(info["root"])
     verb = f"wrote in {info['seconds']} s" if info["created"] else "already complete, reused"
-    print(f"demo data {root} ({verb}): {info['train_images']} training images in {root / 'train'} "
-          f"with labels {root / 'label.txt'}, {info['test_images']} test images in {root / 'test'} "
-          f"with hidden labels {root / 'test_labels.txt'}; {info['num_classes']} classes, "
-          f"{info['image_size']} px, seed {info['seed']}")
+    print(
+        f"demo data {root} ({verb}): {info['train_images']} training images in {root / 'train'} "
+        f"with labels {root / 'label.txt'}, {info['test_images']} test images in {root / 'test'} "
+        f"with hidden labels {root / 'test_labels.txt'}; {info['num_classes']} classes, "
+        f"{info['image_size']} px, seed {info['seed']}"
+    )
     return 0
 
 

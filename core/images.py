@@ -40,7 +40,6 @@ _EXIF_ORIENTATION = 0x0112
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
 
-
 def _describe_open_error(path: Path, exc: Exception) -> str:
     """A short reason for a file PIL cannot open or decode."""
     text = str(exc)
@@ -86,7 +85,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         from PIL import ImageCms
 
         lab_to_srgb = ImageCms.buildTransformFromOpenProfiles(
-            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB")
+            ImageCms.createProfile("LAB"), ImageCms.createProfile("sRGB"), "LAB", "RGB"
+        )
         img = ImageCms.applyTransform(img, lab_to_srgb)
     elif mode != "RGB":
         img = img.convert("RGB")
@@ -100,10 +100,10 @@ def _is_plain_complete_png(data: bytes) -> bool:
         return False
     pos, chunk = 8, b""
     while pos + 12 <= len(data):
-        chunk = data[pos + 4:pos + 8]
+        chunk = data[pos + 4 : pos + 8]
         if chunk in _PNG_METADATA:
             return False
-        pos += 12 + int.from_bytes(data[pos:pos + 4], "big")
+        pos += 12 + int.from_bytes(data[pos : pos + 4], "big")
     return chunk == b"IEND" and pos == len(data)
 
 
@@ -177,8 +177,10 @@ def load_image(path: Path) -> np.ndarray:
             with Image.open(io.BytesIO(data)) as img:
                 width, height = img.size
                 if width * height > MAX_PIXELS:
-                    raise UserError(f"{path}: image too large ({width}x{height} = {width * height} pixels, "
-                                    f"limit {MAX_PIXELS}); refusing a possible decompression bomb")
+                    raise UserError(
+                        f"{path}: image too large ({width}x{height} = {width * height} pixels, "
+                        f"limit {MAX_PIXELS}); refusing a possible decompression bomb"
+                    )
                 fast = _decode_plain_jpeg(data, img)
                 if fast is not None:
                     return fast
@@ -224,8 +226,9 @@ def check_image_header(path: Path) -> str | None:
     return None
 
 
-def check_images(samples: Sequence[tuple[Path, int]], max_bad: int,
-                 num_threads: int = 8) -> tuple[list[tuple[Path, int]], list[tuple[Path, str]]]:
+def check_images(
+    samples: Sequence[tuple[Path, int]], max_bad: int, num_threads: int = 8
+) -> tuple[list[tuple[Path, int]], list[tuple[Path, str]]]:
     """Header-check every sample (threaded, no pixel decode).
 
     Returns ``(good_samples, bad)`` with ``bad`` as ``(path, reason)`` in sample order. Raises
@@ -238,8 +241,10 @@ def check_images(samples: Sequence[tuple[Path, int]], max_bad: int,
     bad = [(p, r) for p, r in zip(paths, reasons) if r is not None]
     if len(bad) > max_bad:
         path, reason = bad[0]
-        raise UserError(f"{len(bad)} of {len(samples)} images cannot be read (more than "
-                        f"data.max_bad_images={max_bad}); first: {path}: {reason}")
+        raise UserError(
+            f"{len(bad)} of {len(samples)} images cannot be read (more than "
+            f"data.max_bad_images={max_bad}); first: {path}: {reason}"
+        )
     return good, bad
 
 

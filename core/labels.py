@@ -53,14 +53,16 @@ def _read_text_lines(path: Path, what: str) -> list[str]:
 
 
 def _check_plain_name(name: str, where: str) -> None:
-    if (name in (".", "..") or "/" in name or "\\" in name or "\x00" in name
-            or Path(name).is_absolute()):
-        raise UserError(f"{where}: '{name}' must be a plain file name inside the image folder "
-                        "(no absolute path, '..' or path separator)")
+    if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or Path(name).is_absolute():
+        raise UserError(
+            f"{where}: '{name}' must be a plain file name inside the image folder "
+            "(no absolute path, '..' or path separator)"
+        )
 
 
-def parse_label_lines(path: Path, num_classes: int | None = None,
-                      what: str = "label file") -> list[tuple[int, str, int]]:
+def parse_label_lines(
+    path: Path, num_classes: int | None = None, what: str = "label file"
+) -> list[tuple[int, str, int]]:
     """``NAME LABEL`` lines -> ``[(line_no, name, label)]``; blank lines and CRLF are fine.
 
     Rejects (naming ``file:line``) a line without exactly two fields, a non-integer label, a
@@ -82,8 +84,10 @@ def parse_label_lines(path: Path, num_classes: int | None = None,
         label = int(label_text)
         if label < 0 or (num_classes is not None and label >= num_classes):
             bound = f"[0, {num_classes})" if num_classes is not None else ">= 0"
-            raise UserError(f"{where}: label {label} out of range {bound}"
-                            + (" (data.num_classes)" if num_classes is not None else ""))
+            raise UserError(
+                f"{where}: label {label} out of range {bound}"
+                + (" (data.num_classes)" if num_classes is not None else "")
+            )
         _check_plain_name(name, where)
         if name in first_line:
             raise UserError(f"{where}: duplicate image name '{name}' (first listed on line {first_line[name]})")
@@ -112,12 +116,15 @@ def read_label_file(path: Path, image_dir: Path, num_classes: int) -> list[tuple
     present = _list_files(image_dir)
     # The folder listing answers for almost every name at once; a name missing from it may
     # still open on a case-insensitive file system, so those few are checked one by one.
-    missing = [(line_no, name) for line_no, name, _ in entries
-               if name not in present and not (image_dir / name).is_file()]
+    missing = [
+        (line_no, name) for line_no, name, _ in entries if name not in present and not (image_dir / name).is_file()
+    ]
     if missing:
         line_no, name = missing[0]
-        raise UserError(f"{path}:{line_no}: image '{name}' not found in {image_dir} "
-                        f"({len(missing)} of {len(entries)} listed images are missing)")
+        raise UserError(
+            f"{path}:{line_no}: image '{name}' not found in {image_dir} "
+            f"({len(missing)} of {len(entries)} listed images are missing)"
+        )
     return [(image_dir / name, label) for _, name, label in entries]
 
 
@@ -138,7 +145,6 @@ def read_test_labels(path: Path, num_classes: int | None = None) -> dict[int, in
     return labels
 
 
-
 def hidden_labels_path(cfg: DataConfig) -> Path | None:
     """Where ``data.test_labels`` points (``None`` when unset); the file may not exist."""
     return resolve_path(cfg.root, cfg.test_labels) if cfg.test_labels else None
@@ -152,6 +158,7 @@ def read_hidden_labels(cfg: DataConfig) -> dict[int, int] | None:
     """
     path = hidden_labels_path(cfg)
     return read_test_labels(path, cfg.num_classes) if path is not None and path.is_file() else None
+
 
 # --------------------------------------------------------------------------- folders
 
@@ -171,8 +178,10 @@ def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
         raise UserError(f"image folder not found: {root}")
     classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise UserError(f"{root}: no class sub-folders (ImageFolder layout expects {root}/<class>/<image>; "
-                        "set data.train_labels for a label file)")
+        raise UserError(
+            f"{root}: no class sub-folders (ImageFolder layout expects {root}/<class>/<image>; "
+            "set data.train_labels for a label file)"
+        )
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         found = []
@@ -273,8 +282,10 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
         if shared:
             # Validating on training images would inflate the numbers best-checkpoint
             # selection relies on.
-            raise UserError(f"{resolve_path(cfg.root, cfg.val_labels)}: {len(shared)} validation images are also "
-                            f"in the training set (first: {shared[0]}); remove them from one of the lists")
+            raise UserError(
+                f"{resolve_path(cfg.root, cfg.val_labels)}: {len(shared)} validation images are also "
+                f"in the training set (first: {shared[0]}); remove them from one of the lists"
+            )
         return samples, val
     if cfg.val_fraction <= 0:
         return samples, []

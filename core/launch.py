@@ -32,9 +32,24 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "default.yaml"
 
 # accelerate launch flags that take no value.
-_BOOLEAN_FLAGS = {"--cpu", "--multi_gpu", "--tpu", "--use_deepspeed", "--use_fsdp", "--use_megatron_lm",
-                  "--quiet", "-q", "--no_python", "--module", "-m", "--same_network",
-                  "--dynamo_use_fullgraph", "--dynamo_use_dynamic", "--enable_cpu_affinity", "--debug"}
+_BOOLEAN_FLAGS = {
+    "--cpu",
+    "--multi_gpu",
+    "--tpu",
+    "--use_deepspeed",
+    "--use_fsdp",
+    "--use_megatron_lm",
+    "--quiet",
+    "-q",
+    "--no_python",
+    "--module",
+    "-m",
+    "--same_network",
+    "--dynamo_use_fullgraph",
+    "--dynamo_use_dynamic",
+    "--enable_cpu_affinity",
+    "--debug",
+}
 
 
 def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
@@ -87,8 +102,9 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
-def resolve_launch_args(accel: list[str], has_cuda: bool, cores: int | None = None,
-                        env: dict | None = None) -> tuple[list[str], str | None]:
+def resolve_launch_args(
+    accel: list[str], has_cuda: bool, cores: int | None = None, env: dict | None = None
+) -> tuple[list[str], str | None]:
     """Add the default accelerate config, fix multi-process CPU runs and their thread count.
 
     Returns (args, note); ``note`` explains a change the user should know about.

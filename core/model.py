@@ -85,7 +85,9 @@ def create_backbone(
         # timm raises RuntimeError for an unknown architecture name.
         if "Unknown model" in str(exc):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
-            raise UserError(f"model.name: unknown timm model '{name}' (e.g. {', '.join(close) or 'convnext_tiny'})") from None
+            raise UserError(
+                f"model.name: unknown timm model '{name}' (e.g. {', '.join(close) or 'convnext_tiny'})"
+            ) from None
         raise
     except (OSError, ValueError) as exc:
         if pretrained and not pretrained_file:

@@ -45,7 +45,9 @@ def _one_line(exc: BaseException) -> str:
     return "; ".join(lines) or type(exc).__name__
 
 
-def create_transform(spec: Mapping[str, Any], where: str, defaults: Mapping[str, Any] | None = None) -> A.BasicTransform:
+def create_transform(
+    spec: Mapping[str, Any], where: str, defaults: Mapping[str, Any] | None = None
+) -> A.BasicTransform:
     """Build one albumentations transform from ``{"name": ..., **kwargs}``.
 
     Args:
@@ -70,8 +72,10 @@ def create_transform(spec: Mapping[str, Any], where: str, defaults: Mapping[str,
     except (TypeError, ValueError) as exc:
         raise UserError(f"config key '{where}': bad arguments for {name}: {_one_line(exc)}") from None
     if caught:
-        raise UserError(f"config key '{where}': {name}: {_one_line(caught[0].message)} "
-                        "(albumentations 2.x argument names are required)")
+        raise UserError(
+            f"config key '{where}': {name}: {_one_line(caught[0].message)} "
+            "(albumentations 2.x argument names are required)"
+        )
     return transform
 
 
@@ -87,16 +91,17 @@ def _check_keeps_image(transform: A.BasicTransform, where: str, name: str, image
             warnings.simplefilter("ignore")
             out = transform(image=dummy, force_apply=True)["image"]
     except Exception as exc:  # noqa: BLE001 - any failure here is a config problem
-        raise UserError(f"config key '{where}': {name} fails on a {image_size}x{image_size} RGB image: "
-                        f"{_one_line(exc)}") from None
+        raise UserError(
+            f"config key '{where}': {name} fails on a {image_size}x{image_size} RGB image: {_one_line(exc)}"
+        ) from None
     if not (isinstance(out, np.ndarray) and out.dtype == np.uint8 and out.shape == dummy.shape):
         got = f"{out.dtype} {tuple(out.shape)}" if isinstance(out, np.ndarray) else type(out).__name__
-        raise UserError(f"config key '{where}': {name} must keep a {image_size}x{image_size}x3 uint8 image, "
-                        f"got {got}")
+        raise UserError(f"config key '{where}': {name} must keep a {image_size}x{image_size}x3 uint8 image, got {got}")
 
 
-def _create_list(specs: Sequence[Any], key: str, image_size: int,
-                 defaults: Mapping[str, Any] | None = None) -> list[A.BasicTransform]:
+def _create_list(
+    specs: Sequence[Any], key: str, image_size: int, defaults: Mapping[str, Any] | None = None
+) -> list[A.BasicTransform]:
     if not isinstance(specs, (list, tuple)):
         raise UserError(f"config key '{key}': expected a list of transforms, got {specs!r}")
     transforms = []

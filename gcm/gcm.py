@@ -1,4 +1,4 @@
-""" Gradient Concealment Module (GCM)
+"""Gradient Concealment Module (GCM)
 
 The first layer of the defended model in "Gradient Concealment: Free Lunch for Defending
 Adversarial Attacks" (arXiv 2205.10617): `y = x + eps * sin(w * x)` with w=1e20, eps=1e-8.
@@ -9,17 +9,18 @@ about +-1e12 with a pseudo-random sign per pixel. Gradient-based attacks therefo
 This is gradient masking, not robustness: the straight-through estimator (BPDA, see `bpda`)
 recovers the gradient of the undefended model exactly.
 """
+
 from contextlib import contextmanager
 from typing import Iterator, Optional
 
 import torch
 from torch import nn
 
-__all__ = ['GradientConcealment', 'DefendedModel', 'apply_gcm', 'set_bpda', 'bpda']
+__all__ = ["GradientConcealment", "DefendedModel", "apply_gcm", "set_bpda", "bpda"]
 
 
 class GradientConcealment(nn.Module):
-    """ `y = x + eps * sin(w * x)`, always computed and returned in float32.
+    """`y = x + eps * sin(w * x)`, always computed and returned in float32.
 
     Why float32 always: in float16 `w * x` overflows to inf for any non-zero pixel and
     `sin(inf)` is NaN, so every output pixel is NaN; bfloat16 keeps the range but loses the
@@ -56,11 +57,11 @@ class GradientConcealment(nn.Module):
         return x + self.eps * torch.sin(self.w * x)
 
     def extra_repr(self) -> str:
-        return f'w={self.w:g}, eps={self.eps:g}, bpda={self.bpda}'
+        return f"w={self.w:g}, eps={self.eps:g}, bpda={self.bpda}"
 
 
 class DefendedModel(nn.Module):
-    """ Input defenses in front of a model: `model(random_pad(gcm(x)))`.
+    """Input defenses in front of a model: `model(random_pad(gcm(x)))`.
 
     The one wrapper of this project: `submit`, `evaluate` and `export` all predict with it
     (around an ensemble), and `apply_gcm` / `apply_random_pad` build it around any model. A
@@ -86,11 +87,11 @@ class DefendedModel(nn.Module):
 
     @property
     def randomized(self) -> bool:
-        """ True when a random input layer draws anew on every forward pass. """
-        return self.random_pad is not None and getattr(self.random_pad, 'enabled', True)
+        """True when a random input layer draws anew on every forward pass."""
+        return self.random_pad is not None and getattr(self.random_pad, "enabled", True)
 
     def reseed(self, seed: int) -> None:
-        """ Restart the random layer's draws from `seed` (its configured seed is kept); no-op when not randomized. """
+        """Restart the random layer's draws from `seed` (its configured seed is kept); no-op when not randomized."""
         if self.random_pad is not None:
             self.random_pad.generator.manual_seed(int(seed))
 
@@ -103,7 +104,7 @@ class DefendedModel(nn.Module):
 
 
 def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8) -> DefendedModel:
-    """ Put a GradientConcealment layer in front of `model`.
+    """Put a GradientConcealment layer in front of `model`.
 
     Args:
         model: Any module taking an image batch (inputs in [0, 1] in the paper).
@@ -117,7 +118,7 @@ def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8) -> DefendedM
 
 
 def set_bpda(model: nn.Module, enabled: bool) -> int:
-    """ Switch the straight-through (BPDA) backward on or off for every GCM in `model`.
+    """Switch the straight-through (BPDA) backward on or off for every GCM in `model`.
 
     Args:
         model: Module tree to search (the GCM itself also counts).
@@ -136,7 +137,7 @@ def set_bpda(model: nn.Module, enabled: bool) -> int:
 
 @contextmanager
 def bpda(model: nn.Module) -> Iterator[int]:
-    """ Enable BPDA on every GCM in `model` for the duration of a `with` block.
+    """Enable BPDA on every GCM in `model` for the duration of a `with` block.
 
     Each module's previous setting is restored on exit, also on error.
 

@@ -1,4 +1,4 @@
-""" Random resize-and-pad input layer
+"""Random resize-and-pad input layer
 
 The randomized input layer of the CVPR 2022 robust classification challenge's 2nd-place
 model (after GCM): resize the batch to a random side l in [218, 223], then zero-pad it back to
@@ -14,6 +14,7 @@ Two implementations of the same resize+pad:
   `torch.export` can capture it with the draws inside the graph (a new draw per call of the
   exported program). It matches `resize_pad` to a few float32 ulps (<= 2e-7 on [0, 1] images).
 """
+
 from typing import Optional, Tuple, Union
 
 import torch
@@ -22,27 +23,27 @@ from torch import nn
 
 from .gcm import DefendedModel
 
-__all__ = ['RandomResizePad', 'apply_random_pad', 'resize_pad', 'resize_pad_static']
+__all__ = ["RandomResizePad", "apply_random_pad", "resize_pad", "resize_pad_static"]
 
 
 IntOrTensor = Union[int, torch.Tensor]
 
 
 def resize_pad(x: torch.Tensor, top: int, left: int, h: int, w: int) -> torch.Tensor:
-    """ Bilinear resize (no antialiasing) of `x` to `h` x `w`, zero-padded back to its size at `(top, left)`. """
+    """Bilinear resize (no antialiasing) of `x` to `h` x `w`, zero-padded back to its size at `(top, left)`."""
     height, width = x.shape[-2:]
-    x = F.interpolate(x, size=(h, w), mode='bilinear', align_corners=False, antialias=False)
-    return F.pad(x, (left, width - w - left, top, height - h - top), value=0.)
+    x = F.interpolate(x, size=(h, w), mode="bilinear", align_corners=False, antialias=False)
+    return F.pad(x, (left, width - w - left, top, height - h - top), value=0.0)
 
 
 def _axis_sampling(
-        size: int,
-        new: torch.Tensor,
-        offset: torch.Tensor,
-        dtype: torch.dtype,
-        device: torch.device,
+    size: int,
+    new: torch.Tensor,
+    offset: torch.Tensor,
+    dtype: torch.dtype,
+    device: torch.device,
 ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """ Source indices, weights and mask along one axis of `resize_pad_static`.
+    """Source indices, weights and mask along one axis of `resize_pad_static`.
 
     Output position `i` shows position `i - offset` of the image resized from `size` to `new`,
     whose source coordinate is `size / new * (i - offset + 0.5) - 0.5` (half-pixel centres,
@@ -69,13 +70,13 @@ def _axis_sampling(
 
 
 def resize_pad_static(
-        x: torch.Tensor,
-        top: IntOrTensor,
-        left: IntOrTensor,
-        h: IntOrTensor,
-        w: IntOrTensor,
+    x: torch.Tensor,
+    top: IntOrTensor,
+    left: IntOrTensor,
+    h: IntOrTensor,
+    w: IntOrTensor,
 ) -> torch.Tensor:
-    """ `resize_pad` with static shapes: the box may be 0-d integer tensors (e.g. random draws).
+    """`resize_pad` with static shapes: the box may be 0-d integer tensors (e.g. random draws).
 
     Each output pixel inside the box is a bilinear blend of its four source pixels (gathered
     with `index_select`, so the op is differentiable w.r.t. `x`), everything outside is 0.
@@ -92,7 +93,7 @@ def resize_pad_static(
 
 
 class RandomResizePad(nn.Module):
-    """ Resize a batch to a random smaller size, then zero-pad it back at a random offset.
+    """Resize a batch to a random smaller size, then zero-pad it back at a random offset.
 
     For an input of height H the new height is drawn uniformly from
     [round(min_ratio * H), round(max_ratio * H)] (218..223 at H=224 with the defaults). The
@@ -118,16 +119,18 @@ class RandomResizePad(nn.Module):
     """
 
     def __init__(
-            self,
-            min_ratio: float = 218 / 224,
-            max_ratio: float = 223 / 224,
-            seed: int = 0,
-            enabled: bool = True,
+        self,
+        min_ratio: float = 218 / 224,
+        max_ratio: float = 223 / 224,
+        seed: int = 0,
+        enabled: bool = True,
     ):
         super().__init__()
         if not 0 < min_ratio <= max_ratio <= 1:
-            raise ValueError(f'RandomResizePad needs 0 < min_ratio <= max_ratio <= 1, '
-                             f'got min_ratio={min_ratio}, max_ratio={max_ratio}')
+            raise ValueError(
+                f"RandomResizePad needs 0 < min_ratio <= max_ratio <= 1, "
+                f"got min_ratio={min_ratio}, max_ratio={max_ratio}"
+            )
         self.min_ratio = float(min_ratio)
         self.max_ratio = float(max_ratio)
         self.seed = int(seed)
@@ -136,13 +139,13 @@ class RandomResizePad(nn.Module):
         self.reset()
 
     def reset(self, seed: Optional[int] = None) -> None:
-        """ Reseed the generator (with `seed`, which becomes the module's seed, or the current one). """
+        """Reseed the generator (with `seed`, which becomes the module's seed, or the current one)."""
         if seed is not None:
             self.seed = int(seed)
         self.generator.manual_seed(self.seed)
 
     def side_range(self, size: int) -> Tuple[int, int]:
-        """ Inclusive range of the resized side for an input side `size`. """
+        """Inclusive range of the resized side for an input side `size`."""
         lo = max(1, round(self.min_ratio * size))
         hi = max(lo, min(size, round(self.max_ratio * size)))
         return lo, hi
@@ -151,7 +154,7 @@ class RandomResizePad(nn.Module):
         return int(torch.randint(lo, hi + 1, (1,), generator=self.generator).item())
 
     def draw_box(self, height: int, width: int) -> Tuple[int, int, int, int]:
-        """ Next `(top, left, h, w)` from the module's generator (three draws: side, top, left). """
+        """Next `(top, left, h, w)` from the module's generator (three draws: side, top, left)."""
         h = self._randint(*self.side_range(height))
         lo_w, hi_w = self.side_range(width)
         w = min(max(round(h * width / height), lo_w), hi_w)
@@ -160,12 +163,12 @@ class RandomResizePad(nn.Module):
         return top, left, h, w
 
     def draw_box_tensors(
-            self,
-            height: int,
-            width: int,
-            device: Optional[torch.device] = None,
+        self,
+        height: int,
+        width: int,
+        device: Optional[torch.device] = None,
     ) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """ A `(top, left, h, w)` box as 0-d int64 tensors from the global RNG, without a host sync.
+        """A `(top, left, h, w)` box as 0-d int64 tensors from the global RNG, without a host sync.
 
         The distribution of `draw_box` (side uniform in `side_range`, offsets uniform), made of
         tensor ops only so a traced graph keeps drawing: `randint` for the side, then one
@@ -189,17 +192,18 @@ class RandomResizePad(nn.Module):
         return resize_pad(x, *self.draw_box(height, width))
 
     def extra_repr(self) -> str:
-        return (f'min_ratio={self.min_ratio:.4f}, max_ratio={self.max_ratio:.4f}, '
-                f'seed={self.seed}, enabled={self.enabled}')
+        return (
+            f"min_ratio={self.min_ratio:.4f}, max_ratio={self.max_ratio:.4f}, seed={self.seed}, enabled={self.enabled}"
+        )
 
 
 def apply_random_pad(
-        model: nn.Module,
-        min_ratio: float = 218 / 224,
-        max_ratio: float = 223 / 224,
-        seed: int = 0,
+    model: nn.Module,
+    min_ratio: float = 218 / 224,
+    max_ratio: float = 223 / 224,
+    seed: int = 0,
 ) -> DefendedModel:
-    """ Put a RandomResizePad layer in front of `model`.
+    """Put a RandomResizePad layer in front of `model`.
 
     For the 2nd-place order (GCM, then resize-pad, then the network) use
     `apply_gcm(apply_random_pad(model))`.

@@ -57,7 +57,7 @@ def apply_view(x: torch.Tensor, scale: float, hflip: bool) -> torch.Tensor:
         z = F.interpolate(x, size=(nh, nw), mode="bilinear", align_corners=False)
         if scale > 1.0:
             top, left = (nh - h) // 2, (nw - w) // 2
-            x = z[..., top:top + h, left:left + w]
+            x = z[..., top : top + h, left : left + w]
         else:
             top, left = (h - nh) // 2, (w - nw) // 2
             x = F.pad(z, (left, w - nw - left, top, h - nh - top))
@@ -71,8 +71,15 @@ class EnsembleTTA(nn.Module):
     k views cost about one k-times-larger batch rather than k separate calls.
     """
 
-    def __init__(self, members: Sequence[nn.Module], image_sizes: Sequence[int], views: Sequence[View],
-                 weights: Sequence[float] | None = None, aggregate: str = "prob", temperature: float = 1.0) -> None:
+    def __init__(
+        self,
+        members: Sequence[nn.Module],
+        image_sizes: Sequence[int],
+        views: Sequence[View],
+        weights: Sequence[float] | None = None,
+        aggregate: str = "prob",
+        temperature: float = 1.0,
+    ) -> None:
         super().__init__()
         if aggregate not in ("prob", "logit"):
             raise ValueError(f"aggregate must be 'prob' or 'logit', not {aggregate!r}")
@@ -88,8 +95,11 @@ class EnsembleTTA(nn.Module):
     def member_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
         """Logits of one member for every view: (views, N, classes), float32."""
         xm = resize_to(x, self.image_sizes[index])
-        batch = torch.cat([apply_view(xm, v.scale, v.hflip) for v in self.views]) if len(self.views) > 1 \
+        batch = (
+            torch.cat([apply_view(xm, v.scale, v.hflip) for v in self.views])
+            if len(self.views) > 1
             else apply_view(xm, self.views[0].scale, self.views[0].hflip)
+        )
         logits = self.members[index](batch).float() / self.temperature
         return logits.view(len(self.views), x.shape[0], -1)
 
@@ -122,8 +132,9 @@ def resolve_member_paths(cfg: Config) -> list[str]:
     return list(cfg.submit.checkpoints) or [str(cfg.run_dir / "best")]
 
 
-def build_defended_model(members: Sequence[nn.Module], infos: Sequence[dict], cfg: Config,
-                         defense: bool = True) -> DefendedModel:
+def build_defended_model(
+    members: Sequence[nn.Module], infos: Sequence[dict], cfg: Config, defense: bool = True
+) -> DefendedModel:
     """The exact model ``submit`` predicts with. ``defense=False`` drops GCM and random pad
     (the undefended reference for evaluation), keeping ensemble and TTA identical."""
     ensemble = EnsembleTTA(
@@ -151,9 +162,10 @@ def describe(model: DefendedModel) -> dict:
     gcm, pad, ens = model.gcm, model.random_pad, model.model
     return {
         "gcm": {"enabled": gcm is not None, **({"w": gcm.w, "eps": gcm.eps} if gcm is not None else {})},
-        "random_pad": {"enabled": pad is not None,
-                       **({"min_ratio": pad.min_ratio, "max_ratio": pad.max_ratio, "seed": pad.seed}
-                          if pad is not None else {})},
+        "random_pad": {
+            "enabled": pad is not None,
+            **({"min_ratio": pad.min_ratio, "max_ratio": pad.max_ratio, "seed": pad.seed} if pad is not None else {}),
+        },
         "tta_views": [str(v) for v in ens.views],
         "members": len(ens.members),
         "member_image_sizes": ens.image_sizes,

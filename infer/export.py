@@ -97,8 +97,7 @@ def count_gmacs(model: nn.Module, image_size: int) -> float:
     return counter.get_total_flops() / 2 / 1e9
 
 
-def budget_report(model: DefendedModel, image_size: int, cfg: Config,
-                  checkpoints: Sequence[str] = ()) -> dict:
+def budget_report(model: DefendedModel, image_size: int, cfg: Config, checkpoints: Sequence[str] = ()) -> dict:
     """Params and GMACs of the whole defended model and of each member, checked against the limits.
 
     Args:
@@ -112,9 +111,15 @@ def budget_report(model: DefendedModel, image_size: int, cfg: Config,
     members = []
     for i, (member, size) in enumerate(zip(ens.members, ens.image_sizes)):
         per_view = count_gmacs(member, size)
-        members.append({**({"checkpoint": str(checkpoints[i])} if i < len(checkpoints) else {}),
-                        "image_size": size, "params": count_params(member),
-                        "gmacs_per_view": per_view, "gmacs": per_view * views})
+        members.append(
+            {
+                **({"checkpoint": str(checkpoints[i])} if i < len(checkpoints) else {}),
+                "image_size": size,
+                "params": count_params(member),
+                "gmacs_per_view": per_view,
+                "gmacs": per_view * views,
+            }
+        )
     report = {
         "params": sum(m["params"] for m in members),
         "gmacs": count_gmacs(model, image_size),
@@ -126,7 +131,9 @@ def budget_report(model: DefendedModel, image_size: int, cfg: Config,
     }
     breaches = []
     if report["params"] > cfg.budget.max_params:
-        breaches.append(f"{report['params'] / 1e6:.2f}M parameters > budget.max_params {cfg.budget.max_params / 1e6:g}M")
+        breaches.append(
+            f"{report['params'] / 1e6:.2f}M parameters > budget.max_params {cfg.budget.max_params / 1e6:g}M"
+        )
     if report["gmacs"] > cfg.budget.max_gmacs:
         breaches.append(f"{report['gmacs']:.4g} GMACs per image > budget.max_gmacs {cfg.budget.max_gmacs:g}")
     report["breaches"] = breaches
@@ -136,12 +143,16 @@ def budget_report(model: DefendedModel, image_size: int, cfg: Config,
 
 def format_report(report: dict) -> list[str]:
     """The console lines of a budget report (the warning, if any, comes from ``run``)."""
-    lines = [f"budget: {report['params'] / 1e6:.2f}M params, {report['gmacs']:.4g} GMACs per image "
-             f"({len(report['members'])} member(s) x {report['tta_views']} TTA view(s) at {report['input_size']}px); "
-             f"limits {report['max_params'] / 1e6:g}M params, {report['max_gmacs']:g} GMACs"]
+    lines = [
+        f"budget: {report['params'] / 1e6:.2f}M params, {report['gmacs']:.4g} GMACs per image "
+        f"({len(report['members'])} member(s) x {report['tta_views']} TTA view(s) at {report['input_size']}px); "
+        f"limits {report['max_params'] / 1e6:g}M params, {report['max_gmacs']:g} GMACs"
+    ]
     for i, m in enumerate(report["members"]):
-        lines.append(f"  member {i}: {m['params'] / 1e6:.2f}M params, {m['gmacs_per_view']:.4g} GMACs per view "
-                     f"at {m['image_size']}px, {m['gmacs']:.4g} GMACs for {report['tta_views']} view(s)")
+        lines.append(
+            f"  member {i}: {m['params'] / 1e6:.2f}M params, {m['gmacs_per_view']:.4g} GMACs per view "
+            f"at {m['image_size']}px, {m['gmacs']:.4g} GMACs for {report['tta_views']} view(s)"
+        )
     return lines
 
 
@@ -153,8 +164,10 @@ def export_program(model: nn.Module, image_size: int) -> torch.export.ExportedPr
         return torch.export.export(model, (example,), dynamic_shapes={"x": {0: batch}})
     except Exception as exc:  # torch.export raises many types; all mean "this model does not trace"
         first = (str(exc).strip().splitlines() or [""])[0][:300]
-        raise UserError(f"export: torch.export cannot capture this model ({type(exc).__name__}: {first}); "
-                        "rerun with --debug for the trace") from exc
+        raise UserError(
+            f"export: torch.export cannot capture this model ({type(exc).__name__}: {first}); "
+            "rerun with --debug for the trace"
+        ) from exc
 
 
 def serialize_program(program: torch.export.ExportedProgram) -> bytes:
@@ -170,8 +183,9 @@ def load_program(data: bytes) -> nn.Module:
 
 def random_ops(program: torch.export.ExportedProgram) -> list[str]:
     """Names of the random ops in the program's graph (the draws of the random resize-pad)."""
-    return [str(node.target) for node in program.graph.nodes
-            if node.op == "call_function" and "rand" in str(node.target)]
+    return [
+        str(node.target) for node in program.graph.nodes if node.op == "call_function" and "rand" in str(node.target)
+    ]
 
 
 def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, seeds: Sequence[int] = (0, 1)) -> float:
@@ -257,26 +271,37 @@ def run(cfg: Config) -> dict:
     program = export_program(ProbabilityOutput(model).eval(), size)
     randomized = model.randomized
     if randomized and not random_ops(program):
-        raise UserError("export: the random resize-pad layer was traced as one fixed draw (no random op in the "
-                        "graph); refusing to write a silently weaker defense (random_pad.enabled=true)")
+        raise UserError(
+            "export: the random resize-pad layer was traced as one fixed draw (no random op in the "
+            "graph); refusing to write a silently weaker defense (random_pad.enabled=true)"
+        )
     data = serialize_program(program)
     diff = check_round_trip(load_program(data), model, size)
     if not diff <= ROUND_TRIP_ATOL:
-        raise UserError(f"export: the exported program does not reproduce the in-process model (max |dp| = "
-                        f"{diff:.3g} > {ROUND_TRIP_ATOL:g}); no file written")
+        raise UserError(
+            f"export: the exported program does not reproduce the in-process model (max |dp| = "
+            f"{diff:.3g} > {ROUND_TRIP_ATOL:g}); no file written"
+        )
     report["round_trip_max_abs_diff"] = diff
     budget_path = write_outputs(path, data, report)
-    pad_note = (", a new random resize-pad draw per call from torch's global RNG (seed it with torch.manual_seed)"
-                if randomized else "")
+    pad_note = (
+        ", a new random resize-pad draw per call from torch's global RNG (seed it with torch.manual_seed)"
+        if randomized
+        else ""
+    )
     print(f"wrote {path} ({len(data) / 1e6:.1f} MB; round trip checked, max |dp| {diff:.1g}) and {budget_path}")
-    print(f"load: model = torch.export.load('{path}').module(); probs = model(x)  # x: N x 3 x {size} x {size} "
-          f"float32 in [0,1], probs: N x {cfg.data.num_classes}{pad_note}")
+    print(
+        f"load: model = torch.export.load('{path}').module(); probs = model(x)  # x: N x 3 x {size} x {size} "
+        f"float32 in [0,1], probs: N x {cfg.data.num_classes}{pad_note}"
+    )
     return {"path": str(path), "budget_path": str(budget_path), **report}
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     quiet_libraries()
-    args = create_parser("run.sh export", "Defended model file (torch.export) + params/GMACs budget report.").parse_args(argv)
+    args = create_parser(
+        "run.sh export", "Defended model file (torch.export) + params/GMACs budget report."
+    ).parse_args(argv)
     return run(parse_config(args))
 
 

@@ -57,11 +57,11 @@ class SubmissionNameError(UserError, ValueError):
 
 
 def write_submission(
-        out_dir: Path,
-        name: str,
-        image_ids: Sequence[int],
-        predictions: Sequence[int],
-        meta: dict,
+    out_dir: Path,
+    name: str,
+    image_ids: Sequence[int],
+    predictions: Sequence[int],
+    meta: dict,
 ) -> dict[str, Path]:
     """Write ``<name>.csv``, ``<name>.json`` and ``<name>.meta.json`` into ``out_dir``.
 
@@ -90,14 +90,15 @@ def write_submission(
     rows = _sorted_rows(image_ids, predictions)
     histogram = Counter(label for _, label in rows)
     full_meta = to_json_safe(dict(meta), "meta")
-    full_meta.update({
-        "n_images": len(rows),
-        "n_classes_predicted": len(histogram),
-        "class_histogram": {str(label): histogram[label] for label in sorted(histogram)},
-    })
+    full_meta.update(
+        {
+            "n_images": len(rows),
+            "n_classes_predicted": len(histogram),
+            "class_histogram": {str(label): histogram[label] for label in sorted(histogram)},
+        }
+    )
     out_dir = Path(out_dir)
-    paths = {"csv": out_dir / f"{name}.csv", "json": out_dir / f"{name}.json",
-             "meta": out_dir / f"{name}.meta.json"}
+    paths = {"csv": out_dir / f"{name}.csv", "json": out_dir / f"{name}.json", "meta": out_dir / f"{name}.meta.json"}
     # Serialise everything before touching the disk: a bad value must not leave half a submission.
     texts = {
         paths["csv"]: format_csv(rows),
@@ -110,13 +111,23 @@ def write_submission(
 
 def check_submission_name(name: str) -> None:
     """Raise :class:`SubmissionNameError` unless ``name`` is a plain file name."""
-    if (not isinstance(name, str) or not name or name in {".", ".."} or name.startswith(".")
-            or any(c in name for c in "/\\\0") or name.strip() != name):
-        raise SubmissionNameError(f"submission name {name!r} must be a plain file name "
-                                  "(no path separators, not hidden, no surrounding spaces)")
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in {".", ".."}
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or name.strip() != name
+    ):
+        raise SubmissionNameError(
+            f"submission name {name!r} must be a plain file name "
+            "(no path separators, not hidden, no surrounding spaces)"
+        )
     if name.lower().endswith((".csv", ".json")):
-        raise SubmissionNameError(f"submission name {name!r} must not carry an extension "
-                                  f"(the files are {name}.csv/.json; use {Path(name).stem!r})")
+        raise SubmissionNameError(
+            f"submission name {name!r} must not carry an extension "
+            f"(the files are {name}.csv/.json; use {Path(name).stem!r})"
+        )
 
 
 def format_csv(rows: Sequence[tuple[int, int]]) -> str:
@@ -194,8 +205,9 @@ def parse_submission(path: Path) -> ParsedSubmission:
     where = str(path)
     suffix = path.suffix.lower()
     if suffix not in (".csv", ".json"):
-        return _unreadable(f"{where}: unknown submission type {path.suffix or '(no extension)'!r}; "
-                           "expected a .csv or .json file")
+        return _unreadable(
+            f"{where}: unknown submission type {path.suffix or '(no extension)'!r}; expected a .csv or .json file"
+        )
     try:
         data = path.read_bytes()
     except FileNotFoundError:
@@ -223,8 +235,10 @@ def _unreadable(problem: str) -> ParsedSubmission:
 def _decode(data: bytes, where: str, is_csv: bool, problems: list[str]) -> str | None:
     offset = 0
     if data.startswith(codecs.BOM_UTF8):
-        problems.append(f"{where}{':1' if is_csv else ''}: starts with a UTF-8 byte-order mark (BOM, e.g. "
-                        "from Excel); save it as plain UTF-8 without BOM")
+        problems.append(
+            f"{where}{':1' if is_csv else ''}: starts with a UTF-8 byte-order mark (BOM, e.g. "
+            "from Excel); save it as plain UTF-8 without BOM"
+        )
         offset = len(codecs.BOM_UTF8)
     try:
         return data[offset:].decode("utf-8")
@@ -293,8 +307,10 @@ def _parse_json(text: str, where: str, parsed: ParsedSubmission) -> None:
         return
     if not isinstance(data, list):
         hint = " (this is the meta file; check the .json or .csv twin)" if where.endswith(".meta.json") else ""
-        parsed.problems.append(f"{where}: expected a JSON array of {{\"image_id\": ..., \"category_id\": ...}} "
-                               f"objects, found {_json_type(data)}{hint}")
+        parsed.problems.append(
+            f'{where}: expected a JSON array of {{"image_id": ..., "category_id": ...}} '
+            f"objects, found {_json_type(data)}{hint}"
+        )
         parsed.readable = False
         return
     for index, entry in enumerate(data):
@@ -311,13 +327,15 @@ def _parse_json(text: str, where: str, parsed: ParsedSubmission) -> None:
         if missing:
             parsed.problems.append(f"{loc}: missing key(s) {', '.join(map(repr, missing))}")
         if extra:
-            parsed.problems.append(f"{loc}: unexpected key(s) {', '.join(map(repr, extra))} "
-                                   f"(allowed: {', '.join(FIELDS)})")
+            parsed.problems.append(
+                f"{loc}: unexpected key(s) {', '.join(map(repr, extra))} (allowed: {', '.join(FIELDS)})"
+            )
         for key in FIELDS:
             value = entry.get(key)
             if key in entry and type(value) is not int:  # excludes bool, a subclass of int
-                parsed.problems.append(f"{loc}: {key} must be an integer, found {_json_type(value)} "
-                                       f"{_json_repr(value)}")
+                parsed.problems.append(
+                    f"{loc}: {key} must be an integer, found {_json_type(value)} {_json_repr(value)}"
+                )
                 ok = False
         # An entry with valid values but an extra key still counts as a prediction, so the
         # image is not also reported as missing.
@@ -344,8 +362,14 @@ class _JsonObject(dict):
 def _json_type(value: Any) -> str:
     if value is None:
         return "null"
-    for kind, name in ((bool, "boolean"), (int, "integer"), (float, "number"), (str, "string"),
-                       (list, "array"), (dict, "object")):
+    for kind, name in (
+        (bool, "boolean"),
+        (int, "integer"),
+        (float, "number"),
+        (str, "string"),
+        (list, "array"),
+        (dict, "object"),
+    ):
         if isinstance(value, kind):
             return name
     return type(value).__name__
@@ -353,7 +377,7 @@ def _json_type(value: Any) -> str:
 
 def _json_repr(value: Any, width: int = 40) -> str:
     text = json.dumps(value)
-    return text if len(text) <= width else text[:width - 3] + "..."
+    return text if len(text) <= width else text[: width - 3] + "..."
 
 
 # ---------------------------------------------------------------------------------- checking
@@ -397,8 +421,10 @@ def check_submission(path: Path, test_dir: Path, num_classes: int | None) -> Sub
     known = set(test_ids)
     missing = [i for i in test_ids if i not in parsed.predictions]
     if missing:
-        summary.append(f"{where}: {len(missing)} of {len(test_ids)} test images have no valid prediction "
-                       f"(image_id {_quote_ids(missing)})")
+        summary.append(
+            f"{where}: {len(missing)} of {len(test_ids)} test images have no valid prediction "
+            f"(image_id {_quote_ids(missing)})"
+        )
     extra = [i for i in parsed.predictions if i not in known]
     if extra:
         shown = ", ".join(f"{i} at {parsed.where[i]}" for i in extra[:_SHOW_IDS])
@@ -414,8 +440,9 @@ def check_submission(path: Path, test_dir: Path, num_classes: int | None) -> Sub
     return SubmissionCheck(summary + parsed.problems + labels, len(parsed.predictions), len(test_ids))
 
 
-def validate_submission(path: Path, test_dir: Path, num_classes: int | None,
-                        limit: int | None = MAX_PROBLEMS) -> list[str]:
+def validate_submission(
+    path: Path, test_dir: Path, num_classes: int | None, limit: int | None = MAX_PROBLEMS
+) -> list[str]:
     """All problems of a submission file (empty list = valid), capped at ``limit`` lines.
 
     Args:

@@ -45,12 +45,14 @@ def compile_members(model: DefendedModel) -> None:
 
 def create_accelerator(cfg: Config) -> Accelerator:
     """The Accelerator ``submit`` predicts with (CPU without CUDA; bf16 autocast if configured)."""
-    return Accelerator(cpu=not torch.cuda.is_available(),
-                       mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no")
+    return Accelerator(
+        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no"
+    )
 
 
-def create_model(cfg: Config, checkpoints: Sequence[str | Path],
-                 accelerator: Accelerator) -> tuple[DefendedModel, list[dict]]:
+def create_model(
+    cfg: Config, checkpoints: Sequence[str | Path], accelerator: Accelerator
+) -> tuple[DefendedModel, list[dict]]:
     """The defended model of ``checkpoints`` on the accelerator's device, in the configured
     memory layout and (``model.compile``) compiled; returns it with the members' infos."""
     members, infos = load_members(checkpoints, cfg.data.num_classes)
@@ -80,8 +82,7 @@ def resolve_loader_workers(cfg: Config, accelerator: Accelerator) -> int:
     return max(0, available_cores() // accelerator.num_processes - torch.get_num_threads())
 
 
-def create_test_loader(cfg: Config, items: Sequence[tuple[Path, int]], image_size: int,
-                       accelerator: Accelerator):
+def create_test_loader(cfg: Config, items: Sequence[tuple[Path, int]], image_size: int, accelerator: Accelerator):
     """The loader ``run`` predicts from, prepared for ``accelerator`` (sharded across processes)."""
     workers = resolve_loader_workers(cfg, accelerator)
     dataset = TestImageDataset(items, image_size, decode_threads=torch.get_num_threads() if workers == 0 else 1)
@@ -97,8 +98,9 @@ def bad_image_reason(path: Path) -> str:
 
 
 @torch.inference_mode()
-def predict(model: DefendedModel, loader, accelerator: Accelerator,
-            seed: int = 0) -> tuple[list[int], list[int], list[int]]:
+def predict(
+    model: DefendedModel, loader, accelerator: Accelerator, seed: int = 0
+) -> tuple[list[int], list[int], list[int]]:
     """Predicted class per image id, gathered from all processes; returns (ids, preds, bad_ids)."""
     ids, preds, bad = [], [], []
     bar = tqdm(loader, desc="predict", disable=not accelerator.is_local_main_process)
@@ -133,10 +135,12 @@ def run(cfg: Config) -> dict:
     items = list_test_images(test_dir)
     size = input_size_of(infos)
     loader = create_test_loader(cfg, items, size, accelerator)
-    accelerator.print(f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
-                      f"{len(model.model.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
-                      f"{accelerator.num_processes} process(es) with {torch.get_num_threads()} torch thread(s) and "
-                      f"{loader.num_workers} loader worker(s) each")
+    accelerator.print(
+        f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
+        f"{len(model.model.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
+        f"{accelerator.num_processes} process(es) with {torch.get_num_threads()} torch thread(s) and "
+        f"{loader.num_workers} loader worker(s) each"
+    )
     ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)
     result: dict = {"n_images": len(ids)}
     accelerator.wait_for_everyone()
@@ -146,13 +150,17 @@ def run(cfg: Config) -> dict:
     path_of = {image_id: path for path, image_id in items}
     bad_files = [str(path_of[i]) for i in sorted(bad)]
     if bad_files and cfg.submit.on_bad_image == "error":
-        raise UserError(f"{bad_image_reason(Path(bad_files[0]))} ({len(bad_files)} unreadable test image(s); "
-                        f"set submit.on_bad_image=fallback to predict class {cfg.submit.fallback_class} for them)")
+        raise UserError(
+            f"{bad_image_reason(Path(bad_files[0]))} ({len(bad_files)} unreadable test image(s); "
+            f"set submit.on_bad_image=fallback to predict class {cfg.submit.fallback_class} for them)"
+        )
     if bad_files:
         bad_set = set(bad)
         preds = [cfg.submit.fallback_class if i in bad_set else p for i, p in zip(ids, preds)]
-        accelerator.print(f"warning: {len(bad_files)} unreadable image(s) predicted as class "
-                          f"{cfg.submit.fallback_class} (listed in the meta file)")
+        accelerator.print(
+            f"warning: {len(bad_files)} unreadable image(s) predicted as class "
+            f"{cfg.submit.fallback_class} (listed in the meta file)"
+        )
 
     labels = read_hidden_labels(cfg.data)
     if labels is not None:
@@ -166,9 +174,16 @@ def run(cfg: Config) -> dict:
         "test_dir": str(test_dir),
         "n_images": len(ids),
         "num_processes": accelerator.num_processes,
-        "checkpoints": [{"path": str(resolve_checkpoint_files(c)[0]), "sha256": info.get("sha256"), "arch": info["arch"],
-                         "image_size": info["image_size"], "val_acc": info.get("val_acc")}
-                        for c, info in zip(checkpoints, infos)],
+        "checkpoints": [
+            {
+                "path": str(resolve_checkpoint_files(c)[0]),
+                "sha256": info.get("sha256"),
+                "arch": info["arch"],
+                "image_size": info["image_size"],
+                "val_acc": info.get("val_acc"),
+            }
+            for c, info in zip(checkpoints, infos)
+        ],
         "defense": describe(model),
         "bad_images": bad_files,
         "fallback_class": cfg.submit.fallback_class if bad_files else None,
@@ -182,8 +197,11 @@ def run(cfg: Config) -> dict:
         if problems:
             raise UserError(f"{paths[key]}: failed validation: {problems[0]}")
     result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
-    acc = f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%" \
-        if "test_acc" in result else ""
+    acc = (
+        f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%"
+        if "test_acc" in result
+        else ""
+    )
     accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
     return result
 

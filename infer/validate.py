@@ -28,10 +28,18 @@ def create_validate_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.sh validate", description="Check a submission file (.csv or .json).")
     parser.add_argument("file", type=Path, help="submission file, e.g. submissions/cvpr22.csv")
     parser.add_argument("--test-dir", type=Path, required=True, help="folder of test images N.png")
-    parser.add_argument("--num-classes", type=int, default=None,
-                        help="labels must be in [0, N) (default: only negative labels are rejected)")
-    parser.add_argument("--max-problems", type=int, default=MAX_PROBLEMS,
-                        help=f"list at most this many problems (default {MAX_PROBLEMS}; 0 = all)")
+    parser.add_argument(
+        "--num-classes",
+        type=int,
+        default=None,
+        help="labels must be in [0, N) (default: only negative labels are rejected)",
+    )
+    parser.add_argument(
+        "--max-problems",
+        type=int,
+        default=MAX_PROBLEMS,
+        help=f"list at most this many problems (default {MAX_PROBLEMS}; 0 = all)",
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     return parser
 
@@ -49,8 +57,7 @@ def run(argv: Sequence[str]) -> int:
         count = len(result.problems)
         print(f"{args.file}: INVALID ({count} problem{'' if count == 1 else 's'})", flush=True)
         return 1
-    print(f"{args.file}: OK ({result.n_predictions} predictions for {result.n_test_images} test images)",
-          flush=True)
+    print(f"{args.file}: OK ({result.n_predictions} predictions for {result.n_test_images} test images)", flush=True)
     return 0
 
 

@@ -1,1 +1,2 @@
-"""``./run.sh evaluate``: the local robustness leaderboard (attack specs, runner, corruptions, results, verdict, report)."""
+"""``./run.sh evaluate``: the local robustness leaderboard (attack specs, runner, corruptions,
+results, verdict, report)."""

@@ -26,14 +26,30 @@ class Corruption:
 # images at the evaluation size. Blur sigmas are ImageNet-C's 224 px values scaled to the image
 # size; brightness adds its level x 255 to every channel (ImageNet-C shifts HSV value).
 CORRUPTIONS = (
-    Corruption("gaussian_noise", "std (x255)", (0.08, 0.12, 0.18, 0.26, 0.38),
-               lambda v, size: A.GaussNoise(std_range=(v, v), p=1.0)),
-    Corruption("gaussian_blur", "sigma at 224 px", (1.0, 2.0, 3.0, 4.0, 6.0),
-               lambda v, size: A.GaussianBlur(sigma_limit=(v * size / 224,) * 2, blur_limit=0, p=1.0)),
-    Corruption("jpeg", "quality", (25, 18, 15, 10, 7),
-               lambda v, size: A.ImageCompression(quality_range=(int(v), int(v)), p=1.0)),
-    Corruption("brightness", "+ level x 255", (0.1, 0.2, 0.3, 0.4, 0.5),
-               lambda v, size: A.RandomBrightnessContrast(brightness_limit=(v, v), contrast_limit=(0.0, 0.0), p=1.0)),
+    Corruption(
+        "gaussian_noise",
+        "std (x255)",
+        (0.08, 0.12, 0.18, 0.26, 0.38),
+        lambda v, size: A.GaussNoise(std_range=(v, v), p=1.0),
+    ),
+    Corruption(
+        "gaussian_blur",
+        "sigma at 224 px",
+        (1.0, 2.0, 3.0, 4.0, 6.0),
+        lambda v, size: A.GaussianBlur(sigma_limit=(v * size / 224,) * 2, blur_limit=0, p=1.0),
+    ),
+    Corruption(
+        "jpeg",
+        "quality",
+        (25, 18, 15, 10, 7),
+        lambda v, size: A.ImageCompression(quality_range=(int(v), int(v)), p=1.0),
+    ),
+    Corruption(
+        "brightness",
+        "+ level x 255",
+        (0.1, 0.2, 0.3, 0.4, 0.5),
+        lambda v, size: A.RandomBrightnessContrast(brightness_limit=(v, v), contrast_limit=(0.0, 0.0), p=1.0),
+    ),
 )
 
 

@@ -47,6 +47,7 @@ from robust.verdict import describe_defense, sanity_checks, verdict
 
 # --- data ----------------------------------------------------------------------------------
 
+
 def select_subset(n: int, subset: int, seed: int) -> np.ndarray:
     """A fixed, seeded choice of ``subset`` of ``n`` indices in their original order (all if 0)."""
     if not subset or subset >= n:
@@ -63,15 +64,17 @@ def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.
     labels_path = hidden_labels_path(cfg.data)
     labels = read_hidden_labels(cfg.data)
     if labels is not None:
-        samples = [(p, labels[i]) for p, i in list_test_images(resolve_path(cfg.data.root, cfg.data.test_dir))
-                   if i in labels]
+        samples = [
+            (p, labels[i]) for p, i in list_test_images(resolve_path(cfg.data.root, cfg.data.test_dir)) if i in labels
+        ]
         source = f"test set ({labels_path})"
     else:
         samples = resolve_samples(cfg.data)[1]
         source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
     if not samples:
-        raise UserError("evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a "
-                        "validation split)")
+        raise UserError(
+            "evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a validation split)"
+        )
     samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
     dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
@@ -80,14 +83,24 @@ def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.
 
 # --- rows and tables -----------------------------------------------------------------------
 
+
 def _progress_line(progress: bool, label: str, correct: torch.Tensor, start: float) -> None:
     if progress:
         print(f"  {label}: {accuracy(correct):.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
 
 
-def run_row(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, *, adaptive: bool = False,
-            clean: torch.Tensor | None = None, keep: Sequence[str] = (), progress: bool = False,
-            desc: str = "") -> dict:
+def run_row(
+    model: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Config,
+    *,
+    adaptive: bool = False,
+    clean: torch.Tensor | None = None,
+    keep: Sequence[str] = (),
+    progress: bool = False,
+    desc: str = "",
+) -> dict:
     """Clean and per-attack correctness for one row of the main table.
 
     Returns ``{"clean": ..., "attacks": {name: correctness}, "adv": {name: images}}`` with the
@@ -112,15 +125,25 @@ def summarize_row(label: str, clean: torch.Tensor, attacks: dict[str, torch.Tens
     row = Row(label, accuracy(clean))
     for name, correct in attacks.items():
         spec = SPECS[name]
-        row.attacks[name] = Score.measure(name, spec.title, spec.norm, spec.budget(cfg.eval), spec.steps(cfg.eval),
-                                          clean, correct)
+        row.attacks[name] = Score.measure(
+            name, spec.title, spec.norm, spec.budget(cfg.eval), spec.steps(cfg.eval), clean, correct
+        )
     if attacks:
         row.worst_case = Score.measure("worst_case", "worst case", "all", None, 0, clean, worst_case(attacks))
     return row
 
 
-def run_curve(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, *, adaptive: bool = False,
-              known: torch.Tensor | None = None, progress: bool = False, desc: str = "") -> list[float]:
+def run_curve(
+    model: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Config,
+    *,
+    adaptive: bool = False,
+    known: torch.Tensor | None = None,
+    progress: bool = False,
+    desc: str = "",
+) -> list[float]:
     """PGD-Linf accuracy (%) at each ``eval.eps_curve`` eps; ``known`` is the result at ``eval.eps_linf``."""
     accs = []
     for eps in cfg.eval.eps_curve:
@@ -129,17 +152,32 @@ def run_curve(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Confi
             accs.append(accuracy(known))
             continue
         start = time.perf_counter()
-        adv = craft("pgd_linf", model, x, y, cfg, eps=eps, adaptive=adaptive, progress=progress,
-                    desc=f"{desc}: eps {eps * 255:.3g}/255")
+        adv = craft(
+            "pgd_linf",
+            model,
+            x,
+            y,
+            cfg,
+            eps=eps,
+            adaptive=adaptive,
+            progress=progress,
+            desc=f"{desc}: eps {eps * 255:.3g}/255",
+        )
         correct = score(model, adv, y, cfg)
         _progress_line(progress, f"{desc}: PGD-Linf eps {eps * 255:.3g}/255", correct, start)
         accs.append(accuracy(correct))
     return accs
 
 
-def run_black_box(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, clean: torch.Tensor,
-                  transfers: Sequence[tuple[str, str, torch.Tensor]], progress: bool = False
-                  ) -> list[tuple[Score, torch.Tensor]]:
+def run_black_box(
+    model: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Config,
+    clean: torch.Tensor,
+    transfers: Sequence[tuple[str, str, torch.Tensor]],
+    progress: bool = False,
+) -> list[tuple[Score, torch.Tensor]]:
     """Square, transfer attacks, random noise and corruptions on ``model``, each with its correctness.
 
     ``clean`` is the model's correctness on ``x``; ``transfers`` are ``(key, label, adversarial
@@ -163,16 +201,29 @@ def run_black_box(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: C
         add(key, label, spec.norm, spec.budget(e), spec.steps(e), adv)
     if "noise" in e.attacks:
         spec = SPECS["noise"]
-        add("noise", "random noise (Linf, full budget)", spec.norm, spec.budget(e), spec.steps(e),
-            craft("noise", model, x, y, cfg))
+        add(
+            "noise",
+            "random noise (Linf, full budget)",
+            spec.norm,
+            spec.budget(e),
+            spec.steps(e),
+            craft("noise", model, x, y, cfg),
+        )
     for corruption in CORRUPTIONS:
         for severity in e.corruption_severities:
-            add(f"corruption_{corruption.name}_s{severity}", f"corruption: {corruption.name}, severity {severity}",
-                "", None, 0, corrupt(x, corruption, int(severity), e.seed))
+            add(
+                f"corruption_{corruption.name}_s{severity}",
+                f"corruption: {corruption.name}, severity {severity}",
+                "",
+                None,
+                0,
+                corrupt(x, corruption, int(severity), e.seed),
+            )
     return out
 
 
 # --- the stage -----------------------------------------------------------------------------
+
 
 def run(cfg: Config, progress: bool = True) -> EvalResult:
     """Evaluate the defended model of ``cfg``, write the report and return the numbers."""
@@ -190,17 +241,26 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
         surrogate = build_defended_model(s_members, s_infos, cfg, defense=False).to(device)
     x, y, source = load_eval_images(cfg, input_size_of(infos))
     defense, adaptive_attack = describe_defense(cfg)
-    labels = {"undefended": "undefended", "defended": f"{defense} (standard white-box, as in the paper)",
-              "adaptive": f"{defense} (adaptive: {adaptive_attack})"}
+    labels = {
+        "undefended": "undefended",
+        "defended": f"{defense} (standard white-box, as in the paper)",
+        "adaptive": f"{defense} (adaptive: {adaptive_attack})",
+    }
     if progress:
-        print(f"evaluate: {len(x)} images from the {source}, {len(members)} member(s), defense: {defense}, "
-              f"device {device.type}", flush=True)
+        print(
+            f"evaluate: {len(x)} images from the {source}, {len(members)} member(s), defense: {defense}, "
+            f"device {device.type}",
+            flush=True,
+        )
 
     keep = ["pgd_linf"] if "transfer" in e.attacks else []
-    raw = {"undefended": run_row(undefended, x, y, cfg, keep=keep, progress=progress, desc="undefended"),
-           "defended": run_row(defended, x, y, cfg, progress=progress, desc="defended")}
-    raw["adaptive"] = run_row(defended, x, y, cfg, adaptive=True, clean=raw["defended"]["clean"], progress=progress,
-                              desc="adaptive")
+    raw = {
+        "undefended": run_row(undefended, x, y, cfg, keep=keep, progress=progress, desc="undefended"),
+        "defended": run_row(defended, x, y, cfg, progress=progress, desc="defended"),
+    }
+    raw["adaptive"] = run_row(
+        defended, x, y, cfg, adaptive=True, clean=raw["defended"]["clean"], progress=progress, desc="adaptive"
+    )
     rows = {k: summarize_row(labels[k], v["clean"], v["attacks"], cfg) for k, v in raw.items()}
 
     transfers = []
@@ -210,8 +270,13 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
             same = craft("pgd_linf", undefended, x, y, cfg)
         transfers.append(("transfer_same_weights", "transfer PGD-Linf from the same weights without the defense", same))
         if surrogate is not None:
-            transfers.append(("transfer_surrogate", f"transfer PGD-Linf from an independent checkpoint ({e.surrogate})",
-                              craft("pgd_linf", surrogate, x, y, cfg, progress=progress, desc="surrogate")))
+            transfers.append(
+                (
+                    "transfer_surrogate",
+                    f"transfer PGD-Linf from an independent checkpoint ({e.surrogate})",
+                    craft("pgd_linf", surrogate, x, y, cfg, progress=progress, desc="surrogate"),
+                )
+            )
     clean = raw["defended"]["clean"]
     measured = run_black_box(defended, x, y, cfg, clean, transfers, progress)
     black_box = [s for s, _ in measured]
@@ -219,23 +284,64 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
     adversarial.update({f"adaptive/{k}": v for k, v in raw["adaptive"]["attacks"].items()})
     adversarial.update({s.attack: c for s, c in measured if s.attack == "square" or s.attack.startswith("transfer")})
     if adversarial:
-        black_box.append(Score.measure("worst_case", f"worst case per image over every attack above and in the "
-                                       f"{defense} rows", "all", None, 0, clean, worst_case(adversarial)))
+        black_box.append(
+            Score.measure(
+                "worst_case",
+                f"worst case per image over every attack above and in the {defense} rows",
+                "all",
+                None,
+                0,
+                clean,
+                worst_case(adversarial),
+            )
+        )
 
     curve: dict = {"eps": [float(v) for v in e.eps_curve]}
     if e.eps_curve:
-        for key, model, adaptive in (("undefended", undefended, False), ("defended", defended, False),
-                                     ("adaptive", defended, True)):
-            curve[key] = run_curve(model, x, y, cfg, adaptive=adaptive, known=raw[key]["attacks"].get("pgd_linf"),
-                                   progress=progress, desc=f"{key} curve")
+        for key, model, adaptive in (
+            ("undefended", undefended, False),
+            ("defended", defended, False),
+            ("adaptive", defended, True),
+        ):
+            curve[key] = run_curve(
+                model,
+                x,
+                y,
+                cfg,
+                adaptive=adaptive,
+                known=raw[key]["attacks"].get("pgd_linf"),
+                progress=progress,
+                desc=f"{key} curve",
+            )
 
-    settings = {k: getattr(e, k) for k in ("eps_linf", "eps_l2", "eps_l1", "steps", "step_ratio", "restarts",
-                                           "cw_steps", "square_queries", "eot_samples", "draws", "seed")}
+    settings = {
+        k: getattr(e, k)
+        for k in (
+            "eps_linf",
+            "eps_l2",
+            "eps_l1",
+            "steps",
+            "step_ratio",
+            "restarts",
+            "cw_steps",
+            "square_queries",
+            "eot_samples",
+            "draws",
+            "seed",
+        )
+    }
     result = EvalResult(
-        n=len(x), source=source, defense=defense, adaptive_attack=adaptive_attack, checkpoints=checkpoints,
+        n=len(x),
+        source=source,
+        defense=defense,
+        adaptive_attack=adaptive_attack,
+        checkpoints=checkpoints,
         surrogate=e.surrogate if surrogate is not None else "",
-        settings={**settings, "cw_max_norm": SPECS["cw_l2"].budget(e)}, randomized=defended.randomized,
-        rows=rows, black_box=black_box, eps_curve=curve,
+        settings={**settings, "cw_max_norm": SPECS["cw_l2"].budget(e)},
+        randomized=defended.randomized,
+        rows=rows,
+        black_box=black_box,
+        eps_curve=curve,
         corruptions=[{"name": c.name, "param": c.param, "levels": list(c.levels)} for c in CORRUPTIONS],
         corruption_severities=list(e.corruption_severities),
     )
@@ -250,8 +356,11 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
 
 def main(argv: Sequence[str] | None = None) -> EvalResult:
     quiet_libraries()
-    args = create_parser("run.sh evaluate", "Local robustness leaderboard: clean, corruptions, black-box, "
-                                            "white-box and adaptive attacks on the defended model.").parse_args(argv)
+    args = create_parser(
+        "run.sh evaluate",
+        "Local robustness leaderboard: clean, corruptions, black-box, "
+        "white-box and adaptive attacks on the defended model.",
+    ).parse_args(argv)
     return run(parse_config(args))
 
 

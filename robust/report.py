@@ -43,7 +43,8 @@ def render_markdown(result: EvalResult) -> str:
     lines = [
         f"Evaluated {result.n} images from the {result.source} in {result.seconds:.0f} s. Accuracy in % "
         "under each attack, with AR (RobustART: % of the clean-correct images that stay correct) in brackets"
-        + (f"; expected accuracy over {s['draws']} draws of the random layer" if result.randomized else "") + ".",
+        + (f"; expected accuracy over {s['draws']} draws of the random layer" if result.randomized else "")
+        + ".",
         "",
         "| model | Top-1 | " + " | ".join(spec.title for spec in cols) + " | worst case |",
         "|---|---|" + "---|" * len(cols) + "---|",
@@ -54,28 +55,42 @@ def render_markdown(result: EvalResult) -> str:
         cells.append(_cell(row.worst_case) if row.worst_case is not None else "-")
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
     eot = f", EOT {s['eot_samples']} samples per step" if result.randomized else ""
-    lines += ["", f"Budgets (pixels in [0, 1]): FGSM and PGD-Linf eps {s['eps_linf']:.4g} ({s['eps_linf'] * 255:.3g}/255), "
-              f"PGD-L2 {s['eps_l2']:g}, PGD-L1 {s['eps_l1']:g}; PGD {s['steps']} steps of {s['step_ratio']:g} x eps, "
-              f"{s['restarts']} restart(s), random start; C&W L2 {s['cw_steps']} Adam steps, projected onto "
-              f"L2 <= {s['cw_max_norm']:g}{eot}. Worst case: an image counts only if it survives every attack "
-              "of its row.", ""]
-    lines += [f"| black box, transfer, noise, corruptions (on the {result.defense} model) | accuracy % | AR |",
-              "|---|---|---|"]
+    lines += [
+        "",
+        f"Budgets (pixels in [0, 1]): FGSM and PGD-Linf eps {s['eps_linf']:.4g} ({s['eps_linf'] * 255:.3g}/255), "
+        f"PGD-L2 {s['eps_l2']:g}, PGD-L1 {s['eps_l1']:g}; PGD {s['steps']} steps of {s['step_ratio']:g} x eps, "
+        f"{s['restarts']} restart(s), random start; C&W L2 {s['cw_steps']} Adam steps, projected onto "
+        f"L2 <= {s['cw_max_norm']:g}{eot}. Worst case: an image counts only if it survives every attack "
+        "of its row.",
+        "",
+    ]
+    lines += [
+        f"| black box, transfer, noise, corruptions (on the {result.defense} model) | accuracy % | AR |",
+        "|---|---|---|",
+    ]
     for score in result.black_box:
         lines.append(f"| {score.label} | {_num(score.robust_acc)} | {_num(score.ar)} |")
     if not result.surrogate:
         lines += ["", "Transfer from an independently trained checkpoint: skipped (set `eval.surrogate=PATH`)."]
     if result.corruption_severities:
-        lines += ["", "Corruption severities (ImageNet-C levels 1..5, albumentations on the uint8 images):", "",
-                  "| corruption | parameter | " + " | ".join(str(i) for i in range(1, 6)) + " |",
-                  "|---|---|" + "---|" * 5]
+        lines += [
+            "",
+            "Corruption severities (ImageNet-C levels 1..5, albumentations on the uint8 images):",
+            "",
+            "| corruption | parameter | " + " | ".join(str(i) for i in range(1, 6)) + " |",
+            "|---|---|" + "---|" * 5,
+        ]
         for c in result.corruptions:
             lines.append(f"| {c['name']} | {c['param']} | " + " | ".join(f"{v:g}" for v in c["levels"]) + " |")
     curve = result.eps_curve
     if curve["eps"]:
-        lines += ["", "PGD-Linf accuracy % against eps:", "",
-                  "| model | " + " | ".join(f"{e * 255:.3g}/255" for e in curve["eps"]) + " |",
-                  "|---|" + "---|" * len(curve["eps"])]
+        lines += [
+            "",
+            "PGD-Linf accuracy % against eps:",
+            "",
+            "| model | " + " | ".join(f"{e * 255:.3g}/255" for e in curve["eps"]) + " |",
+            "|---|" + "---|" * len(curve["eps"]),
+        ]
         for key in ROW_KEYS:
             lines.append(f"| {rows[key].label} | " + " | ".join(_num(v) for v in curve[key]) + " |")
     lines += ["", "Sanity checks:", ""] + [f"- {n}" for n in result.sanity]
@@ -88,9 +103,19 @@ def csv_rows(result: EvalResult) -> list[list]:
     out = []
 
     def add(model: str, score: Score) -> None:
-        out.append([model, score.attack, round(score.clean_acc, 2), round(score.robust_acc, 2),
-                    None if math.isnan(score.ar) else round(score.ar, 2), score.eps, score.norm, score.steps,
-                    result.n])
+        out.append(
+            [
+                model,
+                score.attack,
+                round(score.clean_acc, 2),
+                round(score.robust_acc, 2),
+                None if math.isnan(score.ar) else round(score.ar, 2),
+                score.eps,
+                score.norm,
+                score.steps,
+                result.n,
+            ]
+        )
 
     for key in ROW_KEYS:
         row = result.rows[key]
@@ -157,8 +182,14 @@ def curve_png(result: EvalResult) -> bytes:
     def draw(ax):
         # Thick translucent undefended line: the adaptive row often lies exactly on top of it.
         for key, style, width in zip(ROW_KEYS, ("o-", "s--", "^:"), (5.0, 1.5, 1.5)):
-            ax.plot([e * 255 for e in curve["eps"]], curve[key], style, lw=width, alpha=0.5 if width > 2 else 1.0,
-                    label=result.rows[key].label)
+            ax.plot(
+                [e * 255 for e in curve["eps"]],
+                curve[key],
+                style,
+                lw=width,
+                alpha=0.5 if width > 2 else 1.0,
+                label=result.rows[key].label,
+            )
         ax.set_xlabel("PGD-Linf eps (x/255)")
         ax.set_title("Accuracy against attack budget")
 
@@ -193,8 +224,12 @@ def write_report(result: EvalResult, out_dir: Path, cfg: Config, echo: bool = Tr
     out_dir = Path(out_dir)
     md = render_markdown(result)
     rows = csv_rows(result)
-    files = {"md": out_dir / "eval.md", "csv": out_dir / "eval.csv", "json": out_dir / "eval.json",
-             "bars": out_dir / "eval_bars.png"}
+    files = {
+        "md": out_dir / "eval.md",
+        "csv": out_dir / "eval.csv",
+        "json": out_dir / "eval.json",
+        "bars": out_dir / "eval_bars.png",
+    }
     atomic_write_text(files["md"], md)
     atomic_write_text(files["csv"], render_csv(rows))
     atomic_write_bytes(files["bars"], bars_png(result))

@@ -30,8 +30,16 @@ class Score:
     ar: float
 
     @classmethod
-    def measure(cls, attack: str, label: str, norm: str, eps: float | None, steps: int,
-                clean: torch.Tensor, correct: torch.Tensor) -> "Score":
+    def measure(
+        cls,
+        attack: str,
+        label: str,
+        norm: str,
+        eps: float | None,
+        steps: int,
+        clean: torch.Tensor,
+        correct: torch.Tensor,
+    ) -> "Score":
         """From per-image correctness before (``clean``) and after (``correct``) the attack."""
         return cls(attack, label, norm, eps, steps, **robust_metrics(clean, correct))
 

@@ -29,12 +29,24 @@ def check_budget(spec: AttackSpec, x: torch.Tensor, adv: torch.Tensor, eps: floa
     d = x[0].numel() if len(x) else 1
     tol = _ULP * {"linf": 1.0, "l2": math.sqrt(d), "l1": float(d)}[spec.norm]
     if size > eps + tol or float(adv.min()) < 0.0 or float(adv.max()) > 1.0:
-        raise RuntimeError(f"attack {spec.name} left its budget: {spec.norm} norm {size:.6g} > eps {eps:.6g}, "
-                           f"or pixels outside [0, 1] ({float(adv.min()):.4g}..{float(adv.max()):.4g})")
+        raise RuntimeError(
+            f"attack {spec.name} left its budget: {spec.norm} norm {size:.6g} > eps {eps:.6g}, "
+            f"or pixels outside [0, 1] ({float(adv.min()):.4g}..{float(adv.max()):.4g})"
+        )
 
 
-def craft(name: str, model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, *,
-          eps: float | None = None, adaptive: bool = False, progress: bool = False, desc: str = "") -> torch.Tensor:
+def craft(
+    name: str,
+    model: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    cfg: Config,
+    *,
+    eps: float | None = None,
+    adaptive: bool = False,
+    progress: bool = False,
+    desc: str = "",
+) -> torch.Tensor:
     """Adversarial images of attack ``name`` against ``model``, batch by batch (returned on CPU).
 
     ``adaptive`` attacks the defense as it is: BPDA (straight-through gradient) through GCM and,
@@ -53,7 +65,7 @@ def craft(name: str, model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg
     out = []
     with bpda(model) if adaptive else contextlib.nullcontext():
         for i in tqdm(range(0, len(x), bs), desc=desc or name, disable=not progress, leave=False):
-            xb, yb = x[i:i + bs].to(device).float(), y[i:i + bs].to(device)
+            xb, yb = x[i : i + bs].to(device).float(), y[i : i + bs].to(device)
             out.append(spec.craft(target, xb, yb, eps, cfg.eval, generator, eot).detach().cpu())
     adv = torch.cat(out)
     check_budget(spec, x, adv, eps)
@@ -74,7 +86,7 @@ def score(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config) -
     parts = []
     with eval_mode(model):
         for i in range(0, len(x), bs):
-            xb, yb = x[i:i + bs].to(device), y[i:i + bs].to(device)
+            xb, yb = x[i : i + bs].to(device), y[i : i + bs].to(device)
             parts.append(torch.stack([model(xb).argmax(1) == yb for _ in range(draws)]).cpu())
     out = torch.cat(parts, dim=1)
     return out[0] if draws == 1 else out

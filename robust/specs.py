@@ -26,8 +26,19 @@ def _fgsm(model, x, y, eps, e, generator, eot):
 
 def _pgd(norm: str) -> Craft:
     def craft(model, x, y, eps, e, generator, eot):
-        return pgd(model, x, y, eps, norm=norm, steps=e.steps, step_size=e.step_ratio * eps, restarts=e.restarts,
-                   generator=generator, eot_samples=eot)
+        return pgd(
+            model,
+            x,
+            y,
+            eps,
+            norm=norm,
+            steps=e.steps,
+            step_size=e.step_ratio * eps,
+            restarts=e.restarts,
+            generator=generator,
+            eot_samples=eot,
+        )
+
     return craft
 
 
@@ -77,17 +88,20 @@ class AttackSpec:
         return int(getattr(e, self.steps_key)) if self.steps_key else self.fixed_steps
 
 
-SPECS: dict[str, AttackSpec] = {spec.name: spec for spec in (
-    # The paper's white-box columns, in its order.
-    AttackSpec("fgsm", "FGSM", "linf", "eps_linf", None, True, _fgsm, fixed_steps=1),
-    AttackSpec("pgd_l1", "PGD-L1", "l1", "eps_l1", "steps", True, _pgd("l1")),
-    AttackSpec("pgd_l2", "PGD-L2", "l2", "eps_l2", "steps", True, _pgd("l2")),
-    AttackSpec("pgd_linf", "PGD-Linf", "linf", "eps_linf", "steps", True, _pgd("linf")),
-    AttackSpec("cw_l2", "C&W", "l2", "cw_max_norm", "cw_steps", True, _cw, budget_fallback="eps_l2"),
-    # On the defended model only.
-    AttackSpec("square", "Square", "linf", "eps_linf", "square_queries", False, _square),
-    AttackSpec("transfer", "transfer", "linf", "eps_linf", "steps", False, None),
-    AttackSpec("noise", "random noise", "linf", "eps_linf", None, False, _noise),
-)}
+SPECS: dict[str, AttackSpec] = {
+    spec.name: spec
+    for spec in (
+        # The paper's white-box columns, in its order.
+        AttackSpec("fgsm", "FGSM", "linf", "eps_linf", None, True, _fgsm, fixed_steps=1),
+        AttackSpec("pgd_l1", "PGD-L1", "l1", "eps_l1", "steps", True, _pgd("l1")),
+        AttackSpec("pgd_l2", "PGD-L2", "l2", "eps_l2", "steps", True, _pgd("l2")),
+        AttackSpec("pgd_linf", "PGD-Linf", "linf", "eps_linf", "steps", True, _pgd("linf")),
+        AttackSpec("cw_l2", "C&W", "l2", "cw_max_norm", "cw_steps", True, _cw, budget_fallback="eps_l2"),
+        # On the defended model only.
+        AttackSpec("square", "Square", "linf", "eps_linf", "square_queries", False, _square),
+        AttackSpec("transfer", "transfer", "linf", "eps_linf", "steps", False, None),
+        AttackSpec("noise", "random noise", "linf", "eps_linf", None, False, _noise),
+    )
+}
 
 PAPER_COLUMNS = tuple(spec for spec in SPECS.values() if spec.paper)

@@ -29,10 +29,20 @@ def tiny_data(tmp_path_factory) -> Path:
 def shrink(cfg_overrides: list[str], data_root: Path, out_dir: Path) -> list[str]:
     """Overrides that turn configs/default.yaml into a seconds-long run on the tiny data."""
     return [
-        f"data.root={data_root}", "data.demo=false", f"data.num_classes={TINY_DATA['num_classes']}",
-        "data.image_size=32", "data.num_workers=0", "data.val_fraction=0.2",
-        "model.name=test_convnext", "train.batch_size=16", "train.epochs=1", "train.warmup_epochs=0",
-        "wandb.mode=disabled", f"out_dir={out_dir}", "submit.num_workers=0", "submit.batch_size=16",
+        f"data.root={data_root}",
+        "data.demo=false",
+        f"data.num_classes={TINY_DATA['num_classes']}",
+        "data.image_size=32",
+        "data.num_workers=0",
+        "data.val_fraction=0.2",
+        "model.name=test_convnext",
+        "train.batch_size=16",
+        "train.epochs=1",
+        "train.warmup_epochs=0",
+        "wandb.mode=disabled",
+        f"out_dir={out_dir}",
+        "submit.num_workers=0",
+        "submit.batch_size=16",
         *cfg_overrides,
     ]
 

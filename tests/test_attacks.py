@@ -4,6 +4,7 @@ synthetic gratings.
 The gradient-masking wrapper below is written here on purpose (not imported from gcm/): the
 attack library must work on any model, and the story it has to tell is the generic one.
 """
+
 import math
 
 import pytest
@@ -35,8 +36,13 @@ class TinyNet(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         self.features = nn.Sequential(
-            nn.Conv2d(3, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, 16, 3, padding=1),
+            nn.ReLU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(16, 32, 3, padding=1),
+            nn.ReLU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             nn.Linear(32, NUM_CLASSES),
         )
 
@@ -116,7 +122,7 @@ def net() -> nn.Module:
     for _ in range(15):
         perm = torch.randperm(len(x))
         for i in range(0, len(x), 64):
-            b = perm[i:i + 64]
+            b = perm[i : i + 64]
             opt.zero_grad(set_to_none=True)
             F.cross_entropy(model(x[b]), y[b]).backward()
             opt.step()
@@ -148,8 +154,12 @@ BALL_CASES = [
     ("pgd_l2", "l2", 1.0, lambda m, x, y, eps: pgd(m, x, y, eps, "l2", steps=5, restarts=2, generator=gen())),
     ("pgd_l1", "l1", 10.0, lambda m, x, y, eps: pgd(m, x, y, eps, "l1", steps=5, restarts=2, generator=gen())),
     # overshooting steps: projection binds
-    ("pgd_l1_big_steps", "l1", 10.0, lambda m, x, y, eps: pgd(m, x, y, eps, "l1", steps=3, step_size=30.0,
-                                                             generator=gen())),
+    (
+        "pgd_l1_big_steps",
+        "l1",
+        10.0,
+        lambda m, x, y, eps: pgd(m, x, y, eps, "l1", steps=3, step_size=30.0, generator=gen()),
+    ),
     ("noise_linf", "linf", 0.05, lambda m, x, y, eps: random_noise(x, eps, norm="linf", generator=gen())),
     ("noise_l2", "l2", 1.0, lambda m, x, y, eps: random_noise(x, eps, norm="l2", generator=gen())),
     ("noise_l1", "l1", 10.0, lambda m, x, y, eps: random_noise(x, eps, norm="l1", generator=gen())),
@@ -190,6 +200,7 @@ def test_attack_runs_in_eval_mode_and_restores_flags(net, data):
 
 # --- sanity checks of DESIGN.md section 4 --------------------------------------------------
 
+
 def test_pgd_breaks_the_model_and_beats_fgsm(net, data):
     x, y = data
     acc_fgsm = accuracy(net, fgsm(net, x, y, 0.05), y)
@@ -200,10 +211,13 @@ def test_pgd_breaks_the_model_and_beats_fgsm(net, data):
     assert accuracy(net, pgd(net, x, y, 40.0, norm="l1", generator=gen()), y) <= 5.0
 
 
-@pytest.mark.parametrize("norm,eps_grid", [
-    ("linf", [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15]),
-    ("l2", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]),
-])
+@pytest.mark.parametrize(
+    "norm,eps_grid",
+    [
+        ("linf", [0.0, 0.02, 0.04, 0.06, 0.08, 0.1, 0.15]),
+        ("l2", [0.0, 0.5, 1.0, 1.5, 2.0, 3.0]),
+    ],
+)
 def test_accuracy_non_increasing_in_eps(net, data, norm, eps_grid):
     x, y = data
     accs = [accuracy(net, pgd(net, x, y, eps, norm=norm, generator=gen()), y) for eps in eps_grid]
@@ -251,6 +265,7 @@ def test_cw_l2_finds_small_adversarials_or_returns_the_original(net, data):
 
 # --- the gradient-masking story ------------------------------------------------------------
 
+
 def test_gradient_masking_defeats_pgd_but_not_square_bpda_or_transfer(net, data):
     x, y = data
     masked = Masked(net)
@@ -269,6 +284,7 @@ def test_gradient_masking_defeats_pgd_but_not_square_bpda_or_transfer(net, data)
 
 
 # --- randomized defenses -------------------------------------------------------------------
+
 
 def test_eot_averages_gradients_over_samples(net, data):
     x, y = data[0][:16], data[1][:16]
@@ -292,6 +308,7 @@ def test_eot_wrapper_averages_logits(net, data):
 
 # --- metrics -------------------------------------------------------------------------------
 
+
 def test_robust_metrics_hand_example():
     clean = torch.tensor([1, 1, 1, 0, 1], dtype=torch.bool)
     adv = torch.tensor([1, 0, 1, 1, 0], dtype=torch.bool)
@@ -305,17 +322,20 @@ def test_robust_metrics_hand_example():
 
 
 def test_worst_case_is_per_sample_and():
-    got = worst_case({
-        "a": torch.tensor([True, True, False, True]),
-        "b": torch.tensor([True, False, False, True]),
-        "c": torch.tensor([True, True, True, True]),
-    })
+    got = worst_case(
+        {
+            "a": torch.tensor([True, True, False, True]),
+            "b": torch.tensor([True, False, False, True]),
+            "c": torch.tensor([True, True, True, True]),
+        }
+    )
     assert got.tolist() == [True, False, False, True]
     with pytest.raises(ValueError):
         worst_case({})
 
 
 # --- L1 projection -------------------------------------------------------------------------
+
 
 def test_l1_projection_hand_cases():
     v = torch.tensor([[3.0, 1.0], [2.0, -2.0], [0.3, -0.2]])

@@ -47,13 +47,18 @@ def test_quick_bench_prints_and_writes_the_ratio_table(tmp_path):
     report = tmp_path / "BENCH.md"
     report.write_text("# Benchmarks\n\nhand-written notes stay\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "bench", "--quick", "--write", str(report),
-                           "--workdir", str(tmp_path / "work")],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "bench", "--quick", "--write", str(report), "--workdir", str(tmp_path / "work")],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"machine: .+, \d+ cores, .*torch \S+ with \d+ threads", out), out[:500]
-    table = out[out.index("section  figure"):]
+    table = out[out.index("section  figure") :]
     lines = table.splitlines()
     for name in GOAL_ROWS:
         row = next((ln for ln in lines if name in ln), None)
@@ -69,7 +74,7 @@ def test_quick_bench_prints_and_writes_the_ratio_table(tmp_path):
 
     text = report.read_text()
     assert text.startswith("# Benchmarks\n\nhand-written notes stay\n")
-    body = text[text.index(MARK_BEGIN):text.index(MARK_END)]
+    body = text[text.index(MARK_BEGIN) : text.index(MARK_END)]
     assert "| section | figure | value | goal | result | measured |" in body
     assert "Command: `./run.sh bench --quick --write" in body and "Machine: " in body
     assert body.count("\n| ") >= len(GOAL_ROWS) + len(INFO_ROWS) + 1

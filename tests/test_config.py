@@ -27,8 +27,17 @@ def test_challenge_configs_load(name):
 
 
 def test_overrides_are_cast_to_the_default_type():
-    cfg = load_config(None, ["train.epochs=3", "train.lr=1e-4", "gcm.w=1e19", "tta.hflip=true",
-                             "tta.scales=[1.0, 1.15]", "submit.checkpoints=a.safetensors,b.safetensors"])
+    cfg = load_config(
+        None,
+        [
+            "train.epochs=3",
+            "train.lr=1e-4",
+            "gcm.w=1e19",
+            "tta.hflip=true",
+            "tta.scales=[1.0, 1.15]",
+            "submit.checkpoints=a.safetensors,b.safetensors",
+        ],
+    )
     assert cfg.train.epochs == 3 and isinstance(cfg.train.epochs, int)
     assert cfg.train.lr == pytest.approx(1e-4) and cfg.gcm.w == 1e19
     assert cfg.tta.hflip is True and cfg.tta.scales == [1.0, 1.15]
@@ -43,17 +52,20 @@ def test_yaml_1e20_string_is_cast(tmp_path):
     assert cfg.gcm.w == 1e20 and cfg.gcm.eps == 1e-8
 
 
-@pytest.mark.parametrize("override, message", [
-    (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
-    (["train.epochs=three"], "config key 'train.epochs': expected int, got 'three'"),
-    (["train.epochs=1.5"], "config key 'train.epochs': expected int"),
-    (["tta.hflip=maybe"], "config key 'tta.hflip': expected bool"),
-    (["wandb.mode=online-ish"], "config key 'wandb.mode': 'online-ish' is not one of"),
-    (["epochs"], "override 'epochs' is not of the form key=value"),
-    (["data=3"], "config key 'data' is a section"),
-    (["train.batch_size=0"], "'train.batch_size' must be at least 1"),
-    (["name=../x"], "config key 'name'"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["train.epoch=3"], "unknown config key 'train.epoch' (did you mean 'train.epochs'?)"),
+        (["train.epochs=three"], "config key 'train.epochs': expected int, got 'three'"),
+        (["train.epochs=1.5"], "config key 'train.epochs': expected int"),
+        (["tta.hflip=maybe"], "config key 'tta.hflip': expected bool"),
+        (["wandb.mode=online-ish"], "config key 'wandb.mode': 'online-ish' is not one of"),
+        (["epochs"], "override 'epochs' is not of the form key=value"),
+        (["data=3"], "config key 'data' is a section"),
+        (["train.batch_size=0"], "'train.batch_size' must be at least 1"),
+        (["name=../x"], "config key 'name'"),
+    ],
+)
 def test_bad_overrides_name_the_key(override, message):
     with pytest.raises(ConfigError) as info:
         load_config(None, override)
@@ -91,8 +103,14 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_cli_bad_key_is_one_line_exit_2():
-    proc = subprocess.run([sys.executable, "-m", "core.launch", "train.main", "train.epoch=3"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.launch", "train.main", "train.epoch=3"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"]
+        "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
+    ]

@@ -49,20 +49,27 @@ def test_label_file_accepts_crlf_blank_lines_and_tabs(tmp_path, image_dir):
     label_file = tmp_path / "label.txt"
     label_file.write_bytes(b"0.JPEG 5\r\n\r\n1.JPEG\t0\r\n   \r\n10.JPEG   9\r\n2.JPEG 3")
     samples = label_files.read_label_file(label_file, image_dir, num_classes=10)
-    assert samples == [(image_dir / "0.JPEG", 5), (image_dir / "1.JPEG", 0),
-                       (image_dir / "10.JPEG", 9), (image_dir / "2.JPEG", 3)]
+    assert samples == [
+        (image_dir / "0.JPEG", 5),
+        (image_dir / "1.JPEG", 0),
+        (image_dir / "10.JPEG", 9),
+        (image_dir / "2.JPEG", 3),
+    ]
 
 
-@pytest.mark.parametrize("content, line, expected", [
-    ("0.JPEG 1\n1.JPEG\n", 2, "expected 'NAME LABEL'"),
-    ("0.JPEG 1 2\n", 1, "expected 'NAME LABEL'"),
-    ("0.JPEG 1\n\n1.JPEG x\n", 3, "not an integer"),
-    ("0.JPEG 1.5\n", 1, "not an integer"),
-    ("0.JPEG 1_0\n", 1, "not an integer"),
-    ("0.JPEG 1\n1.JPEG 10\n", 2, "out of range [0, 10)"),
-    ("0.JPEG -1\n", 1, "out of range"),
-    ("0.JPEG 1\n1.JPEG 2\n0.JPEG 3\n", 3, "duplicate image name '0.JPEG' (first listed on line 1)"),
-])
+@pytest.mark.parametrize(
+    "content, line, expected",
+    [
+        ("0.JPEG 1\n1.JPEG\n", 2, "expected 'NAME LABEL'"),
+        ("0.JPEG 1 2\n", 1, "expected 'NAME LABEL'"),
+        ("0.JPEG 1\n\n1.JPEG x\n", 3, "not an integer"),
+        ("0.JPEG 1.5\n", 1, "not an integer"),
+        ("0.JPEG 1_0\n", 1, "not an integer"),
+        ("0.JPEG 1\n1.JPEG 10\n", 2, "out of range [0, 10)"),
+        ("0.JPEG -1\n", 1, "out of range"),
+        ("0.JPEG 1\n1.JPEG 2\n0.JPEG 3\n", 3, "duplicate image name '0.JPEG' (first listed on line 1)"),
+    ],
+)
 def test_label_file_line_errors_name_file_and_line(tmp_path, image_dir, content, line, expected):
     label_file = tmp_path / "label.txt"
     label_file.write_text(content)
@@ -135,8 +142,12 @@ def test_scan_image_folder(tmp_path):
     write_image(root / ".cache" / "c.png", fmt="PNG")
     samples, classes = label_files.scan_image_folder(root)
     assert classes == ["apple", "mango", "zebra"]
-    assert samples == [(root / "apple" / "x.jpeg", 0), (root / "apple" / "nested" / "y.JPG", 0),
-                       (root / "mango" / "b.webp", 1), (root / "zebra" / "a.PNG", 2)]
+    assert samples == [
+        (root / "apple" / "x.jpeg", 0),
+        (root / "apple" / "nested" / "y.JPG", 0),
+        (root / "mango" / "b.webp", 1),
+        (root / "zebra" / "a.PNG", 2),
+    ]
 
     (root / "empty").mkdir()
     with pytest.raises(UserError, match="empty: class folder holds no image"):
@@ -157,14 +168,17 @@ def test_list_test_images_sorts_ids_naturally(tmp_path):
     assert items[4] == (test_dir / "10.png", 10)
 
 
-@pytest.mark.parametrize("extra, expected", [
-    ("sub/", "sub: sub-folder in the test folder"),
-    ("abc.png", "abc.png: test image name must be an integer id"),
-    ("-3.png", "-3.png: test image name must be an integer id"),
-    ("4.txt", "4.txt: not a test image"),
-    ("2.jpg", "2.png: duplicate image id 2 (also 2.jpg)"),
-    ("002.png", "2.png: duplicate image id 2 (also 002.png)"),
-])
+@pytest.mark.parametrize(
+    "extra, expected",
+    [
+        ("sub/", "sub: sub-folder in the test folder"),
+        ("abc.png", "abc.png: test image name must be an integer id"),
+        ("-3.png", "-3.png: test image name must be an integer id"),
+        ("4.txt", "4.txt: not a test image"),
+        ("2.jpg", "2.png: duplicate image id 2 (also 2.jpg)"),
+        ("002.png", "2.png: duplicate image id 2 (also 002.png)"),
+    ],
+)
 def test_list_test_images_errors_name_the_entry(tmp_path, extra, expected):
     test_dir = tmp_path / "test"
     write_image(test_dir / "2.png", fmt="PNG")
@@ -377,15 +391,19 @@ def test_image_dataset_skip_mode_replaces_and_reports(tmp_path):
     assert [p.name for p, _ in ds.bad] == ["1.jpg", "3.jpg"]
 
 
-
 def test_check_images_reports_header_failures(tmp_path):
     samples = make_mixed_samples(tmp_path) + [(tmp_path / "gone.jpg", 6)]
     good, bad = images.check_images(samples, max_bad=2)
     assert [label for _, label in good] == [0, 2, 3, 4, 5]
     assert [(p.name, reason.split(" (")[0]) for p, reason in bad] == [
-        ("1.jpg", "cannot decode image"), ("gone.jpg", "image file not found")]
-    with pytest.raises(UserError, match=r"2 of 7 images cannot be read \(more than data.max_bad_images=1\); "
-                                        r"first: .*1\.jpg: cannot decode image \(empty file"):
+        ("1.jpg", "cannot decode image"),
+        ("gone.jpg", "image file not found"),
+    ]
+    with pytest.raises(
+        UserError,
+        match=r"2 of 7 images cannot be read \(more than data.max_bad_images=1\); "
+        r"first: .*1\.jpg: cannot decode image \(empty file",
+    ):
         images.check_images(samples, max_bad=1)
 
 
@@ -418,8 +436,9 @@ def test_resolve_samples_label_file_and_split(tmp_path):
         write_image(root / "imgs" / f"{i}.png", fmt="PNG")
         lines.append(f"{i}.png {i % 4}")
     (root / "label.txt").write_text("\n".join(lines))
-    cfg = DataConfig(root=str(root), train_dir="imgs", train_labels="label.txt", num_classes=4,
-                     val_fraction=0.2, split_seed=3)
+    cfg = DataConfig(
+        root=str(root), train_dir="imgs", train_labels="label.txt", num_classes=4, val_fraction=0.2, split_seed=3
+    )
     train, val = label_files.resolve_samples(cfg)
     assert len(train) == 32 and len(val) == 8
     assert Counter(label for _, label in val) == {0: 2, 1: 2, 2: 2, 3: 2}
@@ -534,8 +553,18 @@ def test_demo_data_classes_and_cli(tmp_path, capsys):
     with pytest.raises(UserError, match="demo data supports"):
         demo_data.resolve_class_factors(demo_data.MAX_CLASSES + 1)
 
-    argv = ["--out", str(tmp_path / "d"), "--num-classes", "2", "--train-per-class", "2",
-            "--test-per-class", "1", "--image-size", "16"]
+    argv = [
+        "--out",
+        str(tmp_path / "d"),
+        "--num-classes",
+        "2",
+        "--train-per-class",
+        "2",
+        "--test-per-class",
+        "1",
+        "--image-size",
+        "16",
+    ]
     assert demo_data.main(argv) == 0
     printed = capsys.readouterr().out
     assert "4 training images" in printed and "2 test images" in printed and str(tmp_path / "d") in printed

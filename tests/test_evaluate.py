@@ -28,9 +28,18 @@ from tests.test_attacks import CoinFlip
 from train import main as train_main
 
 # Short attacks on a small subset: seconds per row on 2 CPU cores.
-FAST = ["eval.subset=48", "eval.batch_size=48", "eval.steps=10", "eval.step_ratio=0.25", "eval.cw_steps=10",
-        "eval.square_queries=100", "eval.eps_l2=1.0", "eval.eps_l1=30", "eval.eps_curve=[0.01,0.0313725,0.1]",
-        "eval.corruption_severities=[1]"]
+FAST = [
+    "eval.subset=48",
+    "eval.batch_size=48",
+    "eval.steps=10",
+    "eval.step_ratio=0.25",
+    "eval.cw_steps=10",
+    "eval.square_queries=100",
+    "eval.eps_l2=1.0",
+    "eval.eps_l1=30",
+    "eval.eps_curve=[0.01,0.0313725,0.1]",
+    "eval.corruption_severities=[1]",
+]
 STRONG_EPS = 24 / 255  # large enough for PGD to break the undefended tiny model
 
 
@@ -40,8 +49,11 @@ def trained(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("evaldata")
     data = root / "demo"
     generate_demo_data(data, num_classes=4, train_per_class=150, test_per_class=25, image_size=32)
-    overrides = shrink(["train.epochs=12", "train.lr=4e-3", "train.batch_size=32", "data.test_labels=test_labels.txt"],
-                       data, root / "runs")
+    overrides = shrink(
+        ["train.epochs=12", "train.lr=4e-3", "train.batch_size=32", "data.test_labels=test_labels.txt"],
+        data,
+        root / "runs",
+    )
     result = train_main.run(load_config(None, overrides))
     assert result["best_acc"] >= 55.0, result
     return overrides
@@ -152,12 +164,25 @@ def _score(attack: str, robust_acc: float) -> Score:
 
 
 def test_sanity_checks_flag_weak_attacks():
-    rows = {k: Row(k, 80.0, {"fgsm": _score("fgsm", 30.0), "pgd_linf": _score("pgd_linf", 50.0)})
-            for k in ("undefended", "defended", "adaptive")}
-    result = EvalResult(n=100, source="test", defense="GCM", adaptive_attack="BPDA", checkpoints=[], surrogate="",
-                        settings={}, randomized=False, rows=rows, black_box=[_score("noise", 40.0)],
-                        eps_curve={"eps": [1 / 255, 8 / 255], "undefended": [60.0, 40.0]}, corruptions=[],
-                        corruption_severities=[])
+    rows = {
+        k: Row(k, 80.0, {"fgsm": _score("fgsm", 30.0), "pgd_linf": _score("pgd_linf", 50.0)})
+        for k in ("undefended", "defended", "adaptive")
+    }
+    result = EvalResult(
+        n=100,
+        source="test",
+        defense="GCM",
+        adaptive_attack="BPDA",
+        checkpoints=[],
+        surrogate="",
+        settings={},
+        randomized=False,
+        rows=rows,
+        black_box=[_score("noise", 40.0)],
+        eps_curve={"eps": [1 / 255, 8 / 255], "undefended": [60.0, 40.0]},
+        corruptions=[],
+        corruption_severities=[],
+    )
     notes = sanity_checks(result)
     assert sum("weaker than single-step FGSM" in n for n in notes) == 3
     assert any(n.startswith("WARNING: undefended accuracy along eps") for n in notes)
@@ -213,9 +238,18 @@ def test_subset_is_seeded_and_clamped():
 
 @pytest.mark.slow
 def test_random_pad_eot_path_is_reproducible(trained, tmp_path):
-    small = [*trained, *FAST, "random_pad.enabled=true", "eval.draws=3", "eval.eot_samples=2", "eval.subset=16",
-             "eval.attacks=[fgsm,pgd_linf,cw_l2,transfer]", "eval.corruption_severities=[]", "eval.cw_steps=3",
-             "eval.eps_curve=[0.0313725]"]
+    small = [
+        *trained,
+        *FAST,
+        "random_pad.enabled=true",
+        "eval.draws=3",
+        "eval.eot_samples=2",
+        "eval.subset=16",
+        "eval.attacks=[fgsm,pgd_linf,cw_l2,transfer]",
+        "eval.corruption_severities=[]",
+        "eval.cw_steps=3",
+        "eval.eps_curve=[0.0313725]",
+    ]
     a = evaluate.run(load_config(None, [*small, f"eval.out_dir={tmp_path / 'a'}"]), progress=False)
     b = evaluate.run(load_config(None, [*small, f"eval.out_dir={tmp_path / 'b'}"]), progress=False)
     assert a.randomized and "EOT over random pad" in a.rows["adaptive"].label

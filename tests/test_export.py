@@ -32,15 +32,23 @@ def checkpoints(tmp_path_factory):
     for seed, size in ((0, 32), (1, 32), (2, 48)):
         torch.manual_seed(seed)
         stem = root / f"m{seed}"
-        export_model(create_classifier(cfg.model, 4), stem, {"arch": "test_convnext", "num_classes": 4, "image_size": size})
+        export_model(
+            create_classifier(cfg.model, 4), stem, {"arch": "test_convnext", "num_classes": 4, "image_size": size}
+        )
         stems.append(stem)
     return stems
 
 
 def _overrides(checkpoints, tmp_path, *extra):
     members = ",".join(str(s) for s in checkpoints)
-    return [f"submit.checkpoints=[{members}]", "data.num_classes=4", "data.image_size=32",
-            f"export.path={tmp_path / 'defended.pt2'}", "tta.hflip=true", *extra]
+    return [
+        f"submit.checkpoints=[{members}]",
+        "data.num_classes=4",
+        "data.image_size=32",
+        f"export.path={tmp_path / 'defended.pt2'}",
+        "tta.hflip=true",
+        *extra,
+    ]
 
 
 def _cfg(checkpoints, tmp_path, *extra):
@@ -95,8 +103,9 @@ def test_exported_file_keeps_the_concealed_gradient(exported):
     result, cfg = exported
     loaded = torch.export.load(result["path"]).module()
     model = _in_process(cfg)
-    plain = build_defended_model(model.model.members, [{"image_size": s} for s in model.model.image_sizes],
-                                 cfg, defense=False)
+    plain = build_defended_model(
+        model.model.members, [{"image_size": s} for s in model.model.image_sizes], cfg, defense=False
+    )
     x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(5))
 
     def grad(fn):
@@ -250,8 +259,15 @@ def test_export_path_that_is_a_folder_is_a_user_error(checkpoints, tmp_path):
 
 def test_cli_missing_checkpoint_is_exit_2(tmp_path):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run([sys.executable, "-m", "infer.export", f"submit.checkpoints=[{tmp_path / 'nope'}]"],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "infer.export", f"submit.checkpoints=[{tmp_path / 'nope'}]"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines() == [f"error: checkpoint not found: {tmp_path / 'nope'}.safetensors "
-                                                "(train first, or set submit.checkpoints)"]
+    assert proc.stderr.strip().splitlines() == [
+        f"error: checkpoint not found: {tmp_path / 'nope'}.safetensors (train first, or set submit.checkpoints)"
+    ]

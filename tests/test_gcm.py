@@ -1,4 +1,5 @@
-""" Tests for gcm/: GradientConcealment, BPDA switches and RandomResizePad. """
+"""Tests for gcm/: GradientConcealment, BPDA switches and RandomResizePad."""
+
 import copy
 import io
 
@@ -18,10 +19,10 @@ from gcm import (
 )
 
 
-@pytest.fixture(scope='module')
+@pytest.fixture(scope="module")
 def model() -> nn.Module:
     torch.manual_seed(0)
-    return timm.create_model('test_convnext', num_classes=10).eval()
+    return timm.create_model("test_convnext", num_classes=10).eval()
 
 
 @pytest.fixture
@@ -30,7 +31,7 @@ def images() -> torch.Tensor:
 
 
 def input_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
-    """ Gradient of the cross-entropy w.r.t. the input, labels = the model's own predictions. """
+    """Gradient of the cross-entropy w.r.t. the input, labels = the model's own predictions."""
     x = x.clone().requires_grad_(True)
     logits = model(x)
     labels = logits.argmax(-1).detach()
@@ -40,13 +41,14 @@ def input_grad(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 # --- GradientConcealment forward ---
 
+
 def test_forward_is_identity_in_float32(images):
     y = GradientConcealment()(images)
     assert y.dtype == torch.float32
     assert (y - images).abs().max() <= 1e-7
     big = images >= 0.25
     assert big.any() and torch.equal(y[big], images[big])
-    assert not torch.equal(y, images), 'small pixels should move by a few ulps'
+    assert not torch.equal(y, images), "small pixels should move by a few ulps"
 
 
 def test_naive_float16_formula_is_nan(images):
@@ -56,10 +58,10 @@ def test_naive_float16_formula_is_nan(images):
     assert torch.isnan(naive[x != 0]).all()
 
 
-@pytest.mark.parametrize('dtype', [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_float32_under_cpu_autocast(images, dtype):
     gcm = GradientConcealment()
-    with torch.autocast('cpu', dtype=dtype):
+    with torch.autocast("cpu", dtype=dtype):
         y = gcm(images)
         y_low = gcm(images.to(dtype))
     for out, ref in ((y, images), (y_low, images.to(dtype).float())):
@@ -77,12 +79,13 @@ def test_float16_input_without_autocast(images):
 
 
 def test_defended_model_under_bf16_autocast(model, images):
-    with torch.autocast('cpu', dtype=torch.bfloat16):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
         logits = apply_gcm(model)(images)
     assert torch.isfinite(logits).all()
 
 
 # --- GradientConcealment gradient ---
+
 
 def test_gcm_gradient_is_huge_with_random_sign(images):
     x = images.clone().requires_grad_(True)
@@ -137,17 +140,17 @@ def test_predictions_unchanged(model, images):
 
 def test_w_eps_configurable(images):
     gcm = GradientConcealment(w=0, eps=0)
-    assert 'w=0' in repr(gcm) and 'eps=0' in repr(gcm)
-    gcm = GradientConcealment(w=1e20, eps=0.)
+    assert "w=0" in repr(gcm) and "eps=0" in repr(gcm)
+    gcm = GradientConcealment(w=1e20, eps=0.0)
     x = images.clone().requires_grad_(True)
     y = gcm(x)
     assert torch.equal(y, images)
     y.sum().backward()
     assert torch.equal(x.grad, torch.ones_like(x))
 
-    gcm = GradientConcealment(w=10., eps=0.1)
-    assert isinstance(gcm.w, float) and gcm.w == 10. and gcm.eps == 0.1
-    assert 'w=10, eps=0.1' in repr(gcm)
+    gcm = GradientConcealment(w=10.0, eps=0.1)
+    assert isinstance(gcm.w, float) and gcm.w == 10.0 and gcm.eps == 0.1
+    assert "w=10, eps=0.1" in repr(gcm)
     x = images.clone().requires_grad_(True)
     y = gcm(x)
     torch.testing.assert_close(y, images + 0.1 * torch.sin(10 * images))
@@ -157,16 +160,17 @@ def test_w_eps_configurable(images):
 
 
 def test_apply_gcm_wraps_first(model, images):
-    defended = apply_gcm(model, w=5., eps=0.5)
+    defended = apply_gcm(model, w=5.0, eps=0.5)
     assert isinstance(defended, DefendedModel) and defended.model is model
-    assert isinstance(defended.gcm, GradientConcealment) and defended.gcm.w == 5.
+    assert isinstance(defended.gcm, GradientConcealment) and defended.gcm.w == 5.0
     # State dict is the model's, prefixed: checkpoints load into .model unchanged.
-    assert set(defended.state_dict()) == {f'model.{k}' for k in model.state_dict()}
+    assert set(defended.state_dict()) == {f"model.{k}" for k in model.state_dict()}
     with torch.no_grad():
         torch.testing.assert_close(defended(images), model(images + 0.5 * torch.sin(5 * images)))
 
 
 # --- set_bpda / bpda ---
+
 
 def test_set_bpda_counts_and_sets(model):
     twice = apply_gcm(apply_gcm(model))
@@ -186,7 +190,7 @@ def test_bpda_context_restores(model):
     assert (outer.bpda, inner.bpda) == (False, True)
     with pytest.raises(RuntimeError):
         with bpda(twice):
-            raise RuntimeError('attack failed')
+            raise RuntimeError("attack failed")
     assert (outer.bpda, inner.bpda) == (False, True)
     with bpda(model) as found:
         assert found == 0
@@ -194,8 +198,9 @@ def test_bpda_context_restores(model):
 
 # --- RandomResizePad ---
 
+
 def content_box(out: torch.Tensor):
-    """ (top, left, h, w) of the non-zero region of a padded all-positive image. """
+    """(top, left, h, w) of the non-zero region of a padded all-positive image."""
     mask = out[0, 0] != 0
     rows, cols = mask.any(1).nonzero().flatten(), mask.any(0).nonzero().flatten()
     top, left = rows[0].item(), cols[0].item()
@@ -247,8 +252,8 @@ def test_random_pad_content_is_bilinear_resize():
     for _ in range(3):
         out = pad(x)
         top, left, h, w = content_box(out)
-        expected = nn.functional.interpolate(x, size=(h, w), mode='bilinear', align_corners=False)
-        torch.testing.assert_close(out[..., top:top + h, left:left + w], expected)
+        expected = nn.functional.interpolate(x, size=(h, w), mode="bilinear", align_corners=False)
+        torch.testing.assert_close(out[..., top : top + h, left : left + w], expected)
 
 
 def test_random_pad_differs_and_reproducible(images):
@@ -295,8 +300,8 @@ def test_random_pad_is_differentiable():
 
 
 def test_random_pad_bad_ratios():
-    for lo, hi in ((0., 0.5), (0.9, 0.8), (0.9, 1.1)):
-        with pytest.raises(ValueError, match='min_ratio'):
+    for lo, hi in ((0.0, 0.5), (0.9, 0.8), (0.9, 1.1)):
+        with pytest.raises(ValueError, match="min_ratio"):
             RandomResizePad(min_ratio=lo, max_ratio=hi)
 
 

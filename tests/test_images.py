@@ -31,10 +31,16 @@ def _opencv_taken(path) -> bool:
         return images._decode_plain_jpeg(content, img) is not None
 
 
-@pytest.mark.parametrize("fmt,kwargs", [
-    ("JPEG", {"quality": 95}), ("JPEG", {"quality": 60, "subsampling": 0}), ("JPEG", {"progressive": True}),
-    ("PNG", {}), ("PNG", {"optimize": True}),
-])
+@pytest.mark.parametrize(
+    "fmt,kwargs",
+    [
+        ("JPEG", {"quality": 95}),
+        ("JPEG", {"quality": 60, "subsampling": 0}),
+        ("JPEG", {"progressive": True}),
+        ("PNG", {}),
+        ("PNG", {"optimize": True}),
+    ],
+)
 def test_fast_decode_gives_the_pixels_pil_gives(tmp_path, fmt, kwargs):
     arr = np.random.default_rng(3).integers(0, 256, (37, 53, 3), dtype=np.uint8)
     path = tmp_path / f"x.{fmt.lower()}"

@@ -87,8 +87,14 @@ def _folder(tmp_path: Path, name: str, data: bytes) -> Path:
 
 
 def _submit_cfg(root: Path, checkpoint: Path, tmp_path: Path, *extra: str):
-    return load_config(None, shrink([f"submit.checkpoints=[{checkpoint}]", f"submit.out_dir={tmp_path / 'subs'}",
-                                     "data.test_labels=", *extra], root, tmp_path / "runs"))
+    return load_config(
+        None,
+        shrink(
+            [f"submit.checkpoints=[{checkpoint}]", f"submit.out_dir={tmp_path / 'subs'}", "data.test_labels=", *extra],
+            root,
+            tmp_path / "runs",
+        ),
+    )
 
 
 @pytest.mark.parametrize("name", sorted(GOOD))
@@ -109,11 +115,14 @@ def test_broken_images_are_named_and_nothing_is_written(name, checkpoint, tmp_pa
     assert not (tmp_path / "subs").exists() or list((tmp_path / "subs").iterdir()) == []
 
 
-@pytest.mark.parametrize("extra, message", [
-    ("notes.txt", "notes.txt"),
-    ("sub", "sub"),
-    ("x1.png", "x1.png"),
-])
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        ("notes.txt", "notes.txt"),
+        ("sub", "sub"),
+        ("x1.png", "x1.png"),
+    ],
+)
 def test_stray_entries_in_the_test_folder_are_named(extra, message, checkpoint, tmp_path):
     root = _folder(tmp_path, "ok.png", _png(Image.fromarray(_rgb())))
     target = root / "test" / extra
@@ -140,16 +149,20 @@ def test_checkpoint_of_another_class_count_or_arch(checkpoint, tmp_path):
 
 def _run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    return subprocess.run([sys.executable, "-m", "train.main", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "train.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
+    )
 
 
-@pytest.mark.parametrize("lines, message", [
-    ("0.JPEG 1\r\n\r\n1.JPEG 9\r\n", r"label.txt:3: label 9 out of range"),
-    ("0.JPEG 1\n0.JPEG 2\n", r"label.txt:2: duplicate"),
-    ("../0.JPEG 1\n", r"label.txt:1: .*"),
-    ("0.JPEG one\n", r"label.txt:1: .*"),
-])
+@pytest.mark.parametrize(
+    "lines, message",
+    [
+        ("0.JPEG 1\r\n\r\n1.JPEG 9\r\n", r"label.txt:3: label 9 out of range"),
+        ("0.JPEG 1\n0.JPEG 2\n", r"label.txt:2: duplicate"),
+        ("../0.JPEG 1\n", r"label.txt:1: .*"),
+        ("0.JPEG one\n", r"label.txt:1: .*"),
+    ],
+)
 def test_label_file_errors_are_one_line_exit_2(lines, message, tiny_data, tmp_path):
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)

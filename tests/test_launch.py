@@ -17,11 +17,14 @@ def test_cpu_run_gets_every_core_not_accelerates_one_thread():
     assert flag(args, "--num_cpu_threads_per_process") == "8" and note is None
 
 
-@pytest.mark.parametrize("accel,cores,threads", [
-    (["--num_processes", "2"], 8, "4"),
-    (["--num_processes=4"], 2, "1"),  # never below one thread
-    (["--config_file", str(ROOT / "configs/accelerate/multi_gpu.yaml")], 8, None),  # from the file
-])
+@pytest.mark.parametrize(
+    "accel,cores,threads",
+    [
+        (["--num_processes", "2"], 8, "4"),
+        (["--num_processes=4"], 2, "1"),  # never below one thread
+        (["--config_file", str(ROOT / "configs/accelerate/multi_gpu.yaml")], 8, None),  # from the file
+    ],
+)
 def test_cpu_processes_share_the_cores(accel, cores, threads):
     args, _ = resolve_launch_args(accel, has_cuda=False, cores=cores, env={})
     if threads is None:
@@ -37,11 +40,14 @@ def test_two_cpu_processes_run_with_gloo():
     assert "--multi_gpu" in args and "--cpu" not in args and "gloo" in note
 
 
-@pytest.mark.parametrize("accel,env,has_cuda", [
-    (["--num_cpu_threads_per_process", "3"], {}, False),  # the user's choice
-    ([], {"OMP_NUM_THREADS": "3"}, False),  # accelerate reads it
-    ([], {}, True),  # GPU run: accelerate's default
-])
+@pytest.mark.parametrize(
+    "accel,env,has_cuda",
+    [
+        (["--num_cpu_threads_per_process", "3"], {}, False),  # the user's choice
+        ([], {"OMP_NUM_THREADS": "3"}, False),  # accelerate reads it
+        ([], {}, True),  # GPU run: accelerate's default
+    ],
+)
 def test_thread_count_left_alone(accel, env, has_cuda):
     args, _ = resolve_launch_args(accel, has_cuda=has_cuda, cores=8, env=env)
     assert args.count("--num_cpu_threads_per_process") == (1 if accel else 0)

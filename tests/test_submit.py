@@ -147,8 +147,14 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
     overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", *common], data, runs)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
     env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run([sys.executable, "-m", "core.launch", "infer.submit", "--num_processes", "2", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.launch", "infer.submit", "--num_processes", "2", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the launcher splits the cores between the processes (accelerate alone would give each 1 thread)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
@@ -161,6 +167,7 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
 
 
 # --- submit on CPU: loader workers, threaded decoding, compilation ---------------------------
+
 
 def test_cpu_submit_loader_workers_take_only_the_free_cores(tiny_config, tiny_data):
     from accelerate import Accelerator

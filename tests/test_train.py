@@ -26,8 +26,14 @@ def test_two_step_run_writes_everything(tiny_config):
     result = train_main.run(cfg)
     assert result["global_step"] == 2
     run_dir = cfg.run_dir
-    for name in ("best.safetensors", "best.json", "last.safetensors", "last.json", "config.yaml",
-                 "augmented_samples.png"):
+    for name in (
+        "best.safetensors",
+        "best.json",
+        "last.safetensors",
+        "last.json",
+        "config.yaml",
+        "augmented_samples.png",
+    ):
         assert (run_dir / name).is_file(), name
     info = json.loads((run_dir / "best.json").read_text())
     assert info["arch"] == "test_convnext" and info["num_classes"] == 4 and info["image_size"] == 32
@@ -47,8 +53,14 @@ def test_demo_run_learns(tmp_path):
     """The default recipe, shrunk to 32 px and test_convnext, learns the demo classes (chance 25%)."""
     data = tmp_path / "demo"
     generate_demo_data(data, num_classes=4, train_per_class=150, test_per_class=5, image_size=32)
-    cfg = load_config(None, shrink(["train.epochs=12", "train.warmup_epochs=1", "train.batch_size=32", "train.lr=4e-3"],
-                                   data, tmp_path / "runs"))
+    cfg = load_config(
+        None,
+        shrink(
+            ["train.epochs=12", "train.warmup_epochs=1", "train.batch_size=32", "train.lr=4e-3"],
+            data,
+            tmp_path / "runs",
+        ),
+    )
     result = train_main.run(cfg)
     assert result["best_acc"] >= 60.0, result
 
@@ -59,8 +71,13 @@ def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
 
 def test_resume_mid_epoch_equals_uninterrupted(tiny_config, tmp_path):
     # drop-path, augmentation, mixup and EMA all draw randomness: resume must replay it exactly.
-    common = ["train.epochs=2", "model.drop_path_rate=0.1", "train.mixup=0.2", "train.checkpoint_every=3",
-              "aug.corruption_p=0.5"]
+    common = [
+        "train.epochs=2",
+        "model.drop_path_rate=0.1",
+        "train.mixup=0.2",
+        "train.checkpoint_every=3",
+        "aug.corruption_p=0.5",
+    ]
     full = tiny_config(*common, "name=full")
     train_main.run(full)
 
@@ -112,8 +129,14 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     out = tmp_path / "runs"
     overrides = shrink(["name=ddp", "train.epochs=1"], tiny_data, out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run([sys.executable, "-m", "core.launch", "train.main", "--num_processes", "2", *overrides],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    proc = subprocess.run(
+        [sys.executable, "-m", "core.launch", "train.main", "--num_processes", "2", *overrides],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1, proc.stdout  # printed by the main process only
     run_dir = out / "ddp"
@@ -124,4 +147,10 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     # 128 training images, batch 16 per process, 2 processes -> 4 optimizer steps per epoch
     assert info["global_step"] == 4
     assert sorted(p.name for p in run_dir.iterdir() if p.is_file()) == [
-        "augmented_samples.png", "best.json", "best.safetensors", "config.yaml", "last.json", "last.safetensors"]
+        "augmented_samples.png",
+        "best.json",
+        "best.safetensors",
+        "config.yaml",
+        "last.json",
+        "last.safetensors",
+    ]

@@ -35,8 +35,13 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_data, tiny_con
     out = tmp_path / "runs"
     args = shrink([*COMMON, "name=killed"], tiny_data, out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.Popen([sys.executable, "-m", "train.main", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "train.main", *args],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     ckpts = out / "killed" / "checkpoints"
     deadline = time.time() + 300
     # kill once the run is inside epoch 0 with a few checkpoints behind it (8 steps per epoch)
@@ -53,8 +58,9 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_data, tiny_con
 
     resumed = train_main.run(tiny_config(*COMMON, "name=killed", f"out_dir={out}", "resume=auto"))
     assert resumed["epochs"] == 2
-    diff = _max_diff(load_file(str(full.run_dir / "last.safetensors")),
-                     load_file(str(out / "killed" / "last.safetensors")))
+    diff = _max_diff(
+        load_file(str(full.run_dir / "last.safetensors")), load_file(str(out / "killed" / "last.safetensors"))
+    )
     assert diff < 1e-5
 
 

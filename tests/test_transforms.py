@@ -46,16 +46,23 @@ def test_optional_parts_follow_the_config():
     assert create_train_transform(cfg, SIZE).transforms[-1].p == 0.1
 
 
-@pytest.mark.parametrize("key, spec, expected", [
-    ("corruptions", {"name": "GaussNoise", "var_limit": [10.0, 50.0]}, "'var_limit' are not valid for transform GaussNoise"),
-    ("extra", {"name": "ImageCompression", "quality_lower": 30}, "'quality_lower' are not valid"),
-    ("corruptions", {"name": "NoSuchBlur"}, "unknown albumentations transform 'NoSuchBlur'"),
-    ("extra", {"name": "Compose"}, "unknown albumentations transform 'Compose'"),
-    ("corruptions", {"name": "GaussNoise", "std_range": [2, 1]}, "bad arguments for GaussNoise"),
-    ("extra", {"name": "RandomCrop", "height": 8, "width": 8}, "RandomCrop must keep a 32x32x3 uint8 image"),
-    ("extra", {"name": "Normalize"}, "Normalize must keep a 32x32x3 uint8 image, got float32"),
-    ("corruptions", {"blur_limit": 3}, "expected a mapping with a 'name' key"),
-])
+@pytest.mark.parametrize(
+    "key, spec, expected",
+    [
+        (
+            "corruptions",
+            {"name": "GaussNoise", "var_limit": [10.0, 50.0]},
+            "'var_limit' are not valid for transform GaussNoise",
+        ),
+        ("extra", {"name": "ImageCompression", "quality_lower": 30}, "'quality_lower' are not valid"),
+        ("corruptions", {"name": "NoSuchBlur"}, "unknown albumentations transform 'NoSuchBlur'"),
+        ("extra", {"name": "Compose"}, "unknown albumentations transform 'Compose'"),
+        ("corruptions", {"name": "GaussNoise", "std_range": [2, 1]}, "bad arguments for GaussNoise"),
+        ("extra", {"name": "RandomCrop", "height": 8, "width": 8}, "RandomCrop must keep a 32x32x3 uint8 image"),
+        ("extra", {"name": "Normalize"}, "Normalize must keep a 32x32x3 uint8 image, got float32"),
+        ("corruptions", {"blur_limit": 3}, "expected a mapping with a 'name' key"),
+    ],
+)
 def test_bad_transform_entries_are_user_errors(key, spec, expected):
     entries = [{"name": "GaussianBlur"}, spec]
     cfg = AugConfig(**{key: entries})

@@ -95,8 +95,12 @@ def test_json_is_exactly_the_challenge_form(tmp_path):
 
 def test_meta_keeps_the_callers_keys_and_adds_counts(tmp_path):
     ids, preds = [3, 1, 2, 0], [5, 5, 7, 0]
-    meta_in = {"checkpoint": tmp_path / "best.safetensors", "val_acc": np.float32(0.5), "nan": float("nan"),
-               "tta": {"hflip": True, "scales": (1.0, 1.15)}}
+    meta_in = {
+        "checkpoint": tmp_path / "best.safetensors",
+        "val_acc": np.float32(0.5),
+        "nan": float("nan"),
+        "tta": {"hflip": True, "scales": (1.0, 1.15)},
+    }
     path = write_submission(tmp_path, "m", ids, preds, meta_in)["meta"]
     meta = json.loads(path.read_text())  # strict JSON: NaN was turned into null
     assert meta["checkpoint"] == str(tmp_path / "best.safetensors")
@@ -107,15 +111,18 @@ def test_meta_keeps_the_callers_keys_and_adds_counts(tmp_path):
     assert "NaN" not in path.read_text()
 
 
-@pytest.mark.parametrize("ids, preds, message", [
-    ([0, 1], [1], "2 image ids but 1 predictions"),
-    ([0, 1, 0], [1, 2, 3], "duplicate image ids: 0"),
-    ([0, 1.0], [1, 2], "image id #1 is 1.0"),
-    ([0, 1], [1, 2.0], "prediction #1 is 2.0"),
-    ([0, 1], [True, 2], "prediction #0 is True"),
-    (["0", 1], [1, 2], "image id #0 is '0'"),
-    ([], [], "no predictions"),
-])
+@pytest.mark.parametrize(
+    "ids, preds, message",
+    [
+        ([0, 1], [1], "2 image ids but 1 predictions"),
+        ([0, 1, 0], [1, 2, 3], "duplicate image ids: 0"),
+        ([0, 1.0], [1, 2], "image id #1 is 1.0"),
+        ([0, 1], [1, 2.0], "prediction #1 is 2.0"),
+        ([0, 1], [True, 2], "prediction #0 is True"),
+        (["0", 1], [1, 2], "image id #0 is '0'"),
+        ([], [], "no predictions"),
+    ],
+)
 def test_write_rejects_bad_predictions(tmp_path, ids, preds, message):
     with pytest.raises(ValueError, match=message):
         write_submission(tmp_path / "out", "sub", ids, preds, {})
@@ -195,21 +202,24 @@ def test_success_replaces_every_file_of_the_older_submission(tmp_path):
 HEADER = "image_id,category_id\n"
 
 
-@pytest.mark.parametrize("text, problem", [
-    ("id,label\n0,1\n", "x.csv:1: header must be 'image_id,category_id', found 'id,label'"),
-    ("category_id,image_id\n0,1\n", "x.csv:1: header must be"),
-    ("0,1\n1,2\n", "x.csv:1: missing header"),
-    (HEADER + "0,1\n1,2,3\n", "x.csv:3: expected 2 columns (image_id,category_id), found 3"),
-    (HEADER + "0\n", "x.csv:2: expected 2 columns (image_id,category_id), found 1"),
-    (HEADER + "3.0,1\n", "x.csv:2: image_id '3.0' is not an integer"),
-    (HEADER + "0,abc\n", "x.csv:2: category_id 'abc' is not an integer"),
-    (HEADER + "0,\n", "x.csv:2: category_id '' is not an integer"),
-    (HEADER + "0, 1\n", "x.csv:2: category_id ' 1' is not an integer"),
-    (HEADER + '"0",1\n', "x.csv:2: image_id '\"0\"' is not an integer"),
-    (HEADER + "0,1\n1,2\n0,3\n", "x.csv:4: duplicate image_id 0 (first at line 2)"),
-    (HEADER + "0,1\n\n1,2\n", "x.csv:3: blank line"),
-    ("", "x.csv:1: empty file"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        ("id,label\n0,1\n", "x.csv:1: header must be 'image_id,category_id', found 'id,label'"),
+        ("category_id,image_id\n0,1\n", "x.csv:1: header must be"),
+        ("0,1\n1,2\n", "x.csv:1: missing header"),
+        (HEADER + "0,1\n1,2,3\n", "x.csv:3: expected 2 columns (image_id,category_id), found 3"),
+        (HEADER + "0\n", "x.csv:2: expected 2 columns (image_id,category_id), found 1"),
+        (HEADER + "3.0,1\n", "x.csv:2: image_id '3.0' is not an integer"),
+        (HEADER + "0,abc\n", "x.csv:2: category_id 'abc' is not an integer"),
+        (HEADER + "0,\n", "x.csv:2: category_id '' is not an integer"),
+        (HEADER + "0, 1\n", "x.csv:2: category_id ' 1' is not an integer"),
+        (HEADER + '"0",1\n', "x.csv:2: image_id '\"0\"' is not an integer"),
+        (HEADER + "0,1\n1,2\n0,3\n", "x.csv:4: duplicate image_id 0 (first at line 2)"),
+        (HEADER + "0,1\n\n1,2\n", "x.csv:3: blank line"),
+        ("", "x.csv:1: empty file"),
+    ],
+)
 def test_csv_problems_name_the_line(tmp_path, text, problem):
     _, problems = read_submission(write_file(tmp_path / "x.csv", text))
     assert any(p.startswith(f"{tmp_path}{os.sep}{problem}") for p in problems), problems
@@ -243,22 +253,31 @@ def test_non_utf8_file_names_the_line(tmp_path):
     assert problems[0].startswith(f"{path}:3: not UTF-8 text (byte 0xe9")
 
 
-@pytest.mark.parametrize("text, problem", [
-    ('[{"image_id": 0, "category_id": 1},\n {"image_id": 1 "category_id": 2}]',
-     "invalid JSON at line 2 column 17: Expecting ','"),
-    ('{"0": 1}', "expected a JSON array of"),
-    ('[{"image_id": 0, "category_id": 1}, [1, 2]]', "entry 1: expected an object, found array"),
-    ('[{"image_id": 0}]', "entry 0: missing key(s) 'category_id'"),
-    ('[{"image_id": 0, "category_id": 1, "score": 0.9}]', "entry 0: unexpected key(s) 'score'"),
-    ('[{"image_id": 0, "category_id": 1}, {"image_id": 1, "category_id": 2.0}]',
-     "entry 1: category_id must be an integer, found number 2.0"),
-    ('[{"image_id": "0", "category_id": 1}]', 'entry 0: image_id must be an integer, found string "0"'),
-    ('[{"image_id": true, "category_id": 1}]', "entry 0: image_id must be an integer, found boolean true"),
-    ('[{"image_id": null, "category_id": 1}]', "entry 0: image_id must be an integer, found null"),
-    ('[{"image_id": 0, "category_id": 1}, {"image_id": 0, "category_id": 2}]',
-     "entry 1: duplicate image_id 0 (first at entry 0)"),
-    ('[{"image_id": 0, "category_id": 1, "category_id": 2}]', "entry 0: repeated key(s) 'category_id'"),
-])
+@pytest.mark.parametrize(
+    "text, problem",
+    [
+        (
+            '[{"image_id": 0, "category_id": 1},\n {"image_id": 1 "category_id": 2}]',
+            "invalid JSON at line 2 column 17: Expecting ','",
+        ),
+        ('{"0": 1}', "expected a JSON array of"),
+        ('[{"image_id": 0, "category_id": 1}, [1, 2]]', "entry 1: expected an object, found array"),
+        ('[{"image_id": 0}]', "entry 0: missing key(s) 'category_id'"),
+        ('[{"image_id": 0, "category_id": 1, "score": 0.9}]', "entry 0: unexpected key(s) 'score'"),
+        (
+            '[{"image_id": 0, "category_id": 1}, {"image_id": 1, "category_id": 2.0}]',
+            "entry 1: category_id must be an integer, found number 2.0",
+        ),
+        ('[{"image_id": "0", "category_id": 1}]', 'entry 0: image_id must be an integer, found string "0"'),
+        ('[{"image_id": true, "category_id": 1}]', "entry 0: image_id must be an integer, found boolean true"),
+        ('[{"image_id": null, "category_id": 1}]', "entry 0: image_id must be an integer, found null"),
+        (
+            '[{"image_id": 0, "category_id": 1}, {"image_id": 0, "category_id": 2}]',
+            "entry 1: duplicate image_id 0 (first at entry 0)",
+        ),
+        ('[{"image_id": 0, "category_id": 1, "category_id": 2}]', "entry 0: repeated key(s) 'category_id'"),
+    ],
+)
 def test_json_problems_name_the_entry(tmp_path, text, problem):
     path = write_file(tmp_path / "x.json", text)
     _, problems = read_submission(path)
@@ -275,7 +294,8 @@ def test_json_bom_and_bad_values_leave_the_good_entries(tmp_path):
 
 def test_unknown_extension_and_missing_file(tmp_path):
     assert read_submission(write_file(tmp_path / "x.txt", HEADER))[1] == [
-        f"{tmp_path / 'x.txt'}: unknown submission type '.txt'; expected a .csv or .json file"]
+        f"{tmp_path / 'x.txt'}: unknown submission type '.txt'; expected a .csv or .json file"
+    ]
     assert read_submission(tmp_path / "nope.csv") == ({}, [f"{tmp_path / 'nope.csv'}: file not found"])
 
 
@@ -303,8 +323,10 @@ def test_labels_out_of_range_name_the_line(tmp_path, test_dir):
     rows[4] = (4, 5)  # line 6
     rows[7] = (7, -2)  # line 9
     path = write_file(tmp_path / "s.csv", csv_text(rows))
-    assert validate_submission(path, test_dir, 5) == [f"{path}:6: category_id 5 is outside [0, 5)",
-                                                      f"{path}:9: category_id -2 is negative"]
+    assert validate_submission(path, test_dir, 5) == [
+        f"{path}:6: category_id 5 is outside [0, 5)",
+        f"{path}:9: category_id -2 is negative",
+    ]
     # without a class count only negative labels are wrong
     assert validate_submission(path, test_dir, None) == [f"{path}:9: category_id -2 is negative"]
     assert validate_submission(path, test_dir, 6) == [f"{path}:9: category_id -2 is negative"]
@@ -356,9 +378,11 @@ def test_cli_exit_codes(tmp_path, test_dir, capsys):
     broken = write_file(tmp_path / "broken.csv", csv_text([(i, 0) for i in range(N_IMAGES - 1)] + [(0, 3)]))
     assert main([str(broken), "--test-dir", str(test_dir)]) == 1
     out = capsys.readouterr().out.splitlines()
-    assert out == [f"{broken}: 1 of {N_IMAGES} test images have no valid prediction (image_id {N_IMAGES - 1})",
-                   f"{broken}:{N_IMAGES + 1}: duplicate image_id 0 (first at line 2)",
-                   f"{broken}: INVALID (2 problems)"]
+    assert out == [
+        f"{broken}: 1 of {N_IMAGES} test images have no valid prediction (image_id {N_IMAGES - 1})",
+        f"{broken}:{N_IMAGES + 1}: duplicate image_id 0 (first at line 2)",
+        f"{broken}: INVALID (2 problems)",
+    ]
 
     assert main([str(paths["csv"]), "--test-dir", str(test_dir), "--num-classes", "2"]) == 1
     n_out_of_range = sum(p >= 2 for p in preds)
@@ -366,12 +390,15 @@ def test_cli_exit_codes(tmp_path, test_dir, capsys):
     assert capsys.readouterr().out.splitlines()[-1] == f"{paths['csv']}: INVALID ({n_out_of_range} problems)"
 
 
-@pytest.mark.parametrize("args, message", [
-    (["sub.csv"], "the following arguments are required: --test-dir"),
-    (["sub.csv", "--test-dir", "{missing}"], "test folder"),
-    (["sub.csv", "--test-dir", "{test_dir}", "--num-classes", "x"], "invalid int value"),
-    (["sub.csv", "--test-dir", "{test_dir}", "--num-classes", "0"], "at least 1"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["sub.csv"], "the following arguments are required: --test-dir"),
+        (["sub.csv", "--test-dir", "{missing}"], "test folder"),
+        (["sub.csv", "--test-dir", "{test_dir}", "--num-classes", "x"], "invalid int value"),
+        (["sub.csv", "--test-dir", "{test_dir}", "--num-classes", "0"], "at least 1"),
+    ],
+)
 def test_cli_bad_usage_is_exit_2_with_one_line(tmp_path, test_dir, capsys, args, message):
     args = [a.format(missing=tmp_path / "missing", test_dir=test_dir) for a in args]
     assert main(args) == 2
@@ -383,10 +410,22 @@ def test_cli_as_a_module(tmp_path, test_dir):
     ids, preds = shuffled_predictions()
     path = write_submission(tmp_path, "sub", ids, preds, {})["json"]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run([sys.executable, "-m", "infer.validate", str(path), "--test-dir", str(test_dir),
-                         "--num-classes", "20"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    ok = subprocess.run(
+        [sys.executable, "-m", "infer.validate", str(path), "--test-dir", str(test_dir), "--num-classes", "20"],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == f"{path}: OK ({N_IMAGES} predictions for {N_IMAGES} test images)"
-    usage = subprocess.run([sys.executable, "-m", "infer.validate", str(path)], cwd=ROOT, env=env,
-                           capture_output=True, text=True, timeout=120)
+    usage = subprocess.run(
+        [sys.executable, "-m", "infer.validate", str(path)],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert usage.returncode == 2 and usage.stderr.startswith("error: ") and "--test-dir" in usage.stderr

@@ -39,8 +39,9 @@ class Progress:
             setattr(self, key, value)
 
 
-def fgsm_examples(model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float,
-                  loss_fn: Callable) -> torch.Tensor:
+def fgsm_examples(
+    model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, loss_fn: Callable
+) -> torch.Tensor:
     """FGSM images for adversarial regularization (the 2nd-place recipe).
 
     ``model`` should be the unwrapped module: the input gradient needs no DDP gradient sync.
@@ -77,8 +78,14 @@ def train_one_epoch(
     model.train()
     raw_model = accelerator.unwrap_model(model)
     total_batches = len(loader) + progress.batch
-    bar = tqdm(total=total_batches, initial=progress.batch, desc=f"epoch {epoch}", leave=False,
-               disable=not accelerator.is_local_main_process, dynamic_ncols=True)
+    bar = tqdm(
+        total=total_batches,
+        initial=progress.batch,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
     loss_sum, loss_count, seen = 0.0, 0, 0
     start = time.perf_counter()
     for images, targets in loader:
@@ -119,9 +126,15 @@ def train_one_epoch(
                 elapsed = time.perf_counter() - start
                 lr = optimizer.param_groups[0]["lr"]
                 bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
-                accelerator.log({"train/loss": value, "train/lr": lr, "train/epoch": epoch,
-                                 "train/samples_per_s": seen / max(elapsed, 1e-9)},
-                                step=progress.global_step)
+                accelerator.log(
+                    {
+                        "train/loss": value,
+                        "train/lr": lr,
+                        "train/epoch": epoch,
+                        "train/samples_per_s": seen / max(elapsed, 1e-9),
+                    },
+                    step=progress.global_step,
+                )
             if on_optimizer_step is not None:
                 on_optimizer_step()
             if t.max_steps and progress.global_step >= t.max_steps:

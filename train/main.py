@@ -66,8 +66,9 @@ def announce(training: Training) -> None:
     )
 
 
-def fit_epoch(training: Training, progress: Progress, epoch: int,
-              on_first_batch: Callable[[torch.Tensor], None] | None = None) -> dict:
+def fit_epoch(
+    training: Training, progress: Progress, epoch: int, on_first_batch: Callable[[torch.Tensor], None] | None = None
+) -> dict:
     """One epoch from where ``progress`` stands (mid-epoch after a resume), checkpointing every
     ``train.checkpoint_every`` optimizer steps; then ``progress`` points at the next epoch."""
     t, loader = training.cfg.train, training.train_loader
@@ -80,8 +81,7 @@ def fit_epoch(training: Training, progress: Progress, epoch: int,
         if t.checkpoint_every and progress.global_step % t.checkpoint_every == 0:
             save_checkpoint(training, progress)
 
-    stats = train_one_epoch(training, loader, progress, epoch, on_optimizer_step=on_step,
-                            on_first_batch=on_first_batch)
+    stats = train_one_epoch(training, loader, progress, epoch, on_optimizer_step=on_step, on_first_batch=on_first_batch)
     # When max_steps ends mid-epoch the position is kept so a resume continues from there.
     if not (stopped_early(training.cfg, progress) and progress.batch < len(training.train_loader)):
         progress.epoch, progress.batch = epoch + 1, 0
@@ -99,8 +99,9 @@ def validate(training: Training) -> dict:
     channels_last = training.cfg.model.channels_last
     metrics = evaluate(training.model, training.val_loader, training.accelerator, channels_last)
     if training.ema is not None:
-        metrics["ema_acc"] = evaluate(training.ema.module, training.val_loader, training.accelerator, channels_last,
-                                      desc="eval ema")["acc"]
+        metrics["ema_acc"] = evaluate(
+            training.ema.module, training.val_loader, training.accelerator, channels_last, desc="eval ema"
+        )["acc"]
     return metrics
 
 
@@ -111,22 +112,38 @@ def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict
     improved = best > progress.best_acc or math.isnan(best)  # no validation set: best = last
     if not math.isnan(best):
         progress.best_acc = max(progress.best_acc, best)
-    progress.history.append({"epoch": epoch, "train_loss": stats["loss"], "samples_per_s": stats["samples_per_s"],
-                             **{f"val_{k}": v for k, v in metrics.items()}})
-    accelerator.log({"val/acc": metrics["acc"], "val/loss": metrics["loss"], "train/epoch_loss": stats["loss"],
-                     **({"val/ema_acc": metrics["ema_acc"]} if "ema_acc" in metrics else {})},
-                    step=progress.global_step)
+    progress.history.append(
+        {
+            "epoch": epoch,
+            "train_loss": stats["loss"],
+            "samples_per_s": stats["samples_per_s"],
+            **{f"val_{k}": v for k, v in metrics.items()},
+        }
+    )
+    accelerator.log(
+        {
+            "val/acc": metrics["acc"],
+            "val/loss": metrics["loss"],
+            "train/epoch_loss": stats["loss"],
+            **({"val/ema_acc": metrics["ema_acc"]} if "ema_acc" in metrics else {}),
+        },
+        step=progress.global_step,
+    )
     ema_txt = f", EMA {metrics['ema_acc']:.2f}%" if "ema_acc" in metrics else ""
-    accelerator.print(f"epoch {epoch}: train loss {stats['loss']:.4f}, "
-                      f"{stats['samples_per_s']:.0f} img/s, val acc {metrics['acc']:.2f}%{ema_txt}")
+    accelerator.print(
+        f"epoch {epoch}: train loss {stats['loss']:.4f}, "
+        f"{stats['samples_per_s']:.0f} img/s, val acc {metrics['acc']:.2f}%{ema_txt}"
+    )
     return improved
 
 
 def sample_grid_hook(training: Training, progress: Progress, tracking: str) -> Callable[[torch.Tensor], None]:
     """Called with the first batch: on the run's first step, save the augmented inputs as a grid."""
+
     def hook(x: torch.Tensor) -> None:
         if progress.global_step == 0:
             save_sample_grid(x, training.cfg.run_dir / "augmented_samples.png", training.accelerator, tracking)
+
     return hook
 
 
@@ -158,8 +175,10 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
         "chance_acc": 100.0 / cfg.data.num_classes,
     }
     if metrics:
-        accelerator.print(f"done: best val acc {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
-                          f"in {result['seconds']:.0f}s; model: {cfg.run_dir}/best.safetensors")
+        accelerator.print(
+            f"done: best val acc {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
+            f"in {result['seconds']:.0f}s; model: {cfg.run_dir}/best.safetensors"
+        )
     accelerator.end_training()
     return result
 

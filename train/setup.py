@@ -67,11 +67,19 @@ def create_model_and_optimizer(cfg: Config, updates_per_epoch: int) -> tuple[nn.
     model = create_classifier(cfg.model, cfg.data.num_classes)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer_v2(model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay,
-                                    layer_decay=t.layer_decay or None)
-    scheduler, _ = create_scheduler_v2(optimizer, sched=t.sched, num_epochs=t.epochs, warmup_epochs=t.warmup_epochs,
-                                       warmup_lr=t.warmup_lr, min_lr=t.min_lr, step_on_epochs=False,
-                                       updates_per_epoch=updates_per_epoch)
+    optimizer = create_optimizer_v2(
+        model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay or None
+    )
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=t.sched,
+        num_epochs=t.epochs,
+        warmup_epochs=t.warmup_epochs,
+        warmup_lr=t.warmup_lr,
+        min_lr=t.min_lr,
+        step_on_epochs=False,
+        updates_per_epoch=updates_per_epoch,
+    )
     return model, optimizer, scheduler
 
 
@@ -79,8 +87,13 @@ def create_loss(cfg: Config) -> tuple[Mixup | None, nn.Module]:
     """Mixup/CutMix (``None`` when off) and the loss that matches its soft targets."""
     t = cfg.train
     if t.mixup > 0 or t.cutmix > 0:
-        mixup_fn = Mixup(mixup_alpha=t.mixup, cutmix_alpha=t.cutmix, prob=t.mixup_prob,
-                         label_smoothing=t.label_smoothing, num_classes=cfg.data.num_classes)
+        mixup_fn = Mixup(
+            mixup_alpha=t.mixup,
+            cutmix_alpha=t.cutmix,
+            prob=t.mixup_prob,
+            label_smoothing=t.label_smoothing,
+            num_classes=cfg.data.num_classes,
+        )
         return mixup_fn, SoftTargetCrossEntropy()
     return None, nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
@@ -92,10 +105,12 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     """
     t, d = cfg.train, cfg.data
     train_samples, val_samples = resolve_samples(d)
-    train_set = ImageDataset(train_samples, create_train_transform(cfg.aug, d.image_size),
-                             bad_images=d.bad_images, max_bad=d.max_bad_images)
-    val_set = ImageDataset(val_samples, create_eval_transform(d.image_size),
-                           bad_images=d.bad_images, max_bad=d.max_bad_images)
+    train_set = ImageDataset(
+        train_samples, create_train_transform(cfg.aug, d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
+    )
+    val_set = ImageDataset(
+        val_samples, create_eval_transform(d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
+    )
     train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, d.num_workers)
     val_loader = create_eval_loader(val_set, t.batch_size, d.num_workers) if len(val_set) else None
 
@@ -111,7 +126,18 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     ema = None
     if t.ema:
         # Warm-up keeps the EMA useful on short runs (decay ramps up to ema_decay).
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema_decay, use_warmup=True,
-                         device=accelerator.device)
-    return Training(cfg, accelerator, model, optimizer, scheduler, loss_fn, mixup_fn, ema, train_loader, val_loader,
-                    len(train_set), len(val_set))
+        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema_decay, use_warmup=True, device=accelerator.device)
+    return Training(
+        cfg,
+        accelerator,
+        model,
+        optimizer,
+        scheduler,
+        loss_fn,
+        mixup_fn,
+        ema,
+        train_loader,
+        val_loader,
+        len(train_set),
+        len(val_set),
+    )

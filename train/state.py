@@ -43,8 +43,9 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
-    return sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-                  and not p.name.endswith(".tmp"))
+    return sorted(
+        p for p in root.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and not p.name.endswith(".tmp")
+    )
 
 
 def save_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
@@ -67,8 +68,10 @@ def load_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
         if ema is not None:
             ema.module.load_state_dict(load_file(str(folder / EMA_WEIGHTS), device=str(ema_device(ema))))
     except (OSError, KeyError, ValueError, RuntimeError) as exc:
-        raise UserError(f"resume: {folder} is not a complete checkpoint of this run ({type(exc).__name__}: "
-                        f"{str(exc).splitlines()[0] if str(exc) else ''})") from None
+        raise UserError(
+            f"resume: {folder} is not a complete checkpoint of this run ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0] if str(exc) else ''})"
+        ) from None
 
 
 def ema_device(ema) -> torch.device:
@@ -83,8 +86,10 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
     """
     accelerator, model, run_dir = training.accelerator, training.model, training.cfg.run_dir
     if not all(bool(p.isfinite().all()) for p in accelerator.unwrap_model(model).parameters()):
-        raise TrainingDiverged(f"weights became NaN/inf by step {progress.global_step}; stopped without "
-                               "saving them (the last good checkpoint is kept: lower train.lr or use train.clip_grad)")
+        raise TrainingDiverged(
+            f"weights became NaN/inf by step {progress.global_step}; stopped without "
+            "saving them (the last good checkpoint is kept: lower train.lr or use train.clip_grad)"
+        )
     root = run_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{progress.epoch:04d}_b{progress.batch:06d}"
     tmp = final.with_name(final.name + ".tmp")
@@ -98,13 +103,15 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
             save_extra_state(tmp, progress, training.scheduler, training.ema)
     except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact") from None
+        raise UserError(
+            f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact"
+        ) from None
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         if final.exists():
             shutil.rmtree(final)
         os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[:-training.cfg.train.keep_checkpoints]:
+        for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
@@ -134,13 +141,15 @@ def restore(training: Training, progress: Progress) -> None:
     if resume_from is not None:
         accelerator.load_state(str(resume_from))
         load_extra_state(resume_from, progress, training.scheduler, training.ema)
-        accelerator.print(f"resumed from {resume_from} (epoch {progress.epoch}, batch {progress.batch}, "
-                          f"step {progress.global_step})")
+        accelerator.print(
+            f"resumed from {resume_from} (epoch {progress.epoch}, batch {progress.batch}, step {progress.global_step})"
+        )
     elif cfg.resume == "auto":
         accelerator.print(f"resume=auto: no checkpoint in {run_dir}/checkpoints, starting fresh")
     elif accelerator.is_main_process and checkpoint_dirs(run_dir):
-        accelerator.print(f"starting fresh: removing earlier checkpoints in {run_dir}/checkpoints "
-                          "(use resume=auto to continue them)")
+        accelerator.print(
+            f"starting fresh: removing earlier checkpoints in {run_dir}/checkpoints (use resume=auto to continue them)"
+        )
         shutil.rmtree(run_dir / "checkpoints")
     accelerator.wait_for_everyone()
 
@@ -169,5 +178,7 @@ def export_models(training: Training, progress: Progress, metrics: dict, improve
         if improved:
             export_model(weights, cfg.run_dir / "best", meta)
     except OSError as exc:
-        raise UserError(f"cannot write the exported model in {cfg.run_dir}: {exc.strerror or exc}; "
-                        "earlier exports and checkpoints are intact") from None
+        raise UserError(
+            f"cannot write the exported model in {cfg.run_dir}: {exc.strerror or exc}; "
+            "earlier exports and checkpoints are intact"
+        ) from None
