@@ -69,7 +69,6 @@ RUNNERS = {
 
 
 def resolve_sections(only: str) -> list[str]:
-
     if not only:
         return list(DEFAULT_SECTIONS)
     wanted = [s.strip() for s in only.split(",") if s.strip()]
@@ -93,7 +92,6 @@ def create_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> list[Row]:
-
     quiet_libraries()
     args = create_parser().parse_args(argv)
     sections = resolve_sections(args.only)

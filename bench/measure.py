@@ -113,18 +113,28 @@ class BenchContext:
         return load_config(None, [*self.overrides, *extra])
 
 
+def ratio_of(results: dict, a, b) -> float:
+    """Median ratio of candidate ``a`` to ``b`` over the rounds of :func:`measure_interleaved`."""
+    return median_ratio(list(zip(results[a], results[b])))
+
+
 def median_ratio(pairs: Sequence[tuple[float, float]]) -> float:
     """Median over rounds of ``a / b``: each round's pair was measured side by side."""
     return statistics.median(a / b for a, b in pairs)
 
 
-def measure_interleaved(fns: dict[str, Callable[[], float]], repeats: int) -> dict[str, list[float]]:
+def measure_interleaved(
+    fns: dict[str, Callable[[], float]], repeats: int, warmup: bool = False
+) -> dict[str, list[float]]:
     """Call each function once per round, rotating the order every round; returns all results.
 
     Rotation spreads slow drifts (other jobs on the machine, thermal limits) over every
-    candidate instead of always penalising the one that runs last.
+    candidate instead of always penalising the one that runs last. ``warmup`` calls each
+    function once first, uncounted (lazy imports, oneDNN kernels, first-use allocations).
     """
     names = list(fns)
+    for fn in fns.values() if warmup else ():
+        fn()
     results: dict[str, list[float]] = {name: [] for name in names}
     for r in range(repeats):
         shift = r % len(names)
@@ -181,7 +191,6 @@ def describe_machine() -> dict:
 
 def prepare_context(workdir: Path, settings: BenchSettings, user_overrides: Sequence[str]) -> BenchContext:
     """Generate the demo data and export a random checkpoint of the configured model."""
-
     s = settings
     data = workdir / "data"
     generate_demo_data(

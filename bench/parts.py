@@ -16,6 +16,7 @@ from bench.measure import (
     measure_interleaved,
     median_rate,
     median_ratio,
+    ratio_of,
     time_module,
 )
 from bench.submit import create_model_only, load_test_batches, run_forward_only, run_submit
@@ -27,7 +28,6 @@ from infer.defended import EnsembleTTA, View, resolve_views
 
 
 def bench_gcm(ctx: BenchContext, model: nn.Module, x: torch.Tensor, label: str) -> None:
-
     gcm = GradientConcealment()
     reps = max(5, ctx.settings.repeats * 3)
     for _ in range(2):
@@ -65,7 +65,6 @@ def whole_vs_parts(
 
 
 def bench_parts(ctx: BenchContext) -> None:
-
     cfg = ctx.config()
     s = ctx.settings
     bs = cfg.submit.batch_size
@@ -128,9 +127,7 @@ def bench_parts(ctx: BenchContext) -> None:
             return time_module(plain, x, 1)
 
     fns = {"cl": lambda: time_module(cl, x, 1), "plain": lambda: time_module(plain, x, 1), "bf16": bf16_forward}
-    for fn in fns.values():
-        fn()
-    r = measure_interleaved(fns, parts_rounds)
+    r = measure_interleaved(fns, parts_rounds, warmup=True)
     for key, label in (
         ("cl", "channels_last forward / default layout forward (time)"),
         ("bf16", "bf16 autocast forward / float32 forward (time)"),
@@ -139,7 +136,7 @@ def bench_parts(ctx: BenchContext) -> None:
             Row(
                 "parts",
                 label,
-                median_ratio(list(zip(r[key], r["plain"]))),
+                ratio_of(r, key, "plain"),
                 f"{statistics.median(r[key]) * 1e3:.1f} vs {statistics.median(r['plain']) * 1e3:.1f} ms, "
                 f"batch {bs}, CPU; < 1 is faster",
             )
@@ -157,14 +154,12 @@ def bench_compile(ctx: BenchContext) -> None:
     run_forward_only(compiled, batches)
     first = time.perf_counter() - start
     fns = {"compiled": lambda: run_forward_only(compiled, batches), "eager": lambda: run_forward_only(eager, batches)}
-    for fn in fns.values():
-        fn()
-    r = measure_interleaved(fns, ctx.settings.repeats)
+    r = measure_interleaved(fns, ctx.settings.repeats, warmup=True)
     ctx.rows.append(
         Row(
             "compile",
             "compiled forward / eager forward (img/s)",
-            median_ratio(list(zip(r["compiled"], r["eager"]))),
+            ratio_of(r, "compiled", "eager"),
             f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s; first call (compilation) {first:.0f} s",
         )
     )
@@ -174,7 +169,7 @@ def bench_compile(ctx: BenchContext) -> None:
         Row(
             "compile",
             "submit model.compile=true / eager, end to end incl. compilation",
-            median_ratio(list(zip(r["compiled"], r["eager"]))),
+            ratio_of(r, "compiled", "eager"),
             f"{median_rate(r['compiled'])} vs {median_rate(r['eager'])} img/s on "
             f"{sum(b.shape[0] for b in batches)} images (compiled kernels cached on disk after the first run)",
         )

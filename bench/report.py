@@ -71,7 +71,6 @@ def format_markdown(rows: Sequence[Row], machine: dict, command: str, seconds: f
 
 def write_markdown(path: Path, body: str) -> None:
     """Put ``body`` between the bench markers of ``path``, keeping the hand-written rest."""
-
     block = f"{MARK_BEGIN}\n{body}{MARK_END}\n"
     if path.is_file():
         text = path.read_text(encoding="utf-8")

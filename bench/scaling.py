@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 from accelerate import Accelerator
 
-from bench.measure import ROOT, BenchContext, Row, measure_interleaved, median_rate, median_ratio
+from bench.measure import ROOT, BenchContext, Row, measure_interleaved, median_rate, ratio_of
 from bench.submit import run_submit
 from bench.training import create_training, run_train_epoch
 from core.launch import available_cores
@@ -71,7 +71,7 @@ def bench_scaling(ctx: BenchContext) -> None:
                 Row(
                     "scaling",
                     f"submit img/s, {key}={v} / {key}={base_label(key, base)}",
-                    median_ratio(list(zip(r[v], r[base]))),
+                    ratio_of(r, v, base),
                     f"{statistics.median(r[v]):.0f} img/s",
                 )
             )
@@ -92,7 +92,7 @@ def bench_scaling(ctx: BenchContext) -> None:
             Row(
                 "scaling",
                 f"submit img/s, 1 torch thread / {threads} threads",
-                median_ratio(list(zip(r[1], r[threads]))),
+                ratio_of(r, 1, threads),
                 f"{median_rate(r[1])} img/s; 1 thread is what accelerate launch alone gives a CPU run "
                 "(core.launch passes --num_cpu_threads_per_process = cores)",
             )
@@ -109,15 +109,13 @@ def bench_scaling(ctx: BenchContext) -> None:
             builders[v] = create_training(ctx.config(f"{key}={v}", f"train.max_steps={s.train_steps}"))
         epochs = iter(range(1, 10**6))
         fns = {v: (lambda p=p: run_train_epoch(p, p.train_loader, next(epochs))) for v, p in builders.items()}
-        for fn in fns.values():
-            fn()
-        r = measure_interleaved(fns, s.repeats)
+        r = measure_interleaved(fns, s.repeats, warmup=True)
         for v in (v for v in values if v != base):
             ctx.rows.append(
                 Row(
                     "scaling",
                     f"train samples/s, {key}={v} / {key}={base}",
-                    median_ratio(list(zip(r[v], r[base]))),
+                    ratio_of(r, v, base),
                     f"{statistics.median(r[v]):.0f} samples/s",
                 )
             )
@@ -138,7 +136,7 @@ def bench_scaling(ctx: BenchContext) -> None:
         Row(
             "scaling",
             f"train, 1 process: launcher's {cores} threads (= cores) / 1 thread (accelerate's own default)",
-            median_ratio(list(zip(r[1], r["one_thread"]))),
+            ratio_of(r, 1, "one_thread"),
             f"{statistics.median(r[1]):.0f} vs {statistics.median(r['one_thread']):.0f} samples/s; "
             "core.launch passes --num_cpu_threads_per_process unless it or OMP_NUM_THREADS is set",
         )
@@ -147,7 +145,7 @@ def bench_scaling(ctx: BenchContext) -> None:
         Row(
             "scaling",
             "train, 2 CPU processes / 1 process (samples/s)",
-            median_ratio(list(zip(r[2], r[1]))),
+            ratio_of(r, 2, 1),
             f"{statistics.median(r[2]):.0f} vs {statistics.median(r[1]):.0f} samples/s, one epoch each "
             f"(python -m core.launch train.main --num_processes N; the cores split between the "
             f"processes), batch {cfg.train.batch_size} per process, {cfg.data.num_workers} loader "

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from timm.data import create_dataset, create_loader, resolve_data_config
 from torch import nn
 
-from bench.measure import BenchContext, Row, measure_interleaved, median_rate, median_ratio, quiet, time_call
+from bench.measure import BenchContext, Row, measure_interleaved, median_rate, quiet, ratio_of, time_call
 from core.checkpoint import export_model, load_model, read_checkpoint_info, resolve_checkpoint_files
 from core.datasets import TestImageDataset
 from core.demo_data import generate_demo_data
@@ -28,7 +28,6 @@ from infer.submit import run as submit_stage
 
 def run_submit(ctx: BenchContext, *extra: str) -> float:
     """Images/s of ``infer.submit.run`` end to end (model load to validated files)."""
-
     cfg = ctx.config(*extra)
     start = time.perf_counter()
     with quiet():
@@ -38,7 +37,6 @@ def run_submit(ctx: BenchContext, *extra: str) -> float:
 
 def load_test_batches(test_dir: Path, image_size: int, batch_size: int) -> list[torch.Tensor]:
     """The test images decoded and resized exactly as submit does, as float batches in memory."""
-
     dataset = TestImageDataset(list_test_images(test_dir), image_size)
     images = torch.stack([dataset[i][0] for i in range(len(dataset))])
     return [to_float_images(chunk).clone() for chunk in images.split(batch_size)]
@@ -46,7 +44,6 @@ def load_test_batches(test_dir: Path, image_size: int, batch_size: int) -> list[
 
 def create_model_only(checkpoint: Path, cfg) -> nn.Module:
     """The bare network (normalization + timm backbone) with the config's layout and compile."""
-
     model, _ = load_model(checkpoint)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
@@ -63,7 +60,6 @@ def run_forward_only(model: nn.Module, batches: Sequence[torch.Tensor]) -> float
 
 def create_predictor(cfg, checkpoint: Path, test_dir: Path):
     """``(model, loader, accelerator)`` built by the functions ``infer.submit.run`` uses."""
-
     accelerator = create_accelerator(cfg)
     model, infos = create_model(cfg, [checkpoint], accelerator)
     loader = create_test_loader(cfg, list_test_images(test_dir), input_size_of(infos), accelerator)
@@ -72,7 +68,6 @@ def create_predictor(cfg, checkpoint: Path, test_dir: Path):
 
 def run_predict_loop(predictor) -> float:
     """Images/s of ``infer.submit.predict`` alone: decode, resize, GCM, model, TTA, argmax."""
-
     model, loader, accelerator = predictor
     start = time.perf_counter()
     with quiet():
@@ -91,7 +86,6 @@ def run_timm_style_inference(
     results written as CSV (with the csv module: timm uses pandas, which is not installed).
     Normalization moves from our model into timm's loader, so the network work is the same.
     """
-
     start = time.perf_counter()
     weights, info_path = resolve_checkpoint_files(checkpoint)
     info = read_checkpoint_info(info_path)
@@ -158,9 +152,7 @@ def bench_submit(ctx: BenchContext) -> None:
         "timm": timm_loop(cfg.submit.num_workers),
         "timm_same": timm_loop(used_workers),
     }
-    for fn in fns.values():  # warm-up: lazy imports, oneDNN kernels, first-use allocations
-        fn()
-    r = measure_interleaved(fns, ctx.settings.repeats)
+    r = measure_interleaved(fns, ctx.settings.repeats, warmup=True)
     n = sum(b.shape[0] for b in batches)
     common = (
         f"{n} images of {ctx.settings.image_size} px, batch {bs}, {torch.get_num_threads()} threads, "
@@ -170,7 +162,7 @@ def bench_submit(ctx: BenchContext) -> None:
         Row(
             "submit",
             "submit end to end / model-only forward",
-            median_ratio(list(zip(r["submit"], r["limit"]))),
+            ratio_of(r, "submit", "limit"),
             f"{median_rate(r['submit'])} vs {median_rate(r['limit'])} img/s; {common}",
             (">=", 0.9),
         )
@@ -179,7 +171,7 @@ def bench_submit(ctx: BenchContext) -> None:
         Row(
             "submit",
             f"submit end to end / timm inference.py loop (-j {cfg.submit.num_workers})",
-            median_ratio(list(zip(r["submit"], r["timm"]))),
+            ratio_of(r, "submit", "timm"),
             f"{median_rate(r['submit'])} vs {median_rate(r['timm'])} img/s; timm with its default "
             f"{cfg.submit.num_workers} workers (= submit.num_workers)",
             (">=", 1.0),
@@ -190,7 +182,7 @@ def bench_submit(ctx: BenchContext) -> None:
             Row(
                 "submit",
                 f"submit end to end / timm inference.py loop (-j {used_workers})",
-                median_ratio(list(zip(r["submit"], r["timm_same"]))),
+                ratio_of(r, "submit", "timm_same"),
                 f"{median_rate(r['submit'])} vs {median_rate(r['timm_same'])} img/s; timm with the worker "
                 "count submit uses here",
                 (">=", 1.0),
@@ -200,7 +192,7 @@ def bench_submit(ctx: BenchContext) -> None:
         Row(
             "submit",
             "predict loop (no set-up, no files) / model-only forward",
-            median_ratio(list(zip(r["predict"], r["limit"]))),
+            ratio_of(r, "predict", "limit"),
             f"{median_rate(r['predict'])} vs {median_rate(r['limit'])} img/s: decode+resize+GCM+model+argmax",
         )
     )
@@ -215,7 +207,6 @@ def bench_submit_at_scale(ctx: BenchContext) -> None:
     dearer than it is in the challenge; this row shows the share at the real size (on fewer
     images, since a forward at this size is slow on a CPU).
     """
-
     root = ctx.workdir / "data224"
     generate_demo_data(root, num_classes=10, train_per_class=1, test_per_class=8, image_size=224)
     cfg = ctx.config(
@@ -237,14 +228,12 @@ def bench_submit_at_scale(ctx: BenchContext) -> None:
     model = create_model_only(stem, cfg)
     predictor = create_predictor(cfg, stem, root / "test")
     fns = {"predict": lambda: run_predict_loop(predictor), "limit": lambda: run_forward_only(model, batches)}
-    for fn in fns.values():
-        fn()
-    r = measure_interleaved(fns, ctx.settings.repeats)
+    r = measure_interleaved(fns, ctx.settings.repeats, warmup=True)
     ctx.rows.append(
         Row(
             "submit",
             "predict loop / model-only forward, convnext_tiny at 224 px (challenge scale)",
-            median_ratio(list(zip(r["predict"], r["limit"]))),
+            ratio_of(r, "predict", "limit"),
             f"{statistics.median(r['predict']):.1f} vs {statistics.median(r['limit']):.1f} img/s, "
             f"{sum(b.shape[0] for b in batches)} PNGs, batch {cfg.submit.batch_size}",
             (">=", 0.9),

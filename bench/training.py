@@ -12,7 +12,7 @@ from typing import Sequence
 import torch
 import yaml
 
-from bench.measure import BenchContext, Row, measure_interleaved, median_rate, median_ratio, quiet
+from bench.measure import BenchContext, Row, measure_interleaved, median_rate, quiet, ratio_of
 from core.config import load_config
 from core.images import to_float_images
 from train.engine import Progress, train_one_epoch
@@ -63,7 +63,6 @@ def collect_train_batches(parts: Training, count: int) -> list[tuple[torch.Tenso
 
 def _memory_probe(overrides: list[str], steps: int, out: multiprocessing.Queue) -> None:
     """Child process: train ``steps`` steps with the real loader, report peak RSS (kB)."""
-
     parts = create_training(load_config(None, [*overrides, f"train.max_steps={steps}"]))
     run_train_epoch(parts, parts.train_loader, 0)
     del parts  # shuts the persistent workers down, so they count as waited-for children
@@ -91,7 +90,6 @@ def time_training(parts: Training, steps: int, repeats: int, engine: bool = Fals
     """Samples/s per round of the real pipeline (``pipeline``), of a bare fwd+bwd+step loop on
     the same batches already in memory (``limit``) and, with ``engine``, of ``train_one_epoch``
     on those in-memory batches (``engine``), measured interleaved after one warm-up each."""
-
     raw = collect_train_batches(parts, min(steps, len(parts.train_loader)))
     floats = [(to_float_images(x, parts.cfg.model.channels_last), y) for x, y in raw]
     epoch = iter(range(1, 10**6))
@@ -101,9 +99,7 @@ def time_training(parts: Training, steps: int, repeats: int, engine: bool = Fals
     }
     if engine:
         fns["engine"] = lambda: run_train_epoch(parts, raw, 0)
-    for fn in fns.values():
-        fn()
-    return measure_interleaved(fns, repeats)
+    return measure_interleaved(fns, repeats, warmup=True)
 
 
 def bench_train_variant(ctx: BenchContext, label: str, *overrides: str) -> None:
@@ -114,7 +110,7 @@ def bench_train_variant(ctx: BenchContext, label: str, *overrides: str) -> None:
         Row(
             "train",
             f"train {label} / model-only fwd+bwd+step",
-            median_ratio(list(zip(r["pipeline"], r["limit"]))),
+            ratio_of(r, "pipeline", "limit"),
             f"{median_rate(r['pipeline'])} vs {median_rate(r['limit'])} samples/s",
         )
     )
@@ -127,7 +123,6 @@ def with_random_fog(cfg) -> str | None:
     2.0.8 it draws each fog particle with its own ``cv2.addWeighted``, far dearer than any other
     corruption. The row keeps that cost visible next to the default.
     """
-
     names = [c.get("name") for c in cfg.aug.corruptions]
     if "PlasmaBrightnessContrast" not in names:
         return None
@@ -150,7 +145,7 @@ def bench_train(ctx: BenchContext) -> None:
         Row(
             "train",
             "train (real loader + augmentations) / model-only fwd+bwd+step",
-            median_ratio(list(zip(r["pipeline"], r["limit"]))),
+            ratio_of(r, "pipeline", "limit"),
             f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['limit']):.0f} samples/s; {common}",
             (">=", 0.9),
         )
@@ -159,7 +154,7 @@ def bench_train(ctx: BenchContext) -> None:
         Row(
             "train",
             "train_one_epoch on in-memory batches / model-only (engine: EMA, sync, sched)",
-            median_ratio(list(zip(r["engine"], r["limit"]))),
+            ratio_of(r, "engine", "limit"),
             f"{statistics.median(r['engine']):.0f} vs {statistics.median(r['limit']):.0f} samples/s",
         )
     )
@@ -167,7 +162,7 @@ def bench_train(ctx: BenchContext) -> None:
         Row(
             "train",
             "train (real loader) / train_one_epoch on in-memory batches (data loading)",
-            median_ratio(list(zip(r["pipeline"], r["engine"]))),
+            ratio_of(r, "pipeline", "engine"),
             f"{statistics.median(r['pipeline']):.0f} vs {statistics.median(r['engine']):.0f} samples/s",
         )
     )

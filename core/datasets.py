@@ -48,8 +48,8 @@ class ImageDataset(Dataset):
         bad_images: str = "error",
         max_bad: int = 100,
     ) -> None:
-        if bad_images not in ("error", "skip"):
-            raise UserError(f"config key 'data.bad_images': {bad_images!r} is not one of error, skip")
+        if bad_images not in ("error", "skip"):  # the config's value is checked by validate_config
+            raise ValueError(f"bad_images must be 'error' or 'skip', not {bad_images!r}")
         self.transform = transform
         self.bad_images = bad_images
         self.max_bad = max_bad

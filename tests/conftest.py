@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -55,3 +57,17 @@ def tiny_config(tiny_data, tmp_path):
         return load_config(None, shrink(list(overrides), tiny_data, tmp_path / "runs"))
 
     return make
+
+
+def run_module(*args: str, timeout: float = 600, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
+    """``python -m ARGS`` as a separate process, the way ``run.sh`` starts a stage: offline hub,
+    W&B off (``env`` adds or overrides variables; a value of "" removes one); text output captured."""
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    for key, value in env.items():
+        if value == "":
+            environ.pop(key, None)
+        else:
+            environ[key] = value
+    return subprocess.run(
+        [sys.executable, "-m", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
+    )

@@ -198,7 +198,7 @@ def test_attack_runs_in_eval_mode_and_restores_flags(net, data):
     net.eval()
 
 
-# --- sanity checks of DESIGN.md section 4 --------------------------------------------------
+# --- sanity checks every robustness table needs (iterative >= single step, eps -> 0, noise) ---
 
 
 def test_pgd_breaks_the_model_and_beats_fgsm(net, data):

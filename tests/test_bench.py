@@ -8,10 +8,7 @@ their code lives: the decoding fast path in test_images.py, submit's loader in t
 from __future__ import annotations
 
 import math
-import os
 import re
-import subprocess
-import sys
 
 import pytest
 
@@ -19,7 +16,7 @@ from bench.main import DEFAULT_SECTIONS, resolve_sections
 from bench.measure import Row, measure_interleaved, median_ratio
 from bench.report import MARK_BEGIN, MARK_END, write_markdown
 from core.errors import UserError
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 # --------------------------------------------------------------------------- the bench command
 
@@ -46,15 +43,7 @@ INFO_ROWS = [
 def test_quick_bench_prints_and_writes_the_ratio_table(tmp_path):
     report = tmp_path / "BENCH.md"
     report.write_text("# Benchmarks\n\nhand-written notes stay\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, "-m", "bench", "--quick", "--write", str(report), "--workdir", str(tmp_path / "work")],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    proc = run_module("bench", "--quick", "--write", str(report), "--workdir", str(tmp_path / "work"), timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     out = proc.stdout
     assert re.search(r"machine: .+, \d+ cores, .*torch \S+ with \d+ threads", out), out[:500]

@@ -1,12 +1,11 @@
 """Config loading: defaults <- YAML <- overrides, typed, unknown keys rejected."""
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from core.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -103,13 +102,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_cli_bad_key_is_one_line_exit_2():
-    proc = subprocess.run(
-        [sys.executable, "-m", "core.launch", "train.main", "train.epoch=3"],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("core.launch", "train.main", "train.epoch=3", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"

@@ -4,9 +4,6 @@ random resize-pad draw for draw), keeps GCM's gradient and the random draws; bud
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -20,7 +17,7 @@ from gcm import GradientConcealment, RandomResizePad
 from gcm.random_pad import resize_pad, resize_pad_static
 from infer import export
 from infer.defended import build_defended_model, load_members
-from tests.conftest import ROOT
+from tests.conftest import run_module
 
 
 @pytest.fixture(scope="module")
@@ -232,7 +229,7 @@ def test_gmacs_scale_with_views_and_members(checkpoints, tmp_path):
 
 
 def test_flop_counter_matches_convnext_tiny_reference():
-    # DESIGN.md: convnext_tiny is 4.47 GMACs at 224 (with a 1000-class head; 100 classes: -0.0007)
+    # Published: convnext_tiny is 4.47 GMACs at 224 (with a 1000-class head; 100 classes: -0.0007)
     model = timm.create_model("convnext_tiny", num_classes=100).eval()
     assert export.count_gmacs(model, 224) == pytest.approx(4.47, rel=0.03)
 
@@ -258,15 +255,7 @@ def test_export_path_that_is_a_folder_is_a_user_error(checkpoints, tmp_path):
 
 
 def test_cli_missing_checkpoint_is_exit_2(tmp_path):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
-    proc = subprocess.run(
-        [sys.executable, "-m", "infer.export", f"submit.checkpoints=[{tmp_path / 'nope'}]"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    proc = run_module("infer.export", f"submit.checkpoints=[{tmp_path / 'nope'}]", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: checkpoint not found: {tmp_path / 'nope'}.safetensors (train first, or set submit.checkpoints)"

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +18,7 @@ from core.errors import UserError
 from core.images import MAX_PIXELS
 from core.model import create_classifier
 from infer import submit
-from tests.conftest import ROOT, shrink
+from tests.conftest import ROOT, run_module, shrink
 
 
 def _rgb(size=40) -> np.ndarray:
@@ -148,10 +146,7 @@ def test_checkpoint_of_another_class_count_or_arch(checkpoint, tmp_path):
 
 
 def _run_train(args: list[str], cwd: Path = ROOT) -> subprocess.CompletedProcess:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    return subprocess.run(
-        [sys.executable, "-m", "train.main", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300
-    )
+    return run_module("train.main", *args, cwd=cwd, timeout=300)
 
 
 @pytest.mark.parametrize(

@@ -5,8 +5,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,7 +13,7 @@ from core.config import load_config
 from infer import submit
 from infer.defended import EnsembleTTA, View, apply_view, build_defended_model, load_members, resolve_views
 from infer.submission import validate_submission
-from tests.conftest import ROOT, TINY_DATA, shrink
+from tests.conftest import TINY_DATA, run_module, shrink
 from train import main as train_main
 
 
@@ -145,16 +143,7 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
     # random pad on: its draws must not depend on how batches are spread over processes
     common = ["submit.batch_size=7", "random_pad.enabled=true", "random_pad.min_ratio=0.5"]
     overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", *common], data, runs)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    env.pop("OMP_NUM_THREADS", None)
-    proc = subprocess.run(
-        [sys.executable, "-m", "core.launch", "infer.submit", "--num_processes", "2", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("core.launch", "infer.submit", "--num_processes", "2", *overrides, OMP_NUM_THREADS="")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the launcher splits the cores between the processes (accelerate alone would give each 1 thread)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)

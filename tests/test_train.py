@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -17,7 +14,7 @@ from core.checkpoint import load_model
 from core.config import load_config
 from core.demo_data import generate_demo_data
 from core.tracking import resolve_wandb_mode
-from tests.conftest import ROOT, shrink
+from tests.conftest import run_module, shrink
 from train import main as train_main
 
 
@@ -128,15 +125,7 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     """`--num_processes 2` without a GPU really runs 2 gloo processes; only rank 0 writes."""
     out = tmp_path / "runs"
     overrides = shrink(["name=ddp", "train.epochs=1"], tiny_data, out)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled")
-    proc = subprocess.run(
-        [sys.executable, "-m", "core.launch", "train.main", "--num_processes", "2", *overrides],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
+    proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1, proc.stdout  # printed by the main process only
     run_dir = out / "ddp"

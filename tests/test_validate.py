@@ -3,8 +3,6 @@
 import json
 import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +18,7 @@ from infer.submission import (
     write_submission,
 )
 from infer.validate import main
+from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
 N_IMAGES = 26  # ids 0..25: 2 and 10 are both present, so string order and natural order differ
@@ -409,23 +408,8 @@ def test_cli_bad_usage_is_exit_2_with_one_line(tmp_path, test_dir, capsys, args,
 def test_cli_as_a_module(tmp_path, test_dir):
     ids, preds = shuffled_predictions()
     path = write_submission(tmp_path, "sub", ids, preds, {})["json"]
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    ok = subprocess.run(
-        [sys.executable, "-m", "infer.validate", str(path), "--test-dir", str(test_dir), "--num-classes", "20"],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = run_module("infer.validate", str(path), "--test-dir", str(test_dir), "--num-classes", "20", timeout=120)
     assert ok.returncode == 0, ok.stderr
     assert ok.stdout.strip() == f"{path}: OK ({N_IMAGES} predictions for {N_IMAGES} test images)"
-    usage = subprocess.run(
-        [sys.executable, "-m", "infer.validate", str(path)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    usage = run_module("infer.validate", str(path), timeout=120)
     assert usage.returncode == 2 and usage.stderr.startswith("error: ") and "--test-dir" in usage.stderr
