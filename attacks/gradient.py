@@ -14,7 +14,7 @@ gradient over n passes, :class:`EOT` averages the logits.
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -42,13 +42,27 @@ def margin_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return true - other
 
 
-def _input_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 1) -> torch.Tensor:
-    """Gradient of the summed cross-entropy w.r.t. x, averaged over ``samples`` passes (EOT)."""
+def _cross_entropy(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits, y, reduction="sum")
+
+
+def _kl_from(p_clean: torch.Tensor) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """TRADES' inner loss: KL(p_clean || softmax(logits)), summed over the batch."""
+    return lambda logits, _: F.kl_div(F.log_softmax(logits, dim=1), p_clean, reduction="sum")
+
+
+def _input_grad(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, samples: int = 1, loss_fn: Callable = _cross_entropy
+) -> torch.Tensor:
+    """Gradient of the summed loss (cross-entropy by default) w.r.t. x, averaged over ``samples`` passes (EOT).
+
+    The loss is computed in float32 whatever precision the model runs in (autocast).
+    """
     grad = torch.zeros_like(x)
     for _ in range(samples):
         x_ = x.detach().requires_grad_(True)
         with torch.enable_grad():
-            loss = F.cross_entropy(model(x_).float(), y, reduction="sum")
+            loss = loss_fn(model(x_).float(), y)
             grad += torch.autograd.grad(loss, x_)[0]
     # A masked gradient may be huge; never let inf/nan turn into a NaN image.
     return torch.nan_to_num(grad / samples, nan=0.0, posinf=1e30, neginf=-1e30)
@@ -158,6 +172,30 @@ def pgd(
             if r < restarts - 1:  # the last restart needs no success check
                 fooled[idx] = _predict(model, adv) != y[idx]
     return x_best
+
+
+def trades_examples(
+    model: nn.Module,
+    x: torch.Tensor,
+    p_clean: torch.Tensor,
+    eps: float,
+    steps: int,
+    step_size: float,
+) -> torch.Tensor:
+    """TRADES' adversarial images (Zhang et al. 2019): Linf PGD on KL(p_clean || f(x')).
+
+    Starts from ``x + 0.001 * N(0, I)`` (torch's global RNG, so a resumed run replays it) and
+    needs no label: it pushes the prediction away from the clean one, ``p_clean`` (the model's
+    softmax on ``x``, detached).
+    """
+    x = x.detach().float()
+    loss_fn = _kl_from(p_clean.detach().float())
+    with eval_mode(model):
+        x_adv = (x + 0.001 * torch.randn_like(x)).clamp(0.0, 1.0)
+        for _ in range(steps):
+            grad = _input_grad(model, x_adv, p_clean, loss_fn=loss_fn)
+            x_adv = perturb(x, x_adv + step_size * grad.sign() - x, eps, "linf")
+    return x_adv
 
 
 def cw_l2(

@@ -169,6 +169,7 @@ def bench_train(ctx: BenchContext) -> None:
     fog = with_random_fog(cfg)
     if fog is not None:
         bench_train_variant(ctx, "with A.RandomFog as the fog corruption (the earlier default)", fog)
+    bench_adversarial(ctx)
     main_mb, worker_mb = measure_train_peak_memory(ctx)
     ctx.rows.append(
         Row(
@@ -179,3 +180,41 @@ def bench_train(ctx: BenchContext) -> None:
             unit="MB",
         )
     )
+
+
+# The adversarial modes timed against standard training, with their goals (k = PGD steps).
+ADVERSARIAL_MODES = {
+    "fgsm_reg": (["train.adv.mode=fgsm_reg"], None),
+    "fgsm_rs": (["train.adv.mode=fgsm_rs"], ("<=", 2.2)),
+    "pgd": (["train.adv.mode=pgd", "train.adv.steps=3"], ("<=", 1.1 * (3 + 1))),
+    "trades": (["train.adv.mode=trades", "train.adv.steps=3"], None),
+}
+
+
+def bench_adversarial(ctx: BenchContext) -> None:
+    """Time per optimizer step of each ``train.adv.mode`` / standard training, on the same batches.
+
+    ``train_one_epoch`` on augmented batches held in memory, so the loader (the same for every
+    mode) does not blur the ratio; robust validation runs once per epoch and is not in it.
+    """
+    steps = ctx.settings.train_steps
+    base = create_training(ctx.config(f"train.max_steps={steps}"))
+    raw = collect_train_batches(base, min(steps, len(base.train_loader)))
+    trainings = {"none": base}
+    for mode, (overrides, _) in ADVERSARIAL_MODES.items():
+        trainings[mode] = create_training(ctx.config(f"train.max_steps={steps}", *overrides))
+    r = measure_interleaved(
+        {m: (lambda t=t: run_train_epoch(t, raw, 0)) for m, t in trainings.items()}, ctx.settings.repeats, warmup=True
+    )
+    for mode, (overrides, goal) in ADVERSARIAL_MODES.items():
+        ctx.rows.append(
+            Row(
+                "train",
+                f"train.adv.mode={mode} step / standard step (time)",
+                ratio_of(r, "none", mode),  # samples/s of standard over the mode's: its cost per step
+                f"{median_rate(r[mode])} vs {median_rate(r['none'])} samples/s; "
+                + " ".join(o.split(".")[-1] for o in overrides[1:])
+                + f" {steps} steps, same batches",
+                goal,
+            )
+        )

@@ -102,7 +102,7 @@ def load_model(path: str | Path, num_classes: int | None = None) -> tuple[ImageC
         state = load_file(str(weights))
     except (SafetensorError, OSError) as exc:
         raise UserError(f"{weights}: cannot read safetensors ({exc})") from None
-    backbone = create_backbone(str(info["arch"]), int(info["num_classes"]))
+    backbone = create_backbone(str(info["arch"]), int(info["num_classes"]), stem=str(info.get("stem", "patch")))
     model = ImageClassifier(backbone, info.get("mean"), info.get("std"))
     try:
         model.load_state_dict(state, strict=True)

@@ -22,6 +22,11 @@ from core.errors import UserError
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
 
+# What ``eval.attacks`` may name; ``robust.specs.SPECS`` says what each one runs.
+EVAL_ATTACKS = ("fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "autoattack", "square", "transfer", "noise")
+AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+
+
 class ConfigError(UserError):
     """A config file or override that does not fit the schema."""
 
@@ -92,6 +97,30 @@ class ModelConfig:
     std: list = field(default_factory=list)
     channels_last: bool = False
     compile: bool = False
+    # ConvNeXt stem: patch (4x4 patchify) | overlap | overlap_tiered (convolutional stems, more robust
+    # per FLOP under adversarial training: Singh, Croce & Hein 2023); recorded in the checkpoint
+    stem: str = "patch"
+
+
+@dataclass
+class AdvConfig:
+    """Adversarial training (``train.adv``): what each optimizer step trains on.
+
+    Attacks are crafted in [0, 1] pixel space through the model's normalization, with the model
+    in eval mode (no drop-path) and never through GCM; eps and step size are Linf, in pixel units.
+    """
+
+    mode: str = "none"  # none | fgsm_reg | fgsm_rs | pgd | trades
+    eps: float = 8 / 255
+    steps: int = 3  # pgd / trades iterations
+    step_size: float = 0.0  # 0 -> 1.25 eps (fgsm_rs), 2.5 eps / steps (pgd, trades); eps for fgsm_reg
+    warmup_epochs: float = 0.0  # eps (and step size) ramp linearly from 0 over these epochs
+    weight: float = 0.5  # fgsm_reg: weight of the adversarial loss, the clean loss gets the rest
+    beta: float = 6.0  # trades: weight of the KL term (smaller: more clean accuracy)
+    # robust validation: PGD-Linf on a fixed, seeded part of the validation set after every epoch
+    val_images: int = 200  # 0 -> the whole validation set
+    val_steps: int = 10
+    select: str = "auto"  # which accuracy picks `best`: auto (robust when mode != none) | clean | robust
 
 
 @dataclass
@@ -115,8 +144,7 @@ class TrainConfig:
     ema_decay: float = 0.999
     clip_grad: float = 0.0
     mixed_precision: str = "no"  # no | bf16 | fp16
-    adv_eps: float = 0.0  # FGSM adversarial regularization in [0,1] pixel units; 0 -> off
-    adv_weight: float = 0.5
+    adv: AdvConfig = field(default_factory=AdvConfig)
     max_steps: int = 0  # stop after this many optimizer steps (0 -> all epochs)
     checkpoint_every: int = 0  # optimizer steps between full-state checkpoints (0 -> per epoch)
     keep_checkpoints: int = 2
@@ -180,10 +208,8 @@ class EvalConfig:
     subset: int = 500  # labelled images evaluated (seeded choice); 0 -> all
     batch_size: int = 50
     seed: int = 0
-    # the paper's white-box columns, then Square (score-based), transfer and the random-noise baseline
-    attacks: list = field(
-        default_factory=lambda: ["fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "square", "transfer", "noise"]
-    )
+    # the paper's white-box columns and AutoAttack, then Square (score-based), transfer and the noise baseline
+    attacks: list = field(default_factory=lambda: list(EVAL_ATTACKS))
     # eps in [0,1] pixel units; the paper's values at 224 px (small images: see configs/default.yaml)
     eps_linf: float = 8 / 255
     eps_l2: float = 8.0
@@ -194,6 +220,14 @@ class EvalConfig:
     cw_steps: int = 100
     cw_max_norm: float = 0.0  # C&W result projected onto this L2 ball; 0 -> eps_l2
     square_queries: int = 1000
+    # AutoAttack (Croce & Hein 2020, its authors' pyautoattack): "standard" is their exact setting
+    # (APGD-CE, APGD-T, FAB-T, Square 5000 queries); "custom" runs aa_attacks with the budgets below,
+    # a cheaper subset for CPU runs. Against a randomized model the "rand" version (APGD with EOT) runs.
+    aa_version: str = "standard"
+    aa_attacks: list = field(default_factory=lambda: ["apgd-ce", "apgd-t"])
+    aa_iters: int = 100
+    aa_target_classes: int = 9
+    aa_queries: int = 5000
     eps_curve: list = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
     eot_samples: int = 10  # gradient samples per step against the random resize-pad layer
     draws: int = 10  # forward draws for expected accuracy of a randomized model
@@ -231,9 +265,6 @@ class Config:
         return Path(self.out_dir) / self.name
 
 
-# What ``eval.attacks`` may name; ``robust.specs.SPECS`` says what each one runs.
-EVAL_ATTACKS = ("fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "square", "transfer", "noise")
-
 # Keys whose value (or, for a list, each item) must be one of these.
 _CHOICES = {
     "data.bad_images": ("error", "skip"),
@@ -242,6 +273,11 @@ _CHOICES = {
     "submit.aggregate": ("prob", "logit"),
     "submit.on_bad_image": ("error", "fallback"),
     "eval.attacks": EVAL_ATTACKS,
+    "eval.aa_version": ("standard", "custom"),
+    "eval.aa_attacks": AA_ATTACKS,
+    "model.stem": ("patch", "overlap", "overlap_tiered"),
+    "train.adv.mode": ("none", "fgsm_reg", "fgsm_rs", "pgd", "trades"),
+    "train.adv.select": ("auto", "clean", "robust"),
 }
 
 
@@ -447,6 +483,28 @@ def _check_train(t: TrainConfig) -> None:
 
         if not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
+    _check_adv(t)
+
+
+def _check_adv(t: TrainConfig) -> None:
+    a = t.adv
+    if a.mode == "none":
+        return
+    if not 0 < a.eps <= 1:
+        raise ConfigError(f"config key 'train.adv.eps': {a.eps} must be in (0, 1] (pixel units; 8/255 = 0.0314)")
+    if a.step_size < 0 or a.warmup_epochs < 0 or a.beta < 0:
+        raise ConfigError("config keys 'train.adv.step_size'/'warmup_epochs'/'beta' must be >= 0")
+    if a.mode in ("pgd", "trades") and a.steps < 1:
+        raise ConfigError(f"config key 'train.adv.steps' must be at least 1 with train.adv.mode={a.mode}")
+    if not 0 <= a.weight <= 1:
+        raise ConfigError(f"config key 'train.adv.weight': {a.weight} must be in [0, 1]")
+    if a.val_images < 0 or a.val_steps < 1:
+        raise ConfigError("config keys 'train.adv.val_images' (>= 0) / 'train.adv.val_steps' (>= 1) out of range")
+    if a.mode != "fgsm_reg" and (t.mixup > 0 or t.cutmix > 0):
+        # The attack would perturb blended images towards blended labels: not the threat the
+        # evaluation measures, and the clean/adversarial pairing of TRADES breaks. (fgsm_reg,
+        # a regularizer, keeps working with mixup as the 2nd-place recipe used it.)
+        raise ConfigError(f"train.adv.mode={a.mode} does not combine with train.mixup/train.cutmix; turn one off")
 
 
 def _check_aug(cfg: Config) -> None:
@@ -485,6 +543,9 @@ def _check_eval(e: EvalConfig) -> None:
         raise ConfigError("config keys 'eval.cw_max_norm' (>= 0) / 'eval.eps_curve' (> 0) out of range")
     if any(s not in range(1, 6) for s in e.corruption_severities):
         raise ConfigError(f"config key 'eval.corruption_severities': {e.corruption_severities} must be within 1..5")
+    _at_least_one(e, "eval", ("aa_iters", "aa_target_classes", "aa_queries"))
+    if e.aa_version == "custom" and not e.aa_attacks:
+        raise ConfigError("config key 'eval.aa_attacks' needs at least one attack with eval.aa_version=custom")
 
 
 def config_to_dict(cfg: Any) -> dict:

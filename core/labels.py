@@ -291,3 +291,10 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
         return samples, []
     train_idx, val_idx = stratified_split([label for _, label in samples], cfg.val_fraction, cfg.split_seed)
     return [samples[i] for i in train_idx], [samples[i] for i in val_idx]
+
+
+def select_subset(n: int, subset: int, seed: int) -> np.ndarray:
+    """A fixed, seeded choice of ``subset`` of ``n`` indices in their original order (all if 0)."""
+    if not subset or subset >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=subset, replace=False))

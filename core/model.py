@@ -66,19 +66,26 @@ def create_backbone(
     pretrained: bool = False,
     pretrained_file: str = "",
     drop_path_rate: float = 0.0,
+    stem: str = "patch",
 ) -> nn.Module:
     """Create a timm model; pretrained weights come from the hub or a local file.
 
     A local file goes through ``pretrained_cfg_overlay`` so timm re-initialises a head of a
-    different class count (``checkpoint_path=`` would fail on the mismatch).
+    different class count (``checkpoint_path=`` would fail on the mismatch). ``stem`` is
+    timm ConvNeXt's ``stem_type`` ("patch", its default, is passed to no model).
     """
     kwargs: dict = {"num_classes": num_classes, "drop_path_rate": drop_path_rate}
+    if stem != "patch":
+        kwargs["stem_type"] = stem
     if pretrained_file:
         path = Path(pretrained_file)
         if not path.is_file():
             raise UserError(f"model.pretrained_file: no such file: {path}")
         kwargs["pretrained_cfg_overlay"] = {"file": str(path.resolve())}
         pretrained = True
+    if stem != "patch" and "convnext" not in name:
+        # Other timm models may take a stem_type of their own and ignore an unknown one silently.
+        raise UserError(f"model.stem={stem}: '{name}' has no such stem (ConvNeXt models only)")
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
@@ -100,7 +107,9 @@ def create_backbone(
 
 def create_classifier(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
     """Build the trainable model described by ``cfg``."""
-    backbone = create_backbone(cfg.name, num_classes, cfg.pretrained, cfg.pretrained_file, cfg.drop_path_rate)
+    backbone = create_backbone(
+        cfg.name, num_classes, cfg.pretrained, cfg.pretrained_file, cfg.drop_path_rate, stem=cfg.stem
+    )
     mean, std = resolve_mean_std(cfg, backbone)
     return ImageClassifier(backbone, mean, std)
 

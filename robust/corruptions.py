@@ -28,7 +28,7 @@ class Corruption:
 CORRUPTIONS = (
     Corruption(
         "gaussian_noise",
-        "std (x255)",
+        "std (pixels in [0, 1])",
         (0.08, 0.12, 0.18, 0.26, 0.38),
         lambda v, size: A.GaussNoise(std_range=(v, v), p=1.0),
     ),

@@ -25,7 +25,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import numpy as np
 import torch
 
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
@@ -33,7 +32,7 @@ from core.config import Config, resolve_path
 from core.datasets import ImageDataset
 from core.errors import UserError
 from core.images import to_float_images
-from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples
+from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
@@ -46,13 +45,6 @@ from robust.specs import PAPER_COLUMNS, SPECS
 from robust.verdict import describe_defense, sanity_checks, verdict
 
 # --- data ----------------------------------------------------------------------------------
-
-
-def select_subset(n: int, subset: int, seed: int) -> np.ndarray:
-    """A fixed, seeded choice of ``subset`` of ``n`` indices in their original order (all if 0)."""
-    if not subset or subset >= n:
-        return np.arange(n)
-    return np.sort(np.random.default_rng(seed).choice(n, size=subset, replace=False))
 
 
 def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
@@ -194,7 +186,14 @@ def run_black_box(
         start = time.perf_counter()
         spec = SPECS["square"]
         adv = craft("square", model, x, y, cfg, progress=progress, desc="defended: Square")
-        add("square", "Square (score-based black box, Linf)", spec.norm, spec.budget(e), spec.steps(e), adv)
+        add(
+            "square",
+            f"Square (score-based black box, Linf, {e.square_queries} queries)",
+            spec.norm,
+            spec.budget(e),
+            spec.steps(e),
+            adv,
+        )
         _progress_line(progress, "defended: Square", out[-1][1], start)
     spec = SPECS["transfer"]
     for key, label, adv in transfers:
@@ -325,6 +324,11 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
             "restarts",
             "cw_steps",
             "square_queries",
+            "aa_version",
+            "aa_attacks",
+            "aa_iters",
+            "aa_target_classes",
+            "aa_queries",
             "eot_samples",
             "draws",
             "seed",

@@ -37,6 +37,21 @@ def _columns(result: EvalResult) -> list:
     return [spec for spec in PAPER_COLUMNS if spec.name in result.rows["defended"].attacks]
 
 
+def _describe_autoattack(s: dict, randomized: bool) -> str:
+    """How AutoAttack was run, in words (its authors' standard version, or which subset)."""
+    if s["aa_version"] == "standard":
+        rand = "; against the random layer in the adaptive row its rand version (APGD-CE, APGD-DLR, EOT 20)"
+        return (
+            "AutoAttack: the authors' standard version (APGD-CE, APGD-T, FAB-T, Square 5000 queries)"
+            + (rand if randomized else "")
+            + "."
+        )
+    return (
+        f"AutoAttack: a custom subset ({', '.join(s['aa_attacks'])}; {s['aa_iters']} iterations, "
+        f"{s['aa_target_classes']} target classes, {s['aa_queries']} Square queries), not the standard version."
+    )
+
+
 def render_markdown(result: EvalResult) -> str:
     s, rows = result.settings, result.rows
     cols = _columns(result)
@@ -60,8 +75,8 @@ def render_markdown(result: EvalResult) -> str:
         f"Budgets (pixels in [0, 1]): FGSM and PGD-Linf eps {s['eps_linf']:.4g} ({s['eps_linf'] * 255:.3g}/255), "
         f"PGD-L2 {s['eps_l2']:g}, PGD-L1 {s['eps_l1']:g}; PGD {s['steps']} steps of {s['step_ratio']:g} x eps, "
         f"{s['restarts']} restart(s), random start; C&W L2 {s['cw_steps']} Adam steps, projected onto "
-        f"L2 <= {s['cw_max_norm']:g}{eot}. Worst case: an image counts only if it survives every attack "
-        "of its row.",
+        f"L2 <= {s['cw_max_norm']:g}{eot}. {_describe_autoattack(s, result.randomized)} Worst case: an image "
+        "counts only if it survives every attack of its row.",
         "",
     ]
     lines += [
@@ -135,7 +150,7 @@ def render_csv(rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def _png(draw: Callable, size: tuple[float, float] = (9, 4.5)) -> bytes:
+def _png(draw: Callable, size: tuple[float, float] = (9, 4.5), legend_below: bool = False) -> bytes:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -147,7 +162,10 @@ def _png(draw: Callable, size: tuple[float, float] = (9, 4.5)) -> bytes:
         ax.set_ylabel("accuracy %")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
-        ax.legend(fontsize=8)
+        if legend_below:  # bars reach 100%: a legend inside the axes would cover them
+            ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
+        else:
+            ax.legend(fontsize=8)
         fig.tight_layout()
         buf = io.BytesIO()
         fig.savefig(buf, format="png", dpi=110)
@@ -172,7 +190,7 @@ def bars_png(result: EvalResult) -> bytes:
         ax.set_xticks(range(len(titles)), titles)
         ax.set_title(f"Robust accuracy, {result.n} images")
 
-    return _png(draw)
+    return _png(draw, (9, 5), legend_below=True)
 
 
 def curve_png(result: EvalResult) -> bytes:

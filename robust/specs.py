@@ -13,8 +13,9 @@ from typing import Callable
 import torch
 from torch import nn
 
-from attacks import cw_l2, fgsm, pgd, random_noise, square_linf
+from attacks import cw_l2, fgsm, pgd, random_noise
 from core.config import EvalConfig
+from robust.autoattack import autoattack, square
 
 # (model, x, y, eps, eval section, generator, EOT samples) -> adversarial images
 Craft = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, EvalConfig, torch.Generator, int], torch.Tensor]
@@ -46,8 +47,12 @@ def _cw(model, x, y, eps, e, generator, eot):
     return cw_l2(model, x, y, steps=e.cw_steps, max_norm=eps)
 
 
+def _autoattack(model, x, y, eps, e, generator, eot):
+    return autoattack(model, x, y, eps, e, eot)
+
+
 def _square(model, x, y, eps, e, generator, eot):
-    return square_linf(model, x, y, eps, queries=e.square_queries, generator=generator)
+    return square(model, x, y, eps, e.square_queries, e.seed)
 
 
 def _noise(model, x, y, eps, e, generator, eot):
@@ -97,6 +102,8 @@ SPECS: dict[str, AttackSpec] = {
         AttackSpec("pgd_l2", "PGD-L2", "l2", "eps_l2", "steps", True, _pgd("l2")),
         AttackSpec("pgd_linf", "PGD-Linf", "linf", "eps_linf", "steps", True, _pgd("linf")),
         AttackSpec("cw_l2", "C&W", "l2", "cw_max_norm", "cw_steps", True, _cw, budget_fallback="eps_l2"),
+        # The field's standard, beside the paper's columns (and in each row's worst case).
+        AttackSpec("autoattack", "AutoAttack", "linf", "eps_linf", "aa_iters", True, _autoattack),
         # On the defended model only.
         AttackSpec("square", "Square", "linf", "eps_linf", "square_queries", False, _square),
         AttackSpec("transfer", "transfer", "linf", "eps_linf", "steps", False, None),

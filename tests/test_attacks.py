@@ -12,7 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks import EOT, cw_l2, fgsm, lp_norm, pgd, project_l1_ball, random_noise, square_linf
+from attacks import EOT, cw_l2, fgsm, lp_norm, pgd, project_l1_ball, random_noise
+from core.config import EvalConfig
+from robust.autoattack import autoattack, square
 from robust.metrics import robust_metrics, worst_case
 
 NUM_CLASSES = 4
@@ -163,7 +165,8 @@ BALL_CASES = [
     ("noise_linf", "linf", 0.05, lambda m, x, y, eps: random_noise(x, eps, norm="linf", generator=gen())),
     ("noise_l2", "l2", 1.0, lambda m, x, y, eps: random_noise(x, eps, norm="l2", generator=gen())),
     ("noise_l1", "l1", 10.0, lambda m, x, y, eps: random_noise(x, eps, norm="l1", generator=gen())),
-    ("square", "linf", 0.05, lambda m, x, y, eps: square_linf(m, x, y, eps, queries=50, generator=gen())),
+    # the reference Square returns an image only where it succeeded: a budget where some do
+    ("square", "linf", 0.1, lambda m, x, y, eps: square(m, x, y, eps, queries=300, seed=0)),
     # eps = max_norm, below C&W's typical ~0.7
     ("cw_l2", "l2", 0.3, lambda m, x, y, eps: cw_l2(m, x, y, steps=20, lr=0.05, max_norm=eps)),
 ]
@@ -249,7 +252,7 @@ def test_restarts_keep_first_success(net, data):
 
 def test_square_is_forward_only_and_reduces_accuracy(net, data):
     x, y = data
-    adv = square_linf(ForwardOnly(net), x, y, 0.1, queries=300, generator=gen())
+    adv = square(ForwardOnly(net), x, y, 0.1, queries=300, seed=0)
     assert lp_norm(adv - x, "linf").max() <= 0.1 + 1e-6
     assert accuracy(net, adv, y) <= 70.0
 
@@ -273,7 +276,7 @@ def test_gradient_masking_defeats_pgd_but_not_square_bpda_or_transfer(net, data)
     acc_pgd_masked = accuracy(masked, pgd(masked, x, y, 0.1, generator=gen()), y)
     assert acc_pgd_masked >= 90.0, "the masked gradient should mislead PGD"
     # Score-based black box: forward passes only, masking is irrelevant.
-    acc_square = accuracy(masked, square_linf(masked, x, y, 0.1, queries=300, generator=gen()), y)
+    acc_square = accuracy(masked, square(masked, x, y, 0.1, queries=300, seed=0), y)
     assert acc_square <= 70.0
     # Straight-through backward (BPDA) restores the true gradient.
     bpda = Masked(net, straight_through=True)
@@ -358,3 +361,24 @@ def test_l1_projection_is_the_closest_point_of_the_ball():
     # Realistic size (224 px, the paper's L1 budget): the radius holds to float precision.
     big = torch.rand(2, 3, 224, 224, generator=g) - 0.5
     assert lp_norm(project_l1_ball(big, 1600.0), "l1").max().item() <= 1600.0 * (1 + 1e-6)
+
+
+# --- cross-check against AutoAttack (its authors' package) ---------------------------------
+
+
+def test_our_pgd_is_within_a_few_points_of_autoattacks_apgd(net, data):
+    """At a budget where about a fifth of the images survive, APGD-CE (AutoAttack's first attack)
+    is at least as strong as our PGD and our PGD within a few points of it; the targeted APGD
+    adds to APGD-CE, as AutoAttack's sequence should."""
+    x, y = data
+    eps = 0.045
+    ours = accuracy(net, pgd(net, x, y, eps, steps=20, step_size=eps / 4, generator=gen()), y)
+    e = EvalConfig(aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=50)
+    apgd_ce = accuracy(net, autoattack(net, x, y, eps, e), y)
+    e.aa_attacks = ["apgd-ce", "apgd-t"]
+    apgd_t = accuracy(net, autoattack(net, x, y, eps, e), y)
+    one_image = 100.0 / len(y)
+    assert 5.0 <= ours <= 60.0, ours  # a budget where the attacks can differ at all
+    assert apgd_ce <= ours + one_image, (apgd_ce, ours)
+    assert ours - apgd_ce <= 5.0, (ours, apgd_ce)
+    assert apgd_t <= apgd_ce, (apgd_t, apgd_ce)

@@ -28,6 +28,8 @@ GOAL_ROWS = [
     "4 TTA views batched / 4 single-view forwards",
     "ensemble of 2 / sum of its members",
     "train, 2 CPU processes / 1 process",
+    "train.adv.mode=fgsm_rs step / standard step",
+    "train.adv.mode=pgd step / standard step",
 ]
 INFO_ROWS = [
     "predict loop (no set-up, no files) / model-only forward",

@@ -35,6 +35,9 @@ FAST = [
     "eval.step_ratio=0.25",
     "eval.cw_steps=10",
     "eval.square_queries=100",
+    "eval.aa_version=custom",
+    "eval.aa_iters=10",
+    "eval.aa_target_classes=3",
     "eval.eps_l2=1.0",
     "eval.eps_l1=30",
     "eval.eps_curve=[0.01,0.0313725,0.1]",
@@ -101,7 +104,7 @@ def test_every_attack_stays_in_its_ball_and_the_box(setup, adaptive):
         assert adv.shape == x.shape and adv.dtype == torch.float32, name
         assert float(lp_norm(adv - x, norm).max()) <= eps * (1 + 1e-4) + 1e-6, name
         assert float(adv.min()) >= 0.0 and float(adv.max()) <= 1.0, name
-        if name not in ("cw_l2", "square"):  # these may leave an image untouched
+        if name not in ("cw_l2", "square", "autoattack"):  # these may leave an image untouched
             assert float(lp_norm(adv - x, norm).max()) > 0.5 * eps, name  # the budget is actually used
 
 
@@ -134,9 +137,15 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     for name in ("eval.md", "eval.csv", "eval.json", "eval_bars.png", "eval_eps_curve.png"):
         assert (tmp_path / name).stat().st_size > 0, name
     md = (tmp_path / "eval.md").read_text()
-    assert "| model | Top-1 | FGSM | PGD-L1 | PGD-L2 | PGD-Linf | C&W | worst case |" in md
+    assert "| model | Top-1 | FGSM | PGD-L1 | PGD-L2 | PGD-Linf | C&W | AutoAttack | worst case |" in md
     und, gcm, ada = (result.robust_acc(k, "pgd_linf") for k in ("undefended", "defended", "adaptive"))
     assert gcm > ada + MASKING_POINTS  # standard PGD is fooled by GCM, BPDA is not
+    # AutoAttack, the field's standard: under BPDA at least as strong as our PGD (one image of
+    # slack), and just as blind as PGD when it differentiates naively through GCM.
+    aa = {k: result.robust_acc(k, "autoattack") for k in ("undefended", "defended", "adaptive")}
+    assert aa["adaptive"] <= ada + 100.0 / result.n + 1e-9, (aa, ada)
+    assert aa["defended"] > aa["adaptive"] + MASKING_POINTS, aa
+    assert "AutoAttack: a custom subset (apgd-ce, apgd-t; 10 iterations" in md
     # The masking warning fires for the standard GCM row: the transfer attack beats white-box PGD.
     masking = [n for n in result.sanity if n.startswith("WARNING: GRADIENT MASKING")]
     assert any("transfer" in n for n in masking) and any("adaptive attack" in n for n in masking), result.sanity

@@ -5,6 +5,7 @@ import timm
 import torch
 from safetensors.torch import save_file
 
+from core.checkpoint import export_model, load_model
 from core.config import load_config
 from core.errors import UserError
 from core.model import create_backbone, create_classifier
@@ -38,3 +39,23 @@ def test_normalization_lives_in_the_model():
         torch.testing.assert_close(model(x), model.backbone((x - 0.5) / 0.5))
     raw = create_classifier(load_config(None, ["model.name=test_convnext", "model.normalize=false"]).model, 3)
     assert not raw.normalize.enabled
+
+
+def test_conv_stem_is_built_recorded_and_rebuilt(tmp_path):
+    cfg = load_config(None, ["model.name=test_convnext", "model.stem=overlap"])
+    model = create_classifier(cfg.model, 3).eval()
+    patch = create_classifier(load_config(None, ["model.name=test_convnext"]).model, 3)
+    convs = [m for m in model.backbone.stem.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 2 and convs[0].stride == (2, 2)  # two stride-2 convolutions instead of a 4x4 patchify
+    assert sum(p.numel() for p in model.parameters()) != sum(p.numel() for p in patch.parameters())
+    # The checkpoint records the stem and load_model rebuilds it (the weights would not fit the patch stem).
+    export_model(
+        model, tmp_path / "best", {"arch": "test_convnext", "num_classes": 3, "image_size": 32, "stem": "overlap"}
+    )
+    loaded, info = load_model(tmp_path / "best")
+    assert info["stem"] == "overlap"
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(x), model(x))
+    with pytest.raises(UserError, match="model.stem=overlap: 'resnet18' has no such stem"):
+        create_backbone("resnet18", 3, stem="overlap")

@@ -12,8 +12,10 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from attacks import pgd
 from core.errors import UserError
 from core.images import to_float_images
+from train.adversarial import adversarial_loss
 from train.setup import Training
 
 
@@ -28,7 +30,9 @@ class Progress:
     epoch: int = 0
     batch: int = 0  # batches of `epoch` already consumed
     global_step: int = 0  # optimizer steps
-    best_acc: float = -1.0
+    best_acc: float = -1.0  # of the accuracy `best` is selected by (robust under adversarial training)
+    best_robust_acc: float = -1.0  # the training weights' best robust validation accuracy so far
+    collapse_epoch: int = -1  # first epoch whose robust accuracy collapsed (catastrophic overfitting)
     history: list = field(default_factory=list)
 
     def state_dict(self) -> dict:
@@ -37,23 +41,6 @@ class Progress:
     def load_state_dict(self, state: dict) -> None:
         for key, value in state.items():
             setattr(self, key, value)
-
-
-def fgsm_examples(
-    model: nn.Module, x: torch.Tensor, target: torch.Tensor, eps: float, loss_fn: Callable
-) -> torch.Tensor:
-    """FGSM images for adversarial regularization (the 2nd-place recipe).
-
-    ``model`` should be the unwrapped module: the input gradient needs no DDP gradient sync.
-    """
-    x_adv = x.detach().clone().requires_grad_(True)
-    was_training = model.training
-    model.eval()  # no drop-path randomness in the attack step
-    with torch.enable_grad():
-        loss = loss_fn(model(x_adv), target)
-        (grad,) = torch.autograd.grad(loss, x_adv)
-    model.train(was_training)
-    return (x + eps * grad.sign()).clamp_(0.0, 1.0).detach()
 
 
 def train_one_epoch(
@@ -97,10 +84,8 @@ def train_one_epoch(
             x, targets = mixup_fn(x, targets)
         with accelerator.accumulate(model):
             with accelerator.autocast():
-                loss = loss_fn(model(x), targets)
-                if t.adv_eps > 0:
-                    x_adv = fgsm_examples(raw_model, x, targets, t.adv_eps, loss_fn)
-                    loss = (1 - t.adv_weight) * loss + t.adv_weight * loss_fn(model(x_adv), targets)
+                epoch_now = progress.global_step / max(1, training.updates_per_epoch)
+                loss = adversarial_loss(model, raw_model, loss_fn, x, targets, t.adv, epoch_now)
             value = loss.detach().float().item()
             if not math.isfinite(value):
                 raise TrainingDiverged(
@@ -161,3 +146,39 @@ def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False,
         total += int(targets.numel())
         loss_sum += float(losses.sum())
     return {"acc": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
+
+
+def evaluate_robust(
+    model: nn.Module,
+    loader,
+    accelerator,
+    eps: float,
+    steps: int,
+    seed: int,
+    channels_last: bool = False,
+    desc: str = "robust eval",
+) -> float:
+    """PGD-Linf accuracy (%) over the whole set, gathered across processes.
+
+    ``steps`` steps of 2.5 eps / steps from a random start drawn from a generator seeded by
+    ``seed`` and the batch, so every epoch meets the same attack: the numbers are comparable
+    across epochs (model selection) without touching torch's global RNG. ``model`` is the
+    unwrapped network (each process attacks its own batches).
+    """
+    model.eval()
+    correct = total = 0
+    step = 2.5 * eps / steps
+    batches = tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process)
+    for i, (images, targets) in enumerate(batches):
+        x = to_float_images(images, channels_last)
+        generator = torch.Generator().manual_seed(
+            seed * 1_000_003 + i * accelerator.num_processes + accelerator.process_index
+        )
+        with accelerator.autocast():
+            x_adv = pgd(model, x, targets, eps, steps=steps, step_size=step, generator=generator)
+            with torch.no_grad():
+                pred = model(x_adv).argmax(dim=1)
+        pred, targets = accelerator.gather_for_metrics((pred, targets))
+        correct += int((pred == targets).sum())
+        total += int(targets.numel())
+    return 100.0 * correct / max(total, 1)

@@ -20,9 +20,9 @@ from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, save_config
 from core.model import count_params
 from core.tracking import init_tracking, resolve_wandb_mode
-from train.engine import Progress, evaluate, train_one_epoch
+from train.engine import Progress, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data
-from train.state import export_models, prepare_run_dir, restore, save_checkpoint
+from train.state import export_models, pick_weights, prepare_run_dir, restore, save_checkpoint, selection_of
 
 
 def run(cfg: Config) -> dict:
@@ -93,25 +93,48 @@ def stopped_early(cfg: Config, progress: Progress) -> bool:
 
 
 def validate(training: Training) -> dict:
-    """Validation accuracy and loss of the model (and of its EMA); NaN without a validation set."""
+    """Clean accuracy and loss of the model (and of its EMA), and under adversarial training their
+    PGD accuracy on the fixed robust-validation subset; NaN without a validation set."""
+    cfg, accelerator = training.cfg, training.accelerator
     if training.val_loader is None:
         return {"acc": float("nan"), "loss": float("nan"), "n": 0}
-    channels_last = training.cfg.model.channels_last
-    metrics = evaluate(training.model, training.val_loader, training.accelerator, channels_last)
+    channels_last = cfg.model.channels_last
+    metrics = evaluate(training.model, training.val_loader, accelerator, channels_last)
     if training.ema is not None:
         metrics["ema_acc"] = evaluate(
-            training.ema.module, training.val_loader, training.accelerator, channels_last, desc="eval ema"
+            training.ema.module, training.val_loader, accelerator, channels_last, desc="eval ema"
         )["acc"]
+    if training.robust_loader is not None:
+        adv = cfg.train.adv
+        for key, net in (
+            ("robust_acc", accelerator.unwrap_model(training.model)),
+            ("ema_robust_acc", training.ema.module if training.ema is not None else None),
+        ):
+            if net is not None:
+                metrics[key] = evaluate_robust(
+                    net, training.robust_loader, accelerator, adv.eps, adv.val_steps, cfg.seed, channels_last
+                )
     return metrics
 
 
 def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict, metrics: dict) -> bool:
-    """Log and print the epoch, keep its record in ``progress``; returns whether ``best`` improved."""
+    """Log and print the epoch, keep its record in ``progress``; returns whether ``best`` improved.
+
+    Under adversarial training a collapse of the robust accuracy (catastrophic overfitting, the
+    known failure of fast FGSM training) is reported loudly and remembered: ``best`` is picked by
+    robust accuracy, so the collapsed weights never become it.
+    """
     accelerator = training.accelerator
-    best = max(metrics["acc"], metrics.get("ema_acc", -1.0))
+    _, best = pick_weights(metrics, selection_of(training.cfg, metrics))
     improved = best > progress.best_acc or math.isnan(best)  # no validation set: best = last
     if not math.isnan(best):
         progress.best_acc = max(progress.best_acc, best)
+    robust = metrics.get("robust_acc")
+    collapsed = robust is not None and progress.best_robust_acc >= 10.0 and robust < 0.5 * progress.best_robust_acc
+    if robust is not None:
+        progress.best_robust_acc = max(progress.best_robust_acc, robust)
+    if collapsed and progress.collapse_epoch < 0:
+        progress.collapse_epoch = epoch
     progress.history.append(
         {
             "epoch": epoch,
@@ -120,20 +143,23 @@ def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict
             **{f"val_{k}": v for k, v in metrics.items()},
         }
     )
-    accelerator.log(
-        {
-            "val/acc": metrics["acc"],
-            "val/loss": metrics["loss"],
-            "train/epoch_loss": stats["loss"],
-            **({"val/ema_acc": metrics["ema_acc"]} if "ema_acc" in metrics else {}),
-        },
-        step=progress.global_step,
-    )
-    ema_txt = f", EMA {metrics['ema_acc']:.2f}%" if "ema_acc" in metrics else ""
-    accelerator.print(
-        f"epoch {epoch}: train loss {stats['loss']:.4f}, "
-        f"{stats['samples_per_s']:.0f} img/s, val acc {metrics['acc']:.2f}%{ema_txt}"
-    )
+    logged = {"val/acc": metrics["acc"], "val/loss": metrics["loss"], "train/epoch_loss": stats["loss"]}
+    logged.update({f"val/{k}": metrics[k] for k in ("ema_acc", "robust_acc", "ema_robust_acc") if k in metrics})
+    accelerator.log(logged, step=progress.global_step)
+    text = f"epoch {epoch}: train loss {stats['loss']:.4f}, {stats['samples_per_s']:.0f} img/s"
+    text += f", val acc {metrics['acc']:.2f}%"
+    text += f", EMA {metrics['ema_acc']:.2f}%" if "ema_acc" in metrics else ""
+    if robust is not None:
+        eps = training.cfg.train.adv.eps
+        text += f"; PGD-{training.cfg.train.adv.val_steps} at {eps * 255:.3g}/255: {robust:.2f}%"
+        text += f", EMA {metrics['ema_robust_acc']:.2f}%" if "ema_robust_acc" in metrics else ""
+    accelerator.print(text)
+    if collapsed:
+        accelerator.print(
+            f"WARNING: catastrophic overfitting: robust validation accuracy fell to {robust:.1f}% from "
+            f"{progress.best_robust_acc:.1f}%; `best` keeps the weights from before the collapse (try "
+            "train.adv.mode=pgd, a smaller train.adv.step_size or a longer train.adv.warmup_epochs)"
+        )
     return improved
 
 
@@ -173,11 +199,20 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
         "num_processes": accelerator.num_processes,
         "run_dir": str(cfg.run_dir),
         "chance_acc": 100.0 / cfg.data.num_classes,
+        "val_robust_acc": metrics.get("robust_acc", float("nan")),
+        "best_robust_acc": progress.best_robust_acc,
+        "collapse_epoch": progress.collapse_epoch,
     }
     if metrics:
+        what = "robust val acc" if selection_of(cfg, metrics) == "robust" else "val acc"
         accelerator.print(
-            f"done: best val acc {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
+            f"done: best {what} {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
             f"in {result['seconds']:.0f}s; model: {cfg.run_dir}/best.safetensors"
+        )
+    if progress.collapse_epoch >= 0:
+        accelerator.print(
+            f"WARNING: robust accuracy collapsed at epoch {progress.collapse_epoch} (catastrophic overfitting); "
+            "best.safetensors holds the weights with the best robust accuracy, last.safetensors may be collapsed"
         )
     accelerator.end_training()
     return result

@@ -20,7 +20,7 @@ from torch import nn
 from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
 from core.demo_data import generate_demo_data
-from core.labels import resolve_samples
+from core.labels import resolve_samples, select_subset
 from core.model import create_classifier
 from core.transforms import create_eval_transform, create_train_transform
 from train.loaders import create_train_loader
@@ -40,8 +40,10 @@ class Training:
     ema: ModelEmaV3 | None
     train_loader: object
     val_loader: object | None
+    robust_loader: object | None  # the fixed validation subset attacked after every epoch (adversarial training)
     train_size: int
     val_size: int
+    updates_per_epoch: int
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -113,6 +115,12 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     )
     train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, d.num_workers)
     val_loader = create_eval_loader(val_set, t.batch_size, d.num_workers) if len(val_set) else None
+    robust_loader = None
+    if t.adv.mode != "none" and len(val_set):
+        # A fixed, seeded part of the validation set: every epoch meets the same images.
+        chosen = [val_set.samples[i] for i in select_subset(len(val_set), t.adv.val_images, d.split_seed)]
+        robust_set = ImageDataset(chosen, create_eval_transform(d.image_size), bad_images=d.bad_images)
+        robust_loader = create_eval_loader(robust_set, t.batch_size, d.num_workers)
 
     updates_per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accum_steps)
     model, optimizer, scheduler = create_model_and_optimizer(cfg, updates_per_epoch)
@@ -121,6 +129,8 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     if val_loader is not None:
         val_loader = accelerator.prepare(val_loader)
+    if robust_loader is not None:
+        robust_loader = accelerator.prepare(robust_loader)
     if cfg.model.compile:
         model = torch.compile(model)
     ema = None
@@ -138,6 +148,8 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         ema,
         train_loader,
         val_loader,
+        robust_loader,
         len(train_set),
         len(val_set),
+        updates_per_epoch,
     )

@@ -154,13 +154,32 @@ def restore(training: Training, progress: Progress) -> None:
     accelerator.wait_for_everyone()
 
 
+def selection_of(cfg: Config, metrics: dict) -> str:
+    """The accuracy ``best`` is picked by: ``train.adv.select``, where ``auto`` is robust under
+    adversarial training (robust overfitting: Rice et al. 2020) when it was measured."""
+    select = cfg.train.adv.select
+    if select == "auto":
+        select = "clean" if cfg.train.adv.mode == "none" else "robust"
+    return select if "robust_acc" in metrics else "clean"
+
+
+def pick_weights(metrics: dict, by: str) -> tuple[bool, float]:
+    """``(use the EMA weights, their score)``: whichever of the weights and their EMA validates better."""
+    key = "robust_acc" if by == "robust" else "acc"
+    score, ema_score = metrics[key], metrics.get(f"ema_{key}", -1.0)
+    return ema_score >= score, max(score, ema_score)
+
+
 def export_models(training: Training, progress: Progress, metrics: dict, improved: bool) -> None:
     """Write ``last`` (and ``best`` when improved) on the main process: the EMA weights when they validate better."""
     accelerator, model, ema, cfg = training.accelerator, training.model, training.ema, training.cfg
     if not accelerator.is_main_process:
         return
-    use_ema = ema is not None and metrics.get("ema_acc", -1) >= metrics["acc"]
+    by = selection_of(cfg, metrics)
+    use_ema, _ = pick_weights(metrics, by)
+    use_ema = use_ema and ema is not None
     weights = ema.module if use_ema else accelerator.unwrap_model(model)
+    prefix = "ema_" if use_ema else ""
     meta = {
         "arch": cfg.model.name,
         "num_classes": cfg.data.num_classes,
@@ -168,8 +187,16 @@ def export_models(training: Training, progress: Progress, metrics: dict, improve
         "weights": "ema" if use_ema else "model",
         "epoch": progress.epoch,
         "global_step": progress.global_step,
-        "val_acc": max(metrics["acc"], metrics.get("ema_acc", -1)),
+        "val_acc": metrics[f"{prefix}acc"],
         "val_n": metrics["n"],
+        "stem": cfg.model.stem,
+        "selected_by": by,
+        **(
+            {"val_robust_acc": metrics[f"{prefix}robust_acc"], "adversarial_training": config_to_dict(cfg.train.adv)}
+            if "robust_acc" in metrics
+            else {}
+        ),
+        **({"collapse_epoch": progress.collapse_epoch} if progress.collapse_epoch >= 0 else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_to_dict(cfg),
     }

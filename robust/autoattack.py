@@ -1,0 +1,72 @@
+"""AutoAttack and its Square attack, from their authors' package (``pyautoattack``).
+
+AutoAttack (Croce & Hein 2020) is the field's standard robustness check: parameter-free APGD
+on cross-entropy, targeted APGD on the DLR loss, targeted FAB and the score-based Square
+attack, each run on the images the previous ones left standing. ``evaluate`` runs it through
+:func:`robust.runner.craft` like any other attack, so the adaptive row gets BPDA through GCM,
+and a randomized model meets the ``rand`` version (APGD with EOT).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from pyautoattack import AutoAttack
+from pyautoattack.square import SquareAttack
+from torch import nn
+
+from core.config import EvalConfig
+
+# The package reports through this logger; our tables say what it found.
+logging.getLogger("auto-attack").setLevel(logging.ERROR)
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
+    with torch.no_grad():
+        return int(model(x[:1]).shape[-1])
+
+
+def create_autoattack(model: nn.Module, x: torch.Tensor, eps: float, e: EvalConfig, eot: int = 1) -> AutoAttack:
+    """AutoAttack on ``model`` at Linf ``eps``, set up as ``eval.aa_*`` asks.
+
+    ``aa_version=standard`` keeps the authors' exact budgets (``rand`` with EOT when ``eot`` > 1);
+    ``custom`` runs ``aa_attacks`` with ``aa_iters`` iterations, ``aa_target_classes`` targets
+    and ``aa_queries`` Square queries (and ``eot`` gradient samples per APGD step). Targets are
+    capped at the number of other classes.
+    """
+    targets = _num_classes(model, x) - 1
+    if e.aa_version == "standard":
+        version, attacks = ("rand" if eot > 1 else "standard"), None
+    else:
+        version, attacks = "custom", list(e.aa_attacks)
+    aa = AutoAttack(model, attacks=attacks, device=x.device, eps=eps, norm="Linf", seed=e.seed, version=version)
+    if version == "custom":
+        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = e.aa_iters
+        aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = 1
+        aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = eot
+        aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = e.aa_target_classes
+        aa.square.n_queries = e.aa_queries
+    aa.apgd_targeted.n_target_classes = min(aa.apgd_targeted.n_target_classes, targets)
+    aa.fab.n_target_classes = min(aa.fab.n_target_classes, targets)
+    return aa
+
+
+def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, e: EvalConfig, eot: int = 1):
+    """AutoAttack's adversarial images of ``x`` (the clean image where every attack failed)."""
+    aa = create_autoattack(model, x, eps, e, eot)
+    x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
+    return x_adv.detach()
+
+
+def square(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, queries: int, seed: int) -> torch.Tensor:
+    """The Square attack (Andriushchenko et al. 2020, Linf) as AutoAttack runs it, with ``queries`` queries.
+
+    Forward passes only, so gradient masking cannot affect it. Its initial square size
+    (``p_init=0.8``) and size schedule (rescaled to the query budget) are the reference ones.
+    """
+    attack = SquareAttack(
+        model, norm="Linf", n_queries=queries, eps=eps, p_init=0.8, n_restarts=1, seed=seed, device=x.device
+    )
+    with torch.no_grad():
+        return attack.perturb(x, y).detach()

@@ -1,0 +1,87 @@
+"""Adversarial training: the loss of one batch under ``train.adv.mode``.
+
+* ``none``: the clean loss.
+* ``fgsm_reg``: the clean loss mixed with the loss on FGSM images from ``x`` (Goodfellow et al.
+  2015; the 2nd-place team's regularizer), ``train.adv.weight`` on the adversarial part.
+* ``fgsm_rs``: fast adversarial training (Wong, Rice & Kolter 2020): one FGSM step of 1.25 eps
+  from a uniform random start in the eps-ball; trains on the adversarial images only.
+* ``pgd``: PGD-AT (Madry et al. 2018): ``train.adv.steps`` steps from a random start.
+* ``trades``: TRADES (Zhang et al. 2019): clean loss + ``beta`` x KL(f(x) || f(x')), x' found by
+  PGD on that KL.
+
+The attack runs on the unwrapped network in eval mode (no drop-path, no gradient sync across
+processes: each process attacks its own batch), with the loss in float32, and never through GCM
+(its gradient is noise by design). Its random starts come from torch's global RNG, which the
+checkpoints save, so a run resumed mid-epoch replays them.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks import eval_mode, fgsm, pgd, trades_examples
+from core.config import AdvConfig
+
+
+def eps_at(adv: AdvConfig, epoch: float) -> float:
+    """The attack radius at ``epoch`` (fractional): ramped linearly from 0 over ``warmup_epochs``."""
+    if adv.warmup_epochs <= 0:
+        return adv.eps
+    return adv.eps * min(1.0, max(0.0, epoch) / adv.warmup_epochs)
+
+
+def step_size_of(adv: AdvConfig, eps: float) -> float:
+    """The step of ``adv.mode`` at radius ``eps`` (``adv.step_size`` scales with the warm-up)."""
+    if adv.step_size > 0:
+        return adv.step_size * eps / adv.eps
+    if adv.mode == "fgsm_rs":
+        return 1.25 * eps
+    if adv.mode in ("pgd", "trades"):
+        return 2.5 * eps / adv.steps
+    return eps
+
+
+def adversarial_loss(
+    model: nn.Module,
+    attack_model: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    adv: AdvConfig,
+    epoch: float,
+) -> torch.Tensor:
+    """The training loss of one batch (call it under the accelerator's autocast).
+
+    Args:
+        model: The network as trained (wrapped for distributed training).
+        attack_model: The same network unwrapped, to craft with.
+        loss_fn: The classification loss (label smoothing, soft targets).
+        x: Images in [0, 1].
+        targets: Labels (or soft targets with mixup, fgsm_reg only).
+        adv: The ``train.adv`` section.
+        epoch: Where training stands, in epochs (for the eps warm-up).
+    """
+    if adv.mode == "none":
+        return loss_fn(model(x), targets)
+    eps = eps_at(adv, epoch)
+    if eps <= 0:  # the first step of a warm-up: nothing to craft yet
+        return loss_fn(model(x), targets)
+    step = step_size_of(adv, eps)
+    if adv.mode == "fgsm_reg":
+        x_adv = fgsm(attack_model, x, targets, eps)
+        clean, attacked = model(torch.cat([x, x_adv])).chunk(2)
+        return (1 - adv.weight) * loss_fn(clean, targets) + adv.weight * loss_fn(attacked, targets)
+    if adv.mode == "fgsm_rs":
+        return loss_fn(model(pgd(attack_model, x, targets, eps, steps=1, step_size=step)), targets)
+    if adv.mode == "pgd":
+        return loss_fn(model(pgd(attack_model, x, targets, eps, steps=adv.steps, step_size=step)), targets)
+    if adv.mode == "trades":
+        with torch.no_grad(), eval_mode(attack_model):  # the reference crafts against the eval-mode prediction
+            p_clean = F.softmax(attack_model(x).float(), dim=1)
+        x_adv = trades_examples(attack_model, x, p_clean, eps, adv.steps, step)
+        clean, attacked = model(torch.cat([x, x_adv])).float().chunk(2)
+        kl = F.kl_div(F.log_softmax(attacked, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
+        return loss_fn(clean, targets) + adv.beta * kl
+    raise ValueError(f"unknown train.adv.mode {adv.mode!r}")
