@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Dispatcher: no hyperparameters here (they live in configs/). The first call creates .venv.
 set -euo pipefail
+# Paths typed on the command line (--config, validate FILE --test-dir DIR) are taken from here.
+export ROBUST_PIPELINE_CWD="$PWD"
 cd "$(dirname "${BASH_SOURCE[0]}")"
 
 VENV=.venv

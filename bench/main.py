@@ -52,7 +52,7 @@ from bench.report import describe_busy_machine, format_machine, format_markdown,
 from bench.scaling import bench_scaling
 from bench.submit import bench_submit
 from bench.training import bench_train
-from core.cli import quiet_libraries
+from core.cli import quiet_libraries, user_path
 from core.errors import UserError
 
 SECTIONS = ("submit", "train", "parts", "scaling", "compile")
@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     start = time.perf_counter()
     tmp = None
     if args.workdir:
-        workdir = Path(args.workdir)
+        workdir = user_path(args.workdir)
         workdir.mkdir(parents=True, exist_ok=True)
     else:
         tmp = tempfile.mkdtemp(prefix="bench-")
@@ -132,6 +132,6 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     )
     if args.write:
         command = "./run.sh bench " + " ".join(a for a in (argv if argv is not None else sys.argv[1:]))
-        write_markdown(Path(args.write), format_markdown(ctx.rows, machine, command.strip(), seconds, busy))
+        write_markdown(user_path(args.write), format_markdown(ctx.rows, machine, command.strip(), seconds, busy))
         print(f"wrote {args.write}")
     return ctx.rows

@@ -77,9 +77,17 @@ def read_checkpoint_info(info_path: Path) -> dict[str, Any]:
         info = json.loads(info_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise UserError(f"{info_path}: not a valid checkpoint JSON ({exc})") from None
-    for key in ("arch", "num_classes", "image_size"):
+    if not isinstance(info, dict):
+        raise UserError(f"{info_path}: not a checkpoint JSON (expected an object)")
+    for key, kind in (("arch", str), ("num_classes", int), ("image_size", int)):
         if key not in info:
             raise UserError(f"{info_path}: checkpoint JSON lacks '{key}'")
+        value = info[key]
+        if not isinstance(value, kind) or isinstance(value, bool) or (kind is int and value < 1):
+            raise UserError(
+                f"{info_path}: checkpoint JSON '{key}' is {value!r}, not a "
+                f"{'positive integer' if kind is int else 'string'}"
+            )
     return info
 
 

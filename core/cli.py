@@ -1,7 +1,9 @@
 """The command-line shape shared by every stage: ``[--config FILE] [--debug] [key=value ...]``.
 
 Bad input (:class:`UserError`) becomes one ``error: ...`` line and exit code 2; the traceback
-is shown only with ``--debug``.
+is shown only with ``--debug``. SIGTERM ends a stage like Ctrl-C does (``finally`` blocks run,
+so no temporary file is left behind). Under ``core.launch`` each process reports how it ended
+into a status folder, so the launcher can tell a clean error from a process that was killed.
 """
 
 from __future__ import annotations
@@ -9,6 +11,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import signal
 import sys
 import traceback
 import warnings
@@ -18,8 +21,23 @@ from typing import Callable, Sequence
 from core.config import Config, load_config
 from core.errors import UserError
 
-# Set by core.launch so the launcher can return our exit code through `accelerate launch`.
-STATUS_ENV = "ROBUST_PIPELINE_STATUS_FILE"
+# Set by core.launch: the folder where each process reports how it ended (`accelerate launch`
+# maps every failure to exit code 1).
+STATUS_ENV = "ROBUST_PIPELINE_STATUS_DIR"
+# Set by run.sh: the folder the user ran it from (run.sh itself works from the repository).
+CWD_ENV = "ROBUST_PIPELINE_CWD"
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived (a supervisor, `timeout`, a job scheduler or core.launch stopping the run)."""
+
+
+def user_path(path: str | Path | None) -> Path | None:
+    """A path typed on the command line, relative to the folder the user ran the command from."""
+    if path is None or str(path) == "":
+        return None
+    path = Path(os.path.expanduser(str(path)))
+    return path if path.is_absolute() else Path(os.environ.get(CWD_ENV) or os.getcwd()) / path
 
 
 def create_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -31,7 +49,7 @@ def create_parser(prog: str, description: str) -> argparse.ArgumentParser:
 
 
 def parse_config(args: argparse.Namespace) -> Config:
-    return load_config(args.config, args.overrides)
+    return load_config(user_path(args.config), args.overrides)
 
 
 def is_main_rank() -> bool:
@@ -46,22 +64,45 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
+def rank() -> int:
+    return int(os.environ.get("RANK") or 0)
+
+
+def report_status(name: str, text: str) -> None:
+    """Write ``<status folder>/<name>-<rank>`` when running under core.launch."""
+    folder = os.environ.get(STATUS_ENV)
+    if folder:
+        Path(folder, f"{name}-{rank()}").write_text(text, encoding="utf-8")
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated()
+
+
 def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
-    """Call ``fn(argv)``; turn a UserError into one line on stderr and exit code 2."""
+    """Call ``fn(argv)``: a UserError becomes one line on stderr and exit code 2, Ctrl-C 130, SIGTERM 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ROBUST_PIPELINE_DEBUG") == "1"
+    report_status("started", str(os.getpid()))
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    code, reason = 1, "crashed"
     try:
         fn(argv)
-        return 0
+        code, reason = 0, "done"
     except UserError as exc:
         if debug:
             traceback.print_exc()
         if is_main_rank() or debug:
             print(f"error: {exc}", file=sys.stderr, flush=True)
-        status = os.environ.get(STATUS_ENV)
-        if status:
-            Path(status).write_text(str(UserError.exit_code))
-        return UserError.exit_code
+        code, reason = UserError.exit_code, "error"
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
-        return 130
+        code, reason = 130, "interrupted"
+    except Terminated:
+        if not os.environ.get(STATUS_ENV):  # under core.launch, the launcher says why the run stopped
+            print("terminated", file=sys.stderr)
+        code, reason = 143, "terminated"
+    finally:  # also on a crash (the traceback follows): the launcher then knows it was not killed
+        report_status("ended", f"{code} {reason}")
+        signal.signal(signal.SIGTERM, previous)
+    return code

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +19,7 @@ from typing import Any
 import yaml
 
 from core.errors import UserError
+from core.io import atomic_write_text, submission_name_problem
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
 
@@ -247,6 +249,7 @@ class Config:
     out_dir: str = "runs"
     seed: int = 42
     resume: str = ""  # "" | auto | path of a checkpoint folder
+    overwrite: bool = False  # train: replace the run already under this name (else training refuses)
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -451,12 +454,28 @@ def validate_config(cfg: Config) -> None:
     """
     if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:
         raise ConfigError(f"config key 'name': {cfg.name!r} must be a plain name (no path separators)")
+    _check_finite(cfg)
     _check_data(cfg.data)
     _check_train(cfg.train)
     _check_aug(cfg)
     _check_model(cfg.model)
     _check_predict(cfg)
     _check_eval(cfg.eval)
+
+
+# Infinity means "no limit" for these; no other number of the config may be infinite, none NaN.
+_MAY_BE_INFINITE = {"budget.max_params", "budget.max_gmacs"}
+
+
+def _check_finite(node: Any, prefix: str = "") -> None:
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_finite(value, f"{key}.")
+            continue
+        for item in value if isinstance(value, list) else [value]:
+            if isinstance(item, float) and (math.isnan(item) or (math.isinf(item) and key not in _MAY_BE_INFINITE)):
+                raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
 
 
 def _at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
@@ -475,7 +494,9 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    _at_least_one(t, "train", ("epochs", "batch_size", "grad_accum_steps"))
+    _at_least_one(t, "train", ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints"))
+    if t.lr <= 0 or t.warmup_lr < 0 or t.min_lr < 0:
+        raise ConfigError(f"config key 'train.lr' must be positive (got {t.lr}); train.warmup_lr/min_lr >= 0")
     if (t.mixup > 0 or t.cutmix > 0) and t.batch_size % 2:
         raise ConfigError("train.batch_size must be even with mixup/cutmix")
     if t.mixed_precision == "fp16":
@@ -526,6 +547,17 @@ def _check_predict(cfg: Config) -> None:
     _at_least_one(cfg.submit, "submit", ("batch_size",))
     if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
         raise ConfigError("config key 'tta.scales' needs one or more positive factors")
+    if cfg.submit.temperature <= 0:
+        raise ConfigError(f"config key 'submit.temperature' must be positive, got {cfg.submit.temperature}")
+    if not 0 <= cfg.submit.fallback_class < cfg.data.num_classes:
+        raise ConfigError(
+            f"config key 'submit.fallback_class': {cfg.submit.fallback_class} is not a class of "
+            f"[0, {cfg.data.num_classes}) (data.num_classes)"
+        )
+    problem = submission_name_problem(cfg.submit.file_name or cfg.name)
+    if problem:
+        key = "submit.file_name" if cfg.submit.file_name else "name"
+        raise ConfigError(f"config key '{key}': {cfg.submit.file_name or cfg.name!r} {problem}")
     if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
         raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
     if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
@@ -560,8 +592,6 @@ def config_from_dict(data: dict) -> Config:
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically)."""
-    from core.io import atomic_write_text
-
     atomic_write_text(Path(path), yaml.safe_dump(config_to_dict(cfg), sort_keys=False))
 
 

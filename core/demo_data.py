@@ -202,9 +202,9 @@ def _read_marker(out: Path) -> dict | None:
 
 
 def _same_set(out: Path, marker: dict) -> bool:
-    """``out`` is a complete demo set made with the arguments in ``marker``."""
+    """``out`` is a complete demo set made with the arguments (and format version) in ``marker``."""
     existing = _read_marker(out)
-    return existing is not None and all(existing.get(k) == v for k, v in marker.items())
+    return existing is not None and all(existing.get(k) == v for k, v in marker.items() if k != "generator")
 
 
 def generate_demo_data(
@@ -240,9 +240,11 @@ def generate_demo_data(
         **args,
     }
     marker = _marker(args)
+    replaced = None
     if out.exists():
         if _same_set(out, marker):
             return {**summary, "created": False}
+        replaced = {k: v for k, v in (_read_marker(out) or {}).items() if k in args}
         if _read_marker(out) is None and any(out.iterdir()):
             raise UserError(
                 f"{out}: exists and is not a generated demo data set (no {MARKER}); "
@@ -270,7 +272,7 @@ def generate_demo_data(
         _publish(tmp, out, marker)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return {**summary, "created": True, "seconds": round(time.perf_counter() - start, 2)}
+    return {**summary, "created": True, "replaced": replaced, "seconds": round(time.perf_counter() - start, 2)}
 
 
 def _publish(tmp: Path, out: Path, marker: dict) -> None:

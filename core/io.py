@@ -10,7 +10,9 @@ import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
+
+from core.errors import UserError
 
 
 def _umask() -> int:
@@ -41,6 +43,9 @@ def atomic_path(path: Path) -> Iterator[Path]:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
+        # What the block wrote may be a new file at this path (safetensors writes its own,
+        # with 0600): the output gets the permissions a plain open() would give.
+        os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
     finally:
         tmp_path.unlink(missing_ok=True)
@@ -56,13 +61,19 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_write_files(texts: dict[Path, str]) -> None:
+def atomic_write_files(texts: dict[Path, str], check: Callable[[dict[Path, Path]], None] | None = None) -> None:
     """Write several text files as one unit: all of them appear, or none changes.
 
     ``core.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
     files that is not enough (a failing second rename would leave a new CSV next to an old
     JSON), so this writes every temp first and undoes the renames already done on failure.
     Older files are kept as hard links (a copy where links are unsupported) until the end.
+
+    Args:
+        texts: Target path -> text.
+        check: Called with ``{target: temp file}`` once every temp file is written, before any
+            rename; raising there leaves every target as it was (so files are validated whole,
+            under their temporary names, before they replace the old ones).
     """
     temps: dict[Path, Path] = {}
     backups: dict[Path, Path] = {}
@@ -70,6 +81,8 @@ def atomic_write_files(texts: dict[Path, str]) -> None:
     try:
         for target, text in texts.items():
             temps[target] = _write_temp(target, text)
+        if check is not None:
+            check(dict(temps))
         for target in texts:
             if target.exists():
                 backups[target] = _backup(target)
@@ -152,3 +165,41 @@ def to_json_safe(value: Any, where: str = "value") -> Any:
     if hasattr(value, "tolist"):  # numpy arrays and scalars, without importing numpy
         return to_json_safe(value.tolist(), where)
     raise ValueError(f"{where}: {type(value).__name__} value {value!r} cannot be written as JSON")
+
+
+def submission_name_problem(name: object) -> str | None:
+    """What makes ``name`` unusable as the stem of the submission files, or ``None``.
+
+    The files are ``<name>.csv``, ``<name>.json`` and ``<name>.meta.json`` in one folder, so
+    the name must be a plain, visible file name without those extensions.
+    """
+    if (
+        not isinstance(name, str)
+        or not name
+        or name in {".", ".."}
+        or name.startswith(".")
+        or any(c in name for c in "/\\\0")
+        or name.strip() != name
+    ):
+        return "must be a plain file name (no path separators, not hidden, no surrounding spaces)"
+    if name.lower().endswith((".csv", ".json")):
+        return f"must not carry an extension (the files are {name}.csv/.json; use {Path(name).stem!r})"
+    return None
+
+
+def check_writable(folder: Path, key: str) -> None:
+    """Prove a file can be written into ``folder`` (or, where it does not exist yet, into the
+    nearest folder above it that does) before any long work; creates nothing that stays.
+    A failure is one line naming the config ``key``."""
+    folder = Path(folder).absolute()
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{key}: cannot write to {folder} ({existing} is not a folder)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".write_test.", dir=existing)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise UserError(f"{key}: cannot write to {folder} ({exc.strerror or exc})") from None

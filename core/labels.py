@@ -21,6 +21,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import warnings
 from collections import defaultdict
 from pathlib import Path
 from typing import Sequence
@@ -33,6 +34,7 @@ from core.errors import UserError
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 TEST_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".webp")
 
+MAX_IMAGE_ID = 2**63 - 1  # ids travel as int64 tensors (and JSON readers lose larger integers)
 _LABEL_RE = re.compile(r"-?[0-9]+")
 _ID_RE = re.compile(r"[0-9]+")
 
@@ -98,9 +100,16 @@ def parse_label_lines(
     return entries
 
 
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a looping link (ELOOP); DirEntry raises it instead of answering False
+        return False
+
+
 def _list_files(folder: Path) -> set[str]:
     with os.scandir(folder) as it:
-        return {entry.name for entry in it if entry.is_file()}
+        return {entry.name for entry in it if _is_file(entry)}
 
 
 def read_label_file(path: Path, image_dir: Path, num_classes: int) -> list[tuple[Path, int]]:
@@ -121,8 +130,9 @@ def read_label_file(path: Path, image_dir: Path, num_classes: int) -> list[tuple
     ]
     if missing:
         line_no, name = missing[0]
+        what = "is a broken or looping symbolic link" if (image_dir / name).is_symlink() else "not found"
         raise UserError(
-            f"{path}:{line_no}: image '{name}' not found in {image_dir} "
+            f"{path}:{line_no}: image '{name}' {what} in {image_dir} "
             f"({len(missing)} of {len(entries)} listed images are missing)"
         )
     return [(image_dir / name, label) for _, name, label in entries]
@@ -185,7 +195,13 @@ def scan_image_folder(root: Path) -> tuple[list[tuple[Path, int]], list[str]]:
     samples: list[tuple[Path, int]] = []
     for label, name in enumerate(classes):
         found = []
+        seen_dirs: set[str] = set()  # real folders walked for this class: a loop is never walked twice
         for dirpath, dirnames, filenames in os.walk(root / name, followlinks=True):
+            real = os.path.realpath(dirpath)
+            if real in seen_dirs:
+                dirnames[:] = []
+                continue
+            seen_dirs.add(real)
             dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
             found += [Path(dirpath) / f for f in sorted(filenames) if not f.startswith(".") and _is_image_name(f)]
         if not found:
@@ -210,6 +226,8 @@ def list_test_images(test_dir: Path) -> list[tuple[Path, int]]:
         if entry.name.startswith("."):
             continue
         path = test_dir / entry.name
+        if entry.is_symlink() and not os.path.exists(path):
+            raise UserError(f"{path}: a broken or looping symbolic link in the test folder")
         if entry.is_dir():
             raise UserError(f"{path}: sub-folder in the test folder (expected only N.png images)")
         stem, ext = os.path.splitext(entry.name)
@@ -218,6 +236,8 @@ def list_test_images(test_dir: Path) -> list[tuple[Path, int]]:
         if not _ID_RE.fullmatch(stem):
             raise UserError(f"{path}: test image name must be an integer id (N.png)")
         image_id = int(stem)
+        if image_id > MAX_IMAGE_ID:
+            raise UserError(f"{path}: image id {stem} is larger than the largest supported id {MAX_IMAGE_ID}")
         if image_id in items:
             raise UserError(f"{path}: duplicate image id {image_id} (also {items[image_id].name})")
         items[image_id] = path
@@ -259,6 +279,29 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
+def _drop_duplicate_files(samples: list[tuple[Path, int]], where: Path) -> list[tuple[Path, int]]:
+    """Keep one sample per real file (links and loops reach a file by several paths), so a file
+    can never land in both the training and the validation split; two labels for it are an error."""
+    first: dict[str, tuple[Path, int]] = {}
+    kept = []
+    for path, label in samples:
+        real = os.path.realpath(path)
+        if real not in first:
+            first[real] = (path, label)
+            kept.append((path, label))
+        elif first[real][1] != label:
+            raise UserError(
+                f"{where}: {path} and {first[real][0]} are the same file with labels {label} and {first[real][1]}"
+            )
+    if len(kept) < len(samples):
+        warnings.warn(
+            f"{where}: {len(samples) - len(kept)} image path(s) lead to files already listed "
+            "(links); each file is used once",
+            stacklevel=2,
+        )
+    return kept
+
+
 def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """Training and validation samples as the config describes them.
 
@@ -277,8 +320,8 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
     if cfg.val_labels:
         val_dir = resolve_path(cfg.root, cfg.val_dir) if cfg.val_dir else train_dir
         val = read_label_file(resolve_path(cfg.root, cfg.val_labels), val_dir, cfg.num_classes)
-        train_paths = {os.path.abspath(p) for p, _ in samples}
-        shared = [p for p, _ in val if os.path.abspath(p) in train_paths]
+        train_paths = {os.path.realpath(p) for p, _ in samples}
+        shared = [p for p, _ in val if os.path.realpath(p) in train_paths]
         if shared:
             # Validating on training images would inflate the numbers best-checkpoint
             # selection relies on.
@@ -287,6 +330,7 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
                 f"in the training set (first: {shared[0]}); remove them from one of the lists"
             )
         return samples, val
+    samples = _drop_duplicate_files(samples, train_dir)
     if cfg.val_fraction <= 0:
         return samples, []
     train_idx, val_idx = stratified_split([label for _, label in samples], cfg.val_fraction, cfg.split_seed)

@@ -13,18 +13,24 @@ and gloo), which this launcher adds for you.
 a plain CPU run would compute on one core, several times slower on a multi-core machine
 (BENCHMARKS.md, the "1 thread" rows). Without CUDA this launcher gives each process its share of the
 cores instead, unless ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` is set.
+
+Stopping: SIGINT or SIGTERM sent to this launcher (Ctrl-C, ``kill PID``, ``timeout``, a job
+scheduler) is passed on to every process it started, which stop cleanly (checkpoints are
+published atomically); it waits for them, so nothing keeps running. A process that dies without
+a word (SIGKILL, the out-of-memory killer) is named, with the command that resumes the run.
 """
 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import STATUS_ENV, run_cli
+from core.cli import STATUS_ENV, run_cli, user_path
 from core.config import load_config
 from core.errors import UserError
 
@@ -127,9 +133,26 @@ def resolve_launch_args(
     return accel, note
 
 
+USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [accelerate flags]
+
+  --config FILE   YAML config (default configs/default.yaml, the CPU demo); a relative FILE is
+                  taken from the folder you run the command in
+  key=value       dotted overrides, e.g. train.epochs=3 data.image_size=64 train.adv.mode=pgd
+  --debug         show tracebacks
+
+Config sections: name, out_dir, seed, resume, overwrite, data, aug, model, train (train.adv:
+adversarial training), wandb, tta, gcm, random_pad, submit, budget, export, eval. Every key, its
+default and what it means: core/config.py; paths inside a config are relative to the repository.
+
+Any other --flag goes to `accelerate launch` (e.g. --num_processes 2, --config_file
+configs/accelerate/multi_gpu.yaml); see `.venv/bin/accelerate launch --help`."""
+
+GRACE_SECONDS = 60  # after passing a signal on: then the processes are killed
+
+
 def launch(module: str, argv: Sequence[str]) -> int:
     ours, accel = split_args(argv)
-    config_path = _flag_value(ours, "--config")
+    config_path = user_path(_flag_value(ours, "--config"))
     overrides = [a for a in ours if "=" in a and not a.startswith("--")]
     load_config(config_path, overrides)  # fail fast, in one line, before any process starts
 
@@ -138,22 +161,88 @@ def launch(module: str, argv: Sequence[str]) -> int:
     accel, note = resolve_launch_args(accel, torch.cuda.is_available())
     if note:
         print(note, file=sys.stderr)
-    with tempfile.TemporaryDirectory() as tmp:
-        status = Path(tmp) / "status"
-        env = dict(os.environ, **{STATUS_ENV: str(status)})
+    with tempfile.TemporaryDirectory() as status:
+        env = dict(os.environ, **{STATUS_ENV: status})
         if "--debug" in ours:
             env["ROBUST_PIPELINE_DEBUG"] = "1"
         cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *accel, "-m", module, *ours]
-        rc = subprocess.call(cmd, env=env, cwd=os.getcwd())
-        if rc != 0 and status.is_file():
-            # accelerate --quiet maps every failure to 1; keep our "bad input" code.
-            return int(status.read_text() or rc)
+        rc, received = supervise(cmd, env)
+        return explain_exit(module, rc, received, Path(status))
+
+
+def supervise(cmd: list[str], env: dict) -> tuple[int, int | None]:
+    """Run ``cmd`` in its own process group; pass SIGINT/SIGTERM on to the whole group and wait.
+
+    Returns ``(exit code, the signal this launcher received or None)``. The group is told to
+    stop with SIGTERM (clean for our stages, quiet for accelerate's own launcher), and killed
+    if it has not stopped ``GRACE_SECONDS`` later.
+    """
+    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True)
+    received: list[int] = []
+
+    def pass_on(signum, frame) -> None:
+        received.append(signum)
+        _signal_group(proc.pid, signal.SIGTERM)
+
+    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        while True:
+            try:
+                rc = proc.wait(timeout=GRACE_SECONDS if received else None)
+                break
+            except subprocess.TimeoutExpired:
+                _signal_group(proc.pid, signal.SIGKILL)
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    # Stragglers of the group (a loader worker whose parent was killed): nothing may outlive us.
+    _signal_group(proc.pid, signal.SIGKILL)
+    return rc, (received[0] if received else None)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def explain_exit(module: str, rc: int, received: int | None, status: Path) -> int:
+    """The launcher's exit code, and a line for a process that died without reporting."""
+    ended = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").split() for p in status.glob("ended-*")}
+    started = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").strip() for p in status.glob("started-*")}
+    if received is not None:
+        name = signal.Signals(received).name
+        print(f"stopped by {name}: every process of the run has ended", file=sys.stderr)
+        return 128 + received
+    if rc == 0:
+        return 0
+    codes = sorted({int(code) for code, _ in ended.values()}, reverse=True)
+    silent = sorted(r for r in started if r not in ended)
+    if silent:
+        rank = silent[0]
+        resume = (
+            " Continue it with ./run.sh train resume=auto (checkpoints are written atomically)."
+            if module == "train.main"
+            else ""
+        )
+        print(
+            f"error: process rank {rank} (pid {started[rank]}) of {module} died without reporting an error: it was "
+            f"killed by a signal it cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer).{resume}",
+            file=sys.stderr,
+        )
         return rc
+    # accelerate --quiet maps every failure to 1; keep our own code ("bad input" is 2).
+    return next((c for c in codes if c), rc)
 
 
 def main(argv: Sequence[str]) -> None:
     if not argv:
         raise UserError("usage: python -m core.launch MODULE [--config FILE] [key=value ...] [accelerate flags]")
+    if any(a in ("-h", "--help") for a in argv[1:]):
+        command = {"train.main": "train", "infer.submit": "submit"}.get(argv[0], argv[0])
+        print(USAGE.format(command=command))
+        return
     code = launch(argv[0], argv[1:])
     if code:
         raise SystemExit(code)

@@ -116,3 +116,21 @@ def create_classifier(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
 
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def check_input_size(model: nn.Module, image_size: int, arch: str) -> None:
+    """One forward of a blank image: a size the network cannot take (too small for its
+    downsampling) becomes one line naming ``data.image_size`` instead of a kernel error later."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            model(torch.zeros(1, 3, image_size, image_size))
+    except RuntimeError as exc:
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise UserError(
+            f"data.image_size={image_size} is too small for {arch} ({first}); use a larger size "
+            "(a ConvNeXt downsamples 32x: at least 32)"
+        ) from None
+    finally:
+        model.train(was_training)

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.errors import UserError
-from core.io import atomic_write_files, to_json_safe
+from core.io import atomic_write_files, submission_name_problem, to_json_safe
 from core.labels import list_test_images
 
 FIELDS = ("image_id", "category_id")
@@ -62,13 +62,16 @@ def write_submission(
     image_ids: Sequence[int],
     predictions: Sequence[int],
     meta: dict,
+    test_dir: Path | None = None,
+    num_classes: int | None = None,
 ) -> dict[str, Path]:
     """Write ``<name>.csv``, ``<name>.json`` and ``<name>.meta.json`` into ``out_dir``.
 
     Each file goes to a temp file beside its target first; only when all three are written and
-    flushed are they renamed into place. If anything fails, the temps are removed and files of
-    an older submission with the same name are put back, so the folder holds either the whole
-    new submission or exactly what it held before.
+    flushed (and, given ``test_dir``, the CSV and JSON validated under their temporary names)
+    are they renamed into place. If anything fails, the temps are removed and files of an older
+    submission with the same name are put back, so the folder holds either the whole valid new
+    submission or exactly what it held before.
 
     Args:
         out_dir: Folder for the files (created if needed).
@@ -77,6 +80,8 @@ def write_submission(
         predictions: The predicted class of each image, aligned with ``image_ids``.
         meta: JSON-able settings to record (config, checkpoints, TTA, GCM, time...).
             ``Path`` and numpy values are converted; NaN/inf become ``null``.
+        test_dir: The test folder the files must cover (see :func:`check_submission`).
+        num_classes: Labels must lie in ``[0, num_classes)``.
 
     Returns:
         ``{"csv": path, "json": path, "meta": path}``.
@@ -85,6 +90,7 @@ def write_submission(
         ValueError: Mismatched lengths, no predictions, duplicate ids, non-integer values, or
             a ``meta`` value that cannot be written as JSON.
         SubmissionNameError: ``name`` is not a plain file name (also a ValueError).
+        UserError: the files fail validation against ``test_dir``; nothing was replaced.
     """
     check_submission_name(name)
     rows = _sorted_rows(image_ids, predictions)
@@ -105,29 +111,22 @@ def write_submission(
         paths["json"]: format_json(rows),
         paths["meta"]: json.dumps(full_meta, indent=2, allow_nan=False) + "\n",
     }
-    atomic_write_files(texts)
+
+    def check(temps: dict[Path, Path]) -> None:
+        for kind in ("csv", "json") if test_dir is not None else ():
+            problems = validate_submission(temps[paths[kind]], test_dir, num_classes, as_path=paths[kind])
+            if problems:
+                raise UserError(f"{paths[kind]}: failed validation, nothing written: {problems[0]}")
+
+    atomic_write_files(texts, check)
     return paths
 
 
 def check_submission_name(name: str) -> None:
-    """Raise :class:`SubmissionNameError` unless ``name`` is a plain file name."""
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in {".", ".."}
-        or name.startswith(".")
-        or any(c in name for c in "/\\\0")
-        or name.strip() != name
-    ):
-        raise SubmissionNameError(
-            f"submission name {name!r} must be a plain file name "
-            "(no path separators, not hidden, no surrounding spaces)"
-        )
-    if name.lower().endswith((".csv", ".json")):
-        raise SubmissionNameError(
-            f"submission name {name!r} must not carry an extension "
-            f"(the files are {name}.csv/.json; use {Path(name).stem!r})"
-        )
+    """Raise :class:`SubmissionNameError` unless ``name`` is a plain file name without extension."""
+    problem = submission_name_problem(name)
+    if problem:
+        raise SubmissionNameError(f"submission name {name!r} {problem}")
 
 
 def format_csv(rows: Sequence[tuple[int, int]]) -> str:
@@ -199,14 +198,19 @@ def read_submission(path: Path) -> tuple[dict[int, int], list[str]]:
     return parsed.predictions, parsed.problems
 
 
-def parse_submission(path: Path) -> ParsedSubmission:
-    """Like :func:`read_submission`, also giving each prediction's location."""
+def parse_submission(path: Path, as_path: Path | None = None) -> ParsedSubmission:
+    """Like :func:`read_submission`, also giving each prediction's location.
+
+    ``as_path``: read ``path`` as if it were this file (its extension picks the format and
+    messages name it), e.g. a temporary file about to be renamed to ``as_path``.
+    """
     path = Path(path)
-    where = str(path)
-    suffix = path.suffix.lower()
+    shown = Path(as_path) if as_path is not None else path
+    where = str(shown)
+    suffix = shown.suffix.lower()
     if suffix not in (".csv", ".json"):
         return _unreadable(
-            f"{where}: unknown submission type {path.suffix or '(no extension)'!r}; expected a .csv or .json file"
+            f"{where}: unknown submission type {shown.suffix or '(no extension)'!r}; expected a .csv or .json file"
         )
     try:
         data = path.read_bytes()
@@ -396,10 +400,13 @@ class SubmissionCheck:
         return not self.problems
 
 
-def check_submission(path: Path, test_dir: Path, num_classes: int | None) -> SubmissionCheck:
+def check_submission(
+    path: Path, test_dir: Path, num_classes: int | None, as_path: Path | None = None
+) -> SubmissionCheck:
     """Check a submission file against the test folder; every problem, uncapped.
 
     Summaries (missing and extra ids) come first, then per-line problems in file order.
+    ``as_path`` as in :func:`parse_submission`.
 
     Raises:
         UserError: ``test_dir`` is not a usable test folder, or ``num_classes`` < 1 (bad
@@ -408,15 +415,14 @@ def check_submission(path: Path, test_dir: Path, num_classes: int | None) -> Sub
     test_dir = Path(test_dir)
     if num_classes is not None and num_classes < 1:
         raise UserError(f"number of classes must be at least 1, got {num_classes}")
-    if not test_dir.is_dir():
-        raise UserError(f"test folder {test_dir}: " + ("not a folder" if test_dir.exists() else "not found"))
+    check_test_dir(test_dir)
     test_ids = [image_id for _, image_id in list_test_images(test_dir)]
-    parsed = parse_submission(Path(path))
+    parsed = parse_submission(Path(path), as_path)
     if not parsed.readable:
         # Listing every test image as missing would only bury the real problem.
         return SubmissionCheck(parsed.problems, 0, len(test_ids))
 
-    where = str(path)
+    where = str(as_path if as_path is not None else path)
     summary: list[str] = []
     known = set(test_ids)
     missing = [i for i in test_ids if i not in parsed.predictions]
@@ -440,8 +446,15 @@ def check_submission(path: Path, test_dir: Path, num_classes: int | None) -> Sub
     return SubmissionCheck(summary + parsed.problems + labels, len(parsed.predictions), len(test_ids))
 
 
+def check_test_dir(test_dir: Path) -> None:
+    """A usable test folder, or a UserError naming it (by its absolute path)."""
+    if not Path(test_dir).is_dir():
+        what = "not a folder" if Path(test_dir).exists() else "not found"
+        raise UserError(f"test folder {Path(test_dir).absolute()}: {what}")
+
+
 def validate_submission(
-    path: Path, test_dir: Path, num_classes: int | None, limit: int | None = MAX_PROBLEMS
+    path: Path, test_dir: Path, num_classes: int | None, limit: int | None = MAX_PROBLEMS, as_path: Path | None = None
 ) -> list[str]:
     """All problems of a submission file (empty list = valid), capped at ``limit`` lines.
 
@@ -456,7 +469,7 @@ def validate_submission(
     Raises:
         UserError: The test folder is missing or invalid (see :func:`check_submission`).
     """
-    return cap_problems(check_submission(path, test_dir, num_classes).problems, limit)
+    return cap_problems(check_submission(path, test_dir, num_classes, as_path).problems, limit)
 
 
 def cap_problems(problems: list[str], limit: int | None = MAX_PROBLEMS) -> list[str]:

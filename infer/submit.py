@@ -25,11 +25,12 @@ from core.config import Config, config_to_dict, resolve_path
 from core.datasets import TestImageDataset, create_eval_loader
 from core.errors import UserError
 from core.images import load_image, to_float_images
+from core.io import check_writable
 from core.labels import list_test_images, read_hidden_labels
 from core.launch import available_cores
 from gcm import DefendedModel
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
-from infer.submission import validate_submission, write_submission
+from infer.submission import write_submission
 
 
 def compile_members(model: DefendedModel) -> None:
@@ -128,6 +129,8 @@ def run(cfg: Config) -> dict:
     """Write the submission files for ``cfg``; returns counts, paths and (if labelled) accuracy."""
     start = time.perf_counter()
     accelerator = create_accelerator(cfg)
+    # Before the prediction, not after it; on every process, so none waits for a failed one.
+    check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
 
@@ -191,11 +194,7 @@ def run(cfg: Config) -> dict:
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
         "config": config_to_dict(cfg),
     }
-    paths = write_submission(Path(cfg.submit.out_dir), name, ids, preds, meta)
-    for key in ("csv", "json"):
-        problems = validate_submission(paths[key], test_dir, cfg.data.num_classes)
-        if problems:
-            raise UserError(f"{paths[key]}: failed validation: {problems[0]}")
+    paths = write_submission(Path(cfg.submit.out_dir), name, ids, preds, meta, test_dir, cfg.data.num_classes)
     result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
     acc = (
         f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%"

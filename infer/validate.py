@@ -1,20 +1,26 @@
-"""``./run.sh validate FILE --test-dir DIR [--num-classes N]``: check a submission file.
+"""``./run.sh validate FILE --test-dir DIR [--num-classes N | --config FILE]``: check a submission file.
 
 Prints each problem on its own line, then ``FILE: INVALID (N problems)`` and exits 1, or
 ``FILE: OK (N predictions for N test images)`` and exits 0. Bad usage (a missing or unusable
-test folder, a bad option) is one ``error: ...`` line and exit 2, like every other command.
-The rules are listed in :mod:`infer.submission`.
+test folder, a bad option, no way to know the class count) is one ``error: ...`` line and exit
+2, like every other command. The rules are listed in :mod:`infer.submission`.
+
+The class count comes from ``--num-classes``, else from the ``<name>.meta.json`` that ``submit``
+wrote beside the file, else from ``--config``; without any of them the labels' range cannot be
+checked, so the command refuses rather than pass out-of-range classes.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 from typing import NoReturn, Sequence
 
-from core.cli import run_cli
+from core.cli import run_cli, user_path
+from core.config import load_config
 from core.errors import UserError
-from infer.submission import MAX_PROBLEMS, cap_problems, check_submission
+from infer.submission import MAX_PROBLEMS, cap_problems, check_submission, check_test_dir
 
 
 class _Parser(argparse.ArgumentParser):
@@ -32,8 +38,9 @@ def create_validate_parser() -> argparse.ArgumentParser:
         "--num-classes",
         type=int,
         default=None,
-        help="labels must be in [0, N) (default: only negative labels are rejected)",
+        help="labels must be in [0, N) (default: from FILE's .meta.json, else from --config)",
     )
+    parser.add_argument("--config", default=None, help="take the class count from this config's data.num_classes")
     parser.add_argument(
         "--max-problems",
         type=int,
@@ -44,13 +51,41 @@ def create_validate_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def meta_path_of(file: Path) -> Path:
+    """``<name>.meta.json`` beside ``<name>.csv`` or ``<name>.json``."""
+    return file.with_name(file.name.rsplit(".", 1)[0] + ".meta.json")
+
+
+def resolve_num_classes(file: Path, given: int | None, config: Path | None) -> int:
+    """The class count to check labels against: given, from the meta file, or from the config."""
+    if given is not None:
+        return given
+    meta = meta_path_of(file)
+    if meta.is_file():
+        try:
+            value = json.loads(meta.read_text(encoding="utf-8"))["config"]["data"]["num_classes"]
+        except (OSError, ValueError, KeyError, TypeError):
+            value = None
+        if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+            return value
+    if config is not None:
+        return load_config(config).data.num_classes
+    raise UserError(
+        f"{file}: the number of classes is unknown (no readable {meta.name} beside it): give --num-classes N "
+        "or --config FILE, so out-of-range classes are caught"
+    )
+
+
 def run(argv: Sequence[str]) -> int:
     """Check the file named in ``argv`` and print the report; returns 0 (valid) or 1 (invalid)."""
     parser = create_validate_parser()
     args = parser.parse_args(list(argv))
     if args.max_problems < 0:
         parser.error(f"--max-problems must be 0 (all) or more, got {args.max_problems}")
-    result = check_submission(args.file, args.test_dir, args.num_classes)
+    file, test_dir = user_path(args.file), user_path(args.test_dir)
+    check_test_dir(test_dir)
+    num_classes = resolve_num_classes(file, args.num_classes, user_path(args.config))
+    result = check_submission(file, test_dir, num_classes)
     if not result.ok:
         for line in cap_problems(result.problems, args.max_problems or None):
             print(line)

@@ -63,6 +63,21 @@ def test_yaml_1e20_string_is_cast(tmp_path):
         (["data=3"], "config key 'data' is a section"),
         (["train.batch_size=0"], "'train.batch_size' must be at least 1"),
         (["name=../x"], "config key 'name'"),
+        # values that would produce a garbage result rather than an error later
+        (["submit.temperature=0"], "'submit.temperature' must be positive"),
+        (["submit.temperature=-1"], "'submit.temperature' must be positive"),
+        (["submit.temperature=nan"], "'submit.temperature': nan is not a finite number"),
+        (["submit.fallback_class=10"], "'submit.fallback_class': 10 is not a class of [0, 10)"),
+        (["submit.fallback_class=-1"], "'submit.fallback_class': -1 is not a class"),
+        (["submit.file_name=sub.csv"], "'submit.file_name': 'sub.csv' must not carry an extension"),
+        (["submit.file_name=a/b"], "'submit.file_name': 'a/b' must be a plain file name"),
+        (["train.lr=0"], "'train.lr' must be positive"),
+        (["train.lr=nan"], "'train.lr': nan is not a finite number"),
+        (["train.lr=inf"], "'train.lr': inf is not a finite number"),
+        (["tta.scales=[1.0,nan]"], "'tta.scales': [1.0, nan] is not a finite number"),
+        (["tta.scales=[1.0,-0.5]"], "'tta.scales' needs one or more positive factors"),
+        (["train.keep_checkpoints=-1"], "'train.keep_checkpoints' must be at least 1"),
+        (["train.keep_checkpoints=0"], "'train.keep_checkpoints' must be at least 1"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -107,3 +122,15 @@ def test_cli_bad_key_is_one_line_exit_2():
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
     ]
+
+
+def test_config_path_on_the_command_line_is_taken_from_the_users_folder(tmp_path):
+    (tmp_path / "mine.yaml").write_text("train:\n  epochz: 3\n")
+    proc = run_module(
+        "core.launch", "train.main", "--config", "mine.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
+    )  # what run.sh sets: the folder it was run from
+    assert proc.returncode == 2 and f"{tmp_path / 'mine.yaml'}: unknown config key 'train.epochz'" in proc.stderr
+    missing = run_module(
+        "core.launch", "train.main", "--config", "nope.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
+    )
+    assert missing.returncode == 2 and f"config file not found: {tmp_path / 'nope.yaml'}" in missing.stderr

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import re
 import warnings
 from collections import Counter
@@ -156,6 +157,66 @@ def test_scan_image_folder(tmp_path):
         label_files.scan_image_folder(write_image(tmp_path / "flat" / "0.png").parent)
     with pytest.raises(UserError, match="image folder not found"):
         label_files.scan_image_folder(tmp_path / "missing")
+
+
+def test_linked_folders_and_loops_give_each_file_once(tmp_path):
+    root = tmp_path / "train"
+    for c in ("0", "1"):
+        for i in range(20):
+            write_image(root / c / f"{i}.png", color=(i, int(c), 0), fmt="PNG")
+    os.symlink(".", root / "0" / "loop")  # a loop: 0/loop/loop/... reaches the same 20 files forever
+    os.symlink(root / "1", root / "0" / "also_one")  # class 1's files linked into class 0
+    with pytest.raises(UserError, match="are the same file with labels"):
+        label_files.resolve_samples(
+            DataConfig(root=str(tmp_path), train_dir="train", train_labels="", num_classes=2, val_fraction=0.2)
+        )
+    (root / "0" / "also_one").unlink()
+    samples, _ = label_files.scan_image_folder(root)
+    assert len(samples) == 40  # not 200: the loop is walked once
+    train, val = label_files.resolve_samples(
+        DataConfig(root=str(tmp_path), train_dir="train", train_labels="", num_classes=2, val_fraction=0.2)
+    )
+    real = lambda items: {os.path.realpath(p) for p, _ in items}  # noqa: E731
+    assert len(train) + len(val) == 40 and not real(train) & real(val)  # no file in both splits
+
+
+def test_links_in_a_label_file_never_put_one_file_in_both_splits(tmp_path, image_dir):
+    for i in range(3, 10):
+        write_image(image_dir / f"{i}.JPEG", color=(i, 0, 0), fmt="JPEG")
+    for i in range(10):
+        os.symlink(image_dir / f"{i}.JPEG", image_dir / f"link{i}.JPEG")
+    labels = tmp_path / "label.txt"
+    labels.write_text("".join(f"{i}.JPEG {i % 2}\nlink{i}.JPEG {i % 2}\n" for i in range(10)))
+    with pytest.warns(UserWarning, match="10 image path\\(s\\) lead to files already listed"):
+        train, val = label_files.resolve_samples(
+            DataConfig(
+                root=str(tmp_path), train_dir="images", train_labels="label.txt", num_classes=2, val_fraction=0.3
+            )
+        )
+    real = lambda items: {os.path.realpath(p) for p, _ in items}  # noqa: E731
+    assert len(train) + len(val) == 10 and not real(train) & real(val)
+
+
+def test_test_folder_links_that_go_nowhere_and_ids_that_do_not_fit(tmp_path):
+    folder = tmp_path / "test"
+    write_image(folder / "0.png", fmt="PNG")
+    os.symlink(folder / "2.png", folder / "1.png")  # 1 -> 2 -> 1: a loop
+    os.symlink(folder / "1.png", folder / "2.png")
+    with pytest.raises(UserError, match=r"1.png: a broken or looping symbolic link in the test folder"):
+        label_files.list_test_images(folder)
+    (folder / "1.png").unlink()
+    (folder / "2.png").unlink()
+    write_image(folder / "99999999999999999999999.png", fmt="PNG")
+    with pytest.raises(UserError, match=r"99999999999999999999999.png: image id .* is larger than the largest"):
+        label_files.list_test_images(folder)
+
+
+def test_a_label_file_entry_that_is_a_looping_link_is_named(tmp_path, image_dir):
+    os.symlink(image_dir / "loop.JPEG", image_dir / "loop.JPEG")
+    labels = tmp_path / "label.txt"
+    labels.write_text("0.JPEG 0\nloop.JPEG 1\n")
+    with pytest.raises(UserError, match=r"label.txt:2: image 'loop.JPEG' is a broken or looping symbolic link"):
+        label_files.read_label_file(labels, image_dir, 2)
 
 
 def test_list_test_images_sorts_ids_naturally(tmp_path):

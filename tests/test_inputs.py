@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 from pathlib import Path
 
@@ -181,3 +182,21 @@ def test_config_type_error_is_one_line_exit_2(tmp_path):
     proc = _run_train(["--config", str(bad)])
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {bad}: config key 'train.epochs': expected int, got 'ten'"
+
+
+def test_a_checkpoint_json_with_a_non_integer_class_count_is_one_line(checkpoint, tmp_path):
+    stem = tmp_path / "odd"
+    for suffix in (".safetensors", ".json"):
+        (tmp_path / f"odd{suffix}").write_bytes(Path(f"{checkpoint}{suffix}").read_bytes())
+    info = json.loads((tmp_path / "odd.json").read_text())
+    info["num_classes"] = "ten"
+    (tmp_path / "odd.json").write_text(json.dumps(info))
+    with pytest.raises(UserError, match=r"odd.json: checkpoint JSON 'num_classes' is 'ten', not a positive integer"):
+        load_model(stem)
+
+
+def test_exported_models_get_the_permissions_of_every_other_output(checkpoint):
+    umask = os.umask(0)
+    os.umask(umask)
+    for suffix in (".safetensors", ".json"):
+        assert os.stat(f"{checkpoint}{suffix}").st_mode & 0o777 == 0o666 & ~umask, suffix

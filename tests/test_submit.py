@@ -53,6 +53,18 @@ def test_submit_writes_valid_files_and_meta(trained, tmp_path):
     assert result["test_acc"] == meta["test_acc"]
 
 
+def test_an_unwritable_out_dir_fails_before_any_prediction(trained, tmp_path, monkeypatch):
+    (tmp_path / "a_file").write_text("not a folder")
+
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted although the files could not be written")
+
+    monkeypatch.setattr(submit, "predict", no_prediction)
+    cfg = load_config(None, shrink([f"submit.out_dir={tmp_path / 'a_file' / 'subs'}"], *trained))
+    with pytest.raises(submit.UserError, match=r"submit.out_dir: cannot write to .*a_file/subs"):
+        submit.run(cfg)
+
+
 def test_gcm_does_not_change_predictions(trained, tmp_path):
     with_gcm = submit.run(_cfg(trained, tmp_path, "submit.file_name=on"))
     without = submit.run(_cfg(trained, tmp_path, "submit.file_name=off", "gcm.enabled=false"))

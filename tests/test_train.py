@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from core.checkpoint import load_model
 from core.config import load_config
 from core.demo_data import generate_demo_data
+from core.errors import UserError
 from core.tracking import resolve_wandb_mode
 from tests.conftest import run_module, shrink
 from train import main as train_main
@@ -94,12 +95,53 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_config, tmp_path):
     assert full_info["val_acc"] == pytest.approx(part_info["val_acc"])
 
 
-def test_fresh_run_does_not_mix_with_old_checkpoints(tiny_config):
+def test_a_finished_run_is_never_replaced_silently(tiny_config):
     cfg = tiny_config("train.max_steps=3", "train.checkpoint_every=1")
     train_main.run(cfg)
     assert len(list((cfg.run_dir / "checkpoints").iterdir())) == 2  # keep_checkpoints
-    train_main.run(tiny_config("train.max_steps=1"))
+    best = (cfg.run_dir / "best.safetensors").read_bytes()
+    with pytest.raises(
+        UserError,
+        match=r"name=demo: .* already holds a run \(best.safetensors, last.safetensors, "
+        r"2 checkpoint\(s\)\); continue it with resume=auto, train under another "
+        r"name=\.\.\., or replace it with overwrite=true",
+    ):
+        train_main.run(tiny_config("train.max_steps=1"))
+    assert (cfg.run_dir / "best.safetensors").read_bytes() == best  # untouched
+    # overwrite=true: a clean slate, nothing of the old run can be mistaken for the new one's
+    train_main.run(tiny_config("train.max_steps=1", "overwrite=true"))
     assert [p.name for p in (cfg.run_dir / "checkpoints").iterdir()] == ["e0000_b000001"]
+    assert json.loads((cfg.run_dir / "best.json").read_text())["global_step"] == 1
+
+
+def test_resume_under_another_model_is_one_line_naming_the_key(tiny_config):
+    train_main.run(tiny_config("train.max_steps=1"))
+    with pytest.raises(
+        UserError,
+        match=r"resume: .* was trained with model.name=test_convnext, this config says "
+        r"model.name=test_convnext2",
+    ):
+        train_main.run(tiny_config("train.max_steps=2", "resume=auto", "model.name=test_convnext2"))
+
+
+def test_an_image_size_the_model_cannot_take_fails_first_and_leaves_nothing(tiny_config):
+    cfg = tiny_config("data.image_size=16", "train.max_steps=1")
+    with pytest.raises(UserError, match="data.image_size=16 is too small for test_convnext"):
+        train_main.run(cfg)
+    assert not cfg.run_dir.exists()  # the failed run left no empty folder behind
+
+
+def test_demo_data_replaced_for_another_class_count_says_so(tmp_path, capsys):
+    root = tmp_path / "demo"
+    generate_demo_data(root, num_classes=4, train_per_class=10, test_per_class=2, image_size=32)
+    cfg = load_config(
+        None, shrink(["data.demo=true", "data.num_classes=3", "train.max_steps=1"], root, tmp_path / "runs")
+    )
+    train_main.run(cfg)
+    out = capsys.readouterr().out
+    assert (
+        f"demo data: regenerated {root} for data.num_classes=3, data.image_size=32 (it held 4 classes at 32 px)" in out
+    )
 
 
 def test_wandb_falls_back_offline_fast_and_never_leaks_the_key(tiny_config, monkeypatch, tmp_path):

@@ -3,6 +3,7 @@
 import json
 import os
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
@@ -375,7 +376,7 @@ def test_cli_exit_codes(tmp_path, test_dir, capsys):
         assert capsys.readouterr().out == f"{paths[key]}: OK ({N_IMAGES} predictions for {N_IMAGES} test images)\n"
 
     broken = write_file(tmp_path / "broken.csv", csv_text([(i, 0) for i in range(N_IMAGES - 1)] + [(0, 3)]))
-    assert main([str(broken), "--test-dir", str(test_dir)]) == 1
+    assert main([str(broken), "--test-dir", str(test_dir), "--num-classes", "20"]) == 1
     out = capsys.readouterr().out.splitlines()
     assert out == [
         f"{broken}: 1 of {N_IMAGES} test images have no valid prediction (image_id {N_IMAGES - 1})",
@@ -413,3 +414,51 @@ def test_cli_as_a_module(tmp_path, test_dir):
     assert ok.stdout.strip() == f"{path}: OK ({N_IMAGES} predictions for {N_IMAGES} test images)"
     usage = run_module("infer.validate", str(path), timeout=120)
     assert usage.returncode == 2 and usage.stderr.startswith("error: ") and "--test-dir" in usage.stderr
+
+
+def test_cli_takes_the_class_count_from_the_meta_file_or_the_config(tmp_path, test_dir, capsys):
+    ids, preds = shuffled_predictions()  # classes up to 19
+    ok = write_submission(tmp_path, "ok", ids, preds, {"config": {"data": {"num_classes": 20}}})
+    assert main([str(ok["csv"]), "--test-dir", str(test_dir)]) == 0
+    small = write_submission(tmp_path, "small", ids, preds, {"config": {"data": {"num_classes": 2}}})
+    assert main([str(small["json"]), "--test-dir", str(test_dir)]) == 1  # out-of-range classes caught
+    assert "is outside [0, 2)" in capsys.readouterr().out
+    bare = write_file(tmp_path / "bare.csv", csv_text(list(zip(ids, preds))))
+    assert main([str(bare), "--test-dir", str(test_dir)]) == 2  # nothing says how many classes: refuse
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "give --num-classes N or --config FILE" in err and "bare.meta.json" in err
+    config = write_file(tmp_path / "c.yaml", "data:\n  num_classes: 2\n")
+    assert main([str(bare), "--test-dir", str(test_dir), "--config", str(config)]) == 1
+
+
+def test_new_files_are_validated_before_they_replace_the_old_ones(tmp_path, test_dir):
+    ids, preds = shuffled_predictions()
+    old = write_submission(tmp_path, "sub", ids, preds, {"run": 1}, test_dir, 20)
+    before = {k: p.read_bytes() for k, p in old.items()}
+    with pytest.raises(UserError, match=r"sub.csv: failed validation, nothing written: .*category_id 25 is outside"):
+        write_submission(tmp_path, "sub", ids, [25] * len(ids), {"run": 2}, test_dir, 20)
+    assert {k: p.read_bytes() for k, p in old.items()} == before
+    assert all_files(tmp_path) == ["sub.csv", "sub.json", "sub.meta.json"]  # no temporary file left
+
+
+def test_command_line_paths_are_taken_from_the_users_folder(tmp_path, test_dir):
+    ids, preds = shuffled_predictions()
+    write_submission(tmp_path / "out", "sub", ids, preds, {"config": {"data": {"num_classes": 20}}})
+    os.symlink(test_dir, tmp_path / "images")
+    run_sh = str(ROOT / "run.sh")
+    ok = subprocess.run(
+        [run_sh, "validate", "out/sub.csv", "--test-dir", "images"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert ok.returncode == 0 and ok.stdout.strip().endswith("OK (26 predictions for 26 test images)"), ok.stderr
+    missing = subprocess.run(
+        [run_sh, "validate", "out/sub.csv", "--test-dir", "nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert missing.returncode == 2 and f"test folder {tmp_path / 'nope'}: not found" in missing.stderr

@@ -22,7 +22,7 @@ from core.model import count_params
 from core.tracking import init_tracking, resolve_wandb_mode
 from train.engine import Progress, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data
-from train.state import export_models, pick_weights, prepare_run_dir, restore, save_checkpoint, selection_of
+from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
 
 
 def run(cfg: Config) -> dict:
@@ -30,29 +30,29 @@ def run(cfg: Config) -> dict:
     mode, reason = resolve_wandb_mode(cfg.wandb.mode, cfg.wandb.timeout)
     accelerator = create_accelerator(cfg, log_with=None if mode == "disabled" else "wandb")
     set_seed(cfg.seed)
-    if accelerator.is_main_process:
-        prepare_run_dir(cfg.run_dir)
-    with accelerator.main_process_first():
-        ensure_demo_data(cfg)
-    training = build_training(cfg, accelerator)
-    progress = Progress()
-    restore(training, progress)
-    if accelerator.is_main_process:
-        save_config(cfg, cfg.run_dir / "config.yaml")
-    tracking = init_tracking(accelerator, cfg, mode, reason)
-    announce(training)
+    with run_folder(cfg, accelerator):
+        with accelerator.main_process_first():
+            ensure_demo_data(cfg, accelerator)
+        training = build_training(cfg, accelerator)
+        progress = Progress()
+        restore(training, progress)
+        if accelerator.is_main_process:
+            save_config(cfg, cfg.run_dir / "config.yaml")
+        tracking = init_tracking(accelerator, cfg, mode, reason)
+        announce(training)
 
-    metrics: dict = {}
-    start = time.perf_counter()
-    for epoch in range(progress.epoch, cfg.train.epochs):
-        stats = fit_epoch(training, progress, epoch, on_first_batch=sample_grid_hook(training, progress, tracking))
-        metrics = validate(training)
-        improved = record_epoch(training, progress, epoch, stats, metrics)
-        export_models(training, progress, metrics, improved)
-        save_checkpoint(training, progress)
-        if stopped_early(cfg, progress):
-            break
-    return finish(training, progress, metrics, time.perf_counter() - start)
+        metrics: dict = {}
+        start = time.perf_counter()
+        for epoch in range(progress.epoch, cfg.train.epochs):
+            grid = sample_grid_hook(training, progress, tracking)
+            stats = fit_epoch(training, progress, epoch, on_first_batch=grid)
+            metrics = validate(training)
+            improved = record_epoch(training, progress, epoch, stats, metrics)
+            export_models(training, progress, metrics, improved)
+            save_checkpoint(training, progress)
+            if stopped_early(cfg, progress):
+                break
+        return finish(training, progress, metrics, time.perf_counter() - start)
 
 
 def announce(training: Training) -> None:

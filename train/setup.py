@@ -21,7 +21,7 @@ from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
 from core.demo_data import generate_demo_data
 from core.labels import resolve_samples, select_subset
-from core.model import create_classifier
+from core.model import check_input_size, create_classifier
 from core.transforms import create_eval_transform, create_train_transform
 from train.loaders import create_train_loader
 
@@ -57,16 +57,26 @@ def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     )
 
 
-def ensure_demo_data(cfg: Config) -> None:
-    """Generate the offline demo data set when the config asks for it and it is missing."""
-    if cfg.data.demo:
-        generate_demo_data(Path(cfg.data.root), num_classes=cfg.data.num_classes, image_size=cfg.data.image_size)
+def ensure_demo_data(cfg: Config, accelerator: Accelerator) -> None:
+    """Generate the offline demo data set when the config asks for it and it is missing (or was
+    made for another class count or size: then say so, since it replaces the earlier one)."""
+    if not cfg.data.demo:
+        return
+    made = generate_demo_data(Path(cfg.data.root), num_classes=cfg.data.num_classes, image_size=cfg.data.image_size)
+    if made["created"]:
+        was = made.get("replaced")
+        before = f" (it held {was.get('num_classes')} classes at {was.get('image_size')} px)" if was else ""
+        accelerator.print(
+            f"demo data: {'regenerated' if was else 'generated'} {made['root']} for "
+            f"data.num_classes={cfg.data.num_classes}, data.image_size={cfg.data.image_size}{before}"
+        )
 
 
 def create_model_and_optimizer(cfg: Config, updates_per_epoch: int) -> tuple[nn.Module, torch.optim.Optimizer, object]:
     """The network in its configured memory layout, timm's optimizer and per-step scheduler."""
     t = cfg.train
     model = create_classifier(cfg.model, cfg.data.num_classes)
+    check_input_size(model, cfg.data.image_size, cfg.model.name)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer_v2(

@@ -7,18 +7,21 @@ kill never leaves a half-written checkpoint under a final name.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
 import time
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from core.checkpoint import export_model, state_dict_of
-from core.config import Config, config_to_dict
+from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError
+from core.io import check_writable
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
 
@@ -27,15 +30,41 @@ TRAIN_STATE = "train_state.json"
 EMA_WEIGHTS = "ema.safetensors"
 
 
-def prepare_run_dir(run_dir: Path) -> None:
-    """Create the run folder up front so an unwritable ``out_dir`` fails before any training."""
-    try:
+# Keys a training state depends on: resuming under other values cannot load it.
+STATE_KEYS = ("model.name", "model.stem", "data.num_classes", "train.opt", "train.ema")
+EXPORTS = ("best", "last")
+
+
+def check_run_name(cfg: Config) -> None:
+    """Never replace a run silently: a name that already holds one needs ``resume`` or ``overwrite``."""
+    if cfg.resume or cfg.overwrite:
+        return
+    run_dir = cfg.run_dir
+    held = [f"{name}.safetensors" for name in EXPORTS if (run_dir / f"{name}.safetensors").exists()]
+    held += [f"{len(checkpoint_dirs(run_dir))} checkpoint(s)"] if checkpoint_dirs(run_dir) else []
+    if held:
+        raise UserError(
+            f"name={cfg.name}: {run_dir} already holds a run ({', '.join(held)}); continue it with resume=auto, "
+            "train under another name=..., or replace it with overwrite=true"
+        )
+
+
+@contextlib.contextmanager
+def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
+    """The run's folder, created up front (an unwritable ``out_dir`` fails before any training) and
+    removed again if the run fails before writing anything into it."""
+    run_dir = cfg.run_dir
+    existed = run_dir.exists()
+    check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
+    check_writable(run_dir, "out_dir")
+    if accelerator.is_main_process:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write_test"
-        probe.write_bytes(b"")
-        probe.unlink()
-    except OSError as exc:
-        raise UserError(f"out_dir: cannot write to {run_dir} ({exc.strerror or exc})") from None
+    try:
+        yield run_dir
+    except BaseException:
+        if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+            run_dir.rmdir()
+        raise
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -139,19 +168,48 @@ def restore(training: Training, progress: Progress) -> None:
     run_dir = cfg.run_dir
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from))
+        check_resumable(cfg, resume_from)
+        try:
+            accelerator.load_state(str(resume_from))
+        except (RuntimeError, KeyError, ValueError, OSError) as exc:
+            first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
+            raise UserError(f"resume: {resume_from} does not fit this config ({first})") from None
         load_extra_state(resume_from, progress, training.scheduler, training.ema)
         accelerator.print(
             f"resumed from {resume_from} (epoch {progress.epoch}, batch {progress.batch}, step {progress.global_step})"
         )
     elif cfg.resume == "auto":
         accelerator.print(f"resume=auto: no checkpoint in {run_dir}/checkpoints, starting fresh")
-    elif accelerator.is_main_process and checkpoint_dirs(run_dir):
-        accelerator.print(
-            f"starting fresh: removing earlier checkpoints in {run_dir}/checkpoints (use resume=auto to continue them)"
-        )
-        shutil.rmtree(run_dir / "checkpoints")
+    elif accelerator.is_main_process and cfg.overwrite:
+        # A fresh run under an old name (overwrite=true): nothing of the old run may be mistaken
+        # for this one's, neither its checkpoints (resume=auto) nor its exports (submit).
+        old = checkpoint_dirs(run_dir) + [p for n in EXPORTS for p in run_dir.glob(f"{n}.*")]
+        if old:
+            accelerator.print(f"overwrite=true: removing the earlier run's checkpoints and exports in {run_dir}")
+            shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
+            for path in old:
+                path.unlink(missing_ok=True) if path.is_file() else None
     accelerator.wait_for_everyone()
+
+
+def check_resumable(cfg: Config, folder: Path) -> None:
+    """Refuse, naming the key, to resume a state saved under another model, class count or optimizer."""
+    saved_path = folder.parent.parent / "config.yaml"
+    if not saved_path.is_file():
+        return
+    try:
+        saved = read_yaml(saved_path)
+    except UserError:
+        return
+    current = config_to_dict(cfg)
+    for key in STATE_KEYS:
+        section, name = key.split(".")
+        was, now = saved.get(section, {}).get(name), current[section][name]
+        if was is not None and was != now:
+            raise UserError(
+                f"resume: {folder} was trained with {key}={was}, this config says {key}={now}; set it back "
+                "or train under a new name=..."
+            )
 
 
 def selection_of(cfg: Config, metrics: dict) -> str:
