@@ -160,6 +160,8 @@ class WandbConfig:
     entity: str = ""
     log_images: bool = True
     timeout: float = 10.0  # seconds to wait for the server before falling back to offline
+    # the model artifact holds the weights themselves (else a checksummed file:// reference to them)
+    upload_weights: bool = False
 
 
 @dataclass
@@ -442,8 +444,19 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     path = Path(path) if path else DEFAULT_CONFIG
     apply_dict(cfg, read_yaml(path), source=str(path))
     apply_overrides(cfg, overrides or [])
+    expand_name(cfg)
     validate_config(cfg)
     return cfg
+
+
+def expand_name(cfg: Config) -> None:
+    """``name`` may name environment variables (``name=sweep-$WANDB_RUN_ID``: a W&B sweep agent
+    starts each run with its own id there, and runs no shell that would expand it)."""
+    if "$" in cfg.name:
+        expanded = os.path.expandvars(cfg.name)
+        if "$" in expanded:
+            raise ConfigError(f"config key 'name': {cfg.name!r} uses an environment variable that is not set")
+        cfg.name = expanded
 
 
 def validate_config(cfg: Config) -> None:

@@ -1,12 +1,21 @@
-"""Weights & Biases through accelerate's tracker, never blocking a run.
+"""Weights & Biases for every stage, never blocking a run.
 
 wandb online with a key but no network blocks for ~100 s and without a key fails at once, so
 ``mode: auto`` decides up front: online only with a key *and* a server that answers within
 ``wandb.timeout`` seconds; otherwise offline (sync later with ``wandb sync``).
+
+What a team finds in W&B: one group per run name, holding the runs of ``train``, ``submit``
+and ``evaluate`` (``job_type``); ``train`` logs its best model as an artifact of type
+``model`` (aliases ``best``, ``latest``), ``submit`` and ``evaluate`` declare it as their
+input and ``submit`` logs the files it wrote as an artifact of type ``submission``. Offline,
+``use_artifact`` is impossible, so the lineage is recorded as the artifact's name and the
+weights' sha256 in the run's config (and in the submission's meta file).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import netrc
 import os
 import socket
@@ -14,6 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from core.config import Config, config_to_dict
+from core.io import atomic_write_text
 
 _DEFAULT_URL = "https://api.wandb.ai"
 
@@ -73,6 +83,7 @@ def wandb_settings(cfg: Config, mode: str, name: str, run_dir: Path, job_type: s
     os.environ.setdefault("WANDB_SILENT", "true")
     kwargs = {
         "name": name,
+        "group": cfg.name,
         "dir": str(run_dir),
         "mode": mode,
         "job_type": job_type,
@@ -106,16 +117,106 @@ def init_tracking(accelerator, cfg: Config, mode: str, reason: str) -> str:
     return mode
 
 
-def start_run(cfg: Config, name: str, run_dir: Path, job_type: str, config: dict):
-    """A W&B run of a single-process stage (``evaluate``), or ``None`` when W&B is disabled.
+def start_run(cfg: Config, job_type: str, config: dict):
+    """A W&B run of ``submit`` or ``evaluate`` in the run name's group, or ``None`` when W&B is disabled.
 
-    Same mode resolution and settings as training; the caller logs into it and calls ``finish()``.
+    Same mode resolution and settings as training (its files go to ``runs/<name>/wandb`` too);
+    the caller logs into it and calls ``finish()``.
     """
     mode, reason = resolve_wandb_mode(cfg.wandb.mode, cfg.wandb.timeout)
     if mode == "disabled":
         return None
     import wandb
 
-    run = wandb.init(project=cfg.wandb.project, config=config, **wandb_settings(cfg, mode, name, run_dir, job_type))
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = wandb_settings(cfg, mode, f"{cfg.name}-{job_type}", run_dir, job_type)
+    run = wandb.init(project=cfg.wandb.project, config=config, **kwargs)
     print(describe_mode(mode, reason, run_dir))
     return run
+
+
+# --- artifacts and lineage -----------------------------------------------------------------
+
+LINEAGE_SUFFIX = ".wandb.json"  # beside an exported model: which artifact holds it
+
+
+def log_model(run, cfg: Config, stem: Path, info: dict) -> dict:
+    """Log the exported model ``<stem>.json`` (+ weights) as artifact ``model-<name>``, aliases best/latest.
+
+    With ``wandb.upload_weights=false`` the weights enter as a checksummed ``file://``
+    reference instead of an upload (huge runs). Writes ``<stem>.wandb.json`` so ``submit``
+    and ``evaluate`` can name this artifact as their input; returns what it wrote there.
+    """
+    import wandb
+
+    weights = Path(f"{stem}.safetensors").resolve()
+    metadata = {
+        k: info.get(k)
+        for k in (
+            "arch",
+            "stem",
+            "num_classes",
+            "image_size",
+            "epoch",
+            "global_step",
+            "val_acc",
+            "val_robust_acc",
+            "selected_by",
+            "weights",
+            "sha256",
+        )
+    }
+    metadata["config_sha256"] = hashlib.sha256(json.dumps(info.get("config", {}), sort_keys=True).encode()).hexdigest()
+    artifact = wandb.Artifact(
+        f"model-{cfg.name}", type="model", metadata={k: v for k, v in metadata.items() if v is not None}
+    )
+    artifact.add_file(str(Path(f"{stem}.json")), name="best.json")
+    if cfg.wandb.upload_weights:
+        artifact.add_file(str(weights), name="best.safetensors")
+    else:
+        artifact.add_reference(weights.as_uri(), name="best.safetensors")
+    run.log_artifact(artifact, aliases=["best", "latest"])
+    lineage = {
+        "artifact": f"model-{cfg.name}",
+        "type": "model",
+        "sha256": info.get("sha256"),
+        "run": run.id,
+        "qualified": None,
+    }
+    if not run.offline:
+        try:  # online: the version exists once committed, so inputs can be pinned to it ("...:v3")
+            lineage["qualified"] = artifact.wait(timeout=max(cfg.wandb.timeout, 60)).qualified_name
+        except Exception as exc:  # noqa: BLE001 - a slow server must not fail a finished training run
+            print(
+                f"W&B: the model artifact is still uploading ({type(exc).__name__}); "
+                "its users will name it without a version"
+            )
+    atomic_write_text(Path(f"{stem}{LINEAGE_SUFFIX}"), json.dumps(lineage, indent=1) + "\n")
+    return lineage
+
+
+def model_lineage(checkpoint: Path, info: dict) -> dict:
+    """Which W&B artifact (if any) holds an exported model, and its weights' sha256."""
+    path = Path(f"{checkpoint}{LINEAGE_SUFFIX}")
+    try:
+        lineage = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        lineage = {}
+    return {
+        "artifact": lineage.get("artifact"),
+        "qualified": lineage.get("qualified"),
+        "logged_by_run": lineage.get("run"),
+        "sha256": info.get("sha256"),
+    }
+
+
+def use_models(run, lineages: list[dict]) -> None:
+    """Declare the models a run used: ``use_artifact`` online where the artifact was logged
+    online (offline W&B cannot), and always their names and sha256 in the run's config."""
+    run.config.update({"input_models": lineages}, allow_val_change=True)
+    if run.offline:
+        return
+    for lineage in lineages:
+        if lineage.get("qualified"):
+            run.use_artifact(lineage["qualified"])

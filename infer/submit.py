@@ -28,6 +28,7 @@ from core.images import load_image, to_float_images
 from core.io import check_writable
 from core.labels import list_test_images, read_hidden_labels
 from core.launch import available_cores
+from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
 from infer.submission import write_submission
@@ -170,6 +171,9 @@ def run(cfg: Config) -> dict:
         result.update(hidden_label_accuracy(ids, preds, labels))
 
     name = cfg.submit.file_name or cfg.name
+    lineages = [
+        model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
+    ]
     meta = {
         "name": name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -184,8 +188,9 @@ def run(cfg: Config) -> dict:
                 "arch": info["arch"],
                 "image_size": info["image_size"],
                 "val_acc": info.get("val_acc"),
+                "wandb_artifact": lineage["artifact"],
             }
-            for c, info in zip(checkpoints, infos)
+            for c, info, lineage in zip(checkpoints, infos, lineages)
         ],
         "defense": describe(model),
         "bad_images": bad_files,
@@ -202,7 +207,41 @@ def run(cfg: Config) -> dict:
         else ""
     )
     accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
+    log_submission(cfg, paths, meta, lineages)
     return result
+
+
+def log_submission(cfg: Config, paths: dict[str, Path], meta: dict, lineages: list[dict]) -> None:
+    """The submit run in W&B: the models it used as inputs, the files as a ``submission`` artifact,
+    the local test accuracy (when hidden labels exist) in the summary."""
+    run = start_run(
+        cfg,
+        "submit",
+        {
+            "submit": config_to_dict(cfg.submit),
+            "tta": config_to_dict(cfg.tta),
+            "gcm": config_to_dict(cfg.gcm),
+            "random_pad": config_to_dict(cfg.random_pad),
+        },
+    )
+    if run is None:
+        return
+    import wandb
+
+    try:
+        use_models(run, lineages)
+        figures = {k: meta[k] for k in ("n_images", "test_acc", "test_labelled") if k in meta}
+        artifact = wandb.Artifact(
+            f"submission-{meta['name']}",
+            type="submission",
+            metadata={**figures, "models_sha256": [m["sha256"] for m in lineages]},
+        )
+        for path in paths.values():
+            artifact.add_file(str(path), name=path.name)
+        run.log_artifact(artifact, aliases=["latest"])
+        run.summary.update(figures)
+    finally:
+        run.finish()
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -27,12 +27,14 @@ from typing import Sequence
 
 import torch
 
+from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, resolve_path
 from core.datasets import ImageDataset
 from core.errors import UserError
 from core.images import to_float_images
 from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
+from core.tracking import model_lineage
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
@@ -348,6 +350,9 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
         eps_curve=curve,
         corruptions=[{"name": c.name, "param": c.param, "levels": list(c.levels)} for c in CORRUPTIONS],
         corruption_severities=list(e.corruption_severities),
+        input_models=[
+            model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
+        ],
     )
     result.sanity = sanity_checks(result)
     result.verdict = verdict(result)

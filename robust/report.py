@@ -16,7 +16,7 @@ from typing import Callable
 
 from core.config import Config
 from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
-from core.tracking import start_run
+from core.tracking import start_run, use_models
 from robust.results import ROW_KEYS, EvalResult, Score
 from robust.specs import PAPER_COLUMNS
 
@@ -216,12 +216,13 @@ def curve_png(result: EvalResult) -> bytes:
 
 def log_wandb(cfg: Config, result: EvalResult, rows: list[list], files: dict[str, Path]) -> None:
     """Log the CSV table, the charts and the headline numbers to W&B (nothing when disabled)."""
-    run = start_run(cfg, f"{cfg.name}-eval", files["md"].parent, "evaluate", {"eval": result.settings})
+    run = start_run(cfg, "evaluate", {"eval": result.settings})
     if run is None:
         return
     try:
         import wandb
 
+        use_models(run, result.input_models)
         logged = {"eval/table": wandb.Table(columns=CSV_COLUMNS, data=rows)}
         if "bars" in files:
             logged["eval/bars"] = wandb.Image(str(files["bars"]))
@@ -233,6 +234,9 @@ def log_wandb(cfg: Config, result: EvalResult, rows: list[list], files: dict[str
             for name, score in {**row.attacks, **({"worst_case": row.worst_case} if row.worst_case else {})}.items():
                 run.summary[f"{key}/{name}"] = score.robust_acc
         run.summary["verdict"] = result.verdict
+        for key in ("bars", "eps_curve", "md"):  # the report itself, for whoever reads the run later
+            if key in files:
+                run.save(str(files[key]), base_path=str(files[key].parent), policy="now")
     finally:
         run.finish()
 

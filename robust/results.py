@@ -71,6 +71,7 @@ class EvalResult:
     eps_curve: dict[str, list[float]]  # "eps" and one accuracy list per row key
     corruptions: list[dict]
     corruption_severities: list[int]
+    input_models: list[dict] = field(default_factory=list)  # each member's W&B artifact and sha256
     sanity: list[str] = field(default_factory=list)
     verdict: str = ""
     seconds: float = 0.0

@@ -7,6 +7,7 @@ training states for ``resume=auto``, ``augmented_samples.png`` and the W&B run.
 
 from __future__ import annotations
 
+import json
 import math
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from accelerate.utils import set_seed
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, save_config
 from core.model import count_params
-from core.tracking import init_tracking, resolve_wandb_mode
+from core.tracking import init_tracking, log_model, resolve_wandb_mode
 from train.engine import Progress, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data
 from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
@@ -52,6 +53,8 @@ def run(cfg: Config) -> dict:
             save_checkpoint(training, progress)
             if stopped_early(cfg, progress):
                 break
+        if tracking != "disabled":
+            publish_best(training)
         return finish(training, progress, metrics, time.perf_counter() - start)
 
 
@@ -185,6 +188,18 @@ def save_sample_grid(x: torch.Tensor, path: Path, accelerator: Accelerator, trac
         import wandb
 
         accelerator.log({"train/augmented_samples": wandb.Image(grid)}, step=0)
+
+
+def publish_best(training: Training) -> None:
+    """Log ``best`` as the run's model artifact and its figures in the run summary (main process)."""
+    cfg, accelerator = training.cfg, training.accelerator
+    best = cfg.run_dir / "best"
+    if not accelerator.is_main_process or not Path(f"{best}.json").is_file():
+        return
+    info = json.loads(Path(f"{best}.json").read_text(encoding="utf-8"))
+    run = accelerator.get_tracker("wandb", unwrap=True)
+    log_model(run, cfg, best, info)
+    run.summary.update({f"best/{k}": info[k] for k in ("val_acc", "val_robust_acc", "epoch") if k in info})
 
 
 def finish(training: Training, progress: Progress, metrics: dict, seconds: float) -> dict:
