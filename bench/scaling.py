@@ -38,6 +38,7 @@ def run_launched_training(
         *launch_flags,
         *ctx.overrides,
         f"out_dir={ctx.workdir / f'runs_p{num_processes}'}",
+        "overwrite=true",  # every round trains the same run again
         *extra,
     ]
     proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=1800)
@@ -45,6 +46,20 @@ def run_launched_training(
     if proc.returncode != 0 or not found:
         raise RuntimeError(f"launched training failed (exit {proc.returncode}): {proc.stderr[-2000:]}")
     return float(found[-1])
+
+
+def add_ratio_rows(ctx: BenchContext, r: dict, values: Sequence, base, label: str, base_label, unit: str) -> None:
+    """One row per value: its throughput over the base value's (``label`` is "what, key=")."""
+    key = label.rsplit(", ", 1)[-1]
+    for v in values:
+        ctx.rows.append(
+            Row(
+                "scaling",
+                f"{label}{v} / {key}{base_label}",
+                ratio_of(r, v, base),
+                f"{statistics.median(r[v]):.0f} {unit}",
+            )
+        )
 
 
 def bench_scaling(ctx: BenchContext) -> None:
@@ -66,15 +81,9 @@ def bench_scaling(ctx: BenchContext) -> None:
         if base not in fns:
             fns[base] = lambda: run_submit(ctx)
         r = measure_interleaved(fns, s.repeats)
-        for v in (v for v in values if v != base):
-            ctx.rows.append(
-                Row(
-                    "scaling",
-                    f"submit img/s, {key}={v} / {key}={base_label(key, base)}",
-                    ratio_of(r, v, base),
-                    f"{statistics.median(r[v]):.0f} img/s",
-                )
-            )
+        add_ratio_rows(
+            ctx, r, [v for v in values if v != base], base, f"submit img/s, {key}=", base_label(key, base), "img/s"
+        )
 
     # What `accelerate launch` alone gives a CPU run: OMP_NUM_THREADS=1 (core.launch sets the cores).
     threads = torch.get_num_threads()
@@ -110,15 +119,7 @@ def bench_scaling(ctx: BenchContext) -> None:
         epochs = iter(range(1, 10**6))
         fns = {v: (lambda p=p: run_train_epoch(p, p.train_loader, next(epochs))) for v, p in builders.items()}
         r = measure_interleaved(fns, s.repeats, warmup=True)
-        for v in (v for v in values if v != base):
-            ctx.rows.append(
-                Row(
-                    "scaling",
-                    f"train samples/s, {key}={v} / {key}={base}",
-                    ratio_of(r, v, base),
-                    f"{statistics.median(r[v]):.0f} samples/s",
-                )
-            )
+        add_ratio_rows(ctx, r, [v for v in values if v != base], base, f"train samples/s, {key}=", base, "samples/s")
         builders.clear()
 
     train_at("data.num_workers", s.worker_counts[:3], base_train_workers)

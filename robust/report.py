@@ -87,6 +87,8 @@ def render_markdown(result: EvalResult) -> str:
         lines.append(f"| {score.label} | {_num(score.robust_acc)} | {_num(score.ar)} |")
     if not result.surrogate:
         lines += ["", "Transfer from an independently trained checkpoint: skipped (set `eval.surrogate=PATH`)."]
+    if result.mean_corruption_acc is not None:
+        lines += ["", f"Mean accuracy over the corruptions and severities above: {result.mean_corruption_acc:.1f}%."]
     if result.corruption_severities:
         lines += [
             "",

@@ -83,5 +83,11 @@ class EvalResult:
         score = self.rows[row].attacks.get(attack)
         return None if score is None else score.robust_acc
 
+    @property
+    def mean_corruption_acc(self) -> float | None:
+        """Accuracy averaged over every corruption and severity run, ``None`` if none ran."""
+        accs = [s.robust_acc for s in self.black_box if s.attack.startswith("corruption_")]
+        return sum(accs) / len(accs) if accs else None
+
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return {**dataclasses.asdict(self), "mean_corruption_acc": self.mean_corruption_acc}

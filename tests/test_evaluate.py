@@ -146,6 +146,9 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     assert aa["adaptive"] <= ada + 100.0 / result.n + 1e-9, (aa, ada)
     assert aa["defended"] > aa["adaptive"] + MASKING_POINTS, aa
     assert "AutoAttack: a custom subset (apgd-ce, apgd-t; 10 iterations" in md
+    corrupted = [s.robust_acc for s in result.black_box if s.attack.startswith("corruption_")]
+    assert len(corrupted) == 4 and result.mean_corruption_acc == pytest.approx(sum(corrupted) / 4)
+    assert f"Mean accuracy over the corruptions and severities above: {result.mean_corruption_acc:.1f}%." in md
     # The masking warning fires for the standard GCM row: the transfer attack beats white-box PGD.
     masking = [n for n in result.sanity if n.startswith("WARNING: GRADIENT MASKING")]
     assert any("transfer" in n for n in masking) and any("adaptive attack" in n for n in masking), result.sanity

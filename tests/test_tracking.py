@@ -112,7 +112,7 @@ def test_train_submit_evaluate_share_a_group_and_the_model_artifact(tiny_config,
 
     best = json.loads((cfg.run_dir / "best.json").read_text())
     (model,) = of_type(runs["train"], "artifact")
-    assert (model.type, model.name) == ("model", f"model-{cfg.name}") and list(model.aliases) == ["best", "latest"]
+    assert (model.type, model.name) == ("model", f"model-{cfg.name}") and sorted(model.aliases) == ["best", "latest"]
     assert sorted(entry.path for entry in model.manifest.contents) == ["best.json", "best.safetensors"]
     metadata = json.loads(model.metadata)
     assert metadata["sha256"] == best["sha256"] and metadata["val_acc"] == pytest.approx(best["val_acc"])

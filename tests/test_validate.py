@@ -445,20 +445,11 @@ def test_command_line_paths_are_taken_from_the_users_folder(tmp_path, test_dir):
     ids, preds = shuffled_predictions()
     write_submission(tmp_path / "out", "sub", ids, preds, {"config": {"data": {"num_classes": 20}}})
     os.symlink(test_dir, tmp_path / "images")
-    run_sh = str(ROOT / "run.sh")
-    ok = subprocess.run(
-        [run_sh, "validate", "out/sub.csv", "--test-dir", "images"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+
+    def run_sh(*args: str) -> subprocess.CompletedProcess:  # run.sh from another folder than the repository
+        return subprocess.run([str(ROOT / "run.sh"), *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+
+    ok = run_sh("validate", "out/sub.csv", "--test-dir", "images")
     assert ok.returncode == 0 and ok.stdout.strip().endswith("OK (26 predictions for 26 test images)"), ok.stderr
-    missing = subprocess.run(
-        [run_sh, "validate", "out/sub.csv", "--test-dir", "nope"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    missing = run_sh("validate", "out/sub.csv", "--test-dir", "nope")
     assert missing.returncode == 2 and f"test folder {tmp_path / 'nope'}: not found" in missing.stderr

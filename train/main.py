@@ -67,6 +67,14 @@ def announce(training: Training) -> None:
         f"{accelerator.num_processes} process(es) on {accelerator.device} ({torch.get_num_threads()} torch threads "
         f"each), precision {cfg.train.mixed_precision}"
     )
+    adv = cfg.train.adv
+    if adv.mode != "none":
+        steps = f", {adv.steps} steps" if adv.mode in ("pgd", "trades") else ""
+        ramp = f", eps ramped over {adv.warmup_epochs:g} epochs" if adv.warmup_epochs else ""
+        accelerator.print(
+            f"adversarial training: {adv.mode} at eps {adv.eps * 255:.3g}/255{steps}{ramp}; best by "
+            f"{'robust' if adv.select != 'clean' else 'clean'} validation accuracy"
+        )
 
 
 def fit_epoch(
