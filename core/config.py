@@ -523,6 +523,8 @@ def _check_train(t: TrainConfig) -> None:
 def _check_adv(t: TrainConfig) -> None:
     a = t.adv
     if a.mode == "none":
+        if a.select == "robust":
+            raise ConfigError("config key 'train.adv.select': robust needs adversarial training (train.adv.mode)")
         return
     if not 0 < a.eps <= 1:
         raise ConfigError(f"config key 'train.adv.eps': {a.eps} must be in (0, 1] (pixel units; 8/255 = 0.0314)")

@@ -27,6 +27,16 @@ def _num_classes(model: nn.Module, x: torch.Tensor) -> int:
         return int(model(x[:1]).shape[-1])
 
 
+def _set_iterations(apgd, n_iter: int) -> None:
+    """APGD's iteration budget, with the step-size schedule its constructor derives from it
+    (checkpoints at 22% of the budget, shrinking by 3% down to 6%): setting ``n_iter`` alone
+    after construction would keep the schedule of the old budget."""
+    apgd.n_iter = n_iter
+    apgd.n_iter_2 = max(int(0.22 * n_iter), 1)
+    apgd.n_iter_min = max(int(0.06 * n_iter), 1)
+    apgd.size_decr = max(int(0.03 * n_iter), 1)
+
+
 def create_autoattack(model: nn.Module, x: torch.Tensor, eps: float, e: EvalConfig, eot: int = 1) -> AutoAttack:
     """AutoAttack on ``model`` at Linf ``eps``, set up as ``eval.aa_*`` asks.
 
@@ -42,7 +52,9 @@ def create_autoattack(model: nn.Module, x: torch.Tensor, eps: float, e: EvalConf
         version, attacks = "custom", list(e.aa_attacks)
     aa = AutoAttack(model, attacks=attacks, device=x.device, eps=eps, norm="Linf", seed=e.seed, version=version)
     if version == "custom":
-        aa.apgd.n_iter = aa.apgd_targeted.n_iter = aa.fab.n_iter = e.aa_iters
+        for apgd in (aa.apgd, aa.apgd_targeted):
+            _set_iterations(apgd, e.aa_iters)
+        aa.fab.n_iter = e.aa_iters
         aa.apgd.n_restarts = aa.apgd_targeted.n_restarts = aa.fab.n_restarts = 1
         aa.apgd.eot_iter = aa.apgd_targeted.eot_iter = eot
         aa.apgd_targeted.n_target_classes = aa.fab.n_target_classes = e.aa_target_classes

@@ -95,6 +95,7 @@ def test_warm_up_start_and_mode_none_train_on_clean_images(batch):
         (["train.adv.mode=pgd", "train.adv.val_steps=0"], "train.adv.val_steps"),
         (["train.adv.mode=madry"], "train.adv.mode.*not one of"),
         (["train.adv.select=loss"], "train.adv.select"),
+        (["train.adv.select=robust"], "robust needs adversarial training"),
     ],
 )
 def test_meaningless_settings_are_config_errors(tiny_config, overrides, message):

@@ -14,7 +14,7 @@ from torch import nn
 
 from attacks import EOT, cw_l2, fgsm, lp_norm, pgd, project_l1_ball, random_noise
 from core.config import EvalConfig
-from robust.autoattack import autoattack, square
+from robust.autoattack import autoattack, create_autoattack, square
 from robust.metrics import robust_metrics, worst_case
 
 NUM_CLASSES = 4
@@ -382,3 +382,13 @@ def test_our_pgd_is_within_a_few_points_of_autoattacks_apgd(net, data):
     assert apgd_ce <= ours + one_image, (apgd_ce, ours)
     assert ours - apgd_ce <= 5.0, (ours, apgd_ce)
     assert apgd_t <= apgd_ce, (apgd_t, apgd_ce)
+
+
+def test_a_custom_autoattack_budget_rescales_apgds_step_schedule(net, data):
+    x, _ = data
+    e = EvalConfig(aa_version="custom", aa_attacks=["apgd-ce", "apgd-t"], aa_iters=50, aa_target_classes=9)
+    aa = create_autoattack(net, x, 0.03, e)
+    for apgd in (aa.apgd, aa.apgd_targeted):
+        # what APGD's own constructor derives from a budget of 50
+        assert (apgd.n_iter, apgd.n_iter_2, apgd.n_iter_min, apgd.size_decr, apgd.n_restarts) == (50, 11, 3, 1, 1)
+    assert aa.apgd_targeted.n_target_classes == 3  # capped at the other classes of this 4-class net
