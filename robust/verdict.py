@@ -37,6 +37,14 @@ def sanity_checks(result: EvalResult) -> list[str]:
                 )
             else:
                 notes.append(f"ok: {row.label}: PGD-Linf ({pgd:.1f}%) at least as strong as FGSM ({fgsm:.1f}%)")
+        if "autoattack" in row.attacks and "pgd_linf" in row.attacks:
+            aa, pgd = row.attacks["autoattack"].robust_acc, row.attacks["pgd_linf"].robust_acc
+            if aa < pgd - MASKING_POINTS:
+                # Fixed-step PGD (the paper's 3/40 eps steps) can stop well short of APGD's adaptive steps.
+                notes.append(
+                    f"WARNING: {row.label}: AutoAttack leaves {aa:.1f}% where PGD-Linf leaves {pgd:.1f}%: the "
+                    "PGD column overstates robustness here; quote AutoAttack (or raise eval.steps / eval.restarts)"
+                )
     curve = result.eps_curve
     und = curve.get("undefended", [])
     if und:

@@ -366,21 +366,23 @@ def test_l1_projection_is_the_closest_point_of_the_ball():
 # --- cross-check against AutoAttack (its authors' package) ---------------------------------
 
 
-def test_our_pgd_is_within_a_few_points_of_autoattacks_apgd(net, data):
-    """At a budget where about a fifth of the images survive, APGD-CE (AutoAttack's first attack)
-    is at least as strong as our PGD and our PGD within a few points of it; the targeted APGD
-    adds to APGD-CE, as AutoAttack's sequence should."""
+def test_autoattacks_apgd_is_at_least_as_strong_as_our_pgd(net, data):
+    """At a budget where about a tenth of the images survive APGD-CE (AutoAttack's first attack):
+    APGD-CE is at least as strong as our PGD; ours with a larger step (eps/4) and 5 restarts comes
+    within a few points of it; the paper's step (3/40 eps, 20 steps: the report's PGD column)
+    leaves clearly more standing, which is why the report warns when AutoAttack beats its PGD
+    column. The targeted APGD adds to APGD-CE, as AutoAttack's sequence should."""
     x, y = data
     eps = 0.045
-    ours = accuracy(net, pgd(net, x, y, eps, steps=20, step_size=eps / 4, generator=gen()), y)
+    paper = accuracy(net, pgd(net, x, y, eps, steps=20, step_size=EvalConfig().step_ratio * eps, generator=gen()), y)
+    tuned = accuracy(net, pgd(net, x, y, eps, steps=20, step_size=eps / 4, restarts=5, generator=gen()), y)
     e = EvalConfig(aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=50)
     apgd_ce = accuracy(net, autoattack(net, x, y, eps, e), y)
     e.aa_attacks = ["apgd-ce", "apgd-t"]
     apgd_t = accuracy(net, autoattack(net, x, y, eps, e), y)
-    one_image = 100.0 / len(y)
-    assert 5.0 <= ours <= 60.0, ours  # a budget where the attacks can differ at all
-    assert apgd_ce <= ours + one_image, (apgd_ce, ours)
-    assert ours - apgd_ce <= 5.0, (ours, apgd_ce)
+    assert 5.0 <= apgd_ce <= tuned <= 60.0, (apgd_ce, tuned)  # a budget where the attacks can differ at all
+    assert tuned - apgd_ce <= 5.0, (tuned, apgd_ce)
+    assert paper - apgd_ce > 5.0, (paper, apgd_ce)  # measured: 40.6% vs 10.9%
     assert apgd_t <= apgd_ce, (apgd_t, apgd_ce)
 
 

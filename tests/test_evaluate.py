@@ -180,6 +180,8 @@ def test_sanity_checks_flag_weak_attacks():
         k: Row(k, 80.0, {"fgsm": _score("fgsm", 30.0), "pgd_linf": _score("pgd_linf", 50.0)})
         for k in ("undefended", "defended", "adaptive")
     }
+    rows["adaptive"].attacks["autoattack"] = _score("autoattack", 50.0 - MASKING_POINTS - 1)
+    rows["defended"].attacks["autoattack"] = _score("autoattack", 50.0 - MASKING_POINTS)  # within the margin
     result = EvalResult(
         n=100,
         source="test",
@@ -199,6 +201,8 @@ def test_sanity_checks_flag_weak_attacks():
     assert sum("weaker than single-step FGSM" in n for n in notes) == 3
     assert any(n.startswith("WARNING: undefended accuracy along eps") for n in notes)
     assert any(n.startswith("WARNING: random noise") for n in notes)
+    overstated = [n for n in notes if "PGD column overstates" in n]
+    assert len(overstated) == 1 and overstated[0].startswith("WARNING: adaptive: AutoAttack leaves 44.0%"), notes
     assert not any("GRADIENT MASKING" in n for n in notes)
 
 
