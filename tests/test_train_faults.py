@@ -14,6 +14,7 @@ import pytest
 from safetensors.torch import load_file
 
 from core.checkpoint import load_model
+from core.cli import Terminated
 from core.errors import UserError
 from tests.conftest import ROOT, shrink
 from train import main as train_main
@@ -98,6 +99,28 @@ def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_config, monkeypatch
     assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == before
     assert load_model(cfg.run_dir / "last")  # exports still load (hash checked)
     assert (cfg.run_dir / "last.safetensors").read_bytes() != b"" and weights_before
+
+
+@pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_signal_while_saving_leaves_no_torn_folder(tiny_config, monkeypatch, stop):
+    """A stop signal lands as an exception in whatever Python is doing; mid-save it used to leave
+    the ``.tmp`` folder behind (seen in tests/test_launch.py when SIGTERM landed mid-save)."""
+    cfg = tiny_config(*COMMON, "train.max_steps=2")
+    train_main.run(cfg)
+    before = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+
+    from accelerate import Accelerator
+
+    real_save = Accelerator.save_state
+
+    def save_then_stop(self, output_dir=None, **kwargs):
+        real_save(self, output_dir, **kwargs)  # a complete folder, still under its .tmp name
+        raise stop()
+
+    monkeypatch.setattr(Accelerator, "save_state", save_then_stop)
+    with pytest.raises(stop):
+        train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4"))
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == before
 
 
 def test_unwritable_out_dir_is_one_clear_error(tiny_config, tmp_path):

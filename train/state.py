@@ -122,27 +122,36 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
     root = run_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{progress.epoch:04d}_b{progress.batch:06d}"
     tmp = final.with_name(final.name + ".tmp")
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
-    accelerator.wait_for_everyone()
     try:
-        accelerator.save_state(str(tmp))
         if accelerator.is_main_process:
-            save_extra_state(tmp, progress, training.scheduler, training.ema)
-    except OSError as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(
-            f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact"
-        ) from None
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
-            shutil.rmtree(old, ignore_errors=True)
-    accelerator.wait_for_everyone()
+            root.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)
+        accelerator.wait_for_everyone()
+        try:
+            accelerator.save_state(str(tmp))
+            if accelerator.is_main_process:
+                save_extra_state(tmp, progress, training.scheduler, training.ema)
+        except OSError as exc:
+            raise UserError(
+                f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact"
+            ) from None
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
+                # renamed first: a stop mid-delete must not leave half a folder under a checkpoint's name
+                doomed = old.with_name(old.name + ".tmp")
+                os.replace(old, doomed)
+                shutil.rmtree(doomed, ignore_errors=True)
+        accelerator.wait_for_everyone()
+    except BaseException:
+        # Also on a stop signal (Terminated, KeyboardInterrupt): no torn folder is left behind.
+        if accelerator.is_main_process:
+            for torn in root.glob(f"{CHECKPOINT_PREFIX}*.tmp"):
+                shutil.rmtree(torn, ignore_errors=True)
+        raise
     return final
 
 
