@@ -213,8 +213,8 @@ def bench_adversarial(ctx: BenchContext) -> None:
                 f"train.adv.mode={mode} step / standard step (time)",
                 ratio_of(r, "none", mode),  # samples/s of standard over the mode's: its cost per step
                 f"{median_rate(r[mode])} vs {median_rate(r['none'])} samples/s; "
-                + " ".join(o.split(".")[-1] for o in overrides[1:])
-                + f" {steps} steps, same batches",
+                + "".join(f"{o.split('.')[-1]}, " for o in overrides[1:])
+                + f"{steps} optimizer steps on the same batches",
                 goal,
             )
         )
