@@ -123,6 +123,18 @@ def test_a_stop_signal_while_saving_leaves_no_torn_folder(tiny_config, monkeypat
     assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == before
 
 
+def test_pruning_old_checkpoints_survives_leftovers_of_an_earlier_kill(tiny_config):
+    cfg = tiny_config(*COMMON, "train.max_steps=2", "train.keep_checkpoints=1")
+    train_main.run(cfg)
+    ckpts = cfg.run_dir / "checkpoints"
+    (only,) = ckpts.iterdir()
+    leftover = ckpts / f"{only.name}.old.tmp"  # what a SIGKILL mid-delete leaves
+    leftover.mkdir()
+    (leftover / "model.safetensors").write_bytes(b"half")
+    train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4", "train.keep_checkpoints=1"))
+    assert [p.name for p in ckpts.iterdir()] == ["e0000_b000004"]
+
+
 def test_unwritable_out_dir_is_one_clear_error(tiny_config, tmp_path):
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")

@@ -107,6 +107,17 @@ def ema_device(ema) -> torch.device:
     return next(ema.module.parameters()).device
 
 
+def _delete_checkpoint(path: Path) -> None:
+    """Renamed to ``.tmp`` first: a stop mid-delete must not leave half a folder under a checkpoint's name."""
+    doomed = path.with_name(path.name + ".old.tmp")
+    shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier kill
+    try:
+        os.replace(path, doomed)
+    except OSError:
+        doomed = path
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
 def save_checkpoint(training: Training, progress: Progress) -> Path:
     """Full training state into ``checkpoints/e<epoch>_b<batch>``, published by an atomic rename.
 
@@ -138,13 +149,10 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             if final.exists():
-                shutil.rmtree(final)
+                _delete_checkpoint(final)
             os.replace(tmp, final)
             for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
-                # renamed first: a stop mid-delete must not leave half a folder under a checkpoint's name
-                doomed = old.with_name(old.name + ".tmp")
-                os.replace(old, doomed)
-                shutil.rmtree(doomed, ignore_errors=True)
+                _delete_checkpoint(old)
         accelerator.wait_for_everyone()
     except BaseException:
         # Also on a stop signal (Terminated, KeyboardInterrupt): no torn folder is left behind.
