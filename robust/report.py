@@ -139,12 +139,15 @@ def corruption_lines(result: EvalResult) -> list[str]:
             b = list(base["cells"].get(name, {}).values())
             row += f" {_num(sum(b) / len(b) if b else None)} |"
         lines.append(row)
-    what = (
-        "ImageNet-C mean over the 75 common cells (RobustBench's figure)"
-        if main["complete"]
-        else "mean over the common cells run (not all 75: not RobustBench's figure)"
-    )
-    summary = f"{what}: **{_num(main['imagenet_c'])}%** (clean {_num(main['clean'])}%). "
+    if main["imagenet_c"] is None:
+        summary = f"No common corruption ran (clean {_num(main['clean'])}%). "
+    else:
+        what = (
+            "ImageNet-C mean over the 75 common cells (RobustBench's figure)"
+            if main["complete"]
+            else "mean over the common cells run (not all 75: not RobustBench's figure)"
+        )
+        summary = f"{what}: **{_num(main['imagenet_c'])}%** (clean {_num(main['clean'])}%). "
     summary += f"Per group: {_group_text(main['groups'])}."
     worst, group = main["worst"], main["worst_group"]
     summary += f" Worst corruption: {worst[0]} ({_num(worst[1])}%)." if worst else ""

@@ -182,6 +182,30 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     assert saved["eps_curve"]["undefended"][1] == pytest.approx(und)  # the eps_linf point is the table's
 
 
+def test_corruptions_alone_on_the_validation_split(trained, tmp_path):
+    # how the demo configs were chosen: no attack, the held-out four, validation images only
+    cfg = load_config(
+        None,
+        [
+            *trained,
+            *FAST,
+            "data.test_labels=",
+            "eval.attacks=[]",
+            "eval.eps_curve=[]",
+            "eval.corruptions=[speckle_noise,gaussian_blur,spatter,saturate]",
+            "eval.corruption_severities=[2]",
+            f"eval.out_dir={tmp_path}",
+        ],
+    )
+    result = evaluate.run(cfg, progress=False)
+    assert result.source.startswith("validation split") and result.n == 48  # eval.subset of the 120
+    summary = result.corruption["models"]["defended"]
+    assert list(summary["cells"]) == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    assert summary["imagenet_c"] is None and result.mean_corruption_acc is None  # no common corruption ran
+    assert summary["groups"]["held_out"] == pytest.approx(sum(c[2] for c in summary["cells"].values()) / 4)
+    assert "held-out four" in (tmp_path / "eval.md").read_text() and "PGD-Linf was not run" in result.verdict
+
+
 def _score(attack: str, robust_acc: float) -> Score:
     return Score(attack, attack, "linf", 8 / 255, 10, 80.0, robust_acc, float("nan"))
 
