@@ -161,3 +161,13 @@ def test_two_cpu_processes_with_jsd_and_pgd(tiny_data, tmp_path):
     info = json.loads((tmp_path / "runs" / "ddp_augmix" / "best.json").read_text())
     # 128 training images, batch 16 per process, 2 processes -> 4 optimizer steps
     assert info["global_step"] == 4 and info["config"]["aug"]["augmix"]["jsd_weight"] == 12.0
+
+
+def test_the_demo_config_is_robust_yaml_plus_augmix():
+    from core.config import DEFAULT_CONFIG, config_to_dict, load_config
+
+    configs = DEFAULT_CONFIG.parent
+    robust, augmix = (config_to_dict(load_config(configs / f"{n}.yaml")) for n in ("robust", "robust_augmix"))
+    assert augmix["aug"]["augmix"]["enabled"] and augmix["aug"]["augmix"]["jsd_weight"] == 0.0
+    assert augmix["train"]["adv"] == robust["train"]["adv"] and augmix["eval"] == robust["eval"]
+    assert augmix["data"] == robust["data"] and augmix["model"] == robust["model"]
