@@ -9,14 +9,15 @@ VENV=.venv
 PY="$VENV/bin/python"
 
 ensure_venv() {
-  # Rebuild when requirements.txt changes (its hash is stamped into the venv).
+  # Rebuild when requirements.txt or requirements-nodeps.txt changes (their hash is stamped into the venv).
   local want have=""
-  want=$(sha256sum requirements.txt | cut -d' ' -f1)
+  want=$(cat requirements.txt requirements-nodeps.txt | sha256sum | cut -d' ' -f1)
   [ -f "$VENV/.requirements.sha256" ] && have=$(cat "$VENV/.requirements.sha256")
   if [ ! -x "$PY" ] || [ "$want" != "$have" ]; then
     echo "setting up $VENV from requirements.txt (first run only, ~2 min)..." >&2
     [ -x "$PY" ] || python3 -m venv "$VENV"
     "$PY" -m pip install --quiet --disable-pip-version-check -r requirements.txt >&2
+    "$PY" -m pip install --quiet --disable-pip-version-check --no-deps -r requirements-nodeps.txt >&2
     echo "$want" > "$VENV/.requirements.sha256"
   fi
 }

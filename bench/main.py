@@ -14,7 +14,9 @@ Everything runs on the real code paths with real configs (``core.config.load_con
   softmax + top-1, CSV) on the same checkpoint, images, batch size, workers and threads.
 * ``train``: ``train.engine.train_one_epoch`` fed by the real loader (``create_train_loader``,
   decoding and the configured augmentations) against a model-only forward + backward +
-  optimizer step loop on in-memory tensors, plus the peak memory of a training process.
+  optimizer step loop on in-memory tensors, the training loader with AugMix (one view, and the
+  clean + two views of its JSD loss) against the standard loader, plus the peak memory of a
+  training process.
 * ``parts``: GCM against one forward; k TTA views batched against k single-view forwards; an
   ensemble of m members against the sum of its members.
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and

@@ -170,6 +170,7 @@ def bench_train(ctx: BenchContext) -> None:
     if fog is not None:
         bench_train_variant(ctx, "with A.RandomFog as the fog corruption (the earlier default)", fog)
     bench_adversarial(ctx)
+    bench_augmix_loader(ctx)
     main_mb, worker_mb = measure_train_peak_memory(ctx)
     ctx.rows.append(
         Row(
@@ -216,5 +217,50 @@ def bench_adversarial(ctx: BenchContext) -> None:
                 + "".join(f"{o.split('.')[-1]}, " for o in overrides[1:])
                 + f"{steps} optimizer steps on the same batches",
                 goal,
+            )
+        )
+
+
+def run_loader(training: Training, batches: int, epoch: int) -> float:
+    """Samples/s of the training loader alone (decode + augmentations, no model) over ``batches`` batches."""
+    loader = training.train_loader
+    loader.set_epoch(epoch)
+    n = 0
+    start = time.perf_counter()
+    for i, (images, _) in enumerate(loader):
+        n += images.shape[0]
+        if i + 1 == batches:
+            break
+    return n / (time.perf_counter() - start)
+
+
+# AugMix's loaders timed against the standard one (aug.augmix); the model is not in the ratio.
+AUGMIX_LOADERS = {
+    "AugMix (one view)": ["aug.augmix.enabled=true"],
+    "AugMix + JSD (clean + 2 views)": ["aug.augmix.enabled=true", "aug.augmix.jsd_weight=12"],
+}
+
+
+def bench_augmix_loader(ctx: BenchContext) -> None:
+    """Time per image of the training loader with AugMix / without, same data, workers and batch size."""
+    steps = ctx.settings.train_steps
+    trainings = {"standard": create_training(ctx.config(f"train.max_steps={steps}"))}
+    for label, overrides in AUGMIX_LOADERS.items():
+        trainings[label] = create_training(ctx.config(f"train.max_steps={steps}", *overrides))
+    epochs = iter(range(1, 10**6))
+    r = measure_interleaved(
+        {k: (lambda t=t: run_loader(t, steps, next(epochs))) for k, t in trainings.items()},
+        ctx.settings.repeats,
+        warmup=True,
+    )
+    cfg = trainings["standard"].cfg
+    for label, overrides in AUGMIX_LOADERS.items():
+        ctx.rows.append(
+            Row(
+                "train",
+                f"training loader with {label} / standard loader (time per image)",
+                ratio_of(r, "standard", label),  # samples/s of the standard loader over AugMix's
+                f"{median_rate(r[label])} vs {median_rate(r['standard'])} samples/s; loader only, "
+                f"{cfg.data.num_workers} workers, batch {cfg.train.batch_size}, {steps} batches",
             )
         )

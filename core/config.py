@@ -18,6 +18,7 @@ from typing import Any
 
 import yaml
 
+from core.corruptions import ALL_CORRUPTIONS
 from core.errors import UserError
 from core.io import atomic_write_text, submission_name_problem
 
@@ -77,6 +78,38 @@ class DataConfig:
     max_bad_images: int = 100
 
 
+# AugMix's operations as the paper chose them (Hendrycks et al. 2020): timm's list without its
+# ColorIncreasing, ContrastIncreasing, BrightnessIncreasing and SharpnessIncreasing, left out of
+# the paper because they overlap ImageNet-C's corruptions (the test would not be unseen).
+AUGMIX_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+
+
+@dataclass
+class AugMixConfig:
+    """AugMix (``aug.augmix``), timm's implementation, applied to the output of the albumentations pipeline."""
+
+    enabled: bool = False
+    severity: int = 3  # strength of every op, 1..10 (timm's magnitude, drawn uniformly up to it)
+    width: int = 3  # augmentation chains mixed per image
+    depth: int = -1  # ops per chain; -1: 1..3 at random
+    alpha: float = 1.0  # Dirichlet weights of the chains and Beta weight of the mix with the original
+    ops: list = field(default_factory=lambda: list(AUGMIX_OPS))  # timm op names (timm.data.auto_augment)
+    # > 0: each image comes with two AugMix views and the loss adds this weight x their Jensen-Shannon
+    # consistency with the clean view (timm's JsdCrossEntropy; the paper uses 12); 0: the AugMix image
+    # replaces the clean one
+    jsd_weight: float = 0.0
+
+
 @dataclass
 class AugConfig:
     scale: list = field(default_factory=lambda: [0.25, 1.0])  # RandomResizedCrop area range
@@ -86,6 +119,7 @@ class AugConfig:
     corruption_p: float = 0.3  # probability that one transform of `corruptions` is applied
     corruptions: list = field(default_factory=_corruption_family)
     extra: list = field(default_factory=list)  # more albumentations transforms, same form
+    augmix: AugMixConfig = field(default_factory=AugMixConfig)
 
 
 @dataclass
@@ -236,7 +270,10 @@ class EvalConfig:
     eot_samples: int = 10  # gradient samples per step against the random resize-pad layer
     draws: int = 10  # forward draws for expected accuracy of a randomized model
     surrogate: str = ""  # an independently trained checkpoint for transfer attacks
-    corruption_severities: list = field(default_factory=lambda: [1, 3, 5])  # of 1..5 (ImageNet-C levels)
+    # ImageNet-C (core/corruptions.py): the 15 common corruptions and the 4 held-out ones, severities 1..5
+    corruptions: list = field(default_factory=lambda: list(ALL_CORRUPTIONS))
+    corruption_severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_baseline: str = ""  # a checkpoint whose errors on the same images give mCE and relative mCE
     out_dir: str = ""  # "" -> runs/<name>/eval
 
 
@@ -280,6 +317,7 @@ _CHOICES = {
     "eval.attacks": EVAL_ATTACKS,
     "eval.aa_version": ("standard", "custom"),
     "eval.aa_attacks": AA_ATTACKS,
+    "eval.corruptions": ALL_CORRUPTIONS,
     "model.stem": ("patch", "overlap", "overlap_tiered"),
     "train.adv.mode": ("none", "fgsm_reg", "fgsm_rs", "pgd", "trades"),
     "train.adv.select": ("auto", "clean", "robust"),
@@ -471,6 +509,7 @@ def validate_config(cfg: Config) -> None:
     _check_data(cfg.data)
     _check_train(cfg.train)
     _check_aug(cfg)
+    _check_augmix(cfg)
     _check_model(cfg.model)
     _check_predict(cfg)
     _check_eval(cfg.eval)
@@ -550,6 +589,25 @@ def _check_aug(cfg: Config) -> None:
     from core.transforms import create_train_transform
 
     create_train_transform(cfg.aug, cfg.data.image_size)
+
+
+def _check_augmix(cfg: Config) -> None:
+    """Combinations of AugMix's consistency loss that make no sense (the values are checked with the pipeline)."""
+    a, t = cfg.aug.augmix, cfg.train
+    if a.jsd_weight <= 0:
+        return
+    if not a.enabled:
+        raise ConfigError("config key 'aug.augmix.jsd_weight' needs aug.augmix.enabled=true")
+    if t.mixup > 0 or t.cutmix > 0:
+        # Mixing images across the batch breaks the clean/AugMix triplets the consistency compares.
+        raise ConfigError("aug.augmix.jsd_weight > 0 does not combine with train.mixup/train.cutmix; turn one off")
+    if t.adv.mode in ("fgsm_reg", "trades"):
+        # Both already train on two views of each image with their own weighting; a third loss over
+        # clean, adversarial and AugMix views has no reference recipe.
+        raise ConfigError(
+            f"aug.augmix.jsd_weight > 0 does not combine with train.adv.mode={t.adv.mode}; use pgd or fgsm_rs, "
+            "or aug.augmix.jsd_weight=0"
+        )
 
 
 def _check_model(m: ModelConfig) -> None:

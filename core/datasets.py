@@ -17,9 +17,11 @@ from core.transforms import create_eval_transform
 
 
 def _to_chw_tensor(image: np.ndarray) -> torch.Tensor:
-    if image.dtype != np.uint8 or image.ndim != 3 or image.shape[2] != 3:
+    """HxWx3 uint8 -> 3xHxW; a stack of views (VxHxWx3, AugMix with its consistency loss) -> Vx3xHxW."""
+    if image.dtype != np.uint8 or image.ndim not in (3, 4) or image.shape[-1] != 3:
         raise ValueError(f"transform must return HxWx3 uint8, got {image.dtype} {image.shape}")
-    return torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1)))
+    axes = (2, 0, 1) if image.ndim == 3 else (0, 3, 1, 2)
+    return torch.from_numpy(np.ascontiguousarray(image.transpose(axes)))
 
 
 class ImageDataset(Dataset):

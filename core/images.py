@@ -249,6 +249,8 @@ def check_images(
 
 
 def to_float_images(x: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
-    """uint8 NCHW batch -> float32 in [0, 1] (the loaders ship uint8 to keep worker traffic small)."""
+    """uint8 NCHW batch -> float32 in [0, 1] (the loaders ship uint8 to keep worker traffic small).
+
+    A batch of views (N x V x C x H x W, AugMix's consistency loss) keeps its layout."""
     x = x.float().div_(255.0) if x.dtype == torch.uint8 else x.float()
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.dim() == 4 else x

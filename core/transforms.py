@@ -24,11 +24,13 @@ from typing import TYPE_CHECKING, Any, Mapping, Sequence
 import albumentations as A
 import cv2
 import numpy as np
+from PIL import Image
+from timm.data.auto_augment import NAME_TO_OP, AugMixAugment, augmix_ops
 
 from core.errors import UserError
 
 if TYPE_CHECKING:  # the config module builds these pipelines to check its aug section
-    from core.config import AugConfig
+    from core.config import AugConfig, AugMixConfig
 
 
 class SeededCompose(A.Compose):
@@ -122,14 +124,15 @@ def _pair(values: Sequence[float], key: str) -> tuple[float, float]:
     return low, high
 
 
-def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose:
-    """RandomResizedCrop -> HorizontalFlip -> ColorJitter (optional) -> one corruption -> extras.
+def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMixViews:
+    """RandomResizedCrop -> HorizontalFlip -> ColorJitter (optional) -> one corruption -> extras -> AugMix.
 
     * ``color_jitter`` s > 0: brightness, contrast and saturation by factors in [1-s, 1+s]
       (no hue shift, as timm), applied with probability 0.8.
     * ``corruptions``: with probability ``corruption_p`` one of them is applied, chosen with
       weights given by each entry's ``p`` (default 1, i.e. uniformly).
     * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
+    * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output.
     """
     scale = _pair(cfg.scale, "aug.scale")
     if scale[1] > 1:
@@ -150,7 +153,83 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose:
     if corruptions and cfg.corruption_p > 0:
         transforms.append(A.OneOf(corruptions, p=cfg.corruption_p))
     transforms += _create_list(cfg.extra, "aug.extra", image_size)
-    return SeededCompose(transforms)
+    pipeline = SeededCompose(transforms)
+    if cfg.augmix.enabled:
+        return AugMixViews(pipeline, create_augmix(cfg.augmix, image_size), clean=cfg.augmix.jsd_weight > 0)
+    return pipeline
+
+
+def create_augmix(cfg: AugMixConfig, image_size: int) -> AugMixAugment:
+    """timm's AugMix over ``cfg.ops``, with the op parameters timm's own training uses for AugMix.
+
+    Raises:
+        UserError: a value out of range or an op timm does not know, naming the key.
+    """
+    unknown = [op for op in cfg.ops if op not in NAME_TO_OP]
+    if unknown or not cfg.ops:
+        what = f"{unknown[0]!r} is not a timm AugMix op" if unknown else "needs at least one timm AugMix op"
+        raise UserError(f"config key 'aug.augmix.ops': {what} (ops: {', '.join(NAME_TO_OP)})")
+    if not 1 <= cfg.severity <= 10 or cfg.width < 1 or cfg.depth == 0 or cfg.depth < -1 or cfg.alpha <= 0:
+        raise UserError(
+            "config keys 'aug.augmix.severity' (1..10), 'width' (>= 1), 'depth' (-1 or >= 1), 'alpha' (> 0): "
+            f"out of range in {cfg.severity}, {cfg.width}, {cfg.depth}, {cfg.alpha}"
+        )
+    if cfg.jsd_weight < 0:
+        raise UserError(f"config key 'aug.augmix.jsd_weight' must be >= 0, got {cfg.jsd_weight}")
+    # As timm's create_transform for 'augmix-...': translations up to 45% (absolute) / 30% (relative)
+    # of the image, magnitudes drawn uniformly up to the severity, mid-grey fill.
+    hparams = {
+        "translate_const": int(image_size * 0.45),
+        "translate_pct": 0.3,
+        "img_mean": (128, 128, 128),
+        "magnitude_std": float("inf"),
+    }
+    ops = augmix_ops(magnitude=cfg.severity, hparams=hparams, transforms=list(cfg.ops))
+    return AugMixAugment(ops, alpha=cfg.alpha, width=cfg.width, depth=cfg.depth)
+
+
+class AugMixViews:
+    """The albumentations pipeline, then AugMix: one AugMix image, or (``clean``) the image and two AugMix views.
+
+    With ``clean`` the result is a 3 x H x W x 3 stack (clean, AugMix, AugMix), the layout of
+    timm's ``AugMixDataset`` with ``num_splits=3`` for its ``JsdCrossEntropy``; both views start
+    from the same pipeline output. timm's AugMix draws from Python's and NumPy's global generators:
+    every call runs them under the sample's seed (:meth:`set_random_seed`, called per sample by the
+    training loader) and puts their state back, so a sample's views depend on (seed, epoch, index)
+    only, whatever process makes them, as the albumentations draws do.
+    """
+
+    def __init__(self, pipeline: SeededCompose, augmix: AugMixAugment, clean: bool) -> None:
+        self.pipeline = pipeline
+        self.augmix = augmix
+        self.clean = clean
+        self.seed: int | None = None
+
+    @property
+    def transforms(self) -> list:
+        """The albumentations pipeline's transforms (AugMix comes after them)."""
+        return self.pipeline.transforms
+
+    def set_random_seed(self, seed: int | None) -> None:
+        self.pipeline.set_random_seed(seed)
+        self.seed = seed
+
+    def __call__(self, *, image: np.ndarray, **kwargs: Any) -> dict[str, np.ndarray]:
+        base = self.pipeline(image=image, **kwargs)["image"]
+        views = 2 if self.clean else 1
+        np_state, py_state = np.random.get_state(), random.getstate()
+        try:
+            if self.seed is not None:
+                np.random.seed(self.seed % 2**32)
+                random.seed(self.seed)
+            mixed = [np.asarray(self.augmix(Image.fromarray(base)), dtype=np.uint8) for _ in range(views)]
+        finally:
+            np.random.set_state(np_state)
+            random.setstate(py_state)
+        return {"image": np.stack([base, *mixed]) if self.clean else mixed[0]}
+
+    def __repr__(self) -> str:
+        return f"AugMixViews({self.pipeline!r}, {self.augmix!r}, clean={self.clean})"
 
 
 class EvalResize:

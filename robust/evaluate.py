@@ -8,8 +8,10 @@ Every number comes from the exact model ``submit`` builds (:func:`build_defended
   reports, and the defended model under adaptive attacks (BPDA straight through GCM, EOT over
   the random resize-pad layer);
 * second table on the defended model: Square (score-based black box), transfer attacks from
-  the same weights without the defense and from an independent checkpoint, a random-noise
-  baseline and corruptions at several severities;
+  the same weights without the defense and from an independent checkpoint and a random-noise
+  baseline;
+* ImageNet-C's 15 common and 4 held-out corruptions at severities 1..5 on the defended model
+  (:mod:`robust.corruptions`), with mCE against ``eval.corruption_baseline``;
 * PGD-Linf accuracy against eps for the three rows, sanity checks and a verdict computed
   from the numbers (:mod:`robust.verdict`). :mod:`robust.report` writes them (Markdown, CSV,
   JSON, two PNGs, W&B).
@@ -20,6 +22,7 @@ attack and each scoring pass reseeds the random layer, so a run is reproducible.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -38,7 +41,7 @@ from core.tracking import model_lineage
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
-from robust.corruptions import CORRUPTIONS, corrupt
+from robust.corruptions import add_mce, run_corruptions, summarize, training_counterparts
 from robust.metrics import worst_case
 from robust.report import write_report
 from robust.results import EvalResult, Row, Score
@@ -49,8 +52,9 @@ from robust.verdict import describe_defense, sanity_checks, verdict
 # --- data ----------------------------------------------------------------------------------
 
 
-def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str]:
-    """Labelled images as one float tensor in [0, 1] at ``image_size``, their labels, and the source.
+def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]:
+    """Labelled images as one float tensor in [0, 1] at ``image_size``, their labels, the source
+    and each image's key (its path relative to ``data.root``: what seeds its corruptions).
 
     The test folder when its hidden labels (``data.test_labels``) exist, else the validation
     split of the training data. ``eval.subset`` picks a seeded subset.
@@ -72,7 +76,16 @@ def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.
     samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
     dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
     images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    return to_float_images(torch.stack(images)), torch.tensor(labels), source
+    keys = [image_key(path, cfg.data.root) for path, _ in dataset.samples]
+    return to_float_images(torch.stack(images)), torch.tensor(labels), source, keys
+
+
+def image_key(path: Path, root: str) -> str:
+    """``path`` relative to ``root`` (POSIX form), or the whole path when it lies elsewhere."""
+    try:
+        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return Path(path).resolve().as_posix()
 
 
 # --- rows and tables -----------------------------------------------------------------------
@@ -172,7 +185,7 @@ def run_black_box(
     transfers: Sequence[tuple[str, str, torch.Tensor]],
     progress: bool = False,
 ) -> list[tuple[Score, torch.Tensor]]:
-    """Square, transfer attacks, random noise and corruptions on ``model``, each with its correctness.
+    """Square, transfer attacks and random noise on ``model``, each with its correctness.
 
     ``clean`` is the model's correctness on ``x``; ``transfers`` are ``(key, label, adversarial
     images crafted on another model)``.
@@ -210,17 +223,51 @@ def run_black_box(
             spec.steps(e),
             craft("noise", model, x, y, cfg),
         )
-    for corruption in CORRUPTIONS:
-        for severity in e.corruption_severities:
-            add(
-                f"corruption_{corruption.name}_s{severity}",
-                f"corruption: {corruption.name}, severity {severity}",
-                "",
-                None,
-                0,
-                corrupt(x, corruption, int(severity), e.seed),
-            )
     return out
+
+
+def run_corruption_rows(
+    defended: DefendedModel,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    keys: Sequence[str],
+    cfg: Config,
+    clean: torch.Tensor,
+    infos: Sequence[dict],
+    progress: bool = False,
+) -> dict:
+    """ImageNet-C on the defended model (and the ``eval.corruption_baseline`` model, for mCE), each
+    cell corrupted once and scored by both; the summary per model as a plain dict.
+
+    The defended model's figures are also the adaptive row's (a corruption uses no gradient, so
+    BPDA changes nothing) and, without a random layer, the undefended row's (GCM changes no
+    prediction).
+    """
+    e = cfg.eval
+    if not e.corruptions or not e.corruption_severities:
+        return {}
+    models = {"defended": defended}
+    if e.corruption_baseline:
+        b_members, b_infos = load_members([e.corruption_baseline], cfg.data.num_classes)
+        device = next(defended.parameters()).device
+        models["baseline"] = build_defended_model(b_members, b_infos, cfg, defense=False).to(device)
+    start = time.perf_counter()
+    correct = run_corruptions(models, x, y, keys, cfg, progress)
+    summaries = {"defended": summarize(correct["defended"], clean)}
+    if "baseline" in models:
+        summaries["baseline"] = summarize(correct["baseline"], score(models["baseline"], x, y, cfg))
+        add_mce(summaries["defended"], summaries["baseline"])
+    if progress:
+        mean = summaries["defended"].imagenet_c
+        print(f"  corruptions: {len(correct['defended'])} cells ({time.perf_counter() - start:.0f} s)", flush=True)
+        if mean is not None:
+            print(f"  ImageNet-C mean over the common cells run: {mean:.1f}%", flush=True)
+    saved = infos[0].get("config", {}) if infos else {}
+    return {
+        "models": {k: dataclasses.asdict(v) for k, v in summaries.items()},
+        "baseline": e.corruption_baseline,
+        "training_counterparts": training_counterparts(saved),
+    }
 
 
 # --- the stage -----------------------------------------------------------------------------
@@ -240,7 +287,7 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
     if e.surrogate and "transfer" in e.attacks:
         s_members, s_infos = load_members([e.surrogate], cfg.data.num_classes)
         surrogate = build_defended_model(s_members, s_infos, cfg, defense=False).to(device)
-    x, y, source = load_eval_images(cfg, input_size_of(infos))
+    x, y, source, keys = load_eval_images(cfg, input_size_of(infos))
     defense, adaptive_attack = describe_defense(cfg)
     labels = {
         "undefended": "undefended",
@@ -280,6 +327,7 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
             )
     clean = raw["defended"]["clean"]
     measured = run_black_box(defended, x, y, cfg, clean, transfers, progress)
+    corruption = run_corruption_rows(defended, x, y, keys, cfg, clean, infos, progress)
     black_box = [s for s, _ in measured]
     adversarial = {f"defended/{k}": v for k, v in raw["defended"]["attacks"].items()}
     adversarial.update({f"adaptive/{k}": v for k, v in raw["adaptive"]["attacks"].items()})
@@ -348,8 +396,7 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
         rows=rows,
         black_box=black_box,
         eps_curve=curve,
-        corruptions=[{"name": c.name, "param": c.param, "levels": list(c.levels)} for c in CORRUPTIONS],
-        corruption_severities=list(e.corruption_severities),
+        corruption=corruption,
         input_models=[
             model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
         ],

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from core.config import Config
+from core.corruptions import group_of
 from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
 from core.tracking import start_run, use_models
 from robust.results import ROW_KEYS, EvalResult, Score
@@ -80,25 +81,14 @@ def render_markdown(result: EvalResult) -> str:
         "",
     ]
     lines += [
-        f"| black box, transfer, noise, corruptions (on the {result.defense} model) | accuracy % | AR |",
+        f"| black box, transfer, noise (on the {result.defense} model) | accuracy % | AR |",
         "|---|---|---|",
     ]
     for score in result.black_box:
         lines.append(f"| {score.label} | {_num(score.robust_acc)} | {_num(score.ar)} |")
     if not result.surrogate:
         lines += ["", "Transfer from an independently trained checkpoint: skipped (set `eval.surrogate=PATH`)."]
-    if result.mean_corruption_acc is not None:
-        lines += ["", f"Mean accuracy over the corruptions and severities above: {result.mean_corruption_acc:.1f}%."]
-    if result.corruption_severities:
-        lines += [
-            "",
-            "Corruption severities (ImageNet-C levels 1..5, albumentations on the uint8 images):",
-            "",
-            "| corruption | parameter | " + " | ".join(str(i) for i in range(1, 6)) + " |",
-            "|---|---|" + "---|" * 5,
-        ]
-        for c in result.corruptions:
-            lines.append(f"| {c['name']} | {c['param']} | " + " | ".join(f"{v:g}" for v in c["levels"]) + " |")
+    lines += corruption_lines(result)
     curve = result.eps_curve
     if curve["eps"]:
         lines += [
@@ -113,6 +103,72 @@ def render_markdown(result: EvalResult) -> str:
     lines += ["", "Sanity checks:", ""] + [f"- {n}" for n in result.sanity]
     lines += ["", f"**Verdict.** {result.verdict}", ""]
     return "\n".join(lines)
+
+
+def _group_text(groups: dict) -> str:
+    names = {"noise": "noise", "blur": "blur", "weather": "weather", "digital": "digital", "held_out": "held-out four"}
+    return ", ".join(f"{names[g]} {_num(v)}" for g, v in groups.items() if v is not None)
+
+
+def corruption_lines(result: EvalResult) -> list[str]:
+    """The ImageNet-C section: accuracy per corruption and severity, the summary figures, mCE."""
+    c = result.corruption
+    if not c:
+        return []
+    models = c["models"]
+    main, base = models["defended"], models.get("baseline")
+    severities = sorted({int(s) for cells in main["cells"].values() for s in cells})
+    lines = [
+        "",
+        f"Common corruptions: ImageNet-C (imagecorruptions-imaug 1.1.5) at the model's input size on the uint8 "
+        f"images, each image seeded on its own (`eval.seed`), on the {result.defense} model: the adaptive row's "
+        "figures too (no gradient is involved), and the undefended row's when no random layer is on. Accuracy %:",
+        "",
+        "| corruption | group | "
+        + " | ".join(f"s{s}" for s in severities)
+        + " | mean |"
+        + (" baseline mean |" if base else ""),
+        "|---|---|" + "---|" * (len(severities) + 1) + ("---|" if base else ""),
+    ]
+    for name, cells in main["cells"].items():
+        values = [cells.get(s, cells.get(str(s))) for s in severities]
+        mean = sum(v for v in values if v is not None) / max(1, sum(v is not None for v in values))
+        row = f"| {name} | {group_of(name).replace('_', '-')} | " + " | ".join(_num(v) for v in values)
+        row += f" | {_num(mean)} |"
+        if base:
+            b = list(base["cells"].get(name, {}).values())
+            row += f" {_num(sum(b) / len(b) if b else None)} |"
+        lines.append(row)
+    if main["imagenet_c"] is None:
+        summary = f"No common corruption ran (clean {_num(main['clean'])}%). "
+    else:
+        what = (
+            "ImageNet-C mean over the 75 common cells (RobustBench's figure)"
+            if main["complete"]
+            else "mean over the common cells run (not all 75: not RobustBench's figure)"
+        )
+        summary = f"{what}: **{_num(main['imagenet_c'])}%** (clean {_num(main['clean'])}%). "
+    summary += f"Per group: {_group_text(main['groups'])}."
+    worst, group = main["worst"], main["worst_group"]
+    summary += f" Worst corruption: {worst[0]} ({_num(worst[1])}%)." if worst else ""
+    summary += f" Worst group: {group[0]} ({_num(group[1])}%)." if group else ""
+    lines += ["", summary]
+    if base:
+        lines += [
+            "",
+            f"Against the baseline `{c['baseline']}` (clean {_num(base['clean'])}%, ImageNet-C "
+            f"{_num(base['imagenet_c'])}%) on the same corrupted images: mCE {_num(main['mce'])}%, relative mCE "
+            f"{_num(main['relative_mce'])}% (100% = the baseline's errors; lower is better).",
+        ]
+    counterparts = c.get("training_counterparts", {})
+    lines += [
+        "",
+        "Corruptions with a counterpart in this model's training augmentations (partly inside its training "
+        "distribution): "
+        + ("; ".join(f"{k} ({', '.join(v)})" for k, v in counterparts.items()) if counterparts else "none")
+        + ".",
+    ]
+    return lines
 
 
 def csv_rows(result: EvalResult) -> list[list]:
@@ -141,6 +197,11 @@ def csv_rows(result: EvalResult) -> list[list]:
             add(key, score)
     for score in result.black_box:
         add("defended", score)
+    for model, summary in result.corruption.get("models", {}).items():
+        for name, cells in summary["cells"].items():
+            for severity, acc in cells.items():
+                label = f"corruption: {name}, severity {severity}"
+                add(model, Score(f"corruption_{name}_s{severity}", label, "", None, 0, summary["clean"], acc, math.nan))
     return out
 
 
@@ -235,6 +296,9 @@ def log_wandb(cfg: Config, result: EvalResult, rows: list[list], files: dict[str
             run.summary[f"{key}/top1"] = row.top1
             for name, score in {**row.attacks, **({"worst_case": row.worst_case} if row.worst_case else {})}.items():
                 run.summary[f"{key}/{name}"] = score.robust_acc
+        for key, summary in result.corruption.get("models", {}).items():
+            run.summary[f"{key}/imagenet_c"] = summary["imagenet_c"]
+            run.summary.update({f"{key}/corruption_{g}": v for g, v in summary["groups"].items() if v is not None})
         run.summary["verdict"] = result.verdict
         for key in ("bars", "eps_curve", "md"):  # the report itself, for whoever reads the run later
             if key in files:

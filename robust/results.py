@@ -17,7 +17,7 @@ class Score:
     """One attack (or corruption) on one model: accuracy before and after, and RobustART's AR.
 
     ``attack`` is an ``eval.attacks`` name, or a derived key such as ``transfer_surrogate``,
-    ``corruption_jpeg_s3`` or ``worst_case``; ``steps`` counts iterations (queries for Square).
+    ``corruption_fog_s3`` or ``worst_case``; ``steps`` counts iterations (queries for Square).
     """
 
     attack: str
@@ -69,8 +69,9 @@ class EvalResult:
     rows: dict[str, Row]
     black_box: list[Score]
     eps_curve: dict[str, list[float]]  # "eps" and one accuracy list per row key
-    corruptions: list[dict]
-    corruption_severities: list[int]
+    # ImageNet-C (robust.evaluate.run_corruption_rows): {"models": {"defended"[, "baseline"]: summary},
+    # "baseline": path, "training_counterparts": {corruption: [training augmentations]}}; {} when not run
+    corruption: dict
     input_models: list[dict] = field(default_factory=list)  # each member's W&B artifact and sha256
     sanity: list[str] = field(default_factory=list)
     verdict: str = ""
@@ -85,9 +86,9 @@ class EvalResult:
 
     @property
     def mean_corruption_acc(self) -> float | None:
-        """Accuracy averaged over every corruption and severity run, ``None`` if none ran."""
-        accs = [s.robust_acc for s in self.black_box if s.attack.startswith("corruption_")]
-        return sum(accs) / len(accs) if accs else None
+        """The defended model's ImageNet-C accuracy: the mean over the common corruption cells run
+        (RobustBench's figure when all 75 ran), ``None`` if none ran."""
+        return self.corruption.get("models", {}).get("defended", {}).get("imagenet_c")
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "mean_corruption_acc": self.mean_corruption_acc}

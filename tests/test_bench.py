@@ -38,6 +38,8 @@ INFO_ROWS = [
     "train samples/s, data.num_workers=",
     "channels_last forward / default layout forward",
     "bf16 autocast forward / float32 forward",
+    "training loader with AugMix (one view) / standard loader",
+    "training loader with AugMix + JSD (clean + 2 views) / standard loader",
 ]
 
 

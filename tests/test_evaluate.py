@@ -18,7 +18,6 @@ from core.demo_data import generate_demo_data
 from gcm import DefendedModel, RandomResizePad
 from infer.defended import build_defended_model, load_members
 from robust import evaluate
-from robust.corruptions import CORRUPTIONS, corrupt
 from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS
@@ -41,7 +40,8 @@ FAST = [
     "eval.eps_l2=1.0",
     "eval.eps_l1=30",
     "eval.eps_curve=[0.01,0.0313725,0.1]",
-    "eval.corruption_severities=[1]",
+    "eval.corruptions=[gaussian_noise,fog,contrast,speckle_noise]",
+    "eval.corruption_severities=[1,5]",
 ]
 STRONG_EPS = 24 / 255  # large enough for PGD to break the undefended tiny model
 
@@ -69,7 +69,8 @@ def setup(trained):
     members, infos = load_members([cfg.run_dir / "best"], cfg.data.num_classes)
     undefended = build_defended_model(members, infos, cfg, defense=False)
     defended = build_defended_model(members, infos, cfg)
-    x, y, source = evaluate.load_eval_images(cfg, 32)
+    x, y, source, keys = evaluate.load_eval_images(cfg, 32)
+    assert len(keys) == len(set(keys)) == 48 and all(k.startswith("test/") for k in keys)
     assert source.startswith("test set") and x.shape == (48, 3, 32, 32) and x.dtype == torch.float32
     assert float(x.min()) >= 0.0 and float(x.max()) <= 1.0
     return cfg, undefended, defended, x, y
@@ -118,21 +119,10 @@ def test_budget_check_rejects_an_escaped_image(setup):
         check_budget(SPECS["noise"], x, x + 2.0, 8 / 255 + 3.0)
 
 
-def test_corruptions_are_seeded_and_grow_with_severity(setup):
-    cfg, _, _, x, _ = setup
-    x = x[:8]
-    for corruption in CORRUPTIONS:
-        distortion = []
-        for severity in (1, 3, 5):
-            out = corrupt(x, corruption, severity, seed=0)
-            assert out.shape == x.shape and torch.equal(out, corrupt(x, corruption, severity, seed=0))
-            assert torch.equal(out, out.mul(255).round().div(255)), corruption.name  # still uint8 pixels
-            distortion.append(float((out - x).abs().mean()))
-        assert distortion[0] < distortion[1] < distortion[2], (corruption.name, distortion)
-
-
 def test_report_files_table_warnings_and_verdict(trained, tmp_path):
-    cfg = load_config(None, [*trained, *FAST, f"eval.out_dir={tmp_path}"])
+    run_dir = load_config(None, trained).run_dir
+    # the model itself as the mCE baseline: its errors divided by themselves
+    cfg = load_config(None, [*trained, *FAST, f"eval.out_dir={tmp_path}", f"eval.corruption_baseline={run_dir}/best"])
     result = evaluate.run(cfg, progress=False)
     for name in ("eval.md", "eval.csv", "eval.json", "eval_bars.png", "eval_eps_curve.png"):
         assert (tmp_path / name).stat().st_size > 0, name
@@ -146,9 +136,22 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     assert aa["adaptive"] <= ada + 100.0 / result.n + 1e-9, (aa, ada)
     assert aa["defended"] > aa["adaptive"] + MASKING_POINTS, aa
     assert "AutoAttack: a custom subset (apgd-ce, apgd-t; 10 iterations" in md
-    corrupted = [s.robust_acc for s in result.black_box if s.attack.startswith("corruption_")]
-    assert len(corrupted) == 4 and result.mean_corruption_acc == pytest.approx(sum(corrupted) / 4)
-    assert f"Mean accuracy over the corruptions and severities above: {result.mean_corruption_acc:.1f}%." in md
+    # ImageNet-C: 4 corruptions x 2 severities on the defended model and on the baseline (the same weights)
+    defended, baseline = (result.corruption["models"][k] for k in ("defended", "baseline"))
+    assert defended["cells"] == baseline["cells"] and len(defended["cells"]) == 4
+    common = [v for name in ("gaussian_noise", "fog", "contrast") for v in defended["cells"][name].values()]
+    assert len(common) == 6 and result.mean_corruption_acc == pytest.approx(sum(common) / 6)
+    assert not defended["complete"] and defended["groups"]["held_out"] == pytest.approx(
+        sum(defended["cells"]["speckle_noise"].values()) / 2
+    )
+    assert defended["mce"] == pytest.approx(100.0)
+    assert (
+        f"mean over the common cells run (not all 75: not RobustBench's figure): **{result.mean_corruption_acc:.1f}%**"
+        in md
+    )
+    assert "| fog | weather | " in md and "mCE 100.0%" in md
+    # trained with the default corruption family: its noise has a counterpart, the others do not
+    assert "gaussian_noise (GaussNoise, ISONoise)" in md and "fog (PlasmaBrightnessContrast)" in md
     # The masking warning fires for the standard GCM row: the transfer attack beats white-box PGD.
     masking = [n for n in result.sanity if n.startswith("WARNING: GRADIENT MASKING")]
     assert any("transfer" in n for n in masking) and any("adaptive attack" in n for n in masking), result.sanity
@@ -165,10 +168,42 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     assert list(table[0]) == ["model", "attack", "clean_acc", "robust_acc", "ar", "eps", "norm", "steps", "n"]
     pgd = next(r for r in table if r["model"] == "defended" and r["attack"] == "pgd_linf")
     assert float(pgd["robust_acc"]) == pytest.approx(gcm, abs=0.01) and pgd["norm"] == "linf" and pgd["n"] == "48"
-    assert {r["attack"] for r in table} >= {"square", "transfer_same_weights", "noise", "worst_case"}
+    assert {r["attack"] for r in table} >= {
+        "square",
+        "transfer_same_weights",
+        "noise",
+        "worst_case",
+        "corruption_fog_s5",
+    }
+    fog = next(r for r in table if r["model"] == "baseline" and r["attack"] == "corruption_fog_s5")
+    assert float(fog["robust_acc"]) == pytest.approx(defended["cells"]["fog"][5], abs=0.01)
     saved = json.loads((tmp_path / "eval.json").read_text())
     assert saved["rows"]["adaptive"]["attacks"]["pgd_linf"]["robust_acc"] == pytest.approx(ada)
     assert saved["eps_curve"]["undefended"][1] == pytest.approx(und)  # the eps_linf point is the table's
+
+
+def test_corruptions_alone_on_the_validation_split(trained, tmp_path):
+    # how the demo configs were chosen: no attack, the held-out four, validation images only
+    cfg = load_config(
+        None,
+        [
+            *trained,
+            *FAST,
+            "data.test_labels=",
+            "eval.attacks=[]",
+            "eval.eps_curve=[]",
+            "eval.corruptions=[speckle_noise,gaussian_blur,spatter,saturate]",
+            "eval.corruption_severities=[2]",
+            f"eval.out_dir={tmp_path}",
+        ],
+    )
+    result = evaluate.run(cfg, progress=False)
+    assert result.source.startswith("validation split") and result.n == 48  # eval.subset of the 120
+    summary = result.corruption["models"]["defended"]
+    assert list(summary["cells"]) == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
+    assert summary["imagenet_c"] is None and result.mean_corruption_acc is None  # no common corruption ran
+    assert summary["groups"]["held_out"] == pytest.approx(sum(c[2] for c in summary["cells"].values()) / 4)
+    assert "held-out four" in (tmp_path / "eval.md").read_text() and "PGD-Linf was not run" in result.verdict
 
 
 def _score(attack: str, robust_acc: float) -> Score:
@@ -194,8 +229,7 @@ def test_sanity_checks_flag_weak_attacks():
         rows=rows,
         black_box=[_score("noise", 40.0)],
         eps_curve={"eps": [1 / 255, 8 / 255], "undefended": [60.0, 40.0]},
-        corruptions=[],
-        corruption_severities=[],
+        corruption={},
     )
     notes = sanity_checks(result)
     assert sum("weaker than single-step FGSM" in n for n in notes) == 3

@@ -159,3 +159,20 @@ def test_pipelines_are_albumentations_composes():
     # Callers rely on the A.Compose API (set_random_seed, transforms, serialization repr).
     assert isinstance(create_train_transform(AugConfig(), SIZE), A.Compose)
     assert "RandomResizedCrop" in repr(create_train_transform(AugConfig(), SIZE))
+
+
+def test_training_corruptions_switch_off_with_an_empty_list(tiny_config):
+    # aug.corruptions=[]: no corruption-style augmentation at all (evaluation's ImageNet-C stays unseen)
+    image = random_image()
+    applied = {}
+    for overrides in ((), ("aug.corruptions=[]",)):
+        transform = create_train_transform(tiny_config(*overrides).aug, SIZE)
+        transform.save_applied_params = True
+        names = set()
+        for seed in range(100):
+            transform.set_random_seed(seed)
+            names |= {name for name, _ in transform(image=image)["applied_transforms"]}
+        applied[overrides] = names - {"RandomResizedCrop", "HorizontalFlip"}
+    assert tiny_config("aug.corruptions=[]").aug.corruptions == []
+    assert applied[("aug.corruptions=[]",)] == set()
+    assert {"GaussNoise", "ImageCompression"} <= applied[()]  # the default family does apply them

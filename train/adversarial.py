@@ -9,6 +9,10 @@
 * ``trades``: TRADES (Zhang et al. 2019): clean loss + ``beta`` x KL(f(x) || f(x')), x' found by
   PGD on that KL.
 
+With AugMix's consistency loss (``aug.augmix.jsd_weight > 0``) a batch holds three views of each
+image (clean, AugMix, AugMix): :func:`consistency_loss` trains on them, the clean view replaced by
+its adversarial example under ``fgsm_rs`` and ``pgd``.
+
 The attack runs on the unwrapped network in eval mode (no drop-path, no gradient sync across
 processes: each process attacks its own batch), with the loss in float32, and never through GCM
 (its gradient is noise by design). Its random starts come from torch's global RNG, which the
@@ -63,6 +67,8 @@ def adversarial_loss(
         adv: The ``train.adv`` section.
         epoch: Where training stands, in epochs (for the eps warm-up).
     """
+    if x.dim() == 5:
+        return consistency_loss(model, attack_model, loss_fn, x, targets, adv, epoch)
     if adv.mode == "none":
         return loss_fn(model(x), targets)
     eps = eps_at(adv, epoch)
@@ -85,3 +91,30 @@ def adversarial_loss(
         kl = F.kl_div(F.log_softmax(attacked, dim=1), F.softmax(clean, dim=1), reduction="batchmean")
         return loss_fn(clean, targets) + adv.beta * kl
     raise ValueError(f"unknown train.adv.mode {adv.mode!r}")
+
+
+def consistency_loss(
+    model: nn.Module,
+    attack_model: nn.Module,
+    loss_fn: nn.Module,
+    views: torch.Tensor,
+    targets: torch.Tensor,
+    adv: AdvConfig,
+    epoch: float,
+) -> torch.Tensor:
+    """AugMix's loss on N x 3 x C x H x W views (clean, AugMix, AugMix), in one forward.
+
+    ``loss_fn`` is timm's ``JsdCrossEntropy``: cross-entropy on the first view plus the weighted
+    Jensen-Shannon divergence between the three predictions. Under ``fgsm_rs`` and ``pgd`` the
+    first view is the adversarial example of the clean image, so the classifier trains on the
+    attack (as without AugMix) and the AugMix views are pulled towards its prediction; the AugMix
+    views themselves are not attacked (that would double the cost of every step).
+    """
+    clean, *mixed = views.unbind(1)
+    eps = eps_at(adv, epoch)
+    if adv.mode in ("fgsm_rs", "pgd") and eps > 0:
+        steps = 1 if adv.mode == "fgsm_rs" else adv.steps
+        clean = pgd(attack_model, clean, targets, eps, steps=steps, step_size=step_size_of(adv, eps))
+    elif adv.mode not in ("none", "fgsm_rs", "pgd"):
+        raise ValueError(f"train.adv.mode={adv.mode} has no AugMix consistency loss (validate_config refuses it)")
+    return loss_fn(model(torch.cat([clean, *mixed])), targets)

@@ -190,7 +190,10 @@ def save_sample_grid(x: torch.Tensor, path: Path, accelerator: Accelerator, trac
         return
     from torchvision.utils import make_grid, save_image
 
-    grid = make_grid(x[:32].detach().float().cpu().clamp(0, 1), nrow=8)
+    nrow = 8
+    if x.dim() == 5:  # AugMix views: each image's (clean, AugMix, AugMix) side by side, two images a row
+        x, nrow = x[:10].flatten(0, 1), 2 * x.shape[1]
+    grid = make_grid(x[:32].detach().float().cpu().clamp(0, 1), nrow=nrow)
     save_image(grid, str(path))
     if tracking != "disabled":
         import wandb

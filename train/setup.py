@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from accelerate import Accelerator
 from timm.data import Mixup
-from timm.loss import SoftTargetCrossEntropy
+from timm.loss import JsdCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
 from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
@@ -96,8 +96,11 @@ def create_model_and_optimizer(cfg: Config, updates_per_epoch: int) -> tuple[nn.
 
 
 def create_loss(cfg: Config) -> tuple[Mixup | None, nn.Module]:
-    """Mixup/CutMix (``None`` when off) and the loss that matches its soft targets."""
+    """Mixup/CutMix (``None`` when off) and the loss that matches its soft targets; with AugMix's
+    consistency loss (``aug.augmix.jsd_weight``) timm's JsdCrossEntropy over the three views."""
     t = cfg.train
+    if cfg.aug.augmix.enabled and cfg.aug.augmix.jsd_weight > 0:  # validate_config refuses it with mixup
+        return None, JsdCrossEntropy(num_splits=3, alpha=cfg.aug.augmix.jsd_weight, smoothing=t.label_smoothing)
     if t.mixup > 0 or t.cutmix > 0:
         mixup_fn = Mixup(
             mixup_alpha=t.mixup,
