@@ -304,6 +304,18 @@ def _unknown_key(key: str, cfg: Config) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def key_named(name: str, section: str = "") -> str | None:
+    """The config key a command-line ``--name`` most likely meant (``epochs`` -> ``train.epochs``,
+    ``train.lr`` -> ``train.lr``), matching the whole key or its last part, the shortest and then
+    those of ``section`` first; None if none does."""
+    name = name.replace("-", "_")
+    keys = _all_keys(new_config())
+    if name in keys:
+        return name
+    matches = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    return min(matches, key=lambda k: (k.count("."), not k.startswith(f"{section}."), k)) if matches else None
+
+
 def _sections(cfg: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
 
