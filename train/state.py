@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -188,6 +189,8 @@ def restore(training: Training, progress: Progress) -> None:
         check_resumable(cfg, resume_from)
         try:
             accelerator.load_state(str(resume_from))
+        except pickle.UnpicklingError:
+            raise UserError(f"resume: {refused_pickle(resume_from)}") from None
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"resume: {resume_from} does not fit this config ({first})") from None
@@ -207,6 +210,21 @@ def restore(training: Training, progress: Progress) -> None:
             for path in old:
                 path.unlink(missing_ok=True) if path.is_file() else None
     accelerator.wait_for_everyone()
+
+
+def refused_pickle(folder: Path) -> str:
+    """Name the file of ``folder`` that ``torch.load(weights_only=True)`` refuses (a pickle that
+    asks for more than tensors and plain data: never loaded, it could run code)."""
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            lines = str(exc).strip().splitlines() or [""]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0])[:160]  # torch's own reason
+            return f"{path}: refused to unpickle it: it holds more than tensors and plain data ({why})"
+        except Exception:  # noqa: BLE001 - other damage is not what we are looking for here
+            continue
+    return f"{folder}: a file of this checkpoint holds a pickle that is not plain tensors; refused to load it"
 
 
 def check_resumable(cfg: Config, folder: Path) -> None:
@@ -281,6 +299,6 @@ def export_models(training: Training, progress: Progress, metrics: dict, improve
             export_model(weights, cfg.run_dir / "best", meta)
     except OSError as exc:
         raise UserError(
-            f"cannot write the exported model in {cfg.run_dir}: {exc.strerror or exc}; "
+            f"cannot write the exported model {exc.filename or cfg.run_dir}: {exc.strerror or exc}; "
             "earlier exports and checkpoints are intact"
         ) from None
