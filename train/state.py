@@ -23,6 +23,7 @@ from core.checkpoint import export_model, state_dict_of
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError
 from core.io import check_writable
+from core.outputs import hold_output
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
 
@@ -52,20 +53,23 @@ def check_run_name(cfg: Config) -> None:
 
 @contextlib.contextmanager
 def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
-    """The run's folder, created up front (an unwritable ``out_dir`` fails before any training) and
-    removed again if the run fails before writing anything into it."""
+    """The run's folder, locked for this run (``core.outputs``: a second ``train`` of the same name
+    refuses), created up front (an unwritable ``out_dir`` fails before any training) and removed
+    again if the run fails before writing anything into it."""
     run_dir = cfg.run_dir
     existed = run_dir.exists()
-    check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
     check_writable(run_dir, "out_dir")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        yield run_dir
-    except BaseException:
-        if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-        raise
+    busy = f"wait for it to end, stop it, or train under another name=... (name={cfg.name})"
+    with hold_output(run_dir, "train", busy, accelerator):
+        check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            yield run_dir
+        except BaseException:
+            if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+            raise
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
