@@ -36,6 +36,14 @@ def two_models():
     return [_model(0), _model(1)]
 
 
+def _handed(model, stem: Path, **changes) -> Path:
+    """``model`` exported to ``stem``, then its JSON edited as the one who hands us the file might."""
+    export_model(model, stem, META)
+    info = json.loads(Path(f"{stem}.json").read_text())
+    Path(f"{stem}.json").write_text(json.dumps({**info, **changes}))
+    return stem
+
+
 def _assert_pair(model, info, models) -> None:
     """The weights loaded are those of the model the JSON describes."""
     expected = models[int(info["val_acc"])].state_dict()
@@ -150,10 +158,7 @@ def test_a_pair_that_stays_inconsistent_is_refused(two_models, tmp_path):
     "arch", ["hf-hub:owner/model", "timm/convnext_atto", "../models/x", "local-dir:/tmp/x", "convnext_atto:x"]
 )
 def test_a_checkpoint_never_makes_the_product_fetch_anything(two_models, tmp_path, monkeypatch, arch):
-    stem = tmp_path / "handed"
-    export_model(two_models[0], stem, {**META, "val_acc": 0.0})
-    info = json.loads(Path(f"{stem}.json").read_text())
-    Path(f"{stem}.json").write_text(json.dumps({**info, "arch": arch}))
+    stem = _handed(two_models[0], tmp_path / "handed", arch=arch)
 
     def no_network(*args, **kwargs):
         raise AssertionError("a checkpoint file reached timm.create_model with a hub/path reference")
@@ -171,10 +176,7 @@ def test_an_unknown_arch_names_the_checkpoint_file(two_models, tmp_path):
 
 
 def test_a_shape_mismatch_names_the_tensor_and_both_shapes(two_models, tmp_path):
-    stem = tmp_path / "odd"
-    export_model(two_models[0], stem, META)
-    info = json.loads(Path(f"{stem}.json").read_text())
-    Path(f"{stem}.json").write_text(json.dumps({**info, "num_classes": 7}))
+    stem = _handed(two_models[0], tmp_path / "odd", num_classes=7)
     with pytest.raises(
         UserError,
         match=r"odd.safetensors: weights do not fit test_convnext with 7 classes: tensor "
@@ -192,10 +194,7 @@ def test_a_deeply_nested_checkpoint_json_is_one_line(two_models, tmp_path):
 
 
 def test_checkpoint_json_mean_and_std_are_checked(two_models, tmp_path):
-    stem = tmp_path / "odd"
-    export_model(two_models[0], stem, META)
-    info = json.loads(Path(f"{stem}.json").read_text())
-    Path(f"{stem}.json").write_text(json.dumps({**info, "mean": "zero"}))
+    stem = _handed(two_models[0], tmp_path / "odd", mean="zero")
     with pytest.raises(UserError, match=r"odd.json: checkpoint JSON 'mean' is 'zero', not null or 3 numbers"):
         load_model(stem)
 
