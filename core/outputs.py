@@ -176,8 +176,9 @@ def _try_create(path: Path, holder: Holder) -> int | None:
         try:
             os.link(tmp, path)
         except FileExistsError:
-            os.close(fd)
-            return None
+            if os.stat(tmp).st_nlink != 2:  # NFS: a retried link() may report EEXIST although it worked
+                os.close(fd)
+                return None
         except OSError as exc:
             if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
                 raise
