@@ -83,8 +83,10 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
     """Any PIL mode -> HxWx3 uint8 RGB, converted in strips of rows straight into the output,
     so the memory is the decoded image plus the output (no full-size float, int64 or RGBA copy)."""
     width, height = img.size
-    out = np.empty((height, width, 3), dtype=np.uint8)
     rows = max(1, _STRIP_BYTES // (4 * max(width, 1)))
+    if rows >= height:
+        return _strip_to_rgb(img)  # a small image is one strip: no copy to cut
+    out = np.empty((height, width, 3), dtype=np.uint8)
     for top in range(0, height, rows):
         bottom = min(height, top + rows)
         out[top:bottom] = _strip_to_rgb(img.crop((0, top, width, bottom)))
@@ -195,15 +197,15 @@ def _decode_slot(budget: int):
         yield
 
 
-def _size_problem(img: Image.Image) -> str | None:
-    """Why ``img`` (opened, not decoded) is too large to decode, or None."""
+def _size_problem(img: Image.Image, rotated: bool) -> str | None:
+    """Why ``img`` (opened, not decoded; ``rotated`` by its EXIF) is too large to decode, or None."""
     width, height = img.size
     if width * height > MAX_PIXELS:
         return (
             f"image too large ({width}x{height} = {width * height} pixels, "
             f"limit {MAX_PIXELS}); refusing a possible decompression bomb"
         )
-    budget = decode_budget(img.mode, width, height, _orientation(img) != 1)
+    budget = decode_budget(img.mode, width, height, rotated)
     if budget > MAX_DECODE_BYTES:
         return (
             f"image too large to decode: {width}x{height} in mode {img.mode} needs {budget / 2**20:.1f} MB "
@@ -244,10 +246,11 @@ def load_image(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                problem = _size_problem(img)
+                rotated = _orientation(img) != 1
+                problem = _size_problem(img, rotated)
                 if problem:
                     raise UserError(f"{path}: {problem}")
-                with _decode_slot(decode_budget(img.mode, *img.size, _orientation(img) != 1)):
+                with _decode_slot(decode_budget(img.mode, *img.size, rotated)):
                     fast = _decode_plain_jpeg(data, img)
                     if fast is not None:
                         return fast
@@ -281,7 +284,7 @@ def check_image_header(path: Path) -> str | None:
         # this in threads. PIL only warns above its own limit (89 Mpx), which MAX_PIXELS
         # undercuts, so such a file is rejected below all the same.
         with Image.open(path) as img:
-            problem = _size_problem(img)
+            problem = _size_problem(img, _orientation(img) != 1)
         if problem:
             return problem
     except FileNotFoundError:

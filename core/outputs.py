@@ -40,7 +40,7 @@ from pathlib import Path
 from typing import Sequence
 
 from core.errors import UserError
-from core.io import create_temp_beside, read_json
+from core.io import create_temp_beside, parse_json, read_json
 
 HOST = socket.gethostname()
 CHECKPOINT_NAMES = ("best", "last")  # the exported models of a run folder (train.state.EXPORTS)
@@ -94,11 +94,11 @@ def _this_holder(stage: str) -> Holder:
 def _read_holder(fd: int) -> Holder | None:
     try:
         os.lseek(fd, 0, os.SEEK_SET)
-        data = json.loads(os.read(fd, 4096).decode("utf-8"))
+        data = parse_json(os.read(fd, 4096))
         return Holder(
             str(data["stage"]), int(data["pid"]), str(data["host"]), str(data["started"]), str(data["process_start"])
         )
-    except (OSError, ValueError, KeyError, TypeError, RecursionError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None  # empty (a creator between create and write on a file system without link) or foreign
 
 
