@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import STATUS_ENV, run_cli, user_path
-from core.config import key_named, load_config
+from core.config import Config, key_named, load_config
 from core.errors import UserError
+from core.outputs import acquire
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "default.yaml"
@@ -167,12 +168,26 @@ def check_flags(accel: list[str], module: str = "") -> None:
         raise UserError(f"unknown option --{name}: did you mean {key}={value or '...'}? (config keys take key=value)")
 
 
+def check_output_free(module: str, cfg: Config) -> None:
+    """The run folder or submission name another command holds is one line here, before any
+    process starts (inside a multi-process run, the main process's refusal comes with accelerate's
+    failure report of every rank). Only a look: the stage itself holds the lock while it runs."""
+    claims = {
+        "train.main": ("train", cfg.run_dir, "name"),
+        "infer.submit": ("submit", Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name), "submit.file_name"),
+    }
+    if module in claims:
+        stage, output, key = claims[module]
+        acquire(output, stage, key).release()
+
+
 def launch(module: str, argv: Sequence[str]) -> int:
     ours, accel = split_args(argv)
     check_flags(accel, module)
     config_path = user_path(_flag_value(ours, "--config"))
     overrides = [a for a in ours if "=" in a and not a.startswith("--")]
-    load_config(config_path, overrides)  # fail fast, in one line, before any process starts
+    cfg = load_config(config_path, overrides)  # fail fast, in one line, before any process starts
+    check_output_free(module, cfg)
 
     import torch
 

@@ -207,12 +207,13 @@ def _create_without_link(path: Path, holder: Holder) -> int | None:
     return fd
 
 
-def _try_take_over(path: Path, holder: Holder, busy_hint: str) -> tuple[int, Holder | None] | None:
+def _try_take_over(path: Path, holder: Holder, key: str) -> tuple[int, Holder | None] | None:
     """Take the existing lock file if its holder has ended; None to try again (it changed meanwhile).
 
     Raises:
         UserError: the holder still runs, or it ran on another host (which cannot be checked).
     """
+    busy_hint = f"wait for it to end or stop it, or use another {key}"
     try:
         fd = os.open(path, os.O_RDWR)
     except FileNotFoundError:
@@ -241,11 +242,12 @@ def _try_take_over(path: Path, holder: Holder, busy_hint: str) -> tuple[int, Hol
             os.close(fd)
 
 
-def acquire(output: Path, stage: str, busy_hint: str = "wait for it to end or stop it") -> OutputLock:
+def acquire(output: Path, stage: str, key: str) -> OutputLock:
     """Hold the lock of ``output`` for ``stage``, taking over one whose holder ended on this host.
 
     Raises:
-        UserError: ``"<output>: in use by <stage> (pid P on HOST, started T): <busy_hint>"``, or the
+        UserError: ``"<output>: in use by <stage> (pid P on HOST, started T): wait for it to end or
+            stop it, or use another <key>"`` (``key``: the config key that names ``output``), or the
             other-host message (see the module docstring).
     """
     output = Path(output)
@@ -257,7 +259,7 @@ def acquire(output: Path, stage: str, busy_hint: str = "wait for it to end or st
             fd = _try_create(path, holder)
             if fd is not None:
                 return OutputLock(output, path, fd, None, made)
-            taken = _try_take_over(path, holder, busy_hint)
+            taken = _try_take_over(path, holder, key)
         except UserError as exc:
             raise UserError(f"{output}: {exc}") from None
         except OSError as exc:
@@ -289,8 +291,8 @@ def acquire(output: Path, stage: str, busy_hint: str = "wait for it to end or st
 
 
 @contextlib.contextmanager
-def hold_output(output: Path, stage: str, busy_hint: str = "wait for it to end or stop it", accelerator=None):
-    """``with hold_output(path, stage):`` the lock of ``output`` for the block (see :func:`acquire`).
+def hold_output(output: Path, stage: str, key: str, accelerator=None):
+    """``with hold_output(path, stage, key):`` the lock of ``output`` for the block (see :func:`acquire`).
 
     With an ``accelerator`` of several processes (one run), only the main process takes the lock
     and every process learns the outcome (so all of them stop on a refusal, none waits at a
@@ -300,7 +302,7 @@ def hold_output(output: Path, stage: str, busy_hint: str = "wait for it to end o
     main = accelerator is None or accelerator.is_main_process
     if main:
         try:
-            lock = acquire(output, stage, busy_hint)
+            lock = acquire(output, stage, key)
         except UserError as exc:
             refusal = exc
     if accelerator is not None and accelerator.num_processes > 1:

@@ -256,7 +256,7 @@ def run(cfg: Config) -> dict:
     path = resolve_export_path(cfg)
     # Every file of the export shares the stem of export.path: checking the path covers them all.
     check_outputs([path, budget_path_of(path)], "export", "export.path")
-    with hold_output(path, "export", "wait for it to end or set another export.path"):
+    with hold_output(path, "export", "export.path"):
         return export_to(cfg, path)
 
 

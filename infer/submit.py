@@ -135,7 +135,7 @@ def run(cfg: Config) -> dict:
     check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
     stem = Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name)
     check_outputs(list(submission_paths(stem.parent, stem.name).values()), "submit", "submit.file_name")
-    with hold_output(stem, "submit", "wait for it to end or set another submit.file_name", accelerator):
+    with hold_output(stem, "submit", "submit.file_name", accelerator):
         return predict_and_write(cfg, accelerator, start)
 
 

@@ -231,7 +231,7 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
     """Evaluate the defended model of ``cfg``, write the report and return the numbers."""
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
     check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
-    with hold_output(out_dir, "evaluate", "wait for it to end or set another eval.out_dir"):
+    with hold_output(out_dir, "evaluate", "eval.out_dir"):
         return evaluate_into(cfg, out_dir, progress)
 
 

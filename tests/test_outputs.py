@@ -16,6 +16,7 @@ import pytest
 from core.checkpoint import export_model
 from core.config import load_config
 from core.errors import UserError
+from core.launch import DEFAULT_ACCELERATE_CONFIG
 from core.model import create_classifier
 from core.outputs import HOST, OutputLock, acquire, check_outputs, lock_path_of
 from infer.submission import write_submission
@@ -27,7 +28,7 @@ KILLED_HOLDER = """
 import os, signal, sys, time
 from pathlib import Path
 from core.outputs import acquire
-lock = acquire(Path(sys.argv[1]), "train")
+lock = acquire(Path(sys.argv[1]), "train", "name")
 child = os.fork()
 if child == 0:
     quiet = os.open(os.devnull, os.O_WRONLY)
@@ -43,7 +44,7 @@ LIVE_HOLDER = """
 import sys
 from pathlib import Path
 from core.outputs import acquire
-with acquire(Path(sys.argv[1]), "evaluate"):
+with acquire(Path(sys.argv[1]), "evaluate", "eval.out_dir"):
     print("held", flush=True)
     sys.stdin.read()
 """
@@ -60,14 +61,14 @@ def test_a_second_command_for_the_same_output_is_refused_naming_the_holder(tmp_p
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(UserError) as refused:
-            acquire(out, "train", "train under another name=...")
+            acquire(out, "train", "name")
         message = str(refused.value)
         assert message.startswith(f"{out}: in use by evaluate (pid {holder.pid} on {HOST}, started ")
-        assert message.endswith("train under another name=...")
+        assert message.endswith(": wait for it to end or stop it, or use another name")
     finally:
         holder.communicate("", timeout=60)
     assert holder.returncode == 0
-    with acquire(out, "train"):  # released with its holder: free again
+    with acquire(out, "train", "name"):  # released with its holder: free again
         assert json.loads(lock_path_of(out).read_text())["pid"] == os.getpid()
     assert not lock_path_of(out).exists() and not (tmp_path / "runs").exists()  # nothing left behind
 
@@ -79,7 +80,7 @@ def test_a_killed_holder_is_taken_over_even_while_a_child_it_forked_lives(tmp_pa
     try:
         assert proc.returncode == -signal.SIGKILL
         assert json.loads(lock_path_of(out).read_text())["pid"] == proc.pid  # the kill left it behind
-        with acquire(out, "submit") as lock:
+        with acquire(out, "submit", "submit.file_name") as lock:
             assert lock.taken_over is not None and lock.taken_over.pid == proc.pid
             assert json.loads(lock_path_of(out).read_text())["pid"] == os.getpid()
     finally:
@@ -97,11 +98,11 @@ def test_a_lock_of_another_machine_is_never_taken_over(tmp_path):
     lock_path_of(out).write_text(json.dumps(record))
     for _ in range(2):
         with pytest.raises(UserError, match=r"locked by train \(pid 4242 on other-machine, .*another machine"):
-            acquire(out, "train")
+            acquire(out, "train", "name")
     with pytest.raises(UserError, match=rf"once it is known to be gone, delete {lock_path_of(out)}"):
-        acquire(out, "train")
+        acquire(out, "train", "name")
     lock_path_of(out).unlink()
-    with acquire(out, "train"):
+    with acquire(out, "train", "name"):
         pass
 
 
@@ -121,7 +122,7 @@ def test_commands_started_at_the_same_moment_get_one_lock(tmp_path, stale):
         def race() -> None:
             barrier.wait()
             try:
-                results.append(acquire(out, "submit"))
+                results.append(acquire(out, "submit", "submit.file_name"))
             except UserError as exc:
                 results.append(exc)
 
@@ -185,7 +186,7 @@ def test_a_second_training_of_one_name_is_refused_and_a_killed_one_is_taken_over
         assert second.returncode == 2, second.stderr[-2000:]
         (line,) = second.stderr.strip().splitlines()
         assert line.startswith(f"error: {out / 'demo'}: in use by train (pid {first.pid} on {HOST}, started ")
-        assert "train under another name=..." in line
+        assert line.endswith(": wait for it to end or stop it, or use another name")
     finally:
         first.kill()  # SIGKILL: the lock file stays, its kernel lock goes with the process
         first.wait()
@@ -196,14 +197,22 @@ def test_a_second_training_of_one_name_is_refused_and_a_killed_one_is_taken_over
 
 
 @pytest.mark.slow
-def test_every_process_of_a_multi_process_run_stops_on_a_held_lock(tiny_data, tmp_path):
+def test_a_multi_process_run_stops_on_a_held_lock_in_one_line_and_every_rank_stops(tiny_data, tmp_path):
     out = tmp_path / "runs"
-    with acquire(out / "demo", "evaluate"):
-        proc = run_module("core.launch", "train.main", "--num_processes", "2", *shrink([], tiny_data, out), timeout=300)
-    assert proc.returncode == 2, proc.stderr[-3000:]
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
-    assert len(errors) == 1 and f"in use by evaluate (pid {os.getpid()} on {HOST}" in errors[0], proc.stderr[-3000:]
-    assert "Traceback" not in proc.stderr
+    overrides = shrink([], tiny_data, out)
+    with acquire(out / "demo", "evaluate", "eval.out_dir"):
+        # through the launcher: refused before any process starts, in one line
+        proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides, timeout=300)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'demo'}: in use by evaluate (pid ")
+        # a lock taken after that look (or accelerate started by hand): the main process is refused,
+        # every rank learns it and stops; none waits at a barrier for the others
+        accelerate = ["accelerate.commands.launch", "--config_file", str(DEFAULT_ACCELERATE_CONFIG), "--multi_gpu"]
+        ranks = run_module(*accelerate, "--num_processes", "2", "-m", "train.main", *overrides, timeout=300)
+    assert ranks.returncode != 0
+    errors = [line for line in ranks.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and f"in use by evaluate (pid {os.getpid()} on {HOST}" in errors[0], ranks.stderr[-3000:]
+    assert ranks.stderr.count("exitcode  : 2") == 2, ranks.stderr[-3000:]  # both ranks ended with the refusal
 
 
 def test_evaluate_refuses_a_report_over_a_submission_before_any_attack(tmp_path):

@@ -93,7 +93,7 @@ def test_a_submission_never_lands_on_a_model(trained, tmp_path, monkeypatch):
 
 def test_a_second_submit_to_one_name_is_refused_before_predicting(trained, tmp_path, monkeypatch):
     _no_prediction(monkeypatch)
-    with acquire(tmp_path / "subs" / "demo", "submit"):
+    with acquire(tmp_path / "subs" / "demo", "submit", "submit.file_name"):
         with pytest.raises(submit.UserError, match=rf"subs/demo: in use by submit \(pid {os.getpid()} on "):
             submit.run(_cfg(trained, tmp_path))
     assert not (tmp_path / "subs").exists()

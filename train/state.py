@@ -59,8 +59,7 @@ def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
     run_dir = cfg.run_dir
     existed = run_dir.exists()
     check_writable(run_dir, "out_dir")
-    busy = f"wait for it to end, stop it, or train under another name=... (name={cfg.name})"
-    with hold_output(run_dir, "train", busy, accelerator):
+    with hold_output(run_dir, "train", "name", accelerator):
         check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
