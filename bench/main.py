@@ -19,6 +19,7 @@ Everything runs on the real code paths with real configs (``core.config.load_con
   training process.
 * ``parts``: GCM against one forward; k TTA views batched against k single-view forwards; an
   ensemble of m members against the sum of its members.
+* ``decode`` (opt-in): peak memory of decoding the largest image of each kind the limits accept.
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
   a 2-process CPU training run (``python -m core.launch train.main --num_processes 2``)
   against 1 process.
@@ -48,6 +49,7 @@ from typing import Sequence
 
 import torch
 
+from bench.decode import bench_decode
 from bench.measure import BenchSettings, Row, describe_machine, prepare_context
 from bench.parts import bench_compile, bench_parts
 from bench.report import describe_busy_machine, format_machine, format_markdown, format_table, write_markdown
@@ -57,8 +59,9 @@ from bench.training import bench_train
 from core.cli import quiet_libraries, user_path
 from core.errors import UserError
 
-SECTIONS = ("submit", "train", "parts", "scaling", "compile")
-DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling")  # compile: opt-in, ~1 min of compilation
+SECTIONS = ("submit", "train", "parts", "scaling", "compile", "decode")
+# opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min)
+DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling")
 
 
 RUNNERS = {
@@ -67,6 +70,7 @@ RUNNERS = {
     "parts": bench_parts,
     "scaling": bench_scaling,
     "compile": bench_compile,
+    "decode": bench_decode,
 }
 
 

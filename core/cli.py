@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from core.config import Config, load_config
-from core.errors import UserError
+from core.errors import UserError, cap_message
 
 # Set by core.launch: the folder where each process reports how it ended (`accelerate launch`
 # maps every failure to exit code 1).
@@ -93,7 +93,7 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
         if debug:
             traceback.print_exc()
         if is_main_rank() or debug:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {cap_message(str(exc))}", file=sys.stderr, flush=True)
         code, reason = UserError.exit_code, "error"
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

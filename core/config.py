@@ -19,7 +19,7 @@ from typing import Any
 import yaml
 
 from core.corruptions import ALL_CORRUPTIONS
-from core.errors import UserError
+from core.errors import UserError, echo
 from core.io import atomic_write_text, submission_name_problem
 
 DEFAULT_CONFIG = Path(__file__).resolve().parent.parent / "configs" / "default.yaml"
@@ -342,6 +342,18 @@ def _unknown_key(key: str, cfg: Config) -> ConfigError:
     return ConfigError(f"unknown config key '{key}'{hint}")
 
 
+def key_named(name: str, section: str = "") -> str | None:
+    """The config key a command-line ``--name`` most likely meant (``epochs`` -> ``train.epochs``,
+    ``train.lr`` -> ``train.lr``), matching the whole key or its last part, the shortest and then
+    those of ``section`` first; None if none does."""
+    name = name.replace("-", "_")
+    keys = _all_keys(new_config())
+    if name in keys:
+        return name
+    matches = [k for k in keys if k.rsplit(".", 1)[-1] == name]
+    return min(matches, key=lambda k: (k.count("."), not k.startswith(f"{section}."), k)) if matches else None
+
+
 def _sections(cfg: Config) -> list[str]:
     return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
 
@@ -386,7 +398,7 @@ def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> A
             if isinstance(value, str) and from_text:
                 text = value.strip()
                 if text.startswith("["):
-                    value = yaml.safe_load(text)
+                    value = load_yaml_text(text, f"config key '{key}'")
                 else:
                     value = [v for v in text.split(",") if v.strip()] if text else []
             if value is None:
@@ -396,18 +408,18 @@ def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> A
             if default and not isinstance(default[0], dict):
                 return [cast_value(f"{key}[{i}]", v, default[0], from_text) for i, v in enumerate(value)]
             return list(value)
-    except (ValueError, TypeError, yaml.YAMLError):
+    except (ValueError, TypeError, yaml.YAMLError, RecursionError):
         pass
     else:
         raise ConfigError(f"config key '{key}' has a type this loader does not handle")
-    raise ConfigError(f"config key '{key}': expected {expected.__name__}, got {value!r}")
+    raise ConfigError(f"config key '{key}': expected {expected.__name__}, got {echo(value)}")
 
 
 def _check_choice(key: str, value: Any) -> None:
     choices = _CHOICES.get(key)
     for item in (value if isinstance(value, list) else [value]) if choices else []:
         if item not in choices:
-            raise ConfigError(f"config key '{key}': {item!r} is not one of {', '.join(choices)}")
+            raise ConfigError(f"config key '{key}': {echo(item)} is not one of {', '.join(choices)}")
 
 
 def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
@@ -436,12 +448,65 @@ def new_config() -> Config:
     return Config()
 
 
+# Values a config document may expand to, aliases counted at every use: a real config has a few
+# hundred; an alias bomb (each anchor a list of aliases to the previous one) has billions.
+MAX_YAML_VALUES = 20_000
+
+
+class _BoundedLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that counts what the aliases would expand to on the composed node graph
+    (shared, so nothing is expanded yet) and refuses a document past ``MAX_YAML_VALUES``."""
+
+    def construct_document(self, node):
+        if _expanded_size(node) > MAX_YAML_VALUES:
+            raise ConfigError(
+                f"YAML aliases expand to more than {MAX_YAML_VALUES} values (an alias bomb, or an alias "
+                "inside its own anchor); write the values out"
+            )
+        return super().construct_document(node)
+
+
+def _expanded_size(root: yaml.Node) -> float:
+    """Values ``root`` stands for with every alias expanded; infinite for a recursive alias."""
+    sizes: dict[int, float] = {}
+    stack: list[tuple[yaml.Node, bool]] = [(root, False)]
+    while stack:  # iterative post-order walk: a deep document cannot exhaust the Python stack here
+        node, children_done = stack.pop()
+        key = id(node)
+        children = (
+            [item for pair in node.value for item in pair]
+            if isinstance(node, yaml.MappingNode)
+            else node.value
+            if isinstance(node, yaml.SequenceNode)
+            else []
+        )
+        if children_done:
+            sizes[key] = 1 + sum(sizes.get(id(c), math.inf) for c in children)
+            if sizes[key] > MAX_YAML_VALUES:
+                return sizes[key]
+        elif key not in sizes:
+            sizes[key] = math.inf  # in progress: meeting it again below means a cycle
+            stack.append((node, True))
+            stack.extend((c, False) for c in children if id(c) not in sizes)
+    return sizes[id(root)]
+
+
+def load_yaml_text(text: str, where: str) -> Any:
+    """``yaml.safe_load(text)`` within ``MAX_YAML_VALUES``; errors are ConfigErrors naming ``where``."""
+    try:
+        return yaml.load(text, Loader=_BoundedLoader)
+    except ConfigError as exc:
+        raise ConfigError(f"{where}: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"{where}: YAML nested too deeply") from None
+
+
 def read_yaml(path: Path) -> dict:
     """Read a YAML mapping with ``safe_load``; errors name the file (and line when YAML knows it)."""
     if not path.is_file():
         raise ConfigError(f"config file not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = load_yaml_text(path.read_text(encoding="utf-8"), str(path))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
@@ -470,7 +535,7 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply dotted ``key=value`` overrides, each cast to the type of its default."""
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"override '{item}' is not of the form key=value")
+            raise ConfigError(f"override {echo(item)} is not of the form key=value")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, from_text=True)
     return cfg
@@ -493,7 +558,7 @@ def expand_name(cfg: Config) -> None:
     if "$" in cfg.name:
         expanded = os.path.expandvars(cfg.name)
         if "$" in expanded:
-            raise ConfigError(f"config key 'name': {cfg.name!r} uses an environment variable that is not set")
+            raise ConfigError(f"config key 'name': {echo(cfg.name)} uses an environment variable that is not set")
         cfg.name = expanded
 
 
@@ -504,7 +569,8 @@ def validate_config(cfg: Config) -> None:
     stops on a bad value with one line naming the key.
     """
     if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:
-        raise ConfigError(f"config key 'name': {cfg.name!r} must be a plain name (no path separators)")
+        raise ConfigError(f"config key 'name': {echo(cfg.name)} must be a plain name (no path separators)")
+    _check_name_lengths(cfg)
     _check_finite(cfg)
     _check_data(cfg.data)
     _check_train(cfg.train)
@@ -513,6 +579,22 @@ def validate_config(cfg: Config) -> None:
     _check_model(cfg.model)
     _check_predict(cfg)
     _check_eval(cfg.eval)
+
+
+# `name` and `submit.file_name` become file and folder names with up to 24 more characters (temporary,
+# backup and lock files) under the 255-byte limit of common file systems, and W&B artifact names
+# (`submission-<name>`: at most 128 characters).
+MAX_NAME_BYTES = 100
+
+
+def _check_name_lengths(cfg: Config) -> None:
+    for key, value in (("name", cfg.name), ("submit.file_name", cfg.submit.file_name)):
+        size = len(value.encode("utf-8", "surrogateescape"))
+        if size > MAX_NAME_BYTES:
+            raise ConfigError(
+                f"config key '{key}': {echo(value)} is {size} bytes long, more than {MAX_NAME_BYTES} (it becomes "
+                "file names, and file systems allow 255 bytes once our suffixes are added)"
+            )
 
 
 # Infinity means "no limit" for these; no other number of the config may be infinite, none NaN.
@@ -527,7 +609,7 @@ def _check_finite(node: Any, prefix: str = "") -> None:
             continue
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and (math.isnan(item) or (math.isinf(item) and key not in _MAY_BE_INFINITE)):
-                raise ConfigError(f"config key '{key}': {value!r} is not a finite number")
+                raise ConfigError(f"config key '{key}': {echo(value)} is not a finite number")
 
 
 def _at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
@@ -630,7 +712,7 @@ def _check_predict(cfg: Config) -> None:
     problem = submission_name_problem(cfg.submit.file_name or cfg.name)
     if problem:
         key = "submit.file_name" if cfg.submit.file_name else "name"
-        raise ConfigError(f"config key '{key}': {cfg.submit.file_name or cfg.name!r} {problem}")
+        raise ConfigError(f"config key '{key}': {echo(cfg.submit.file_name or cfg.name)} {problem}")
     if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
         raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
     if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
@@ -647,7 +729,9 @@ def _check_eval(e: EvalConfig) -> None:
     if e.cw_max_norm < 0 or any(v <= 0 for v in e.eps_curve):
         raise ConfigError("config keys 'eval.cw_max_norm' (>= 0) / 'eval.eps_curve' (> 0) out of range")
     if any(s not in range(1, 6) for s in e.corruption_severities):
-        raise ConfigError(f"config key 'eval.corruption_severities': {e.corruption_severities} must be within 1..5")
+        raise ConfigError(
+            f"config key 'eval.corruption_severities': {echo(e.corruption_severities)} must be within 1..5"
+        )
     _at_least_one(e, "eval", ("aa_iters", "aa_target_classes", "aa_queries"))
     if e.aa_version == "custom" and not e.aa_attacks:
         raise ConfigError("config key 'eval.aa_attacks' needs at least one attack with eval.aa_version=custom")

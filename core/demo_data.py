@@ -44,6 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.errors import UserError
+from core.io import read_json
 
 MARKER = "demo_data.json"
 FORMAT_VERSION = 2  # bump whenever the rendering changes: stale sets are regenerated
@@ -195,7 +196,7 @@ def _marker(args: dict) -> dict:
 
 def _read_marker(out: Path) -> dict | None:
     try:
-        data = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        data = read_json(out / MARKER)
     except (OSError, ValueError):
         return None
     return data if isinstance(data, dict) else None

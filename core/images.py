@@ -7,7 +7,9 @@ tensors every model of this project takes.
 
 from __future__ import annotations
 
+import contextlib
 import io
+import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -24,6 +26,16 @@ from core.errors import UserError
 # pixels, far beyond anything a 224 px classifier needs, and a tiny file that claims more is
 # a decompression bomb. PIL's own limit (``Image.MAX_IMAGE_PIXELS``) is left untouched.
 MAX_PIXELS = 64_000_000
+
+# And no decode may need more memory than this (see decode_budget: the decoder's own image, 1, 2
+# or 4 bytes per pixel by mode, plus our 3-byte RGB output, since conversions run in strips of
+# rows). Any 64 Mpx image fits, except EXIF-rotated 4-byte modes above 46 Mpx (they need a copy).
+MAX_DECODE_BYTES = 512 * 2**20
+# Decodes above this size run one at a time per process (threaded decoding multiplies the rest).
+LARGE_DECODE_BYTES = 64 * 2**20
+_LARGE_DECODE = threading.Lock()
+_STRIP_BYTES = 4 * 2**20  # pixels converted at a time
+_STORED_BYTES = {"1": 1, "L": 1, "P": 1, "I;16": 2, "I;16L": 2, "I;16B": 2, "I;16N": 2}  # else 4
 
 # Leading bytes of the formats above: an undecodable file that starts like an image is a
 # damaged image, anything else is not an image at all.
@@ -57,8 +69,32 @@ def _describe_open_error(path: Path, exc: Exception) -> str:
     return f"cannot decode image ({type(exc).__name__}: {text.splitlines()[0] if text else 'corrupt file'})"
 
 
+def decode_budget(mode: str, width: int, height: int, rotated: bool = False) -> int:
+    """Bytes a decode of a ``width`` x ``height`` image in PIL ``mode`` needs at its peak: the
+    decoder's image, our RGB output and, for an EXIF rotation, the decoder's image once more.
+    (OpenCV's fast path takes 6 bytes per pixel, within the RGB budget of 7.5.)"""
+    stored = _STORED_BYTES.get(mode, 4)
+    # + half a byte per pixel: the decoders' row buffers and the strip being converted (measured
+    # by ./run.sh bench --only decode: 4.2-8.0 bytes per pixel across modes)
+    return width * height * (2 * (stored + 3 + (stored if rotated else 0)) + 1) // 2
+
+
 def _to_rgb(img: Image.Image) -> np.ndarray:
-    """Any PIL mode -> HxWx3 uint8 RGB.
+    """Any PIL mode -> HxWx3 uint8 RGB, converted in strips of rows straight into the output,
+    so the memory is the decoded image plus the output (no full-size float, int64 or RGBA copy)."""
+    width, height = img.size
+    rows = max(1, _STRIP_BYTES // (4 * max(width, 1)))
+    if rows >= height:
+        return _strip_to_rgb(img)  # a small image is one strip: no copy to cut
+    out = np.empty((height, width, 3), dtype=np.uint8)
+    for top in range(0, height, rows):
+        bottom = min(height, top + rows)
+        out[top:bottom] = _strip_to_rgb(img.crop((0, top, width, bottom)))
+    return out
+
+
+def _strip_to_rgb(img: Image.Image) -> np.ndarray:
+    """Any PIL mode -> HxWx3 uint8 RGB (called on strips of rows: see :func:`_to_rgb`).
 
     * Alpha (RGBA, LA, PA, palette with transparency) is composited on **black**
       (``colour * alpha``): fully transparent pixels become 0, the same value the zero-padding
@@ -74,8 +110,8 @@ def _to_rgb(img: Image.Image) -> np.ndarray:
         img, mode = img.convert(mode_to), mode_to
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I"):
         # 16-bit range; "I" may hold 32-bit values, but PIL only produces it from 16-bit files.
-        wide = np.asarray(img).astype(np.int64)
-        gray = ((np.clip(wide, 0, 65535) * 255 + 32767) // 65535).astype(np.uint8)
+        wide = np.clip(np.asarray(img), 0, 65535).astype(np.uint32)
+        gray = ((wide * 255 + 32767) // 65535).astype(np.uint8)
         return np.repeat(gray[:, :, None], 3, axis=2)
     if mode in ("LA", "La", "PA", "RGBa", "RGBA"):
         rgba = np.asarray(img.convert("RGBA"), dtype=np.uint16)
@@ -114,7 +150,7 @@ def _imdecode_rgb(data: bytes, height: int, width: int) -> np.ndarray | None:
         return None
     if bgr is None or bgr.dtype != np.uint8 or bgr.shape != (height, width, 3):
         return None
-    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+    return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB, dst=bgr)  # in place: no second full-size array
 
 
 def _decode_plain_png(data: bytes) -> np.ndarray | None:
@@ -131,9 +167,10 @@ def _decode_plain_png(data: bytes) -> np.ndarray | None:
     if not _is_plain_complete_png(data):
         return None
     width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
-    if width * height > MAX_PIXELS:
+    if width * height > MAX_PIXELS or decode_budget("RGB", width, height) > MAX_DECODE_BYTES:
         return None  # PIL refuses it with the decompression-bomb message
-    return _imdecode_rgb(data, height, width)
+    with _decode_slot(decode_budget("RGB", width, height)):
+        return _imdecode_rgb(data, height, width)
 
 
 def _decode_plain_jpeg(data: bytes, img: Image.Image) -> np.ndarray | None:
@@ -148,6 +185,40 @@ def _decode_plain_jpeg(data: bytes, img: Image.Image) -> np.ndarray | None:
     if img.getexif().get(_EXIF_ORIENTATION, 1) != 1:
         return None
     return _imdecode_rgb(data, img.height, img.width)
+
+
+@contextlib.contextmanager
+def _decode_slot(budget: int):
+    """One large decode at a time per process; small ones run freely in parallel."""
+    if budget <= LARGE_DECODE_BYTES:
+        yield
+        return
+    with _LARGE_DECODE:
+        yield
+
+
+def _size_problem(img: Image.Image, rotated: bool) -> str | None:
+    """Why ``img`` (opened, not decoded; ``rotated`` by its EXIF) is too large to decode, or None."""
+    width, height = img.size
+    if width * height > MAX_PIXELS:
+        return (
+            f"image too large ({width}x{height} = {width * height} pixels, "
+            f"limit {MAX_PIXELS}); refusing a possible decompression bomb"
+        )
+    budget = decode_budget(img.mode, width, height, rotated)
+    if budget > MAX_DECODE_BYTES:
+        return (
+            f"image too large to decode: {width}x{height} in mode {img.mode} needs {budget / 2**20:.1f} MB "
+            f"(limit {MAX_DECODE_BYTES / 2**20:.0f} MB); refusing a possible decompression bomb"
+        )
+    return None
+
+
+def _orientation(img: Image.Image) -> int:
+    try:
+        return int(img.getexif().get(_EXIF_ORIENTATION, 1))
+    except Exception:  # noqa: BLE001 - damaged EXIF: the pixels are used as stored
+        return 1
 
 
 def load_image(path: Path) -> np.ndarray:
@@ -175,21 +246,20 @@ def load_image(path: Path) -> np.ndarray:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as img:
-                width, height = img.size
-                if width * height > MAX_PIXELS:
-                    raise UserError(
-                        f"{path}: image too large ({width}x{height} = {width * height} pixels, "
-                        f"limit {MAX_PIXELS}); refusing a possible decompression bomb"
-                    )
-                fast = _decode_plain_jpeg(data, img)
-                if fast is not None:
-                    return fast
-                img.load()  # full decode here, so truncation is detected now
-                try:
-                    oriented = ImageOps.exif_transpose(img)
-                except Exception:  # noqa: BLE001 - damaged EXIF: keep the pixels as stored
-                    oriented = img
-                return _to_rgb(oriented)
+                rotated = _orientation(img) != 1
+                problem = _size_problem(img, rotated)
+                if problem:
+                    raise UserError(f"{path}: {problem}")
+                with _decode_slot(decode_budget(img.mode, *img.size, rotated)):
+                    fast = _decode_plain_jpeg(data, img)
+                    if fast is not None:
+                        return fast
+                    img.load()  # full decode here, so truncation is detected now
+                    try:
+                        ImageOps.exif_transpose(img, in_place=True)  # no copy when there is nothing to turn
+                    except Exception:  # noqa: BLE001 - damaged EXIF: keep the pixels as stored
+                        pass
+                    return _to_rgb(img)
     except UserError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
@@ -214,9 +284,9 @@ def check_image_header(path: Path) -> str | None:
         # this in threads. PIL only warns above its own limit (89 Mpx), which MAX_PIXELS
         # undercuts, so such a file is rejected below all the same.
         with Image.open(path) as img:
-            width, height = img.size
-        if width * height > MAX_PIXELS:
-            return f"image too large ({width}x{height} pixels, limit {MAX_PIXELS})"
+            problem = _size_problem(img, _orientation(img) != 1)
+        if problem:
+            return problem
     except FileNotFoundError:
         return "image file not found"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):

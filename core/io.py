@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import numbers
 import os
@@ -13,6 +14,23 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.errors import UserError
+
+
+class WriteError(UserError, OSError):
+    """An output could not be written (disk full, read-only or missing folder, name too long).
+
+    Raised by every atomic write of this module instead of the raw ``OSError``: one line naming
+    the file, and a promise the writes keep (no partial file, the earlier one untouched). Still an
+    ``OSError`` with the cause's ``errno``/``strerror`` and the file as ``filename``, so callers
+    that catch those keep working.
+    """
+
+    def __init__(self, path: Path, cause: OSError, outcome: str = "nothing was replaced, an earlier file is kept"):
+        super().__init__(cause.errno, cause.strerror or str(cause), str(path))
+        self.message = f"{path}: cannot write ({cause.strerror or cause}); {outcome}"
+
+    def __str__(self) -> str:
+        return self.message
 
 
 def _umask() -> int:
@@ -37,8 +55,11 @@ def create_temp_beside(path: Path) -> tuple[int, Path]:
 def atomic_path(path: Path) -> Iterator[Path]:
     """Yield a temp path beside ``path``; rename it onto ``path`` only if the block succeeds."""
     path = Path(path)
-    fd, tmp_path = create_temp_beside(path)
-    os.close(fd)
+    try:
+        fd, tmp_path = create_temp_beside(path)
+        os.close(fd)
+    except OSError as exc:
+        raise WriteError(path, exc) from None
     try:
         yield tmp_path
         with open(tmp_path, "rb+") as fh:
@@ -47,6 +68,8 @@ def atomic_path(path: Path) -> Iterator[Path]:
         # with 0600): the output gets the permissions a plain open() would give.
         os.chmod(tmp_path, 0o666 & ~_umask())
         os.replace(tmp_path, path)
+    except OSError as exc:  # the block's own writes included: they all go to the temp file
+        raise WriteError(path, exc) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 
@@ -78,21 +101,23 @@ def atomic_write_files(texts: dict[Path, str], check: Callable[[dict[Path, Path]
     temps: dict[Path, Path] = {}
     backups: dict[Path, Path] = {}
     installed: list[Path] = []
+    writing = next(iter(texts), Path("."))  # the file at hand, named if the disk refuses it
     try:
-        for target, text in texts.items():
-            temps[target] = _write_temp(target, text)
+        for writing, text in texts.items():
+            temps[writing] = _write_temp(writing, text)
         if check is not None:
             check(dict(temps))
-        for target in texts:
-            if target.exists():
-                backups[target] = _backup(target)
-        for target in texts:
-            os.replace(temps[target], target)
-            del temps[target]
-            installed.append(target)
+        for writing in texts:
+            if writing.exists():
+                backups[writing] = _backup(writing)
+        for writing in texts:
+            os.replace(temps[writing], writing)
+            del temps[writing]
+            installed.append(writing)
         for folder in {t.parent for t in texts}:
             _fsync_dir(folder)
     except BaseException as exc:
+        lost = []
         for target in reversed(installed):
             try:
                 if target in backups:
@@ -103,7 +128,10 @@ def atomic_write_files(texts: dict[Path, str], check: Callable[[dict[Path, Path]
             except OSError as undo_exc:
                 # Keep the backup file: it is now the only copy of the old submission.
                 kept = backups.pop(target, None)
-                exc.add_note(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
+                lost.append(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
+                exc.add_note(lost[-1])
+        if isinstance(exc, OSError):
+            raise (WriteError(writing, exc, "; ".join(lost)) if lost else WriteError(writing, exc)) from None
         raise
     finally:
         for tmp in list(temps.values()) + list(backups.values()):
@@ -145,6 +173,20 @@ def _fsync_dir(folder: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def parse_json(data: str | bytes) -> Any:
+    """``json.loads`` for files we did not write: every kind of bad content is a ValueError (json
+    raises RecursionError for a document nested deeper than Python's recursion limit)."""
+    try:
+        return json.loads(data)
+    except RecursionError:
+        raise ValueError("JSON nested too deeply") from None
+
+
+def read_json(path: Path) -> Any:
+    """The JSON document in ``path``: OSError if it cannot be read, ValueError if it is not JSON."""
+    return parse_json(Path(path).read_bytes())
 
 
 def to_json_safe(value: Any, where: str = "value") -> Any:

@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import STATUS_ENV, run_cli, user_path
-from core.config import load_config
+from core.config import Config, key_named, load_config
 from core.errors import UserError
+from core.outputs import acquire
 
 ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "default.yaml"
@@ -150,11 +151,43 @@ configs/accelerate/multi_gpu.yaml); see `.venv/bin/accelerate launch --help`."""
 GRACE_SECONDS = 60  # after passing a signal on: then the processes are killed
 
 
+def check_flags(accel: list[str], module: str = "") -> None:
+    """A ``--flag`` that is one of our config keys and not an ``accelerate launch`` flag is a
+    mistake for ``key=value``: one line saying so (accelerate would print its whole usage)."""
+    for i, arg in enumerate(accel):
+        name, _, value = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        key = key_named(name, {"train.main": "train", "infer.submit": "submit"}.get(module, "")) if name else None
+        if key is None:
+            continue
+        from accelerate.commands.launch import launch_command_parser  # only now: it takes seconds
+
+        if arg.split("=", 1)[0] in {o for a in launch_command_parser()._actions for o in a.option_strings}:
+            continue
+        if not value and i + 1 < len(accel) and not accel[i + 1].startswith("-"):
+            value = accel[i + 1]
+        raise UserError(f"unknown option --{name}: did you mean {key}={value or '...'}? (config keys take key=value)")
+
+
+def check_output_free(module: str, cfg: Config) -> None:
+    """The run folder or submission name another command holds is one line here, before any
+    process starts (inside a multi-process run, the main process's refusal comes with accelerate's
+    failure report of every rank). Only a look: the stage itself holds the lock while it runs."""
+    claims = {
+        "train.main": ("train", cfg.run_dir, "name"),
+        "infer.submit": ("submit", Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name), "submit.file_name"),
+    }
+    if module in claims:
+        stage, output, key = claims[module]
+        acquire(output, stage, key).release()
+
+
 def launch(module: str, argv: Sequence[str]) -> int:
     ours, accel = split_args(argv)
+    check_flags(accel, module)
     config_path = user_path(_flag_value(ours, "--config"))
     overrides = [a for a in ours if "=" in a and not a.startswith("--")]
-    load_config(config_path, overrides)  # fail fast, in one line, before any process starts
+    cfg = load_config(config_path, overrides)  # fail fast, in one line, before any process starts
+    check_output_free(module, cfg)
 
     import torch
 

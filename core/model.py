@@ -114,6 +114,35 @@ def create_classifier(cfg: ModelConfig, num_classes: int) -> ImageClassifier:
     return ImageClassifier(backbone, mean, std)
 
 
+def align_kernel_strides(model: nn.Module) -> int:
+    """Lay conv kernels out the way their gradients come back; returns how many changed.
+
+    timm's ConvNeXt blocks (and its LayerNorm2d) end with an NHWC -> NCHW permute, so its convs
+    run on channels_last activations and PyTorch returns their kernels' gradients in channels_last
+    strides. Where a kernel has size-1 dimensions (depthwise ``(C, 1, 7, 7)``, 1x1 ``(O, I, 1, 1)``
+    in ``conv_mlp`` models) both layouts are the same bytes in the same order, only the strides of
+    those dimensions differ (``(49, 1, 7, 1)`` against ``(49, 49, 7, 1)``): autograd accepts the
+    gradient as it is, but DDP compares strides literally and warned "Grad strides do not match
+    bucket view strides" on every multi-process run. Such kernels get the channels_last strides
+    from the start, so gradients match them (and DDP's bucket views, which copy the parameter's
+    strides). Values and memory order are unchanged; other kernels are left as they are (autograd
+    makes their gradients follow their layout).
+    """
+    changed = 0
+    for module in model.modules():
+        weight = getattr(module, "weight", None)
+        if not isinstance(module, nn.Conv2d) or weight is None or weight.dim() != 4:
+            continue
+        same_bytes = weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+        out_channels, in_channels, height, width = weight.shape
+        strides = (height * width * in_channels, 1, width * in_channels, in_channels)  # channels_last
+        if same_bytes and weight.stride() != strides:
+            laid_out = torch.empty_strided(weight.shape, strides, dtype=weight.dtype, device=weight.device)
+            weight.data = laid_out.copy_(weight.detach())
+            changed += 1
+    return changed
+
+
 def count_params(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 

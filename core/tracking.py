@@ -23,7 +23,7 @@ from pathlib import Path
 from urllib.parse import urlparse
 
 from core.config import Config, config_to_dict
-from core.io import atomic_write_text
+from core.io import atomic_write_text, read_json
 
 _DEFAULT_URL = "https://api.wandb.ai"
 
@@ -200,9 +200,10 @@ def model_lineage(checkpoint: Path, info: dict) -> dict:
     """Which W&B artifact (if any) holds an exported model, and its weights' sha256."""
     path = Path(f"{checkpoint}{LINEAGE_SUFFIX}")
     try:
-        lineage = json.loads(path.read_text(encoding="utf-8"))
+        lineage = read_json(path)
     except (OSError, ValueError):
         lineage = {}
+    lineage = lineage if isinstance(lineage, dict) else {}
     return {
         "artifact": lineage.get("artifact"),
         "qualified": lineage.get("qualified"),

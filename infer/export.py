@@ -41,6 +41,7 @@ from core.config import Config
 from core.errors import UserError
 from core.io import atomic_write_bytes, atomic_write_text
 from core.model import count_params
+from core.outputs import check_outputs, hold_output
 from gcm import DefendedModel
 from gcm.random_pad import resize_pad
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
@@ -253,6 +254,14 @@ def run(cfg: Config) -> dict:
             the in-process model.
     """
     path = resolve_export_path(cfg)
+    # Every file of the export shares the stem of export.path: checking the path covers them all.
+    check_outputs([path, budget_path_of(path)], "export", "export.path")
+    with hold_output(path, "export", "export.path"):
+        return export_to(cfg, path)
+
+
+def export_to(cfg: Config, path: Path) -> dict:
+    """The body of :func:`run`, under the lock of ``path``."""
     checkpoints = resolve_member_paths(cfg)
     members, infos = load_members(checkpoints, cfg.data.num_classes)
     model = build_defended_model(members, infos, cfg)

@@ -7,7 +7,10 @@
 * ``<name>.json``: the challenge's exact form, a JSON array
   ``[{"image_id": 0, "category_id": 18}, ...]`` (one object per line, sorted by id), as the
   public Phase I solutions wrote ``t1_p1_result.json``;
-* ``<name>.meta.json``: the caller's meta dict plus counts (``n_images``, ``class_histogram``).
+* ``<name>.meta.json``: the caller's meta dict plus counts (``n_images``, ``class_histogram``)
+  and the sha256 of its two twins (``files``): the three files are one unit, and a set mixed from
+  two runs (two submits of one name racing, a file copied from elsewhere) is detected by
+  :func:`set_problems` wherever a set is read (``validate``, and right after writing).
 
 ``read_submission`` / ``check_submission`` are strict, because a file the leaderboard rejects
 costs a day's submission slot. The rules, checked for files we did not write as well:
@@ -30,6 +33,7 @@ N is the 0-based index in the array (our own writer puts entry N on line N + 2).
 from __future__ import annotations
 
 import codecs
+import hashlib
 import json
 import numbers
 import re
@@ -39,8 +43,9 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.errors import UserError
-from core.io import atomic_write_files, submission_name_problem, to_json_safe
+from core.io import atomic_write_files, read_json, submission_name_problem, to_json_safe
 from core.labels import list_test_images
+from core.outputs import check_outputs
 
 FIELDS = ("image_id", "category_id")
 CSV_HEADER = ",".join(FIELDS)
@@ -95,20 +100,22 @@ def write_submission(
     check_submission_name(name)
     rows = _sorted_rows(image_ids, predictions)
     histogram = Counter(label for _, label in rows)
+    paths = submission_paths(Path(out_dir), name)
+    check_outputs(list(paths.values()), "submit", "submit.file_name")
+    twins = {"csv": format_csv(rows), "json": format_json(rows)}
     full_meta = to_json_safe(dict(meta), "meta")
     full_meta.update(
         {
             "n_images": len(rows),
             "n_classes_predicted": len(histogram),
             "class_histogram": {str(label): histogram[label] for label in sorted(histogram)},
+            "files": {kind: {"name": paths[kind].name, "sha256": _sha256(text)} for kind, text in twins.items()},
         }
     )
-    out_dir = Path(out_dir)
-    paths = {"csv": out_dir / f"{name}.csv", "json": out_dir / f"{name}.json", "meta": out_dir / f"{name}.meta.json"}
     # Serialise everything before touching the disk: a bad value must not leave half a submission.
     texts = {
-        paths["csv"]: format_csv(rows),
-        paths["json"]: format_json(rows),
+        paths["csv"]: twins["csv"],
+        paths["json"]: twins["json"],
         paths["meta"]: json.dumps(full_meta, indent=2, allow_nan=False) + "\n",
     }
 
@@ -119,7 +126,49 @@ def write_submission(
                 raise UserError(f"{paths[kind]}: failed validation, nothing written: {problems[0]}")
 
     atomic_write_files(texts, check)
+    mixed = set_problems(paths["csv"])
+    if mixed:  # only possible if something wrote the same name meanwhile (it holds no lock: see core.outputs)
+        raise UserError(f"{mixed[0]}; another command wrote this submission at the same time: run submit again")
     return paths
+
+
+def submission_paths(out_dir: Path, name: str) -> dict[str, Path]:
+    """The three files of submission ``name``: ``{"csv": ..., "json": ..., "meta": ...}``."""
+    out_dir = Path(out_dir)
+    return {"csv": out_dir / f"{name}.csv", "json": out_dir / f"{name}.json", "meta": out_dir / f"{name}.meta.json"}
+
+
+def set_problems(path: Path) -> list[str]:
+    """Whether ``path`` (any file of a submission) and its two twins are the set the meta file
+    describes: the sha256 of each twin's bytes against the meta's ``files``. Empty when they agree,
+    when there is no meta file, or when the meta predates these records."""
+    path = Path(path)
+    stem = path.name[: -len(".meta.json")] if path.name.endswith(".meta.json") else path.name.rsplit(".", 1)[0]
+    paths = submission_paths(path.parent, stem)
+    try:
+        meta = read_json(paths["meta"])
+    except (OSError, ValueError):
+        return []
+    files = meta.get("files") if isinstance(meta, dict) else None
+    if not isinstance(files, dict):
+        return []
+    problems = []
+    for kind in ("csv", "json"):
+        recorded = files.get(kind, {}).get("sha256") if isinstance(files.get(kind), dict) else None
+        try:
+            actual = _sha256(paths[kind].read_bytes())
+        except OSError:
+            continue  # a missing twin is not a mixed set; reading the file itself reports it
+        if recorded and actual != recorded:
+            problems.append(
+                f"{paths[kind]}: not the file {paths['meta'].name} describes (its sha256 differs): the set "
+                f"{stem}.csv/.json/.meta.json mixes files of different runs"
+            )
+    return problems
+
+
+def _sha256(data: str | bytes) -> str:
+    return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
 
 
 def check_submission_name(name: str) -> None:

@@ -28,10 +28,11 @@ from core.images import load_image, to_float_images
 from core.io import check_writable
 from core.labels import list_test_images, read_hidden_labels
 from core.launch import available_cores
+from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
-from infer.submission import write_submission
+from infer.submission import submission_paths, write_submission
 
 
 def compile_members(model: DefendedModel) -> None:
@@ -132,6 +133,14 @@ def run(cfg: Config) -> dict:
     accelerator = create_accelerator(cfg)
     # Before the prediction, not after it; on every process, so none waits for a failed one.
     check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
+    stem = Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name)
+    check_outputs(list(submission_paths(stem.parent, stem.name).values()), "submit", "submit.file_name")
+    with hold_output(stem, "submit", "submit.file_name", accelerator):
+        return predict_and_write(cfg, accelerator, start)
+
+
+def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> dict:
+    """The body of :func:`run`, under the lock of the submission's name."""
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
 

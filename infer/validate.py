@@ -13,14 +13,14 @@ checked, so the command refuses rather than pass out-of-range classes.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import NoReturn, Sequence
 
 from core.cli import run_cli, user_path
 from core.config import load_config
 from core.errors import UserError
-from infer.submission import MAX_PROBLEMS, cap_problems, check_submission, check_test_dir
+from core.io import read_json
+from infer.submission import MAX_PROBLEMS, cap_problems, check_submission, check_test_dir, set_problems
 
 
 class _Parser(argparse.ArgumentParser):
@@ -63,7 +63,7 @@ def resolve_num_classes(file: Path, given: int | None, config: Path | None) -> i
     meta = meta_path_of(file)
     if meta.is_file():
         try:
-            value = json.loads(meta.read_text(encoding="utf-8"))["config"]["data"]["num_classes"]
+            value = read_json(meta)["config"]["data"]["num_classes"]
         except (OSError, ValueError, KeyError, TypeError):
             value = None
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
@@ -86,6 +86,7 @@ def run(argv: Sequence[str]) -> int:
     check_test_dir(test_dir)
     num_classes = resolve_num_classes(file, args.num_classes, user_path(args.config))
     result = check_submission(file, test_dir, num_classes)
+    result.problems[:0] = set_problems(file)  # a CSV of one run beside the JSON and meta of another
     if not result.ok:
         for line in cap_problems(result.problems, args.max_problems or None):
             print(line)

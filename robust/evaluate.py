@@ -37,13 +37,14 @@ from core.datasets import ImageDataset
 from core.errors import UserError
 from core.images import to_float_images
 from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
+from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 from robust.corruptions import add_mce, run_corruptions, summarize, training_counterparts
 from robust.metrics import worst_case
-from robust.report import write_report
+from robust.report import report_files, write_report
 from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, craft, score
 from robust.specs import PAPER_COLUMNS, SPECS
@@ -275,6 +276,14 @@ def run_corruption_rows(
 
 def run(cfg: Config, progress: bool = True) -> EvalResult:
     """Evaluate the defended model of ``cfg``, write the report and return the numbers."""
+    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
+    check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
+    with hold_output(out_dir, "evaluate", "eval.out_dir"):
+        return evaluate_into(cfg, out_dir, progress)
+
+
+def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True) -> EvalResult:
+    """The body of :func:`run`, under the lock of ``out_dir``."""
     start = time.perf_counter()
     e = cfg.eval
     torch.manual_seed(e.seed)
@@ -404,7 +413,6 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
     result.sanity = sanity_checks(result)
     result.verdict = verdict(result)
     result.seconds = round(time.perf_counter() - start, 1)
-    out_dir = Path(e.out_dir) if e.out_dir else cfg.run_dir / "eval"
     result.out_dir = str(out_dir)
     result.files = write_report(result, out_dir, cfg, echo=progress)
     return result

@@ -307,22 +307,24 @@ def log_wandb(cfg: Config, result: EvalResult, rows: list[list], files: dict[str
         run.finish()
 
 
+def report_files(out_dir: Path) -> dict[str, Path]:
+    """Every file :func:`write_report` may write into ``out_dir``."""
+    names = {"md": "eval.md", "csv": "eval.csv", "json": "eval.json", "bars": "eval_bars.png"}
+    return {**{k: Path(out_dir) / n for k, n in names.items()}, "eps_curve": Path(out_dir) / "eval_eps_curve.png"}
+
+
 def write_report(result: EvalResult, out_dir: Path, cfg: Config, echo: bool = True) -> dict[str, str]:
     """Write eval.md, eval.csv, eval.json, eval_bars.png, eval_eps_curve.png (atomically) and log to W&B."""
     out_dir = Path(out_dir)
     md = render_markdown(result)
     rows = csv_rows(result)
-    files = {
-        "md": out_dir / "eval.md",
-        "csv": out_dir / "eval.csv",
-        "json": out_dir / "eval.json",
-        "bars": out_dir / "eval_bars.png",
-    }
+    files = report_files(out_dir)
+    curve = files.pop("eps_curve")
     atomic_write_text(files["md"], md)
     atomic_write_text(files["csv"], render_csv(rows))
     atomic_write_bytes(files["bars"], bars_png(result))
     if result.eps_curve["eps"]:
-        files["eps_curve"] = out_dir / "eval_eps_curve.png"
+        files["eps_curve"] = curve
         atomic_write_bytes(files["eps_curve"], curve_png(result))
     names = {k: str(v) for k, v in files.items()}
     payload = {**result.to_dict(), "files": names, "out_dir": str(out_dir)}

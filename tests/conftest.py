@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -71,3 +72,18 @@ def run_module(*args: str, timeout: float = 600, cwd: Path = ROOT, **env: str) -
     return subprocess.run(
         [sys.executable, "-m", *args], cwd=cwd, env=environ, capture_output=True, text=True, timeout=timeout
     )
+
+
+def full_disk(monkeypatch, name: str) -> None:
+    """From now on the disk is full for the temporary file of the output named ``name``: flushing
+    it raises ENOSPC, as a full file system does (only ``.<name>.*.tmp``, so the rest of the
+    process, its lock files included, keeps working)."""
+    real = os.fsync
+
+    def fsync(fd: int) -> None:
+        written = Path(os.readlink(f"/proc/self/fd/{fd}")).name
+        if written.startswith(f".{name}.") and written.endswith(".tmp"):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)

@@ -78,6 +78,11 @@ def test_yaml_1e20_string_is_cast(tmp_path):
         (["tta.scales=[1.0,-0.5]"], "'tta.scales' needs one or more positive factors"),
         (["train.keep_checkpoints=-1"], "'train.keep_checkpoints' must be at least 1"),
         (["train.keep_checkpoints=0"], "'train.keep_checkpoints' must be at least 1"),
+        # names that become file names longer than file systems allow, refused before any work
+        (["name=" + "x" * 300], "'name': 'xxx"),
+        (["name=" + "x" * 300], "is 300 bytes long, more than 100"),
+        (["submit.file_name=" + "y" * 250], "'submit.file_name': 'yyy"),
+        (["name=" + "é" * 60], "is 120 bytes long"),
     ],
 )
 def test_bad_overrides_name_the_key(override, message):
@@ -99,6 +104,44 @@ def test_bad_yaml_names_file_and_line(tmp_path):
         load_config(path)
     with pytest.raises(ConfigError, match="config file not found"):
         load_config(tmp_path / "missing.yaml")
+
+
+# 240 bytes whose aliases expand to 9**6 values (the probe's 373-byte one made a 254 MB error line and
+# took 1 GB of memory; this one made a 1.7 MB line).
+ALIAS_BOMB = """tta:
+  scales: [&a [&b [&c [&d [&e [&f [1,1,1,1,1,1,1,1,1], *f,*f,*f,*f,*f,*f,*f,*f], *e,*e,*e,*e,*e,*e,*e,*e],
+    *d,*d,*d,*d,*d,*d,*d,*d], *c,*c,*c,*c,*c,*c,*c,*c], *b,*b,*b,*b,*b,*b,*b,*b], *a,*a,*a,*a,*a,*a,*a,*a]
+"""
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        (ALIAS_BOMB, "YAML aliases expand to more than 20000 values"),
+        ("tta:\n  scales: &x [1.0, *x]\n", "YAML aliases expand to more than 20000 values"),  # itself
+        ("tta:\n  scales: " + "[" * 20000 + "]" * 20000 + "\n", "YAML nested too deeply"),
+    ],
+)
+def test_yaml_that_would_expand_or_nest_without_bound_is_refused(tmp_path, text, message):
+    path = tmp_path / "hostile.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}: {message}") and len(str(info.value)) < 300
+    value = text.split("scales: ", 1)[1].strip()
+    if value.startswith("["):  # the same text as an override (read as YAML when it is a list)
+        with pytest.raises(ConfigError, match=message):
+            load_config(None, [f"tta.scales={value}"])
+
+
+def test_errors_echo_values_cut_short():
+    big = "[[" + ",".join(["1.0"] * 5000) + "]]"  # within the alias bound, still a long value
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"tta.scales={big}"])
+    assert len(str(info.value)) < 300 and "tta.scales[0]': expected float, got [1.0, 1.0" in str(info.value)
+    with pytest.raises(ConfigError) as info:
+        load_config(None, [f"wandb.mode={'x' * 10_000}"])
+    assert len(str(info.value)) < 300
 
 
 def test_yaml_safe_load_only(tmp_path):

@@ -17,7 +17,7 @@ from gcm import GradientConcealment, RandomResizePad
 from gcm.random_pad import resize_pad, resize_pad_static
 from infer import export
 from infer.defended import build_defended_model, load_members
-from tests.conftest import run_module
+from tests.conftest import full_disk, run_module
 
 
 @pytest.fixture(scope="module")
@@ -260,3 +260,27 @@ def test_cli_missing_checkpoint_is_exit_2(tmp_path):
     assert proc.stderr.strip().splitlines() == [
         f"error: checkpoint not found: {tmp_path / 'nope'}.safetensors (train first, or set submit.checkpoints)"
     ]
+
+
+def test_a_full_disk_while_exporting_keeps_the_earlier_file(checkpoints, tmp_path, monkeypatch):
+    cfg = _cfg(checkpoints[:1], tmp_path, "tta.hflip=false")
+    export.run(cfg)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    full_disk(monkeypatch, "defended.pt2")
+    with pytest.raises(UserError, match=r"export.path: cannot write .*defended.pt2 \(No space left on device\)"):
+        export.run(cfg)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_an_export_never_lands_on_a_model(checkpoints, tmp_path):
+    run_dir = tmp_path / "runs" / "demo"
+    export_model(
+        load_members(checkpoints[:1], 4)[0][0],
+        run_dir / "best",
+        {"arch": "test_convnext", "num_classes": 4, "image_size": 32},
+    )
+    for path in (run_dir / "best.pt2", run_dir / "best.safetensors"):
+        cfg = _cfg(checkpoints[:1], tmp_path, f"export.path={path}")
+        with pytest.raises(UserError, match=rf"^export.path: export would write {path}, which belongs to the model"):
+            export.run(cfg)
+    assert sorted(p.name for p in run_dir.iterdir()) == ["best.json", "best.safetensors"]

@@ -85,3 +85,56 @@ def test_fast_decode_leaves_unusual_files_to_pil(tmp_path):
     im.save(tmp_path / "rot.jpg", "JPEG", quality=95, exif=exif.tobytes())
     assert not _opencv_taken(tmp_path / "rot.jpg")
     assert np.array_equal(images.load_image(tmp_path / "rot.jpg"), _pil_decode(tmp_path / "rot.jpg")[::-1, ::-1])
+
+
+# --- memory: decoded in strips, refused by the bytes a decode needs -------------------------
+
+
+def _odd_modes() -> dict:
+    rng = np.random.default_rng(5)
+    gray = rng.integers(0, 256, (23, 17), dtype=np.uint8)
+    rgb = rng.integers(0, 256, (23, 17, 3), dtype=np.uint8)
+    deep = rng.integers(0, 65536, (23, 17), dtype=np.uint16)
+    palette = Image.fromarray(rgb).convert("P")
+    palette.info["transparency"] = 3
+    return {
+        "1": (Image.fromarray(gray > 127), lambda img: np.asarray(img.convert("RGB"))),
+        "L": (Image.fromarray(gray), lambda img: np.asarray(img.convert("RGB"))),
+        "CMYK": (Image.fromarray(rgb).convert("CMYK"), lambda img: np.asarray(img.convert("RGB"))),
+        "I;16": (
+            Image.fromarray(deep),
+            lambda img: np.repeat(((deep.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8)[..., None], 3, 2),
+        ),
+        "P+transparency": (
+            palette,
+            lambda img: (
+                (
+                    np.asarray(img.convert("RGBA"))[..., :3].astype(np.uint16)
+                    * np.asarray(img.convert("RGBA"))[..., 3:]
+                    + 127
+                )
+                // 255
+            ),
+        ),
+    }
+
+
+@pytest.mark.parametrize("mode", sorted(_odd_modes()))
+def test_conversion_in_strips_gives_the_whole_images_pixels(mode, monkeypatch):
+    img, expected = _odd_modes()[mode]
+    monkeypatch.setattr(images, "_STRIP_BYTES", 1)  # one row per strip: 23 strips
+    out = images._to_rgb(img)
+    assert out.dtype == np.uint8 and out.shape == (23, 17, 3)
+    assert np.array_equal(out, expected(img))
+
+
+def test_images_are_refused_by_the_bytes_their_decode_needs(tmp_path, monkeypatch):
+    # The same pixel count in two modes: 1-bit needs 4.5 bytes per pixel to decode, 16-bit 5.5.
+    Image.new("1", (100, 100)).save(tmp_path / "bits.png")
+    Image.new("I;16", (100, 100)).save(tmp_path / "deep.png")
+    monkeypatch.setattr(images, "MAX_DECODE_BYTES", 50_000)
+    assert images.load_image(tmp_path / "bits.png").shape == (100, 100, 3)
+    with pytest.raises(UserError, match=r"deep.png: image too large to decode: 100x100 in mode I;16 needs"):
+        images.load_image(tmp_path / "deep.png")
+    assert images.check_image_header(tmp_path / "deep.png").startswith("image too large to decode")
+    assert images.check_image_header(tmp_path / "bits.png") is None

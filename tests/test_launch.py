@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from core.launch import DEFAULT_ACCELERATE_CONFIG, ROOT, resolve_launch_args, split_args
+from core.errors import UserError
+from core.launch import DEFAULT_ACCELERATE_CONFIG, ROOT, check_flags, resolve_launch_args, split_args
 from tests.conftest import run_module, shrink
 
 
@@ -66,6 +67,23 @@ def test_split_args_sends_flags_to_accelerate():
     ours, accel = split_args(["--config", "c.yaml", "a.b=1", "--num_processes", "2", "--cpu", "--debug"])
     assert ours == ["--config", "c.yaml", "a.b=1", "--debug"]
     assert accel == ["--num_processes", "2", "--cpu"]
+
+
+def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
+    proc = run_module("core.launch", "train.main", "--epochs", "3", timeout=120)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines() == [
+        "error: unknown option --epochs: did you mean train.epochs=3? (config keys take key=value)"
+    ]
+    for accel, module, key in (
+        (["--batch-size=8"], "infer.submit", "submit.batch_size=8"),
+        (["--train.lr", "0.1"], "train.main", "train.lr=0.1"),
+        (["--seed"], "train.main", "seed=..."),
+    ):
+        with pytest.raises(UserError, match=rf"did you mean {key}\?"):
+            check_flags(accel, module)
+    # accelerate's own flags pass, also where one of our keys has the same name (train.mixed_precision)
+    check_flags(["--num_processes", "2", "--mixed_precision", "bf16", "--config_file", "x.yaml", "-q"], "train.main")
 
 
 # --- stopping a run: signals reach every process, nothing outlives the launcher ----------------

@@ -9,11 +9,13 @@ import shutil
 import pytest
 import torch
 
+from core.checkpoint import load_model
 from core.config import load_config
+from core.outputs import acquire
 from infer import submit
 from infer.defended import EnsembleTTA, View, apply_view, build_defended_model, load_members, resolve_views
-from infer.submission import validate_submission
-from tests.conftest import TINY_DATA, run_module, shrink
+from infer.submission import set_problems, validate_submission
+from tests.conftest import TINY_DATA, full_disk, run_module, shrink
 from train import main as train_main
 
 
@@ -63,6 +65,52 @@ def test_an_unwritable_out_dir_fails_before_any_prediction(trained, tmp_path, mo
     cfg = load_config(None, shrink([f"submit.out_dir={tmp_path / 'a_file' / 'subs'}"], *trained))
     with pytest.raises(submit.UserError, match=r"submit.out_dir: cannot write to .*a_file/subs"):
         submit.run(cfg)
+
+
+def _no_prediction(monkeypatch) -> None:
+    def no_prediction(*args, **kwargs):
+        raise AssertionError("predicted although the files could not be written")
+
+    monkeypatch.setattr(submit, "predict", no_prediction)
+
+
+def test_a_submission_never_lands_on_a_model(trained, tmp_path, monkeypatch):
+    data, runs = trained
+    run_dir = runs / "demo"
+    before = {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()}
+    _no_prediction(monkeypatch)
+    for name in ("best", "last"):
+        cfg = load_config(None, shrink([f"submit.out_dir={run_dir}", f"submit.file_name={name}"], data, runs))
+        with pytest.raises(
+            submit.UserError,
+            match=rf"^submit.file_name: submit would write {run_dir}/{name}.csv, which belongs to the model "
+            rf"checkpoint '{name}' of {run_dir} \(written by train\)",
+        ):
+            submit.run(cfg)
+    assert {p.name: p.read_bytes() for p in run_dir.iterdir() if p.is_file()} == before
+    assert load_model(run_dir / "best")
+
+
+def test_a_second_submit_to_one_name_is_refused_before_predicting(trained, tmp_path, monkeypatch):
+    _no_prediction(monkeypatch)
+    with acquire(tmp_path / "subs" / "demo", "submit", "submit.file_name"):
+        with pytest.raises(submit.UserError, match=rf"subs/demo: in use by submit \(pid {os.getpid()} on "):
+            submit.run(_cfg(trained, tmp_path))
+    assert not (tmp_path / "subs").exists()
+
+
+def test_a_full_disk_while_writing_the_submission_keeps_the_earlier_one(trained, tmp_path, monkeypatch):
+    cfg = _cfg(trained, tmp_path)
+    submit.run(cfg)
+    subs = tmp_path / "subs"
+    before = {p.name: p.read_bytes() for p in subs.iterdir()}
+    full_disk(monkeypatch, "demo.json")
+    with pytest.raises(
+        submit.UserError, match=r"subs/demo.json: cannot write \(No space left on device\); nothing was replaced"
+    ):
+        submit.run(cfg)
+    assert {p.name: p.read_bytes() for p in subs.iterdir()} == before  # the older set, whole; no temp file left
+    assert set_problems(subs / "demo.csv") == []
 
 
 def test_gcm_does_not_change_predictions(trained, tmp_path):

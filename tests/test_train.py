@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -14,9 +17,11 @@ from core.checkpoint import load_model
 from core.config import load_config
 from core.demo_data import generate_demo_data
 from core.errors import UserError
+from core.launch import DEFAULT_ACCELERATE_CONFIG
 from core.tracking import resolve_wandb_mode
-from tests.conftest import run_module, shrink
+from tests.conftest import ROOT, run_module, shrink
 from train import main as train_main
+from train.setup import create_model_and_optimizer
 
 
 def test_two_step_run_writes_everything(tiny_config):
@@ -170,6 +175,7 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1, proc.stdout  # printed by the main process only
+    assert "Grad strides do not match bucket view strides" not in proc.stderr  # DDP's layout warning
     run_dir = out / "ddp"
     (ckpt,) = (run_dir / "checkpoints").iterdir()
     # accelerate saves one RNG state per process: both ranks took part in the checkpoint
@@ -184,4 +190,45 @@ def test_two_cpu_processes(tiny_data, tmp_path):
         "config.yaml",
         "last.json",
         "last.safetensors",
+    ]
+
+
+def test_kernel_gradients_come_back_in_their_parameters_strides(tiny_config):
+    """What DDP checks on every backward (literally, size-1 dimensions included): timm's ConvNeXt
+    feeds its depthwise convs channels_last activations, whose kernel gradients come back in
+    channels_last strides; the training model lays those kernels out that way from the start."""
+    for name in ("test_convnext", "convnext_atto"):
+        model, _, _ = create_model_and_optimizer(tiny_config(f"model.name={name}"), 1)
+        model(torch.rand(2, 3, 32, 32)).sum().backward()
+        wrong = {n: (p.grad.stride(), p.stride()) for n, p in model.named_parameters() if p.grad.stride() != p.stride()}
+        assert wrong == {}, f"{name}: gradient strides differ from the parameters': {wrong}"
+
+
+MEAN_PROBE = """
+from accelerate import Accelerator
+from train.engine import mean_over_processes
+accelerator = Accelerator(cpu=True)
+# rank 0 trained 3 batches at loss 1.0, rank 1 one batch at loss 5.0: the mean over all is 2.0
+total, count = (3.0, 3) if accelerator.process_index == 0 else (5.0, 1)
+print(f"rank {accelerator.process_index}: {mean_over_processes(accelerator, total, count)}", flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_the_logged_loss_is_the_mean_over_every_process(tmp_path):
+    script = tmp_path / "probe.py"
+    script.write_text(MEAN_PROBE)
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEFAULT_ACCELERATE_CONFIG)]
+    proc = subprocess.run(
+        [*launch, "--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1", str(script)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
+        "rank 0: 2.0",
+        "rank 1: 2.0",
     ]

@@ -11,12 +11,13 @@ import sys
 import time
 
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from core.checkpoint import load_model
 from core.cli import Terminated
 from core.errors import UserError
-from tests.conftest import ROOT, shrink
+from tests.conftest import ROOT, full_disk, shrink
 from train import main as train_main
 from train.engine import TrainingDiverged
 from train.state import resolve_resume
@@ -101,6 +102,41 @@ def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_config, monkeypatch
     assert (cfg.run_dir / "last.safetensors").read_bytes() != b"" and weights_before
 
 
+def test_disk_full_while_exporting_best_and_last_keeps_the_earlier_ones(tiny_config, monkeypatch):
+    cfg = tiny_config(*COMMON, "train.max_steps=2")
+    train_main.run(cfg)
+    exports = ("best.*", "last.*", ".*.tmp")
+    before = {p.name: p.read_bytes() for pattern in exports for p in cfg.run_dir.glob(pattern)}
+    full_disk(monkeypatch, "last.safetensors")
+    with pytest.raises(
+        UserError,
+        match=r"cannot write the exported model .*demo/last.safetensors: No space left on device; earlier exports",
+    ):
+        train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4"))
+    assert {p.name: p.read_bytes() for pattern in exports for p in cfg.run_dir.glob(pattern)} == before
+    assert load_model(cfg.run_dir / "last")
+
+
+class _CallsAGlobal:
+    """Unpickled, it would call ``os.getpid`` (harmless here; ``os.system`` in an attack)."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
+
+
+def test_a_resume_checkpoint_with_a_blocked_pickle_is_one_line(tiny_config):
+    cfg = tiny_config(*COMMON, "train.max_steps=1")
+    train_main.run(cfg)
+    (ckpt,) = resolve_resume(tiny_config(*COMMON, "resume=auto")).parent.iterdir()
+    torch.save(_CallsAGlobal(), ckpt / "optimizer.bin")  # what a handed-over checkpoint may carry
+    with pytest.raises(
+        UserError,
+        match=rf"^resume: {ckpt}/optimizer.bin: refused to unpickle it: it holds more than tensors and plain "
+        r"data \(Trying to load unsupported GLOBAL posix.getpid",
+    ):
+        train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=2"))
+
+
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_while_saving_leaves_no_torn_folder(tiny_config, monkeypatch, stop):
     """A stop signal lands as an exception in whatever Python is doing; mid-save it used to leave
@@ -154,7 +190,6 @@ def test_weights_blowing_up_stop_before_a_bad_checkpoint(tiny_config):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch):
-    import torch
 
     calls = {"n": 0}
     real_forward = torch.nn.CrossEntropyLoss.forward

@@ -15,6 +15,7 @@ from infer.submission import (
     SubmissionNameError,
     check_submission,
     read_submission,
+    set_problems,
     validate_submission,
     write_submission,
 )
@@ -185,6 +186,41 @@ def test_failed_temp_write_leaves_the_older_submission_untouched(tmp_path, monke
     with pytest.raises(OSError, match="simulated"):
         write_submission(tmp_path, "sub", [0, 1], [7, 8], {"run": "new"})
     assert {name: (tmp_path / name).read_bytes() for name in all_files(tmp_path)} == before
+
+
+def test_a_mixed_set_is_named_by_validate(tmp_path, test_dir, capsys):
+    ids, preds = shuffled_predictions()
+    a = write_submission(tmp_path / "a", "sub", ids, preds, {})
+    b = write_submission(tmp_path / "b", "sub", ids, [(p + 1) % 20 for p in preds], {})
+    args = ["--test-dir", str(test_dir), "--num-classes", "20"]
+    assert set_problems(a["csv"]) == [] and main([str(a["csv"]), *args]) == 0
+    b["csv"].replace(a["csv"])  # the CSV of one run beside the JSON and meta of another, each valid alone
+    for kind in ("csv", "json", "meta"):
+        assert set_problems(a[kind]) == [
+            f"{a['csv']}: not the file sub.meta.json describes (its sha256 differs): the set "
+            "sub.csv/.json/.meta.json mixes files of different runs"
+        ]
+    capsys.readouterr()
+    assert main([str(a["json"]), *args]) == 1
+    assert "mixes files of different runs" in capsys.readouterr().out
+
+
+def test_a_submit_of_the_same_name_between_the_renames_is_detected(tmp_path, monkeypatch):
+    # Two writers without a shared lock (two machines on a file system without working locks):
+    # the other one publishes its whole set between our first and second rename.
+    real_replace, calls = os.replace, []
+
+    def replace(src, dst):
+        real_replace(src, dst)
+        calls.append(dst)
+        if len(calls) == 1:
+            monkeypatch.setattr(os, "replace", real_replace)
+            write_submission(tmp_path, "sub", [0, 1], [5, 6], {"run": "other"})
+
+    monkeypatch.setattr(os, "replace", replace)
+    with pytest.raises(UserError, match=r"sub.csv: not the file sub.meta.json describes .*another command wrote"):
+        write_submission(tmp_path, "sub", [0, 1], [1, 2], {"run": "ours"})
+    assert set_problems(tmp_path / "sub.json") != []  # and validate says so, for good
 
 
 def test_success_replaces_every_file_of_the_older_submission(tmp_path):
@@ -429,6 +465,9 @@ def test_cli_takes_the_class_count_from_the_meta_file_or_the_config(tmp_path, te
     assert err.startswith("error: ") and "give --num-classes N or --config FILE" in err and "bare.meta.json" in err
     config = write_file(tmp_path / "c.yaml", "data:\n  num_classes: 2\n")
     assert main([str(bare), "--test-dir", str(test_dir), "--config", str(config)]) == 1
+    write_file(tmp_path / "bare.meta.json", "[" * 100_000 + "]" * 100_000)  # nested past Python's recursion limit
+    assert main([str(bare), "--test-dir", str(test_dir)]) == 2  # unreadable meta: refused in one line, no traceback
+    assert "give --num-classes N" in capsys.readouterr().err
 
 
 def test_new_files_are_validated_before_they_replace_the_old_ones(tmp_path, test_dir):

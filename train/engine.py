@@ -110,10 +110,11 @@ def train_one_epoch(
             if progress.global_step % t.log_every == 0:
                 elapsed = time.perf_counter() - start
                 lr = optimizer.param_groups[0]["lr"]
-                bar.set_postfix(loss=f"{value:.3f}", lr=f"{lr:.2e}")
+                logged_loss = mean_over_processes(accelerator, value, 1)
+                bar.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{lr:.2e}")
                 accelerator.log(
                     {
-                        "train/loss": value,
+                        "train/loss": logged_loss,
                         "train/lr": lr,
                         "train/epoch": epoch,
                         "train/samples_per_s": seen / max(elapsed, 1e-9),
@@ -126,7 +127,17 @@ def train_one_epoch(
                 break
     bar.close()
     elapsed = time.perf_counter() - start
-    return {"loss": loss_sum / max(loss_count, 1), "samples_per_s": seen / max(elapsed, 1e-9)}
+    loss = mean_over_processes(accelerator, loss_sum, loss_count)
+    return {"loss": loss, "samples_per_s": seen / max(elapsed, 1e-9)}
+
+
+def mean_over_processes(accelerator, total: float, count: int) -> float:
+    """``total / count`` over every process: each one's loss is of its own shard of the batch, so
+    what is logged (console, W&B, history) is the mean of all of them, not rank 0's alone."""
+    if accelerator.num_processes > 1:
+        both = torch.tensor([total, float(count)], dtype=torch.float64, device=accelerator.device)
+        total, count = accelerator.reduce(both, reduction="sum").tolist()
+    return total / max(count, 1)
 
 
 @torch.no_grad()

@@ -21,7 +21,7 @@ from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
 from core.demo_data import generate_demo_data
 from core.labels import resolve_samples, select_subset
-from core.model import check_input_size, create_classifier
+from core.model import align_kernel_strides, check_input_size, create_classifier
 from core.transforms import create_eval_transform, create_train_transform
 from train.loaders import create_train_loader
 
@@ -79,6 +79,7 @@ def create_model_and_optimizer(cfg: Config, updates_per_epoch: int) -> tuple[nn.
     check_input_size(model, cfg.data.image_size, cfg.model.name)
     if cfg.model.channels_last:
         model = model.to(memory_format=torch.channels_last)
+    align_kernel_strides(model)  # else DDP warns "Grad strides do not match bucket view strides"
     optimizer = create_optimizer_v2(
         model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay or None
     )

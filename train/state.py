@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import pickle
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from core.checkpoint import export_model, state_dict_of
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError
 from core.io import check_writable
+from core.outputs import hold_output
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
 
@@ -51,20 +53,22 @@ def check_run_name(cfg: Config) -> None:
 
 @contextlib.contextmanager
 def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
-    """The run's folder, created up front (an unwritable ``out_dir`` fails before any training) and
-    removed again if the run fails before writing anything into it."""
+    """The run's folder, locked for this run (``core.outputs``: a second ``train`` of the same name
+    refuses), created up front (an unwritable ``out_dir`` fails before any training) and removed
+    again if the run fails before writing anything into it."""
     run_dir = cfg.run_dir
     existed = run_dir.exists()
-    check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
     check_writable(run_dir, "out_dir")
-    if accelerator.is_main_process:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        yield run_dir
-    except BaseException:
-        if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
-            run_dir.rmdir()
-        raise
+    with hold_output(run_dir, "train", "name", accelerator):
+        check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
+        if accelerator.is_main_process:
+            run_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            yield run_dir
+        except BaseException:
+            if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
+                run_dir.rmdir()
+            raise
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
@@ -188,6 +192,8 @@ def restore(training: Training, progress: Progress) -> None:
         check_resumable(cfg, resume_from)
         try:
             accelerator.load_state(str(resume_from))
+        except pickle.UnpicklingError:
+            raise UserError(f"resume: {refused_pickle(resume_from)}") from None
         except (RuntimeError, KeyError, ValueError, OSError) as exc:
             first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:200]
             raise UserError(f"resume: {resume_from} does not fit this config ({first})") from None
@@ -207,6 +213,21 @@ def restore(training: Training, progress: Progress) -> None:
             for path in old:
                 path.unlink(missing_ok=True) if path.is_file() else None
     accelerator.wait_for_everyone()
+
+
+def refused_pickle(folder: Path) -> str:
+    """Name the file of ``folder`` that ``torch.load(weights_only=True)`` refuses (a pickle that
+    asks for more than tensors and plain data: never loaded, it could run code)."""
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth")):
+        try:
+            torch.load(path, map_location="cpu", weights_only=True)
+        except pickle.UnpicklingError as exc:
+            lines = str(exc).strip().splitlines() or [""]
+            why = next((line for line in lines if "GLOBAL" in line), lines[0])[:160]  # torch's own reason
+            return f"{path}: refused to unpickle it: it holds more than tensors and plain data ({why})"
+        except Exception:  # noqa: BLE001 - other damage is not what we are looking for here
+            continue
+    return f"{folder}: a file of this checkpoint holds a pickle that is not plain tensors; refused to load it"
 
 
 def check_resumable(cfg: Config, folder: Path) -> None:
@@ -281,6 +302,6 @@ def export_models(training: Training, progress: Progress, metrics: dict, improve
             export_model(weights, cfg.run_dir / "best", meta)
     except OSError as exc:
         raise UserError(
-            f"cannot write the exported model in {cfg.run_dir}: {exc.strerror or exc}; "
+            f"cannot write the exported model {exc.filename or cfg.run_dir}: {exc.strerror or exc}; "
             "earlier exports and checkpoints are intact"
         ) from None

@@ -1,0 +1,382 @@
+"""Who writes where: one lock per output, and the files each stage owns.
+
+**Locks.** A stage that writes an output (``train`` a run folder, ``submit`` a submission's three
+files, ``export`` a model file, ``evaluate`` a report folder) holds ``.<output name>.lock`` beside
+it for as long as it runs; a second command for the same output refuses in one line naming the
+holder (stage, PID, host, start time). The file records the holder, and the holder keeps a kernel
+lock (``flock``) on it:
+
+* On one machine, exactly one holder at a time: the file is published whole by ``link()``
+  (atomic, fails if it exists), already locked by its creator. A holder that ended without
+  releasing it (SIGKILL, the out-of-memory killer, a power cut) has lost its kernel lock with its
+  life, so the next command takes the lock over and says whose it was; the PID in the file is
+  never trusted alone (PIDs are reused).
+* Across machines sharing a file system (NFS): ``link()`` is atomic there too, so two commands
+  started together on two machines still cannot both create the lock. But whether the holder
+  still runs cannot be told from another machine (``flock`` over NFS depends on the server and
+  mount options), so a lock recorded by another host is never taken over automatically: the
+  message names the host, the PID and the file to delete once that run is known to be gone.
+
+**Ownership.** :func:`check_outputs` refuses, before any work, a target file that belongs to
+another stage: a model checkpoint (``<stem>.safetensors`` and every ``<stem>.*`` beside it, and
+``best``/``last`` in a run folder), a submission set (``<stem>.meta.json`` with its class
+histogram), an export (``<stem>.budget.json``) or an evaluation report (``<stem>.json`` with a
+verdict). Files are grouped by stem, so a new kind of file beside an export or a checkpoint is
+covered without a rule of its own.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import socket
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+from core.errors import UserError
+from core.io import create_temp_beside, parse_json, read_json
+
+HOST = socket.gethostname()
+CHECKPOINT_NAMES = ("best", "last")  # the exported models of a run folder (train.state.EXPORTS)
+_ATTEMPTS = 20  # rounds of create / inspect while another command creates or releases the lock
+_held_fds: set[int] = set()
+
+
+def _close_in_child() -> None:
+    # A forked child (a DataLoader worker) shares the lock's open file description; if it outlived
+    # a killed parent it would keep the kernel lock. It closes its copy at once instead.
+    for fd in list(_held_fds):
+        with contextlib.suppress(OSError):
+            os.close(fd)
+    _held_fds.clear()
+
+
+os.register_at_fork(after_in_child=_close_in_child)
+
+
+@dataclass(frozen=True)
+class Holder:
+    """Who holds (or held) a lock, as recorded in the lock file."""
+
+    stage: str
+    pid: int
+    host: str
+    started: str
+    process_start: str = ""  # /proc/<pid>/stat start time: tells a reused PID from the holder
+
+    def describe(self) -> str:
+        return f"{self.stage} (pid {self.pid} on {self.host}, started {self.started})"
+
+
+def lock_path_of(output: Path) -> Path:
+    """The lock file of ``output``: hidden, beside it (so it exists before the output does)."""
+    output = Path(output)
+    return output.parent / f".{output.name}.lock"
+
+
+def _process_start(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return ""
+
+
+def _this_holder(stage: str) -> Holder:
+    return Holder(stage, os.getpid(), HOST, time.strftime("%Y-%m-%dT%H:%M:%S%z"), _process_start(os.getpid()))
+
+
+def _read_holder(fd: int) -> Holder | None:
+    try:
+        os.lseek(fd, 0, os.SEEK_SET)
+        data = parse_json(os.read(fd, 4096))
+        return Holder(
+            str(data["stage"]), int(data["pid"]), str(data["host"]), str(data["started"]), str(data["process_start"])
+        )
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # empty (a creator between create and write on a file system without link) or foreign
+
+
+def _write_holder(fd: int, holder: Holder) -> None:
+    data = json.dumps(vars(holder)).encode("utf-8")
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, data, 0)
+    os.fsync(fd)
+
+
+def _still_running(holder: Holder) -> bool:
+    """Whether the recorded process runs on this host (same PID *and* start time)."""
+    return holder.host == HOST and bool(holder.process_start) and _process_start(holder.pid) == holder.process_start
+
+
+def _same_file(path: Path, fd: int) -> bool:
+    try:
+        st, own = os.stat(path), os.fstat(fd)
+    except FileNotFoundError:
+        return False
+    return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
+
+
+def _flock(fd: int) -> bool:
+    """Take the kernel lock without waiting; False if another open file holds it."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+            return True  # no kernel locks on this file system: the link() exclusivity still holds
+        raise
+    return True
+
+
+class OutputLock:
+    """A held lock on one output; :meth:`release` (or leaving the ``with`` block) gives it back."""
+
+    def __init__(self, output: Path, path: Path, fd: int, taken_over: Holder | None, made: Path | None = None) -> None:
+        self.output, self.path, self.fd, self.taken_over = output, path, fd, taken_over
+        self.made = made  # the topmost folder the lock created (removed again if left empty)
+        _held_fds.add(fd)
+
+    def release(self) -> None:
+        if self.fd < 0:
+            return
+        with contextlib.suppress(OSError):
+            if _same_file(self.path, self.fd):  # still ours (we hold the kernel lock): remove it
+                self.path.unlink()
+        _held_fds.discard(self.fd)
+        os.close(self.fd)
+        self.fd = -1
+        folder = self.path.parent
+        while self.made is not None and folder.is_relative_to(self.made):
+            try:
+                folder.rmdir()  # only if empty: a failed first command leaves no empty folder behind
+            except OSError:
+                break
+            folder = folder.parent
+
+    def __enter__(self) -> "OutputLock":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _try_create(path: Path, holder: Holder) -> int | None:
+    """Publish a new lock file holding ``holder``, already locked; its fd, or None if one exists."""
+    fd, tmp = create_temp_beside(path)
+    try:
+        _write_holder(fd, holder)
+        _flock(fd)
+        try:
+            os.link(tmp, path)
+        except FileExistsError:
+            if os.stat(tmp).st_nlink != 2:  # NFS: a retried link() may report EEXIST although it worked
+                os.close(fd)
+                return None
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.EOPNOTSUPP, errno.ENOSYS, errno.EMLINK):
+                raise
+            os.close(fd)
+            return _create_without_link(path, holder)
+        return fd
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.close(fd)
+        raise
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _create_without_link(path: Path, holder: Holder) -> int | None:
+    """For file systems without hard links: exclusive create, then lock, then record. A command
+    that finds the file in between may take it over; then our lock fails and we let it be."""
+    try:
+        fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
+    except FileExistsError:
+        return None
+    if not _flock(fd):
+        os.close(fd)
+        return None
+    _write_holder(fd, holder)
+    return fd
+
+
+def _try_take_over(path: Path, holder: Holder, key: str) -> tuple[int, Holder | None] | None:
+    """Take the existing lock file if its holder has ended; None to try again (it changed meanwhile).
+
+    Raises:
+        UserError: the holder still runs, or it ran on another host (which cannot be checked).
+    """
+    busy_hint = f"wait for it to end or stop it, or use another {key}"
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except FileNotFoundError:
+        return None  # released meanwhile
+    try:
+        if not _flock(fd):
+            previous = _read_holder(fd)
+            if previous is None or (previous.host == HOST and not _still_running(previous)):
+                return None  # another command is taking over from a dead holder: look again
+            raise UserError(f"in use by {previous.describe()}: {busy_hint}")
+        if not _same_file(path, fd):
+            return None  # released and removed between our open and our lock
+        previous = _read_holder(fd)
+        if previous is not None and previous.host != HOST:
+            raise UserError(
+                f"locked by {previous.describe()}, another machine ({path}); this machine cannot tell whether "
+                f"that run still goes on: {busy_hint}, or, once it is known to be gone, delete {path}"
+            )
+        if previous is not None and _still_running(previous):
+            raise UserError(f"in use by {previous.describe()}: {busy_hint}")
+        _write_holder(fd, holder)
+        result, fd = (fd, previous), -1
+        return result
+    finally:
+        if fd >= 0:
+            os.close(fd)
+
+
+def acquire(output: Path, stage: str, key: str) -> OutputLock:
+    """Hold the lock of ``output`` for ``stage``, taking over one whose holder ended on this host.
+
+    Raises:
+        UserError: ``"<output>: in use by <stage> (pid P on HOST, started T): wait for it to end or
+            stop it, or use another <key>"`` (``key``: the config key that names ``output``), or the
+            other-host message (see the module docstring).
+    """
+    output = Path(output)
+    path = lock_path_of(output)
+    holder = _this_holder(stage)
+    made = next((p for p in reversed(path.parents) if not p.exists()), None)
+    for _ in range(_ATTEMPTS):
+        try:
+            fd = _try_create(path, holder)
+            if fd is not None:
+                return OutputLock(output, path, fd, None, made)
+            taken = _try_take_over(path, holder, key)
+        except UserError as exc:
+            raise UserError(f"{output}: {exc}") from None
+        except OSError as exc:
+            raise UserError(f"{output}: cannot create the lock {path} ({exc.strerror or exc})") from None
+        if taken is not None:
+            fd, previous = taken
+            lock = OutputLock(output, path, fd, previous or Holder("unknown", 0, HOST, "?"), made)
+            print(
+                f"note: {output} was locked by {lock.taken_over.describe()}, which ended without releasing it "
+                "(killed?); lock taken over",
+                file=sys.stderr,
+            )
+            return lock
+        time.sleep(0.05)
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            last = _read_holder(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        last = None
+    if last is not None and last.host == HOST and not _still_running(last):
+        raise UserError(
+            f"{output}: the lock {path} of {last.describe()} is still held although that process has ended: "
+            f"a process it started holds it (`fuser {path}` names it); stop that one"
+        )
+    raise UserError(f"{output}: the lock {path} keeps changing hands; retry in a moment")
+
+
+@contextlib.contextmanager
+def hold_output(output: Path, stage: str, key: str, accelerator=None):
+    """``with hold_output(path, stage, key):`` the lock of ``output`` for the block (see :func:`acquire`).
+
+    With an ``accelerator`` of several processes (one run), only the main process takes the lock
+    and every process learns the outcome (so all of them stop on a refusal, none waits at a
+    barrier). Yields the :class:`OutputLock` on the main process, ``None`` elsewhere.
+    """
+    lock, refusal = None, None
+    main = accelerator is None or accelerator.is_main_process
+    if main:
+        try:
+            lock = acquire(output, stage, key)
+        except UserError as exc:
+            refusal = exc
+    if accelerator is not None and accelerator.num_processes > 1:
+        from accelerate.utils import broadcast_object_list
+
+        message = broadcast_object_list([str(refusal) if refusal is not None else None])[0]
+        if message is not None and refusal is None:
+            refusal = UserError(message)
+    if refusal is not None:
+        raise refusal
+    try:
+        yield lock
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+# --- ownership ------------------------------------------------------------------------------
+
+
+def _stems(name: str) -> list[str]:
+    """``a.b.meta.json`` -> ``["a", "a.b", "a.b.meta"]``: every name the file may be grouped under."""
+    parts = name.split(".")
+    return [".".join(parts[:i]) for i in range(1, len(parts))] or [name]
+
+
+def _json_object(path: Path) -> dict | None:
+    try:
+        if path.stat().st_size > 1 << 24:
+            return None
+        data = read_json(path)
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def is_run_folder(folder: Path) -> bool:
+    """A folder ``train`` made: it holds the resolved config, checkpoints or an exported model."""
+    return (
+        (folder / "config.yaml").is_file()
+        or (folder / "checkpoints").is_dir()
+        or any((folder / f"{n}.safetensors").exists() for n in CHECKPOINT_NAMES)
+    )
+
+
+def owner_of(path: Path) -> tuple[str, str] | None:
+    """``(stage, what)`` when ``path`` (existing or not) belongs to a stage's group of files, else None."""
+    path = Path(path)
+    folder = path.parent
+    for stem in _stems(path.name):
+        if (folder / f"{stem}.safetensors").exists() or (stem in CHECKPOINT_NAMES and is_run_folder(folder)):
+            return "train", f"the model checkpoint '{stem}' of {folder}"
+        if (folder / f"{stem}.budget.json").is_file():
+            return "export", f"the exported model '{stem}' of {folder}"
+        meta = folder / f"{stem}.meta.json"
+        if meta.is_file() and "class_histogram" in (_json_object(meta) or {}):
+            return "submit", f"the submission '{stem}' in {folder}"
+        report = folder / f"{stem}.json"
+        if report.is_file() and "verdict" in (_json_object(report) or {}):
+            return "evaluate", f"the evaluation report '{stem}' in {folder}"
+    if path.suffix == ".safetensors":
+        return "train", f"a model's weights in {folder}"
+    return None
+
+
+def check_outputs(paths: Sequence[Path], stage: str, key: str) -> None:
+    """Refuse, in one line naming ``key``, to write any of ``paths`` over another stage's files.
+
+    Call it before any long work: nothing has been computed or written when it refuses.
+    """
+    for path in paths:
+        owner = owner_of(Path(path))
+        if owner is not None and owner[0] != stage:
+            raise UserError(
+                f"{key}: {stage} would write {path}, which belongs to {owner[1]} (written by {owner[0]}); "
+                f"no command writes over another one's files: choose another {key}"
+            )
