@@ -39,6 +39,7 @@ from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 from robust.corruptions import CORRUPTIONS, corrupt
+from robust.file_eval import run_file
 from robust.metrics import worst_case
 from robust.report import write_report
 from robust.results import EvalResult, Row, Score
@@ -226,8 +227,14 @@ def run_black_box(
 # --- the stage -----------------------------------------------------------------------------
 
 
-def run(cfg: Config, progress: bool = True) -> EvalResult:
-    """Evaluate the defended model of ``cfg``, write the report and return the numbers."""
+def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
+    """Evaluate the defended model of ``cfg``, write the report and return the numbers.
+
+    With ``eval.file`` set, the exported Phase II file is the model under attack instead
+    (:func:`robust.file_eval.run_file`, its own table).
+    """
+    if cfg.eval.file:
+        return run_file(cfg, load_eval_images, progress)
     start = time.perf_counter()
     e = cfg.eval
     torch.manual_seed(e.seed)
