@@ -230,10 +230,12 @@ def check_onnx(path: Path, cfg: Config, size: int, checks: Checks) -> None:
     )
     try:
         converted = onnx_file.convert_to_torch(proto)
-    except UserError as exc:
-        checks.add(False, "onnx2pytorch", str(exc))
+        with torch.no_grad():
+            n = converted(torch.zeros(1, 3, size, size)).numel()
+    except Exception as exc:  # the conversion or the converted graph's first run, whatever it raises
+        checks.add(False, "onnx2pytorch", f"{type(exc).__name__}: {str(exc)[:200]}")
         return
-    checks.add(True, "onnx2pytorch", "converted")
+    checks.add(n == cfg.data.num_classes, "onnx2pytorch", f"converted; {n} values for a zero input")
     macs, params = count_ptflops(converted, (3, size, size))
     check_budget(checks, macs, params, cfg, size)
     checks.note("our counter", f"{count_gmacs(converted, size):.4g} GMACs (FlopCounterMode) on the converted model")

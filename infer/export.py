@@ -317,6 +317,13 @@ def create_onnx_file(model: DefendedModel, info: dict, cfg: Config, size: int) -
     data = proto.SerializeToString()
     session = onnx_file.create_session(data)
     converted = onnx_file.convert_to_torch(proto)
+    try:
+        with torch.no_grad():
+            converted(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # a converted graph can fail with any error at its first run
+        raise UserError(
+            f"export: the file converted by onnx2pytorch does not run ({type(exc).__name__}: {exc})"
+        ) from exc
     macs, params = count_ptflops(converted, (3, size, size))
     reference = box_outputs(model, size) if model.randomized else None
     report = {

@@ -43,6 +43,7 @@ def _overrides(checkpoints, tmp_path, *extra):
         "data.num_classes=4",
         "data.image_size=32",
         f"export.path={tmp_path / 'defended.pt2'}",
+        "export.formats=[pt2]",  # the in-process file: ensembles and TTA (the Phase II files: test_phase2.py)
         "tta.hflip=true",
         *extra,
     ]
