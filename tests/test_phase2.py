@@ -27,9 +27,7 @@ from gcm import bpda
 from infer import export, model_zip, onnx_file, submit
 from infer.defended import build_defended_model, load_members
 from infer.phase2_file import load_phase2_file
-from robust import evaluate
 from tests.conftest import TINY_DATA, run_module, shrink
-from train import main as train_main
 
 PHASE2 = ("onnx", "zip")
 
@@ -316,14 +314,15 @@ def test_check_submission_bad_usage_is_exit_2(tmp_path):
 
 @pytest.fixture(scope="module")
 def demo64(tmp_path_factory):
-    """The demo's shape at 64 px: a model trained by the real stage, exported in BGR, and submit's CSV."""
+    """The demo's convention at 64 px: a test_convnext checkpoint, submit's CSV and the files exported in BGR."""
     data = tmp_path_factory.mktemp("data64") / "demo"
-    generate_demo_data(data, **{**TINY_DATA, "image_size": 64, "train_per_class": 24})
+    generate_demo_data(data, **{**TINY_DATA, "image_size": 64, "train_per_class": 2})
     root = tmp_path_factory.mktemp("run64")
+    ckpt = _checkpoint(root, "test_convnext", 64, seed=3)
     overrides = shrink(
         [
             "data.image_size=64",
-            "train.epochs=3",
+            f"submit.checkpoints=[{ckpt}]",
             "export.channel_order=bgr",
             f"export.path={root / 'files' / 'demo'}",
             f"submit.out_dir={root / 'subs'}",
@@ -332,14 +331,12 @@ def demo64(tmp_path_factory):
         root / "runs",
     )
     cfg = load_config(None, overrides)
-    train_main.run(cfg)
     submit.run(cfg)
-    files = export.run(cfg)
-    return cfg, files, overrides
+    return cfg, export.run(cfg)
 
 
 def test_file_predictions_equal_submit_image_for_image(demo64):
-    cfg, files, _ = demo64
+    cfg, files = demo64
     rows = (Path(cfg.submit.out_dir) / "demo.csv").read_text().splitlines()[1:]
     submitted = {int(i): int(c) for i, c in (row.split(",") for row in rows)}
     items = list_test_images(Path(cfg.data.root) / cfg.data.test_dir)
@@ -354,36 +351,11 @@ def test_file_predictions_equal_submit_image_for_image(demo64):
     assert sorted(ids) == sorted(submitted) and len(ids) == TINY_DATA["num_classes"] * TINY_DATA["test_per_class"]
     with torch.no_grad():
         for name, run in _file_outputs(files["paths"]).items():
-            predicted = run(bgr).argmax(1).tolist()
-            assert dict(zip(ids, predicted)) == submitted, name
-    assert len(set(submitted.values())) > 1  # a trained model, not a constant
-
-
-def test_evaluate_attacks_the_exported_file_naive_and_with_bpda(demo64, tmp_path):
-    cfg, files, overrides = demo64
-    budgets = [
-        "eval.subset=24",
-        "eval.batch_size=24",
-        "eval.steps=5",
-        "eval.step_ratio=0.5",
-        "eval.aa_version=custom",
-        "eval.aa_iters=10",
-        "eval.aa_target_classes=2",
-        f"eval.out_dir={tmp_path}",
-    ]
-    for fmt in PHASE2:
-        path = files["paths"][fmt]
-        model = load_phase2_file(path)
-        with bpda(model) as switches:
-            assert switches == 1  # the file's own GCM (model.py's layer, or the converted Sin)
-        result = evaluate.run(load_config(None, [*overrides, *budgets, f"eval.file={path}"]), progress=False)
-        naive, adaptive = result["rows"]
-        assert adaptive["adaptive"] and not naive["adaptive"] and naive["clean"] == adaptive["clean"]
-        assert naive["clean"] >= 50  # trained: the attack has something to take away
-        for attack in ("pgd_linf", "autoattack"):
-            # GCM masks the gradient of the naive attacker; BPDA through it does not let it
-            assert adaptive[attack] <= naive["clean"] / 2 < naive[attack], (fmt, attack, result["rows"])
-        assert (tmp_path / "eval_file.md").is_file() and json.loads((tmp_path / "eval_file.json").read_text())["rows"]
+            logp = run(bgr)
+            assert dict(zip(ids, logp.argmax(1).tolist())) == submitted, name
+        top2 = logp.topk(2, dim=1).values
+    # The comparison means something: several classes predicted, no near-tie that rounding could flip.
+    assert len(set(submitted.values())) > 1 and float((top2[:, 0] - top2[:, 1]).min()) > 1e-4
 
 
 def test_converted_onnx_gcm_switch_is_bpda(bgr_files):
