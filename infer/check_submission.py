@@ -25,12 +25,12 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
 import onnx
 import torch
 
-from core.cli import quiet_libraries, run_cli, user_path
+from core.cli import CheckerParser, quiet_libraries, run_checker, user_path
 from core.config import Config, load_config
 from core.errors import UserError
 from infer import onnx_file
@@ -250,13 +250,8 @@ def check_onnx(path: Path, cfg: Config, size: int, checks: Checks) -> None:
     check_parity(checks, "onnx2pytorch", as_rgb_probabilities(converted, order), reference, spec, boxes)
 
 
-class _Parser(argparse.ArgumentParser):
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; {' '.join(self.format_usage().split())}")
-
-
 def create_check_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="run.sh check-submission", description="The organizers' checks of a Phase II file.")
+    parser = CheckerParser(prog="run.sh check-submission", description="The organizers' checks of a Phase II file.")
     parser.add_argument("file", help="a .zip (model.py at its top level) or an .onnx file")
     parser.add_argument("--image-size", type=int, default=ORGANIZERS_SIZE, help="input side (organizers: 224)")
     parser.add_argument("--config", default=None, help="config with the budget limits and the model to compare with")
@@ -284,13 +279,7 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     quiet_libraries()
-    status = 0
-
-    def _run(args: Sequence[str]) -> None:
-        nonlocal status
-        status = run(args)
-
-    return run_cli(_run, argv) or status
+    return run_checker(run, argv)
 
 
 if __name__ == "__main__":
