@@ -36,8 +36,9 @@ from core.errors import UserError
 from infer import onnx_file
 from infer.complexity import PTFLOPS_KWARGS, count_ptflops
 from infer.defended import build_defended_model, load_members, resolve_member_paths
-from infer.export import ROUND_TRIP_ATOL, as_rgb_probabilities, box_outputs, count_gmacs, file_parity
+from infer.export import count_gmacs
 from infer.model_zip import load_zip_model
+from infer.parity import ROUND_TRIP_ATOL, as_rgb_probabilities, box_outputs, file_parity
 
 ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "zip_check_child.py"
