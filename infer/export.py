@@ -37,7 +37,6 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from core.checkpoint import file_sha256, resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
 from core.errors import UserError
@@ -376,8 +375,7 @@ def run(cfg: Config) -> dict:
     report = budget_report(model, size, cfg, checkpoints)
     report["defense"] = describe(model)
     enforce_budget(report, cfg)
-    info = {**infos[0], "sha256": file_sha256(resolve_checkpoint_files(checkpoints[0])[0])}
-    files = build_files(model, info, cfg, size)
+    files = build_files(model, infos[0], cfg, size)
     problems = parity_problems(files)
     if problems:
         raise UserError(f"export: {'; '.join(problems)}; no file written")
