@@ -29,7 +29,8 @@ usage: ./run.sh COMMAND [args]
   submit   [--config FILE] [key=value ...] [accelerate flags]   GCM + ensemble + TTA -> submissions/
   evaluate [--config FILE] [key=value ...]                      local leaderboard (clean/corruptions/attacks)
   validate FILE --test-dir DIR [--num-classes N]                check a submission file
-  export   [--config FILE] [key=value ...]                      defended model file + budget report
+  export   [--config FILE] [key=value ...]                      Phase II files (.onnx, .zip) + .pt2 + budget report
+  check-submission FILE [--image-size N] [--config FILE] [key=value ...]  the organizers' checks of a Phase II file
   demo-data [--out DIR]                                         generate the offline demo data set
   bench                                                         performance figures
   test     [pytest args]                                        the whole test suite
@@ -44,6 +45,7 @@ case "$cmd" in
   evaluate)  ensure_venv; exec "$PY" -m robust.evaluate "$@" ;;
   validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;
   export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
+  check-submission) ensure_venv; exec "$PY" -m infer.check_submission "$@" ;;
   demo-data) ensure_venv; exec "$PY" -m core.demo_data "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;
   test)      ensure_venv

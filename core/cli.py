@@ -16,7 +16,7 @@ import sys
 import traceback
 import warnings
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, NoReturn, Sequence
 
 from core.config import Config, load_config
 from core.errors import UserError, cap_message
@@ -106,3 +106,22 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
         report_status("ended", f"{code} {reason}")
         signal.signal(signal.SIGTERM, previous)
     return code
+
+
+class CheckerParser(argparse.ArgumentParser):
+    """argparse for the checking commands (validate, check-submission): a usage mistake raises
+    UserError, so it shares the CLI's one-line form and exit code 2."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UserError(f"{message}; {' '.join(self.format_usage().split())}")
+
+
+def run_checker(fn: Callable[[Sequence[str]], int], argv: Sequence[str] | None = None) -> int:
+    """:func:`run_cli` for a command whose ``fn`` returns its own status (0 passed, 1 a check failed)."""
+    status = 0
+
+    def _run(args: Sequence[str]) -> None:
+        nonlocal status
+        status = fn(args)
+
+    return run_cli(_run, argv) or status

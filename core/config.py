@@ -236,7 +236,9 @@ class SubmitConfig:
 
 @dataclass
 class BudgetConfig:
-    max_params: float = 120e6
+    # The Phase II rules as the organizers' check asserts them (params < 30M, ptflops MACs < 5G
+    # at 3 x 224 x 224; their README's "120Mb" is the same 30M float32 parameters)
+    max_params: float = 30e6
     max_gmacs: float = 5.0
     enforce: bool = False
 
@@ -270,6 +272,7 @@ class EvalConfig:
     eot_samples: int = 10  # gradient samples per step against the random resize-pad layer
     draws: int = 10  # forward draws for expected accuracy of a randomized model
     surrogate: str = ""  # an independently trained checkpoint for transfer attacks
+    file: str = ""  # an exported Phase II file (.onnx or .zip) to attack instead of the checkpoints
     # ImageNet-C (core/corruptions.py): the 15 common corruptions and the 4 held-out ones, severities 1..5
     corruptions: list = field(default_factory=lambda: list(ALL_CORRUPTIONS))
     corruption_severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
@@ -279,7 +282,10 @@ class EvalConfig:
 
 @dataclass
 class ExportConfig:
-    path: str = ""  # "" -> runs/<name>/defended.pt2
+    path: str = ""  # "" -> runs/<name>/<name>.pt2; the other formats take its stem
+    # onnx and zip: the Phase II files (one model, no TTA); pt2: the whole in-process model (torch.export)
+    formats: list = field(default_factory=lambda: ["onnx", "zip", "pt2"])
+    channel_order: str = "rgb"  # of the images the Phase II files are fed (the organizers feed bgr)
 
 
 @dataclass
@@ -321,6 +327,8 @@ _CHOICES = {
     "model.stem": ("patch", "overlap", "overlap_tiered"),
     "train.adv.mode": ("none", "fgsm_reg", "fgsm_rs", "pgd", "trades"),
     "train.adv.select": ("auto", "clean", "robust"),
+    "export.formats": ("onnx", "zip", "pt2"),
+    "export.channel_order": ("rgb", "bgr"),
 }
 
 
@@ -717,6 +725,8 @@ def _check_predict(cfg: Config) -> None:
         raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
     if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
         raise ConfigError("config keys 'random_pad.min_ratio'/'max_ratio' need 0 < min <= max <= 1")
+    if not cfg.export.formats:
+        raise ConfigError("config key 'export.formats' needs at least one of onnx, zip, pt2")
 
 
 def _check_eval(e: EvalConfig) -> None:

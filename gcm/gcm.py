@@ -16,7 +16,7 @@ from typing import Iterator, Optional
 import torch
 from torch import nn
 
-__all__ = ["GradientConcealment", "DefendedModel", "apply_gcm", "set_bpda", "bpda"]
+__all__ = ["GradientConcealment", "DefendedModel", "apply_gcm", "set_bpda", "bpda", "gcm_modules"]
 
 
 class GradientConcealment(nn.Module):
@@ -37,6 +37,11 @@ class GradientConcealment(nn.Module):
             This is what an honest adaptive attack does; flip it at run time with
             `set_bpda` / `bpda`.
     """
+
+    # What `set_bpda` / `bpda` look for: a module whose class says it is a GCM and has a `bpda`
+    # switch. The GCM of an exported Phase II file (its model.py, or the sine of an ONNX file
+    # converted back to torch) is not this class but carries the same marker.
+    is_gcm = True
 
     def __init__(self, w: float = 1e20, eps: float = 1e-8, bpda: bool = False):
         super().__init__()
@@ -128,11 +133,15 @@ def set_bpda(model: nn.Module, enabled: bool) -> int:
         Number of GradientConcealment modules found.
     """
     found = 0
-    for m in model.modules():
-        if isinstance(m, GradientConcealment):
-            m.bpda = bool(enabled)
-            found += 1
+    for m in gcm_modules(model):
+        m.bpda = bool(enabled)
+        found += 1
     return found
+
+
+def gcm_modules(model: nn.Module) -> list:
+    """The GCM layers in `model` with a BPDA switch: `GradientConcealment` or any class marked `is_gcm`."""
+    return [m for m in model.modules() if getattr(type(m), "is_gcm", False) is True]
 
 
 @contextmanager
@@ -144,7 +153,7 @@ def bpda(model: nn.Module) -> Iterator[int]:
     Yields:
         Number of GradientConcealment modules found (0 means there was nothing to bypass).
     """
-    modules = [m for m in model.modules() if isinstance(m, GradientConcealment)]
+    modules = gcm_modules(model)
     previous = [m.bpda for m in modules]
     try:
         for m in modules:

@@ -86,9 +86,11 @@ def resize_pad_static(
     top, left, h, w = (torch.as_tensor(v, device=x.device) for v in (top, left, h, w))
     c0, c1, cw0, cw1, cols = _axis_sampling(width, w, left, x.dtype, x.device)
     r0, r1, rw0, rw1, rows = _axis_sampling(height, h, top, x.dtype, x.device)
-    # Along the width first, then the height: the order of F.interpolate's CPU kernel.
-    y = x.index_select(-1, c0) * cw0 + x.index_select(-1, c1) * cw1
-    y = y.index_select(-2, r0) * rw0[:, None] + y.index_select(-2, r1) * rw1[:, None]
+    # Along the width first, then the height: the order of F.interpolate's CPU kernel. Axes
+    # counted from the front: onnx2pytorch 0.6.0 reads a negative Gather axis as axis 0.
+    col, row = x.dim() - 1, x.dim() - 2
+    y = x.index_select(col, c0) * cw0 + x.index_select(col, c1) * cw1
+    y = y.index_select(row, r0) * rw0[:, None] + y.index_select(row, r1) * rw1[:, None]
     return torch.where(rows[:, None] & cols[None, :], y, torch.zeros((), dtype=y.dtype, device=y.device))
 
 
@@ -109,7 +111,8 @@ class RandomResizePad(nn.Module):
     the draws become random ops of the graph, drawn from torch's global RNG on every call of
     the exported program (a Generator object cannot live in an exported file), so the file
     stays randomized rather than freezing the draw seen while tracing. Same distribution of
-    boxes; seed the exported program with `torch.manual_seed`.
+    boxes; seed the exported program with `torch.manual_seed`. The ONNX exporter takes the
+    same path (its random ops draw anew on every run of the file).
 
     Args:
         min_ratio: Smallest resized side as a fraction of the input side.
@@ -187,7 +190,9 @@ class RandomResizePad(nn.Module):
         if not self.enabled:
             return x
         height, width = x.shape[-2:]
-        if torch.compiler.is_exporting():
+        if torch.compiler.is_exporting() or torch.onnx.is_in_onnx_export():
+            # The ONNX tracer hands shapes over as tensors: the box arithmetic needs ints.
+            height, width = int(height), int(width)
             return resize_pad_static(x, *self.draw_box_tensors(height, width, x.device))
         return resize_pad(x, *self.draw_box(height, width))
 

@@ -1,37 +1,38 @@
-"""``./run.sh export``: the defended model as one ``torch.export`` file, plus a budget report.
+"""``./run.sh export``: the Phase II files the organizers accept, an in-process file, a budget report.
 
-The file holds the exact model ``submit`` predicts with (GCM -> random resize-pad ->
-ensemble x TTA), takes a float32 batch in [0, 1] of any batch size and returns class
-probabilities: the interface of the challenge's Phase II model submission. Load it with
-``torch.export.load(path).module()``; it needs torch, not this project. It stays
-differentiable, so a white-box attacker meets GCM's concealed gradient as in-process.
+``export.formats`` picks what is written beside ``<stem>.budget.json`` (stem: ``export.path``
+without its suffix, default ``runs/<name>/<name>``):
 
-Why ``torch.export``: ``torch.jit.script``/``trace`` are deprecated in torch 2.14 and both fail
-on this model (dataclass views, ``round()`` on traced shapes). The random resize-pad layer
-traces a fixed-shape version of itself under export (``gcm.random_pad.resize_pad_static``),
-so its draws are random ops of the graph: every call of the file draws a new box from
-torch's global RNG (``torch.manual_seed`` makes it reproducible) instead of replaying the
-draw seen while tracing.
+* ``<stem>.onnx`` and ``<stem>.zip``: the Phase II model submission, in the two forms the
+  organizers took (their helper repository ``CdtQin/CVPR2022-AISafety-Helper``): an ONNX file
+  (:mod:`infer.onnx_file`), or a zip with ``model.py`` at its top level that loads its own
+  weights in plain torch (:mod:`infer.model_zip`). Both hold one model without TTA (the final
+  round forbade ensembles), fed N x 3 x size x size in [0, 1] in ``export.channel_order`` (the
+  organizers feed BGR), with GCM (float32) and, if enabled, the random resize-pad inside, and
+  return N x num_classes log-probabilities (why: README, "Phase II").
+* ``<stem>.pt2``: the whole in-process model ``submit`` uses (GCM, TTA, ensemble) as a
+  ``torch.export`` program taking RGB and returning probabilities; not a Phase II interface.
 
-Nothing is written before the program has been loaded back from its bytes and checked
-against the in-process model on a batch of another size (probabilities within
-``ROUND_TRIP_ATOL``; with random pad, draw for draw by replaying the global RNG).
+Nothing is written unless every file reproduces the in-process model: the zip's ``Model()``
+loaded from its bytes, the ONNX file in onnxruntime and converted back by ``onnx2pytorch``
+(probabilities within ``ROUND_TRIP_ATOL``; with the random pad draw for draw where the draws can
+be replayed, else each output matches one box the layer can draw), and the pt2 program.
 
-The budget report counts parameters and GMACs (``FlopCounterMode`` FLOPs / 2) of the *whole*
-defended model (every member, every TTA view) for one image, and checks them against
-``budget.max_params`` / ``budget.max_gmacs`` (Phase II rules: 120M and 5G, where the rules'
-"FLOPs" are multiply-adds as fvcore/thop count them: convnext_tiny at 224 is 4.47G).
-``budget.enforce=true`` turns a breach into an error and writes nothing.
+The budget report counts parameters and multiply-accumulates two ways: ``FlopCounterMode`` of
+the whole defended model at its input size (our counter), and ptflops on each Phase II file at
+3 x 224 x 224, as the organizers counted (:mod:`infer.complexity`). Both are checked against
+``budget.max_params`` / ``budget.max_gmacs`` (the organizers' rule: params < 30M, ptflops MACs <
+5G); ``budget.enforce=true`` turns a breach into an error and writes nothing.
 """
 
 from __future__ import annotations
 
-import contextlib
 import io
 import json
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
+import onnx
 import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
@@ -43,13 +44,18 @@ from core.io import atomic_write_bytes, atomic_write_text
 from core.model import count_params
 from core.outputs import check_outputs, hold_output
 from gcm import DefendedModel
-from gcm.random_pad import resize_pad
-from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
+from infer import model_zip, onnx_file
+from infer.complexity import count_ptflops
+from infer.defended import View, build_defended_model, describe, input_size_of, load_members, resolve_member_paths
+from infer.parity import (
+    ROUND_TRIP_ATOL,
+    as_rgb_probabilities,
+    box_outputs,
+    check_round_trip,
+    file_parity,
+)
 
-# Largest |probability difference| tolerated between the loaded file and the in-process model.
-ROUND_TRIP_ATOL = 1e-5
 EXAMPLE_BATCH = 2  # traced batch size; the check runs another one to prove the batch is dynamic
-CHECK_BATCH = 3
 MAX_BATCH = 65536
 
 
@@ -62,28 +68,6 @@ class ProbabilityOutput(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x).exp()
-
-
-class FixedBox(nn.Module):
-    """A resize-pad layer that always applies one given box (to replay a draw in-process)."""
-
-    def __init__(self, box: Sequence[int]) -> None:
-        super().__init__()
-        self.box = tuple(int(v) for v in box)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return resize_pad(x, *self.box)
-
-
-@contextlib.contextmanager
-def fixed_draw(model: DefendedModel, box: Sequence[int]) -> Iterator[DefendedModel]:
-    """Run ``model`` with its random resize-pad layer pinned to ``box`` (top, left, h, w)."""
-    layer = model.random_pad
-    model.random_pad = FixedBox(box)
-    try:
-        yield model
-    finally:
-        model.random_pad = layer
 
 
 def count_gmacs(model: nn.Module, image_size: int) -> float:
@@ -189,86 +173,142 @@ def random_ops(program: torch.export.ExportedProgram) -> list[str]:
     ]
 
 
-def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, seeds: Sequence[int] = (0, 1)) -> float:
-    """Largest |probability difference| between ``loaded`` and ``model`` on random images.
-
-    Deterministic model: one comparison. With the random resize-pad layer, for each seed the
-    loaded program draws from the global RNG seeded with it; the same seed replayed through
-    ``RandomResizePad.draw_box_tensors`` gives the box, which the in-process model then uses,
-    so the two are compared draw for draw. The caller's RNG state is restored afterwards.
-    """
-    pad = model.random_pad if model.randomized else None
-    worst = 0.0
-    with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(12345)
-        x = torch.rand(CHECK_BATCH, 3, image_size, image_size)
-        for seed in seeds if pad is not None else (None,):
-            if seed is None:
-                got, expected = loaded(x), model(x).exp()
-            else:
-                torch.manual_seed(seed)
-                got = loaded(x)
-                torch.manual_seed(seed)
-                box = [int(v) for v in pad.draw_box_tensors(image_size, image_size)]
-                with fixed_draw(model, box):
-                    expected = model(x).exp()
-            if got.shape != expected.shape:
-                return float("inf")
-            worst = max(worst, (got - expected).abs().max().item())
-    return worst
+def check_phase2_model(model: DefendedModel) -> None:
+    """The Phase II files hold one model without TTA (the final round forbade ensembles)."""
+    ens = model.model
+    if len(ens.members) != 1 or list(ens.views) != [View()]:
+        raise UserError(
+            f"export: the Phase II files (export.formats onnx, zip) hold one model without TTA; this config has "
+            f"{len(ens.members)} member(s) and {len(ens.views)} TTA view(s); set export.formats=[pt2] to export "
+            "the whole in-process model"
+        )
 
 
-def resolve_export_path(cfg: Config) -> Path:
-    """``export.path``, or ``runs/<name>/defended.pt2``; a folder there is an error."""
-    path = Path(cfg.export.path) if cfg.export.path else cfg.run_dir / "defended.pt2"
+def create_onnx_file(model: DefendedModel, info: dict, cfg: Config, size: int) -> tuple[bytes, dict]:
+    """The ONNX file and its report (ops, onnxruntime and onnx2pytorch parity, ptflops of the conversion)."""
+    order = cfg.export.channel_order
+    metadata = {
+        "channel_order": order,
+        "image_size": size,
+        "num_classes": cfg.data.num_classes,
+        "output": "log_probabilities",
+        "gcm": cfg.gcm.enabled,
+        "random_pad": model.randomized,
+        "checkpoint_sha256": info.get("sha256", ""),
+    }
+    proto = onnx_file.export_onnx(onnx_file.create_file_model(model, order), size, metadata)
+    onnx.checker.check_model(proto)
+    data = proto.SerializeToString()
+    session = onnx_file.create_session(data)
+    converted = onnx_file.convert_to_torch(proto)
+    try:
+        with torch.no_grad():
+            converted(torch.zeros(1, 3, size, size))
+    except Exception as exc:  # a converted graph can fail with any error at its first run
+        raise UserError(
+            f"export: the file converted by onnx2pytorch does not run ({type(exc).__name__}: {exc})"
+        ) from exc
+    macs, params = count_ptflops(converted, (3, size, size))
+    reference = box_outputs(model, size) if model.randomized else None
+    report = {
+        **onnx_file.op_report(proto),
+        "onnxruntime": file_parity(
+            as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order), model, size, reference
+        ),
+        "onnx2pytorch": file_parity(as_rgb_probabilities(converted, order), model, size, reference),
+        "ptflops": {"input": [3, size, size], "macs": macs, "params": params},
+    }
+    return data, report
+
+
+def create_zip_file(model: DefendedModel, info: dict, cfg: Config, size: int) -> tuple[bytes, dict]:
+    """The zip and its report (parity of its ``Model()`` with the in-process model, ptflops)."""
+    data, spec = model_zip.create_zip_bytes(model.model.members[0], info, cfg)
+    loaded, _ = model_zip.load_zip_bytes(data)
+    macs, params = count_ptflops(loaded, (3, size, size))
+    parity = file_parity(as_rgb_probabilities(loaded, cfg.export.channel_order), model, size)
+    return data, {"parity": parity, "ptflops": {"input": [3, size, size], "macs": macs, "params": params}}
+
+
+def create_pt2_file(model: DefendedModel, size: int) -> tuple[bytes, dict]:
+    """The in-process model as a ``torch.export`` program (RGB in, probabilities out)."""
+    program = export_program(ProbabilityOutput(model).eval(), size)
+    if model.randomized and not random_ops(program):
+        raise UserError(
+            "export: the random resize-pad layer was traced as one fixed draw (no random op in the "
+            "graph); refusing to write a silently weaker defense (random_pad.enabled=true)"
+        )
+    data = serialize_program(program)
+    return data, {"parity": {"max_abs_diff": check_round_trip(load_program(data), model, size)}}
+
+
+PARITY_CHECKS = (("parity", ""), ("onnxruntime", " in onnxruntime"), ("onnx2pytorch", " converted by onnx2pytorch"))
+
+
+def parity_problems(files: dict[str, tuple[bytes, dict]]) -> list[str]:
+    """Files (built, not written) that do not reproduce the in-process model."""
+    problems = []
+    for fmt, (_, rep) in files.items():
+        for key, where in PARITY_CHECKS:
+            diff = rep.get(key, {}).get("max_abs_diff", 0.0)
+            if not diff <= ROUND_TRIP_ATOL:
+                problems.append(
+                    f"the .{fmt} file{where} does not reproduce the in-process model "
+                    f"(max |dp| = {diff:.3g} > {ROUND_TRIP_ATOL:g})"
+                )
+    return problems
+
+
+def ptflops_breaches(files: dict[str, tuple[bytes, dict]], cfg: Config) -> list[str]:
+    """The organizers' strict limits (params < max, MACs < max) as ptflops counts each file."""
+    breaches = []
+    for fmt, (_, rep) in files.items():
+        counted = rep.get("ptflops")
+        if counted and counted["params"] >= cfg.budget.max_params:
+            breaches.append(
+                f".{fmt}: ptflops {counted['params'] / 1e6:.2f}M params >= budget.max_params "
+                f"{cfg.budget.max_params / 1e6:g}M"
+            )
+        if counted and counted["macs"] / 1e9 >= cfg.budget.max_gmacs:
+            breaches.append(
+                f".{fmt}: ptflops {counted['macs'] / 1e9:.4g} GMACs >= budget.max_gmacs {cfg.budget.max_gmacs:g}"
+            )
+    return breaches
+
+
+def resolve_export_stem(cfg: Config) -> Path:
+    """``export.path`` without its suffix, or ``runs/<name>/<name>``; a folder there is an error."""
+    if not cfg.export.path:
+        return cfg.run_dir / cfg.name
+    path = Path(cfg.export.path)
     if path.is_dir():
         raise UserError(f"export.path: {path} is a folder; give a file name such as {path / 'defended.pt2'}")
-    return path
+    return path.with_suffix("") if path.suffix in (".pt2", ".onnx", ".zip") else path
 
 
-def budget_path_of(path: Path) -> Path:
-    return path.with_suffix(".budget.json")
+def budget_path_of(stem: Path) -> Path:
+    return stem.with_name(stem.name + ".budget.json")
 
 
-def write_outputs(path: Path, data: bytes, report: dict) -> Path:
-    """Write the program and its budget JSON (each atomically); returns the JSON's path."""
-    budget_path = budget_path_of(path)
+def output_paths(stem: Path, formats: Sequence[str]) -> dict[str, Path]:
+    """The file of each format and the budget JSON, by format (``budget`` for the JSON)."""
+    return {**{fmt: stem.with_name(f"{stem.name}.{fmt}") for fmt in formats}, "budget": budget_path_of(stem)}
+
+
+def write_outputs(stem: Path, files: dict[str, bytes], report: dict) -> dict[str, Path]:
+    """Write each file and then the budget JSON (each atomically); returns the paths by format."""
+    paths = output_paths(stem, list(files))
     try:
-        atomic_write_bytes(path, data)
-        atomic_write_text(budget_path, json.dumps(report, indent=2) + "\n")
+        for fmt, data in files.items():
+            atomic_write_bytes(paths[fmt], data)
+        atomic_write_text(paths["budget"], json.dumps(report, indent=2) + "\n")
     except OSError as exc:
-        raise UserError(f"export.path: cannot write {exc.filename or path} ({exc.strerror or exc})") from None
-    return budget_path
+        raise UserError(f"export.path: cannot write {exc.filename or stem} ({exc.strerror or exc})") from None
+    return paths
 
 
-def run(cfg: Config) -> dict:
-    """Export the defended model of ``cfg`` and report its budget.
-
-    Returns:
-        ``path`` and ``budget_path`` of the written files plus the budget report (``params``,
-        ``gmacs``, ``members``, ``within_budget``, ``breaches``, ...).
-
-    Raises:
-        UserError: missing checkpoint, a budget breach with ``budget.enforce=true`` (nothing
-            written), a model torch.export cannot capture, or a file that does not reproduce
-            the in-process model.
-    """
-    path = resolve_export_path(cfg)
-    # Every file of the export shares the stem of export.path: checking the path covers them all.
-    check_outputs([path, budget_path_of(path)], "export", "export.path")
-    with hold_output(path, "export", "export.path"):
-        return export_to(cfg, path)
-
-
-def export_to(cfg: Config, path: Path) -> dict:
-    """The body of :func:`run`, under the lock of ``path``."""
-    checkpoints = resolve_member_paths(cfg)
-    members, infos = load_members(checkpoints, cfg.data.num_classes)
-    model = build_defended_model(members, infos, cfg)
-    size = input_size_of(infos)
-
-    report = budget_report(model, size, cfg, checkpoints)
-    report["defense"] = describe(model)
+def enforce_budget(report: dict, cfg: Config) -> None:
+    """Print the budget lines; a breach warns, or with ``budget.enforce=true`` stops before any file."""
     for line in format_report(report):
         print(line)
     if report["breaches"]:
@@ -277,39 +317,102 @@ def export_to(cfg: Config, path: Path) -> dict:
             raise UserError(f"export: over budget: {text}; no model file written (budget.enforce=true)")
         print(f"warning: over budget: {text}")
 
-    program = export_program(ProbabilityOutput(model).eval(), size)
-    randomized = model.randomized
-    if randomized and not random_ops(program):
-        raise UserError(
-            "export: the random resize-pad layer was traced as one fixed draw (no random op in the "
-            "graph); refusing to write a silently weaker defense (random_pad.enabled=true)"
+
+def enforce_file_budget(report: dict, files: dict[str, tuple[bytes, dict]], cfg: Config) -> None:
+    """The ptflops counts of the built files against the limits, as :func:`enforce_budget` does."""
+    breaches = ptflops_breaches(files, cfg)
+    if not breaches:
+        return
+    report["breaches"] += breaches
+    report["within_budget"] = False
+    if cfg.budget.enforce:
+        raise UserError(f"export: over budget: {'; '.join(breaches)}; no model file written (budget.enforce=true)")
+    print(f"warning: over budget: {'; '.join(breaches)}")
+
+
+def build_files(model: DefendedModel, info: dict, cfg: Config, size: int) -> dict[str, tuple[bytes, dict]]:
+    """Every file of ``export.formats``, built and checked in memory."""
+    builders = {
+        "onnx": lambda: create_onnx_file(model, info, cfg, size),
+        "zip": lambda: create_zip_file(model, info, cfg, size),
+        "pt2": lambda: create_pt2_file(model, size),
+    }
+    return {fmt: builders[fmt]() for fmt in ("onnx", "zip", "pt2") if fmt in cfg.export.formats}
+
+
+def print_written(paths: dict[str, Path], files: dict[str, tuple[bytes, dict]], cfg: Config, size: int) -> None:
+    order = cfg.export.channel_order.upper()
+    for fmt, (data, rep) in files.items():
+        counted = rep.get("ptflops")
+        extra = f"; ptflops {counted['macs'] / 1e9:.4g} GMACs, {counted['params'] / 1e6:.2f}M params" if counted else ""
+        print(f"wrote {paths[fmt]} ({len(data) / 1e6:.1f} MB{extra})")
+    if "onnx" in files or "zip" in files:
+        print(
+            f"Phase II files: N x 3 x {size} x {size} in [0, 1], {order} -> N x {cfg.data.num_classes} "
+            f"log-probabilities; check them with ./run.sh check-submission FILE"
         )
-    data = serialize_program(program)
-    diff = check_round_trip(load_program(data), model, size)
-    if not diff <= ROUND_TRIP_ATOL:
-        raise UserError(
-            f"export: the exported program does not reproduce the in-process model (max |dp| = "
-            f"{diff:.3g} > {ROUND_TRIP_ATOL:g}); no file written"
-        )
-    report["round_trip_max_abs_diff"] = diff
-    budget_path = write_outputs(path, data, report)
-    pad_note = (
-        ", a new random resize-pad draw per call from torch's global RNG (seed it with torch.manual_seed)"
-        if randomized
-        else ""
-    )
-    print(f"wrote {path} ({len(data) / 1e6:.1f} MB; round trip checked, max |dp| {diff:.1g}) and {budget_path}")
-    print(
-        f"load: model = torch.export.load('{path}').module(); probs = model(x)  # x: N x 3 x {size} x {size} "
-        f"float32 in [0,1], probs: N x {cfg.data.num_classes}{pad_note}"
-    )
-    return {"path": str(path), "budget_path": str(budget_path), **report}
+    if "pt2" in files:
+        print(f"in-process file: torch.export.load('{paths['pt2']}').module(), RGB -> probabilities")
+    print(f"budget report: {paths['budget']}")
+
+
+def run(cfg: Config) -> dict:
+    """Export the defended model of ``cfg`` in ``export.formats`` and report its budget.
+
+    Returns:
+        ``paths`` (by format, plus ``budget``), ``path`` / ``budget_path`` (the first file and
+        the report), and the budget report (``params``, ``gmacs``, ``members``, ``files``,
+        ``within_budget``, ``breaches``, ...).
+
+    Raises:
+        UserError: missing checkpoint, an ensemble or TTA in a Phase II format, a budget breach
+            with ``budget.enforce=true``, a model that does not export, or a file that does not
+            reproduce the in-process model (nothing written in these cases).
+    """
+    stem = resolve_export_stem(cfg)
+    # Every file of the export shares the stem: its lock and the ownership check cover them all.
+    check_outputs([*output_paths(stem, cfg.export.formats).values()], "export", "export.path")
+    with hold_output(stem, "export", "export.path"):
+        return export_to(cfg, stem)
+
+
+def export_to(cfg: Config, stem: Path) -> dict:
+    """The body of :func:`run`, under the lock of ``stem``."""
+    checkpoints = resolve_member_paths(cfg)
+    members, infos = load_members(checkpoints, cfg.data.num_classes)
+    model = build_defended_model(members, infos, cfg)
+    size = input_size_of(infos)
+    if {"onnx", "zip"} & set(cfg.export.formats):
+        check_phase2_model(model)
+
+    report = budget_report(model, size, cfg, checkpoints)
+    report["defense"] = describe(model)
+    enforce_budget(report, cfg)
+    files = build_files(model, infos[0], cfg, size)
+    problems = parity_problems(files)
+    if problems:
+        raise UserError(f"export: {'; '.join(problems)}; no file written")
+    enforce_file_budget(report, files, cfg)
+    report["files"] = {fmt: rep for fmt, (_, rep) in files.items()}
+    report["channel_order"] = cfg.export.channel_order
+    if "pt2" in files:
+        report["round_trip_max_abs_diff"] = files["pt2"][1]["parity"]["max_abs_diff"]
+    paths = write_outputs(stem, {fmt: data for fmt, (data, _) in files.items()}, report)
+    print_written(paths, files, cfg, size)
+    first = next(iter(files))
+    return {
+        "paths": {k: str(v) for k, v in paths.items()},
+        "path": str(paths[first]),
+        "budget_path": str(paths["budget"]),
+        **report,
+    }
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
     quiet_libraries()
     args = create_parser(
-        "run.sh export", "Defended model file (torch.export) + params/GMACs budget report."
+        "run.sh export",
+        "Phase II files (ONNX, model.py zip), the in-process torch.export file and the params/GMACs budget report.",
     ).parse_args(argv)
     return run(parse_config(args))
 

@@ -14,24 +14,17 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import NoReturn, Sequence
+from typing import Sequence
 
-from core.cli import run_cli, user_path
+from core.cli import CheckerParser, run_checker, user_path
 from core.config import load_config
 from core.errors import UserError
 from core.io import read_json
 from infer.submission import MAX_PROBLEMS, cap_problems, check_submission, check_test_dir, set_problems
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse that raises UserError, so usage mistakes share the CLI's one-line form and exit 2."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UserError(f"{message}; {' '.join(self.format_usage().split())}")
-
-
 def create_validate_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="run.sh validate", description="Check a submission file (.csv or .json).")
+    parser = CheckerParser(prog="run.sh validate", description="Check a submission file (.csv or .json).")
     parser.add_argument("file", type=Path, help="submission file, e.g. submissions/cvpr22.csv")
     parser.add_argument("--test-dir", type=Path, required=True, help="folder of test images N.png")
     parser.add_argument(
@@ -99,13 +92,7 @@ def run(argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status: 0 valid, 1 invalid submission, 2 bad usage (via :func:`core.cli.run_cli`)."""
-    status = 0
-
-    def _run(args: Sequence[str]) -> None:
-        nonlocal status
-        status = run(args)
-
-    return run_cli(_run, argv) or status
+    return run_checker(run, argv)
 
 
 if __name__ == "__main__":

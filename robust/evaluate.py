@@ -43,6 +43,7 @@ from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 from robust.corruptions import add_mce, run_corruptions, summarize, training_counterparts
+from robust.file_eval import run_file
 from robust.metrics import worst_case
 from robust.report import report_files, write_report
 from robust.results import EvalResult, Row, Score
@@ -274,11 +275,17 @@ def run_corruption_rows(
 # --- the stage -----------------------------------------------------------------------------
 
 
-def run(cfg: Config, progress: bool = True) -> EvalResult:
-    """Evaluate the defended model of ``cfg``, write the report and return the numbers."""
+def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
+    """Evaluate the defended model of ``cfg``, write the report and return the numbers.
+
+    With ``eval.file`` set, the exported Phase II file is the model under attack instead
+    (:func:`robust.file_eval.run_file`, its own table).
+    """
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
     check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
     with hold_output(out_dir, "evaluate", "eval.out_dir"):
+        if cfg.eval.file:
+            return run_file(cfg, load_eval_images, progress)
         return evaluate_into(cfg, out_dir, progress)
 
 

@@ -16,6 +16,7 @@ from attacks import lp_norm
 from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_config
 from core.demo_data import generate_demo_data
 from gcm import DefendedModel, RandomResizePad
+from infer import export
 from infer.defended import build_defended_model, load_members
 from robust import evaluate
 from robust.results import EvalResult, Row, Score
@@ -307,3 +308,24 @@ def test_random_pad_eot_path_is_reproducible(trained, tmp_path):
     # Expected accuracy over 3 draws of 16 images: multiples of 100 / 48.
     top1 = a.rows["defended"].top1
     assert abs(top1 * 48 / 100 - round(top1 * 48 / 100)) < 1e-6
+
+
+def test_evaluate_attacks_an_exported_phase2_file(trained, tmp_path):
+    """eval.file: the exported zip and ONNX file themselves under attack, naive and with BPDA
+    through the file's own GCM (the zip's model.py layer, the converted graph's Sin)."""
+    export_overrides = ["export.channel_order=bgr", "export.formats=[onnx,zip]", f"export.path={tmp_path / 'm'}"]
+    paths = export.run(load_config(None, [*trained, *export_overrides]))["paths"]
+    small = [*trained, *FAST, "eval.subset=24", "eval.batch_size=24", f"eval.eps_linf={STRONG_EPS}"]
+    for fmt in ("zip", "onnx"):
+        out = tmp_path / fmt
+        result = evaluate.run(
+            load_config(None, [*small, f"eval.file={paths[fmt]}", f"eval.out_dir={out}"]), progress=False
+        )
+        naive, adaptive = result["rows"]
+        assert result["channel_order"] == "bgr" and adaptive["adaptive"] and not naive["adaptive"]
+        assert naive["clean"] == adaptive["clean"] >= 50.0
+        # PGD is blind through GCM (AutoAttack's APGD still gets somewhere); BPDA through the file's GCM is not.
+        assert naive["pgd_linf"] >= naive["clean"] - 15.0 and adaptive["pgd_linf"] <= 20.0, (fmt, result["rows"])
+        assert naive["autoattack"] > adaptive["autoattack"] and adaptive["autoattack"] <= 20.0, (fmt, result["rows"])
+        assert json.loads((out / "eval_file.json").read_text())["rows"] == result["rows"]
+        assert "| adaptive (BPDA through the file's GCM) |" in (out / "eval_file.md").read_text()

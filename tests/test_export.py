@@ -17,6 +17,7 @@ from gcm import GradientConcealment, RandomResizePad
 from gcm.random_pad import resize_pad, resize_pad_static
 from infer import export
 from infer.defended import build_defended_model, load_members
+from infer.parity import check_round_trip, fixed_draw
 from tests.conftest import full_disk, run_module
 
 
@@ -43,6 +44,7 @@ def _overrides(checkpoints, tmp_path, *extra):
         "data.num_classes=4",
         "data.image_size=32",
         f"export.path={tmp_path / 'defended.pt2'}",
+        "export.formats=[pt2]",  # the in-process file: ensembles and TTA (the Phase II files: test_phase2.py)
         "tta.hflip=true",
         *extra,
     ]
@@ -169,7 +171,7 @@ def test_random_pad_exports_and_stays_random(checkpoints, tmp_path):
             torch.manual_seed(seed)
             box = tuple(int(v) for v in model.random_pad.draw_box_tensors(32, 32))
             boxes.add(box)
-            with export.fixed_draw(model, box):
+            with fixed_draw(model, box):
                 expected = model(x).exp()
             torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
             torch.testing.assert_close(got.sum(1), torch.ones(3))
@@ -193,13 +195,13 @@ def test_round_trip_check_catches_a_wrong_or_frozen_program(checkpoints, tmp_pat
     model = _in_process(cfg)
     like_the_file = _in_process(cfg)
     like_the_file.random_pad = GlobalDraw(like_the_file.random_pad)
-    assert export.check_round_trip(export.ProbabilityOutput(like_the_file).eval(), model, 32) <= 1e-6
+    assert check_round_trip(export.ProbabilityOutput(like_the_file).eval(), model, 32) <= 1e-6
     other = _in_process(_cfg(checkpoints[1:2], tmp_path, "random_pad.enabled=true", "random_pad.min_ratio=0.5"))
     other.random_pad = GlobalDraw(other.random_pad)
-    assert export.check_round_trip(export.ProbabilityOutput(other).eval(), model, 32) > export.ROUND_TRIP_ATOL
+    assert check_round_trip(export.ProbabilityOutput(other).eval(), model, 32) > export.ROUND_TRIP_ATOL
     frozen = _in_process(cfg)
-    with export.fixed_draw(frozen, (3, 3, 20, 20)):  # what a naive trace would have kept
-        assert export.check_round_trip(export.ProbabilityOutput(frozen).eval(), model, 32) > export.ROUND_TRIP_ATOL
+    with fixed_draw(frozen, (3, 3, 20, 20)):  # what a naive trace would have kept
+        assert check_round_trip(export.ProbabilityOutput(frozen).eval(), model, 32) > export.ROUND_TRIP_ATOL
 
 
 def test_a_program_that_does_not_round_trip_writes_nothing(checkpoints, exported, tmp_path, monkeypatch):

@@ -1,0 +1,175 @@
+"""The Phase II ONNX file: the model ``submit`` predicts with, behind the channel flip.
+
+Exported with the legacy (TorchScript) exporter at opset :data:`OPSET`: the organizers ran
+onnxruntime 1.10, which implements opsets up to 15, so the dynamo exporter's opset 18
+(``LayerNormalization``) would not load there; 13 is the lowest at which the random pad's
+integer ``Clip`` is defined (opset 11 has no int64 ``Clip``, and onnxruntime refuses that
+graph). LayerNorm is written out (ReduceMean, Sub, Pow, Sqrt, Div), ConvNeXt's channels-last
+permutes are Transposes, GCM is ``Sin``; the batch axis is dynamic.
+
+Why the exported graph is rewritten once: the legacy exporter merges initializers of equal
+value (a freshly initialised ConvNeXt has every conv bias zero) and feeds the merged ones
+through ``Identity`` nodes; ``onnx2pytorch`` then sees a Conv whose bias is an activation, not
+a weight, and calls ``Conv2d.forward(x, bias)`` (``takes 2 positional arguments but 3 were
+given``). :func:`split_shared_initializers` gives each such input its own initializer again.
+
+The file describes itself in its metadata (``channel_order``, ``image_size``, ``num_classes``,
+``gcm``, ``random_pad``, ``output``), which :mod:`infer.check_submission` and ``evaluate`` read.
+"""
+
+from __future__ import annotations
+
+import collections
+import io
+import warnings
+
+import onnx
+import torch
+from torch import nn
+
+from core.errors import UserError
+from gcm import DefendedModel
+
+OPSET = 13
+ORT_110_MAX_OPSET = 15  # onnxruntime 1.10, the organizers' version, implements opsets up to 15
+EXAMPLE_BATCH = 2
+
+# onnx2pytorch 0.6.0 indexes with lists, which torch 2.14 warns about on every forward of a converted file.
+warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
+
+
+class ChannelFlip(nn.Module):
+    """BGR <-> RGB in front of the model (the organizers feed BGR, the model was trained on RGB)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flip(1)
+
+
+def create_file_model(model: DefendedModel, channel_order: str) -> nn.Module:
+    """The model a Phase II file holds: ``model`` (GCM, random pad, one member) fed in ``channel_order``."""
+    return nn.Sequential(ChannelFlip(), model) if channel_order == "bgr" else model
+
+
+def split_shared_initializers(model: onnx.ModelProto) -> int:
+    """Replace each ``Identity(initializer)`` node by a copy of the initializer under its output's name.
+
+    Returns the number of nodes replaced.
+    """
+    inits = {t.name: t for t in model.graph.initializer}
+    kept, replaced = [], 0
+    for node in model.graph.node:
+        if node.op_type == "Identity" and node.input[0] in inits:
+            copy = onnx.TensorProto()
+            copy.CopyFrom(inits[node.input[0]])
+            copy.name = node.output[0]
+            model.graph.initializer.append(copy)
+            replaced += 1
+        else:
+            kept.append(node)
+    del model.graph.node[:]
+    model.graph.node.extend(kept)
+    return replaced
+
+
+def export_onnx(model: nn.Module, image_size: int, metadata: dict) -> onnx.ModelProto:
+    """ONNX of ``model`` for N x 3 x size x size float32 inputs, N dynamic, with ``metadata``."""
+    example = torch.rand(EXAMPLE_BATCH, 3, image_size, image_size)
+    buffer = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                model.eval(),
+                (example,),
+                buffer,
+                opset_version=OPSET,
+                dynamo=False,
+                do_constant_folding=True,
+                input_names=["input"],
+                output_names=["output"],
+                dynamic_axes={"input": {0: "batch"}, "output": {0: "batch"}},
+            )
+    except Exception as exc:  # the exporter raises many types; all mean "this model does not export"
+        first = (str(exc).strip().splitlines() or [""])[0][:300]
+        raise UserError(f"export: ONNX export failed ({type(exc).__name__}: {first}); --debug shows the trace") from exc
+    proto = onnx.load_from_string(buffer.getvalue())
+    split_shared_initializers(proto)
+    for key, value in metadata.items():
+        proto.metadata_props.add(key=str(key), value=str(value))
+    return proto
+
+
+def read_metadata(proto: onnx.ModelProto) -> dict:
+    return {p.key: p.value for p in proto.metadata_props}
+
+
+def op_report(proto: onnx.ModelProto) -> dict:
+    """Opset, op types and counts, and whether the file fits onnxruntime 1.10's opset range.
+
+    onnxruntime 1.10 cannot be installed on Python 3.11, so this checks its constraint
+    explicitly: every node in the default domain, the file's opset <= 15, and every op type
+    defined at that opset.
+    """
+    opsets = {imp.domain or "ai.onnx": imp.version for imp in proto.opset_import}
+    opset = opsets.get("ai.onnx", 0)
+    counts = collections.Counter(n.op_type for n in proto.graph.node)
+    foreign = sorted({n.domain for n in proto.graph.node if n.domain not in ("", "ai.onnx")})
+    undefined = [op for op in counts if not onnx.defs.has(op, max_inclusive_version=opset, domain="")]
+    return {
+        "opset": opset,
+        "ops": dict(sorted(counts.items())),
+        "other_domains": foreign,
+        "ops_undefined_at_opset": undefined,
+        "fits_onnxruntime_1_10": opset <= ORT_110_MAX_OPSET and not foreign and not undefined,
+    }
+
+
+def create_session(data: bytes):
+    """An onnxruntime CPU session of the file's bytes."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3
+    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+
+
+def run_session(session, x: torch.Tensor) -> torch.Tensor:
+    name = session.get_inputs()[0].name
+    return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
+
+
+class BypassableSin(nn.Module):
+    """The GCM sine of a converted ONNX graph, with the BPDA switch ``evaluate`` looks for.
+
+    In the graph GCM is ``x + eps * Sin(w * x)``; detaching the sine keeps every forward value
+    and leaves the identity path as the gradient: BPDA straight through GCM.
+    """
+
+    is_gcm = True
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.bpda = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.sin(x)
+        return y.detach() if self.bpda else y
+
+
+def convert_to_torch(proto: onnx.ModelProto) -> nn.Module:
+    """The file converted back to PyTorch by ``onnx2pytorch`` (as the organizers convert ONNX
+    submissions), with its ``Sin`` nodes made bypassable (:class:`BypassableSin`)."""
+    from onnx2pytorch import ConvertModel
+
+    copy = onnx.ModelProto()
+    copy.CopyFrom(proto)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model = ConvertModel(copy).eval()
+    except Exception as exc:  # onnx2pytorch raises anything on an op it cannot map
+        raise UserError(f"onnx2pytorch cannot convert the file ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    for name, module in list(model.named_children()):
+        if getattr(module, "op_name", None) == "sin":
+            setattr(model, name, BypassableSin())
+    return model

@@ -1,0 +1,110 @@
+"""``./run.sh evaluate eval.file=FILE``: the attack table of an exported Phase II file.
+
+The model under attack is the file itself, fed as the organizers feed it (its channel order,
+[0, 1], its input size): the zip's own ``Model``, or the ONNX file converted back by
+``onnx2pytorch`` (:func:`infer.phase2_file.load_phase2_file`). Two rows: the naive white-box
+attacker who differentiates through the file's GCM, and the adaptive one (BPDA through the
+file's own GCM switch, EOT over its random pad). Columns: clean, PGD-Linf and AutoAttack (the
+ones of ``eval.attacks``), with the budgets of the ``eval`` section. A file without a GCM switch
+gets its second row labelled as not adaptive, never dropped.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from core.config import Config
+from core.errors import UserError
+from core.io import atomic_write_text
+from gcm.gcm import gcm_modules
+from infer.phase2_file import FileModel, load_phase2_file
+from robust.runner import accuracy, craft, score
+from robust.specs import SPECS
+
+FILE_ATTACKS = ("pgd_linf", "autoattack")
+
+
+def create_rows(model: FileModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, progress: bool) -> list[dict]:
+    """Accuracy (%) per column for the naive and the adaptive attacker."""
+    switches = len(gcm_modules(model))
+    eot = " + EOT over the random pad" if model.randomized else ""
+    labels = {
+        False: "naive (white-box through the file's GCM)",
+        True: f"adaptive (BPDA through the file's GCM{eot})"
+        if switches
+        else "not adaptive: the file has no GCM switch (same attack as above)",
+    }
+    clean = score(model, x, y, cfg)
+    rows = []
+    for adaptive in (False, True):
+        row = {"row": labels[adaptive], "adaptive": adaptive and switches > 0, "clean": accuracy(clean)}
+        for name in FILE_ATTACKS:
+            if name not in cfg.eval.attacks:
+                continue
+            start = time.perf_counter()
+            adv = craft(name, model, x, y, cfg, adaptive=adaptive, progress=progress, desc=f"{name} {adaptive}")
+            row[name] = accuracy(score(model, adv, y, cfg))
+            if progress:
+                print(
+                    f"  {labels[adaptive]}: {SPECS[name].title} {row[name]:.1f}% ({time.perf_counter() - start:.0f} s)"
+                )
+        rows.append(row)
+    return rows
+
+
+def format_table(result: dict) -> str:
+    columns = ["clean"] + [n for n in FILE_ATTACKS if n in result["rows"][0]]
+    titles = ["Top-1"] + [SPECS[n].title for n in columns[1:]]
+    lines = [
+        f"Attacks on {result['file']} ({result['format']}, {result['channel_order'].upper()} in, "
+        f"{result['n']} images from the {result['source']}; Linf eps {result['eps_linf'] * 255:.3g}/255). Accuracy %:",
+        "",
+        "| attacker | " + " | ".join(titles) + " |",
+        "|---" * (len(titles) + 1) + "|",
+    ]
+    for row in result["rows"]:
+        lines.append(f"| {row['row']} | " + " | ".join(f"{row[c]:.1f}" for c in columns) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def run_file(cfg: Config, load_images: Callable, progress: bool = True) -> dict:
+    """Attack ``eval.file`` and write ``eval_file.md`` / ``eval_file.json`` to the eval folder.
+
+    Args:
+        cfg: the config (``eval`` budgets, ``data`` for the labelled images).
+        load_images: ``(cfg, image_size) -> (x, y, source, keys)``, RGB images in [0, 1] (``evaluate``'s loader).
+        progress: print a line per attack.
+    """
+    start = time.perf_counter()
+    torch.manual_seed(cfg.eval.seed)
+    model = load_phase2_file(cfg.eval.file)
+    if model.meta["num_classes"] != cfg.data.num_classes:
+        raise UserError(
+            f"eval.file: the file predicts {model.meta['num_classes']} classes, "
+            f"data.num_classes is {cfg.data.num_classes}"
+        )
+    x, y, source, _ = load_images(cfg, model.meta["image_size"])
+    if progress:
+        print(f"evaluate: {len(x)} images from the {source}, model under attack: {cfg.eval.file}", flush=True)
+    result = {
+        "file": str(cfg.eval.file),
+        **model.meta,
+        "n": len(x),
+        "source": source,
+        "eps_linf": cfg.eval.eps_linf,
+        "rows": create_rows(model, x, y, cfg, progress),
+    }
+    result["seconds"] = round(time.perf_counter() - start, 1)
+    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
+    table = format_table(result)
+    atomic_write_text(out_dir / "eval_file.md", table)
+    atomic_write_text(out_dir / "eval_file.json", json.dumps(result, indent=2) + "\n")
+    result["files"] = [str(out_dir / "eval_file.md"), str(out_dir / "eval_file.json")]
+    if progress:
+        print(table)
+    return result
