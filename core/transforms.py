@@ -17,26 +17,44 @@ draws are independent and still reproducible for a given seed.
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 
 from core.errors import UserError
 
 if TYPE_CHECKING:  # the config module builds these pipelines to check its aug section
+    import albumentations as A
+
     from core.config import AugConfig
 
+# albumentations is imported on first use, not with this module: it imports torch (seconds), and
+# every stage imports this module for the eval resize, which needs neither.
 
-class SeededCompose(A.Compose):
-    """``A.Compose`` whose children draw from one shared generator (see module docstring)."""
 
-    def set_random_seed(self, seed: int | None) -> None:
-        self.seed = seed
-        self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+@functools.cache
+def _seeded_compose_class() -> type:
+    import albumentations as A
+
+    class SeededCompose(A.Compose):
+        """``A.Compose`` whose children draw from one shared generator (see module docstring)."""
+
+        def set_random_seed(self, seed: int | None) -> None:
+            self.seed = seed
+            self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    SeededCompose.__qualname__ = "SeededCompose"  # pickle finds it as core.transforms.SeededCompose
+    return SeededCompose
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SeededCompose":  # made on first use (see above)
+        return _seeded_compose_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -58,6 +76,8 @@ def create_transform(
     Raises:
         UserError: unknown name, bad or unknown (1.x-style) arguments, naming ``where``.
     """
+    import albumentations as A
+
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise UserError(f"config key '{where}': expected a mapping with a 'name' key, got {spec!r}")
     name = spec["name"]
@@ -131,6 +151,8 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose:
       weights given by each entry's ``p`` (default 1, i.e. uniformly).
     * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
     """
+    import albumentations as A
+
     scale = _pair(cfg.scale, "aug.scale")
     if scale[1] > 1:
         raise UserError(f"config key 'aug.scale': the crop area fraction cannot exceed 1, got {list(cfg.scale)}")
@@ -150,7 +172,7 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose:
     if corruptions and cfg.corruption_p > 0:
         transforms.append(A.OneOf(corruptions, p=cfg.corruption_p))
     transforms += _create_list(cfg.extra, "aug.extra", image_size)
-    return SeededCompose(transforms)
+    return _seeded_compose_class()(transforms)
 
 
 class EvalResize:
