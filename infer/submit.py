@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import timm
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -169,6 +168,8 @@ def run(cfg: Config) -> dict:
     labels = read_hidden_labels(cfg.data)
     if labels is not None:
         result.update(hidden_label_accuracy(ids, preds, labels))
+
+    import timm  # for its version; loaded by core.model, which keeps wandb out of it
 
     name = cfg.submit.file_name or cfg.name
     lineages = [
