@@ -263,3 +263,14 @@ def test_help_is_the_pipelines_own():
     assert proc.stdout.startswith("usage: ./run.sh train [--config FILE] [key=value ...]")
     assert "core/config.py" in proc.stdout and "accelerate launch --help" in proc.stdout
     assert "submit" in run_module("core.launch", "infer.submit", "-h", timeout=60).stdout.splitlines()[0]
+
+
+def test_a_bad_aug_entry_stops_a_direct_training_run_in_one_line(tmp_path):
+    # The launcher leaves the aug section to the stage on the direct path: still one line, exit 2,
+    # and no run folder.
+    proc = run_module("core.launch", "train.main", "aug.extra=[{name: NoSuchBlur}]", f"out_dir={tmp_path}")
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines() == [
+        "error: config key 'aug.extra[0]': unknown albumentations transform 'NoSuchBlur'"
+    ]
+    assert not any(tmp_path.iterdir())
