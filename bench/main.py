@@ -23,6 +23,9 @@ Everything runs on the real code paths with real configs (``core.config.load_con
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
   a 2-process CPU training run (``python -m core.launch train.main --num_processes 2``)
   against 1 process.
+* ``commands``: ``./run.sh submit`` end to end against a minimal hand-written prediction script
+  (``bench/minimal_predict.py``), and ``./run.sh train`` to its first step against that script's
+  imports and model build, as whole processes (with ``--baseline DIR``, another checkout's too).
 
 The data are the built-in demo set (generated into the work folder) and a randomly
 initialised checkpoint of the demo model exported with ``core.checkpoint.export_model``:
@@ -34,6 +37,7 @@ Usage::
     ./run.sh bench --quick                  # tiny sizes, one round (what the test runs)
     ./run.sh bench --only submit,parts      # some sections
     ./run.sh bench --write BENCHMARKS.md    # also write the Markdown report
+    ./run.sh bench --only commands --baseline /tmp/main   # before/after against another checkout
     ./run.sh bench model.channels_last=true # config overrides apply to every measurement
 """
 
@@ -49,6 +53,7 @@ from typing import Sequence
 
 import torch
 
+from bench.commands import bench_commands
 from bench.decode import bench_decode
 from bench.measure import BenchSettings, Row, describe_machine, prepare_context
 from bench.parts import bench_compile, bench_parts
@@ -59,9 +64,9 @@ from bench.training import bench_train
 from core.cli import quiet_libraries, user_path
 from core.errors import UserError
 
-SECTIONS = ("submit", "train", "parts", "scaling", "compile", "decode")
+SECTIONS = ("submit", "train", "parts", "scaling", "commands", "compile", "decode")
 # opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min)
-DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling")
+DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling", "commands")
 
 
 RUNNERS = {
@@ -69,6 +74,7 @@ RUNNERS = {
     "train": bench_train,
     "parts": bench_parts,
     "scaling": bench_scaling,
+    "commands": bench_commands,
     "compile": bench_compile,
     "decode": bench_decode,
 }
@@ -92,6 +98,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, = cores)")
     parser.add_argument("--write", default="", metavar="FILE", help="also write the Markdown report to FILE")
     parser.add_argument("--workdir", default="", help="keep data and checkpoints here (default: a temp folder)")
+    parser.add_argument(
+        "--baseline", default="", metavar="DIR", help="another checkout: section commands also times its run.sh"
+    )
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="config overrides for every measurement")
     return parser
@@ -101,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     quiet_libraries()
     args = create_parser().parse_args(argv)
     sections = resolve_sections(args.only)
+    baseline = user_path(args.baseline)
+    if baseline is not None and not (baseline / "run.sh").is_file():
+        raise UserError(f"--baseline {args.baseline}: no run.sh in it (give a checkout of this repository)")
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = BenchSettings.create(args.quick, args.repeats)
@@ -116,6 +128,7 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
         workdir = Path(tmp)
     try:
         ctx = prepare_context(workdir, settings, args.overrides)
+        ctx.baseline = baseline
         for name in sections:
             print(f"[{name}] measuring...", flush=True)
             before = len(ctx.rows)

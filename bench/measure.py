@@ -107,6 +107,7 @@ class BenchContext:
     checkpoint: Path
     test_dir: Path
     rows: list[Row] = field(default_factory=list)
+    baseline: Path | None = None  # another checkout whose commands the ``commands`` section also times
 
     def config(self, *extra: str):
 

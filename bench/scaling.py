@@ -22,7 +22,8 @@ from infer.submit import resolve_loader_workers
 def run_launched_training(
     ctx: BenchContext, num_processes: int, extra: Sequence[str], launch_flags: Sequence[str] = ()
 ) -> float:
-    """Samples/s a launched training run reports for its epoch (``epoch 0: ..., N img/s``).
+    """Samples/s a launched training run reports for its epoch (``epoch 0: ..., N img/s``); one
+    process without ``launch_flags`` runs directly, as ``./run.sh train`` does.
 
     That figure is ``train_one_epoch``'s own: all processes' samples over the epoch's wall
     time, so process start-up, validation and checkpointing are not in it.
@@ -33,8 +34,7 @@ def run_launched_training(
         "-m",
         "core.launch",
         "train.main",
-        "--num_processes",
-        str(num_processes),
+        *(["--num_processes", str(num_processes)] if num_processes > 1 else []),
         *launch_flags,
         *ctx.overrides,
         f"out_dir={ctx.workdir / f'runs_p{num_processes}'}",
@@ -63,75 +63,92 @@ def add_ratio_rows(ctx: BenchContext, r: dict, values: Sequence, base, label: st
 
 
 def bench_scaling(ctx: BenchContext) -> None:
-    s = ctx.settings
-    cfg = ctx.config()
-    # On CPU submit reads submit.cpu_num_workers (see infer.submit.create_test_loader).
-    workers_key = "submit.cpu_num_workers" if not torch.cuda.is_available() else "submit.num_workers"
-    base_bs, base_workers = cfg.submit.batch_size, getattr(cfg.submit, workers_key.split(".", 1)[1])
+    """Submit and training throughput against threads, batch size, loader workers and processes."""
     run_submit(ctx)  # warm-up
+    bench_submit_threads(ctx)
+    cfg = ctx.config()
+    workers_key = submit_workers_key()
+    bench_submit_at(ctx, "submit.batch_size", ctx.settings.batch_sizes, cfg.submit.batch_size)
+    bench_submit_at(ctx, workers_key, ctx.settings.worker_counts, getattr(cfg.submit, workers_key.split(".", 1)[1]))
+    bench_train_at(ctx, "data.num_workers", ctx.settings.worker_counts[:3], cfg.data.num_workers)
+    bench_train_at(ctx, "train.batch_size", ctx.settings.batch_sizes[1:], cfg.train.batch_size)
+    bench_processes(ctx)
 
-    def base_label(key: str, base: int) -> str:
-        if key != "submit.cpu_num_workers" or base >= 0:
-            return str(base)
 
-        return f"{base} (auto: {resolve_loader_workers(cfg, Accelerator(cpu=True))})"
+def submit_workers_key() -> str:
+    """The key of submit's loader workers here: on CPU submit reads ``submit.cpu_num_workers``
+    (see ``infer.submit.resolve_loader_workers``)."""
+    return "submit.cpu_num_workers" if not torch.cuda.is_available() else "submit.num_workers"
 
-    def submit_at(key: str, values: Sequence[int], base: int) -> None:
-        fns = {v: (lambda v=v: run_submit(ctx, f"{key}={v}")) for v in values}
-        if base not in fns:
-            fns[base] = lambda: run_submit(ctx)
-        r = measure_interleaved(fns, s.repeats)
-        add_ratio_rows(
-            ctx, r, [v for v in values if v != base], base, f"submit img/s, {key}=", base_label(key, base), "img/s"
-        )
 
-    # What `accelerate launch` alone gives a CPU run: OMP_NUM_THREADS=1 (core.launch sets the cores).
+def describe_base(ctx: BenchContext, key: str, base: int) -> str:
+    """The base value of a row, with what ``-1`` (auto) resolves to for submit's CPU workers."""
+    if key != "submit.cpu_num_workers" or base >= 0:
+        return str(base)
+    return f"{base} (auto: {resolve_loader_workers(ctx.config(), Accelerator(cpu=True))})"
+
+
+def bench_submit_at(ctx: BenchContext, key: str, values: Sequence[int], base: int) -> None:
+    """Submit images/s for each value of ``key``, as ratios to the configured ``base`` value."""
+    fns = {v: (lambda v=v: run_submit(ctx, f"{key}={v}")) for v in values}
+    if base not in fns:
+        fns[base] = lambda: run_submit(ctx)
+    r = measure_interleaved(fns, ctx.settings.repeats)
+    others = [v for v in values if v != base]
+    add_ratio_rows(ctx, r, others, base, f"submit img/s, {key}=", describe_base(ctx, key, base), "img/s")
+
+
+def bench_submit_threads(ctx: BenchContext) -> None:
+    """Submit with 1 torch thread against every core: what ``accelerate launch`` alone gives a CPU
+    run (``OMP_NUM_THREADS=1``) against what ``core.launch`` gives it."""
     threads = torch.get_num_threads()
-    if threads > 1:
+    if threads == 1:
+        return
 
-        def submit_with_threads(n: int) -> float:
-            torch.set_num_threads(n)
-            try:
-                return run_submit(ctx)
-            finally:
-                torch.set_num_threads(threads)
+    def submit_with_threads(n: int) -> float:
+        torch.set_num_threads(n)
+        try:
+            return run_submit(ctx)
+        finally:
+            torch.set_num_threads(threads)
 
-        r = measure_interleaved({1: lambda: submit_with_threads(1), threads: lambda: run_submit(ctx)}, s.repeats)
-        ctx.rows.append(
-            Row(
-                "scaling",
-                f"submit img/s, 1 torch thread / {threads} threads",
-                ratio_of(r, 1, threads),
-                f"{median_rate(r[1])} img/s; 1 thread is what accelerate launch alone gives a CPU run "
-                "(core.launch passes --num_cpu_threads_per_process = cores)",
-            )
+    r = measure_interleaved({1: lambda: submit_with_threads(1), threads: lambda: run_submit(ctx)}, ctx.settings.repeats)
+    ctx.rows.append(
+        Row(
+            "scaling",
+            f"submit img/s, 1 torch thread / {threads} threads",
+            ratio_of(r, 1, threads),
+            f"{median_rate(r[1])} img/s; 1 thread is what accelerate launch alone gives a CPU run "
+            "(core.launch passes --num_cpu_threads_per_process = cores)",
         )
-    submit_at("submit.batch_size", s.batch_sizes, base_bs)
-    submit_at(workers_key, s.worker_counts, base_workers)
+    )
 
-    # Training against its loader workers and batch size (one timed run each, same steps).
-    base_train_workers, base_train_bs = cfg.data.num_workers, cfg.train.batch_size
 
-    def train_at(key: str, values: Sequence[int], base: int) -> None:
-        builders = {}
-        for v in sorted(set(values) | {base}):
-            builders[v] = create_training(ctx.config(f"{key}={v}", f"train.max_steps={s.train_steps}"))
-        epochs = iter(range(1, 10**6))
-        fns = {v: (lambda p=p: run_train_epoch(p, p.train_loader, next(epochs))) for v, p in builders.items()}
-        r = measure_interleaved(fns, s.repeats, warmup=True)
-        add_ratio_rows(ctx, r, [v for v in values if v != base], base, f"train samples/s, {key}=", base, "samples/s")
-        builders.clear()
+def bench_train_at(ctx: BenchContext, key: str, values: Sequence[int], base: int) -> None:
+    """Training samples/s for each value of ``key`` (same steps each), as ratios to ``base``."""
+    steps = ctx.settings.train_steps
+    trainings = {
+        v: create_training(ctx.config(f"{key}={v}", f"train.max_steps={steps}")) for v in sorted({*values, base})
+    }
+    epochs = iter(range(1, 10**6))
+    fns = {v: (lambda t=t: run_train_epoch(t, t.train_loader, next(epochs))) for v, t in trainings.items()}
+    r = measure_interleaved(fns, ctx.settings.repeats, warmup=True)
+    add_ratio_rows(ctx, r, [v for v in values if v != base], base, f"train samples/s, {key}=", base, "samples/s")
+    trainings.clear()  # shuts their loader workers down before the next measurement
 
-    train_at("data.num_workers", s.worker_counts[:3], base_train_workers)
-    train_at("train.batch_size", s.batch_sizes[1:], base_train_bs)
 
-    # 2 CPU processes against 1, the same data (one epoch), through the real launcher.
+def bench_processes(ctx: BenchContext) -> None:
+    """Training through the real launcher: 2 CPU processes against 1, and 1 process with every core
+    against 1 thread (one epoch each; the figure is the epoch's own, without start-up)."""
+    s, cfg = ctx.settings, ctx.config()
     extra = ["train.epochs=1", "train.warmup_epochs=0", "train.ema=false"] if s.quick else ["train.epochs=1"]
-
     cores = available_cores()
-    fns = {n: (lambda n=n: run_launched_training(ctx, n, extra)) for n in (2, 1)}
-    # accelerate launch alone would export OMP_NUM_THREADS=1, even for one CPU process
-    fns["one_thread"] = lambda: run_launched_training(ctx, 1, extra, ["--num_cpu_threads_per_process", "1"])
+    fns = {
+        2: lambda: run_launched_training(ctx, 2, extra),
+        1: lambda: run_launched_training(ctx, 1, extra),  # run directly, as ./run.sh train is
+        # accelerate launch alone would export OMP_NUM_THREADS=1, even for one CPU process
+        "one_thread": lambda: run_launched_training(ctx, 1, extra, ["--num_cpu_threads_per_process", "1"]),
+    }
     r = measure_interleaved(fns, max(1, min(2, s.repeats)))
     ctx.rows.append(
         Row(
@@ -139,7 +156,8 @@ def bench_scaling(ctx: BenchContext) -> None:
             f"train, 1 process: launcher's {cores} threads (= cores) / 1 thread (accelerate's own default)",
             ratio_of(r, 1, "one_thread"),
             f"{statistics.median(r[1]):.0f} vs {statistics.median(r['one_thread']):.0f} samples/s; "
-            "core.launch passes --num_cpu_threads_per_process unless it or OMP_NUM_THREADS is set",
+            "core.launch gives a direct run OMP_NUM_THREADS = cores and passes accelerate "
+            "--num_cpu_threads_per_process, unless either is set",
         )
     )
     ctx.rows.append(
@@ -148,7 +166,7 @@ def bench_scaling(ctx: BenchContext) -> None:
             "train, 2 CPU processes / 1 process (samples/s)",
             ratio_of(r, 2, 1),
             f"{statistics.median(r[2]):.0f} vs {statistics.median(r[1]):.0f} samples/s, one epoch each "
-            f"(python -m core.launch train.main --num_processes N; the cores split between the "
+            f"(python -m core.launch train.main [--num_processes 2]; the cores split between the "
             f"processes), batch {cfg.train.batch_size} per process, {cfg.data.num_workers} loader "
             "workers each",
             (">=", 0.9),

@@ -549,14 +549,18 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
-    """Defaults <- YAML file (``configs/default.yaml`` when ``path`` is None) <- overrides."""
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check_aug: bool = True) -> Config:
+    """Defaults <- YAML file (``configs/default.yaml`` when ``path`` is None) <- overrides.
+
+    ``check_aug=False`` leaves out the check of the ``aug`` section (building its pipeline imports
+    albumentations, and with it torch): for the stages and tools that never augment an image.
+    """
     cfg = new_config()
     path = Path(path) if path else DEFAULT_CONFIG
     apply_dict(cfg, read_yaml(path), source=str(path))
     apply_overrides(cfg, overrides or [])
     expand_name(cfg)
-    validate_config(cfg)
+    validate_config(cfg, check_aug)
     return cfg
 
 
@@ -570,7 +574,7 @@ def expand_name(cfg: Config) -> None:
         cfg.name = expanded
 
 
-def validate_config(cfg: Config) -> None:
+def validate_config(cfg: Config, check_aug: bool = True) -> None:
     """Every check a single key's type cannot express, for every section, in one place.
 
     ``load_config`` calls it, so a stage (and ``core.launch``, before any process starts)
@@ -582,7 +586,8 @@ def validate_config(cfg: Config) -> None:
     _check_finite(cfg)
     _check_data(cfg.data)
     _check_train(cfg.train)
-    _check_aug(cfg)
+    if check_aug:
+        _check_aug(cfg)
     _check_augmix(cfg)
     _check_model(cfg.model)
     _check_predict(cfg)

@@ -1,9 +1,14 @@
-"""Run a stage under ``accelerate launch``: ``python -m core.launch MODULE [args]``.
+"""Run a stage: ``python -m core.launch MODULE [args]``.
 
 Our own arguments are ``--config FILE``, ``--debug`` and ``key=value``; every other ``--flag``
 (with its value) goes to ``accelerate launch``, e.g. ``--num_processes 4`` or
 ``--config_file configs/accelerate/multi_gpu.yaml``. The config is checked here first, so a
 bad key fails in one line before any process starts.
+
+Without any such flag (and with the default accelerate config asking for one plain process)
+the stage runs as one direct child, ``python -m MODULE``: ``accelerate launch`` would only add
+an interpreter that imports torch (seconds) to start it, and ``Accelerator()`` builds the same
+one-process state without it (the stages pass their device and precision themselves).
 
 On a machine without CUDA, ``accelerate launch --cpu --num_processes 2`` silently runs ONE
 process; several CPU processes need ``--multi_gpu`` (the code then uses ``Accelerator(cpu=True)``
@@ -12,7 +17,9 @@ and gloo), which this launcher adds for you.
 ``accelerate launch`` also exports ``OMP_NUM_THREADS=1`` unless the run is marked CPU-only, so
 a plain CPU run would compute on one core, several times slower on a multi-core machine
 (BENCHMARKS.md, the "1 thread" rows). Without CUDA this launcher gives each process its share of the
-cores instead, unless ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` is set.
+cores instead, unless ``--num_cpu_threads_per_process`` or ``OMP_NUM_THREADS`` is set. A direct run
+gets every core the same way (``OMP_NUM_THREADS``, unless set), with or without a GPU: it has no
+other process to share them with.
 
 Stopping: SIGINT or SIGTERM sent to this launcher (Ctrl-C, ``kill PID``, ``timeout``, a job
 scheduler) is passed on to every process it started, which stop cleanly (checkpoints are
@@ -109,6 +116,38 @@ def available_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
 
 
+def share_of_cores(processes: int, cores: int | None = None) -> int:
+    """Torch threads for each of ``processes`` CPU processes: its share of the cores, at least one."""
+    return max(1, (cores or available_cores()) // processes)
+
+
+# What `accelerate launch` does with a config file holding only these is what running the stage
+# directly does: one local process, no distributed backend, precision left to the stage.
+_ONE_PLAIN_PROCESS = {
+    "compute_environment": "LOCAL_MACHINE",
+    "distributed_type": "NO",
+    "num_machines": 1,
+    "num_processes": 1,
+    "machine_rank": 0,
+    "mixed_precision": "no",
+    "use_cpu": False,
+}
+
+
+def runs_directly(accel: Sequence[str], config_file: Path = DEFAULT_ACCELERATE_CONFIG) -> bool:
+    """No accelerate flag, and the default accelerate config asks for nothing beyond one plain process."""
+    import yaml
+
+    if accel:
+        return False
+    try:
+        settings = yaml.safe_load(config_file.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError):
+        return False  # accelerate launch reports the file
+    missing = object()
+    return isinstance(settings, dict) and all(_ONE_PLAIN_PROCESS.get(k, missing) == v for k, v in settings.items())
+
+
 def resolve_launch_args(
     accel: list[str], has_cuda: bool, cores: int | None = None, env: dict | None = None
 ) -> tuple[list[str], str | None]:
@@ -129,9 +168,25 @@ def resolve_launch_args(
         accel.append("--multi_gpu")
         note = f"no CUDA: running {n} CPU processes with gloo (--multi_gpu added; --cpu alone would run one)"
     if not has_cuda and _flag_value(accel, "--num_cpu_threads_per_process") is None and not env.get("OMP_NUM_THREADS"):
-        threads = max(1, (cores or available_cores()) // processes)
-        accel += ["--num_cpu_threads_per_process", str(threads)]
+        accel += ["--num_cpu_threads_per_process", str(share_of_cores(processes, cores))]
     return accel, note
+
+
+def accelerate_command(module: str, ours: list[str], accel: list[str]) -> list[str]:
+    """``accelerate launch ... -m MODULE [our args]`` (this imports torch, to look for CUDA)."""
+    import torch
+
+    accel, note = resolve_launch_args(accel, torch.cuda.is_available())
+    if note:
+        print(note, file=sys.stderr)
+    return [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *accel, "-m", module, *ours]
+
+
+def direct_command(module: str, ours: list[str], env: dict) -> list[str]:
+    """``python -m MODULE [our args]``; sets ``env``'s ``OMP_NUM_THREADS`` to every core unless it is set."""
+    if not env.get("OMP_NUM_THREADS"):
+        env["OMP_NUM_THREADS"] = str(share_of_cores(1))
+    return [sys.executable, "-m", module, *ours]
 
 
 USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [accelerate flags]
@@ -186,19 +241,17 @@ def launch(module: str, argv: Sequence[str]) -> int:
     check_flags(accel, module)
     config_path = user_path(_flag_value(ours, "--config"))
     overrides = [a for a in ours if "=" in a and not a.startswith("--")]
-    cfg = load_config(config_path, overrides)  # fail fast, in one line, before any process starts
+    direct = runs_directly(accel)
+    # Fail fast, in one line, before any process starts. Only training augments; checking its aug
+    # section imports albumentations and torch, so a direct run leaves that to the stage (its first
+    # step), and under accelerate launch it is checked here once instead of in every process.
+    cfg = load_config(config_path, overrides, check_aug=module == "train.main" and not direct)
     check_output_free(module, cfg)
-
-    import torch
-
-    accel, note = resolve_launch_args(accel, torch.cuda.is_available())
-    if note:
-        print(note, file=sys.stderr)
     with tempfile.TemporaryDirectory() as status:
         env = dict(os.environ, **{STATUS_ENV: status})
         if "--debug" in ours:
             env["ROBUST_PIPELINE_DEBUG"] = "1"
-        cmd = [sys.executable, "-m", "accelerate.commands.launch", "--quiet", *accel, "-m", module, *ours]
+        cmd = direct_command(module, ours, env) if direct else accelerate_command(module, ours, accel)
         rc, received = supervise(cmd, env)
         return explain_exit(module, rc, received, Path(status))
 
@@ -250,6 +303,8 @@ def explain_exit(module: str, rc: int, received: int | None, status: Path) -> in
         return 128 + received
     if rc == 0:
         return 0
+    if rc < 0:  # a direct child killed by a signal: the shell's code for it (137 for SIGKILL)
+        rc = 128 - rc
     codes = sorted({int(code) for code, _ in ended.values()}, reverse=True)
     silent = sorted(r for r in started if r not in ended)
     if silent:

@@ -7,15 +7,36 @@ see the raw image, exactly as the challenge's Phase II model interface does.
 
 from __future__ import annotations
 
+import importlib
+import sys
 from pathlib import Path
 from typing import Sequence
 
-import timm
 import torch
 from torch import nn
 
 from core.config import ModelConfig
 from core.errors import UserError
+
+
+def import_timm_without_wandb():
+    """``import timm``, keeping wandb out: ``timm.utils.summary`` imports wandb when it is installed
+    (0.6-1 s) for a logging helper this project never calls, and wandb is for tracked runs only.
+
+    While timm loads, ``import wandb`` fails (timm catches the ImportError); afterwards it works
+    again. The stages import timm through this module first (tests/test_startup.py checks them).
+    """
+    if "timm" in sys.modules or "wandb" in sys.modules:
+        return importlib.import_module("timm")
+    sys.modules["wandb"] = None  # type: ignore[assignment]  # None in sys.modules: ImportError
+    try:
+        return importlib.import_module("timm")
+    finally:
+        if "wandb" in sys.modules and sys.modules["wandb"] is None:
+            del sys.modules["wandb"]
+
+
+timm = import_timm_without_wandb()
 
 
 class Normalize(nn.Module):

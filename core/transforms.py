@@ -17,28 +17,46 @@ draws are independent and still reproducible for a given seed.
 
 from __future__ import annotations
 
+import functools
 import random
 import warnings
 from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
-import albumentations as A
 import cv2
 import numpy as np
 from PIL import Image
-from timm.data.auto_augment import NAME_TO_OP, AugMixAugment, augmix_ops
 
 from core.errors import UserError
 
 if TYPE_CHECKING:  # the config module builds these pipelines to check its aug section
+    import albumentations as A
+    from timm.data.auto_augment import AugMixAugment
+
     from core.config import AugConfig, AugMixConfig
 
+# albumentations and timm are imported on first use, not with this module: they import torch
+# (seconds), and every stage imports this module for the eval resize, which needs neither.
 
-class SeededCompose(A.Compose):
-    """``A.Compose`` whose children draw from one shared generator (see module docstring)."""
 
-    def set_random_seed(self, seed: int | None) -> None:
-        self.seed = seed
-        self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+@functools.cache
+def _seeded_compose_class() -> type:
+    import albumentations as A
+
+    class SeededCompose(A.Compose):
+        """``A.Compose`` whose children draw from one shared generator (see module docstring)."""
+
+        def set_random_seed(self, seed: int | None) -> None:
+            self.seed = seed
+            self.set_random_state(np.random.default_rng(seed), random.Random(seed))
+
+    SeededCompose.__qualname__ = "SeededCompose"  # pickle finds it as core.transforms.SeededCompose
+    return SeededCompose
+
+
+def __getattr__(name: str) -> Any:
+    if name == "SeededCompose":  # made on first use (see above)
+        return _seeded_compose_class()
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _one_line(exc: BaseException) -> str:
@@ -60,6 +78,8 @@ def create_transform(
     Raises:
         UserError: unknown name, bad or unknown (1.x-style) arguments, naming ``where``.
     """
+    import albumentations as A
+
     if not isinstance(spec, Mapping) or not isinstance(spec.get("name"), str):
         raise UserError(f"config key '{where}': expected a mapping with a 'name' key, got {spec!r}")
     name = spec["name"]
@@ -134,6 +154,8 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMi
     * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
     * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output.
     """
+    import albumentations as A
+
     scale = _pair(cfg.scale, "aug.scale")
     if scale[1] > 1:
         raise UserError(f"config key 'aug.scale': the crop area fraction cannot exceed 1, got {list(cfg.scale)}")
@@ -153,7 +175,7 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMi
     if corruptions and cfg.corruption_p > 0:
         transforms.append(A.OneOf(corruptions, p=cfg.corruption_p))
     transforms += _create_list(cfg.extra, "aug.extra", image_size)
-    pipeline = SeededCompose(transforms)
+    pipeline = _seeded_compose_class()(transforms)
     if cfg.augmix.enabled:
         return AugMixViews(pipeline, create_augmix(cfg.augmix, image_size), clean=cfg.augmix.jsd_weight > 0)
     return pipeline
@@ -165,6 +187,8 @@ def create_augmix(cfg: AugMixConfig, image_size: int) -> AugMixAugment:
     Raises:
         UserError: a value out of range or an op timm does not know, naming the key.
     """
+    from timm.data.auto_augment import NAME_TO_OP, AugMixAugment, augmix_ops
+
     unknown = [op for op in cfg.ops if op not in NAME_TO_OP]
     if unknown or not cfg.ops:
         what = f"{unknown[0]!r} is not a timm AugMix op" if unknown else "needs at least one timm AugMix op"
@@ -199,7 +223,7 @@ class AugMixViews:
     only, whatever process makes them, as the albumentations draws do.
     """
 
-    def __init__(self, pipeline: SeededCompose, augmix: AugMixAugment, clean: bool) -> None:
+    def __init__(self, pipeline: A.Compose, augmix: AugMixAugment, clean: bool) -> None:
         self.pipeline = pipeline
         self.augmix = augmix
         self.clean = clean

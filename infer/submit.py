@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 from typing import Sequence
 
-import timm
 import torch
 from accelerate import Accelerator
 from tqdm.auto import tqdm
@@ -178,6 +177,8 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     labels = read_hidden_labels(cfg.data)
     if labels is not None:
         result.update(hidden_label_accuracy(ids, preds, labels))
+
+    import timm  # for its version; loaded by core.model, which keeps wandb out of it
 
     name = cfg.submit.file_name or cfg.name
     lineages = [

@@ -62,7 +62,7 @@ def resolve_num_classes(file: Path, given: int | None, config: Path | None) -> i
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
     if config is not None:
-        return load_config(config).data.num_classes
+        return load_config(config, check_aug=False).data.num_classes
     raise UserError(
         f"{file}: the number of classes is unknown (no readable {meta.name} beside it): give --num-classes N "
         "or --config FILE, so out-of-range classes are caught"

@@ -12,7 +12,9 @@ import re
 
 import pytest
 
+from bench.commands import check_same_predictions
 from bench.main import DEFAULT_SECTIONS, resolve_sections
+from bench.main import main as bench_main
 from bench.measure import Row, measure_interleaved, median_ratio
 from bench.report import MARK_BEGIN, MARK_END, write_markdown
 from core.errors import UserError
@@ -30,6 +32,7 @@ GOAL_ROWS = [
     "train, 2 CPU processes / 1 process",
     "train.adv.mode=fgsm_rs step / standard step",
     "train.adv.mode=pgd step / standard step",
+    "./run.sh submit / minimal prediction script (wall time)",
 ]
 INFO_ROWS = [
     "predict loop (no set-up, no files) / model-only forward",
@@ -40,6 +43,7 @@ INFO_ROWS = [
     "bf16 autocast forward / float32 forward",
     "training loader with AugMix (one view) / standard loader",
     "training loader with AugMix + JSD (clean + 2 views) / standard loader",
+    "./run.sh train to its first step / the script's imports + model build",
 ]
 
 
@@ -96,3 +100,15 @@ def test_row_verdicts_and_sections():
     rounds = measure_interleaved({"a": iter([1, 2, 3]).__next__, "b": iter([10, 20, 30]).__next__}, 3)
     assert rounds == {"a": [1, 2, 3], "b": [10, 20, 30]}
     assert median_ratio([(1, 2), (3, 3), (1, 4)]) == 0.5
+
+
+def test_commands_rows_refuse_different_predictions_and_a_baseline_without_run_sh(tmp_path):
+    a, b = tmp_path / "a.csv", tmp_path / "b.csv"
+    a.write_text("image_id,category_id\n0,3\n1,2\n")
+    b.write_text("image_id,category_id\n1,2\n0,3\n")  # the same predictions in another order
+    assert check_same_predictions(a, b) == 2
+    b.write_text("image_id,category_id\n0,3\n1,1\n")
+    with pytest.raises(RuntimeError, match="differs from .* in 1 of 2 predictions"):
+        check_same_predictions(a, b)
+    with pytest.raises(UserError, match="--baseline .*: no run.sh in it"):
+        bench_main(["--only", "commands", "--baseline", str(tmp_path)])

@@ -247,7 +247,7 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
 def main(argv: Sequence[str] | None = None) -> dict:
     quiet_libraries()
     args = create_parser("run.sh train", "Fine-tune a timm ConvNeXt with accelerate.").parse_args(argv)
-    return run(parse_config(args))
+    return run(parse_config(args, check_aug=True))
 
 
 if __name__ == "__main__":
