@@ -18,7 +18,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import timm
 import torch
 from safetensors import SafetensorError
 from safetensors.torch import load as load_safetensors
@@ -27,7 +26,7 @@ from torch import nn
 
 from core.errors import UserError, echo
 from core.io import atomic_write_bytes, atomic_write_text, parse_json, read_json
-from core.model import ImageClassifier, create_backbone
+from core.model import ImageClassifier, create_backbone, timm  # timm as core.model imports it: without wandb
 
 FORMAT_VERSION = 1
 # A checkpoint names its network as timm registers it (a name and an optional pretrained tag):
