@@ -18,6 +18,17 @@ from core.demo_data import generate_demo_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# Offsets every seed the tests train or attack with (0: the seeds as written). Another CPU's float
+# rounding trains other weights, as another seed does: `TEST_SEED=3 ./run.sh test tests/test_attacks.py
+# tests/test_evaluate.py` is how the statistical thresholds were checked to hold on any CPU.
+TEST_SEED = int(os.environ.get("TEST_SEED", "0"))
+
+# Best validation accuracy (%) that says a tiny run on 4 demo classes learned: clearly above chance,
+# 25% +- 4% (one standard deviation over 120 validation images), five of them away. How far above
+# depends on the weights (another seed or another CPU's rounding): 58-82% over TEST_SEED 0-6 for
+# test_train's 12 epochs, so the 60% it asked before failed on some.
+LEARNED = 45.0
+
 # Small enough for seconds per epoch on 2 CPU cores, learnable by test_convnext at 32 px.
 TINY_DATA = {"num_classes": 4, "train_per_class": 40, "test_per_class": 8, "image_size": 32, "seed": 0}
 
@@ -46,6 +57,7 @@ def shrink(cfg_overrides: list[str], data_root: Path, out_dir: Path) -> list[str
         f"out_dir={out_dir}",
         "submit.num_workers=0",
         "submit.batch_size=16",
+        *([f"seed={42 + TEST_SEED}"] if TEST_SEED else []),
         *cfg_overrides,
     ]
 

@@ -6,6 +6,7 @@ attack library must work on any model, and the story it has to tell is the gener
 """
 
 import math
+from typing import Callable, Sequence
 
 import pytest
 import torch
@@ -16,9 +17,11 @@ from attacks import EOT, cw_l2, fgsm, lp_norm, pgd, project_l1_ball, random_nois
 from core.config import EvalConfig
 from robust.autoattack import autoattack, create_autoattack, square
 from robust.metrics import robust_metrics, worst_case
+from tests.conftest import TEST_SEED
 
 NUM_CLASSES = 4
 SIZE = 16
+SEED = TEST_SEED  # TEST_SEED=k trains another net and draws other images (tests/conftest.py)
 
 
 def make_gratings(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -115,10 +118,10 @@ class CoinFlip(nn.Module):
         return logits if torch.rand(()) < 0.5 else -logits
 
 
-@pytest.fixture(scope="module")
-def net() -> nn.Module:
-    torch.manual_seed(0)
-    x, y = make_gratings(512, seed=0)
+def train_net(seed: int) -> nn.Module:
+    """A TinyNet trained on 512 gratings drawn from ``seed`` (another seed: other weights)."""
+    torch.manual_seed(seed)
+    x, y = make_gratings(512, seed=1000 * seed)
     model = TinyNet()
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for _ in range(15):
@@ -133,10 +136,63 @@ def net() -> nn.Module:
 
 
 @pytest.fixture(scope="module")
+def net() -> nn.Module:
+    return train_net(SEED)
+
+
+@pytest.fixture(scope="module")
 def data(net) -> tuple[torch.Tensor, torch.Tensor]:
-    x, y = make_gratings(64, seed=1)
+    x, y = make_gratings(64, seed=1000 * SEED + 1)
     assert accuracy(net, x, y) == 100.0, "the fixture model must learn the task"
     return x, y
+
+
+# Linf budgets at which the tests' nets go from untouched to broken (0.04-0.08 across TEST_SEED 0-9).
+LINF_GRID = (0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1)
+
+
+def pgd_curve(
+    net: nn.Module, x: torch.Tensor, y: torch.Tensor, step_ratio: float, grid: Sequence[float] = LINF_GRID
+) -> Callable[[int], float]:
+    """PGD-Linf accuracy at ``grid[i]`` (step ``step_ratio * eps``), each point computed once."""
+    cache: dict[int, float] = {}
+
+    def at(i: int) -> float:
+        if i not in cache:
+            eps = grid[i]
+            cache[i] = accuracy(net, pgd(net, x, y, eps, step_size=step_ratio * eps, generator=gen()), y)
+        return cache[i]
+
+    return at
+
+
+def first_at_most(at: Callable[[int], float], target: float, grid: Sequence[float] = LINF_GRID) -> int:
+    """Index of the smallest grid budget leaving at most ``target`` % (bisection: accuracy falls
+    with the budget); the last index when none does."""
+    lo, hi = 0, len(grid) - 1
+    while lo < hi:
+        mid = (lo + hi) // 2
+        lo, hi = (lo, mid) if at(mid) <= target else (mid + 1, hi)
+    return lo
+
+
+def closest_to(at: Callable[[int], float], target: float, grid: Sequence[float] = LINF_GRID) -> float:
+    """The grid budget whose accuracy is closest to ``target`` %."""
+    i = first_at_most(at, target, grid)
+    return grid[min((i, max(i - 1, 0)), key=lambda j: abs(at(j) - target))]
+
+
+@pytest.fixture(scope="module")
+def budgets(net, data) -> dict[str, float]:
+    """Linf budgets in this net's own scale, from its PGD curve on ``data``: ``mid`` leaves the
+    accuracy closest to 50%, ``break`` is the smallest that leaves at most 5%.
+
+    Fixed budgets made tests depend on the net: another CPU's float rounding trains another net,
+    and the budget where PGD breaks one net halfway fools every image of another."""
+    at = pgd_curve(net, *data, step_ratio=3 / 40)
+    broken = first_at_most(at, 5.0)
+    assert at(broken) <= 5.0, "PGD does not break the test net within the grid"
+    return {"mid": closest_to(at, 50.0), "break": LINF_GRID[broken]}
 
 
 def gen(seed: int = 0) -> torch.Generator:
@@ -174,9 +230,13 @@ BALL_CASES = [
 
 @pytest.mark.parametrize("name,norm,eps,craft", BALL_CASES, ids=[c[0] for c in BALL_CASES])
 def test_output_in_ball_and_box(net, data, name, norm, eps, craft):
-    x, y = data[0][:16].clone(), data[1][:16]
+    x = data[0][:16].clone()
     x[:, :, :3] = 0.0  # saturated rows exercise the box clip
     x[:, :, -3:] = 1.0
+    # Labels: the net's own predictions on these altered images, so every image starts correctly
+    # classified (an attack leaves an image it cannot improve on untouched; some nets misread
+    # every altered image, and Square then had nothing to do).
+    y = net(x).argmax(1)
     adv = craft(net, x, y, eps)
     assert adv.shape == x.shape and adv.dtype == torch.float32
     assert adv.min() >= 0.0 and adv.max() <= 1.0
@@ -230,18 +290,22 @@ def test_accuracy_non_increasing_in_eps(net, data, norm, eps_grid):
     assert accs[-1] <= 5.0, accs
 
 
-@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 2.0), ("l1", 40.0)])
-def test_random_noise_hurts_much_less_than_pgd(net, data, norm, eps):
+@pytest.mark.parametrize("norm,eps", [("linf", None), ("l2", 2.0), ("l1", 40.0)])
+def test_random_noise_hurts_much_less_than_pgd(net, data, budgets, norm, eps):
     x, y = data
+    # Linf: the smallest budget of the grid that breaks this net (a fixed 0.1 is as large as the
+    # gratings' own amplitude, 0.15: uniform noise that strong does hurt some nets, 62% seen).
+    eps = budgets["break"] if eps is None else eps
     acc_noise = accuracy(net, random_noise(x, eps, norm, generator=gen()), y)
     acc_pgd = accuracy(net, pgd(net, x, y, eps, norm=norm, generator=gen()), y)
     assert acc_noise >= 90.0 and acc_noise - acc_pgd >= 80.0
 
 
-def test_restarts_keep_first_success(net, data):
+def test_restarts_keep_first_success(net, data, budgets):
     x, y = data
-    adv1 = pgd(net, x, y, 0.05, restarts=1, generator=gen(3))
-    adv3 = pgd(net, x, y, 0.05, restarts=3, generator=gen(3))
+    eps = budgets["mid"]  # where one restart fools about half of the images, whatever the net
+    adv1 = pgd(net, x, y, eps, restarts=1, generator=gen(3))
+    adv3 = pgd(net, x, y, eps, restarts=3, generator=gen(3))
     fooled1 = net(adv1).argmax(1) != y
     fooled3 = net(adv3).argmax(1) != y
     assert 0 < fooled1.sum() < len(y)
@@ -366,24 +430,63 @@ def test_l1_projection_is_the_closest_point_of_the_ball():
 # --- cross-check against AutoAttack (its authors' package) ---------------------------------
 
 
-def test_autoattacks_apgd_is_at_least_as_strong_as_our_pgd(net, data):
-    """At a budget where about a tenth of the images survive APGD-CE (AutoAttack's first attack):
-    APGD-CE is at least as strong as our PGD; ours with a larger step (eps/4) and 5 restarts comes
-    within a few points of it; the paper's step (3/40 eps, 20 steps: the report's PGD column)
-    leaves clearly more standing, which is why the report warns when AutoAttack beats its PGD
-    column. The targeted APGD adds to APGD-CE, as AutoAttack's sequence should."""
-    x, y = data
-    eps = 0.045
-    paper = accuracy(net, pgd(net, x, y, eps, steps=20, step_size=EvalConfig().step_ratio * eps, generator=gen()), y)
-    tuned = accuracy(net, pgd(net, x, y, eps, steps=20, step_size=eps / 4, restarts=5, generator=gen()), y)
-    e = EvalConfig(aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=50)
-    apgd_ce = accuracy(net, autoattack(net, x, y, eps, e), y)
-    e.aa_attacks = ["apgd-ce", "apgd-t"]
-    apgd_t = accuracy(net, autoattack(net, x, y, eps, e), y)
-    assert 5.0 <= apgd_ce <= tuned <= 60.0, (apgd_ce, tuned)  # a budget where the attacks can differ at all
-    assert tuned - apgd_ce <= 5.0, (tuned, apgd_ce)
-    assert paper - apgd_ce > 5.0, (paper, apgd_ce)  # measured: 40.6% vs 10.9%
-    assert apgd_t <= apgd_ce, (apgd_t, apgd_ce)
+# The AutoAttack cross-check pools three nets (the fixture's and two more, each at its own
+# calibrated budget, ~256 images each): one image is 0.13 points of the pooled accuracy, and a
+# net whose budget leaves every attack the same images cannot decide a property alone. Measured
+# on TEST_SEED 0-9 (tests/conftest.py; 30 nets), per net / pooled over each seed's three:
+# APGD-CE - our PGD at its budget <= 0.0 / -0.9; |tuned - APGD-CE| <= 4.7 / 2.6; paper - APGD-CE
+# >= 2.3 / 11.9; APGD-CE - APGD-T >= 0.0 / 1.6. Tolerances, in pooled points (images in brackets):
+APGD_SLACK = 1.0  # APGD-CE may leave this much more than our PGD at its gradient budget (8)
+CLOSE = 5.0  # "within a few points" (38)
+SHORT = 8.0  # "clearly short" (61)
+ADDS = 0.5  # APGD-T breaks at least this many more than APGD-CE alone (4)
+CROSS_GRID = tuple(round(0.01 * 1.1**i, 4) for i in range(27))  # 0.01 to 0.12, 10% apart
+
+
+def cross_check_figures(net: nn.Module, seed: int) -> dict[str, tuple[int, int]]:
+    """Correct images and images attacked, per attack, on 256 fresh images the net gets right,
+    at the budget where 20 steps of eps/4 leave closest to a quarter standing."""
+    x, y = make_gratings(256, seed=1000 * seed + 2)
+    right = net(x).argmax(1) == y
+    x, y = x[right], y[right]
+    assert len(y) >= 240, "the cross-check nets must learn the task"
+    eps = closest_to(pgd_curve(net, x, y, 1 / 4, CROSS_GRID), 25.0, CROSS_GRID)
+    attacks = {
+        "paper": lambda: pgd(net, x, y, eps, steps=20, step_size=EvalConfig().step_ratio * eps, generator=gen()),
+        "same_budget": lambda: pgd(net, x, y, eps, steps=50, step_size=eps / 4, generator=gen()),
+        "tuned": lambda: pgd(net, x, y, eps, steps=100, step_size=eps / 8, restarts=3, generator=gen()),
+        "apgd_ce": lambda: autoattack(
+            net, x, y, eps, EvalConfig(aa_version="custom", aa_attacks=["apgd-ce"], aa_iters=50)
+        ),
+        "apgd_t": lambda: autoattack(
+            net, x, y, eps, EvalConfig(aa_version="custom", aa_attacks=["apgd-ce", "apgd-t"], aa_iters=50)
+        ),
+    }
+    return {name: (round(accuracy(net, craft(), y) * len(y) / 100), len(y)) for name, craft in attacks.items()}
+
+
+@pytest.fixture(scope="module")
+def cross_check(net) -> dict[str, float]:
+    """Pooled accuracy (%) per attack over the fixture's net and two more."""
+    nets = [(net, SEED), (train_net(100 + SEED), 100 + SEED), (train_net(200 + SEED), 200 + SEED)]
+    figures = [cross_check_figures(n, seed) for n, seed in nets]
+    return {k: 100.0 * sum(f[k][0] for f in figures) / sum(f[k][1] for f in figures) for k in figures[0]}
+
+
+@pytest.mark.slow  # three nets, ~50 s on 2 idle cores
+def test_autoattacks_apgd_is_at_least_as_strong_as_our_pgd(cross_check):
+    """APGD-CE (AutoAttack's first attack, 50 iterations) is at least as strong as our PGD at the
+    same gradient budget (50 steps of eps/4), and ours with a tuned schedule (100 steps of eps/8,
+    3 restarts) comes within a few points of it; the paper's step (3/40 eps, 20 steps: the
+    report's PGD column) leaves clearly more standing, which is why the report warns when
+    AutoAttack beats its PGD column. The targeted APGD adds to APGD-CE, as AutoAttack's sequence
+    should. Pooled over three nets; tolerances: APGD_SLACK, CLOSE, SHORT, ADDS above."""
+    acc = cross_check
+    assert 2.0 <= acc["apgd_ce"] <= 50.0, acc  # budgets where the attacks can differ at all
+    assert acc["apgd_ce"] <= acc["same_budget"] + APGD_SLACK, acc
+    assert abs(acc["tuned"] - acc["apgd_ce"]) <= CLOSE, acc
+    assert acc["paper"] - acc["apgd_ce"] > SHORT, acc
+    assert acc["apgd_t"] <= acc["apgd_ce"] - ADDS, acc
 
 
 def test_a_custom_autoattack_budget_rescales_apgds_step_schedule(net, data):

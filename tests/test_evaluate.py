@@ -23,7 +23,7 @@ from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS
 from robust.verdict import MASKING_POINTS, sanity_checks
-from tests.conftest import shrink
+from tests.conftest import LEARNED, shrink
 from tests.test_attacks import CoinFlip
 from train import main as train_main
 
@@ -59,7 +59,7 @@ def trained(tmp_path_factory) -> list[str]:
         root / "runs",
     )
     result = train_main.run(load_config(None, overrides))
-    assert result["best_acc"] >= 55.0, result
+    assert result["best_acc"] >= LEARNED, result  # clearly above chance (tests/conftest.py)
     return overrides
 
 
@@ -89,8 +89,9 @@ def test_pgd_breaks_undefended_gcm_hides_it_bpda_restores_it(setup):
     und = _pgd_acc(undefended, x, y, cfg)
     gcm = _pgd_acc(defended, x, y, cfg)
     bpda = _pgd_acc(defended, x, y, cfg, adaptive=True)
-    assert clean >= 50.0
-    assert und <= 10.0, und  # PGD breaks the undefended model
+    # PGD breaks the undefended model: at least 30 points (14 images) taken, at most 10 left. The
+    # clean accuracy itself depends on the weights (46-81% over TEST_SEED 1-3).
+    assert und <= 10.0 and clean - und >= 30.0, (clean, und)
     assert gcm >= clean - 10.0, (gcm, clean)  # the same PGD is blind through GCM
     assert bpda <= und + 10.0, (bpda, und)  # BPDA through GCM restores it
     assert not any(m.bpda for m in defended.modules() if hasattr(m, "bpda"))  # switched back off
