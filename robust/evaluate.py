@@ -289,132 +289,194 @@ def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
         return evaluate_into(cfg, out_dir, progress)
 
 
+@dataclasses.dataclass
+class Models:
+    """The models one evaluation attacks, built once from the checkpoints of ``cfg``."""
+
+    checkpoints: list
+    infos: list[dict]
+    undefended: DefendedModel
+    defended: DefendedModel
+    surrogate: DefendedModel | None
+
+
+def build_models(cfg: Config, device: torch.device) -> Models:
+    """The defended model ``submit`` predicts with, its undefended twin and the transfer surrogate."""
+    checkpoints = resolve_member_paths(cfg)
+    members, infos = load_members(checkpoints, cfg.data.num_classes)
+    surrogate = None
+    if cfg.eval.surrogate and "transfer" in cfg.eval.attacks:
+        s_members, s_infos = load_members([cfg.eval.surrogate], cfg.data.num_classes)
+        surrogate = build_defended_model(s_members, s_infos, cfg, defense=False).to(device)
+    return Models(
+        checkpoints=checkpoints,
+        infos=infos,
+        undefended=build_defended_model(members, infos, cfg, defense=False).to(device),
+        defended=build_defended_model(members, infos, cfg).to(device),
+        surrogate=surrogate,
+    )
+
+
+def same_as_undefended(defended: DefendedModel) -> dict[str, str]:
+    """Rows that are provably the undefended row's computation, each with the reason.
+
+    Without a random layer, BPDA through GCM differentiates the undefended model (GCM's backward is
+    the identity) and GCM's forward changes no prediction (it moves a pixel by at most 1e-8), so
+    the adaptive row repeats the undefended one; without GCM either, so does the standard row.
+    Ensemble and TTA are the same in all three rows and change nothing here; random pad does.
+    """
+    if defended.randomized:
+        return {}
+    if defended.gcm is None:
+        reason = "same as undefended: no defense layer"
+        return {"defended": reason, "adaptive": reason}
+    return {"adaptive": "same as undefended: BPDA through a deterministic GCM"}
+
+
+def row_labels(defense: str, adaptive_attack: str, reused: dict[str, str]) -> dict[str, str]:
+    labels = {
+        "undefended": "undefended",
+        "defended": f"{defense} (standard white-box, as in the paper)",
+        "adaptive": f"{defense} (adaptive: {adaptive_attack})",
+    }
+    return {k: f"{v}; {reused[k]}" if k in reused else v for k, v in labels.items()}
+
+
+def run_rows(
+    models: Models, x: torch.Tensor, y: torch.Tensor, cfg: Config, reused: dict[str, str], progress: bool
+) -> dict[str, dict]:
+    """The main table's three rows (see :func:`run_row`); a row in ``reused`` is the undefended row's."""
+    keep = ["pgd_linf"] if "transfer" in cfg.eval.attacks else []
+    raw = {"undefended": run_row(models.undefended, x, y, cfg, keep=keep, progress=progress, desc="undefended")}
+    for key in ("defended", "adaptive"):
+        if key in reused:
+            if progress:
+                print(f"  {key}: {reused[key]} (not computed again)", flush=True)
+            raw[key] = raw["undefended"]
+        elif key == "defended":
+            raw[key] = run_row(models.defended, x, y, cfg, progress=progress, desc=key)
+        else:
+            clean = raw["defended"]["clean"]
+            raw[key] = run_row(models.defended, x, y, cfg, adaptive=True, clean=clean, progress=progress, desc=key)
+    return raw
+
+
+def craft_transfers(
+    models: Models, x: torch.Tensor, y: torch.Tensor, cfg: Config, raw: dict, progress: bool
+) -> list[tuple[str, str, torch.Tensor]]:
+    """Transfer attacks for :func:`run_black_box`: PGD-Linf from the undefended twin and the surrogate."""
+    if "transfer" not in cfg.eval.attacks:
+        return []
+    same = raw["undefended"]["adv"].get("pgd_linf")
+    if same is None:
+        same = craft("pgd_linf", models.undefended, x, y, cfg)
+    transfers = [("transfer_same_weights", "transfer PGD-Linf from the same weights without the defense", same)]
+    if models.surrogate is not None:
+        transfers.append(
+            (
+                "transfer_surrogate",
+                f"transfer PGD-Linf from an independent checkpoint ({cfg.eval.surrogate})",
+                craft("pgd_linf", models.surrogate, x, y, cfg, progress=progress, desc="surrogate"),
+            )
+        )
+    return transfers
+
+
+def black_box_with_worst_case(
+    measured: list[tuple[Score, torch.Tensor]], raw: dict, clean: torch.Tensor, defense: str
+) -> list[Score]:
+    """The black-box scores, then the per-image worst case over them and the defended rows' attacks."""
+    black_box = [s for s, _ in measured]
+    adversarial = {f"defended/{k}": v for k, v in raw["defended"]["attacks"].items()}
+    adversarial.update({f"adaptive/{k}": v for k, v in raw["adaptive"]["attacks"].items()})
+    adversarial.update({s.attack: c for s, c in measured if s.attack == "square" or s.attack.startswith("transfer")})
+    if adversarial:
+        label = f"worst case per image over every attack above and in the {defense} rows"
+        black_box.append(Score.measure("worst_case", label, "all", None, 0, clean, worst_case(adversarial)))
+    return black_box
+
+
+def run_curves(
+    models: Models, x: torch.Tensor, y: torch.Tensor, cfg: Config, raw: dict, reused: dict[str, str], progress: bool
+) -> dict:
+    """PGD-Linf accuracy against ``eval.eps_curve`` for the three rows (a reused row's is the undefended one's)."""
+    curve: dict = {"eps": [float(v) for v in cfg.eval.eps_curve]}
+    if not cfg.eval.eps_curve:
+        return curve
+    for key, model, adaptive in (
+        ("undefended", models.undefended, False),
+        ("defended", models.defended, False),
+        ("adaptive", models.defended, True),
+    ):
+        if key in reused:
+            curve[key] = curve["undefended"]
+            continue
+        known = raw[key]["attacks"].get("pgd_linf")
+        curve[key] = run_curve(model, x, y, cfg, adaptive=adaptive, known=known, progress=progress, desc=f"{key} curve")
+    return curve
+
+
+# The eval settings eval.json records: how hard each attack tried.
+SETTING_KEYS = (
+    "eps_linf",
+    "eps_l2",
+    "eps_l1",
+    "steps",
+    "step_ratio",
+    "restarts",
+    "cw_steps",
+    "square_queries",
+    "aa_version",
+    "aa_attacks",
+    "aa_iters",
+    "aa_target_classes",
+    "aa_queries",
+    "eot_samples",
+    "draws",
+    "seed",
+)
+
+
 def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True) -> EvalResult:
     """The body of :func:`run`, under the lock of ``out_dir``."""
     start = time.perf_counter()
     e = cfg.eval
     torch.manual_seed(e.seed)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    checkpoints = resolve_member_paths(cfg)
-    members, infos = load_members(checkpoints, cfg.data.num_classes)
-    undefended = build_defended_model(members, infos, cfg, defense=False).to(device)
-    defended = build_defended_model(members, infos, cfg).to(device)
-    surrogate = None
-    if e.surrogate and "transfer" in e.attacks:
-        s_members, s_infos = load_members([e.surrogate], cfg.data.num_classes)
-        surrogate = build_defended_model(s_members, s_infos, cfg, defense=False).to(device)
-    x, y, source, keys = load_eval_images(cfg, input_size_of(infos))
+    models = build_models(cfg, device)
+    x, y, source, keys = load_eval_images(cfg, input_size_of(models.infos))
     defense, adaptive_attack = describe_defense(cfg)
-    labels = {
-        "undefended": "undefended",
-        "defended": f"{defense} (standard white-box, as in the paper)",
-        "adaptive": f"{defense} (adaptive: {adaptive_attack})",
-    }
+    reused = same_as_undefended(models.defended)
     if progress:
         print(
-            f"evaluate: {len(x)} images from the {source}, {len(members)} member(s), defense: {defense}, "
+            f"evaluate: {len(x)} images from the {source}, {len(models.checkpoints)} member(s), defense: {defense}, "
             f"device {device.type}",
             flush=True,
         )
 
-    keep = ["pgd_linf"] if "transfer" in e.attacks else []
-    raw = {
-        "undefended": run_row(undefended, x, y, cfg, keep=keep, progress=progress, desc="undefended"),
-        "defended": run_row(defended, x, y, cfg, progress=progress, desc="defended"),
-    }
-    raw["adaptive"] = run_row(
-        defended, x, y, cfg, adaptive=True, clean=raw["defended"]["clean"], progress=progress, desc="adaptive"
-    )
-    rows = {k: summarize_row(labels[k], v["clean"], v["attacks"], cfg) for k, v in raw.items()}
-
-    transfers = []
-    if "transfer" in e.attacks:
-        same = raw["undefended"]["adv"].get("pgd_linf")
-        if same is None:
-            same = craft("pgd_linf", undefended, x, y, cfg)
-        transfers.append(("transfer_same_weights", "transfer PGD-Linf from the same weights without the defense", same))
-        if surrogate is not None:
-            transfers.append(
-                (
-                    "transfer_surrogate",
-                    f"transfer PGD-Linf from an independent checkpoint ({e.surrogate})",
-                    craft("pgd_linf", surrogate, x, y, cfg, progress=progress, desc="surrogate"),
-                )
-            )
+    raw = run_rows(models, x, y, cfg, reused, progress)
+    labels = row_labels(defense, adaptive_attack, reused)
     clean = raw["defended"]["clean"]
-    measured = run_black_box(defended, x, y, cfg, clean, transfers, progress)
-    corruption = run_corruption_rows(defended, x, y, keys, cfg, clean, infos, progress)
-    black_box = [s for s, _ in measured]
-    adversarial = {f"defended/{k}": v for k, v in raw["defended"]["attacks"].items()}
-    adversarial.update({f"adaptive/{k}": v for k, v in raw["adaptive"]["attacks"].items()})
-    adversarial.update({s.attack: c for s, c in measured if s.attack == "square" or s.attack.startswith("transfer")})
-    if adversarial:
-        black_box.append(
-            Score.measure(
-                "worst_case",
-                f"worst case per image over every attack above and in the {defense} rows",
-                "all",
-                None,
-                0,
-                clean,
-                worst_case(adversarial),
-            )
-        )
-
-    curve: dict = {"eps": [float(v) for v in e.eps_curve]}
-    if e.eps_curve:
-        for key, model, adaptive in (
-            ("undefended", undefended, False),
-            ("defended", defended, False),
-            ("adaptive", defended, True),
-        ):
-            curve[key] = run_curve(
-                model,
-                x,
-                y,
-                cfg,
-                adaptive=adaptive,
-                known=raw[key]["attacks"].get("pgd_linf"),
-                progress=progress,
-                desc=f"{key} curve",
-            )
-
-    settings = {
-        k: getattr(e, k)
-        for k in (
-            "eps_linf",
-            "eps_l2",
-            "eps_l1",
-            "steps",
-            "step_ratio",
-            "restarts",
-            "cw_steps",
-            "square_queries",
-            "aa_version",
-            "aa_attacks",
-            "aa_iters",
-            "aa_target_classes",
-            "aa_queries",
-            "eot_samples",
-            "draws",
-            "seed",
-        )
-    }
+    transfers = craft_transfers(models, x, y, cfg, raw, progress)
+    measured = run_black_box(models.defended, x, y, cfg, clean, transfers, progress)
+    corruption = run_corruption_rows(models.defended, x, y, keys, cfg, clean, models.infos, progress)
+    curve = run_curves(models, x, y, cfg, raw, reused, progress)
     result = EvalResult(
         n=len(x),
         source=source,
         defense=defense,
         adaptive_attack=adaptive_attack,
-        checkpoints=checkpoints,
-        surrogate=e.surrogate if surrogate is not None else "",
-        settings={**settings, "cw_max_norm": SPECS["cw_l2"].budget(e)},
-        randomized=defended.randomized,
-        rows=rows,
-        black_box=black_box,
+        checkpoints=models.checkpoints,
+        surrogate=e.surrogate if models.surrogate is not None else "",
+        settings={**{k: getattr(e, k) for k in SETTING_KEYS}, "cw_max_norm": SPECS["cw_l2"].budget(e)},
+        randomized=models.defended.randomized,
+        rows={k: summarize_row(labels[k], v["clean"], v["attacks"], cfg) for k, v in raw.items()},
+        black_box=black_box_with_worst_case(measured, raw, clean, defense),
         eps_curve=curve,
         corruption=corruption,
         input_models=[
-            model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
+            model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info)
+            for c, info in zip(models.checkpoints, models.infos)
         ],
     )
     result.sanity = sanity_checks(result)

@@ -12,7 +12,7 @@ import io
 import json
 import math
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from core.config import Config
 from core.corruptions import group_of
@@ -53,6 +53,32 @@ def _describe_autoattack(s: dict, randomized: bool) -> str:
     )
 
 
+def describe_budgets(result: EvalResult, ran: Sequence[str]) -> str:
+    """The budgets line under the main table, naming only the attacks in ``ran``."""
+    s = result.settings
+    linf = [t for n, t in (("fgsm", "FGSM"), ("pgd_linf", "PGD-Linf"), ("autoattack", "AutoAttack")) if n in ran]
+    linf = [", ".join(linf[:-1]) + " and " + linf[-1]] if len(linf) > 1 else linf
+    parts = [f"{linf[0]} eps {s['eps_linf']:.4g} ({s['eps_linf'] * 255:.3g}/255)"] if linf else []
+    parts += [
+        f"{title} {s[key]:g}"
+        for name, title, key in (("pgd_l2", "PGD-L2", "eps_l2"), ("pgd_l1", "PGD-L1", "eps_l1"))
+        if name in ran
+    ]
+    budgets = ", ".join(parts)
+    if any(name.startswith("pgd_") for name in ran):
+        budgets += f"; PGD {s['steps']} steps of {s['step_ratio']:g} x eps, {s['restarts']} restart(s), random start"
+    if "cw_l2" in ran:
+        budgets += f"; C&W L2 {s['cw_steps']} Adam steps, projected onto L2 <= {s['cw_max_norm']:g}"
+    if result.randomized and budgets:
+        budgets += f", EOT {s['eot_samples']} samples per step"
+    line = f"Budgets (pixels in [0, 1]): {budgets.lstrip('; ')}." if budgets else ""
+    if "autoattack" in ran:
+        line += f" {_describe_autoattack(s, result.randomized)}"
+    if ran:
+        line += " Worst case: an image counts only if it survives every attack of its row."
+    return line.strip()
+
+
 def render_markdown(result: EvalResult) -> str:
     s, rows = result.settings, result.rows
     cols = _columns(result)
@@ -70,16 +96,8 @@ def render_markdown(result: EvalResult) -> str:
         cells = [_num(row.top1)] + [_cell(row.attacks[spec.name]) for spec in cols]
         cells.append(_cell(row.worst_case) if row.worst_case is not None else "-")
         lines.append(f"| {row.label} | " + " | ".join(cells) + " |")
-    eot = f", EOT {s['eot_samples']} samples per step" if result.randomized else ""
-    lines += [
-        "",
-        f"Budgets (pixels in [0, 1]): FGSM and PGD-Linf eps {s['eps_linf']:.4g} ({s['eps_linf'] * 255:.3g}/255), "
-        f"PGD-L2 {s['eps_l2']:g}, PGD-L1 {s['eps_l1']:g}; PGD {s['steps']} steps of {s['step_ratio']:g} x eps, "
-        f"{s['restarts']} restart(s), random start; C&W L2 {s['cw_steps']} Adam steps, projected onto "
-        f"L2 <= {s['cw_max_norm']:g}{eot}. {_describe_autoattack(s, result.randomized)} Worst case: an image "
-        "counts only if it survives every attack of its row.",
-        "",
-    ]
+    budgets = describe_budgets(result, [spec.name for spec in cols])
+    lines += ["", budgets, ""] if budgets else []
     lines += [
         f"| black box, transfer, noise (on the {result.defense} model) | accuracy % | AR |",
         "|---|---|---|",

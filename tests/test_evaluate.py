@@ -131,6 +131,9 @@ def test_report_files_table_warnings_and_verdict(trained, tmp_path):
     md = (tmp_path / "eval.md").read_text()
     assert "| model | Top-1 | FGSM | PGD-L1 | PGD-L2 | PGD-Linf | C&W | AutoAttack | worst case |" in md
     und, gcm, ada = (result.robust_acc(k, "pgd_linf") for k in ("undefended", "defended", "adaptive"))
+    # GCM alone is deterministic: the adaptive row is the undefended one, computed once and said so.
+    assert "same as undefended: BPDA through a deterministic GCM" in result.rows["adaptive"].label
+    assert result.rows["adaptive"].attacks == result.rows["undefended"].attacks and ada == und
     assert gcm > ada + MASKING_POINTS  # standard PGD is fooled by GCM, BPDA is not
     # AutoAttack, the field's standard: under BPDA at least as strong as our PGD (one image of
     # slack), and just as blind as PGD when it differentiates naively through GCM.
@@ -205,7 +208,33 @@ def test_corruptions_alone_on_the_validation_split(trained, tmp_path):
     assert list(summary["cells"]) == ["speckle_noise", "gaussian_blur", "spatter", "saturate"]
     assert summary["imagenet_c"] is None and result.mean_corruption_acc is None  # no common corruption ran
     assert summary["groups"]["held_out"] == pytest.approx(sum(c[2] for c in summary["cells"].values()) / 4)
-    assert "held-out four" in (tmp_path / "eval.md").read_text() and "PGD-Linf was not run" in result.verdict
+    md = (tmp_path / "eval.md").read_text()
+    assert "held-out four" in md and "PGD-Linf was not run" in result.verdict
+    assert "Budgets" not in md  # no attack ran, so no budget to state
+
+
+def test_the_adaptive_row_of_a_deterministic_gcm_is_the_undefended_row(setup, trained):
+    """What evaluate reuses, computed both ways: BPDA through GCM without a random layer leaves the
+    same images correct as the undefended model, attack by attack, also for an ensemble with TTA."""
+    _, _, _, x, y = setup
+    best = str(load_config(None, trained).run_dir / "best")
+    overrides = [*trained, *FAST, "eval.attacks=[fgsm,pgd_linf,pgd_l2,cw_l2,autoattack]", "tta.hflip=true"]
+    cfg = load_config(None, [*overrides, f"submit.checkpoints=[{best},{best}]", "submit.weights=[0.7,0.3]"])
+    models = evaluate.build_models(cfg, torch.device("cpu"))
+    assert evaluate.same_as_undefended(models.defended) == {
+        "adaptive": "same as undefended: BPDA through a deterministic GCM"
+    }
+    undefended = evaluate.run_row(models.undefended, x, y, cfg)
+    adaptive = evaluate.run_row(models.defended, x, y, cfg, adaptive=True)
+    assert torch.equal(undefended["clean"], adaptive["clean"])
+    assert set(undefended["attacks"]) == {"fgsm", "pgd_linf", "pgd_l2", "cw_l2", "autoattack"}
+    for name, correct in undefended["attacks"].items():
+        assert torch.equal(correct, adaptive["attacks"][name]), name
+    # A random layer makes the rows differ (EOT), no GCM makes the standard row the same too.
+    padded = evaluate.build_models(load_config(None, [*overrides, "random_pad.enabled=true"]), torch.device("cpu"))
+    assert evaluate.same_as_undefended(padded.defended) == {}
+    bare = evaluate.build_models(load_config(None, [*overrides, "gcm.enabled=false"]), torch.device("cpu"))
+    assert set(evaluate.same_as_undefended(bare.defended)) == {"defended", "adaptive"}
 
 
 def _score(attack: str, robust_acc: float) -> Score:
@@ -305,6 +334,10 @@ def test_random_pad_eot_path_is_reproducible(trained, tmp_path):
     a = evaluate.run(load_config(None, [*small, f"eval.out_dir={tmp_path / 'a'}"]), progress=False)
     b = evaluate.run(load_config(None, [*small, f"eval.out_dir={tmp_path / 'b'}"]), progress=False)
     assert a.randomized and "EOT over random pad" in a.rows["adaptive"].label
+    assert "same as undefended" not in a.rows["adaptive"].label  # random pad: computed, with EOT
+    budgets = next(line for line in (tmp_path / "a" / "eval.md").read_text().splitlines() if "Budgets" in line)
+    assert "FGSM and PGD-Linf eps" in budgets and "C&W L2 3 Adam steps" in budgets and "EOT 2 samples" in budgets
+    assert not any(name in budgets for name in ("PGD-L2", "PGD-L1", "AutoAttack")), budgets
     assert a.rows == b.rows and a.black_box == b.black_box and a.eps_curve == b.eps_curve
     # Expected accuracy over 3 draws of 16 images: multiples of 100 / 48.
     top1 = a.rows["defended"].top1
