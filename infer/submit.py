@@ -142,11 +142,9 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     """The body of :func:`run`, under the lock of the submission's name."""
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
-
     test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
     items = list_test_images(test_dir)
-    size = input_size_of(infos)
-    loader = create_test_loader(cfg, items, size, accelerator)
+    loader = create_test_loader(cfg, items, input_size_of(infos), accelerator)
     accelerator.print(
         f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
         f"{len(model.model.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
@@ -159,6 +157,37 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     if not accelerator.is_main_process:
         return result  # the main process holds every prediction and writes the files
 
+    preds, bad_files = apply_fallback(cfg, items, ids, preds, bad, accelerator)
+    labels = read_hidden_labels(cfg.data)
+    if labels is not None:
+        result.update(hidden_label_accuracy(ids, preds, labels))
+    name = cfg.submit.file_name or cfg.name
+    lineages = [
+        model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
+    ]
+    sources = list(zip(checkpoints, infos, lineages))
+    meta = build_meta(cfg, model, sources, test_dir, len(ids), bad_files, result, accelerator.num_processes)
+    meta["seconds"] = round(time.perf_counter() - start, 2)
+    paths = write_submission(Path(cfg.submit.out_dir), name, ids, preds, meta, test_dir, cfg.data.num_classes)
+    result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
+    acc = (
+        f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%"
+        if "test_acc" in result
+        else ""
+    )
+    accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
+    log_submission(cfg, paths, meta, lineages)
+    return result
+
+
+def apply_fallback(
+    cfg: Config, items: list, ids: list, preds: list, bad: Sequence, accelerator: Accelerator
+) -> tuple[list, list[str]]:
+    """Predictions with unreadable images set to ``submit.fallback_class``, and those images' paths.
+
+    Raises:
+        UserError: an unreadable image with ``submit.on_bad_image=error``.
+    """
     path_of = {image_id: path for path, image_id in items}
     bad_files = [str(path_of[i]) for i in sorted(bad)]
     if bad_files and cfg.submit.on_bad_image == "error":
@@ -173,24 +202,29 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
             f"warning: {len(bad_files)} unreadable image(s) predicted as class "
             f"{cfg.submit.fallback_class} (listed in the meta file)"
         )
+    return preds, bad_files
 
-    labels = read_hidden_labels(cfg.data)
-    if labels is not None:
-        result.update(hidden_label_accuracy(ids, preds, labels))
 
+def build_meta(
+    cfg: Config,
+    model: DefendedModel,
+    sources: list[tuple[str, dict, dict]],
+    test_dir: Path,
+    n_images: int,
+    bad_files: list[str],
+    result: dict,
+    num_processes: int,
+) -> dict:
+    """The meta file: what made these predictions. ``sources`` holds (checkpoint, its info, its
+    W&B lineage) per member; the caller adds ``seconds``."""
     import timm  # for its version; loaded by core.model, which keeps wandb out of it
 
-    name = cfg.submit.file_name or cfg.name
-    lineages = [
-        model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
-    ]
-    meta = {
-        "name": name,
+    return {
+        "name": cfg.submit.file_name or cfg.name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "seconds": round(time.perf_counter() - start, 2),
         "test_dir": str(test_dir),
-        "n_images": len(ids),
-        "num_processes": accelerator.num_processes,
+        "n_images": n_images,
+        "num_processes": num_processes,
         "checkpoints": [
             {
                 "path": str(resolve_checkpoint_files(c)[0]),
@@ -200,7 +234,7 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
                 "val_acc": info.get("val_acc"),
                 "wandb_artifact": lineage["artifact"],
             }
-            for c, info, lineage in zip(checkpoints, infos, lineages)
+            for c, info, lineage in sources
         ],
         "defense": describe(model),
         "bad_images": bad_files,
@@ -209,16 +243,6 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
         "config": config_to_dict(cfg),
     }
-    paths = write_submission(Path(cfg.submit.out_dir), name, ids, preds, meta, test_dir, cfg.data.num_classes)
-    result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
-    acc = (
-        f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%"
-        if "test_acc" in result
-        else ""
-    )
-    accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
-    log_submission(cfg, paths, meta, lineages)
-    return result
 
 
 def log_submission(cfg: Config, paths: dict[str, Path], meta: dict, lineages: list[dict]) -> None:

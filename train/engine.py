@@ -58,68 +58,30 @@ def train_one_epoch(
     ``accelerator.skip_first_batches``. ``on_optimizer_step`` runs after every optimizer step
     (checkpointing lives there).
     """
-    t = training.cfg.train
-    model, optimizer, scheduler = training.model, training.optimizer, training.scheduler
-    loss_fn, mixup_fn, ema, accelerator = training.loss_fn, training.mixup_fn, training.ema, training.accelerator
-    channels_last = training.cfg.model.channels_last
-    model.train()
-    raw_model = accelerator.unwrap_model(model)
-    total_batches = len(loader) + progress.batch
-    bar = tqdm(
-        total=total_batches,
-        initial=progress.batch,
-        desc=f"epoch {epoch}",
-        leave=False,
-        disable=not accelerator.is_local_main_process,
-        dynamic_ncols=True,
-    )
+    t, accelerator = training.cfg.train, training.accelerator
+    training.model.train()
+    raw_model = accelerator.unwrap_model(training.model)
+    bar = create_bar(len(loader) + progress.batch, progress.batch, epoch, accelerator)
     loss_sum, loss_count, seen = 0.0, 0, 0
     start = time.perf_counter()
     for images, targets in loader:
-        x = to_float_images(images, channels_last)
+        x = to_float_images(images, training.cfg.model.channels_last)
         if on_first_batch is not None:
             on_first_batch(x)
             on_first_batch = None
-        if mixup_fn is not None:
-            x, targets = mixup_fn(x, targets)
-        with accelerator.accumulate(model):
-            with accelerator.autocast():
-                epoch_now = progress.global_step / max(1, training.updates_per_epoch)
-                loss = adversarial_loss(model, raw_model, loss_fn, x, targets, t.adv, epoch_now)
-            value = loss.detach().float().item()
-            if not math.isfinite(value):
-                raise TrainingDiverged(
-                    f"training loss became {value} at epoch {epoch}, batch {progress.batch}; stopped "
-                    "(the last good checkpoint is kept: lower train.lr or use train.clip_grad)"
-                )
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and t.clip_grad > 0:
-                accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if training.mixup_fn is not None:
+            x, targets = training.mixup_fn(x, targets)
+        value = train_step(training, raw_model, x, targets, progress, epoch)
         progress.batch += 1
         loss_sum += value
         loss_count += 1
         seen += x.shape[0] * accelerator.num_processes
         bar.update(1)
         if accelerator.sync_gradients:
-            progress.global_step += 1
-            scheduler.step_update(num_updates=progress.global_step)
-            if ema is not None:
-                ema.update(raw_model, step=progress.global_step)
+            finish_update(training, raw_model, progress)
             if progress.global_step % t.log_every == 0:
-                elapsed = time.perf_counter() - start
-                lr = optimizer.param_groups[0]["lr"]
-                logged_loss = mean_over_processes(accelerator, value, 1)
-                bar.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{lr:.2e}")
-                accelerator.log(
-                    {
-                        "train/loss": logged_loss,
-                        "train/lr": lr,
-                        "train/epoch": epoch,
-                        "train/samples_per_s": seen / max(elapsed, 1e-9),
-                    },
-                    step=progress.global_step,
+                log_step(
+                    training, bar, value, epoch, progress.global_step, seen / max(time.perf_counter() - start, 1e-9)
                 )
             if on_optimizer_step is not None:
                 on_optimizer_step()
@@ -129,6 +91,64 @@ def train_one_epoch(
     elapsed = time.perf_counter() - start
     loss = mean_over_processes(accelerator, loss_sum, loss_count)
     return {"loss": loss, "samples_per_s": seen / max(elapsed, 1e-9)}
+
+
+def create_bar(total: int, initial: int, epoch: int, accelerator) -> tqdm:
+    """The epoch's progress bar, on the local main process only."""
+    return tqdm(
+        total=total,
+        initial=initial,
+        desc=f"epoch {epoch}",
+        leave=False,
+        disable=not accelerator.is_local_main_process,
+        dynamic_ncols=True,
+    )
+
+
+def train_step(
+    training: Training, raw_model: nn.Module, x: torch.Tensor, targets: torch.Tensor, progress: Progress, epoch: int
+) -> float:
+    """Forward, backward and (when gradients sync) an optimizer step on one batch; returns its loss.
+
+    Raises:
+        TrainingDiverged: the loss is not finite (the last good checkpoint is kept).
+    """
+    t, model, accelerator = training.cfg.train, training.model, training.accelerator
+    with accelerator.accumulate(model):
+        with accelerator.autocast():
+            epoch_now = progress.global_step / max(1, training.updates_per_epoch)
+            loss = adversarial_loss(model, raw_model, training.loss_fn, x, targets, t.adv, epoch_now)
+        value = loss.detach().float().item()
+        if not math.isfinite(value):
+            raise TrainingDiverged(
+                f"training loss became {value} at epoch {epoch}, batch {progress.batch}; stopped "
+                "(the last good checkpoint is kept: lower train.lr or use train.clip_grad)"
+            )
+        accelerator.backward(loss)
+        if accelerator.sync_gradients and t.clip_grad > 0:
+            accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
+        training.optimizer.step()
+        training.optimizer.zero_grad(set_to_none=True)
+    return value
+
+
+def finish_update(training: Training, raw_model: nn.Module, progress: Progress) -> None:
+    """After an optimizer step: count it, step the schedule, update the EMA weights."""
+    progress.global_step += 1
+    training.scheduler.step_update(num_updates=progress.global_step)
+    if training.ema is not None:
+        training.ema.update(raw_model, step=progress.global_step)
+
+
+def log_step(training: Training, bar: tqdm, value: float, epoch: int, step: int, samples_per_s: float) -> None:
+    """Loss (mean over processes), learning rate and throughput to the bar and the trackers."""
+    lr = training.optimizer.param_groups[0]["lr"]
+    logged_loss = mean_over_processes(training.accelerator, value, 1)
+    bar.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{lr:.2e}")
+    training.accelerator.log(
+        {"train/loss": logged_loss, "train/lr": lr, "train/epoch": epoch, "train/samples_per_s": samples_per_s},
+        step=step,
+    )
 
 
 def mean_over_processes(accelerator, total: float, count: int) -> float:
