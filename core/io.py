@@ -84,7 +84,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_write_files(texts: dict[Path, str], check: Callable[[dict[Path, Path]], None] | None = None) -> None:
+def atomic_write_files(texts: dict[Path, str | bytes], check: Callable[[dict[Path, Path]], None] | None = None) -> None:
     """Write several text files as one unit: all of them appear, or none changes.
 
     ``core.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
@@ -93,7 +93,7 @@ def atomic_write_files(texts: dict[Path, str], check: Callable[[dict[Path, Path]
     Older files are kept as hard links (a copy where links are unsupported) until the end.
 
     Args:
-        texts: Target path -> text.
+        texts: Target path -> text (UTF-8, "\n" line ends) or bytes.
         check: Called with ``{target: temp file}`` once every temp file is written, before any
             rename; raising there leaves every target as it was (so files are validated whole,
             under their temporary names, before they replace the old ones).
@@ -138,12 +138,13 @@ def atomic_write_files(texts: dict[Path, str], check: Callable[[dict[Path, Path]
             tmp.unlink(missing_ok=True)
 
 
-def _write_temp(target: Path, text: str) -> Path:
+def _write_temp(target: Path, content: str | bytes) -> Path:
     # Same naming as core.io.atomic_path: hidden, beside the target, so rename stays atomic.
     fd, tmp = create_temp_beside(target)
     try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as fh:
-            fh.write(text)
+        as_text = {"mode": "w", "encoding": "utf-8", "newline": "\n"} if isinstance(content, str) else {"mode": "wb"}
+        with os.fdopen(fd, **as_text) as fh:
+            fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
     except BaseException:

@@ -27,6 +27,7 @@ the whole defended model at its input size (our counter), and ptflops on each Ph
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -40,7 +41,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
 from core.errors import UserError
-from core.io import atomic_write_bytes, atomic_write_text
+from core.io import atomic_write_files
 from core.model import count_params
 from core.outputs import check_outputs, hold_output
 from gcm import DefendedModel
@@ -296,12 +297,15 @@ def output_paths(stem: Path, formats: Sequence[str]) -> dict[str, Path]:
 
 
 def write_outputs(stem: Path, files: dict[str, bytes], report: dict) -> dict[str, Path]:
-    """Write each file and then the budget JSON (each atomically); returns the paths by format."""
+    """Write the files and the budget JSON as one unit (all appear, or none changes); the JSON
+    records each file's sha256, so a file from another export is seen. Returns the paths by format."""
     paths = output_paths(stem, list(files))
+    for fmt, data in files.items():
+        report["files"][fmt]["sha256"] = hashlib.sha256(data).hexdigest()
     try:
-        for fmt, data in files.items():
-            atomic_write_bytes(paths[fmt], data)
-        atomic_write_text(paths["budget"], json.dumps(report, indent=2) + "\n")
+        atomic_write_files(
+            {**{paths[fmt]: data for fmt, data in files.items()}, paths["budget"]: json.dumps(report, indent=2) + "\n"}
+        )
     except OSError as exc:
         raise UserError(f"export.path: cannot write {exc.filename or stem} ({exc.strerror or exc})") from None
     return paths

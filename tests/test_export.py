@@ -3,6 +3,7 @@ random resize-pad draw for draw), keeps GCM's gradient and the random draws; bud
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import pytest
@@ -95,6 +96,9 @@ def test_budget_json_sits_next_to_the_file(exported):
     assert report["tta_views"] == 2 and len(report["members"]) == 2 and report["input_size"] == 32
     assert report["defense"]["gcm"]["enabled"] and report["defense"]["members"] == 2
     assert report["gmacs"] == pytest.approx(result["gmacs"]) and report["gmacs"] > 0
+    for fmt, path in result["paths"].items():  # the set is checkable: each file's hash in the report
+        if fmt != "budget":
+            assert report["files"][fmt]["sha256"] == hashlib.sha256(open(path, "rb").read()).hexdigest(), fmt
 
 
 def test_exported_file_keeps_the_concealed_gradient(exported):
@@ -264,14 +268,23 @@ def test_cli_missing_checkpoint_is_exit_2(tmp_path):
     ]
 
 
-def test_a_full_disk_while_exporting_keeps_the_earlier_file(checkpoints, tmp_path, monkeypatch):
-    cfg = _cfg(checkpoints[:1], tmp_path, "tta.hflip=false")
-    export.run(cfg)
+@pytest.mark.parametrize("refused", ["defended.pt2", "defended.budget.json"])
+def test_a_full_disk_while_exporting_keeps_the_earlier_files(checkpoints, tmp_path, monkeypatch, refused):
+    """The files are one unit: a disk full on the last model file or on the budget JSON leaves
+    every earlier file as it was (not new ONNX and zip files beside an old budget)."""
+    common = ["tta.hflip=false", "export.formats=[onnx,zip,pt2]"]
+    export.run(_cfg(checkpoints[:1], tmp_path, *common, "export.channel_order=rgb"))
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
-    full_disk(monkeypatch, "defended.pt2")
-    with pytest.raises(UserError, match=r"export.path: cannot write .*defended.pt2 \(No space left on device\)"):
-        export.run(cfg)
-    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert {"defended.onnx", "defended.zip", "defended.pt2", "defended.budget.json"} <= set(before)
+    bgr = _cfg(checkpoints[:1], tmp_path, *common, "export.channel_order=bgr")  # other bytes in every file
+    with monkeypatch.context() as m:
+        full_disk(m, refused)
+        with pytest.raises(UserError, match=rf"export.path: cannot write .*{refused} \(No space left on device\)"):
+            export.run(bgr)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    export.run(bgr)  # with room on the disk, every file changes
+    after = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert set(after) == set(before) and all(after[name] != before[name] for name in before)
 
 
 def test_an_export_never_lands_on_a_model(checkpoints, tmp_path):
