@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -212,7 +213,11 @@ def test_a_multi_process_run_stops_on_a_held_lock_in_one_line_and_every_rank_sto
     assert ranks.returncode != 0
     errors = [line for line in ranks.stderr.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and f"in use by evaluate (pid {os.getpid()} on {HOST}" in errors[0], ranks.stderr[-3000:]
-    assert ranks.stderr.count("exitcode  : 2") == 2, ranks.stderr[-3000:]  # both ranks ended with the refusal
+    # Every rank ended with the refusal (exit 2), or was stopped by the launcher (SIGTERM, -15) once
+    # another had: which one the launcher sees first is timing. A rank waiting at a barrier would
+    # have hung until the timeout instead.
+    codes = re.findall(r"exitcode  : (-?\d+)", ranks.stderr)
+    assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, ranks.stderr[-3000:]
 
 
 def test_evaluate_refuses_a_report_over_a_submission_before_any_attack(tmp_path):
