@@ -44,6 +44,7 @@ from core.manifest import KINDS, MANIFEST_NAME
 from core.outputs import hold_output
 from infer.defended import load_members, resize_to, resolve_member_paths
 from robust.evaluate import load_eval_images
+from robust.specs import draw_attack
 
 LABELS_NAME = "test_labels.txt"
 IMAGES_DIR = "test"
@@ -122,22 +123,6 @@ def assign_kinds(n: int, t: TestsetConfig, seed: int) -> list[str]:
         counts[k] += 1
     kinds = [kind for kind, c in zip(KINDS, counts) for _ in range(c)]
     return [kinds[i] for i in np.random.default_rng(seed).permutation(n)]
-
-
-def draw_attack(rng: np.random.Generator, draws, n_surrogates: int = 0) -> dict:
-    """One attack's settings, each item uniform over its list in ``draws`` (an ``AttackDrawConfig``)."""
-    norm = str(rng.choice(draws.norms))
-    step = {
-        "op": "attack",
-        "kind": str(rng.choice(draws.kinds)),
-        "norm": norm,
-        "eps": float(rng.choice(getattr(draws, f"eps_{norm}"))),
-        "steps": int(rng.choice(draws.steps)),
-        "seed": int(rng.integers(2**31)),
-    }
-    if n_surrogates:
-        step["surrogate"] = int(rng.integers(n_surrogates))
-    return step
 
 
 def draw_corruption(rng: np.random.Generator, t: TestsetConfig, key: str) -> dict:
