@@ -41,7 +41,8 @@ def draw_settings(cfg: Config) -> list[dict]:
 
 def describe_setting(d: dict) -> str:
     eps = f"{d['eps'] * 255:.3g}/255" if d["norm"] == "linf" else f"{d['eps']:.3g}"
-    return f"{d['kind']} {d['norm']} eps {eps}, {d['steps']} steps"
+    steps = "1 step" if d["kind"] == "fgsm" else f"{d['steps']} steps"
+    return f"{d['kind']} {d['norm']} eps {eps}, {steps}"
 
 
 def create_spec(d: dict) -> AttackSpec:
