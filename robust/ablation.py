@@ -54,6 +54,7 @@ from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members
 from robust.evaluate import load_eval_images
+from robust.report import figure_png
 from robust.runner import craft, score
 from robust.testset import IMAGES_DIR, LABELS_NAME
 
@@ -267,14 +268,9 @@ def render_csv(records: list[dict]) -> str:
 
 def render_png(records: list[dict]) -> bytes:
     """Difference to ``single`` (points) with its 95% interval, per variant and metric."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     others = [r for r in records if r["variant"] != "single"]
-    fig, ax = plt.subplots(figsize=(9, 1.2 + 0.45 * max(1, len(others))))
-    try:
+
+    def draw(ax) -> None:
         for j, m in enumerate(METRICS):
             ys = [i + (j - 1) * 0.25 for i in range(len(others))]
             xs = [r[f"{m}_diff"] for r in others]
@@ -284,12 +280,8 @@ def render_png(records: list[dict]) -> bytes:
         ax.set_yticks(range(len(others)), [r["variant"] for r in others])
         ax.set_xlabel("difference to the single model (points), 95% bootstrap interval")
         ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+
+    return figure_png(draw, (9, 1.2 + 0.45 * max(1, len(others))))
 
 
 def output_files(out_dir: Path) -> dict[str, Path]:

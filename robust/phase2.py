@@ -90,6 +90,7 @@ def run_phase2(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Config, 
         "adaptive": summarize_draws([r["adaptive"] for r in per_draw]),
         "distribution": {k: list(v) for k, v in vars(cfg.phase2.attack).items()},
         "seed": cfg.phase2.seed,
+        "eot": bool(getattr(model, "randomized", False)),
     }
 
 
@@ -99,7 +100,7 @@ def format_phase2(result: dict) -> str:
         f"Phase-II-like score: {len(result['draws'])} white-box attacks with drawn settings "
         f"(phase2.seed {result['seed']}). Accuracy %:",
         "",
-        "| draw | naive (through the file's GCM) | adaptive (BPDA + EOT) |",
+        f"| draw | naive (through the file's GCM) | adaptive (BPDA{' + EOT' if result['eot'] else ''}) |",
         "|---|---|---|",
     ]
     lines += [f"| {r['title']} | {r['naive']:.1f} | {r['adaptive']:.1f} |" for r in result["draws"]]
