@@ -135,6 +135,7 @@ def test_bootstrap_interval_says_when_a_difference_is_noise():
     assert ablation.bootstrap_difference(flipped, base, 1000, seed=0)["noise"]
 
 
+@pytest.mark.slow
 def test_run_writes_one_row_per_variant_with_intervals(overrides):
     variants = "ablation.variants=[single,hflip,ensemble,gcm,random_pad,mixed+hflip]"
     result = ablation.run(load_config(None, [*overrides, variants]), progress=False)
