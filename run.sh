@@ -28,6 +28,8 @@ usage: ./run.sh COMMAND [args]
   train    [--config FILE] [key=value ...] [accelerate flags]   fine-tune (checkpoints + W&B)
   submit   [--config FILE] [key=value ...] [accelerate flags]   GCM + ensemble + TTA -> submissions/
   evaluate [--config FILE] [key=value ...]                      local leaderboard (clean/corruptions/attacks)
+  make-testset [--config FILE] [key=value ...]                  a Phase-I-like test set (clean/corrupted/transfer/stacked)
+  ablate   [--config FILE] [key=value ...]                      what each part of the submission stack buys
   validate FILE --test-dir DIR [--num-classes N]                check a submission file
   export   [--config FILE] [key=value ...]                      Phase II files (.onnx, .zip) + .pt2 + budget report
   check-submission FILE [--image-size N] [--config FILE] [key=value ...]  the organizers' checks of a Phase II file
@@ -43,6 +45,8 @@ case "$cmd" in
   train)     ensure_venv; exec "$PY" -m core.launch train.main "$@" ;;
   submit)    ensure_venv; exec "$PY" -m core.launch infer.submit "$@" ;;
   evaluate)  ensure_venv; exec "$PY" -m robust.evaluate "$@" ;;
+  make-testset) ensure_venv; exec "$PY" -m robust.testset "$@" ;;
+  ablate)    ensure_venv; exec "$PY" -m robust.ablation "$@" ;;
   validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;
   export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
   check-submission) ensure_venv; exec "$PY" -m infer.check_submission "$@" ;;

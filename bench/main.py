@@ -20,6 +20,8 @@ Everything runs on the real code paths with real configs (``core.config.load_con
 * ``parts``: GCM against one forward; k TTA views batched against k single-view forwards; an
   ensemble of m members against the sum of its members.
 * ``decode`` (opt-in): peak memory of decoding the largest image of each kind the limits accept.
+* ``ablation`` (opt-in): ``./run.sh ablate`` (every default variant, AutoAttack through each
+  stack) against one ``submit`` of the same test images.
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
   a 2-process CPU training run (``python -m core.launch train.main --num_processes 2``)
   against 1 process.
@@ -53,6 +55,7 @@ from typing import Sequence
 
 import torch
 
+from bench.ablation import bench_ablation
 from bench.commands import bench_commands
 from bench.decode import bench_decode
 from bench.measure import BenchSettings, Row, describe_machine, prepare_context
@@ -64,8 +67,9 @@ from bench.training import bench_train
 from core.cli import quiet_libraries, user_path
 from core.errors import UserError
 
-SECTIONS = ("submit", "train", "parts", "scaling", "commands", "compile", "decode")
-# opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min)
+SECTIONS = ("submit", "train", "parts", "scaling", "commands", "compile", "decode", "ablation")
+# opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min),
+# ablation (./run.sh ablate on 100 images against one submit, several minutes)
 DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling", "commands")
 
 
@@ -77,6 +81,7 @@ RUNNERS = {
     "commands": bench_commands,
     "compile": bench_compile,
     "decode": bench_decode,
+    "ablation": bench_ablation,
 }
 
 

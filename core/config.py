@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from core.corruptions import ALL_CORRUPTIONS
+from core.corruptions import ALL_CORRUPTIONS, COMMON
 from core.errors import UserError, echo
 from core.io import atomic_write_text, submission_name_problem
 
@@ -71,6 +71,8 @@ class DataConfig:
     split_seed: int = 0
     test_dir: str = "test"
     test_labels: str = ""  # optional hidden labels (`N.png LABEL`) for a local score
+    # the per-image manifest of a `make-testset` folder: submit breaks its score down by kind
+    test_manifest: str = ""
     num_classes: int = 100
     image_size: int = 224
     num_workers: int = 2
@@ -288,6 +290,80 @@ class ExportConfig:
     channel_order: str = "rgb"  # of the images the Phase II files are fed (the organizers feed bgr)
 
 
+# What `make-testset` and the Phase-II-like score may draw (attacks/transfer.py: ATTACK_KINDS).
+ATTACK_DRAW_KINDS = ("fgsm", "pgd", "mifgsm", "difgsm")
+
+
+@dataclass
+class AttackDrawConfig:
+    """A distribution over attack settings: each draw picks every item uniformly from its list."""
+
+    kinds: list = field(default_factory=lambda: list(ATTACK_DRAW_KINDS))
+    norms: list = field(default_factory=lambda: ["linf", "l2"])
+    # eps in [0, 1] pixel units; L2 values are for 224 px (scale them by side / 224 for small images)
+    eps_linf: list = field(default_factory=lambda: [2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    eps_l2: list = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    steps: list = field(default_factory=lambda: [5, 10, 20])
+
+
+@dataclass
+class TestsetConfig:
+    """``./run.sh make-testset``: a Phase-I-like test set from held-out labelled images."""
+
+    out_dir: str = "data/testset"  # written whole (temp folder + rename): test/N.png, test_labels.txt, manifest.json
+    overwrite: bool = False  # replace an existing make-testset folder
+    subset: int = 0  # source images (seeded choice); 0 -> all labelled ones
+    seed: int = 0
+    # the mix: fraction of each kind (they must sum to 1); stacked = attack and corruption, in either order
+    clean: float = 0.25
+    corruption: float = 0.25
+    transfer: float = 0.25
+    stacked: float = 0.25
+    surrogates: list = field(default_factory=list)  # checkpoints the transfer attacks are crafted on
+    corruptions: list = field(default_factory=lambda: list(COMMON))
+    severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
+
+
+@dataclass
+class Phase2Config:
+    """The Phase-II-like score of ``evaluate eval.file=FILE``: ``draws`` white-box attacks on the file."""
+
+    draws: int = 0  # k attacks, each with settings drawn from `attack`; 0 -> off
+    seed: int = 0
+    attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
+
+
+# The stack parts `ablate` can combine ("+"-joined in ablation.variants; robust/ablation.py).
+ABLATION_PARTS = (
+    "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature",
+    "adversarial", "corruption", "mixed",
+)  # fmt: skip
+
+
+@dataclass
+class AblationConfig:
+    """``./run.sh ablate``: what each part of the submission stack buys, variant by variant."""
+
+    testset: str = "data/testset"  # a make-testset folder: the Phase-I-like score
+    # checkpoints per recipe (2-3 each): standard, adversarially trained, corruption-trained
+    standard: list = field(default_factory=list)
+    adversarial: list = field(default_factory=list)
+    corruption: list = field(default_factory=list)
+    # "+"-joined parts of ABLATION_PARTS on top of one standard checkpoint without GCM, TTA or pad
+    variants: list = field(
+        default_factory=lambda: [
+            "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature", "adversarial",
+            "corruption", "ensemble+hflip+multiscale", "mixed+hflip+multiscale",
+        ]
+    )  # fmt: skip
+    scales: list = field(default_factory=lambda: [0.9, 1.0, 1.1])  # the multiscale part's TTA scales
+    temperature: float = 2.0  # the temperature part (on a single model it changes no prediction)
+    attack_subset: int = 100  # clean images attacked per variant (AutoAttack + BPDA/EOT); 0 -> all
+    bootstrap: int = 2000  # resamples over images of each difference's 95% interval
+    out_dir: str = ""  # "" -> runs/<name>/ablation
+
+
 @dataclass
 class Config:
     name: str = "cvpr22"
@@ -307,6 +383,9 @@ class Config:
     budget: BudgetConfig = field(default_factory=BudgetConfig)
     export: ExportConfig = field(default_factory=ExportConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    testset: TestsetConfig = field(default_factory=TestsetConfig)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
 
     @property
     def run_dir(self) -> Path:
@@ -329,6 +408,11 @@ _CHOICES = {
     "train.adv.select": ("auto", "clean", "robust"),
     "export.formats": ("onnx", "zip", "pt2"),
     "export.channel_order": ("rgb", "bgr"),
+    "testset.corruptions": ALL_CORRUPTIONS,
+    "testset.attack.kinds": ATTACK_DRAW_KINDS,
+    "testset.attack.norms": ("linf", "l2"),
+    "phase2.attack.kinds": ATTACK_DRAW_KINDS,
+    "phase2.attack.norms": ("linf", "l2"),
 }
 
 
@@ -592,6 +676,9 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     _check_model(cfg.model)
     _check_predict(cfg)
     _check_eval(cfg.eval)
+    _check_testset(cfg.testset)
+    _check_attack_draws(cfg.phase2.attack, "phase2.attack")
+    _check_ablation(cfg.ablation)
 
 
 # `name` and `submit.file_name` become file and folder names with up to 24 more characters (temporary,
@@ -750,6 +837,47 @@ def _check_eval(e: EvalConfig) -> None:
     _at_least_one(e, "eval", ("aa_iters", "aa_target_classes", "aa_queries"))
     if e.aa_version == "custom" and not e.aa_attacks:
         raise ConfigError("config key 'eval.aa_attacks' needs at least one attack with eval.aa_version=custom")
+
+
+def _check_attack_draws(a: AttackDrawConfig, prefix: str) -> None:
+    for key in ("kinds", "norms", "steps"):
+        if not getattr(a, key):
+            raise ConfigError(f"config key '{prefix}.{key}' needs at least one value")
+    for norm in a.norms:
+        values = getattr(a, f"eps_{norm}")
+        if not values or any(v <= 0 for v in values):
+            raise ConfigError(f"config key '{prefix}.eps_{norm}' needs one or more positive values")
+    if any(s < 1 for s in a.steps):
+        raise ConfigError(f"config key '{prefix}.steps': every value must be at least 1")
+
+
+def _check_testset(t: TestsetConfig) -> None:
+    fractions = {k: getattr(t, k) for k in ("clean", "corruption", "transfer", "stacked")}
+    if any(v < 0 for v in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
+        raise ConfigError(
+            f"config keys 'testset.clean/corruption/transfer/stacked' must be >= 0 and sum to 1, "
+            f"got {echo(list(fractions.values()))}"
+        )
+    if t.subset < 0:
+        raise ConfigError("config key 'testset.subset' must be >= 0 (0 = all images)")
+    if fractions["corruption"] + fractions["stacked"] > 0 and (not t.corruptions or not t.severities):
+        raise ConfigError("config keys 'testset.corruptions'/'testset.severities' need values for corrupted images")
+    if any(s not in range(1, 6) for s in t.severities):
+        raise ConfigError(f"config key 'testset.severities': {echo(t.severities)} must be within 1..5")
+    _check_attack_draws(t.attack, "testset.attack")
+
+
+def _check_ablation(a: AblationConfig) -> None:
+    for i, variant in enumerate(a.variants):
+        for part in str(variant).split("+"):
+            if part not in ABLATION_PARTS:
+                raise ConfigError(
+                    f"config key 'ablation.variants[{i}]': {echo(part)} is not a part ({', '.join(ABLATION_PARTS)})"
+                )
+    if not a.scales or any(s <= 0 for s in a.scales) or a.temperature <= 0:
+        raise ConfigError("config keys 'ablation.scales' (positive factors) / 'ablation.temperature' (> 0) bad")
+    if a.attack_subset < 0 or a.bootstrap < 100:
+        raise ConfigError("config keys 'ablation.attack_subset' (>= 0) / 'ablation.bootstrap' (>= 100) out of range")
 
 
 def config_to_dict(cfg: Any) -> dict:

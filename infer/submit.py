@@ -27,6 +27,7 @@ from core.images import load_image, to_float_images
 from core.io import check_writable
 from core.labels import list_test_images, read_hidden_labels
 from core.launch import available_cores
+from core.manifest import breakdown, check_not_surrogate, format_breakdown, kinds_by_id, read_manifest
 from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel
@@ -126,6 +127,23 @@ def hidden_label_accuracy(ids: Sequence[int], preds: Sequence[int], labels: dict
     return {"test_acc": 100.0 * sum(hits) / len(hits) if hits else float("nan"), "test_labelled": len(hits)}
 
 
+def read_test_manifest(cfg: Config, infos: Sequence[dict]) -> dict | None:
+    """The ``data.test_manifest`` of a make-testset folder (None when unset), checked against the model:
+    none of its members may be a surrogate the transfer images were crafted on."""
+    if not cfg.data.test_manifest:
+        return None
+    if not cfg.data.test_labels:
+        raise UserError("config key 'data.test_manifest' needs data.test_labels (the score by kind needs the labels)")
+    manifest = read_manifest(resolve_path(cfg.data.root, cfg.data.test_manifest))
+    check_not_surrogate(manifest, [info.get("sha256") for info in infos], "data.test_manifest")
+    return manifest
+
+
+def kind_accuracy(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int], manifest: dict) -> dict:
+    """The local Phase I score by kind of image (clean, corruption, transfer, stacked, all)."""
+    return breakdown({i: float(labels[i] == p) for i, p in zip(ids, preds) if i in labels}, kinds_by_id(manifest))
+
+
 def run(cfg: Config) -> dict:
     """Write the submission files for ``cfg``; returns counts, paths and (if labelled) accuracy."""
     start = time.perf_counter()
@@ -142,6 +160,7 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     """The body of :func:`run`, under the lock of the submission's name."""
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
+    manifest = read_test_manifest(cfg, infos)
     test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
     items = list_test_images(test_dir)
     loader = create_test_loader(cfg, items, input_size_of(infos), accelerator)
@@ -161,6 +180,8 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     labels = read_hidden_labels(cfg.data)
     if labels is not None:
         result.update(hidden_label_accuracy(ids, preds, labels))
+    if manifest is not None and labels is not None:
+        result["by_kind"] = kind_accuracy(ids, preds, labels, manifest)
     name = cfg.submit.file_name or cfg.name
     lineages = [
         model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
@@ -176,6 +197,8 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
         else ""
     )
     accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
+    if "by_kind" in result:
+        accelerator.print(f"local Phase I score by kind: {format_breakdown(result['by_kind'])}")
     log_submission(cfg, paths, meta, lineages)
     return result
 
@@ -240,6 +263,7 @@ def build_meta(
         "bad_images": bad_files,
         "fallback_class": cfg.submit.fallback_class if bad_files else None,
         **({k: result[k] for k in ("test_acc", "test_labelled")} if "test_acc" in result else {}),
+        **({"by_kind": result["by_kind"]} if "by_kind" in result else {}),
         "versions": {"python": platform.python_version(), "torch": torch.__version__, "timm": timm.__version__},
         "config": config_to_dict(cfg),
     }
@@ -265,6 +289,7 @@ def log_submission(cfg: Config, paths: dict[str, Path], meta: dict, lineages: li
     try:
         use_models(run, lineages)
         figures = {k: meta[k] for k in ("n_images", "test_acc", "test_labelled") if k in meta}
+        figures.update({f"test_acc_{kind}": v["acc"] for kind, v in meta.get("by_kind", {}).items()})
         artifact = wandb.Artifact(
             f"submission-{meta['name']}",
             type="submission",

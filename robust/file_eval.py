@@ -6,7 +6,8 @@ The model under attack is the file itself, fed as the organizers feed it (its ch
 attacker who differentiates through the file's GCM, and the adaptive one (BPDA through the
 file's own GCM switch, EOT over its random pad). Columns: clean, PGD-Linf and AutoAttack (the
 ones of ``eval.attacks``), with the budgets of the ``eval`` section. A file without a GCM switch
-gets its second row labelled as not adaptive, never dropped.
+gets its second row labelled as not adaptive, never dropped. With ``phase2.draws`` > 0 the
+Phase-II-like score follows (:mod:`robust.phase2`).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from core.errors import UserError
 from core.io import atomic_write_text
 from gcm.gcm import gcm_modules
 from infer.phase2_file import FileModel, load_phase2_file
+from robust.phase2 import format_phase2, run_phase2
 from robust.runner import accuracy, craft, score
 from robust.specs import SPECS
 
@@ -99,9 +101,11 @@ def run_file(cfg: Config, load_images: Callable, progress: bool = True) -> dict:
         "eps_linf": cfg.eval.eps_linf,
         "rows": create_rows(model, x, y, cfg, progress),
     }
+    if cfg.phase2.draws:
+        result["phase2"] = run_phase2(model, x, y, cfg, progress)
     result["seconds"] = round(time.perf_counter() - start, 1)
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
-    table = format_table(result)
+    table = format_table(result) + (f"\n{format_phase2(result['phase2'])}" if "phase2" in result else "")
     atomic_write_text(out_dir / "eval_file.md", table)
     atomic_write_text(out_dir / "eval_file.json", json.dumps(result, indent=2) + "\n")
     result["files"] = [str(out_dir / "eval_file.md"), str(out_dir / "eval_file.json")]

@@ -231,7 +231,8 @@ def render_csv(rows: list[list]) -> str:
     return buf.getvalue()
 
 
-def _png(draw: Callable, size: tuple[float, float] = (9, 4.5), legend_below: bool = False) -> bytes:
+def figure_png(draw: Callable, size: tuple[float, float]) -> bytes:
+    """PNG bytes of one matplotlib axes that ``draw(ax)`` fills (headless backend)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -240,6 +241,17 @@ def _png(draw: Callable, size: tuple[float, float] = (9, 4.5), legend_below: boo
     fig, ax = plt.subplots(figsize=size)
     try:
         draw(ax)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=110)
+    finally:
+        plt.close(fig)
+    return buf.getvalue()
+
+
+def _png(draw: Callable, size: tuple[float, float] = (9, 4.5), legend_below: bool = False) -> bytes:
+    def draw_accuracy(ax) -> None:
+        draw(ax)
         ax.set_ylabel("accuracy %")
         ax.set_ylim(0, 100)
         ax.grid(axis="y", alpha=0.3)
@@ -247,12 +259,8 @@ def _png(draw: Callable, size: tuple[float, float] = (9, 4.5), legend_below: boo
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=3, frameon=False)
         else:
             ax.legend(fontsize=8)
-        fig.tight_layout()
-        buf = io.BytesIO()
-        fig.savefig(buf, format="png", dpi=110)
-    finally:
-        plt.close(fig)
-    return buf.getvalue()
+
+    return figure_png(draw_accuracy, size)
 
 
 def bars_png(result: EvalResult) -> bytes:

@@ -46,15 +46,18 @@ def craft(
     adaptive: bool = False,
     progress: bool = False,
     desc: str = "",
+    spec: AttackSpec | None = None,
 ) -> torch.Tensor:
     """Adversarial images of attack ``name`` against ``model``, batch by batch (returned on CPU).
+
+    ``spec`` runs an attack outside :data:`SPECS` the same way (the Phase-II-like draws).
 
     ``adaptive`` attacks the defense as it is: BPDA (straight-through gradient) through GCM and,
     when the model has the random resize-pad layer, ``eval.eot_samples`` gradient samples per
     step (C&W attacks the logits averaged over that many draws). The result is checked to lie
     in the eps-ball and in [0, 1].
     """
-    spec = SPECS[name]
+    spec = SPECS[name] if spec is None else spec
     eps = spec.budget(cfg.eval) if eps is None else float(eps)
     eot = cfg.eval.eot_samples if adaptive and model.randomized else 1
     target = EOT(model, eot) if name == "cw_l2" and eot > 1 else model

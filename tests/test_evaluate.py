@@ -18,7 +18,7 @@ from core.demo_data import generate_demo_data
 from gcm import DefendedModel, RandomResizePad
 from infer import export
 from infer.defended import build_defended_model, load_members
-from robust import evaluate
+from robust import evaluate, phase2
 from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS
@@ -363,3 +363,45 @@ def test_evaluate_attacks_an_exported_phase2_file(trained, tmp_path):
         assert naive["autoattack"] > adaptive["autoattack"] and adaptive["autoattack"] <= 20.0, (fmt, result["rows"])
         assert json.loads((out / "eval_file.json").read_text())["rows"] == result["rows"]
         assert "| adaptive (BPDA through the file's GCM) |" in (out / "eval_file.md").read_text()
+
+
+def test_phase2_draws_come_from_the_documented_distribution():
+    cfg = load_config(None, ["phase2.draws=60", "phase2.seed=5", "phase2.attack.steps=[3,7]"])
+    draws = phase2.draw_settings(cfg)
+    assert draws == phase2.draw_settings(cfg) and len(draws) == 60
+    a = cfg.phase2.attack
+    assert {d["kind"] for d in draws} == set(a.kinds) and {d["norm"] for d in draws} == {"linf", "l2"}
+    assert all(d["eps"] in getattr(a, f"eps_{d['norm']}") and d["steps"] in (3, 7) for d in draws)
+    other = phase2.draw_settings(load_config(None, ["phase2.draws=60", "phase2.seed=6"]))
+    assert other != draws, "another seed must draw other settings"
+
+
+def test_phase2_score_attacks_the_exported_file_naive_and_adaptive(trained, tmp_path):
+    """k drawn white-box attacks on the exported zip: blind through its GCM, effective with BPDA;
+    the summary is the draws' own mean, min and spread."""
+    exported = ["export.formats=[zip]", "export.channel_order=bgr", f"export.path={tmp_path / 'm'}"]
+    paths = export.run(load_config(None, [*trained, *exported]))["paths"]
+    overrides = [
+        *trained,
+        *FAST,
+        "eval.subset=24",
+        "eval.batch_size=24",
+        "eval.attacks=[fgsm]",  # the file table's columns are not under test here
+        f"eval.file={paths['zip']}",
+        f"eval.out_dir={tmp_path / 'eval'}",
+        "phase2.draws=3",
+        "phase2.attack.kinds=[pgd,mifgsm]",
+        "phase2.attack.norms=[linf]",
+        f"phase2.attack.eps_linf=[{STRONG_EPS}]",
+        "phase2.attack.steps=[10]",
+    ]
+    result = evaluate.run(load_config(None, overrides), progress=False)["phase2"]
+    assert len(result["draws"]) == 3
+    for attacker in ("naive", "adaptive"):
+        accs = [d[attacker] for d in result["draws"]]
+        s = result[attacker]
+        assert s["accs"] == accs and s["mean"] == pytest.approx(sum(accs) / 3)
+        assert s["min"] == min(accs) and s["max"] == max(accs) and s["std"] >= 0
+    assert result["naive"]["mean"] >= 40.0 and result["adaptive"]["max"] <= 20.0, result
+    text = (tmp_path / "eval" / "eval_file.md").read_text()
+    assert "Phase-II-like score: 3 white-box attacks" in text and "| **mean** |" in text

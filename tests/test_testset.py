@@ -1,0 +1,180 @@
+"""``./run.sh make-testset`` (robust/testset.py) and the score by kind ``submit`` reads from its manifest.
+
+Tiny generated data (4 classes, 32 px, 32 test images with hidden labels) and two untrained
+test_convnext checkpoints: one the surrogate the transfer attacks are crafted on, one the
+submitted model.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from core.checkpoint import export_model
+from core.config import ConfigError, load_config
+from core.errors import UserError
+from core.manifest import KINDS
+from core.model import create_classifier
+from infer import submit
+from robust import testset
+from tests.conftest import shrink
+
+MIXES = [(0.25, 0.25, 0.25, 0.25), (0.5, 0.1, 0.2, 0.2), (0.0, 0.0, 0.3, 0.7), (1.0, 0.0, 0.0, 0.0)]
+
+
+def _export(stem: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    cfg = load_config(None, ["model.name=test_convnext", "data.num_classes=4", "data.image_size=32"])
+    export_model(create_classifier(cfg.model, 4), stem, {"arch": "test_convnext", "num_classes": 4, "image_size": 32})
+    return str(stem)
+
+
+@pytest.fixture(scope="module")
+def setting(tiny_data, tmp_path_factory):
+    """(overrides, folder) of a make-testset run of the 32 hidden-label test images."""
+    root = tmp_path_factory.mktemp("testset")
+    surrogate, submitted = _export(root / "surrogate", 0), _export(root / "submitted", 1)
+    overrides = shrink(
+        [
+            "data.test_labels=test_labels.txt",
+            f"submit.checkpoints=[{submitted}]",
+            f"testset.surrogates=[{surrogate}]",
+            f"testset.out_dir={root / 'set'}",
+            # 32 px: L2 budgets of the same per-pixel strength as the 224 px defaults
+            "testset.attack.eps_l2=[0.3,0.6]",
+            "testset.attack.steps=[2,3]",
+        ],
+        tiny_data,
+        root / "runs",
+    )
+    testset.run(load_config(None, overrides), progress=False)
+    return overrides, root / "set"
+
+
+def _pixels(path: Path) -> torch.Tensor:
+    return torch.from_numpy(np.array(Image.open(path).convert("RGB"))).permute(2, 0, 1)
+
+
+def _manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+@pytest.mark.parametrize("mix", MIXES, ids=[str(m) for m in MIXES])
+@pytest.mark.parametrize("n", [7, 32, 301])
+def test_kind_counts_follow_the_fractions(n, mix):
+    t = load_config(None, [f"testset.{k}={v}" for k, v in zip(KINDS, mix)]).testset
+    counts = Counter(testset.assign_kinds(n, t, seed=3))
+    assert sum(counts.values()) == n
+    for kind, fraction in zip(KINDS, mix):
+        assert abs(counts[kind] - fraction * n) < 1.0, (kind, counts)
+
+
+def test_the_folder_has_the_challenge_layout_and_the_mix(setting):
+    overrides, folder = setting
+    names = sorted(p.name for p in (folder / "test").iterdir())
+    assert names == sorted(f"{i}.png" for i in range(32))
+    labels = dict(line.split() for line in (folder / "test_labels.txt").read_text().splitlines())
+    manifest = _manifest(folder)
+    assert {e["file"]: str(e["label"]) for e in manifest["images"]} == labels
+    assert Counter(e["kind"] for e in manifest["images"]) == {k: 8 for k in KINDS}
+    assert manifest["surrogates"][0]["sha256"] and not list(folder.parent.glob(".set.*")), "temp folder left behind"
+    for e in manifest["images"]:
+        ops = [s["op"] for s in e["steps"]]
+        expected = {"clean": [], "corruption": ["corruption"], "transfer": ["attack"]}.get(e["kind"])
+        assert ops == expected if expected is not None else sorted(ops) == ["attack", "corruption"]
+
+
+def test_same_command_same_bytes(setting, tmp_path):
+    overrides, folder = setting
+    testset.run(load_config(None, [*overrides, f"testset.out_dir={tmp_path / 'again'}"]), progress=False)
+    first = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
+    second = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()}
+    assert first.keys() == second.keys() and len(first) == 34
+    assert all(first[k] == second[k] for k in first), [str(k) for k in first if first[k] != second[k]]
+
+
+def test_every_image_is_its_steps_applied_in_order(setting):
+    """Each image equals its manifest's steps replayed on the source image; a stacked image differs
+    from either of its two transformations alone, and both orders occur."""
+    overrides, folder = setting
+    cfg = load_config(None, overrides)
+    source, labels, _, _ = testset.load_source(cfg)
+    surrogates, _ = testset.load_surrogates(cfg)
+    orders = set()
+    for e in _manifest(folder)["images"]:
+        image, label = source[e["id"]], int(labels[e["id"]])
+        written = _pixels(folder / "test" / e["file"])
+        assert torch.equal(written, testset.apply_steps(image, label, e["steps"], surrogates)), e
+        if e["kind"] == "clean":
+            assert torch.equal(written, image)
+        if e["kind"] != "stacked":
+            continue
+        orders.add(tuple(s["op"] for s in e["steps"]))
+        for step in e["steps"]:
+            alone = testset.apply_step(image, label, step, surrogates)
+            assert not torch.equal(written, alone), f"image {e['id']}: the stack equals its {step['op']} alone"
+        assert not torch.equal(written, image)
+    assert orders == {("attack", "corruption"), ("corruption", "attack")}
+
+
+def test_transfer_images_stay_near_their_budget(setting):
+    overrides, folder = setting
+    source = testset.load_source(load_config(None, overrides))[0]
+    for e in _manifest(folder)["images"]:
+        if e["kind"] != "transfer":
+            continue
+        (step,) = e["steps"]
+        delta = _pixels(folder / "test" / e["file"]).float() - source[e["id"]].float()
+        assert delta.abs().max() > 0, "the attack changed nothing"
+        if step["norm"] == "linf":  # rounding to uint8 moves a pixel at most half a level more
+            assert delta.abs().max() <= step["eps"] * 255 + 0.5 + 1e-4
+
+
+def test_refusals_are_one_line_and_write_nothing(setting, tmp_path):
+    overrides, folder = setting
+    cfg = load_config(None, overrides)
+    with pytest.raises(UserError, match="already exists"):
+        testset.run(cfg, progress=False)
+    target = tmp_path / "new"
+    surrogate = cfg.testset.surrogates[0]
+    with pytest.raises(ConfigError, match=r"testset.surrogates\[0\].*is the submitted model"):
+        testset.run(
+            load_config(None, [*overrides, f"submit.checkpoints=[{surrogate}]", f"testset.out_dir={target}"]),
+            progress=False,
+        )
+    with pytest.raises(ConfigError, match="testset.surrogates' needs at least one checkpoint"):
+        testset.run(load_config(None, [*overrides, "testset.surrogates=[]", f"testset.out_dir={target}"]), False)
+    with pytest.raises(ConfigError, match="sum to 1"):
+        load_config(None, [*overrides, "testset.clean=0.5"])
+    with pytest.raises(ConfigError, match="unknown config key 'testset.mix'"):
+        load_config(None, [*overrides, "testset.mix=1"])
+    assert not target.exists() and not list(tmp_path.iterdir())
+
+
+def test_submit_scores_by_kind_and_refuses_a_surrogate(setting, tmp_path):
+    overrides, folder = setting
+    scored = [
+        *overrides,
+        f"data.root={folder}",
+        "data.test_dir=test",
+        "data.test_labels=test_labels.txt",
+        "data.test_manifest=manifest.json",
+        f"submit.out_dir={tmp_path}",
+    ]
+    result = submit.run(load_config(None, scored))
+    meta = json.loads(Path(result["files"]["meta"]).read_text())
+    preds = {int(r["image_id"]): r["category_id"] for r in json.loads(Path(result["files"]["json"]).read_text())}
+    for kind in KINDS:
+        ids = [e["id"] for e in _manifest(folder)["images"] if e["kind"] == kind]
+        hits = sum(preds[i] == e["label"] for e in _manifest(folder)["images"] for i in [e["id"]] if i in ids)
+        assert meta["by_kind"][kind] == {"n": 8, "acc": 100.0 * hits / 8}
+    assert meta["by_kind"]["all"]["acc"] == pytest.approx(result["test_acc"])
+    surrogate = load_config(None, overrides).testset.surrogates[0]
+    with pytest.raises(UserError, match="surrogate"):
+        submit.run(load_config(None, [*scored, f"submit.checkpoints=[{surrogate}]", "submit.file_name=other"]))
