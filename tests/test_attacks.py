@@ -473,7 +473,7 @@ def cross_check(net) -> dict[str, float]:
     return {k: 100.0 * sum(f[k][0] for f in figures) / sum(f[k][1] for f in figures) for k in figures[0]}
 
 
-@pytest.mark.slow  # three nets, ~50 s on 2 idle cores
+@pytest.mark.slow  # three nets: 40 s on 2 idle cores
 def test_autoattacks_apgd_is_at_least_as_strong_as_our_pgd(cross_check):
     """APGD-CE (AutoAttack's first attack, 50 iterations) is at least as strong as our PGD at the
     same gradient budget (50 steps of eps/4), and ours with a tuned schedule (100 steps of eps/8,
