@@ -85,7 +85,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
 
 
 def atomic_write_files(texts: dict[Path, str | bytes], check: Callable[[dict[Path, Path]], None] | None = None) -> None:
-    """Write several text files as one unit: all of them appear, or none changes.
+    """Write several files (text or bytes) as one unit: all of them appear, or none changes.
 
     ``core.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
     files that is not enough (a failing second rename would leave a new CSV next to an old
@@ -142,8 +142,8 @@ def _write_temp(target: Path, content: str | bytes) -> Path:
     # Same naming as core.io.atomic_path: hidden, beside the target, so rename stays atomic.
     fd, tmp = create_temp_beside(target)
     try:
-        as_text = {"mode": "w", "encoding": "utf-8", "newline": "\n"} if isinstance(content, str) else {"mode": "wb"}
-        with os.fdopen(fd, **as_text) as fh:
+        how = {"mode": "w", "encoding": "utf-8", "newline": "\n"} if isinstance(content, str) else {"mode": "wb"}
+        with os.fdopen(fd, **how) as fh:
             fh.write(content)
             fh.flush()
             os.fsync(fh.fileno())
