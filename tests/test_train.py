@@ -204,14 +204,22 @@ def test_kernel_gradients_come_back_in_their_parameters_strides(tiny_config):
         assert wrong == {}, f"{name}: gradient strides differ from the parameters': {wrong}"
 
 
+# Each rank writes its own file: two ranks printing to one pipe interleave ("rank 0: 2.0rank 1: 2.0"
+# was seen in CI, where an unbuffered stdout writes the text and its newline separately).
 MEAN_PROBE = """
+import sys
+from pathlib import Path
 from accelerate import Accelerator
 from train.engine import mean_over_processes
 accelerator = Accelerator(cpu=True)
 # rank 0 trained 3 batches at loss 1.0, rank 1 one batch at loss 5.0: the mean over all is 2.0
 total, count = (3.0, 3) if accelerator.process_index == 0 else (5.0, 1)
-print(f"rank {accelerator.process_index}: {mean_over_processes(accelerator, total, count)}", flush=True)
+mean = mean_over_processes(accelerator, total, count)
+(Path(sys.argv[1]) / f"rank{accelerator.process_index}.txt").write_text(str(mean))
 """
+
+
+TWO_CPU_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1"]
 
 
 @pytest.mark.slow
@@ -220,7 +228,7 @@ def test_the_logged_loss_is_the_mean_over_every_process(tmp_path):
     script.write_text(MEAN_PROBE)
     launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEFAULT_ACCELERATE_CONFIG)]
     proc = subprocess.run(
-        [*launch, "--multi_gpu", "--num_processes", "2", "--num_cpu_threads_per_process", "1", str(script)],
+        [*launch, *TWO_CPU_PROCESSES, str(script), str(tmp_path)],
         cwd=ROOT,
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         capture_output=True,
@@ -228,7 +236,7 @@ def test_the_logged_loss_is_the_mean_over_every_process(tmp_path):
         timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert sorted(line for line in proc.stdout.splitlines() if line.startswith("rank")) == [
-        "rank 0: 2.0",
-        "rank 1: 2.0",
-    ]
+    assert {p.name: p.read_text() for p in sorted(tmp_path.glob("rank*.txt"))} == {
+        "rank0.txt": "2.0",
+        "rank1.txt": "2.0",
+    }
