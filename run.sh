@@ -25,9 +25,9 @@ ensure_venv() {
 usage() {
   cat <<'USAGE'
 usage: ./run.sh COMMAND [args]
-  train    [--config FILE] [key=value ...] [accelerate flags]   fine-tune (checkpoints + W&B)
-  submit   [--config FILE] [key=value ...] [accelerate flags]   GCM + ensemble + TTA -> submissions/
-  evaluate [--config FILE] [key=value ...]                      local leaderboard (clean/corruptions/attacks)
+  train    [--config FILE] [key=value ...] [launch flags]   fine-tune (checkpoints + W&B); every GPU by default
+  submit   [--config FILE] [key=value ...] [launch flags]   GCM + ensemble + TTA -> submissions/
+  evaluate [--config FILE] [key=value ...] [launch flags]   local leaderboard (clean/corruptions/attacks)
   make-testset [--config FILE] [key=value ...]                  a Phase-I-like test set (clean/corrupted/transfer/stacked)
   ablate   [--config FILE] [key=value ...]                      what each part of the submission stack buys
   validate FILE --test-dir DIR [--num-classes N]                check a submission file
@@ -44,7 +44,7 @@ cmd="${1:-}"
 case "$cmd" in
   train)     ensure_venv; exec "$PY" -m core.launch train.main "$@" ;;
   submit)    ensure_venv; exec "$PY" -m core.launch infer.submit "$@" ;;
-  evaluate)  ensure_venv; exec "$PY" -m robust.evaluate "$@" ;;
+  evaluate)  ensure_venv; exec "$PY" -m core.launch robust.evaluate "$@" ;;
   make-testset) ensure_venv; exec "$PY" -m robust.testset "$@" ;;
   ablate)    ensure_venv; exec "$PY" -m robust.ablation "$@" ;;
   validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;

@@ -22,6 +22,11 @@ Everything runs on the real code paths with real configs (``core.config.load_con
 * ``decode`` (opt-in): peak memory of decoding the largest image of each kind the limits accept.
 * ``ablation`` (opt-in): ``./run.sh ablate`` (every default variant, AutoAttack through each
   stack) against one ``submit`` of the same test images.
+* ``loader`` (opt-in): images/s one loader worker makes at 224 px (the standard, corruption and
+  AugMix pipelines, submit's decode) and the cores a GPU needs at published convnext_tiny rates.
+* ``gpu`` (opt-in, CUDA): convnext_tiny at 224 px: training img/s of standard, fgsm_rs and PGD-2
+  steps with the real loader against synthetic batches already on the GPU, bf16 against fp32,
+  channels_last, compile, and submit end to end against the model alone (``bench/gpu.py``).
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
   a 2-process CPU training run (``python -m core.launch train.main --num_processes 2``)
   against 1 process.
@@ -58,6 +63,8 @@ import torch
 from bench.ablation import bench_ablation
 from bench.commands import bench_commands
 from bench.decode import bench_decode
+from bench.gpu import bench_gpu
+from bench.loader import bench_loader
 from bench.measure import BenchSettings, Row, describe_machine, prepare_context
 from bench.parts import bench_compile, bench_parts
 from bench.report import describe_busy_machine, format_machine, format_markdown, format_table, write_markdown
@@ -67,9 +74,10 @@ from bench.training import bench_train
 from core.cli import quiet_libraries, user_path
 from core.errors import UserError
 
-SECTIONS = ("submit", "train", "parts", "scaling", "commands", "compile", "decode", "ablation")
+SECTIONS = ("submit", "train", "parts", "scaling", "commands", "compile", "decode", "ablation", "loader", "gpu")
 # opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min),
-# ablation (./run.sh ablate on 100 images against one submit, several minutes)
+# ablation (./run.sh ablate on 100 images against one submit, several minutes), loader (224-px
+# pipelines per worker, ~1 min), gpu (convnext_tiny at 224 px on a CUDA GPU; bench/gpu_check.sh)
 DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling", "commands")
 
 
@@ -82,6 +90,8 @@ RUNNERS = {
     "compile": bench_compile,
     "decode": bench_decode,
     "ablation": bench_ablation,
+    "loader": bench_loader,
+    "gpu": bench_gpu,
 }
 
 

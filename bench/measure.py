@@ -19,7 +19,7 @@ import torch
 from core.checkpoint import export_model
 from core.config import load_config
 from core.demo_data import generate_demo_data
-from core.launch import available_cores
+from core.devices import available_cores
 from core.model import create_classifier
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -69,7 +69,7 @@ class Row:
     value: float
     detail: str
     goal: tuple[str, float] | None = None  # (">=", 0.9), ("<", 0.01), ("<=", 1.05)
-    unit: str = "x"  # "x" ratio, "%" percent, "MB" memory
+    unit: str = "x"  # "x" ratio, "%" percent, "MB" memory, "img/s", "cores"
 
     @property
     def passed(self) -> bool | None:
@@ -83,8 +83,8 @@ class Row:
             return "n/a"
         if self.unit == "%":
             return f"{100 * self.value:.2f}%"
-        if self.unit == "MB":
-            return f"{self.value:.0f} MB"
+        if self.unit != "x":  # MB, img/s, cores: whole numbers
+            return f"{self.value:.0f} {self.unit}"
         return f"{self.value:.3f}"
 
     def formatted_goal(self) -> str:

@@ -22,6 +22,7 @@ from bench.measure import (
 from bench.submit import create_model_only, load_test_batches, run_forward_only, run_submit
 from core.checkpoint import load_model
 from core.config import ModelConfig
+from core.devices import resolve_channels_last
 from core.model import create_classifier
 from gcm import GradientConcealment
 from infer.defended import EnsembleTTA, View, resolve_views
@@ -70,7 +71,7 @@ def bench_parts(ctx: BenchContext) -> None:
     bs = cfg.submit.batch_size
     parts_rounds = max(3, 3 * s.repeats)  # each round takes well under a second: buy robustness
     member, _ = load_model(ctx.checkpoint)
-    if cfg.model.channels_last:
+    if resolve_channels_last(cfg.model.channels_last):
         member = member.to(memory_format=torch.channels_last)
     x = torch.rand(bs, 3, s.image_size, s.image_size)
     bench_gcm(ctx, member, x, f"{cfg.model.name} at {s.image_size} px")
@@ -101,7 +102,9 @@ def bench_parts(ctx: BenchContext) -> None:
     for i in range(1, s.members):
         torch.manual_seed(i)
         other = create_classifier(cfg.model, cfg.data.num_classes).eval()
-        others.append(other.to(memory_format=torch.channels_last) if cfg.model.channels_last else other)
+        others.append(
+            other.to(memory_format=torch.channels_last) if resolve_channels_last(cfg.model.channels_last) else other
+        )
     members = [member, *others]
     ensemble = EnsembleTTA(members, [size] * len(members), [View()]).eval()
     alone = [EnsembleTTA([m], [size], [View()]).eval() for m in members]

@@ -15,7 +15,7 @@ from accelerate import Accelerator
 from bench.measure import ROOT, BenchContext, Row, measure_interleaved, median_rate, ratio_of
 from bench.submit import run_submit
 from bench.training import create_training, run_train_epoch
-from core.launch import available_cores
+from core.devices import available_cores, resolve_num_workers
 from infer.submit import resolve_loader_workers
 
 
@@ -82,10 +82,12 @@ def submit_workers_key() -> str:
 
 
 def describe_base(ctx: BenchContext, key: str, base: int) -> str:
-    """The base value of a row, with what ``-1`` (auto) resolves to for submit's CPU workers."""
-    if key != "submit.cpu_num_workers" or base >= 0:
+    """The base value of a row, with what ``-1`` (auto) resolves to for loader workers."""
+    if base >= 0 or not key.endswith("num_workers"):
         return str(base)
-    return f"{base} (auto: {resolve_loader_workers(ctx.config(), Accelerator(cpu=True))})"
+    if key == "data.num_workers":
+        return f"{base} (auto: {resolve_num_workers(base, torch.cuda.is_available())})"
+    return f"{base} (auto: {resolve_loader_workers(ctx.config(), Accelerator(cpu=not torch.cuda.is_available()))})"
 
 
 def bench_submit_at(ctx: BenchContext, key: str, values: Sequence[int], base: int) -> None:
@@ -167,8 +169,8 @@ def bench_processes(ctx: BenchContext) -> None:
             ratio_of(r, 2, 1),
             f"{statistics.median(r[2]):.0f} vs {statistics.median(r[1]):.0f} samples/s, one epoch each "
             f"(python -m core.launch train.main [--num_processes 2]; the cores split between the "
-            f"processes), batch {cfg.train.batch_size} per process, {cfg.data.num_workers} loader "
-            "workers each",
+            f"processes), batch {cfg.train.batch_size} per process, "
+            f"{resolve_num_workers(cfg.data.num_workers, torch.cuda.is_available())} loader workers each",
             (">=", 0.9),
         )
     )

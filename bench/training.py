@@ -91,7 +91,7 @@ def time_training(parts: Training, steps: int, repeats: int, engine: bool = Fals
     the same batches already in memory (``limit``) and, with ``engine``, of ``train_one_epoch``
     on those in-memory batches (``engine``), measured interleaved after one warm-up each."""
     raw = collect_train_batches(parts, min(steps, len(parts.train_loader)))
-    floats = [(to_float_images(x, parts.cfg.model.channels_last), y) for x, y in raw]
+    floats = [(to_float_images(x, parts.channels_last), y) for x, y in raw]
     epoch = iter(range(1, 10**6))
     fns = {
         "pipeline": lambda: run_train_epoch(parts, parts.train_loader, next(epoch)),
@@ -136,11 +136,10 @@ def with_random_fog(cfg) -> str | None:
 def bench_train(ctx: BenchContext) -> None:
     cfg = ctx.config()
     steps = ctx.settings.train_steps
-    r = time_training(create_training(ctx.config(f"train.max_steps={steps}")), steps, ctx.settings.repeats, engine=True)
-    common = (
-        f"batch {cfg.train.batch_size}, {cfg.data.num_workers} workers, {steps} steps, "
-        f"{torch.get_num_threads()} threads"
-    )
+    training = create_training(ctx.config(f"train.max_steps={steps}"))
+    r = time_training(training, steps, ctx.settings.repeats, engine=True)
+    threads = torch.get_num_threads()
+    common = f"batch {cfg.train.batch_size}, {training.workers} workers, {steps} steps, {threads} threads"
     ctx.rows.append(
         Row(
             "train",
@@ -253,7 +252,7 @@ def bench_augmix_loader(ctx: BenchContext) -> None:
         ctx.settings.repeats,
         warmup=True,
     )
-    cfg = trainings["standard"].cfg
+    standard = trainings["standard"]
     for label, overrides in AUGMIX_LOADERS.items():
         ctx.rows.append(
             Row(
@@ -261,6 +260,6 @@ def bench_augmix_loader(ctx: BenchContext) -> None:
                 f"training loader with {label} / standard loader (time per image)",
                 ratio_of(r, "standard", label),  # samples/s of the standard loader over AugMix's
                 f"{median_rate(r[label])} vs {median_rate(r['standard'])} samples/s; loader only, "
-                f"{cfg.data.num_workers} workers, batch {cfg.train.batch_size}, {steps} batches",
+                f"{standard.workers} workers, batch {standard.cfg.train.batch_size}, {steps} batches",
             )
         )

@@ -75,7 +75,9 @@ class DataConfig:
     test_manifest: str = ""
     num_classes: int = 100
     image_size: int = 224
-    num_workers: int = 2
+    # loader worker processes per process; -1 (auto): with CUDA the cores each GPU's process gets,
+    # less one for the process itself; on the CPU 2 (core/devices.py: resolve_num_workers)
+    num_workers: int = -1
     bad_images: str = "error"  # error | skip (skipped files are reported, up to max_bad_images)
     max_bad_images: int = 100
 
@@ -133,7 +135,7 @@ class ModelConfig:
     normalize: bool = True  # False: the model sees raw [0,1] pixels (2nd-place style)
     mean: list = field(default_factory=list)  # [] -> from the timm pretrained config
     std: list = field(default_factory=list)
-    channels_last: bool = False
+    channels_last: str = "auto"  # auto (on with CUDA, off on the CPU) | true | false
     compile: bool = False
     # ConvNeXt stem: patch (4x4 patchify) | overlap | overlap_tiered (convolutional stems, more robust
     # per FLOP under adversarial training: Singh, Croce & Hein 2023); recorded in the checkpoint
@@ -167,7 +169,14 @@ class TrainConfig:
     batch_size: int = 64  # per process
     grad_accum_steps: int = 1
     opt: str = "adamw"
+    # train.lr and train.ema_decay are stated for a global batch (batch_size x processes x
+    # grad_accum_steps) of base_batch_size images, and scaled to the run's global batch B:
+    # lr x (B / base_batch_size) ** p with timm's rule for p (lr_scale=auto: 0.5 for adaptive
+    # optimizers, adam*/lamb/ada*, else 1), and ema_decay ** (B / base_batch_size), so the EMA
+    # averages over the same number of images; base_batch_size=0 takes both as given.
     lr: float = 1e-3
+    base_batch_size: int = 64
+    lr_scale: str = "auto"  # auto | linear | sqrt
     weight_decay: float = 0.05
     layer_decay: float = 0.0  # 0 -> off; e.g. 0.8 for fine-tuning pretrained weights
     sched: str = "cosine"
@@ -181,7 +190,9 @@ class TrainConfig:
     ema: bool = True
     ema_decay: float = 0.999
     clip_grad: float = 0.0
-    mixed_precision: str = "no"  # no | bf16 | fp16
+    # auto: bf16 on a GPU that computes it natively, float32 ("no") elsewhere; submit predicts with
+    # it too. GCM computes in float32 whatever this says.
+    mixed_precision: str = "auto"  # auto | no | bf16 | fp16
     adv: AdvConfig = field(default_factory=AdvConfig)
     max_steps: int = 0  # stop after this many optimizer steps (0 -> all epochs)
     checkpoint_every: int = 0  # optimizer steps between full-state checkpoints (0 -> per epoch)
@@ -228,7 +239,7 @@ class SubmitConfig:
     aggregate: str = "prob"  # prob | logit
     temperature: float = 1.0
     batch_size: int = 64
-    num_workers: int = 2  # loader worker processes when a GPU runs the model
+    num_workers: int = -1  # loader worker processes when a GPU runs the model; -1: as data.num_workers
     cpu_num_workers: int = -1  # ... when the CPU does; -1: the cores the model's threads leave free
     out_dir: str = "submissions"
     file_name: str = ""  # "" -> <name>
@@ -395,7 +406,9 @@ class Config:
 # Keys whose value (or, for a list, each item) must be one of these.
 _CHOICES = {
     "data.bad_images": ("error", "skip"),
-    "train.mixed_precision": ("no", "bf16", "fp16"),
+    "train.mixed_precision": ("auto", "no", "bf16", "fp16"),
+    "train.lr_scale": ("auto", "linear", "sqrt"),
+    "model.channels_last": ("auto", "true", "false"),
     "wandb.mode": ("auto", "online", "offline", "disabled"),
     "submit.aggregate": ("prob", "logit"),
     "submit.on_bad_image": ("error", "fallback"),
@@ -507,6 +520,16 @@ def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> A
     raise ConfigError(f"config key '{key}': expected {expected.__name__}, got {echo(value)}")
 
 
+# Keys that are a bool with an "auto" third value: YAML's true/false (and on/off, yes/no, 1/0) read as
+# "true"/"false".
+_SWITCHES = {"model.channels_last"}
+
+
+def _switch_value(value: str) -> str:
+    text = value.strip().lower()
+    return "true" if text in _TRUE else "false" if text in _FALSE else text
+
+
 def _check_choice(key: str, value: Any) -> None:
     choices = _CHOICES.get(key)
     for item in (value if isinstance(value, list) else [value]) if choices else []:
@@ -529,6 +552,8 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
                     _set(cfg, f"{key}.{sub}", sub_value, from_text)
                 return
             new = cast_value(key, value, current, from_text)
+            if key in _SWITCHES:
+                new = _switch_value(new)
             _check_choice(key, new)
             setattr(node, part, new)
         else:
@@ -671,7 +696,7 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     _check_data(cfg.data)
     _check_train(cfg.train)
     if check_aug:
-        _check_aug(cfg)
+        check_aug_section(cfg)
     _check_augmix(cfg)
     _check_model(cfg.model)
     _check_predict(cfg)
@@ -719,6 +744,8 @@ def _at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
 
 
 def _check_data(d: DataConfig) -> None:
+    if d.num_workers < -1:
+        raise ConfigError(f"config key 'data.num_workers': {d.num_workers} must be >= 0, or -1 for auto")
     if d.num_classes < 2:
         raise ConfigError("config key 'data.num_classes' must be at least 2")
     if d.image_size < 16:
@@ -737,7 +764,9 @@ def _check_train(t: TrainConfig) -> None:
         import torch
 
         if not torch.cuda.is_available():
-            raise ConfigError("train.mixed_precision=fp16 needs a GPU; use bf16 on CPU")
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU (none is visible); use bf16 or no on the CPU")
+    if t.base_batch_size < 0 or not 0 < t.ema_decay < 1:
+        raise ConfigError("config keys 'train.base_batch_size' (>= 0, 0 = no scaling) / 'train.ema_decay' (0..1) bad")
     _check_adv(t)
 
 
@@ -764,7 +793,7 @@ def _check_adv(t: TrainConfig) -> None:
         raise ConfigError(f"train.adv.mode={a.mode} does not combine with train.mixup/train.cutmix; turn one off")
 
 
-def _check_aug(cfg: Config) -> None:
+def check_aug_section(cfg: Config) -> None:
     # Building the pipeline is the check: albumentations 2.x only warns about a 1.x-style
     # argument, and create_train_transform turns that (and every other problem) into a
     # UserError naming the entry, before any process starts.
@@ -800,6 +829,8 @@ def _check_model(m: ModelConfig) -> None:
 def _check_predict(cfg: Config) -> None:
     """The sections ``submit``, ``evaluate`` and ``export`` share: submit, tta, random_pad."""
     _at_least_one(cfg.submit, "submit", ("batch_size",))
+    if min(cfg.submit.num_workers, cfg.submit.cpu_num_workers) < -1:
+        raise ConfigError("config keys 'submit.num_workers'/'submit.cpu_num_workers' must be >= 0, or -1 for auto")
     if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
         raise ConfigError("config key 'tta.scales' needs one or more positive factors")
     if cfg.submit.temperature <= 0:

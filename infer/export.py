@@ -40,6 +40,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
+from core.devices import default_device
 from core.errors import UserError
 from core.io import atomic_write_files
 from core.model import count_params
@@ -54,6 +55,7 @@ from infer.parity import (
     box_outputs,
     check_round_trip,
     file_parity,
+    placed,
 )
 
 EXAMPLE_BATCH = 2  # traced batch size; the check runs another one to prove the batch is dynamic
@@ -185,8 +187,14 @@ def check_phase2_model(model: DefendedModel) -> None:
         )
 
 
-def create_onnx_file(model: DefendedModel, info: dict, cfg: Config, size: int) -> tuple[bytes, dict]:
-    """The ONNX file and its report (ops, onnxruntime and onnx2pytorch parity, ptflops of the conversion)."""
+def create_onnx_file(
+    model: DefendedModel, info: dict, cfg: Config, size: int, device: torch.device | None = None
+) -> tuple[bytes, dict]:
+    """The ONNX file and its report (ops, onnxruntime and onnx2pytorch parity, ptflops of the conversion).
+
+    The file is written from the model on the CPU; the parity checks run on ``device`` (the GPU,
+    with onnxruntime's CUDA provider where this onnxruntime has it)."""
+    device = torch.device("cpu") if device is None else device
     order = cfg.export.channel_order
     metadata = {
         "channel_order": order,
@@ -200,7 +208,7 @@ def create_onnx_file(model: DefendedModel, info: dict, cfg: Config, size: int) -
     proto = onnx_file.export_onnx(onnx_file.create_file_model(model, order), size, metadata)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
-    session = onnx_file.create_session(data)
+    session = onnx_file.create_session(data, gpu=device.type == "cuda")
     converted = onnx_file.convert_to_torch(proto)
     try:
         with torch.no_grad():
@@ -210,24 +218,29 @@ def create_onnx_file(model: DefendedModel, info: dict, cfg: Config, size: int) -
             f"export: the file converted by onnx2pytorch does not run ({type(exc).__name__}: {exc})"
         ) from exc
     macs, params = count_ptflops(converted, (3, size, size))
-    reference = box_outputs(model, size) if model.randomized else None
-    report = {
-        **onnx_file.op_report(proto),
-        "onnxruntime": file_parity(
-            as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order), model, size, reference
-        ),
-        "onnx2pytorch": file_parity(as_rgb_probabilities(converted, order), model, size, reference),
-        "ptflops": {"input": [3, size, size], "macs": macs, "params": params},
-    }
+    with placed(device, model, converted):
+        reference = box_outputs(model, size) if model.randomized else None
+        report = {
+            **onnx_file.op_report(proto),
+            "onnxruntime": file_parity(
+                as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order), model, size, reference
+            ),
+            "onnx2pytorch": file_parity(as_rgb_probabilities(converted, order), model, size, reference),
+            "ptflops": {"input": [3, size, size], "macs": macs, "params": params},
+        }
+    report["onnxruntime"]["provider"] = session.get_providers()[0]
     return data, report
 
 
-def create_zip_file(model: DefendedModel, info: dict, cfg: Config, size: int) -> tuple[bytes, dict]:
-    """The zip and its report (parity of its ``Model()`` with the in-process model, ptflops)."""
+def create_zip_file(
+    model: DefendedModel, info: dict, cfg: Config, size: int, device: torch.device | None = None
+) -> tuple[bytes, dict]:
+    """The zip and its report (parity of its ``Model()`` with the in-process model on ``device``, ptflops)."""
     data, spec = model_zip.create_zip_bytes(model.model.members[0], info, cfg)
     loaded, _ = model_zip.load_zip_bytes(data)
     macs, params = count_ptflops(loaded, (3, size, size))
-    parity = file_parity(as_rgb_probabilities(loaded, cfg.export.channel_order), model, size)
+    with placed(device or "cpu", model, loaded):
+        parity = file_parity(as_rgb_probabilities(loaded, cfg.export.channel_order), model, size)
     return data, {"parity": parity, "ptflops": {"input": [3, size, size], "macs": macs, "params": params}}
 
 
@@ -334,11 +347,14 @@ def enforce_file_budget(report: dict, files: dict[str, tuple[bytes, dict]], cfg:
     print(f"warning: over budget: {'; '.join(breaches)}")
 
 
-def build_files(model: DefendedModel, info: dict, cfg: Config, size: int) -> dict[str, tuple[bytes, dict]]:
-    """Every file of ``export.formats``, built and checked in memory."""
+def build_files(
+    model: DefendedModel, info: dict, cfg: Config, size: int, device: torch.device | None = None
+) -> dict[str, tuple[bytes, dict]]:
+    """Every file of ``export.formats``, built on the CPU and checked in memory (the Phase II
+    files' parity on ``device``; the ``.pt2`` program, traced on the CPU, is checked there)."""
     builders = {
-        "onnx": lambda: create_onnx_file(model, info, cfg, size),
-        "zip": lambda: create_zip_file(model, info, cfg, size),
+        "onnx": lambda: create_onnx_file(model, info, cfg, size, device),
+        "zip": lambda: create_zip_file(model, info, cfg, size, device),
         "pt2": lambda: create_pt2_file(model, size),
     }
     return {fmt: builders[fmt]() for fmt in ("onnx", "zip", "pt2") if fmt in cfg.export.formats}
@@ -392,7 +408,7 @@ def export_to(cfg: Config, stem: Path) -> dict:
     report = budget_report(model, size, cfg, checkpoints)
     report["defense"] = describe(model)
     enforce_budget(report, cfg)
-    files = build_files(model, infos[0], cfg, size)
+    files = build_files(model, infos[0], cfg, size, default_device())
     problems = parity_problems(files)
     if problems:
         raise UserError(f"export: {'; '.join(problems)}; no file written")

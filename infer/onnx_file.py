@@ -124,13 +124,17 @@ def op_report(proto: onnx.ModelProto) -> dict:
     }
 
 
-def create_session(data: bytes):
-    """An onnxruntime CPU session of the file's bytes."""
+def create_session(data: bytes, gpu: bool = False):
+    """An onnxruntime session of the file's bytes: on the GPU when ``gpu`` and this onnxruntime has
+    the CUDA provider (``session.get_providers()`` says which ran), else on the CPU."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     options.log_severity_level = 3
-    return onnxruntime.InferenceSession(data, options, providers=["CPUExecutionProvider"])
+    providers = ["CPUExecutionProvider"]
+    if gpu and "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        providers.insert(0, "CUDAExecutionProvider")
+    return onnxruntime.InferenceSession(data, options, providers=providers)
 
 
 def run_session(session, x: torch.Tensor) -> torch.Tensor:

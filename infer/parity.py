@@ -37,6 +37,31 @@ class FixedBox(nn.Module):
 
 
 @contextlib.contextmanager
+def placed(device: torch.device | str, *modules: nn.Module) -> Iterator[None]:
+    """The ``modules`` on ``device`` for the block, back where they were afterwards; on a GPU in
+    exact float32 (no TF32: the parity tolerance is 1e-5, TF32 convolutions differ by ~1e-3)."""
+    homes = [next(m.parameters(), torch.empty(0)).device for m in modules]
+    device = torch.device(device)
+    exact = device.type == "cuda"
+    if exact:
+        saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        for m in modules:
+            m.to(device)
+        yield
+    finally:
+        for m, home in zip(modules, homes):
+            m.to(home)
+        if exact:
+            torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    return next(model.parameters(), torch.empty(0)).device
+
+
+@contextlib.contextmanager
 def fixed_draw(model: DefendedModel, box: Sequence[int]) -> Iterator[DefendedModel]:
     """Run ``model`` with its random resize-pad layer pinned to ``box`` (top, left, h, w)."""
     layer = model.random_pad
@@ -59,7 +84,7 @@ def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, s
     worst = 0.0
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(12345)
-        x = torch.rand(CHECK_BATCH, 3, image_size, image_size)
+        x = torch.rand(CHECK_BATCH, 3, image_size, image_size).to(_device_of(model))
         for seed in seeds if pad is not None else (None,):
             if seed is None:
                 got, expected = loaded(x), model(x).exp()
@@ -72,7 +97,7 @@ def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, s
                     expected = model(x).exp()
             if got.shape != expected.shape:
                 return float("inf")
-            worst = max(worst, (got - expected).abs().max().item())
+            worst = max(worst, (got.to(expected.device) - expected).abs().max().item())
     return worst
 
 
@@ -92,7 +117,7 @@ def box_outputs(model: DefendedModel, image_size: int) -> tuple[torch.Tensor, to
     ]
     with torch.random.fork_rng(devices=[]), torch.no_grad():
         torch.manual_seed(12345)
-        x = torch.rand(CHECK_BATCH, 3, image_size, image_size)
+        x = torch.rand(CHECK_BATCH, 3, image_size, image_size).to(_device_of(model))
         outputs = []
         for box in boxes:
             with fixed_draw(model, box):
@@ -115,6 +140,7 @@ def matches_some_box(
             got = output(x)
             if got.shape != outputs.shape[1:]:
                 return float("inf"), 0
+            got = got.to(outputs.device)
             dist = (outputs - got).abs().flatten(1).max(1).values
             worst = max(worst, float(dist.min()))
             seen.add(int(dist.argmin()))

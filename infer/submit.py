@@ -22,11 +22,19 @@ from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, config_to_dict, resolve_path
 from core.datasets import TestImageDataset, create_eval_loader
+from core.devices import (
+    available_cores,
+    local_processes,
+    precision_name,
+    prepare_cuda,
+    resolve_channels_last,
+    resolve_num_workers,
+    resolve_precision,
+)
 from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import check_writable
 from core.labels import list_test_images, read_hidden_labels
-from core.launch import available_cores
 from core.manifest import breakdown, check_not_surrogate, format_breakdown, kinds_by_id, read_manifest
 from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
@@ -47,10 +55,12 @@ def compile_members(model: DefendedModel) -> None:
 
 
 def create_accelerator(cfg: Config) -> Accelerator:
-    """The Accelerator ``submit`` predicts with (CPU without CUDA; bf16 autocast if configured)."""
-    return Accelerator(
-        cpu=not torch.cuda.is_available(), mixed_precision="bf16" if cfg.train.mixed_precision == "bf16" else "no"
-    )
+    """The Accelerator ``submit`` predicts with: CPU without CUDA; the autocast precision
+    ``train.mixed_precision`` resolves to on this device (``auto``: bf16 on a GPU that has it)."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        prepare_cuda()
+    return Accelerator(cpu=not on_gpu, mixed_precision=resolve_precision(cfg.train.mixed_precision, on_gpu))
 
 
 def create_model(
@@ -60,7 +70,7 @@ def create_model(
     memory layout and (``model.compile``) compiled; returns it with the members' infos."""
     members, infos = load_members(checkpoints, cfg.data.num_classes)
     model = build_defended_model(members, infos, cfg).to(accelerator.device)
-    if cfg.model.channels_last:
+    if resolve_channels_last(cfg.model.channels_last, accelerator.device.type == "cuda"):
         model = model.to(memory_format=torch.channels_last)
     if cfg.model.compile:
         compile_members(model)
@@ -79,7 +89,8 @@ def resolve_loader_workers(cfg: Config, accelerator: Accelerator) -> int:
     ``OMP_NUM_THREADS=1``.
     """
     if accelerator.device.type != "cpu":
-        return cfg.submit.num_workers
+        workers = cfg.submit.num_workers if cfg.submit.num_workers >= 0 else cfg.data.num_workers
+        return resolve_num_workers(workers, True, local_processes(accelerator.num_processes))
     if cfg.submit.cpu_num_workers >= 0:
         return cfg.submit.cpu_num_workers
     return max(0, available_cores() // accelerator.num_processes - torch.get_num_threads())
@@ -167,7 +178,8 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     accelerator.print(
         f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
         f"{len(model.model.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
-        f"{accelerator.num_processes} process(es) with {torch.get_num_threads()} torch thread(s) and "
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type} in "
+        f"{precision_name(accelerator.mixed_precision)} with {torch.get_num_threads()} torch thread(s) and "
         f"{loader.num_workers} loader worker(s) each"
     )
     ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)

@@ -43,6 +43,7 @@ import torch
 from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, ConfigError, config_to_dict
+from core.devices import default_device
 from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
@@ -149,10 +150,13 @@ def attack_variant(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: 
 
 def time_per_image(model: DefendedModel, x: torch.Tensor, cfg: Config) -> float:
     """Milliseconds per image of one forward pass over ``x`` in ``submit.batch_size`` batches."""
+    device = next(model.parameters()).device
     start = time.perf_counter()
     with torch.inference_mode():
         for i in range(0, len(x), cfg.submit.batch_size):
-            model(x[i : i + cfg.submit.batch_size])
+            model(x[i : i + cfg.submit.batch_size].to(device))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the forwards are queued: wait for them before reading the clock
     return 1000.0 * (time.perf_counter() - start) / max(1, len(x))
 
 
@@ -358,6 +362,7 @@ def run_variants(cfg: Config, data: dict, members: dict, progress: bool) -> dict
         vcfg = resolve_variant(variant, cfg)
         paths = list(vcfg.submit.checkpoints)
         model = build_defended_model([members[p][0] for p in paths], [members[p][1] for p in paths], vcfg)
+        model = model.to(default_device())  # the GPU when there is one: AutoAttack per variant
         rows[variant] = {"checkpoints": paths, "views": len(model.model.views), **measure_variant(model, data, vcfg)}
         if progress:
             v = rows[variant]["vectors"]

@@ -3,10 +3,11 @@
 The images of one cell are made by :func:`core.corruptions.corrupt` at the model's input size
 from the uint8 test images, each under its own seed (:func:`core.corruptions.corruption_seed`
 of the image's key, the corruption, the severity and ``eval.seed``), in DataLoader workers
-(``data.num_workers``): the pixels do not depend on the batch size, the order or the number of
-processes. One cell's images are scored by each model of the report (the defended model and,
-with ``eval.corruption_baseline``, the baseline for mCE) and then dropped, so memory holds one
-cell at a time.
+(``data.num_workers``; the cells spread over the processes of a multi-process launch): the
+pixels do not depend on the batch size, the order or the number of processes. One cell's
+images are scored by each model of the report (the defended model and, with
+``eval.corruption_baseline``, the baseline for mCE) and then dropped, so memory holds one cell
+at a time.
 
 Summary figures follow the field: RobustBench's ImageNet-C accuracy is the plain mean over the
 75 common cells; mCE (Hendrycks & Dietterich 2019) divides each corruption's summed error over
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from core.config import Config
 from core.corruptions import COMMON, GROUPS, corrupt, corruption_seed
+from core.devices import cuda_available, local_processes, resolve_num_workers
 from gcm import DefendedModel
 from robust.runner import score
 
@@ -92,13 +94,34 @@ def run_corruptions(
     """Per-image correctness of every model on every cell: ``{model key: {cell: correctness}}``."""
     e = cfg.eval
     cells = corruption_cells(e.corruptions, e.corruption_severities)
-    out: dict[str, dict[Cell, torch.Tensor]] = {k: {} for k in models}
-    stream = iterate_cells(_to_uint8(x), keys, cells, e.seed, cfg.data.num_workers)
-    for cell, images in tqdm(stream, total=len(cells), desc="corruptions", disable=not progress, leave=False):
-        floats = images.float().div_(255.0)
-        for key, model in models.items():
-            out[key][cell] = score(model, floats, y, cfg)
-    return out
+    workers = resolve_num_workers(cfg.data.num_workers, cuda_available(), local_processes())
+
+    def measure(mine: Sequence[Cell]) -> dict[str, dict[Cell, torch.Tensor]]:
+        out: dict[str, dict[Cell, torch.Tensor]] = {k: {} for k in models}
+        stream = iterate_cells(_to_uint8(x), keys, mine, e.seed, workers)
+        for cell, images in tqdm(stream, total=len(mine), desc="corruptions", disable=not progress, leave=False):
+            floats = images.float().div_(255.0)
+            for key, model in models.items():
+                out[key][cell] = score(model, floats, y, cfg, spread=False)
+        return out
+
+    return spread_cells(measure, cells)
+
+
+def spread_cells(measure, cells: Sequence[Cell]) -> dict[str, dict[Cell, torch.Tensor]]:
+    """``measure(cells)`` with the cells spread over the processes of a multi-process launch (each
+    corrupts and scores its share; every process receives every result)."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    state = PartialState()
+    if state.num_processes == 1:
+        return measure(cells)
+    merged: dict[str, dict[Cell, torch.Tensor]] = {}
+    for part in gather_object([measure(cells[state.process_index :: state.num_processes])]):
+        for key, by_cell in part.items():
+            merged.setdefault(key, {}).update(by_cell)
+    return {key: {cell: by_cell[cell] for cell in cells} for key, by_cell in merged.items()}
 
 
 def _mean(values: Sequence[float]) -> float | None:

@@ -34,6 +34,7 @@ from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, resolve_path
 from core.datasets import ImageDataset
+from core.devices import default_device, prepare_cuda
 from core.errors import UserError
 from core.images import to_float_images
 from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
@@ -283,10 +284,24 @@ def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
     """
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
     check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
-    with hold_output(out_dir, "evaluate", "eval.out_dir"):
+    accelerator = create_accelerator()
+    progress = progress and accelerator.is_main_process
+    with hold_output(out_dir, "evaluate", "eval.out_dir", accelerator):
         if cfg.eval.file:
-            return run_file(cfg, load_eval_images, progress)
-        return evaluate_into(cfg, out_dir, progress)
+            return run_file(cfg, load_eval_images, progress, accelerator)
+        return evaluate_into(cfg, out_dir, progress, accelerator)
+
+
+def create_accelerator():
+    """The run's processes and device: every GPU under the launcher (the images' batches and the
+    corruption cells are spread over them, :func:`robust.runner.spread_batches`), else the CPU.
+    Attacks run in float32: a coarser gradient would be a weaker attack."""
+    from accelerate import Accelerator
+
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        prepare_cuda()
+    return Accelerator(cpu=not on_gpu, mixed_precision="no")
 
 
 @dataclasses.dataclass
@@ -437,12 +452,14 @@ SETTING_KEYS = (
 )
 
 
-def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True) -> EvalResult:
-    """The body of :func:`run`, under the lock of ``out_dir``."""
+def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True, accelerator=None) -> EvalResult:
+    """The body of :func:`run`, under the lock of ``out_dir``; with several processes only the main
+    one writes the report."""
     start = time.perf_counter()
     e = cfg.eval
     torch.manual_seed(e.seed)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = accelerator.device if accelerator is not None else default_device()
+    processes = accelerator.num_processes if accelerator is not None else 1
     models = build_models(cfg, device)
     x, y, source, keys = load_eval_images(cfg, input_size_of(models.infos))
     defense, adaptive_attack = describe_defense(cfg)
@@ -450,7 +467,7 @@ def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True) -> EvalResu
     if progress:
         print(
             f"evaluate: {len(x)} images from the {source}, {len(models.checkpoints)} member(s), defense: {defense}, "
-            f"device {device.type}",
+            f"{processes} process(es) on {device.type}",
             flush=True,
         )
 
@@ -483,7 +500,8 @@ def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True) -> EvalResu
     result.verdict = verdict(result)
     result.seconds = round(time.perf_counter() - start, 1)
     result.out_dir = str(out_dir)
-    result.files = write_report(result, out_dir, cfg, echo=progress)
+    if accelerator is None or accelerator.is_main_process:
+        result.files = write_report(result, out_dir, cfg, echo=progress)
     return result
 
 

@@ -20,6 +20,7 @@ from typing import Callable
 import torch
 
 from core.config import Config
+from core.devices import default_device
 from core.errors import UserError
 from core.io import atomic_write_text
 from gcm.gcm import gcm_modules
@@ -74,17 +75,20 @@ def format_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def run_file(cfg: Config, load_images: Callable, progress: bool = True) -> dict:
+def run_file(cfg: Config, load_images: Callable, progress: bool = True, accelerator=None) -> dict:
     """Attack ``eval.file`` and write ``eval_file.md`` / ``eval_file.json`` to the eval folder.
 
     Args:
         cfg: the config (``eval`` budgets, ``data`` for the labelled images).
         load_images: ``(cfg, image_size) -> (x, y, source, keys)``, RGB images in [0, 1] (``evaluate``'s loader).
         progress: print a line per attack.
+        accelerator: the run's processes and device (the file's torch model runs there; the main
+            process writes); None: one process on :func:`core.devices.default_device`.
     """
     start = time.perf_counter()
     torch.manual_seed(cfg.eval.seed)
-    model = load_phase2_file(cfg.eval.file)
+    device = accelerator.device if accelerator is not None else default_device()
+    model = load_phase2_file(cfg.eval.file).to(device)
     if model.meta["num_classes"] != cfg.data.num_classes:
         raise UserError(
             f"eval.file: the file predicts {model.meta['num_classes']} classes, "
@@ -105,6 +109,8 @@ def run_file(cfg: Config, load_images: Callable, progress: bool = True) -> dict:
         result["phase2"] = run_phase2(model, x, y, cfg, progress)
     result["seconds"] = round(time.perf_counter() - start, 1)
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
+    if accelerator is not None and not accelerator.is_main_process:
+        return result
     table = format_table(result) + (f"\n{format_phase2(result['phase2'])}" if "phase2" in result else "")
     atomic_write_text(out_dir / "eval_file.md", table)
     atomic_write_text(out_dir / "eval_file.json", json.dumps(result, indent=2) + "\n")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+from typing import Callable
 
 import torch
 from tqdm.auto import tqdm
@@ -35,6 +36,31 @@ def check_budget(spec: AttackSpec, x: torch.Tensor, adv: torch.Tensor, eps: floa
         )
 
 
+def batch_seed(seed: int, index: int) -> int:
+    """The seed of batch ``index``: every batch draws on its own, so the result does not depend on
+    how the batches are spread over processes."""
+    return seed * 1_000_003 + index
+
+
+def spread_batches(fn: Callable[[int], torch.Tensor], n: int, batch_size: int) -> list[torch.Tensor]:
+    """``fn(start)`` for each batch ``[start, start + batch_size)`` of ``n`` items, in order.
+
+    Under a multi-process launch (``./run.sh evaluate --num_processes N``, every GPU by default)
+    each process computes every N-th batch and all of them receive every result (accelerate's
+    ``gather_object``); every process must therefore make the same calls in the same order, which
+    the stages do (the same config, images and results on every process).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    starts = list(range(0, n, batch_size))
+    state = PartialState()
+    if state.num_processes == 1:
+        return [fn(start) for start in starts]
+    mine = [(start, fn(start).cpu()) for start in starts[state.process_index :: state.num_processes]]
+    return [t for _, t in sorted(gather_object(mine), key=lambda item: item[0])]
+
+
 def craft(
     name: str,
     model: DefendedModel,
@@ -55,43 +81,56 @@ def craft(
     ``adaptive`` attacks the defense as it is: BPDA (straight-through gradient) through GCM and,
     when the model has the random resize-pad layer, ``eval.eot_samples`` gradient samples per
     step (C&W attacks the logits averaged over that many draws). The result is checked to lie
-    in the eps-ball and in [0, 1].
+    in the eps-ball and in [0, 1]. Each batch draws its random start and the random layer's boxes
+    from its own seed (:func:`batch_seed`), so the batches can be spread over processes.
     """
     spec = SPECS[name] if spec is None else spec
     eps = spec.budget(cfg.eval) if eps is None else float(eps)
     eot = cfg.eval.eot_samples if adaptive and model.randomized else 1
     target = EOT(model, eot) if name == "cw_l2" and eot > 1 else model
-    generator = torch.Generator().manual_seed(cfg.eval.seed)  # continues across batches
     device = next(model.parameters()).device
     bs = cfg.eval.batch_size
-    model.reseed(cfg.eval.seed)
-    out = []
+    bar = tqdm(total=-(-len(x) // bs), desc=desc or name, disable=not progress, leave=False)
+
+    def one(start: int) -> torch.Tensor:
+        seed = batch_seed(cfg.eval.seed, start // bs)
+        generator = torch.Generator().manual_seed(seed)
+        model.reseed(seed)
+        xb, yb = x[start : start + bs].to(device).float(), y[start : start + bs].to(device)
+        adv = spec.craft(target, xb, yb, eps, cfg.eval, generator, eot).detach().cpu()
+        bar.update(1)
+        return adv
+
     with bpda(model) if adaptive else contextlib.nullcontext():
-        for i in tqdm(range(0, len(x), bs), desc=desc or name, disable=not progress, leave=False):
-            xb, yb = x[i : i + bs].to(device).float(), y[i : i + bs].to(device)
-            out.append(spec.craft(target, xb, yb, eps, cfg.eval, generator, eot).detach().cpu())
-    adv = torch.cat(out)
+        adv = torch.cat(spread_batches(one, len(x), bs)) if len(x) else x.clone()
+    bar.close()
     check_budget(spec, x, adv, eps)
     return adv
 
 
 @torch.no_grad()
-def score(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> torch.Tensor:
+def score(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, spread: bool = True) -> torch.Tensor:
     """Correctness per image (N,), or per draw and image (draws, N) for a randomized model.
 
     Scoring draws are seeded apart from the attack's (``eval.seed + 1``): the attacker does not
     get to know the defender's draws. Clean and adversarial images see the same draws.
+    ``spread=False`` scores on this process alone (a caller that spreads its own work).
     """
     draws = cfg.eval.draws if model.randomized else 1
     device = next(model.parameters()).device
     bs = cfg.eval.batch_size
-    model.reseed(cfg.eval.seed + 1)
-    parts = []
+
+    def one(start: int) -> torch.Tensor:
+        model.reseed(batch_seed(cfg.eval.seed + 1, start // bs))
+        xb, yb = x[start : start + bs].to(device), y[start : start + bs].to(device)
+        return torch.stack([model(xb).argmax(1) == yb for _ in range(draws)]).cpu()
+
     with eval_mode(model):
-        for i in range(0, len(x), bs):
-            xb, yb = x[i : i + bs].to(device), y[i : i + bs].to(device)
-            parts.append(torch.stack([model(xb).argmax(1) == yb for _ in range(draws)]).cpu())
-    out = torch.cat(parts, dim=1)
+        if spread:
+            parts = spread_batches(one, len(x), bs)
+        else:
+            parts = [one(start) for start in range(0, len(x), bs)]
+    out = torch.cat(parts, dim=1) if parts else torch.zeros(draws, 0, dtype=torch.bool)
     return out[0] if draws == 1 else out
 
 

@@ -39,6 +39,7 @@ from core.checkpoint import read_checkpoint_info, resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, ConfigError, TestsetConfig, config_to_dict
 from core.corruptions import corrupt, corruption_seed
+from core.devices import default_device
 from core.errors import UserError
 from core.manifest import KINDS, MANIFEST_NAME
 from core.outputs import hold_output
@@ -106,7 +107,8 @@ def load_surrogates(cfg: Config) -> tuple[list[Surrogate], list[dict]]:
                 f"runs/{cfg.name}/best); transfer attacks need another checkpoint"
             )
         records.append({"path": str(path), "sha256": info.get("sha256"), "arch": info["arch"]})
-    models = [Surrogate(m, info["image_size"]).eval() for m, info in zip(members, infos)]
+    device = default_device()  # the attacks are crafted where the surrogates run: the GPU when there is one
+    models = [Surrogate(m, info["image_size"]).eval().to(device) for m, info in zip(members, infos)]
     return models, records
 
 
@@ -161,13 +163,21 @@ def apply_step(image: torch.Tensor, label: int, step: dict, surrogates: Sequence
     if step["op"] == "corruption":
         out = corrupt(image.permute(1, 2, 0).numpy(), step["name"], step["severity"], step["seed"])
         return torch.tensor(out).permute(2, 0, 1).contiguous()
-    x = image.float().div(255.0).unsqueeze(0)
-    generator = torch.Generator().manual_seed(step["seed"])
     model = surrogates[step["surrogate"]]
+    device = next(model.parameters()).device
+    x = image.float().div(255.0).unsqueeze(0).to(device)
+    generator = torch.Generator().manual_seed(step["seed"])
     adv = craft_attack(
-        step["kind"], model, x, torch.tensor([label]), step["eps"], step["norm"], step["steps"], generator
+        step["kind"],
+        model,
+        x,
+        torch.tensor([label], device=device),
+        step["eps"],
+        step["norm"],
+        step["steps"],
+        generator,
     )
-    return (adv[0] * 255).round().clamp(0, 255).to(torch.uint8)
+    return (adv[0].cpu() * 255).round().clamp(0, 255).to(torch.uint8)
 
 
 def apply_steps(

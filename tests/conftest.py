@@ -13,6 +13,26 @@ import pytest
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "disabled")
 
+
+def pytest_configure(config) -> None:
+    """The suite runs the CPU path, as CI does, also on a machine with GPUs: the GPUs are hidden
+    from this process and every process it starts (before torch looks for them), except in a run
+    that selects the GPU tests (``./run.sh test -m gpu``, what bench/gpu_check.sh runs)."""
+    if "gpu" not in (config.getoption("markexpr", "") or ""):
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    hidden = os.environ.get("CUDA_VISIBLE_DEVICES") == ""
+    reason = "needs CUDA" + (" (GPUs hidden outside `./run.sh test -m gpu`)" if hidden else "")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(pytest.mark.skip(reason=reason))
+
 from core.config import Config, load_config  # noqa: E402
 from core.demo_data import generate_demo_data  # noqa: E402
 
@@ -76,7 +96,9 @@ def tiny_config(tiny_data, tmp_path):
 def run_module(*args: str, timeout: float = 600, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     """``python -m ARGS`` as a separate process, the way ``run.sh`` starts a stage: offline hub,
     W&B off (``env`` adds or overrides variables; a value of "" removes one); text output captured."""
-    environ = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    # the project first, then what the caller's PYTHONPATH holds (e.g. packages installed with --target)
+    path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    environ = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=path)
     for key, value in env.items():
         if value == "":
             environ.pop(key, None)

@@ -112,3 +112,31 @@ def test_commands_rows_refuse_different_predictions_and_a_baseline_without_run_s
         check_same_predictions(a, b)
     with pytest.raises(UserError, match="--baseline .*: no run.sh in it"):
         bench_main(["--only", "commands", "--baseline", str(tmp_path)])
+
+
+@pytest.mark.slow
+def test_the_gpu_check_script_stops_cleanly_without_a_gpu(tmp_path):
+    # bench/gpu_check.sh runs on a lent GPU machine; here it must say why it stops, in its output folder
+    import subprocess
+
+    from tests.conftest import ROOT
+
+    proc = subprocess.run(
+        ["bash", str(ROOT / "bench" / "gpu_check.sh")],
+        env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "CUDA_VISIBLE_DEVICES": ""},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "no CUDA device" in proc.stderr
+    assert "torch" in (tmp_path / "out" / "machine.txt").read_text()
+
+
+def test_the_gpu_section_says_it_was_not_measured_without_a_gpu():
+    from bench.gpu import NOT_MEASURED, bench_gpu
+    from bench.measure import BenchContext, BenchSettings
+
+    ctx = BenchContext(BenchSettings(), None, [], None, None)
+    bench_gpu(ctx)
+    assert [(r.section, r.formatted_value(), r.detail) for r in ctx.rows] == [("gpu", "n/a", NOT_MEASURED)]

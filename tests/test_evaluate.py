@@ -23,7 +23,7 @@ from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS
 from robust.verdict import MASKING_POINTS, sanity_checks
-from tests.conftest import LEARNED, shrink
+from tests.conftest import LEARNED, run_module, shrink
 from tests.test_attacks import CoinFlip
 from train import main as train_main
 
@@ -342,6 +342,39 @@ def test_random_pad_eot_path_is_reproducible(trained, tmp_path):
     # Expected accuracy over 3 draws of 16 images: multiples of 100 / 48.
     top1 = a.rows["defended"].top1
     assert abs(top1 * 48 / 100 - round(top1 * 48 / 100)) < 1e-6
+
+
+@pytest.mark.slow
+def test_two_processes_evaluate_what_one_does(trained, tmp_path):
+    """``./run.sh evaluate --num_processes 2``: the batches and the corruption cells are spread over
+    the processes (gloo here, GPUs elsewhere) and every figure is the one a single process computes,
+    the random pad's draws, the attacks' random starts and AutoAttack included."""
+    small = [
+        *trained,
+        *FAST,
+        "random_pad.enabled=true",
+        "eval.draws=2",
+        "eval.eot_samples=2",
+        "eval.subset=24",
+        "eval.batch_size=8",
+        "eval.attacks=[fgsm,pgd_linf,autoattack,transfer,noise]",
+        "eval.aa_iters=3",
+        "eval.corruptions=[fog,gaussian_noise,contrast]",
+        "eval.corruption_severities=[1,3]",
+        "eval.eps_curve=[0.0313725,0.1]",
+    ]
+    reports = {}
+    for processes in (1, 2):
+        out = tmp_path / str(processes)
+        flags = ["--num_processes", "2"] if processes == 2 else []
+        proc = run_module("core.launch", "robust.evaluate", *flags, *small, f"eval.out_dir={out}", timeout=900)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert (
+            "evaluate: 24 images from the test set" in proc.stdout and f"{processes} process(es) on cpu" in proc.stdout
+        )
+        reports[processes] = json.loads((out / "eval.json").read_text())
+    for key in ("rows", "black_box", "eps_curve", "corruption"):
+        assert reports[2][key] == reports[1][key], key
 
 
 def test_evaluate_attacks_an_exported_phase2_file(trained, tmp_path):

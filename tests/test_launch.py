@@ -13,32 +13,45 @@ from pathlib import Path
 
 import pytest
 
+from core.config import load_config
+from core.devices import Devices, available_cores
 from core.errors import UserError
-from core.launch import (
-    DEFAULT_ACCELERATE_CONFIG,
-    ROOT,
-    available_cores,
-    check_flags,
-    direct_command,
-    resolve_launch_args,
-    runs_directly,
-    split_args,
-)
+from core.launch import create_command, resume_command
+from core.launch_plan import DEFAULT_ACCELERATE_CONFIG, ROOT, parse_flags, plan_launch, split_args
 from tests.conftest import run_module, shrink
 
-# `./run.sh train` without flags runs the stage directly; any accelerate flag, even one that asks
-# for nothing more, goes through accelerate launch.
+# `./run.sh train` without flags runs the stage directly; any launch flag, even one that asks for
+# nothing more, goes through accelerate launch.
 PATHS = {"direct": (), "accelerate": ("--num_processes", "1")}
+
+CPU = Devices(cuda=0, cores=8)
+H200x8 = Devices(cuda=8, names=("NVIDIA H200",) * 8, bf16=True, cores=128)
+V100x4 = Devices(cuda=4, names=("Tesla V100",) * 4, bf16=False, cores=32)
+
+
+def plan(accel=(), devices=CPU, module="train.main", overrides=(), env=None, config_file=None):
+    """The launch of ``./run.sh train [overrides] [accel]`` on ``devices`` (nothing is started)."""
+    cfg = load_config(None, list(overrides), check_aug=False)
+    return plan_launch(module, parse_flags(list(accel)), cfg, devices, env={} if env is None else env,
+                       config_file=config_file)  # fmt: skip
 
 
 def flag(args: list[str], name: str) -> str | None:
     return args[args.index(name) + 1] if name in args else None
 
 
-def test_cpu_run_gets_every_core_not_accelerates_one_thread():
-    args, note = resolve_launch_args([], has_cuda=False, cores=8, env={})
-    assert flag(args, "--config_file") == str(DEFAULT_ACCELERATE_CONFIG)
-    assert flag(args, "--num_cpu_threads_per_process") == "8" and note is None
+# --- the CPU: one direct process, or gloo processes sharing the cores --------------------------
+
+
+def test_a_cpu_run_is_one_direct_process_with_every_core():
+    p = plan()
+    assert (p.direct, p.processes, p.gpu_ids, p.precision, p.threads) == (True, 1, None, "no", 8)
+    env: dict = {}
+    assert create_command(p, "train.main", ["a.b=1"], env) == [sys.executable, "-m", "train.main", "a.b=1"]
+    assert env["OMP_NUM_THREADS"] == "8"
+    env = {"OMP_NUM_THREADS": "1"}
+    create_command(p, "train.main", [], env)
+    assert env["OMP_NUM_THREADS"] == "1"  # the user's choice
 
 
 @pytest.mark.parametrize(
@@ -46,39 +59,143 @@ def test_cpu_run_gets_every_core_not_accelerates_one_thread():
     [
         (["--num_processes", "2"], 8, "4"),
         (["--num_processes=4"], 2, "1"),  # never below one thread
-        (["--config_file", str(ROOT / "configs/accelerate/multi_gpu.yaml")], 8, None),  # from the file
+        (["--cpu", "--num-processes", "2"], 8, "4"),  # --cpu alone would run one process
+        (["--num_processes", "2", "--num_cpu_threads_per_process", "3"], 8, "3"),  # the user's choice
     ],
 )
-def test_cpu_processes_share_the_cores(accel, cores, threads):
-    args, _ = resolve_launch_args(accel, has_cuda=False, cores=cores, env={})
-    if threads is None:
-        import yaml
-
-        n = yaml.safe_load((ROOT / "configs/accelerate/multi_gpu.yaml").read_text())["num_processes"]
-        threads = str(max(1, cores // n))
-    assert flag(args, "--num_cpu_threads_per_process") == threads
+def test_cpu_processes_run_with_gloo_and_share_the_cores(accel, cores, threads):
+    p = plan(accel, Devices(cuda=0, cores=cores))
+    assert not p.direct and p.gpu_ids is None
+    assert "--multi_gpu" in p.accelerate and "--cpu" not in p.accelerate
+    assert flag(p.accelerate, "--num_cpu_threads_per_process") == threads
+    assert flag(p.accelerate, "--num_processes") == str(p.processes)
 
 
-def test_two_cpu_processes_run_with_gloo():
-    args, note = resolve_launch_args(["--cpu", "--num_processes", "2"], has_cuda=False, cores=2, env={})
-    assert "--multi_gpu" in args and "--cpu" not in args and "gloo" in note
+def test_omp_num_threads_is_left_to_accelerate():
+    p = plan(["--num_processes", "2"], env={"OMP_NUM_THREADS": "3"})
+    assert "--num_cpu_threads_per_process" not in p.accelerate
 
 
 @pytest.mark.parametrize(
-    "accel,env,has_cuda",
+    "accel,message",
     [
-        (["--num_cpu_threads_per_process", "3"], {}, False),  # the user's choice
-        ([], {"OMP_NUM_THREADS": "3"}, False),  # accelerate reads it
-        ([], {}, True),  # GPU run: accelerate's default
+        (["--gpu_ids", "0"], "--gpu_ids 0: no CUDA device is visible here"),
+        (["--mixed_precision", "fp16"], "--mixed_precision fp16: fp16 needs a GPU and this run is on the CPU"),
+        (["--num_processes", "0"], "--num_processes 0: must be at least 1"),
+        (["--num_processes", "two"], "--num_processes two: expected a whole number"),
     ],
 )
-def test_thread_count_left_alone(accel, env, has_cuda):
-    args, _ = resolve_launch_args(accel, has_cuda=has_cuda, cores=8, env=env)
-    assert args.count("--num_cpu_threads_per_process") == (1 if accel else 0)
-    assert flag(args, "--num_cpu_threads_per_process") in (None, "3")
+def test_gpu_only_settings_on_a_cpu_machine_are_one_line(accel, message):
+    with pytest.raises(UserError, match="^" + message.replace("+", r"\+")):
+        plan(accel)
 
 
-def test_split_args_sends_flags_to_accelerate():
+# --- GPUs: every visible one by default --------------------------------------------------------
+
+
+def test_every_gpu_runs_one_process_in_bf16_by_default():
+    p = plan(devices=H200x8)
+    assert (p.processes, p.gpu_ids, p.precision, p.direct) == (8, list(range(8)), "bf16", False)
+    assert "--multi_gpu" in p.accelerate and flag(p.accelerate, "--mixed_precision") == "bf16"
+    assert flag(p.accelerate, "--gpu_ids") == "all" and p.env == {}  # all of them: nothing remapped
+    assert p.describe(H200x8) == (
+        "launch: train as 8 processes (DDP) on GPUs 0-7 of 8 (NVIDIA H200); precision bf16 (train.mixed_precision=auto)"
+    )
+
+
+def test_num_processes_takes_the_first_gpus_and_gpu_ids_chooses_them():
+    assert plan(["--num_processes", "4"], H200x8).env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
+    # --gpu_ids counts the visible devices, so it composes with the user's CUDA_VISIBLE_DEVICES
+    p = plan(["--gpu_ids", "2,5"], H200x8, env={"CUDA_VISIBLE_DEVICES": "4,5,6,7,0,1,2,3"})
+    assert (p.processes, p.gpu_ids, p.env) == (2, [2, 5], {"CUDA_VISIBLE_DEVICES": "6,1"})
+    assert "GPUs 2,5 of 8" in p.describe(H200x8)
+
+
+def test_one_gpu_runs_directly_on_that_gpu():
+    p = plan(devices=Devices(cuda=1, names=("NVIDIA H200",), bf16=True, cores=16))
+    assert (p.direct, p.processes, p.precision, p.env) == (True, 1, "bf16", {})
+    p = plan(["--gpu_ids", "3"], H200x8)
+    assert p.processes == 1 and p.env == {"CUDA_VISIBLE_DEVICES": "3"} and not p.direct
+
+
+@pytest.mark.parametrize(
+    "accel,message",
+    [
+        (["--num_processes", "9"], "--num_processes 9 needs 9 GPUs on this machine, but 8 are visible here"),
+        (["--gpu_ids", "0,1", "--num_processes", "4"], "--num_processes 4 needs 4 GPUs on this machine, but 2 are"),
+        (["--gpu_ids", "8"], "--gpu_ids 8: no CUDA device 8 here; 8 visible, numbered 0-7"),
+        (["--gpu_ids", "0,0"], "--gpu_ids 0,0: a device is listed twice"),
+        (["--num_machines", "2", "--num_processes", "3"], "--num_processes 3 is not a multiple of --num_machines 2"),
+    ],
+)
+def test_more_processes_than_gpus_is_one_line(accel, message):
+    with pytest.raises(UserError, match="^" + message):
+        plan(accel, H200x8)
+
+
+def test_precision_flag_key_and_gpu_kind():
+    p = plan(["--mixed_precision", "fp16"], H200x8)
+    assert p.precision == "fp16" and p.overrides == ["train.mixed_precision=fp16"]
+    assert plan(overrides=["train.mixed_precision=no"], devices=H200x8).precision == "no"
+    assert plan(["--mixed_precision", "bf16"], H200x8, overrides=["train.mixed_precision=auto"]).precision == "bf16"
+    with pytest.raises(UserError, match="^--mixed_precision fp16 and train.mixed_precision=no disagree"):
+        plan(["--mixed_precision", "fp16"], H200x8, overrides=["train.mixed_precision=no"])
+    # GPUs without native bf16: auto is float32; asking for bf16 by name is refused
+    assert plan(devices=V100x4).precision == "no"
+    with pytest.raises(UserError, match="do not compute bf16 natively"):
+        plan(["--mixed_precision", "bf16"], V100x4)
+
+
+def test_cpu_flag_hides_the_gpus_from_the_processes():
+    p = plan(["--cpu"], H200x8)
+    assert p.gpu_ids is None and p.precision == "no" and p.env == {"CUDA_VISIBLE_DEVICES": ""}
+
+
+def test_several_machines_pass_their_flags_on():
+    accel = ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--same_network"]
+    p = plan(accel, H200x8)
+    assert (p.processes, p.local_processes) == (16, 8)
+    assert flag(p.accelerate, "--machine_rank") == "1" and flag(p.accelerate, "--main_process_ip") == "10.0.0.1"
+    assert "--same_network" in p.accelerate and "on 2 machines, 8 here" in p.describe(H200x8)
+    p = plan(config_file=ROOT / "configs/accelerate/multi_node.yaml", devices=H200x8)
+    assert (p.processes, p.machines) == (16, 2)
+
+
+def test_an_accelerate_config_file_is_read(tmp_path):
+    config = tmp_path / "acc.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\nmixed_precision: fp16\n")
+    p = plan(["--config_file", str(config)], H200x8, config_file=config)
+    assert p.processes == 4 and p.config_file == config
+    config.write_text("distributed_type: DEEPSPEED\n")
+    with pytest.raises(UserError, match="distributed_type DEEPSPEED is not supported here"):
+        plan(config_file=config)
+
+
+@pytest.mark.parametrize(
+    "accel,message",
+    [
+        (["--use_deepspeed"], "--use_deepspeed: DeepSpeed is not supported"),
+        (["--fsdp_version", "2"], "--fsdp_version: FSDP is not supported"),
+        (["--tpu"], "--tpu: TPUs are not supported"),
+        (["--dynamo_backend", "inductor"], "--dynamo_backend: use model.compile=true"),
+        (["--gradient_accumulation_steps", "4"], "--gradient_accumulation_steps: use train.grad_accum_steps=N"),
+        (["-m"], "--m: the launcher runs the stage as a module itself"),
+        (["--num_processes"], "--num_processes needs a value"),
+        (["--frobnicate"], r"unknown option --frobnicate \(launch flags: ./run.sh train --help\)"),
+    ],
+)
+def test_flags_this_pipeline_does_not_use_are_refused_in_one_line(accel, message):
+    with pytest.raises(UserError, match="^" + message):
+        parse_flags(accel, "train")
+
+
+def test_evaluate_attacks_in_float32():
+    assert plan(devices=H200x8, module="robust.evaluate").precision == "no"
+    with pytest.raises(UserError, match="evaluate attacks in float32"):
+        plan(["--mixed_precision", "bf16"], H200x8, module="robust.evaluate")
+
+
+def test_split_args_sends_flags_to_the_launcher():
     ours, accel = split_args(["--config", "c.yaml", "a.b=1", "--num_processes", "2", "--cpu", "--debug"])
     assert ours == ["--config", "c.yaml", "a.b=1", "--debug"]
     assert accel == ["--num_processes", "2", "--cpu"]
@@ -90,47 +207,26 @@ def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
     assert proc.stderr.strip().splitlines() == [
         "error: unknown option --epochs: did you mean train.epochs=3? (config keys take key=value)"
     ]
-    for accel, module, key in (
-        (["--batch-size=8"], "infer.submit", "submit.batch_size=8"),
-        (["--train.lr", "0.1"], "train.main", "train.lr=0.1"),
-        (["--seed"], "train.main", "seed=..."),
+    for accel, command, key in (
+        (["--batch-size=8"], "submit", "submit.batch_size=8"),
+        (["--train.lr", "0.1"], "train", "train.lr=0.1"),
+        (["--seed"], "train", "seed=..."),
     ):
         with pytest.raises(UserError, match=rf"did you mean {key}\?"):
-            check_flags(accel, module)
-    # accelerate's own flags pass, also where one of our keys has the same name (train.mixed_precision)
-    check_flags(["--num_processes", "2", "--mixed_precision", "bf16", "--config_file", "x.yaml", "-q"], "train.main")
+            parse_flags(accel, command)
 
 
-def test_one_plain_process_runs_directly_with_every_core():
-    assert runs_directly([])
-    env: dict = {}
-    assert direct_command("train.main", ["a.b=1"], env) == [sys.executable, "-m", "train.main", "a.b=1"]
-    assert env["OMP_NUM_THREADS"] == str(available_cores())  # what accelerate launch got from us
-    env = {"OMP_NUM_THREADS": "1"}
-    direct_command("train.main", [], env)
-    assert env["OMP_NUM_THREADS"] == "1"  # the user's choice
+def test_the_resume_command_repeats_the_run():
+    argv = ["--config", "configs/robust.yaml", "--num_processes", "2", "name=my run", "overwrite=true"]
+    assert resume_command(argv) == (
+        "./run.sh train --config configs/robust.yaml --num_processes 2 'name=my run' resume=auto"
+    )
 
 
-@pytest.mark.parametrize("accel", [["--num_processes", "1"], ["--cpu"], ["--config_file", "x.yaml"]])
-def test_any_accelerate_flag_goes_through_accelerate_launch(accel):
-    assert not runs_directly(accel)
-
-
-@pytest.mark.parametrize(
-    "text",
-    [
-        "num_processes: 2",
-        "distributed_type: MULTI_GPU",
-        "num_machines: 2",
-        "dynamo_config: {dynamo_backend: INDUCTOR}",
-        "use_cpu: true",
-        "num_processes: [",
-    ],
-)
-def test_a_default_accelerate_config_asking_for_more_goes_through_accelerate_launch(tmp_path, text):
-    config = tmp_path / "default.yaml"
-    config.write_text(DEFAULT_ACCELERATE_CONFIG.read_text() + "\n" + text + "\n")
-    assert runs_directly([], DEFAULT_ACCELERATE_CONFIG) and not runs_directly([], config)
+def test_every_launch_passes_an_explicit_accelerate_config():
+    # accelerate reads the user's ~/.cache default config unless one is given: ours asks for nothing
+    cmd = create_command(plan(["--num_processes", "2"]), "train.main", [], {})
+    assert cmd[cmd.index("--config_file") + 1] == str(DEFAULT_ACCELERATE_CONFIG)
 
 
 # Reports what a stage started by the launcher sees: its parent, thread count and accelerate state.
@@ -271,16 +367,22 @@ def test_a_killed_training_process_is_named_with_the_resume_command(tiny_data, t
     os.kill(trainer, signal.SIGKILL)  # what the out-of-memory killer does
     _, stderr = proc.communicate(timeout=300)
     assert proc.returncode != 0
-    line = next((ln for ln in stderr.splitlines() if ln.startswith("error: ")), stderr[-2000:])
+    # the error line (after the progress bar's last \r, which ends without a newline)
+    line = stderr[stderr.index("error: ") :].splitlines()[0] if "error: " in stderr else stderr[-2000:]
     assert f"process rank 0 (pid {trainer}) of train.main died without reporting" in line
-    assert "SIGKILL" in line and "./run.sh train resume=auto" in line
+    assert "SIGKILL" in line
+    # the hint repeats the run's own command (here: its launch flags and overrides), with resume=auto
+    expected = " ".join(["./run.sh train", *PATHS[path], "data.root=" + str(tiny_data)])
+    assert f"Continue it with {expected} " in line and line.endswith(
+        "resume=auto (checkpoints are written atomically)."
+    )
 
 
 def test_help_is_the_pipelines_own():
     proc = run_module("core.launch", "train.main", "--help", timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: ./run.sh train [--config FILE] [key=value ...]")
-    assert "core/config.py" in proc.stdout and "accelerate launch --help" in proc.stdout
+    assert "core/config.py" in proc.stdout and "--num_processes N" in proc.stdout and "--gpu_ids" in proc.stdout
     assert "submit" in run_module("core.launch", "infer.submit", "-h", timeout=60).stdout.splitlines()[0]
 
 

@@ -207,7 +207,7 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the launcher splits the cores between the processes (accelerate alone would give each 1 thread)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)
-    assert f"2 process(es) with {threads} torch thread(s)" in proc.stdout, proc.stdout
+    assert f"2 process(es) on cpu in fp32 with {threads} torch thread(s)" in proc.stdout, proc.stdout
     submit.run(load_config(None, shrink([f"submit.out_dir={tmp_path / 'one'}", *common], data, runs)))
     for name in ("demo.csv", "demo.json"):
         assert (tmp_path / "two" / name).read_bytes() == (tmp_path / "one" / name).read_bytes()

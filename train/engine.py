@@ -65,7 +65,7 @@ def train_one_epoch(
     loss_sum, loss_count, seen = 0.0, 0, 0
     start = time.perf_counter()
     for images, targets in loader:
-        x = to_float_images(images, training.cfg.model.channels_last)
+        x = to_float_images(images, training.channels_last)
         if on_first_batch is not None:
             on_first_batch(x)
             on_first_batch = None

@@ -19,6 +19,7 @@ from accelerate.utils import set_seed
 
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, save_config
+from core.devices import precision_name
 from core.model import count_params
 from core.tracking import init_tracking, log_model, resolve_wandb_mode
 from train.engine import Progress, evaluate, evaluate_robust, train_one_epoch
@@ -64,8 +65,9 @@ def announce(training: Training) -> None:
     accelerator.print(
         f"train {cfg.model.name} ({n_params / 1e6:.2f}M params) on {training.train_size} images, "
         f"val {training.val_size}, {cfg.data.num_classes} classes, {cfg.data.image_size}px, "
-        f"{accelerator.num_processes} process(es) on {accelerator.device} ({torch.get_num_threads()} torch threads "
-        f"each), precision {cfg.train.mixed_precision}"
+        f"{accelerator.num_processes} process(es) on {accelerator.device.type} ({torch.get_num_threads()} torch "
+        f"threads, {training.workers} loader workers each), precision {precision_name(accelerator.mixed_precision)}"
+        f"{', channels_last' if training.channels_last else ''}; {training.scaling.describe()}"
     )
     adv = cfg.train.adv
     if adv.mode != "none":
@@ -109,7 +111,7 @@ def validate(training: Training) -> dict:
     cfg, accelerator = training.cfg, training.accelerator
     if training.val_loader is None:
         return {"acc": float("nan"), "loss": float("nan"), "n": 0}
-    channels_last = cfg.model.channels_last
+    channels_last = training.channels_last
     metrics = evaluate(training.model, training.val_loader, accelerator, channels_last)
     if training.ema is not None:
         metrics["ema_acc"] = evaluate(

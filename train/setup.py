@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,6 +21,13 @@ from torch import nn
 from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
 from core.demo_data import generate_demo_data
+from core.devices import (
+    local_processes,
+    prepare_cuda,
+    resolve_channels_last,
+    resolve_num_workers,
+    resolve_precision,
+)
 from core.labels import resolve_samples, select_subset
 from core.model import align_kernel_strides, check_input_size, create_classifier
 from core.transforms import create_eval_transform, create_train_transform
@@ -44,17 +52,58 @@ class Training:
     train_size: int
     val_size: int
     updates_per_epoch: int
+    scaling: BatchScaling | None = None  # the lr and EMA decay for this run's global batch
+    channels_last: bool = False  # model.channels_last resolved on this device
+    workers: int = 0  # loader worker processes of this process
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
-    """CPU without CUDA (gloo across processes), the configured precision and accumulation."""
+    """CPU without CUDA (gloo across processes), the precision ``train.mixed_precision`` resolves
+    to on this device (``auto``: bf16 on a GPU that has it) and the accumulation."""
+    on_gpu = torch.cuda.is_available()
+    if on_gpu:
+        prepare_cuda()
     return Accelerator(
-        cpu=not torch.cuda.is_available(),
-        mixed_precision=cfg.train.mixed_precision,
+        cpu=not on_gpu,
+        mixed_precision=resolve_precision(cfg.train.mixed_precision, on_gpu),
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with,
         project_dir=str(cfg.run_dir),
     )
+
+
+@dataclass(frozen=True)
+class BatchScaling:
+    """``train.lr`` and ``train.ema_decay`` as this run uses them (see :func:`scale_for_batch`)."""
+
+    global_batch: int
+    lr: float
+    ema_decay: float
+    rule: str  # how lr was scaled, for the start-up line
+
+    def describe(self) -> str:
+        return f"global batch {self.global_batch}, lr {self.lr:.3g}{self.rule}, EMA decay {self.ema_decay:.6g}"
+
+
+def scale_for_batch(t, processes: int) -> BatchScaling:
+    """The learning rate and EMA decay for a global batch of ``batch_size x processes x grad_accum_steps``.
+
+    timm's rule (its train.py, ``--lr-base``/``--lr-base-size``/``--lr-base-scale``): ``train.lr`` is
+    the rate at ``train.base_batch_size`` images and grows with the ratio of the global batch to it,
+    by its square root for adaptive optimizers (a name with "ada" or "lamb": AdamW) and linearly
+    otherwise (SGD). The EMA decay is raised to the same ratio: each update then weighs the same
+    number of images as at the base batch, whatever the number of processes.
+    """
+    batch = t.batch_size * processes * t.grad_accum_steps
+    if not t.base_batch_size or batch == t.base_batch_size:
+        return BatchScaling(batch, t.lr, t.ema_decay, "")
+    ratio = batch / t.base_batch_size
+    rule = t.lr_scale
+    if rule == "auto":
+        rule = "sqrt" if any(name in t.opt.lower() for name in ("ada", "lamb")) else "linear"
+    factor = math.sqrt(ratio) if rule == "sqrt" else ratio
+    text = f" (train.lr {t.lr:g} x {'sqrt' if rule == 'sqrt' else ''}({batch}/{t.base_batch_size}), {rule} rule)"
+    return BatchScaling(batch, t.lr * factor, t.ema_decay**ratio, text)
 
 
 def ensure_demo_data(cfg: Config, accelerator: Accelerator) -> None:
@@ -72,16 +121,21 @@ def ensure_demo_data(cfg: Config, accelerator: Accelerator) -> None:
         )
 
 
-def create_model_and_optimizer(cfg: Config, updates_per_epoch: int) -> tuple[nn.Module, torch.optim.Optimizer, object]:
-    """The network in its configured memory layout, timm's optimizer and per-step scheduler."""
+def create_model_and_optimizer(
+    cfg: Config, updates_per_epoch: int, lr: float | None = None, channels_last: bool | None = None
+) -> tuple[nn.Module, torch.optim.Optimizer, object]:
+    """The network in its memory layout, timm's optimizer at ``lr`` and its per-step scheduler
+    (defaults: ``train.lr`` as given, ``model.channels_last`` resolved on this machine)."""
     t = cfg.train
+    lr = t.lr if lr is None else lr
+    channels_last = resolve_channels_last(cfg.model.channels_last) if channels_last is None else channels_last
     model = create_classifier(cfg.model, cfg.data.num_classes)
     check_input_size(model, cfg.data.image_size, cfg.model.name)
-    if cfg.model.channels_last:
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     align_kernel_strides(model)  # else DDP warns "Grad strides do not match bucket view strides"
     optimizer = create_optimizer_v2(
-        model.backbone, opt=t.opt, lr=t.lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay or None
+        model.backbone, opt=t.opt, lr=lr, weight_decay=t.weight_decay, layer_decay=t.layer_decay or None
     )
     scheduler, _ = create_scheduler_v2(
         optimizer,
@@ -114,11 +168,17 @@ def create_loss(cfg: Config) -> tuple[Mixup | None, nn.Module]:
     return None, nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
 
 
-def build_training(cfg: Config, accelerator: Accelerator) -> Training:
-    """Data, loaders, model, optimizer, scheduler, loss and EMA, prepared for ``accelerator``.
+@dataclass
+class Loaders:
+    train: object
+    val: object | None
+    robust: object | None  # the fixed validation subset attacked after every epoch (adversarial training)
+    train_size: int
+    val_size: int
 
-    Seed before calling it: the model's initial weights come from torch's global RNG.
-    """
+
+def create_loaders(cfg: Config, workers: int) -> Loaders:
+    """The training, validation and robust-validation loaders, not yet prepared for the accelerator."""
     t, d = cfg.train, cfg.data
     train_samples, val_samples = resolve_samples(d)
     train_set = ImageDataset(
@@ -127,30 +187,44 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     val_set = ImageDataset(
         val_samples, create_eval_transform(d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
     )
-    train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, d.num_workers)
-    val_loader = create_eval_loader(val_set, t.batch_size, d.num_workers) if len(val_set) else None
+    train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, workers)
+    val_loader = create_eval_loader(val_set, t.batch_size, workers) if len(val_set) else None
     robust_loader = None
     if t.adv.mode != "none" and len(val_set):
         # A fixed, seeded part of the validation set: every epoch meets the same images.
         chosen = [val_set.samples[i] for i in select_subset(len(val_set), t.adv.val_images, d.split_seed)]
         robust_set = ImageDataset(chosen, create_eval_transform(d.image_size), bad_images=d.bad_images)
-        robust_loader = create_eval_loader(robust_set, t.batch_size, d.num_workers)
+        robust_loader = create_eval_loader(robust_set, t.batch_size, workers)
+    return Loaders(train_loader, val_loader, robust_loader, len(train_set), len(val_set))
 
-    updates_per_epoch = max(1, len(train_loader) // accelerator.num_processes // t.grad_accum_steps)
-    model, optimizer, scheduler = create_model_and_optimizer(cfg, updates_per_epoch)
+
+def build_training(cfg: Config, accelerator: Accelerator) -> Training:
+    """Data, loaders, model, optimizer, scheduler, loss and EMA, prepared for ``accelerator``.
+
+    Seed before calling it: the model's initial weights come from torch's global RNG.
+    """
+    t = cfg.train
+    on_gpu = accelerator.device.type == "cuda"
+    workers = resolve_num_workers(cfg.data.num_workers, on_gpu, local_processes(accelerator.num_processes))
+    channels_last = resolve_channels_last(cfg.model.channels_last, on_gpu)
+    scaling = scale_for_batch(t, accelerator.num_processes)
+    loaders = create_loaders(cfg, workers)
+
+    updates_per_epoch = max(1, len(loaders.train) // accelerator.num_processes // t.grad_accum_steps)
+    model, optimizer, scheduler = create_model_and_optimizer(cfg, updates_per_epoch, scaling.lr, channels_last)
     mixup_fn, loss_fn = create_loss(cfg)
 
-    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
-    if val_loader is not None:
-        val_loader = accelerator.prepare(val_loader)
-    if robust_loader is not None:
-        robust_loader = accelerator.prepare(robust_loader)
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
+    val_loader = accelerator.prepare(loaders.val) if loaders.val is not None else None
+    robust_loader = accelerator.prepare(loaders.robust) if loaders.robust is not None else None
     if cfg.model.compile:
         model = torch.compile(model)
     ema = None
     if t.ema:
-        # Warm-up keeps the EMA useful on short runs (decay ramps up to ema_decay).
-        ema = ModelEmaV3(accelerator.unwrap_model(model), decay=t.ema_decay, use_warmup=True, device=accelerator.device)
+        # Warm-up keeps the EMA useful on short runs (decay ramps up to the scaled ema_decay).
+        ema = ModelEmaV3(
+            accelerator.unwrap_model(model), decay=scaling.ema_decay, use_warmup=True, device=accelerator.device
+        )
     return Training(
         cfg,
         accelerator,
@@ -163,7 +237,10 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         train_loader,
         val_loader,
         robust_loader,
-        len(train_set),
-        len(val_set),
+        loaders.train_size,
+        loaders.val_size,
         updates_per_epoch,
+        scaling=scaling,
+        channels_last=channels_last,
+        workers=workers,
     )
