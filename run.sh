@@ -33,6 +33,7 @@ usage: ./run.sh COMMAND [args]
   validate FILE --test-dir DIR [--num-classes N]                check a submission file
   export   [--config FILE] [key=value ...]                      Phase II files (.onnx, .zip) + .pt2 + budget report
   check-submission FILE [--image-size N] [--config FILE] [key=value ...]  the organizers' checks of a Phase II file
+  check-data [--config FILE] [--full] [key=value ...]           check the data a config names (labels, classes, images)
   demo-data [--out DIR]                                         generate the offline demo data set
   bench                                                         performance figures
   test     [pytest args]                                        the whole test suite
@@ -50,6 +51,7 @@ case "$cmd" in
   validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;
   export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
   check-submission) ensure_venv; exec "$PY" -m infer.check_submission "$@" ;;
+  check-data) ensure_venv; exec "$PY" -m train.check_data "$@" ;;
   demo-data) ensure_venv; exec "$PY" -m core.demo_data "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;
   test)      ensure_venv

@@ -27,6 +27,7 @@ Everything runs on the real code paths with real configs (``core.config.load_con
 * ``gpu`` (opt-in, CUDA): convnext_tiny at 224 px: training img/s of standard, fgsm_rs and PGD-2
   steps with the real loader against synthetic batches already on the GPU, bf16 against fp32,
   channels_last, compile, and submit end to end against the model alone (``bench/gpu.py``).
+* ``checkdata`` (opt-in): ``./run.sh check-data`` on a Phase-II-sized folder (127,390 files).
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
   a 2-process CPU training run (``python -m core.launch train.main --num_processes 2``)
   against 1 process.
@@ -61,6 +62,7 @@ from typing import Sequence
 import torch
 
 from bench.ablation import bench_ablation
+from bench.check_data import bench_check_data
 from bench.commands import bench_commands
 from bench.decode import bench_decode
 from bench.gpu import bench_gpu
@@ -74,10 +76,13 @@ from bench.training import bench_train
 from core.cli import quiet_libraries, user_path
 from core.errors import UserError
 
-SECTIONS = ("submit", "train", "parts", "scaling", "commands", "compile", "decode", "ablation", "loader", "gpu")
+SECTIONS = (
+    "submit", "train", "parts", "scaling", "commands", "compile", "decode", "ablation", "loader", "gpu", "checkdata",
+)  # fmt: skip
 # opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min),
 # ablation (./run.sh ablate on 100 images against one submit, several minutes), loader (224-px
-# pipelines per worker, ~1 min), gpu (convnext_tiny at 224 px on a CUDA GPU; bench/gpu_check.sh)
+# pipelines per worker, ~1 min), gpu (convnext_tiny at 224 px on a CUDA GPU; bench/gpu_check.sh),
+# checkdata (check-data on 127,390 generated files, ~2 min the first time)
 DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling", "commands")
 
 
@@ -92,6 +97,7 @@ RUNNERS = {
     "ablation": bench_ablation,
     "loader": bench_loader,
     "gpu": bench_gpu,
+    "checkdata": bench_check_data,
 }
 
 

@@ -78,6 +78,8 @@ class DataConfig:
     # loader worker processes per process; -1 (auto): with CUDA the cores each GPU's process gets,
     # less one for the process itself; on the CPU 2 (core/devices.py: resolve_num_workers)
     num_workers: int = -1
+    # every class of [0, num_classes) must have training images (false: a missing class stops the run)
+    allow_missing_classes: bool = False
     bad_images: str = "error"  # error | skip (skipped files are reported, up to max_bad_images)
     max_bad_images: int = 100
 
@@ -381,7 +383,9 @@ class Config:
     out_dir: str = "runs"
     seed: int = 42
     resume: str = ""  # "" | auto | path of a checkpoint folder
-    overwrite: bool = False  # train: replace the run already under this name (else training refuses)
+    # train: replace the run already under this name (else training refuses); submit: replace a
+    # submission of another model or test folder under this name (a rerun of the same replaces it)
+    overwrite: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     aug: AugConfig = field(default_factory=AugConfig)
     model: ModelConfig = field(default_factory=ModelConfig)

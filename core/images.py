@@ -270,8 +270,9 @@ def load_image(path: Path) -> np.ndarray:
         raise UserError(f"{path}: {_describe_open_error(path, exc)}") from None
 
 
-def check_image_header(path: Path) -> str | None:
-    """Cheap validity check (no pixel decode): ``None`` if fine, else the reason.
+def read_image_header(path: Path) -> tuple[int, int, str] | str:
+    """``(width, height, format)`` from the file's header (no pixel decode), else the reason it
+    cannot be used.
 
     Catches missing, empty, non-image and oversized files and most truncations at the header;
     a file cut inside its pixel data is only found by a full decode (see ImageDataset).
@@ -285,15 +286,21 @@ def check_image_header(path: Path) -> str | None:
         # undercuts, so such a file is rejected below all the same.
         with Image.open(path) as img:
             problem = _size_problem(img, _orientation(img) != 1)
-        if problem:
-            return problem
+            if problem:
+                return problem
+            return img.size[0], img.size[1], str(img.format)
     except FileNotFoundError:
         return "image file not found"
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         return "image too large; refusing a possible decompression bomb"
     except Exception as exc:  # noqa: BLE001
         return _describe_open_error(path, exc)
-    return None
+
+
+def check_image_header(path: Path) -> str | None:
+    """Cheap validity check (no pixel decode): ``None`` if fine, else the reason (:func:`read_image_header`)."""
+    header = read_image_header(path)
+    return header if isinstance(header, str) else None
 
 
 def check_images(

@@ -55,7 +55,8 @@ def _read_text_lines(path: Path, what: str) -> list[str]:
 
 
 def _check_plain_name(name: str, where: str) -> None:
-    if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name or Path(name).is_absolute():
+    # without a separator no name is absolute: no Path() per line (127k lines in Phase II)
+    if name in (".", "..") or "/" in name or "\\" in name or "\x00" in name:
         raise UserError(
             f"{where}: '{name}' must be a plain file name inside the image folder "
             "(no absolute path, '..' or path separator)"
@@ -153,6 +154,16 @@ def read_test_labels(path: Path, num_classes: int | None = None) -> dict[int, in
         seen[image_id] = line_no
         labels[image_id] = label
     return labels
+
+
+def resolve_test_dir(cfg: DataConfig) -> Path:
+    """The test folder ``data.test_dir`` names (relative to ``data.root``); unset is one line."""
+    if not cfg.test_dir:
+        raise UserError(
+            "config key 'data.test_dir' is not set: no test images to predict (Phase II shipped none; "
+            "./run.sh make-testset makes a Phase-I-like set from held-out images)"
+        )
+    return resolve_path(cfg.root, cfg.test_dir)
 
 
 def hidden_labels_path(cfg: DataConfig) -> Path | None:
@@ -279,13 +290,32 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
+def real_paths(paths: Sequence[Path]) -> list[str]:
+    """``os.path.realpath`` of each path, resolving each folder once: a file that is not a link is
+    its real folder joined with its name (127k realpath calls took 10-20 s; this takes one scan per
+    folder)."""
+    folders: dict[str, tuple[str, set[str]]] = {}
+    out = []
+    for path in paths:
+        parent, name = os.path.split(os.fspath(path))
+        if parent not in folders:
+            try:
+                with os.scandir(parent or ".") as it:
+                    links = {e.name for e in it if e.is_symlink()}
+            except OSError:
+                links = None  # unreadable folder: resolve every path the slow way
+            folders[parent] = (os.path.realpath(parent or "."), links)
+        real_parent, links = folders[parent]
+        out.append(os.path.realpath(path) if links is None or name in links else os.path.join(real_parent, name))
+    return out
+
+
 def _drop_duplicate_files(samples: list[tuple[Path, int]], where: Path) -> list[tuple[Path, int]]:
     """Keep one sample per real file (links and loops reach a file by several paths), so a file
     can never land in both the training and the validation split; two labels for it are an error."""
     first: dict[str, tuple[Path, int]] = {}
     kept = []
-    for path, label in samples:
-        real = os.path.realpath(path)
+    for (path, label), real in zip(samples, real_paths([p for p, _ in samples])):
         if real not in first:
             first[real] = (path, label)
             kept.append((path, label))
@@ -302,6 +332,44 @@ def _drop_duplicate_files(samples: list[tuple[Path, int]], where: Path) -> list[
     return kept
 
 
+def train_source(cfg: DataConfig) -> str:
+    """The training data's file (label file, or the ImageFolder root), for messages."""
+    return str(resolve_path(cfg.root, cfg.train_labels or cfg.train_dir))
+
+
+def check_layout(cfg: DataConfig) -> None:
+    """The folder and files the ``data`` section names exist; one line naming the first missing one."""
+    root = Path(cfg.root)
+    wanted = [("data.train_dir", cfg.train_dir, True)]
+    if cfg.train_labels:
+        wanted.append(("data.train_labels", cfg.train_labels, False))
+    if cfg.val_labels:
+        wanted.append(("data.val_labels", cfg.val_labels, False))
+    for key, value, folder in wanted:
+        path = resolve_path(cfg.root, value)
+        if path.is_dir() if folder else path.is_file():
+            continue
+        if not root.is_dir() and not Path(os.path.expanduser(value)).is_absolute():
+            raise UserError(
+                f"data.root {root}: no such folder (the data go there as README 'The real challenge' shows, "
+                "or set data.root)"
+            )
+        raise UserError(f"{key}: {path} is not {'a folder' if folder else 'a file'} (data.root is {root})")
+
+
+def check_class_coverage(labels: Sequence[int], num_classes: int, source: str) -> None:
+    """Every class of ``[0, num_classes)`` has at least one training image (a 20-class label file read
+    by a 100-class config trains 80 classes on nothing, and no error would ever say so)."""
+    missing = sorted(set(range(num_classes)) - set(labels))
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (f", ... ({len(missing)} in all)" if len(missing) > 10 else "")
+        raise UserError(
+            f"{source}: {len(missing)} of data.num_classes={num_classes} classes have no training image "
+            f"(missing: {shown}); is this the label file of another phase? (data.allow_missing_classes=true "
+            "trains anyway)"
+        )
+
+
 def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple[Path, int]]]:
     """Training and validation samples as the config describes them.
 
@@ -310,6 +378,7 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
     images in ``val_dir``, else ``train_dir``); otherwise a stratified ``val_fraction`` of the
     training set is held out with ``split_seed``; ``val_fraction=0`` gives no validation.
     """
+    check_layout(cfg)
     train_dir = resolve_path(cfg.root, cfg.train_dir)
     if cfg.train_labels:
         samples = read_label_file(resolve_path(cfg.root, cfg.train_labels), train_dir, cfg.num_classes)
@@ -320,8 +389,8 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
     if cfg.val_labels:
         val_dir = resolve_path(cfg.root, cfg.val_dir) if cfg.val_dir else train_dir
         val = read_label_file(resolve_path(cfg.root, cfg.val_labels), val_dir, cfg.num_classes)
-        train_paths = {os.path.realpath(p) for p, _ in samples}
-        shared = [p for p, _ in val if os.path.realpath(p) in train_paths]
+        train_paths = set(real_paths([p for p, _ in samples]))
+        shared = [p for (p, _), real in zip(val, real_paths([p for p, _ in val])) if real in train_paths]
         if shared:
             # Validating on training images would inflate the numbers best-checkpoint
             # selection relies on.
@@ -331,6 +400,8 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
             )
         return samples, val
     samples = _drop_duplicate_files(samples, train_dir)
+    if not cfg.allow_missing_classes:
+        check_class_coverage([label for _, label in samples], cfg.num_classes, train_source(cfg))
     if cfg.val_fraction <= 0:
         return samples, []
     train_idx, val_idx = stratified_split([label for _, label in samples], cfg.val_fraction, cfg.split_seed)

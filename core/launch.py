@@ -34,6 +34,7 @@ from core.cli import STATUS_ENV, run_cli, user_path
 from core.config import Config, check_aug_section, load_config
 from core.devices import probe_devices
 from core.errors import UserError
+from core.labels import resolve_samples
 from core.launch_plan import COMMANDS, DEFAULT_ACCELERATE_CONFIG, Plan, parse_flags, plan_launch, split_args
 from core.outputs import acquire
 
@@ -79,6 +80,18 @@ def check_output_free(module: str, cfg: Config) -> None:
         acquire(output, stage, key).release()
 
 
+def preflight_training(cfg: Config, plan: Plan) -> None:
+    """What training would stop on, checked before any process or GPU is taken: the data layout, the
+    label file, the listed images and every class having images (``./run.sh check-data`` does
+    this and reads every image). The demo data are made by the stage itself."""
+    if not plan.direct:
+        # Only training augments. Checking its aug section imports albumentations and torch, so a direct
+        # run leaves that to the stage (its first step); several processes get it checked here, once.
+        check_aug_section(cfg)
+    if not cfg.data.demo:
+        resolve_samples(cfg.data)
+
+
 def create_command(plan: Plan, module: str, ours: list[str], env: dict) -> list[str]:
     """The command that starts ``plan``: ``python -m MODULE`` for one plain process, else
     ``accelerate launch``; sets ``env`` (the processes' environment) as the plan says."""
@@ -103,10 +116,8 @@ def launch(module: str, argv: Sequence[str]) -> int:
     cfg = load_config(config_path, overrides, check_aug=False)
     devices = probe_devices()
     plan = plan_launch(module, flags, cfg, devices, config_file=config_file)
-    if module == "train.main" and not plan.direct:
-        # Only training augments. Checking its aug section imports albumentations and torch, so a direct
-        # run leaves that to the stage (its first step); several processes get it checked here, once.
-        check_aug_section(cfg)
+    if module == "train.main":
+        preflight_training(cfg, plan)
     check_output_free(module, cfg)
     print(plan.describe(devices), flush=True)
     with tempfile.TemporaryDirectory() as status:
@@ -175,9 +186,10 @@ def explain_exit(module: str, rc: int, received: int | None, status: Path, argv:
     """The launcher's exit code, and a line for a process that died without reporting."""
     ended = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").split() for p in status.glob("ended-*")}
     started = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").strip() for p in status.glob("started-*")}
+    hint = f"; continue it with {resume_command(argv)}" if module == "train.main" else ""
     if received is not None:
         name = signal.Signals(received).name
-        print(f"stopped by {name}: every process of the run has ended", file=sys.stderr)
+        print(f"stopped by {name}: every process of the run has ended{hint}", file=sys.stderr)
         return 128 + received
     if rc == 0:
         return 0
@@ -187,17 +199,15 @@ def explain_exit(module: str, rc: int, received: int | None, status: Path, argv:
     silent = sorted(r for r in started if r not in ended)
     if silent:
         rank = silent[0]
-        resume = (
-            f" Continue it with {resume_command(argv)} (checkpoints are written atomically)."
-            if module == "train.main"
-            else ""
-        )
+        resume = f" Continue it with {resume_command(argv)} (checkpoints are written atomically)." if hint else ""
         print(
             f"error: process rank {rank} (pid {started[rank]}) of {module} died without reporting an error: it was "
             f"killed by a signal it cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer).{resume}",
             file=sys.stderr,
         )
         return rc
+    if hint and any(reason == "crashed" for _, reason in ended.values()):
+        print(f"train crashed (the traceback is above){hint} once the cause is fixed", file=sys.stderr)
     # accelerate --quiet maps every failure to 1; keep our own code ("bad input" is 2).
     return next((c for c in codes if c), rc)
 

@@ -8,6 +8,7 @@ see the raw image, exactly as the challenge's Phase II model interface does.
 from __future__ import annotations
 
 import importlib
+import re
 import sys
 from pathlib import Path
 from typing import Sequence
@@ -110,6 +111,8 @@ def create_backbone(
     try:
         return timm.create_model(name, pretrained=pretrained, **kwargs)
     except RuntimeError as exc:
+        if "loading state_dict" in str(exc):
+            raise UserError(pretrained_mismatch(str(exc), name, stem, pretrained_file)) from None
         # timm raises RuntimeError for an unknown architecture name.
         if "Unknown model" in str(exc):
             close = timm.list_models(f"*{name.split('_')[0]}*")[:5]
@@ -124,6 +127,28 @@ def create_backbone(
                 "offline? set model.pretrained_file=PATH or model.pretrained=false"
             ) from None
         raise
+
+
+def pretrained_mismatch(message: str, name: str, stem: str, pretrained_file: str) -> str:
+    """One line for pretrained weights that do not fit the model: the first keys torch names.
+
+    A different class count never gets here (timm re-initialises the head); a different stem
+    does: timm's pretrained ConvNeXts have the 4x4 patch stem, so ``model.stem=overlap`` needs
+    weights trained with that stem, or no pretrained weights.
+    """
+    keys = re.findall(
+        r"(?:size mismatch for |Missing key\(s\) in state_dict: |Unexpected key\(s\) in state_dict: )\"?([\w.]+)",
+        message,
+    )
+    source = f"model.pretrained_file {pretrained_file}" if pretrained_file else "model.pretrained"
+    hint = (
+        f"; timm's pretrained weights have the patch stem, model.stem={stem} needs weights trained with it "
+        "(or model.pretrained=false)"
+        if stem != "patch" and any(k.startswith("stem") for k in keys)
+        else ""
+    )
+    shown = ", ".join(dict.fromkeys(keys)) if keys else message.splitlines()[-1].strip()[:200]
+    return f"{source}: the weights do not fit {name} (model.stem={stem}): {shown}{hint}"
 
 
 def create_classifier(cfg: ModelConfig, num_classes: int) -> ImageClassifier:

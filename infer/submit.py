@@ -9,6 +9,7 @@ checked with ``validate`` before the command reports success.
 
 from __future__ import annotations
 
+import json
 import platform
 import time
 from pathlib import Path
@@ -34,7 +35,7 @@ from core.devices import (
 from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import check_writable
-from core.labels import list_test_images, read_hidden_labels
+from core.labels import list_test_images, read_hidden_labels, resolve_test_dir
 from core.manifest import breakdown, check_not_surrogate, format_breakdown, kinds_by_id, read_manifest
 from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
@@ -167,12 +168,45 @@ def run(cfg: Config) -> dict:
         return predict_and_write(cfg, accelerator, start)
 
 
+def check_replaces_its_own(cfg: Config, stem: Path, infos: Sequence[dict], test_dir: Path) -> None:
+    """A submission already under this name is replaced only by the same model's predictions on
+    the same test folder (a rerun), or with ``overwrite=true``: the Phase I file of a real model is
+    not lost to a demo run or to a make-testset score."""
+    meta_path = submission_paths(stem.parent, stem.name)["meta"]
+    if cfg.overwrite or not meta_path.is_file():
+        return
+    try:
+        old = json.loads(meta_path.read_text(encoding="utf-8"))
+        old_models = [c.get("sha256") for c in old["checkpoints"]]
+        old_test = Path(old["test_dir"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        old_models, old_test = None, None
+    if (
+        old_models == [i.get("sha256") for i in infos]
+        and old_test is not None
+        and old_test.resolve() == test_dir.resolve()
+    ):
+        return
+    what = (
+        "an unreadable meta file"
+        if old_models is None
+        else "another model"
+        if old_test is not None and old_test.resolve() == test_dir.resolve()
+        else f"another test folder ({old_test})"
+    )
+    raise UserError(
+        f"{stem}.csv: holds the predictions of {what}; overwrite=true replaces them, or "
+        f"submit.file_name=NAME writes beside them"
+    )
+
+
 def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> dict:
     """The body of :func:`run`, under the lock of the submission's name."""
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
     manifest = read_test_manifest(cfg, infos)
-    test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
+    test_dir = resolve_test_dir(cfg.data)
+    check_replaces_its_own(cfg, Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name), infos, test_dir)
     items = list_test_images(test_dir)
     loader = create_test_loader(cfg, items, input_size_of(infos), accelerator)
     accelerator.print(

@@ -32,12 +32,19 @@ import torch
 
 from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
-from core.config import Config, resolve_path
+from core.config import Config
 from core.datasets import ImageDataset
 from core.devices import default_device, prepare_cuda
 from core.errors import UserError
 from core.images import to_float_images
-from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
+from core.labels import (
+    hidden_labels_path,
+    list_test_images,
+    read_hidden_labels,
+    resolve_samples,
+    resolve_test_dir,
+    select_subset,
+)
 from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage
 from core.transforms import create_eval_transform
@@ -65,9 +72,7 @@ def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.
     labels_path = hidden_labels_path(cfg.data)
     labels = read_hidden_labels(cfg.data)
     if labels is not None:
-        samples = [
-            (p, labels[i]) for p, i in list_test_images(resolve_path(cfg.data.root, cfg.data.test_dir)) if i in labels
-        ]
+        samples = [(p, labels[i]) for p, i in list_test_images(resolve_test_dir(cfg.data)) if i in labels]
         source = f"test set ({labels_path})"
     else:
         samples = resolve_samples(cfg.data)[1]

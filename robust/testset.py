@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import secrets
+import shlex
 import shutil
 import time
 from pathlib import Path
@@ -238,7 +239,7 @@ def install(tmp: Path, out: Path) -> None:
 # --- the stage -------------------------------------------------------------------------------
 
 
-def run(cfg: Config, progress: bool = True) -> dict:
+def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> dict:
     """Build the test set of ``cfg.testset``; returns the counts per kind, the folder and the seconds."""
     start = time.perf_counter()
     t = cfg.testset
@@ -276,11 +277,22 @@ def run(cfg: Config, progress: bool = True) -> dict:
     if progress:
         mix = ", ".join(f"{k} {v}" for k, v in counts.items())
         print(f"make-testset: {len(plan)} images from the {source} -> {out} ({mix}; {result['seconds']} s)")
-        print(
-            f"score a model on it: ./run.sh submit data.root={out} data.test_dir={IMAGES_DIR} "
-            f"data.test_labels={LABELS_NAME} data.test_manifest={MANIFEST_NAME}"
-        )
+        print(f"score a model on it: {score_command(cfg, out, config_arg)}")
     return result
+
+
+def score_command(cfg: Config, out: Path, config_arg: str | None = None) -> str:
+    """The submit command that scores this config's model on the folder ``out``: its own
+    submission name, so the real test set's files are never the ones replaced."""
+    config = ["--config", config_arg] if config_arg else []
+    keys = [
+        f"data.root={out}",
+        f"data.test_dir={IMAGES_DIR}",
+        f"data.test_labels={LABELS_NAME}",
+        f"data.test_manifest={MANIFEST_NAME}",
+        f"submit.file_name={cfg.submit.file_name or cfg.name}_{out.name}",
+    ]
+    return shlex.join(["./run.sh", "submit", *config, *keys])
 
 
 def main(argv: Sequence[str] | None = None) -> dict:
@@ -288,7 +300,7 @@ def main(argv: Sequence[str] | None = None) -> dict:
     args = create_parser(
         "run.sh make-testset", "A Phase-I-like test set: clean, corrupted, transfer-attacked and stacked images."
     ).parse_args(argv)
-    return run(parse_config(args))
+    return run(parse_config(args), config_arg=args.config)
 
 
 if __name__ == "__main__":

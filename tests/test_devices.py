@@ -77,7 +77,7 @@ def test_learning_rate_and_ema_follow_the_global_batch():
     assert scale_for_batch(off, 8).lr == off.lr and scale_for_batch(off, 8).ema_decay == off.ema_decay
 
 
-def test_a_two_process_run_trains_at_the_scaled_rate(tiny_config):
+def test_a_run_trains_at_the_scaled_rate(tiny_config):
     from accelerate import Accelerator
 
     from train.setup import build_training

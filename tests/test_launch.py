@@ -395,3 +395,20 @@ def test_a_bad_aug_entry_stops_a_direct_training_run_in_one_line(tmp_path):
         "error: config key 'aug.extra[0]': unknown albumentations transform 'NoSuchBlur'"
     ]
     assert not any(tmp_path.iterdir())
+
+
+def test_a_crashed_or_stopped_training_is_told_how_to_continue(tmp_path, capsys):
+    from core.launch import explain_exit
+
+    argv = ["--config", "configs/robust.yaml", "train.epochs=3"]
+    (tmp_path / "started-0").write_text("123")
+    (tmp_path / "ended-0").write_text("1 crashed")
+    assert explain_exit("train.main", 1, None, tmp_path, argv) == 1
+    assert capsys.readouterr().err.strip() == (
+        "train crashed (the traceback is above); continue it with ./run.sh train --config configs/robust.yaml "
+        "train.epochs=3 resume=auto once the cause is fixed"
+    )
+    assert explain_exit("train.main", 143, signal.SIGTERM, tmp_path, argv) == 128 + signal.SIGTERM
+    assert "continue it with ./run.sh train --config configs/robust.yaml" in capsys.readouterr().err
+    (tmp_path / "ended-0").write_text("2 error")  # bad input: its own line says what to do
+    assert explain_exit("train.main", 1, None, tmp_path, argv) == 2 and capsys.readouterr().err == ""

@@ -81,13 +81,22 @@ def checkpoint_dirs(run_dir: Path) -> list[Path]:
     )
 
 
-def save_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
+def launch_of(training: Training) -> dict:
+    """How the run is spread: what a resume must repeat to continue exactly where it stopped."""
+    scaling = training.scaling
+    return {
+        "processes": training.accelerator.num_processes,
+        "global_batch": scaling.global_batch if scaling is not None else None,
+    }
+
+
+def save_extra_state(folder: Path, progress: Progress, scheduler, ema, launch: dict | None = None) -> None:
     """Our own state beside accelerate's, as JSON and safetensors.
 
     accelerate unpickles registered objects with ``weights_only=False``; keeping progress,
     scheduler and EMA out of it means a checkpoint is never loaded through pickle.
     """
-    state = {"progress": progress.state_dict(), "scheduler": scheduler.state_dict()}
+    state = {"progress": progress.state_dict(), "scheduler": scheduler.state_dict(), "launch": launch or {}}
     (folder / TRAIN_STATE).write_text(json.dumps(state, indent=1), encoding="utf-8")
     if ema is not None:
         save_file(state_dict_of(ema.module), str(folder / EMA_WEIGHTS))
@@ -145,7 +154,7 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
         try:
             accelerator.save_state(str(tmp))
             if accelerator.is_main_process:
-                save_extra_state(tmp, progress, training.scheduler, training.ema)
+                save_extra_state(tmp, progress, training.scheduler, training.ema, launch_of(training))
         except OSError as exc:
             raise UserError(
                 f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact"
@@ -190,6 +199,7 @@ def restore(training: Training, progress: Progress) -> None:
     resume_from = resolve_resume(cfg)
     if resume_from is not None:
         check_resumable(cfg, resume_from)
+        check_same_launch(resume_from, launch_of(training))
         try:
             accelerator.load_state(str(resume_from))
         except pickle.UnpicklingError:
@@ -213,6 +223,24 @@ def restore(training: Training, progress: Progress) -> None:
             for path in old:
                 path.unlink(missing_ok=True) if path.is_file() else None
     accelerator.wait_for_everyone()
+
+
+def check_same_launch(folder: Path, now: dict) -> None:
+    """Refuse a resume on another number of processes or another global batch: the data order,
+    each process's shard, the skipped batches of a mid-epoch stop and the learning rate all
+    depend on them, so the run could not continue exactly where it stopped."""
+    try:
+        was = json.loads((folder / TRAIN_STATE).read_text(encoding="utf-8")).get("launch") or {}
+    except (OSError, ValueError, AttributeError):
+        return  # load_extra_state names a damaged checkpoint
+    for key in ("processes", "global_batch"):
+        if was.get(key) is not None and was[key] != now[key]:
+            raise UserError(
+                f"resume: {folder} was trained on {was['processes']} process(es) with a global batch of "
+                f"{was.get('global_batch')}; this run has {now['processes']} and {now['global_batch']}: it could "
+                f"not continue exactly where it stopped. Resume with --num_processes {was['processes']} and the "
+                "same train.batch_size / train.grad_accum_steps, or train under a new name=..."
+            )
 
 
 def refused_pickle(folder: Path) -> str:
