@@ -45,7 +45,7 @@ from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, ConfigError, config_to_dict
 from core.errors import UserError
 from core.images import load_image, to_float_images
-from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
+from core.io import atomic_write_files, remove_leftovers, to_json_safe
 from core.labels import list_test_images, read_test_labels, select_subset
 from core.manifest import KINDS, MANIFEST_NAME, breakdown, check_not_surrogate, kinds_by_id, read_manifest
 from core.outputs import check_outputs, hold_output
@@ -289,18 +289,22 @@ def output_files(out_dir: Path) -> dict[str, Path]:
 
 
 def write_outputs(rows: dict[str, dict], info: dict, out_dir: Path, cfg: Config) -> dict[str, str]:
-    """The four files (each atomically) and the W&B run; returns their paths."""
+    """The four files (as one unit: all of them new, or none changed) and the W&B run; returns their paths."""
     files = output_files(out_dir)
     records = table_rows(rows)
-    atomic_write_text(files["md"], render_markdown(rows, info))
-    atomic_write_text(files["csv"], render_csv(records))
-    atomic_write_bytes(files["png"], render_png(records))
     payload = {
         **info,
         "rows": {n: {k: v for k, v in r.items() if k != "vectors"} for n, r in rows.items()},
         "table": records,
     }
-    atomic_write_text(files["json"], json.dumps(to_json_safe(payload), indent=2) + "\n")
+    atomic_write_files(
+        {
+            files["md"]: render_markdown(rows, info),
+            files["csv"]: render_csv(records),
+            files["png"]: render_png(records),
+            files["json"]: json.dumps(to_json_safe(payload), indent=2) + "\n",
+        }
+    )
     log_wandb(cfg, records, files, info)
     return {k: str(v) for k, v in files.items()}
 
@@ -375,6 +379,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     out_dir = Path(cfg.ablation.out_dir) if cfg.ablation.out_dir else cfg.run_dir / "ablation"
     check_outputs(list(output_files(out_dir).values()), "ablate", "ablation.out_dir")
     with hold_output(out_dir, "ablate", "ablation.out_dir"):
+        remove_leftovers(output_files(out_dir).values())  # of a run killed while writing them
         torch.manual_seed(cfg.eval.seed)
         variants = {v: resolve_variant(v, cfg) for v in resolve_variants(cfg)}  # every variant checked first
         paths = list(dict.fromkeys(p for v in variants.values() for p in v.submit.checkpoints))

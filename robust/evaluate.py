@@ -36,6 +36,7 @@ from core.config import Config, resolve_path
 from core.datasets import ImageDataset
 from core.errors import UserError
 from core.images import to_float_images
+from core.io import remove_leftovers
 from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
 from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage
@@ -43,7 +44,7 @@ from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 from robust.corruptions import add_mce, run_corruptions, summarize, training_counterparts
-from robust.file_eval import run_file
+from robust.file_eval import file_report_paths, run_file
 from robust.metrics import worst_case
 from robust.report import report_files, write_report
 from robust.results import EvalResult, Row, Score
@@ -284,6 +285,7 @@ def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
     check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
     with hold_output(out_dir, "evaluate", "eval.out_dir"):
+        remove_leftovers([*report_files(out_dir).values(), *file_report_paths(out_dir)])  # of a killed run
         if cfg.eval.file:
             return run_file(cfg, load_eval_images, progress)
         return evaluate_into(cfg, out_dir, progress)
