@@ -47,8 +47,16 @@ from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import atomic_write_files, remove_leftovers, to_json_safe
 from core.labels import list_test_images, read_test_labels, select_subset
-from core.manifest import KINDS, MANIFEST_NAME, breakdown, check_not_surrogate, kinds_by_id, read_manifest
-from core.outputs import check_outputs, hold_output
+from core.manifest import (
+    KINDS,
+    MANIFEST_NAME,
+    breakdown,
+    check_manifest_matches,
+    check_not_surrogate,
+    kinds_by_id,
+    read_manifest,
+)
+from core.outputs import check_outputs, hold_folders_for_reading, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
@@ -115,15 +123,19 @@ def resolve_variants(cfg: Config) -> list[str]:
 
 
 def load_testset(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int], dict]:
-    """A make-testset folder's images (float in [0, 1] at ``image_size``), labels, ids and manifest."""
+    """A make-testset folder's images (float in [0, 1] at ``image_size``), labels, ids and manifest,
+    read as one set (no make-testset replaces it meanwhile) and checked to be one."""
     folder = Path(folder)
     if not (folder / MANIFEST_NAME).is_file():
         raise UserError(f"config key 'ablation.testset': {folder} is not a make-testset folder (no {MANIFEST_NAME})")
-    manifest = read_manifest(folder / MANIFEST_NAME)
-    labels = read_test_labels(folder / LABELS_NAME)
-    items = [(p, i) for p, i in list_test_images(folder / IMAGES_DIR) if i in labels]
-    resize = create_eval_transform(image_size)
-    images = [torch.from_numpy(resize(image=load_image(p))["image"]).permute(2, 0, 1) for p, _ in items]
+    with hold_folders_for_reading([folder], "ablation.testset"):
+        manifest = read_manifest(folder / MANIFEST_NAME)
+        labels = read_test_labels(folder / LABELS_NAME)
+        listed = list_test_images(folder / IMAGES_DIR)
+        check_manifest_matches(manifest, folder / MANIFEST_NAME, [i for _, i in listed], folder / IMAGES_DIR, labels)
+        items = [(p, i) for p, i in listed if i in labels]
+        resize = create_eval_transform(image_size)
+        images = [torch.from_numpy(resize(image=load_image(p))["image"]).permute(2, 0, 1) for p, _ in items]
     ids = [i for _, i in items]
     return to_float_images(torch.stack(images)), torch.tensor([labels[i] for i in ids]), ids, manifest
 

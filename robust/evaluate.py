@@ -38,7 +38,7 @@ from core.errors import UserError
 from core.images import to_float_images
 from core.io import remove_leftovers
 from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_samples, select_subset
-from core.outputs import check_outputs, hold_output
+from core.outputs import check_outputs, hold_folders_for_reading, hold_output
 from core.tracking import model_lineage
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
@@ -63,22 +63,23 @@ def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.
     split of the training data. ``eval.subset`` picks a seeded subset.
     """
     labels_path = hidden_labels_path(cfg.data)
-    labels = read_hidden_labels(cfg.data)
-    if labels is not None:
-        samples = [
-            (p, labels[i]) for p, i in list_test_images(resolve_path(cfg.data.root, cfg.data.test_dir)) if i in labels
-        ]
-        source = f"test set ({labels_path})"
-    else:
-        samples = resolve_samples(cfg.data)[1]
-        source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
-    if not samples:
-        raise UserError(
-            "evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a validation split)"
-        )
-    samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
-    dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
+    # a make-testset folder is read as one set: none replaces it meanwhile
+    with hold_folders_for_reading([test_dir, labels_path], "data.test_dir"):
+        labels = read_hidden_labels(cfg.data)
+        if labels is not None:
+            samples = [(p, labels[i]) for p, i in list_test_images(test_dir) if i in labels]
+            source = f"test set ({labels_path})"
+        else:
+            samples = resolve_samples(cfg.data)[1]
+            source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
+        if not samples:
+            raise UserError(
+                "evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a validation split)"
+            )
+        samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
+        dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
+        images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     keys = [image_key(path, cfg.data.root) for path, _ in dataset.samples]
     return to_float_images(torch.stack(images)), torch.tensor(labels), source, keys
 
