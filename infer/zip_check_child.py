@@ -112,8 +112,8 @@ def main(zip_path, workdir, request_path, report):
         report(macs=macs, params=params)
     except BaseException as exc:
         report(macs_error=last_line(exc))
-    model.eval()
     try:
+        model.eval()
         with torch.no_grad():
             report(numel=int(model(torch.zeros(1, 3, size, size)).numel()))
     except BaseException as exc:
