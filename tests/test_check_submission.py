@@ -385,3 +385,66 @@ def test_a_bad_image_size_is_refused_before_any_check(files, size):
     assert proc.stderr.strip().splitlines() == [
         f"error: --image-size: {size} must be in 16..2048 (the organizers feed 224)"
     ]
+
+
+# --- what held in the probe (issue 29), kept holding -------------------------------------------
+
+
+def _special(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind.replace('/', '_')}.onnx"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "link loop":
+        path.symlink_to(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link to /dev/zero", "link loop"])
+def test_what_is_not_a_file_is_one_line(tmp_path, kind):
+    path = _special(tmp_path, kind)
+    with pytest.raises(UserError, match=rf"^{path}: no such file$"):
+        check_submission.run([str(path)])
+    with pytest.raises(UserError, match=rf"^eval.file: no such file: {path}$"):
+        _evaluate(path, tmp_path)
+
+
+def _external(files, folder: Path, location: str) -> Path:
+    folder.mkdir()
+    proto = onnx.load(files[0]["onnx"])
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    onnx.save(proto, folder / "m.onnx")
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "link.bin", "missing.bin"])
+def test_external_data_outside_its_folder_or_missing_is_one_line(files, tmp_path, location):
+    folder = tmp_path / "f"
+    path = _external(files, folder, location)
+    if location == "link.bin":
+        (folder / "link.bin").symlink_to("/etc/passwd")
+    with pytest.raises(UserError, match=rf"^{path}: not a readable ONNX file \(ValidationError: "):
+        check_submission.run([str(path), *ARGS])
+
+
+def test_random_truncated_or_empty_onnx_bytes_are_one_line_or_a_fail(files, tmp_path, capsys):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert _check_here(capsys, tmp_path / "empty.onnx")[0] == 1  # an empty message parses: onnx.checker fails it
+    for path, _ in list(_onnx_variants(files, tmp_path / "bad").values())[:2]:
+        with pytest.raises(UserError, match="not a readable ONNX file"):
+            check_submission.run([str(path), *ARGS])
+
+
+def test_zip_members_with_dotdot_or_absolute_names_land_nowhere(tmp_path, capsys):
+    escaped, absolute = tmp_path / "escaped.txt", tmp_path / "absolute.txt"
+    climb = "../" * 12 + str(escaped).lstrip("/")  # from any unpack folder up to / and down to tmp_path
+    slip = _zip(tmp_path / "slip.zip", {climb: "x", str(absolute): "x", "model.py": PLAIN_MODEL})
+    status, lines = _check_here(capsys, slip)
+    assert status == 0, lines
+    assert not escaped.exists() and not absolute.exists()
