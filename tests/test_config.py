@@ -196,6 +196,15 @@ def test_config_path_on_the_command_line_is_taken_from_the_users_folder(tmp_path
         (["aug.augmix.alpha=1e-5"], "'aug.augmix.alpha': 1e-05 is below 0.05"),
         (["aug.augmix.severity=11"], "'aug.augmix.severity' (1..10)"),
         (["aug.augmix.width=0"], "'width' (>= 1)"),
+        # what held in the probe, kept holding
+        (["eval.corruption_severities=[0,6]"], "'eval.corruption_severities': [0, 6] must be within 1..5"),
+        (["eval.corruptions=[nope]"], "'eval.corruptions': 'nope' is not one of"),
+        (["eval.eps_linf=nan"], "'eval.eps_linf': nan is not a finite number"),
+        (["eval.eps_linf=-0.1"], "'eval.eps_linf' must be positive"),
+        (["testset.severities=[9]"], "'testset.severities': [9] must be within 1..5"),
+        (["phase2.attack.eps_linf=[-1]"], "'phase2.attack.eps_linf' needs one or more positive values"),
+        (["phase2.attack.steps=[0]"], "'phase2.attack.steps': every value must be at least 1"),
+        (["phase2.attack.kinds=[bogus]"], "'phase2.attack.kinds': 'bogus' is not one of"),
     ],
 )
 def test_bad_numbers_of_every_stage_are_refused_at_load(override, message):
