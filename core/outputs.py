@@ -216,10 +216,11 @@ def _open_existing(path: Path, flags: int) -> int | None:
     return fd
 
 
-def _flock(fd: int) -> bool:
-    """Take the kernel lock without waiting; False if another open file holds it."""
+def _flock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:
+    """Take the kernel lock (``mode``: exclusive or shared) without waiting; False if another open
+    file holds a conflicting one."""
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError as exc:
@@ -442,18 +443,6 @@ def _open_sharing_lock(path: Path, flags: int) -> int | None:
     return fd
 
 
-def _flock_mode(fd: int, mode: int) -> bool:
-    """``flock(fd, mode)`` without waiting; False if another open file holds a conflicting lock."""
-    try:
-        fcntl.flock(fd, mode | fcntl.LOCK_NB)
-    except BlockingIOError:
-        return False
-    except OSError as exc:
-        if exc.errno not in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
-            raise
-    return True
-
-
 def _writer_of(folder: Path) -> str:
     """Who holds the output lock of ``folder`` (the make-testset writing it), as a message names it."""
     try:
@@ -490,7 +479,7 @@ def hold_folder_for_writing(folder: Path, key: str):
             a set under its reader).
     """
     fd = _open_sharing_lock(sharing_lock_path(folder), os.O_RDWR)
-    if fd is not None and not _flock_mode(fd, fcntl.LOCK_EX):
+    if fd is not None and not _flock(fd, fcntl.LOCK_EX):
         os.close(fd)
         raise UserError(
             f"{key}: {folder} is being read by another command (submit, evaluate or ablate on this machine); "
@@ -506,7 +495,7 @@ def _lock_for_reading(folder: Path, key: str) -> int | None:
         fd = _open_sharing_lock(path, os.O_RDONLY)
         if fd is None:
             return None
-        if not _flock_mode(fd, fcntl.LOCK_SH):
+        if not _flock(fd, fcntl.LOCK_SH):
             os.close(fd)
             raise UserError(f"{key}: {folder} is being replaced by {_writer_of(folder)}: retry when it ends")
         if _same_file(path, fd):
