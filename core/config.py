@@ -666,14 +666,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     """Defaults <- YAML file (``configs/default.yaml`` when ``path`` is None) <- overrides.
 
     ``check_aug=False`` leaves out the check of the ``aug`` section (building its pipeline imports
-    albumentations, and with it torch): for the stages and tools that never augment an image.
+    albumentations, and with it torch): for the stages and tools that never augment an image. An
+    ``aug.*`` override is checked anyway (given explicitly, a bad value must not pass silently), and
+    AugMix's numbers always are (they need no import).
     """
     cfg = new_config()
     path = Path(path) if path else DEFAULT_CONFIG
     apply_dict(cfg, read_yaml(path), source=str(path))
     apply_overrides(cfg, overrides or [])
     expand_name(cfg)
-    validate_config(cfg, check_aug)
+    # An `aug.*` value typed on the command line of a stage that never augments is still checked whole.
+    explicit_aug = any(item.split("=", 1)[0].strip().startswith("aug.") for item in overrides or [])
+    validate_config(cfg, check_aug or explicit_aug)
     return cfg
 
 
@@ -697,6 +701,7 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
         raise ConfigError(f"config key 'name': {echo(cfg.name)} must be a plain name (no path separators)")
     _check_name_lengths(cfg)
     _check_finite(cfg)
+    _check_seeds(cfg)
     _check_data(cfg.data)
     _check_train(cfg.train)
     if check_aug:
@@ -705,8 +710,8 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     _check_model(cfg.model)
     _check_predict(cfg)
     _check_eval(cfg.eval)
-    _check_testset(cfg.testset)
-    _check_attack_draws(cfg.phase2.attack, "phase2.attack")
+    _check_testset(cfg.testset, cfg.data.image_size)
+    _check_phase2(cfg.phase2, cfg.data.image_size)
     _check_ablation(cfg.ablation)
 
 
@@ -739,6 +744,22 @@ def _check_finite(node: Any, prefix: str = "") -> None:
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and (math.isnan(item) or (math.isinf(item) and key not in _MAY_BE_INFINITE)):
                 raise ConfigError(f"config key '{key}': {echo(value)} is not a finite number")
+
+
+# numpy's legacy seeding (accelerate's set_seed, the corruptions) takes [0, 2**32); default_rng refuses < 0.
+MAX_SEED = 2**32 - 1
+
+
+def _check_seeds(node: Any, prefix: str = "") -> None:
+    """Every ``seed``/``*_seed`` key: an integer in [0, 2**32) (a negative one was a numpy traceback,
+    after the attacks in ``evaluate``'s case)."""
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_seeds(value, f"{key}.")
+        elif f.name == "seed" or f.name.endswith("_seed"):
+            if not 0 <= value <= MAX_SEED:
+                raise ConfigError(f"config key '{key}': {echo(value)} must be in [0, {MAX_SEED}]")
 
 
 def _at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
@@ -806,9 +827,25 @@ def check_aug_section(cfg: Config) -> None:
     create_train_transform(cfg.aug, cfg.data.image_size)
 
 
+# Below this, numpy's Dirichlet/Beta draws behind timm's AugMix underflow to 0/0: NaN mixing weights,
+# cast to black images (measured, 200000 draws of width 3: 98% at 1e-5, 12% at 1e-3, none at 0.01).
+MIN_AUGMIX_ALPHA = 0.05
+
+
 def _check_augmix(cfg: Config) -> None:
-    """Combinations of AugMix's consistency loss that make no sense (the values are checked with the pipeline)."""
+    """AugMix's values (for every stage: one that ignores ``aug`` still refuses a bad value) and the
+    combinations of its consistency loss that make no sense (the op names are checked with the pipeline)."""
     a, t = cfg.aug.augmix, cfg.train
+    if not 1 <= a.severity <= 10 or a.width < 1 or a.depth == 0 or a.depth < -1 or a.jsd_weight < 0:
+        raise ConfigError(
+            "config keys 'aug.augmix.severity' (1..10), 'width' (>= 1), 'depth' (-1 or >= 1), 'jsd_weight' (>= 0): "
+            f"out of range in {a.severity}, {a.width}, {a.depth}, {a.jsd_weight}"
+        )
+    if a.alpha < MIN_AUGMIX_ALPHA:
+        raise ConfigError(
+            f"config key 'aug.augmix.alpha': {a.alpha} is below {MIN_AUGMIX_ALPHA} (smaller alphas make timm's "
+            "Dirichlet mixing weights NaN, and the images black); the paper uses 1"
+        )
     if a.jsd_weight <= 0:
         return
     if not a.enabled:
@@ -865,6 +902,11 @@ def _check_eval(e: EvalConfig) -> None:
             raise ConfigError(f"config key 'eval.{key}' must be positive")
     if e.cw_max_norm < 0 or any(v <= 0 for v in e.eps_curve):
         raise ConfigError("config keys 'eval.cw_max_norm' (>= 0) / 'eval.eps_curve' (> 0) out of range")
+    if e.eps_linf > 1 or any(v > 1 for v in e.eps_curve):
+        raise ConfigError(
+            "config keys 'eval.eps_linf' / 'eval.eps_curve' are Linf budgets in [0, 1] pixel units (8/255 = 0.0314); "
+            "more than 1 is no budget at all"
+        )
     if any(s not in range(1, 6) for s in e.corruption_severities):
         raise ConfigError(
             f"config key 'eval.corruption_severities': {echo(e.corruption_severities)} must be within 1..5"
@@ -874,19 +916,38 @@ def _check_eval(e: EvalConfig) -> None:
         raise ConfigError("config key 'eval.aa_attacks' needs at least one attack with eval.aa_version=custom")
 
 
-def _check_attack_draws(a: AttackDrawConfig, prefix: str) -> None:
+# More attack draws than anyone runs (each is two whole attacks of the file); 10**9 ran without end.
+MAX_PHASE2_DRAWS = 1000
+
+
+def _check_attack_draws(a: AttackDrawConfig, prefix: str, image_size: int) -> None:
+    """Budgets in [0, 1] pixel units: Linf at most 1 (the whole range), L2 at most the norm of a
+    white ``data.image_size`` image; anything above is no budget at all."""
     for key in ("kinds", "norms", "steps"):
         if not getattr(a, key):
             raise ConfigError(f"config key '{prefix}.{key}' needs at least one value")
+    limits = {"linf": 1.0, "l2": math.sqrt(3) * image_size}
     for norm in a.norms:
         values = getattr(a, f"eps_{norm}")
         if not values or any(v <= 0 for v in values):
             raise ConfigError(f"config key '{prefix}.eps_{norm}' needs one or more positive values")
+        if any(v > limits[norm] for v in values):
+            unit = " (pixel units: 8/255 = 0.0314)" if norm == "linf" else ""
+            raise ConfigError(
+                f"config key '{prefix}.eps_{norm}': {echo(values)} exceeds {limits[norm]:.4g}, the largest "
+                f"{norm} distance between two {image_size}px images in [0, 1]{unit}"
+            )
     if any(s < 1 for s in a.steps):
         raise ConfigError(f"config key '{prefix}.steps': every value must be at least 1")
 
 
-def _check_testset(t: TestsetConfig) -> None:
+def _check_phase2(p: Phase2Config, image_size: int) -> None:
+    if not 0 <= p.draws <= MAX_PHASE2_DRAWS:
+        raise ConfigError(f"config key 'phase2.draws': {p.draws} must be in 0..{MAX_PHASE2_DRAWS} (0 turns it off)")
+    _check_attack_draws(p.attack, "phase2.attack", image_size)
+
+
+def _check_testset(t: TestsetConfig, image_size: int) -> None:
     fractions = {k: getattr(t, k) for k in ("clean", "corruption", "transfer", "stacked")}
     if any(v < 0 for v in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
         raise ConfigError(
@@ -899,7 +960,7 @@ def _check_testset(t: TestsetConfig) -> None:
         raise ConfigError("config keys 'testset.corruptions'/'testset.severities' need values for corrupted images")
     if any(s not in range(1, 6) for s in t.severities):
         raise ConfigError(f"config key 'testset.severities': {echo(t.severities)} must be within 1..5")
-    _check_attack_draws(t.attack, "testset.attack")
+    _check_attack_draws(t.attack, "testset.attack", image_size)
 
 
 def _check_ablation(a: AblationConfig) -> None:

@@ -7,11 +7,12 @@ import json
 import math
 import numbers
 import os
+import re
 import secrets
 import shutil
 import tempfile
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 from core.errors import UserError
 
@@ -84,7 +85,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-def atomic_write_files(texts: dict[Path, str | bytes], check: Callable[[dict[Path, Path]], None] | None = None) -> None:
+def atomic_write_files(
+    texts: dict[Path, str | bytes],
+    check: Callable[[dict[Path, Path]], None] | None = None,
+    remove: Sequence[Path] = (),
+) -> None:
     """Write several files (text or bytes) as one unit: all of them appear, or none changes.
 
     ``core.io.atomic_path`` makes one file atomic by renaming its temp file on exit; for three
@@ -97,27 +102,38 @@ def atomic_write_files(texts: dict[Path, str | bytes], check: Callable[[dict[Pat
         check: Called with ``{target: temp file}`` once every temp file is written, before any
             rename; raising there leaves every target as it was (so files are validated whole,
             under their temporary names, before they replace the old ones).
+        remove: Files that must not outlive the unit (an earlier set's members this one has no
+            new version of): removed with it, restored if it fails.
     """
     temps: dict[Path, Path] = {}
     backups: dict[Path, Path] = {}
     installed: list[Path] = []
+    removing = [p for p in remove if p not in texts and (p.exists() or p.is_symlink())]
+    removed: list[Path] = []
     writing = next(iter(texts), Path("."))  # the file at hand, named if the disk refuses it
     try:
         for writing, text in texts.items():
             temps[writing] = _write_temp(writing, text)
         if check is not None:
             check(dict(temps))
-        for writing in texts:
+        for writing in [*texts, *removing]:
             if writing.exists():
                 backups[writing] = _backup(writing)
         for writing in texts:
             os.replace(temps[writing], writing)
             del temps[writing]
             installed.append(writing)
-        for folder in {t.parent for t in texts}:
+        for writing in removing:
+            writing.unlink()
+            removed.append(writing)
+        for folder in {t.parent for t in [*texts, *removing]}:
             _fsync_dir(folder)
     except BaseException as exc:
         lost = []
+        for target in reversed(removed):
+            with contextlib.suppress(OSError):
+                if target in backups:
+                    os.replace(backups.pop(target), target)
         for target in reversed(installed):
             try:
                 if target in backups:
@@ -160,6 +176,33 @@ def _backup(target: Path) -> Path:
     except OSError:
         shutil.copy2(target, backup)
     return backup
+
+
+# The random part mkstemp puts in create_temp_beside's names, and the one _backup puts in its own.
+_LEFTOVER = r"\.{name}\.(?:[a-z0-9_]{{8}}\.tmp|[0-9a-f]{{8}}\.bak)"
+
+
+def remove_leftovers(targets: Iterable[Path]) -> list[Path]:
+    """Remove the temp and backup files that writes of ``targets`` killed outright (SIGKILL, the
+    out-of-memory killer, a power cut) left beside them; returns what was removed.
+
+    Only while holding the lock of these outputs (:mod:`core.outputs`): a live writer of them
+    would lose its temp file.
+    """
+    removed = []
+    for target in targets:
+        target = Path(target)
+        pattern = re.compile(_LEFTOVER.format(name=re.escape(target.name)))
+        try:
+            entries = list(target.parent.iterdir())
+        except OSError:
+            continue
+        for entry in entries:
+            if pattern.fullmatch(entry.name) and (entry.is_symlink() or entry.is_file()):
+                with contextlib.suppress(OSError):
+                    entry.unlink()
+                    removed.append(entry)
+    return removed
 
 
 def _fsync_dir(folder: Path) -> None:

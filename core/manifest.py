@@ -10,7 +10,7 @@ white-box ones).
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Iterable, Mapping, Sequence
 
 from core.errors import UserError
 from core.io import read_json
@@ -35,10 +35,43 @@ def read_manifest(path: Path) -> dict:
     images = data.get("images") if isinstance(data, dict) else None
     if not isinstance(images, list):
         raise UserError(f"{path}: a test manifest needs an 'images' list")
+    first: dict[int, int] = {}
     for i, entry in enumerate(images):
         if not (isinstance(entry, dict) and isinstance(entry.get("id"), int) and entry.get("kind") in KINDS):
             raise UserError(f"{path}: images[{i}] needs an integer 'id' and a 'kind' in {', '.join(KINDS)}")
+        if entry["id"] in first:
+            raise UserError(f"{path}: images[{i}] repeats the id {entry['id']} of images[{first[entry['id']]}]")
+        if "label" in entry and (not isinstance(entry["label"], int) or isinstance(entry["label"], bool)):
+            raise UserError(f"{path}: images[{i}] has a 'label' that is not an integer")
+        first[entry["id"]] = i
     return data
+
+
+def check_manifest_matches(
+    manifest: dict, path: Path, ids: Iterable[int], folder: Path, labels: Mapping[int, int] | None = None
+) -> None:
+    """Refuse a manifest that does not describe exactly the images of ``folder`` (``ids``) and,
+    when given, their hidden ``labels``: a score by kind on such a pair would be wrong.
+
+    Raises:
+        UserError: one line naming the first entry or image that differs.
+    """
+    present = set(ids)
+    described = {entry["id"] for entry in manifest["images"]}
+    hint = "the manifest and the folder are not one make-testset set"
+    for i, entry in enumerate(manifest["images"]):
+        if entry["id"] not in present:
+            raise UserError(f"{path}: images[{i}] describes image {entry['id']}, which {folder} does not hold ({hint})")
+        if labels is not None and "label" in entry and labels.get(entry["id"]) != entry["label"]:
+            raise UserError(
+                f"{path}: images[{i}] (image {entry['id']}) has label {entry['label']}, the hidden labels say "
+                f"{labels.get(entry['id'])} ({hint})"
+            )
+    extra = sorted(present - described)
+    if extra:
+        raise UserError(
+            f"{path}: image {extra[0]} of {folder} is not in the manifest ({len(extra)} image(s) not in it; {hint})"
+        )
 
 
 def kinds_by_id(manifest: dict) -> dict[int, str]:

@@ -16,6 +16,9 @@ lock (``flock``) on it:
   still runs cannot be told from another machine (``flock`` over NFS depends on the server and
   mount options), so a lock recorded by another host is never taken over automatically: the
   message names the host, the PID and the file to delete once that run is known to be gone.
+* A lock file is never followed or written through: it is opened without following a symbolic
+  link, and one that is not a regular file of this user with no other name (a planted link to
+  another file) is refused in one line, never truncated.
 
 **Ownership.** :func:`check_outputs` refuses, before any work, a target file that belongs to
 another stage: a model checkpoint (``<stem>.safetensors`` and every ``<stem>.*`` beside it, and
@@ -32,7 +35,9 @@ import errno
 import fcntl
 import json
 import os
+import re
 import socket
+import stat
 import sys
 import time
 from dataclasses import dataclass
@@ -116,16 +121,106 @@ def _still_running(holder: Holder) -> bool:
 
 def _same_file(path: Path, fd: int) -> bool:
     try:
-        st, own = os.stat(path), os.fstat(fd)
+        st, own = os.lstat(path), os.fstat(fd)
     except FileNotFoundError:
         return False
     return (st.st_dev, st.st_ino) == (own.st_dev, own.st_ino)
 
 
-def _flock(fd: int) -> bool:
-    """Take the kernel lock without waiting; False if another open file holds it."""
+# What mkstemp adds between the prefix and the suffix of create_temp_beside's names.
+_TEMP_PART = r"[a-z0-9_]{8}"
+# A temp file of a lock this old and not held is a leftover of a creator killed between its
+# create and its rename (a live creator holds the kernel lock of its temp file within microseconds).
+_STALE_TEMP_SECONDS = 10.0
+
+
+def _lock_temps(path: Path) -> list[Path]:
+    pattern = re.compile(rf"\.{re.escape(path.name)}\.{_TEMP_PART}\.tmp")
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return [p for p in path.parent.iterdir() if pattern.fullmatch(p.name)]
+    except OSError:
+        return []
+
+
+def _remove_dead_temps(path: Path, same_as: os.stat_result | None = None) -> None:
+    """Remove the temp files of lock ``path`` that killed creators left (see ``_STALE_TEMP_SECONDS``);
+    with ``same_as``, only the one that is another name of that file (a creator killed between its
+    ``link()`` and the unlink of its temp name)."""
+    for temp in _lock_temps(path):
+        try:
+            fd = os.open(temp, os.O_RDONLY | os.O_NOFOLLOW)
+        except OSError:
+            continue
+        try:
+            st = os.fstat(fd)
+            if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
+                continue
+            if same_as is None and (time.time() - st.st_mtime < _STALE_TEMP_SECONDS or not _flock(fd)):
+                continue
+            if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
+                temp.unlink(missing_ok=True)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+
+
+def _new_file_uid(folder: Path) -> int:
+    """The owner a file this process creates in ``folder`` gets (another uid where an NFS server maps root)."""
+    try:
+        fd, tmp = create_temp_beside(folder / ".uid-probe")
+    except OSError:
+        return os.geteuid()
+    try:
+        return os.fstat(fd).st_uid
+    finally:
+        os.close(fd)
+        os.unlink(tmp)
+
+
+def _open_existing(path: Path, flags: int) -> int | None:
+    """Open the lock file at ``path`` without following a link; None if there is none.
+
+    Raises:
+        UserError: ``path`` is a symbolic link, not a regular file, another user's, or a file with
+            other names (a hard link to some file): not a lock this pipeline wrote.
+    """
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise UserError(
+                f"the lock {path} is a symbolic link, not a lock file of this pipeline: not following it; remove it"
+            ) from None
+        if exc.errno == errno.EISDIR:
+            raise UserError(f"the lock {path} is a folder, not a lock file of this pipeline; remove it") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        problem = None
+        if not stat.S_ISREG(st.st_mode):
+            problem = "is not a regular file"
+        elif st.st_uid not in (os.geteuid(), _new_file_uid(path.parent)):
+            problem = f"belongs to another user (uid {st.st_uid})"
+        elif st.st_nlink > 1:
+            _remove_dead_temps(path, same_as=st)  # a creator killed between link() and the unlink of its temp
+            if os.fstat(fd).st_nlink > 1:
+                problem = f"has {st.st_nlink - 1} other name(s) (a hard link to another file)"
+        if problem:
+            raise UserError(f"the lock {path} {problem}: not a lock file of this pipeline; not writing to it")
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _flock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:
+    """Take the kernel lock (``mode``: exclusive or shared) without waiting; False if another open
+    file holds a conflicting one."""
+    try:
+        fcntl.flock(fd, mode | fcntl.LOCK_NB)
     except BlockingIOError:
         return False
     except OSError as exc:
@@ -214,9 +309,8 @@ def _try_take_over(path: Path, holder: Holder, key: str) -> tuple[int, Holder | 
         UserError: the holder still runs, or it ran on another host (which cannot be checked).
     """
     busy_hint = f"wait for it to end or stop it, or use another {key}"
-    try:
-        fd = os.open(path, os.O_RDWR)
-    except FileNotFoundError:
+    fd = _open_existing(path, os.O_RDWR)
+    if fd is None:
         return None  # released meanwhile
     try:
         if not _flock(fd):
@@ -258,6 +352,7 @@ def acquire(output: Path, stage: str, key: str) -> OutputLock:
         try:
             fd = _try_create(path, holder)
             if fd is not None:
+                _remove_dead_temps(path)
                 return OutputLock(output, path, fd, None, made)
             taken = _try_take_over(path, holder, key)
         except UserError as exc:
@@ -266,6 +361,7 @@ def acquire(output: Path, stage: str, key: str) -> OutputLock:
             raise UserError(f"{output}: cannot create the lock {path} ({exc.strerror or exc})") from None
         if taken is not None:
             fd, previous = taken
+            _remove_dead_temps(path)
             lock = OutputLock(output, path, fd, previous or Holder("unknown", 0, HOST, "?"), made)
             print(
                 f"note: {output} was locked by {lock.taken_over.describe()}, which ended without releasing it "
@@ -275,13 +371,15 @@ def acquire(output: Path, stage: str, key: str) -> OutputLock:
             return lock
         time.sleep(0.05)
     try:
-        fd = os.open(path, os.O_RDONLY)
+        fd = _open_existing(path, os.O_RDONLY)
+    except (OSError, UserError):
+        fd = None
+    last = None
+    if fd is not None:
         try:
             last = _read_holder(fd)
         finally:
             os.close(fd)
-    except OSError:
-        last = None
     if last is not None and last.host == HOST and not _still_running(last):
         raise UserError(
             f"{output}: the lock {path} of {last.describe()} is still held although that process has ended: "
@@ -318,6 +416,118 @@ def hold_output(output: Path, stage: str, key: str, accelerator=None):
     finally:
         if lock is not None:
             lock.release()
+
+
+# --- readers and the writer of a folder -------------------------------------------------------
+
+READERS_LOCK = ".readers.lock"  # inside a folder make-testset writes (published with it)
+
+
+def sharing_lock_path(folder: Path) -> Path:
+    """The reader/writer lock of a folder ``make-testset`` writes: hidden, inside it, so it comes and
+    goes with the set (each set carries its own, created empty by the writer)."""
+    return Path(folder) / READERS_LOCK
+
+
+def _open_sharing_lock(path: Path, flags: int) -> int | None:
+    """The lock file at ``path`` (never through a link), or None where there is none."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except OSError as exc:
+        raise UserError(f"cannot open the lock {path} ({exc.strerror or exc}): not a lock file of this pipeline")
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise UserError(f"the lock {path} is not a regular file: not a lock file of this pipeline; remove it")
+    return fd
+
+
+def _writer_of(folder: Path) -> str:
+    """Who holds the output lock of ``folder`` (the make-testset writing it), as a message names it."""
+    try:
+        fd = _open_existing(lock_path_of(folder), os.O_RDONLY)
+    except (OSError, UserError):
+        fd = None
+    if fd is None:
+        return "make-testset"
+    try:
+        holder = _read_holder(fd)
+    finally:
+        os.close(fd)
+    return f"make-testset, {holder.describe()}" if holder is not None else "make-testset"
+
+
+@contextlib.contextmanager
+def _holding(fds: list[int]):
+    _held_fds.update(fds)
+    try:
+        yield
+    finally:
+        for fd in fds:
+            _held_fds.discard(fd)
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def hold_folder_for_writing(folder: Path, key: str):
+    """Exclude every reader of ``folder`` (:func:`hold_folders_for_reading`) for the block; the
+    writer must give the folder it publishes an empty :data:`READERS_LOCK`.
+
+    Raises:
+        UserError: a command reads the folder now (refused before any work, rather than replacing
+            a set under its reader).
+    """
+    fd = _open_sharing_lock(sharing_lock_path(folder), os.O_RDWR)
+    if fd is not None and not _flock(fd, fcntl.LOCK_EX):
+        os.close(fd)
+        raise UserError(
+            f"{key}: {folder} is being read by another command (submit, evaluate or ablate on this machine); "
+            "it is replaced only while nothing reads it: retry when that command ends"
+        )
+    with _holding([fd] if fd is not None else []):
+        yield
+
+
+def _lock_for_reading(folder: Path, key: str) -> int | None:
+    path = sharing_lock_path(folder)
+    for _ in range(_ATTEMPTS):
+        fd = _open_sharing_lock(path, os.O_RDONLY)
+        if fd is None:
+            return None
+        if not _flock(fd, fcntl.LOCK_SH):
+            os.close(fd)
+            raise UserError(f"{key}: {folder} is being replaced by {_writer_of(folder)}: retry when it ends")
+        if _same_file(path, fd):
+            return fd
+        os.close(fd)  # a new set took the folder's place between our open and our lock: lock that one
+    raise UserError(f"{key}: {folder} keeps being replaced; retry in a moment")
+
+
+@contextlib.contextmanager
+def hold_folders_for_reading(paths: Sequence[Path | None], key: str):
+    """Keep ``make-testset`` from replacing, for the block, the folders that are or hold ``paths``.
+
+    A folder ``make-testset`` wrote holds its :func:`sharing_lock_path`: readers hold it shared,
+    the writer exclusively, so a reader sees one whole set (never the manifest of one and the
+    images of the next). A folder without one was not written by ``make-testset``.
+
+    Raises:
+        UserError: ``make-testset`` is replacing one of them now (one line naming it).
+    """
+    folders = dict.fromkeys(f for p in paths if p is not None for f in (Path(p), Path(p).parent))
+    fds: list[int] = []
+    try:
+        for folder in folders:
+            fd = _lock_for_reading(folder, key)
+            if fd is not None:
+                fds.append(fd)
+    except BaseException:
+        for fd in fds:
+            os.close(fd)
+        raise
+    with _holding(fds):
+        yield
 
 
 # --- ownership ------------------------------------------------------------------------------

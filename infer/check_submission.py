@@ -1,17 +1,27 @@
-"""``./run.sh check-submission FILE [--image-size N] [--config FILE] [key=value ...]``: the organizers' checks.
+"""``./run.sh check-submission FILE [--image-size N] [--timeout S] [--config FILE] [key=value ...]``:
+the organizers' checks.
 
 Prints one ``PASS``/``FAIL`` line per check and exits 0 only if every check passed (1 if one
-failed, 2 for bad usage). Lines marked ``note`` inform and do not count.
+failed, 2 for bad usage, refused before any check). Lines marked ``note`` inform and do not count.
 
-* A ``.zip``, in a fresh ``python -I`` process where neither timm nor this project can be
-  imported (:mod:`infer.zip_check_child`): unpack with ``shutil.unpack_archive``, ``from model
-  import Model; Model().float()``, ptflops at 3 x S x S under ``budget.max_params`` /
-  ``budget.max_gmacs``, ``data.num_classes`` outputs for a zero input. Then, in this process,
-  the file against the in-process model of the config (``submit``'s model), its channel order,
-  and its random pad drawing anew per call.
-* An ``.onnx``: ``onnx.checker``, opset and op types within onnxruntime 1.10's range, a dynamic
-  batch axis, onnxruntime parity with the in-process model, the ``onnx2pytorch`` round trip with
-  its parity, ptflops on the converted model, the output size for a zero input.
+* A ``.zip``: its ``model.py`` never runs in this process. A fresh ``python -I`` process where
+  neither timm nor this project can be imported (:mod:`infer.zip_check_child`), isolated by
+  :func:`infer.isolated.run_isolated` (a session of its own; everything it started stopped when
+  it ends or at ``--timeout``; its output to a file; its results on a channel its stdout is not)
+  takes the organizers' steps: unpack with ``shutil.unpack_archive`` (declared sizes checked
+  first), ``from model import Model; Model().float()``, ptflops at 3 x S x S under
+  ``budget.max_params`` / ``budget.max_gmacs``, ``data.num_classes`` outputs for a zero input;
+  and records the model's outputs on the parity images. This process compares those with the
+  in-process model of the config (``submit``'s model), reads the channel order from
+  ``model.json`` (read from the zip, not unpacked here), and checks that the random pad draws
+  anew per call. A zip without ``model.json`` (the organizers accept ``model.py`` alone) gets the
+  organizers' checks and a note.
+* An ``.onnx``: ``onnx.checker``, opset and op types within onnxruntime 1.10's range, one float32
+  N x 3 x H x W input with a dynamic batch axis (H and W equal to S, or dynamic), onnxruntime
+  parity with the in-process model, the ``onnx2pytorch`` round trip with its parity, ptflops on
+  the converted model, the output size for a zero input.
+* Either: where a ``<stem>.budget.json`` lies beside the file, it must record the file's sha256
+  (else the file is not the one that export checked and reported).
 
 S is ``--image-size`` (default 224, what the organizers feed); our own counter
 (``FlopCounterMode``) is printed beside ptflops.
@@ -20,8 +30,6 @@ S is ``--image-size`` (default 224, what the organizers feed); our own counter
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -32,20 +40,29 @@ import torch
 
 from core.cli import CheckerParser, quiet_libraries, run_checker, user_path
 from core.config import Config, load_config
-from core.errors import UserError
-from infer import onnx_file
+from core.errors import UserError, echo
+from infer import model_zip, onnx_file
 from infer.complexity import PTFLOPS_KWARGS, count_ptflops
 from infer.defended import build_defended_model, load_members, resolve_member_paths
-from infer.export import count_gmacs
-from infer.model_zip import load_zip_model
-from infer.parity import ROUND_TRIP_ATOL, as_rgb_probabilities, box_outputs, file_parity
+from infer.export import count_gmacs, recorded_file_problem
+from infer.isolated import Finished, run_isolated
+from infer.parity import (
+    ROUND_TRIP_ATOL,
+    ROUND_TRIP_SEEDS,
+    Replay,
+    as_rgb_probabilities,
+    box_outputs,
+    check_images,
+    file_parity,
+)
 
-ROOT = Path(__file__).resolve().parent.parent
 CHILD = Path(__file__).resolve().parent / "zip_check_child.py"
 # What the organizers' environment did not have: timm, and of course none of this project.
 BLOCKED = ("timm", "attacks", "bench", "core", "gcm", "infer", "robust", "train", "tests")
 ORGANIZERS_SIZE = 224
-CHILD_TIMEOUT = 600
+MIN_SIZE, MAX_SIZE = 16, 2048  # data.image_size's least; far above any size the challenge used
+DEFAULT_TIMEOUT = 600.0
+PAD_CALLS = 4  # calls in a row of which the random pad must draw more than one box
 
 
 class Checks:
@@ -85,74 +102,165 @@ def check_channel_order(checks: Checks, order: str) -> None:
     checks.add(order == "bgr", "channel order", f"the file takes {order.upper()}; the organizers feed BGR")
 
 
-def in_process_model(cfg: Config, checks: Checks):
-    """``submit``'s model of the config (one member, no TTA), or None with a FAIL line."""
+def check_recorded(path: Path, checks: Checks) -> None:
+    """The file against the sha256 its stem's budget JSON records (export's report of this very file)."""
+    budget, problem = recorded_file_problem(path)
+    if budget is None:
+        checks.note("budget report", f"no {path.with_suffix('').name}.budget.json beside it: not compared")
+    else:
+        checks.add(problem is None, "budget report", problem or f"its sha256 is the one {budget.name} records")
+
+
+def in_process_model(cfg: Config) -> tuple[object, str | None]:
+    """``submit``'s model of the config (one member, no TTA), or None and why there is none."""
     try:
         members, infos = load_members(resolve_member_paths(cfg), cfg.data.num_classes)
     except UserError as exc:
-        checks.add(False, "parity with the in-process model", f"no model to compare with ({exc})")
-        return None
-    return build_defended_model(members, infos, cfg)
+        return None, f"no model to compare with ({exc})"
+    return build_defended_model(members, infos, cfg), None
 
 
-def run_zip_child(path: Path, cfg: Config, size: int) -> dict:
-    """The organizers' steps in a clean process; returns its JSON result."""
-    settings = {"blocked": BLOCKED, "image_size": size, "ptflops": PTFLOPS_KWARGS}
-    with tempfile.TemporaryDirectory(prefix="phase2_check_") as workdir:
-        proc = subprocess.run(
-            [sys.executable, "-I", str(CHILD), str(path.resolve()), workdir, json.dumps(settings)],
-            cwd=workdir,
-            capture_output=True,
-            text=True,
-            timeout=CHILD_TIMEOUT,
-        )
-    lines = [line for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
-    if not lines:
-        tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
-        return {"load": f"the check process ended with code {proc.returncode} ({tail})"}
-    return json.loads(lines[-1][len("RESULT ") :])
-
-
-def check_zip(path: Path, cfg: Config, size: int, checks: Checks) -> None:
-    result = run_zip_child(path, cfg, size)
-    if not checks.add(
-        result["load"] == "ok",
-        "unpack + Model().float()",
-        "loaded in a fresh `python -I` without timm or this project" if result["load"] == "ok" else result["load"],
-    ):
-        return
-    check_budget(checks, result.get("macs"), result.get("params"), cfg, size)
-    n = result.get("numel")
-    checks.add(
-        n == cfg.data.num_classes,
-        "output",
-        f"{n} values for a 1x3x{size}x{size} zero input (data.num_classes {cfg.data.num_classes})"
-        if n is not None
-        else result.get("output_error", "no output"),
-    )
-    model, spec = load_zip_model(path)
-    check_channel_order(checks, spec["channel_order"])
-    checks.note("our counter", f"{count_gmacs(model, size):.4g} GMACs (FlopCounterMode) at 3x{size}x{size}")
-    reference = in_process_model(cfg, checks)
-    if reference is not None:
-        check_parity(checks, "zip", as_rgb_probabilities(model, spec["channel_order"]), reference, spec, None)
-
-
-def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes) -> None:
-    """The file against the in-process model at the file's size; with random pad, new draws per call."""
+def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes, pad_calls=None) -> None:
+    """The file against the in-process model at the file's size; with random pad, new draws per
+    call (``pad_calls``: outputs of calls in a row recorded elsewhere, else made here)."""
     size = int(spec["image_size"])
-    parity = file_parity(output, reference, size, boxes)
+    try:
+        parity = file_parity(output, reference, size, boxes)
+    except (ValueError, RuntimeError) as exc:  # a recorded output of another shape, a graph that fails
+        checks.add(False, f"parity with the in-process model ({what})", f"{type(exc).__name__}: {str(exc)[:200]}")
+        return
     checks.add(
         parity["max_abs_diff"] <= ROUND_TRIP_ATOL,
         f"parity with the in-process model ({what})",
         f"max |dp| {parity['max_abs_diff']:.2g} at {size}px ({parity['compared']})",
     )
     if reference.randomized:
-        with torch.no_grad():
-            x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
-            calls = [output(x) for _ in range(4)]
-        differ = sum(not torch.equal(calls[0], c) for c in calls[1:])
-        checks.add(differ > 0, f"random pad ({what})", f"{differ} of 3 later calls drew another box")
+        if pad_calls is None:
+            with torch.no_grad():
+                x = check_images(size)[:2]
+                pad_calls = [output(x) for _ in range(PAD_CALLS)]
+        differ = sum(not torch.equal(pad_calls[0], c) for c in pad_calls[1:])
+        checks.add(differ > 0, f"random pad ({what})", f"{differ} of {len(pad_calls) - 1} later calls drew another box")
+
+
+# --- the zip ----------------------------------------------------------------------------------
+
+
+def run_zip_child(path: Path, size: int, timeout: float, request: dict) -> Finished:
+    """The organizers' steps in an isolated ``python -I`` process (:func:`infer.isolated.run_isolated`)."""
+    settings = {
+        "blocked": list(BLOCKED),
+        "image_size": size,
+        "ptflops": PTFLOPS_KWARGS,
+        "max_unpacked": model_zip.MAX_UNPACKED_BYTES,
+    }
+    with tempfile.TemporaryDirectory(prefix="phase2_check_") as private:
+        workdir = Path(private) / "unpacked"
+        workdir.mkdir()
+        request_path = Path(private) / "request.pt"
+        torch.save({**request, "settings": settings}, request_path)
+        argv = [sys.executable, "-I", str(CHILD), str(path.resolve()), str(workdir), str(request_path)]
+        return run_isolated(argv, timeout, workdir)
+
+
+def _missing(done: Finished, timeout: float) -> str:
+    """Why the check process reported nothing for a step."""
+    if done.timed_out:
+        return f"did not finish within {timeout:g} s (--timeout); the check process and all it started were stopped"
+    tail = (done.output_tail.strip().splitlines() or ["no output"])[-1][:200]
+    return f"the check process ended with code {done.returncode} without reporting it (last output: {tail})"
+
+
+def zip_spec(path: Path, checks: Checks) -> dict | None:
+    """The zip's checked ``model.json`` (read, not unpacked), or None with a note or a FAIL line."""
+    try:
+        spec = model_zip.read_spec(path)
+    except UserError as exc:
+        checks.add(False, "model.json", str(exc))
+        return None
+    if spec is None:
+        checks.note("model.json", "none: not a zip ./run.sh export wrote; channel order and parity not checked")
+    return spec
+
+
+def parity_request(reference, spec: dict | None) -> dict:
+    """What the check process records for the parity with the in-process model (nothing without both)."""
+    if reference is None or spec is None:
+        return {"x": None}
+    x = check_images(int(spec["image_size"]))
+    return {
+        "x": x.flip(1) if spec["channel_order"] == "bgr" else x,  # fed in the file's own channel order
+        "seeds": list(ROUND_TRIP_SEEDS) if reference.randomized else [None],
+        "calls": PAD_CALLS if reference.randomized else 0,
+    }
+
+
+def check_zip(path: Path, cfg: Config, size: int, checks: Checks, timeout: float = DEFAULT_TIMEOUT) -> None:
+    try:
+        model_zip.open_zip(path).close()
+    except UserError as exc:
+        checks.add(False, "unpack + Model().float()", str(exc))
+        return
+    spec = zip_spec(path, checks)
+    reference, no_reference = in_process_model(cfg) if spec is not None else (None, None)
+    done = run_zip_child(path, size, timeout, parity_request(reference, spec))
+    load = done.results.get("load") or _missing(done, timeout)
+    loaded = checks.add(
+        load == "ok",
+        "unpack + Model().float()",
+        "loaded in a fresh `python -I` without timm or this project" if load == "ok" else load,
+    )
+    if loaded:
+        check_zip_steps(checks, done, cfg, size, timeout)
+    if done.garbled:
+        checks.add(False, "check process", "its result channel held more than its reports")
+    if done.stopped:
+        checks.note("processes", f"the check left {done.stopped} process(es) running; all were stopped")
+    if loaded and spec is not None:
+        check_channel_order(checks, spec["channel_order"])
+    if "our_gmacs" in done.results:
+        checks.note("our counter", f"{done.results['our_gmacs']:.4g} GMACs (FlopCounterMode) at 3x{size}x{size}")
+    if loaded and no_reference:
+        checks.add(False, "parity with the in-process model", no_reference)
+    if loaded and reference is not None:
+        check_replayed_parity(checks, done, reference, spec, timeout)
+    check_recorded(path, checks)
+
+
+def check_zip_steps(checks: Checks, done: Finished, cfg: Config, size: int, timeout: float) -> None:
+    """The organizers' lines after the load: ptflops within the budget, the output size."""
+    result = done.results
+    if "macs" in result:
+        check_budget(checks, result["macs"], result["params"], cfg, size)
+    else:
+        checks.add(False, "ptflops", result.get("macs_error") or _missing(done, timeout))
+    n = result.get("numel")
+    detail = (
+        f"{n} values for a 1x3x{size}x{size} zero input (data.num_classes {cfg.data.num_classes})"
+        if n is not None
+        else result.get("output_error") or _missing(done, timeout)
+    )
+    checks.add(n == cfg.data.num_classes, "output", detail)
+
+
+def check_replayed_parity(checks: Checks, done: Finished, reference, spec: dict, timeout: float) -> None:
+    """The outputs the check process recorded against the in-process model (and the random pad's draws)."""
+    outputs = done.results.get("outputs")
+    if not isinstance(outputs, dict):
+        reason = done.results.get("outputs_error") or _missing(done, timeout)
+        checks.add(False, "parity with the in-process model (zip)", reason)
+        return
+    try:
+        seeded = [torch.tensor(o, dtype=torch.float32).exp() for o in outputs["seeded"]]
+        in_a_row = [torch.tensor(o, dtype=torch.float32) for o in outputs["in_a_row"]]
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        checks.add(False, "parity with the in-process model (zip)", f"unreadable outputs ({type(exc).__name__})")
+        return
+    replay = Replay(check_images(int(spec["image_size"])), seeded)
+    check_parity(checks, "zip", replay, reference, spec, None, in_a_row)
+
+
+# --- the ONNX file ----------------------------------------------------------------------------
 
 
 def check_onnx_structure(proto: onnx.ModelProto, checks: Checks) -> bool:
@@ -177,11 +285,7 @@ def check_onnx_structure(proto: onnx.ModelProto, checks: Checks) -> bool:
         missing = sorted(set(ops["ops"]) - known)
         if missing:
             checks.note("2022 converters", f"{name} has no {' '.join(missing)} (the zip is the safer form)")
-    dims = proto.graph.input[0].type.tensor_type.shape.dim
-    batch = dims[0].dim_param if dims else ""
-    return checks.add(
-        bool(batch), "dynamic batch axis", f"input dim 0 is '{batch}'" if batch else "input dim 0 is fixed"
-    )
+    return True
 
 
 # Op types the 2022 ONNX->torch converters implement (read from their sources): onnx2pytorch
@@ -208,24 +312,48 @@ HELPER_CODEGEN_OPS = frozenset(
 )
 
 
-def check_onnx(path: Path, cfg: Config, size: int, checks: Checks) -> None:
-    try:
-        proto = onnx.load(str(path))
-    except Exception as exc:  # onnx raises DecodeError and others on a file that is not ONNX
-        raise UserError(f"{path}: not an ONNX file ({type(exc).__name__})") from None
-    if not check_onnx_structure(proto, checks):
-        return
-    meta = onnx_file.read_metadata(proto)
-    dims = [d.dim_value for d in proto.graph.input[0].type.tensor_type.shape.dim[1:]]
-    checks.add(
-        dims == [3, size, size], "input size", f"the file takes 3x{dims[1]}x{dims[2]}; checked at 3x{size}x{size}"
+def check_onnx_input(proto: onnx.ModelProto, size: int, checks: Checks) -> bool:
+    """One float32 N x 3 x S x S input, N dynamic (S fixed, or H and W dynamic)."""
+    info, problem = onnx_file.graph_input(proto)
+    if problem:
+        return checks.add(False, "input", problem)
+    if info["type"] != "float":
+        return checks.add(False, "input type", f"the file takes {info['type']}; the organizers feed float32")
+    batch, channels, height, width = info["dims"]
+    dynamic = isinstance(batch, str)
+    if not checks.add(
+        dynamic, "dynamic batch axis", f"input dim 0 is '{batch}'" if dynamic else "input dim 0 is fixed"
+    ):
+        return False
+    if all(isinstance(d, str) for d in (height, width)) and channels == 3:
+        return checks.add(True, "input size", f"3 x '{height}' x '{width}' (dynamic); checked at 3x{size}x{size}")
+    return checks.add(
+        [channels, height, width] == [3, size, size],
+        "input size",
+        f"the file takes {channels}x{height}x{width}; checked at 3x{size}x{size}",
     )
-    if dims != [3, size, size]:
+
+
+def check_onnx(path: Path, cfg: Config, size: int, checks: Checks) -> None:
+    proto = onnx_file.load_onnx(path)
+    if check_onnx_structure(proto, checks) and check_onnx_input(proto, size, checks):
+        check_onnx_model(proto, cfg, size, checks)
+    check_recorded(path, checks)
+
+
+def check_onnx_model(proto: onnx.ModelProto, cfg: Config, size: int, checks: Checks) -> None:
+    """What the file computes: onnxruntime, the onnx2pytorch conversion, ptflops, parity."""
+    order = onnx_file.read_metadata(proto).get("channel_order", "rgb")
+    if order in ("rgb", "bgr"):
+        check_channel_order(checks, order)
+    else:
+        checks.add(False, "channel order", f"its metadata channel_order is {echo(order)}, neither rgb nor bgr")
+    try:
+        session = onnx_file.create_session(proto.SerializeToString())
+        zeros = onnx_file.run_session(session, torch.zeros(1, 3, size, size))
+    except Exception as exc:  # onnxruntime raises its own types on a graph it cannot load or run
+        checks.add(False, "output (onnxruntime)", f"{type(exc).__name__}: {str(exc).strip()[:200]}")
         return
-    check_channel_order(checks, meta.get("channel_order", "rgb"))
-    data = proto.SerializeToString()
-    session = onnx_file.create_session(data)
-    zeros = onnx_file.run_session(session, torch.zeros(1, 3, size, size))
     ok = checks.add(
         zeros.numel() == cfg.data.num_classes, "output (onnxruntime)", f"{zeros.numel()} values for a zero input"
     )
@@ -240,21 +368,30 @@ def check_onnx(path: Path, cfg: Config, size: int, checks: Checks) -> None:
     macs, params = count_ptflops(converted, (3, size, size))
     check_budget(checks, macs, params, cfg, size)
     checks.note("our counter", f"{count_gmacs(converted, size):.4g} GMACs (FlopCounterMode) on the converted model")
-    reference = in_process_model(cfg, checks)
-    if reference is None or not ok:
+    reference, no_reference = in_process_model(cfg)
+    if no_reference:
+        checks.add(False, "parity with the in-process model", no_reference)
+    if reference is None or not ok or order not in ("rgb", "bgr"):
         return
     spec = {"image_size": size}
     boxes = box_outputs(reference, size) if reference.randomized else None
-    order = meta.get("channel_order", "rgb")
     ort_output = as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order)
     check_parity(checks, "onnxruntime", ort_output, reference, spec, boxes)
     check_parity(checks, "onnx2pytorch", as_rgb_probabilities(converted, order), reference, spec, boxes)
 
 
+# --- the command ------------------------------------------------------------------------------
+
+
 def create_check_parser() -> argparse.ArgumentParser:
     parser = CheckerParser(prog="run.sh check-submission", description="The organizers' checks of a Phase II file.")
     parser.add_argument("file", help="a .zip (model.py at its top level) or an .onnx file")
-    parser.add_argument("--image-size", type=int, default=ORGANIZERS_SIZE, help="input side (organizers: 224)")
+    parser.add_argument(
+        "--image-size", type=int, default=ORGANIZERS_SIZE, help=f"input side, {MIN_SIZE}..{MAX_SIZE} (organizers: 224)"
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds the zip's check process may take (default 600)"
+    )
     parser.add_argument("--config", default=None, help="config with the budget limits and the model to compare with")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
@@ -264,6 +401,10 @@ def create_check_parser() -> argparse.ArgumentParser:
 def run(argv: Sequence[str]) -> int:
     """Run every check of FILE; returns 0 when all passed, else 1."""
     args = create_check_parser().parse_intermixed_args(argv)
+    if not MIN_SIZE <= args.image_size <= MAX_SIZE:
+        raise UserError(f"--image-size: {args.image_size} must be in {MIN_SIZE}..{MAX_SIZE} (the organizers feed 224)")
+    if not 0 < args.timeout <= 86400:
+        raise UserError(f"--timeout: {args.timeout:g} must be a number of seconds in (0, 86400]")
     cfg = load_config(user_path(args.config), args.overrides)
     path = user_path(args.file)
     if not path.is_file():
@@ -273,7 +414,10 @@ def run(argv: Sequence[str]) -> int:
     if args.image_size != ORGANIZERS_SIZE:
         Checks.note("input size", f"checking at {args.image_size}px; the organizers feed {ORGANIZERS_SIZE}px")
     checks = Checks()
-    (check_zip if path.suffix == ".zip" else check_onnx)(path, cfg, args.image_size, checks)
+    if path.suffix == ".zip":
+        check_zip(path, cfg, args.image_size, checks, args.timeout)
+    else:
+        check_onnx(path, cfg, args.image_size, checks)
     print(f"{path}: {'OK' if not checks.failed else f'FAILED ({checks.failed} check(s))'}")
     return 1 if checks.failed else 0
 

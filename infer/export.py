@@ -42,7 +42,7 @@ from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
 from core.devices import default_device
 from core.errors import UserError
-from core.io import atomic_write_files
+from core.io import atomic_write_files, read_json, remove_leftovers
 from core.model import count_params
 from core.outputs import check_outputs, hold_output
 from gcm import DefendedModel
@@ -304,20 +304,50 @@ def budget_path_of(stem: Path) -> Path:
     return stem.with_name(stem.name + ".budget.json")
 
 
+FORMATS = ("onnx", "zip", "pt2")
+
+
+def recorded_file_problem(path: Path) -> tuple[Path | None, str | None]:
+    """Is ``path`` the file its stem's budget JSON records? The JSON (None where there is none)
+    and what is wrong (None when its sha256 is the recorded one).
+
+    A stem's files are one export's; a file copied in by hand, or left by another export, is
+    named here rather than scored or checked as if it were the one the report describes.
+    """
+    path = Path(path)
+    budget = budget_path_of(path.with_suffix(""))
+    if not budget.is_file():
+        return None, None
+    try:
+        recorded = read_json(budget)["files"][path.suffix[1:]]["sha256"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return budget, f"{budget} records no sha256 of a {path.suffix} file: {path} is not a file of that export"
+    if hashlib.sha256(path.read_bytes()).hexdigest() != recorded:
+        return budget, (
+            f"{path} is not the file {budget} describes (its sha256 differs): a file of another export or copied in "
+            "by hand; export again, or move it away from that report"
+        )
+    return budget, None
+
+
 def output_paths(stem: Path, formats: Sequence[str]) -> dict[str, Path]:
     """The file of each format and the budget JSON, by format (``budget`` for the JSON)."""
     return {**{fmt: stem.with_name(f"{stem.name}.{fmt}") for fmt in formats}, "budget": budget_path_of(stem)}
 
 
 def write_outputs(stem: Path, files: dict[str, bytes], report: dict) -> dict[str, Path]:
-    """Write the files and the budget JSON as one unit (all appear, or none changes); the JSON
-    records each file's sha256, so a file from another export is seen. Returns the paths by format."""
+    """Write the files and the budget JSON as one unit (all appear, or none changes), removing the
+    stem's files of other formats an earlier export left (a narrower export never leaves a mixed
+    set); the JSON records each file's sha256, so a file from another export is seen. Returns the
+    paths by format."""
     paths = output_paths(stem, list(files))
+    stale = [p for fmt, p in output_paths(stem, FORMATS).items() if fmt not in files and fmt != "budget"]
     for fmt, data in files.items():
         report["files"][fmt]["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         atomic_write_files(
-            {**{paths[fmt]: data for fmt, data in files.items()}, paths["budget"]: json.dumps(report, indent=2) + "\n"}
+            {**{paths[fmt]: data for fmt, data in files.items()}, paths["budget"]: json.dumps(report, indent=2) + "\n"},
+            remove=stale,
         )
     except OSError as exc:
         raise UserError(f"export.path: cannot write {exc.filename or stem} ({exc.strerror or exc})") from None
@@ -357,7 +387,7 @@ def build_files(
         "zip": lambda: create_zip_file(model, info, cfg, size, device),
         "pt2": lambda: create_pt2_file(model, size),
     }
-    return {fmt: builders[fmt]() for fmt in ("onnx", "zip", "pt2") if fmt in cfg.export.formats}
+    return {fmt: builders[fmt]() for fmt in FORMATS if fmt in cfg.export.formats}
 
 
 def print_written(paths: dict[str, Path], files: dict[str, tuple[bytes, dict]], cfg: Config, size: int) -> None:
@@ -390,9 +420,11 @@ def run(cfg: Config) -> dict:
             reproduce the in-process model (nothing written in these cases).
     """
     stem = resolve_export_stem(cfg)
-    # Every file of the export shares the stem: its lock and the ownership check cover them all.
-    check_outputs([*output_paths(stem, cfg.export.formats).values()], "export", "export.path")
+    # Every file of the export shares the stem: its lock and the ownership check cover them all
+    # (those of the other formats too, which this export removes).
+    check_outputs([*output_paths(stem, [*cfg.export.formats, *FORMATS]).values()], "export", "export.path")
     with hold_output(stem, "export", "export.path"):
+        remove_leftovers(output_paths(stem, FORMATS).values())  # of an export killed while writing
         return export_to(cfg, stem)
 
 

@@ -17,18 +17,20 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
-import shutil
-import sys
+import math
 import tempfile
 import uuid
 import zipfile
+import zlib
 from pathlib import Path
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from core.config import Config
-from core.errors import UserError
+from core.errors import UserError, echo
+from core.io import parse_json
 from core.model import ImageClassifier
 
 TEMPLATE = Path(__file__).resolve().parent / "model_template.py"
@@ -125,38 +127,216 @@ def create_zip_bytes(member: ImageClassifier, info: dict, cfg: Config) -> tuple[
     return buffer.getvalue(), spec
 
 
-def import_model_py(folder: Path):
-    """Import ``folder/model.py`` under a fresh module name (several zips may be loaded in one process)."""
-    name = f"phase2_model_{uuid.uuid4().hex}"
-    module_spec = importlib.util.spec_from_file_location(name, folder / "model.py")
-    module = importlib.util.module_from_spec(module_spec)
-    sys.modules[name] = module
+# --- reading a zip without running it ----------------------------------------------------------
+
+# A Phase II zip holds < 120 MB of weights (30M float32 parameters); anything near this is a bomb.
+MAX_UNPACKED_BYTES = 1 << 30
+MAX_MEMBERS = 10_000
+MAX_TEXT_BYTES = 1 << 20  # model.py, model.json
+
+
+def open_zip(path: Path) -> zipfile.ZipFile:
+    """The zip at ``path``, its declared sizes checked before anything is unpacked.
+
+    Raises:
+        UserError: not a zip, or members that unpack to more than :data:`MAX_UNPACKED_BYTES`.
+    """
     try:
-        module_spec.loader.exec_module(module)
-    finally:
-        sys.modules.pop(name, None)
+        zf = zipfile.ZipFile(path)
+    except (zipfile.BadZipFile, OSError, ValueError) as exc:
+        raise UserError(f"{path}: not a zip file ({exc})") from None
+    problem = unpacked_size_problem(zf.infolist())
+    if problem:
+        zf.close()
+        raise UserError(f"{path}: {problem}")
+    return zf
+
+
+def unpacked_size_problem(infos: Sequence[zipfile.ZipInfo]) -> str | None:
+    """Why a zip with these members is not unpacked (None if it may be): zipfile never yields more
+    than a member's declared size, so the declared sizes bound what unpacking writes."""
+    total = sum(i.file_size for i in infos)
+    if len(infos) > MAX_MEMBERS or total > MAX_UNPACKED_BYTES:
+        return (
+            f"its {len(infos)} members unpack to {total / 2**20:.0f} MiB, more than the "
+            f"{MAX_UNPACKED_BYTES / 2**20:.0f} MiB (or {MAX_MEMBERS} members) a Phase II zip can need (a zip bomb?); "
+            "not unpacked"
+        )
+    return None
+
+
+def read_member(zf: zipfile.ZipFile, name: str, path: Path, limit: int) -> bytes | None:
+    """The top-level member ``name`` (None if the zip has none), at most ``limit`` bytes."""
+    try:
+        info = zf.getinfo(name)
+    except KeyError:
+        return None
+    if info.file_size > limit:
+        raise UserError(f"{path}: {name} is {info.file_size} bytes, more than {limit}")
+    try:
+        with zf.open(info) as fh:
+            return fh.read(limit + 1)[:limit]
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as exc:
+        raise UserError(f"{path}: cannot read {name} from the zip ({type(exc).__name__}: {exc})") from None
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
+def _is_int(v, lo: int, hi: int) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+
+def _ints(v, lo: int, hi: int) -> bool:
+    return isinstance(v, list) and len(v) == 4 and all(_is_int(d, lo, hi) for d in v)
+
+
+def _three(v, positive: bool = False) -> bool:
+    return (
+        v is None or isinstance(v, list) and len(v) == 3 and all(_is_number(x) and (x > 0 or not positive) for x in v)
+    )
+
+
+def _flag(v) -> bool:
+    return isinstance(v, bool)
+
+
+# What the template's Model() reads of model.json, each with its check and what it must be.
+SPEC_KEYS = {
+    "arch": (lambda v: v == "convnext", "'convnext'"),
+    "stem": (lambda v: v in ("patch", "overlap", "overlap_tiered"), "one of patch, overlap, overlap_tiered"),
+    "depths": (lambda v: _ints(v, 1, 64), "4 integers 1..64"),
+    "dims": (lambda v: _ints(v, 1, 8192), "4 integers 1..8192"),
+    "kernel_size": (lambda v: _is_int(v, 1, 31) and v % 2 == 1, "an odd integer 1..31"),
+    "mlp_ratio": (lambda v: _is_number(v) and 0 < v <= 16, "a number in (0, 16]"),
+    "conv_mlp": (_flag, "true or false"),
+    "norm_eps": (lambda v: _is_number(v) and 0 < v < 1, "a number in (0, 1)"),
+    "gelu_tanh": (_flag, "true or false"),
+    "layer_scale": (_flag, "true or false"),
+    "num_classes": (lambda v: _is_int(v, 2, 100_000), "an integer 2..100000"),
+    "image_size": (lambda v: _is_int(v, 16, 4096), "an integer 16..4096"),
+    "channel_order": (lambda v: v in ("rgb", "bgr"), "rgb or bgr"),
+    "mean": (_three, "null or 3 numbers"),
+    "std": (lambda v: _three(v, positive=True), "null or 3 positive numbers"),
+    "gcm": (_flag, "true or false"),
+    "gcm_w": (_is_number, "a number"),
+    "gcm_eps": (_is_number, "a number"),
+    "random_pad": (_flag, "true or false"),
+    "pad_min_ratio": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "pad_max_ratio": (lambda v: _is_number(v) and 0 < v <= 1, "a number in (0, 1]"),
+    "temperature": (lambda v: _is_number(v) and v > 0, "a positive number"),
+}
+
+
+def check_spec(spec, where: str) -> dict:
+    """``spec`` if it is a ``model.json`` the template can build; else one line naming the key."""
+    if not isinstance(spec, dict):
+        raise UserError(f"{where}: model.json is a JSON {type(spec).__name__}, not an object of settings")
+    for key, (ok, what) in SPEC_KEYS.items():
+        if key not in spec:
+            raise UserError(f"{where}: model.json has no '{key}' (not written by ./run.sh export?)")
+        if not ok(spec[key]):
+            raise UserError(f"{where}: model.json '{key}' must be {what}, got {echo(spec[key])}")
+    if spec["stem"] != "patch" and not _is_int(spec.get("stem_mid"), 1, 8192):
+        raise UserError(f"{where}: model.json 'stem_mid' must be an integer 1..8192 with stem {spec['stem']}")
+    if (spec["mean"] is None) != (spec["std"] is None) or spec["pad_min_ratio"] > spec["pad_max_ratio"]:
+        raise UserError(
+            f"{where}: model.json needs 'mean' and 'std' both or neither, and pad_min_ratio <= pad_max_ratio"
+        )
+    return spec
+
+
+def read_spec(path: Path) -> dict | None:
+    """The checked ``model.json`` of the zip at ``path`` (None if it holds none); nothing is unpacked."""
+    with open_zip(path) as zf:
+        data = read_member(zf, "model.json", path, MAX_TEXT_BYTES)
+    if data is None:
+        return None
+    try:
+        spec = parse_json(data)
+    except ValueError as exc:
+        raise UserError(f"{path}: model.json is not JSON ({exc})") from None
+    return check_spec(spec, str(path))
+
+
+def import_template(here: Path):
+    """A fresh instance of this project's own :data:`TEMPLATE` module, reading its files from ``here``."""
+    name = f"phase2_template_{uuid.uuid4().hex}"
+    module_spec = importlib.util.spec_from_file_location(name, TEMPLATE)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    module.HERE = str(here)
     return module
 
 
-def load_zip_model(path: str | Path) -> tuple[nn.Module, dict]:
-    """The zip's ``Model()``, unpacked and built as the organizers do; returns it with its spec.
+def load_weights(data: bytes, path: Path) -> dict[str, torch.Tensor]:
+    """``weights.pth`` unpickled as tensors and plain data only (a pickle that calls anything is refused)."""
+    try:
+        state = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as exc:  # torch raises UnpicklingError, RuntimeError, EOFError... on a bad file
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise UserError(f"{path}: weights.pth is not a state dict of tensors ({type(exc).__name__}: {first})") from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and torch.is_tensor(v) for k, v in state.items()):
+        raise UserError(f"{path}: weights.pth is not a state dict (names -> tensors)")
+    return state
 
-    Unpacks into a temporary folder that is removed once the weights are loaded (``Model``
-    reads everything in its constructor).
+
+def check_weights_fit(template, spec: dict, state: dict[str, torch.Tensor], path: Path) -> None:
+    """Every tensor of ``model.json``'s network in ``weights.pth`` with its shape, built on the meta
+    device first (so a model.json of huge dims allocates nothing)."""
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in template.ConvNeXt(spec).state_dict().items()}
+    for key, shape in expected.items():
+        if key not in state:
+            raise UserError(f"{path}: weights.pth has no tensor '{key}', which model.json's network needs")
+        if tuple(state[key].shape) != shape:
+            raise UserError(
+                f"{path}: weights.pth tensor '{key}' has shape {tuple(state[key].shape)}, model.json's network {shape}"
+            )
+    extra = sorted(set(state) - set(expected))
+    if extra:
+        raise UserError(f"{path}: weights.pth holds '{extra[0]}', which model.json's network has no place for")
+
+
+def load_zip_model(path: str | Path) -> tuple[nn.Module, dict]:
+    """The model of a zip ``./run.sh export`` wrote, built in this process without running its code.
+
+    The zip's own ``model.py`` never runs here (``check-submission`` runs it as the organizers do,
+    in a separate process): its ``model.json`` and ``weights.pth`` are read with bounded sizes and
+    checked, and this project's own copy of the template (the same file, byte for byte) builds the
+    model from them. A zip whose ``model.py`` is another file is refused: what it computes could not
+    be known without running it.
+
+    Raises:
+        UserError: one line naming the zip and the first problem.
     """
     path = Path(path)
-    if not zipfile.is_zipfile(path):
-        raise UserError(f"{path}: not a zip file")
-    folder = Path(tempfile.mkdtemp(prefix="phase2_zip_"))
+    with open_zip(path) as zf:
+        texts = {name: read_member(zf, name, path, MAX_TEXT_BYTES) for name in ("model.py", "model.json")}
+        weights = read_member(zf, "weights.pth", path, MAX_UNPACKED_BYTES)
+    missing = [name for name, data in (*texts.items(), ("weights.pth", weights)) if data is None]
+    if missing:
+        raise UserError(
+            f"{path}: no {', '.join(missing)} at the top level of the zip: not a zip ./run.sh export wrote "
+            "(check-submission checks any zip the organizers accept)"
+        )
+    if texts["model.py"] != TEMPLATE.read_bytes():
+        raise UserError(
+            f"{path}: its model.py is not the one ./run.sh export writes ({TEMPLATE.name}); its code never runs in "
+            "this process (check-submission runs it in a separate one): export again to attack it here"
+        )
     try:
-        shutil.unpack_archive(str(path), str(folder), "zip")
-        missing = [m for m in MEMBERS if not (folder / m).is_file()]
-        if missing:
-            raise UserError(f"{path}: no {', '.join(missing)} at the top level of the zip")
-        model = import_model_py(folder).Model().float().eval()
-        spec = json.loads((folder / "model.json").read_text(encoding="utf-8"))
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        spec = check_spec(parse_json(texts["model.json"]), str(path))
+    except ValueError as exc:
+        raise UserError(f"{path}: model.json is not JSON ({exc})") from None
+    state = load_weights(weights, path)
+    with tempfile.TemporaryDirectory(prefix="phase2_zip_") as folder:
+        template = import_template(Path(folder))
+        check_weights_fit(template, spec, state, path)
+        (Path(folder) / "model.json").write_text(json.dumps(spec), encoding="utf-8")
+        (Path(folder) / "weights.pth").write_bytes(weights)
+        model = template.Model().float().eval()  # reads what it needs in its constructor
     return model, spec
 
 

@@ -22,12 +22,13 @@ from __future__ import annotations
 import collections
 import io
 import warnings
+from pathlib import Path
 
 import onnx
 import torch
 from torch import nn
 
-from core.errors import UserError
+from core.errors import UserError, echo
 from gcm import DefendedModel
 
 OPSET = 13
@@ -101,6 +102,64 @@ def export_onnx(model: nn.Module, image_size: int, metadata: dict) -> onnx.Model
 
 def read_metadata(proto: onnx.ModelProto) -> dict:
     return {p.key: p.value for p in proto.metadata_props}
+
+
+def load_onnx(path: Path) -> onnx.ModelProto:
+    """The ONNX file at ``path`` with its external data, as one line naming it on any failure
+    (random or truncated bytes, external data outside its folder, through a link or missing)."""
+    try:
+        return onnx.load(str(path))
+    except Exception as exc:  # onnx raises DecodeError, ValidationError, OSError... on a bad file
+        first = (str(exc).strip().splitlines() or [""])[0][:400]
+        raise UserError(f"{path}: not a readable ONNX file ({type(exc).__name__}: {first})") from None
+
+
+# onnx.TensorProto element types by name, for messages.
+_ELEM_TYPES = {v: k.lower() for k, v in onnx.TensorProto.DataType.items()}
+
+
+def graph_input(proto: onnx.ModelProto) -> tuple[dict | None, str | None]:
+    """The graph's one image input, ``{"name", "type", "dims"}`` (a dim: int, or its name when
+    dynamic), or what is wrong with the inputs: none, several, not of rank 4."""
+    initializers = {t.name for t in proto.graph.initializer}
+    inputs = [i for i in proto.graph.input if i.name not in initializers]  # older exporters list weights too
+    if len(inputs) != 1:
+        return None, f"the graph has {len(inputs)} inputs; the organizers feed one, N x 3 x H x W"
+    tensor = inputs[0].type.tensor_type
+    dims = [d.dim_param or (d.dim_value if d.HasField("dim_value") else "?") for d in tensor.shape.dim]
+    info = {"name": inputs[0].name, "type": _ELEM_TYPES.get(tensor.elem_type, str(tensor.elem_type)), "dims": dims}
+    if len(dims) != 4:
+        shape = "x".join(map(str, dims))
+        return info, f"the input '{info['name']}' has rank {len(dims)} ({shape}); the organizers feed N x 3 x H x W"
+    return info, None
+
+
+# What a file ``./run.sh export`` wrote says of itself, and how each value is read.
+FILE_METADATA = {
+    "channel_order": lambda v: v if v in ("rgb", "bgr") else None,
+    "image_size": lambda v: int(v) if v.isdigit() and 16 <= int(v) <= 4096 else None,
+    "num_classes": lambda v: int(v) if v.isdigit() and 2 <= int(v) <= 100_000 else None,
+    "gcm": lambda v: {"True": True, "False": False}.get(v),
+    "random_pad": lambda v: {"True": True, "False": False}.get(v),
+}
+
+
+def read_file_metadata(proto: onnx.ModelProto, where: str) -> dict:
+    """The metadata of a file ``./run.sh export`` wrote, each value read and checked.
+
+    Raises:
+        UserError: a key missing or a value that is not what export writes (one line naming it).
+    """
+    raw = read_metadata(proto)
+    meta = {}
+    for key, parse in FILE_METADATA.items():
+        if key not in raw:
+            raise UserError(f"{where}: its metadata has no '{key}' (not written by ./run.sh export)")
+        value = parse(raw[key])
+        if value is None:
+            raise UserError(f"{where}: its metadata '{key}' is {echo(raw[key])}, not what ./run.sh export writes")
+        meta[key] = value
+    return meta
 
 
 def op_report(proto: onnx.ModelProto) -> dict:

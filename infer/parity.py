@@ -72,7 +72,32 @@ def fixed_draw(model: DefendedModel, box: Sequence[int]) -> Iterator[DefendedMod
         model.random_pad = layer
 
 
-def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, seeds: Sequence[int] = (0, 1)) -> float:
+def check_images(image_size: int) -> torch.Tensor:
+    """The random images every parity check feeds (the same on every call; the caller's RNG untouched)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(12345)
+        return torch.rand(CHECK_BATCH, 3, image_size, image_size)
+
+
+class Replay:
+    """A file's recorded outputs on :func:`check_images`, given back one per call in the order a
+    parity check asks for them: the comparison of a file whose code runs in another process."""
+
+    def __init__(self, x: torch.Tensor, outputs: Sequence[torch.Tensor]) -> None:
+        self.x, self.outputs = x, list(outputs)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if not torch.equal(x.cpu(), self.x.cpu()) or not self.outputs:
+            raise ValueError("a replayed file is asked for an output it did not record")
+        return self.outputs.pop(0)
+
+
+ROUND_TRIP_SEEDS = (0, 1)  # the global-RNG seeds a randomized file is compared under, draw for draw
+
+
+def check_round_trip(
+    loaded: nn.Module, model: DefendedModel, image_size: int, seeds: Sequence[int] = ROUND_TRIP_SEEDS
+) -> float:
     """Largest |probability difference| between ``loaded`` and ``model`` on random images.
 
     Deterministic model: one comparison. With the random resize-pad layer, for each seed the
@@ -82,9 +107,8 @@ def check_round_trip(loaded: nn.Module, model: DefendedModel, image_size: int, s
     """
     pad = model.random_pad if model.randomized else None
     worst = 0.0
+    x = check_images(image_size).to(_device_of(model))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(12345)
-        x = torch.rand(CHECK_BATCH, 3, image_size, image_size).to(_device_of(model))
         for seed in seeds if pad is not None else (None,):
             if seed is None:
                 got, expected = loaded(x), model(x).exp()
@@ -115,9 +139,8 @@ def box_outputs(model: DefendedModel, image_size: int) -> tuple[torch.Tensor, to
         for t in range(image_size - h + 1)
         for left in range(image_size - h + 1)
     ]
+    x = check_images(image_size).to(_device_of(model))
     with torch.random.fork_rng(devices=[]), torch.no_grad():
-        torch.manual_seed(12345)
-        x = torch.rand(CHECK_BATCH, 3, image_size, image_size).to(_device_of(model))
         outputs = []
         for box in boxes:
             with fixed_draw(model, box):

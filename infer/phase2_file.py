@@ -1,22 +1,25 @@
 """An exported Phase II file (``.zip`` or ``.onnx``) as a model ``evaluate`` can attack.
 
-The zip is loaded as the organizers load it (its own ``model.py``: :func:`infer.model_zip.load_zip_model`);
-the ONNX file is converted back to PyTorch by ``onnx2pytorch``, as the organizers convert ONNX
-submissions (:func:`infer.onnx_file.convert_to_torch`). Either way the file's own GCM stays in
-the graph and carries the ``is_gcm`` / ``bpda`` switch that :func:`gcm.bpda` flips for the
-adaptive rows.
+The zip's model is built from its ``model.json`` and ``weights.pth`` by this project's own copy
+of the template its ``model.py`` is (:func:`infer.model_zip.load_zip_model`: the zip's code never
+runs in this process, and a zip whose ``model.py`` is another file is refused); the ONNX file is
+converted back to PyTorch by ``onnx2pytorch``, as the organizers convert ONNX submissions
+(:func:`infer.onnx_file.convert_to_torch`). Either way the file's own GCM stays in the graph and
+carries the ``is_gcm`` / ``bpda`` switch that :func:`gcm.bpda` flips for the adaptive rows. A
+file whose stem's budget JSON records another sha256 is refused (it is not the file export
+checked), and so is every malformed file, in one line.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-import onnx
 import torch
 from torch import nn
 
 from core.errors import UserError
 from infer import model_zip, onnx_file
+from infer.export import recorded_file_problem
 
 
 class FileModel(nn.Module):
@@ -42,33 +45,30 @@ class FileModel(nn.Module):
         return self.file_model(x.flip(1) if self.bgr else x)
 
 
-def _as_bool(value) -> bool:
-    return value if isinstance(value, bool) else str(value) == "True"
-
-
 def load_phase2_file(path: str | Path) -> FileModel:
     """The model of an exported ``.zip`` or ``.onnx`` file, in eval mode."""
     path = Path(path)
     if not path.is_file():
         raise UserError(f"eval.file: no such file: {path}")
-    if path.suffix == ".zip":
-        model, spec = model_zip.load_zip_model(path)
-        meta = {k: spec[k] for k in ("channel_order", "image_size", "num_classes", "gcm", "random_pad")}
-        meta["format"] = "zip"
-    elif path.suffix == ".onnx":
-        proto = onnx.load(str(path))
-        raw = onnx_file.read_metadata(proto)
-        if "channel_order" not in raw:
-            raise UserError(f"eval.file: {path} was not written by ./run.sh export (no channel_order in its metadata)")
-        model = onnx_file.convert_to_torch(proto)
-        meta = {
-            "channel_order": raw["channel_order"],
-            "image_size": int(raw["image_size"]),
-            "num_classes": int(raw["num_classes"]),
-            "gcm": _as_bool(raw["gcm"]),
-            "random_pad": _as_bool(raw["random_pad"]),
-            "format": "onnx (converted by onnx2pytorch)",
-        }
-    else:
+    if path.suffix not in (".zip", ".onnx"):
         raise UserError(f"eval.file: {path} is neither a .zip nor an .onnx file")
+    _, problem = recorded_file_problem(path)
+    if problem:
+        raise UserError(f"eval.file: {problem}")
+    try:
+        model, meta = load_zip(path) if path.suffix == ".zip" else load_onnx(path)
+    except UserError as exc:
+        raise UserError(f"eval.file: {exc}") from None
     return FileModel(model, meta, path).eval()
+
+
+def load_zip(path: Path) -> tuple[nn.Module, dict]:
+    model, spec = model_zip.load_zip_model(path)
+    meta = {k: spec[k] for k in ("channel_order", "image_size", "num_classes", "gcm", "random_pad")}
+    return model, {**meta, "format": "zip"}
+
+
+def load_onnx(path: Path) -> tuple[nn.Module, dict]:
+    proto = onnx_file.load_onnx(path)
+    meta = onnx_file.read_file_metadata(proto, str(path))
+    return onnx_file.convert_to_torch(proto), {**meta, "format": "onnx (converted by onnx2pytorch)"}

@@ -35,9 +35,16 @@ from core.devices import (
 from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import check_writable
-from core.labels import list_test_images, read_hidden_labels, resolve_test_dir
-from core.manifest import breakdown, check_not_surrogate, format_breakdown, kinds_by_id, read_manifest
-from core.outputs import check_outputs, hold_output
+from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_test_dir
+from core.manifest import (
+    breakdown,
+    check_manifest_matches,
+    check_not_surrogate,
+    format_breakdown,
+    kinds_by_id,
+    read_manifest,
+)
+from core.outputs import check_outputs, hold_folders_for_reading, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
@@ -139,14 +146,24 @@ def hidden_label_accuracy(ids: Sequence[int], preds: Sequence[int], labels: dict
     return {"test_acc": 100.0 * sum(hits) / len(hits) if hits else float("nan"), "test_labelled": len(hits)}
 
 
-def read_test_manifest(cfg: Config, infos: Sequence[dict]) -> dict | None:
-    """The ``data.test_manifest`` of a make-testset folder (None when unset), checked against the model:
-    none of its members may be a surrogate the transfer images were crafted on."""
+def test_inputs(cfg: Config) -> list[Path | None]:
+    """What ``submit`` reads of the test set: the folder, the hidden labels, the manifest."""
+    manifest = resolve_path(cfg.data.root, cfg.data.test_manifest) if cfg.data.test_manifest else None
+    return [resolve_path(cfg.data.root, cfg.data.test_dir), hidden_labels_path(cfg.data), manifest]
+
+
+def read_test_manifest(cfg: Config, infos: Sequence[dict], items: Sequence[tuple[Path, int]]) -> dict | None:
+    """The ``data.test_manifest`` of a make-testset folder (None when unset), checked against the
+    test folder's images ``items`` and their hidden labels, and against the model: none of its
+    members may be a surrogate the transfer images were crafted on."""
     if not cfg.data.test_manifest:
         return None
     if not cfg.data.test_labels:
         raise UserError("config key 'data.test_manifest' needs data.test_labels (the score by kind needs the labels)")
-    manifest = read_manifest(resolve_path(cfg.data.root, cfg.data.test_manifest))
+    path = resolve_path(cfg.data.root, cfg.data.test_manifest)
+    manifest = read_manifest(path)
+    test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
+    check_manifest_matches(manifest, path, [i for _, i in items], test_dir, read_hidden_labels(cfg.data))
     check_not_surrogate(manifest, [info.get("sha256") for info in infos], "data.test_manifest")
     return manifest
 
@@ -164,7 +181,11 @@ def run(cfg: Config) -> dict:
     check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
     stem = Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name)
     check_outputs(list(submission_paths(stem.parent, stem.name).values()), "submit", "submit.file_name")
-    with hold_output(stem, "submit", "submit.file_name", accelerator):
+    # make-testset must not replace the test set while it is read (the manifest of one set and the images of the next)
+    with (
+        hold_output(stem, "submit", "submit.file_name", accelerator),
+        hold_folders_for_reading(test_inputs(cfg), "data.test_dir"),
+    ):
         return predict_and_write(cfg, accelerator, start)
 
 
@@ -204,10 +225,10 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     """The body of :func:`run`, under the lock of the submission's name."""
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
-    manifest = read_test_manifest(cfg, infos)
     test_dir = resolve_test_dir(cfg.data)
     check_replaces_its_own(cfg, Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name), infos, test_dir)
     items = list_test_images(test_dir)
+    manifest = read_test_manifest(cfg, infos, items)
     loader = create_test_loader(cfg, items, input_size_of(infos), accelerator)
     accelerator.print(
         f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "

@@ -46,10 +46,18 @@ from core.config import Config, ConfigError, config_to_dict
 from core.devices import default_device
 from core.errors import UserError
 from core.images import load_image, to_float_images
-from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
+from core.io import atomic_write_files, remove_leftovers, to_json_safe
 from core.labels import list_test_images, read_test_labels, select_subset
-from core.manifest import KINDS, MANIFEST_NAME, breakdown, check_not_surrogate, kinds_by_id, read_manifest
-from core.outputs import check_outputs, hold_output
+from core.manifest import (
+    KINDS,
+    MANIFEST_NAME,
+    breakdown,
+    check_manifest_matches,
+    check_not_surrogate,
+    kinds_by_id,
+    read_manifest,
+)
+from core.outputs import check_outputs, hold_folders_for_reading, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
@@ -116,15 +124,19 @@ def resolve_variants(cfg: Config) -> list[str]:
 
 
 def load_testset(folder: Path, image_size: int) -> tuple[torch.Tensor, torch.Tensor, list[int], dict]:
-    """A make-testset folder's images (float in [0, 1] at ``image_size``), labels, ids and manifest."""
+    """A make-testset folder's images (float in [0, 1] at ``image_size``), labels, ids and manifest,
+    read as one set (no make-testset replaces it meanwhile) and checked to be one."""
     folder = Path(folder)
     if not (folder / MANIFEST_NAME).is_file():
         raise UserError(f"config key 'ablation.testset': {folder} is not a make-testset folder (no {MANIFEST_NAME})")
-    manifest = read_manifest(folder / MANIFEST_NAME)
-    labels = read_test_labels(folder / LABELS_NAME)
-    items = [(p, i) for p, i in list_test_images(folder / IMAGES_DIR) if i in labels]
-    resize = create_eval_transform(image_size)
-    images = [torch.from_numpy(resize(image=load_image(p))["image"]).permute(2, 0, 1) for p, _ in items]
+    with hold_folders_for_reading([folder], "ablation.testset"):
+        manifest = read_manifest(folder / MANIFEST_NAME)
+        labels = read_test_labels(folder / LABELS_NAME)
+        listed = list_test_images(folder / IMAGES_DIR)
+        check_manifest_matches(manifest, folder / MANIFEST_NAME, [i for _, i in listed], folder / IMAGES_DIR, labels)
+        items = [(p, i) for p, i in listed if i in labels]
+        resize = create_eval_transform(image_size)
+        images = [torch.from_numpy(resize(image=load_image(p))["image"]).permute(2, 0, 1) for p, _ in items]
     ids = [i for _, i in items]
     return to_float_images(torch.stack(images)), torch.tensor([labels[i] for i in ids]), ids, manifest
 
@@ -293,18 +305,22 @@ def output_files(out_dir: Path) -> dict[str, Path]:
 
 
 def write_outputs(rows: dict[str, dict], info: dict, out_dir: Path, cfg: Config) -> dict[str, str]:
-    """The four files (each atomically) and the W&B run; returns their paths."""
+    """The four files (as one unit: all of them new, or none changed) and the W&B run; returns their paths."""
     files = output_files(out_dir)
     records = table_rows(rows)
-    atomic_write_text(files["md"], render_markdown(rows, info))
-    atomic_write_text(files["csv"], render_csv(records))
-    atomic_write_bytes(files["png"], render_png(records))
     payload = {
         **info,
         "rows": {n: {k: v for k, v in r.items() if k != "vectors"} for n, r in rows.items()},
         "table": records,
     }
-    atomic_write_text(files["json"], json.dumps(to_json_safe(payload), indent=2) + "\n")
+    atomic_write_files(
+        {
+            files["md"]: render_markdown(rows, info),
+            files["csv"]: render_csv(records),
+            files["png"]: render_png(records),
+            files["json"]: json.dumps(to_json_safe(payload), indent=2) + "\n",
+        }
+    )
     log_wandb(cfg, records, files, info)
     return {k: str(v) for k, v in files.items()}
 
@@ -380,6 +396,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
     out_dir = Path(cfg.ablation.out_dir) if cfg.ablation.out_dir else cfg.run_dir / "ablation"
     check_outputs(list(output_files(out_dir).values()), "ablate", "ablation.out_dir")
     with hold_output(out_dir, "ablate", "ablation.out_dir"):
+        remove_leftovers(output_files(out_dir).values())  # of a run killed while writing them
         torch.manual_seed(cfg.eval.seed)
         variants = {v: resolve_variant(v, cfg) for v in resolve_variants(cfg)}  # every variant checked first
         paths = list(dict.fromkeys(p for v in variants.values() for p in v.submit.checkpoints))

@@ -37,6 +37,7 @@ from core.datasets import ImageDataset
 from core.devices import default_device, prepare_cuda
 from core.errors import UserError
 from core.images import to_float_images
+from core.io import remove_leftovers
 from core.labels import (
     hidden_labels_path,
     list_test_images,
@@ -45,13 +46,13 @@ from core.labels import (
     resolve_test_dir,
     select_subset,
 )
-from core.outputs import check_outputs, hold_output
+from core.outputs import check_outputs, hold_folders_for_reading, hold_output
 from core.tracking import model_lineage
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 from robust.corruptions import add_mce, run_corruptions, summarize, training_counterparts
-from robust.file_eval import run_file
+from robust.file_eval import file_report_paths, run_file
 from robust.metrics import worst_case
 from robust.report import report_files, write_report
 from robust.results import EvalResult, Row, Score
@@ -70,20 +71,23 @@ def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.
     split of the training data. ``eval.subset`` picks a seeded subset.
     """
     labels_path = hidden_labels_path(cfg.data)
-    labels = read_hidden_labels(cfg.data)
-    if labels is not None:
-        samples = [(p, labels[i]) for p, i in list_test_images(resolve_test_dir(cfg.data)) if i in labels]
-        source = f"test set ({labels_path})"
-    else:
-        samples = resolve_samples(cfg.data)[1]
-        source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
-    if not samples:
-        raise UserError(
-            "evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a validation split)"
-        )
-    samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
-    dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
-    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    test_dir = resolve_test_dir(cfg.data) if cfg.data.test_dir else None
+    # a make-testset folder is read as one set: none replaces it meanwhile
+    with hold_folders_for_reading([test_dir, labels_path], "data.test_dir"):
+        labels = read_hidden_labels(cfg.data)
+        if labels is not None:
+            samples = [(p, labels[i]) for p, i in list_test_images(resolve_test_dir(cfg.data)) if i in labels]
+            source = f"test set ({labels_path})"
+        else:
+            samples = resolve_samples(cfg.data)[1]
+            source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
+        if not samples:
+            raise UserError(
+                "evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a validation split)"
+            )
+        samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
+        dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
+        images, labels = zip(*(dataset[i] for i in range(len(dataset))))
     keys = [image_key(path, cfg.data.root) for path, _ in dataset.samples]
     return to_float_images(torch.stack(images)), torch.tensor(labels), source, keys
 
@@ -292,6 +296,8 @@ def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
     accelerator = create_accelerator()
     progress = progress and accelerator.is_main_process
     with hold_output(out_dir, "evaluate", "eval.out_dir", accelerator):
+        if accelerator.is_main_process:  # the lock's holder: leftovers of a killed run
+            remove_leftovers([*report_files(out_dir).values(), *file_report_paths(out_dir)])
         if cfg.eval.file:
             return run_file(cfg, load_eval_images, progress, accelerator)
         return evaluate_into(cfg, out_dir, progress, accelerator)

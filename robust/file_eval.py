@@ -22,7 +22,7 @@ import torch
 from core.config import Config
 from core.devices import default_device
 from core.errors import UserError
-from core.io import atomic_write_text
+from core.io import atomic_write_files
 from gcm.gcm import gcm_modules
 from infer.phase2_file import FileModel, load_phase2_file
 from robust.phase2 import format_phase2, run_phase2
@@ -75,6 +75,11 @@ def format_table(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def file_report_paths(out_dir: Path) -> list[Path]:
+    """The two files :func:`run_file` writes into ``out_dir``."""
+    return [Path(out_dir) / "eval_file.md", Path(out_dir) / "eval_file.json"]
+
+
 def run_file(cfg: Config, load_images: Callable, progress: bool = True, accelerator=None) -> dict:
     """Attack ``eval.file`` and write ``eval_file.md`` / ``eval_file.json`` to the eval folder.
 
@@ -111,10 +116,17 @@ def run_file(cfg: Config, load_images: Callable, progress: bool = True, accelera
     out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
     if accelerator is not None and not accelerator.is_main_process:
         return result
-    table = format_table(result) + (f"\n{format_phase2(result['phase2'])}" if "phase2" in result else "")
-    atomic_write_text(out_dir / "eval_file.md", table)
-    atomic_write_text(out_dir / "eval_file.json", json.dumps(result, indent=2) + "\n")
-    result["files"] = [str(out_dir / "eval_file.md"), str(out_dir / "eval_file.json")]
+    table = write_file_report(result, out_dir)
     if progress:
         print(table)
     return result
+
+
+def write_file_report(result: dict, out_dir: Path) -> str:
+    """``eval_file.md`` and ``eval_file.json`` as one unit (both new, or neither changed); sets
+    ``result["files"]`` and returns the markdown."""
+    table = format_table(result) + (f"\n{format_phase2(result['phase2'])}" if "phase2" in result else "")
+    files = file_report_paths(out_dir)
+    result["files"] = [str(p) for p in files]
+    atomic_write_files({files[0]: table, files[1]: json.dumps(result, indent=2) + "\n"})
+    return table

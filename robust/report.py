@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 
 from core.config import Config
 from core.corruptions import group_of
-from core.io import atomic_write_bytes, atomic_write_text, to_json_safe
+from core.io import atomic_write_files, to_json_safe
 from core.tracking import start_run, use_models
 from robust.results import ROW_KEYS, EvalResult, Score
 from robust.specs import PAPER_COLUMNS
@@ -340,21 +340,21 @@ def report_files(out_dir: Path) -> dict[str, Path]:
 
 
 def write_report(result: EvalResult, out_dir: Path, cfg: Config, echo: bool = True) -> dict[str, str]:
-    """Write eval.md, eval.csv, eval.json, eval_bars.png, eval_eps_curve.png (atomically) and log to W&B."""
+    """Write eval.md, eval.csv, eval.json, eval_bars.png, eval_eps_curve.png (as one unit) and log to W&B."""
     out_dir = Path(out_dir)
     md = render_markdown(result)
     rows = csv_rows(result)
     files = report_files(out_dir)
     curve = files.pop("eps_curve")
-    atomic_write_text(files["md"], md)
-    atomic_write_text(files["csv"], render_csv(rows))
-    atomic_write_bytes(files["bars"], bars_png(result))
+    contents = {files["md"]: md, files["csv"]: render_csv(rows), files["bars"]: bars_png(result)}
     if result.eps_curve["eps"]:
         files["eps_curve"] = curve
-        atomic_write_bytes(files["eps_curve"], curve_png(result))
+        contents[curve] = curve_png(result)
     names = {k: str(v) for k, v in files.items()}
     payload = {**result.to_dict(), "files": names, "out_dir": str(out_dir)}
-    atomic_write_text(files["json"], json.dumps(to_json_safe(payload), indent=2) + "\n")
+    contents[files["json"]] = json.dumps(to_json_safe(payload), indent=2) + "\n"
+    # One unit: a failure leaves the earlier report whole, and no curve of an earlier run stays beside this one.
+    atomic_write_files(contents, remove=[curve])
     log_wandb(cfg, result, rows, files)
     if echo:
         print("\n" + md)

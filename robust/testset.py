@@ -22,6 +22,7 @@ same torch build and thread count). Output, written into a temporary folder rena
 from __future__ import annotations
 
 import dataclasses
+import glob
 import json
 import secrets
 import shlex
@@ -43,7 +44,7 @@ from core.corruptions import corrupt, corruption_seed
 from core.devices import default_device
 from core.errors import UserError
 from core.manifest import KINDS, MANIFEST_NAME
-from core.outputs import hold_output
+from core.outputs import hold_folder_for_writing, hold_output, sharing_lock_path
 from infer.defended import load_members, resize_to, resolve_member_paths
 from robust.evaluate import load_eval_images
 from robust.specs import draw_attack
@@ -209,6 +210,7 @@ def write_folder(folder: Path, images: Sequence[torch.Tensor], plan: Sequence[di
     labels = "".join(f"{e['file']} {e['label']}\n" for e in plan)
     (folder / LABELS_NAME).write_text(labels, encoding="utf-8")
     (folder / MANIFEST_NAME).write_text(json.dumps(manifest, indent=1, sort_keys=True) + "\n", encoding="utf-8")
+    sharing_lock_path(folder).touch()  # what readers of this set hold while they read it
 
 
 def check_out_dir(out: Path, overwrite: bool) -> None:
@@ -218,6 +220,18 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: already exists (testset.overwrite=true replaces it, or set testset.out_dir)")
     if not (out / MANIFEST_NAME).is_file():
         raise UserError(f"{out}: exists and is not a make-testset folder (no {MANIFEST_NAME}); not replacing it")
+
+
+def remove_leftovers_of(out: Path) -> None:
+    """What a make-testset killed outright left beside ``out``: its partial temporary folders, and
+    the old set moved aside (put back if the kill came before the new one took its place)."""
+    temps = sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*"))
+    olds = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"))
+    if olds and not out.exists() and (olds[-1] / MANIFEST_NAME).is_file():
+        olds.pop().rename(out)
+    for folder in temps + olds:
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def install(tmp: Path, out: Path) -> None:
@@ -244,10 +258,13 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
     start = time.perf_counter()
     t = cfg.testset
     out = Path(t.out_dir)
-    check_out_dir(out, t.overwrite)
-    surrogates, records = load_surrogates(cfg)
-    torch.manual_seed(t.seed)
-    with hold_output(out, "make-testset", "testset.out_dir"):
+    # Every decision about `out` is taken holding its lock (two runs started together both saw no
+    # folder before), and with no reader of it (submit, evaluate, ablate) at work.
+    with hold_output(out, "make-testset", "testset.out_dir"), hold_folder_for_writing(out, "testset.out_dir"):
+        remove_leftovers_of(out)
+        check_out_dir(out, t.overwrite)
+        surrogates, records = load_surrogates(cfg)
+        torch.manual_seed(t.seed)
         images_u8, labels, source, keys = load_source(cfg)
         plan = plan_images(keys, t, len(surrogates))
         images = []

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,10 +16,11 @@ import torch
 
 from core.checkpoint import export_model
 from core.config import ConfigError, load_config
+from core.io import WriteError
 from core.model import create_classifier
 from infer.defended import build_defended_model, load_members
 from robust import ablation, testset
-from tests.conftest import shrink
+from tests.conftest import full_disk, shrink
 
 FAST = [
     "eval.subset=16",
@@ -138,7 +140,15 @@ def test_bootstrap_interval_says_when_a_difference_is_noise():
 @pytest.mark.slow
 def test_run_writes_one_row_per_variant_with_intervals(overrides):
     variants = "ablation.variants=[single,hflip,ensemble,gcm,random_pad,mixed+hflip]"
-    result = ablation.run(load_config(None, [*overrides, variants]), progress=False)
+    cfg = load_config(None, [*overrides, variants])
+    # what a run killed while writing its report leaves (issue 29, item 12): the next run removes it
+    out = Path(cfg.ablation.out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    leftovers = [out / ".ablation.png.k1ll3d_0.tmp", out / ".ablation.md.0badf00d.bak"]
+    for path in leftovers:
+        path.write_text("x")
+    result = ablation.run(cfg, progress=False)
+    assert not any(p.exists() for p in leftovers)
     names = [r["variant"] for r in result["table"]]
     assert names == ["single", "hflip", "ensemble", "gcm", "random_pad", "mixed+hflip"]
     rows = result["rows"]
@@ -158,3 +168,29 @@ def test_run_writes_one_row_per_variant_with_intervals(overrides):
     assert "| ensemble | 2 x 1 |" in open(files["md"]).read()
     assert json.load(open(files["json"]))["table"] == json.loads(json.dumps(result["table"]))
     assert open(files["png"], "rb").read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def _synthetic_rows(seed: int, cfg) -> tuple[dict, dict]:
+    """Two measured variants as ``run_variants`` returns them (per-image vectors drawn at random)."""
+    rng = np.random.default_rng(seed)
+    rows = {}
+    for name in ("single", "gcm"):
+        vectors = {m: (rng.random(20) < 0.5).astype(float) for m in (*ablation.METRICS, "pgd_naive")}
+        by_kind = {"all": {"n": 20, "acc": 100.0 * vectors["phase1"].mean()}}
+        rows[name] = {"checkpoints": ["a"], "views": 1, "vectors": vectors, "by_kind": by_kind, "ms_per_image": 1.0}
+    ablation.compare_to_single(rows, cfg)
+    info = {"testset": "set", "testset_n": 20, "clean_n": 20, "attack_n": 20, "eps_linf": 0.03, "input_models": []}
+    return rows, info
+
+
+@pytest.mark.parametrize("refused", ["ablation.png", "ablation.json"])
+def test_the_four_report_files_are_one_unit(tmp_path, monkeypatch, refused):
+    """Issue 29, item 7: on a full disk the md/csv of the new run sat beside the json/png of the old one."""
+    cfg = load_config(None, ["wandb.mode=disabled"])
+    ablation.write_outputs(*_synthetic_rows(0, cfg), tmp_path, cfg)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert sorted(before) == ["ablation.csv", "ablation.json", "ablation.md", "ablation.png"]
+    full_disk(monkeypatch, refused)
+    with pytest.raises(WriteError, match=f"{refused}: cannot write"):
+        ablation.write_outputs(*_synthetic_rows(1, cfg), tmp_path, cfg)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # every old file, no temp file

@@ -177,3 +177,69 @@ def test_config_path_on_the_command_line_is_taken_from_the_users_folder(tmp_path
         "core.launch", "train.main", "--config", "nope.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
     )
     assert missing.returncode == 2 and f"config file not found: {tmp_path / 'nope.yaml'}" in missing.stderr
+
+
+# Numbers of the stages that read no training key, refused at load (issue 29, items 8, 16, 17, 19).
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        (["phase2.draws=-1"], "'phase2.draws': -1 must be in 0..1000"),
+        (["phase2.draws=1000000000"], "'phase2.draws': 1000000000 must be in 0..1000"),
+        (["phase2.attack.eps_linf=[5.0]"], "'phase2.attack.eps_linf': [5.0] exceeds 1, the largest linf distance"),
+        (["testset.attack.eps_linf=[0.03,5.0]"], "'testset.attack.eps_linf': [0.03, 5.0] exceeds 1"),
+        (["data.image_size=32", "testset.attack.eps_l2=[100]"], "'testset.attack.eps_l2': [100.0] exceeds 55.43"),
+        (["eval.eps_linf=2"], "'eval.eps_linf' / 'eval.eps_curve' are Linf budgets in [0, 1]"),
+        (["testset.seed=-1"], "'testset.seed': -1 must be in [0, 4294967295]"),
+        (["phase2.seed=-1"], "'phase2.seed': -1 must be in [0, 4294967295]"),
+        (["seed=-1"], "'seed': -1 must be in [0, 4294967295]"),
+        (["data.split_seed=4294967296"], "'data.split_seed': 4294967296 must be in"),
+        (["aug.augmix.alpha=1e-5"], "'aug.augmix.alpha': 1e-05 is below 0.05"),
+        (["aug.augmix.severity=11"], "'aug.augmix.severity' (1..10)"),
+        (["aug.augmix.width=0"], "'width' (>= 1)"),
+        # what held in the probe, kept holding
+        (["eval.corruption_severities=[0,6]"], "'eval.corruption_severities': [0, 6] must be within 1..5"),
+        (["eval.corruptions=[nope]"], "'eval.corruptions': 'nope' is not one of"),
+        (["eval.eps_linf=nan"], "'eval.eps_linf': nan is not a finite number"),
+        (["eval.eps_linf=-0.1"], "'eval.eps_linf' must be positive"),
+        (["testset.severities=[9]"], "'testset.severities': [9] must be within 1..5"),
+        (["phase2.attack.eps_linf=[-1]"], "'phase2.attack.eps_linf' needs one or more positive values"),
+        (["phase2.attack.steps=[0]"], "'phase2.attack.steps': every value must be at least 1"),
+        (["phase2.attack.kinds=[bogus]"], "'phase2.attack.kinds': 'bogus' is not one of"),
+    ],
+)
+def test_bad_numbers_of_every_stage_are_refused_at_load(override, message):
+    # check_aug=False: what evaluate, submit, export, make-testset and ablate load with
+    with pytest.raises(ConfigError) as info:
+        load_config(None, override, check_aug=False)
+    assert message in str(info.value)
+
+
+def test_a_tiny_augmix_alpha_would_train_on_black_images():
+    # Why the lower bound: timm's AugMix at alpha 1e-5 returns all-black images (NaN weights cast to 0).
+    import warnings
+
+    import numpy as np
+    from PIL import Image
+
+    from core.config import MIN_AUGMIX_ALPHA, AugMixConfig
+    from core.transforms import create_augmix
+
+    image = Image.fromarray(np.full((32, 32, 3), 200, np.uint8))
+
+    def black_fraction(alpha: float) -> float:
+        np.random.seed(0)
+        augmix = create_augmix(AugMixConfig(enabled=True, alpha=alpha), 32)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return float(np.mean([np.asarray(augmix(image)).max() == 0 for _ in range(200)]))
+
+    assert black_fraction(1e-5) > 0.2  # 0.44 measured (200 images; one standard deviation 0.035)
+    assert black_fraction(MIN_AUGMIX_ALPHA) == 0.0
+
+
+@pytest.mark.parametrize("override", ["aug.augmix.severity=11", "phase2.draws=-1", "aug.corruptions=[{name: Nope}]"])
+def test_evaluate_refuses_a_bad_number_it_ignores_before_any_work(tmp_path, override):
+    proc = run_module("robust.evaluate", f"eval.out_dir={tmp_path / 'eval'}", override, timeout=300)
+    assert proc.returncode == 2, proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: config key")
+    assert not (tmp_path / "eval").exists()

@@ -15,15 +15,16 @@ import torch
 from attacks import lp_norm
 from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_config
 from core.demo_data import generate_demo_data
+from core.io import WriteError
 from gcm import DefendedModel, RandomResizePad
 from infer import export
 from infer.defended import build_defended_model, load_members
-from robust import evaluate, phase2
+from robust import evaluate, file_eval, phase2
 from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS
 from robust.verdict import MASKING_POINTS, sanity_checks
-from tests.conftest import LEARNED, run_module, shrink
+from tests.conftest import LEARNED, full_disk, run_module, shrink
 from tests.test_attacks import CoinFlip
 from train import main as train_main
 
@@ -438,3 +439,16 @@ def test_phase2_score_attacks_the_exported_file_naive_and_adaptive(trained, tmp_
     assert result["naive"]["mean"] >= 40.0 and result["adaptive"]["max"] <= 20.0, result
     text = (tmp_path / "eval" / "eval_file.md").read_text()
     assert "Phase-II-like score: 3 white-box attacks" in text and "| **mean** |" in text
+
+
+def test_the_file_reports_two_files_are_one_unit(tmp_path, monkeypatch):
+    """Issue 29, item 7: eval_file.md and eval_file.json were written one after the other."""
+    rows = [{"row": r, "adaptive": r == "adaptive", "clean": 50.0} for r in ("naive", "adaptive")]
+    result = {"file": "m.zip", "format": "zip", "channel_order": "bgr", "n": 8, "source": "test", "eps_linf": 0.03}
+    result["rows"] = rows
+    file_eval.write_file_report(result, tmp_path)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    full_disk(monkeypatch, "eval_file.json")
+    with pytest.raises(WriteError, match="eval_file.json: cannot write"):
+        file_eval.write_file_report({**result, "n": 9}, tmp_path)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -301,3 +301,34 @@ def test_an_export_never_lands_on_a_model(checkpoints, tmp_path):
         with pytest.raises(UserError, match=refused):
             export.run(cfg)
     assert sorted(p.name for p in run_dir.iterdir()) == ["best.json", "best.safetensors"]
+
+
+def test_a_narrower_export_leaves_one_exports_files_under_its_stem(checkpoints, tmp_path, monkeypatch):
+    """Issue 29, item 6: `export.formats=[zip]` after a full export left the earlier .onnx/.pt2
+    (another channel order) beside the new zip, and the budget JSON listed only the zip."""
+    full = ["tta.hflip=false", "export.formats=[onnx,zip,pt2]", "export.channel_order=rgb"]
+    export.run(_cfg(checkpoints[:1], tmp_path, *full))
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    narrower = _cfg(checkpoints[:1], tmp_path, "tta.hflip=false", "export.formats=[zip]", "export.channel_order=bgr")
+    with monkeypatch.context() as m:  # a failure keeps the whole earlier set, the files it would remove included
+        full_disk(m, "defended.budget.json")
+        with pytest.raises(UserError, match="No space left on device"):
+            export.run(narrower)
+        assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    export.run(narrower)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["defended.budget.json", "defended.zip"]
+    report = json.loads((tmp_path / "defended.budget.json").read_text())
+    assert list(report["files"]) == ["zip"]
+    assert report["files"]["zip"]["sha256"] == hashlib.sha256((tmp_path / "defended.zip").read_bytes()).hexdigest()
+    assert export.recorded_file_problem(tmp_path / "defended.zip") == (tmp_path / "defended.budget.json", None)
+
+
+def test_leftovers_of_a_killed_export_are_removed_by_the_next_one(checkpoints, tmp_path):
+    """Issue 29, item 12: an export killed between writing its temp files and renaming them left
+    `.tmp` and `.bak` files (38 MB in the probe) that no later export removed."""
+    leftovers = [tmp_path / ".defended.onnx.k1ll3d_0.tmp", tmp_path / ".defended.budget.json.0badf00d.bak"]
+    tmp_path.mkdir(exist_ok=True)
+    for path in leftovers:
+        path.write_bytes(b"x" * 1000)
+    export.run(_cfg(checkpoints[:1], tmp_path))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["defended.budget.json", "defended.pt2"]

@@ -3,6 +3,7 @@ never guessed at, and no stage writing over another stage's files."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import re
@@ -232,3 +233,58 @@ def test_evaluate_refuses_a_report_over_a_submission_before_any_attack(tmp_path)
     ):
         evaluate.run(cfg, progress=False)
     assert {p.name: p.read_bytes() for p in paths.values()} == before
+
+
+@pytest.mark.parametrize("plant", ["symlink", "hard link", "another user's", "folder"])
+def test_a_planted_lock_is_never_followed_or_written_through(tmp_path, plant):
+    """Issue 29, item 2: a `.X.lock` planted as a link made any command truncate and write the file
+    it pointed to. Whatever sits there that this pipeline did not write is refused, untouched."""
+    out = tmp_path / "submissions" / "demo"
+    out.parent.mkdir(parents=True)
+    victim = tmp_path / "precious.txt"
+    dead = {"stage": "train", "pid": 1, "host": HOST, "started": "-", "process_start": "no such start"}
+    victim.write_text(json.dumps(dead) if plant == "another user's" else "precious\n")
+    lock = lock_path_of(out)
+    if plant == "symlink":
+        lock.symlink_to(victim)
+    elif plant == "hard link":
+        os.link(victim, lock)
+    elif plant == "folder":
+        lock.mkdir()
+    else:
+        os.link(victim, lock)
+        victim.unlink()  # one name only: the lock itself, a dead holder's, but not this user's
+        os.chown(lock, 12345, 12345)
+    before = lock.read_bytes() if not lock.is_dir() else b""
+    for _ in range(2):
+        with pytest.raises(UserError) as refused:
+            acquire(out, "submit", "submit.file_name")
+        message = str(refused.value)
+        assert message.startswith(f"{out}: ") and "\n" not in message
+        assert "not a lock file of this pipeline" in message, message
+    assert (lock.read_bytes() if not lock.is_dir() else b"") == before
+    if plant != "another user's":
+        assert victim.read_text() == "precious\n"
+    assert sorted(p.name for p in out.parent.iterdir()) == [lock.name]  # no temp file left either
+
+
+def test_lock_temp_files_of_killed_creators_are_removed(tmp_path):
+    """Issue 29, item 12: a creator killed between creating its temp file and renaming it left
+    `..X.lock.<random>.tmp` for good. The next holder removes those no live creator holds."""
+    out = tmp_path / "runs" / "demo"
+    out.parent.mkdir(parents=True)
+    dead = out.parent / f".{lock_path_of(out).name}.ab12cd34.tmp"
+    live = out.parent / f".{lock_path_of(out).name}.ef56gh78.tmp"
+    young = out.parent / f".{lock_path_of(out).name}.young000.tmp"
+    for temp in (dead, live, young):
+        temp.write_text("{}")
+    for temp in (dead, live):
+        os.utime(temp, (time.time() - 60, time.time() - 60))
+    held = os.open(live, os.O_RDWR)  # a creator still at work holds the kernel lock of its temp
+    try:
+        fcntl.flock(held, fcntl.LOCK_EX)
+        with acquire(out, "train", "name"):
+            assert not dead.exists()
+            assert live.exists() and young.exists()
+    finally:
+        os.close(held)

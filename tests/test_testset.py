@@ -8,6 +8,7 @@ submitted model.
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from pathlib import Path
 
@@ -21,8 +22,9 @@ from core.config import ConfigError, load_config
 from core.errors import UserError
 from core.manifest import KINDS
 from core.model import create_classifier
+from core.outputs import hold_folder_for_writing
 from infer import submit
-from robust import testset
+from robust import ablation, testset
 from tests.conftest import shrink
 
 MIXES = [(0.25, 0.25, 0.25, 0.25), (0.5, 0.1, 0.2, 0.2), (0.0, 0.0, 0.3, 0.7), (1.0, 0.0, 0.0, 0.0)]
@@ -95,7 +97,7 @@ def test_same_command_same_bytes(setting, tmp_path):
     testset.run(load_config(None, [*overrides, f"testset.out_dir={tmp_path / 'again'}"]), progress=False)
     first = {p.relative_to(folder): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
     second = {p.relative_to(tmp_path / "again"): p.read_bytes() for p in (tmp_path / "again").rglob("*") if p.is_file()}
-    assert first.keys() == second.keys() and len(first) == 34
+    assert first.keys() == second.keys() and len(first) == 35  # 32 images, labels, manifest, readers lock
     assert all(first[k] == second[k] for k in first), [str(k) for k in first if first[k] != second[k]]
 
 
@@ -178,3 +180,131 @@ def test_submit_scores_by_kind_and_refuses_a_surrogate(setting, tmp_path):
     surrogate = load_config(None, overrides).testset.surrogates[0]
     with pytest.raises(UserError, match="surrogate"):
         submit.run(load_config(None, [*scored, f"submit.checkpoints=[{surrogate}]", "submit.file_name=other"]))
+
+
+# --- issue 29: one writer, readers that see one whole set, a manifest that is the folder's -----
+
+
+FAST_SET = ["testset.clean=0.5", "testset.corruption=0.5", "testset.transfer=0", "testset.stacked=0"]
+
+
+def test_a_second_make_testset_decides_holding_the_lock(setting, tmp_path, monkeypatch):
+    """Item 3: B looked for an existing folder before taking its lock; A finishing in between was
+    then replaced by B without testset.overwrite=true."""
+    overrides, _ = setting
+    cfg = load_config(None, [*overrides, *FAST_SET, f"testset.out_dir={tmp_path / 'set'}"])
+    real = testset.hold_output
+    calls = []
+
+    def hold_output(*args, **kwargs):
+        if not calls:  # B, on its way to the lock: A runs from start to end right now
+            calls.append("A")
+            testset.run(cfg, progress=False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(testset, "hold_output", hold_output)
+    with pytest.raises(UserError, match="already exists"):
+        testset.run(cfg, progress=False)  # B
+    assert calls == ["A"] and len(_manifest(tmp_path / "set")["images"]) == 32
+
+
+def _copy(folder: Path, dst: Path) -> Path:
+    shutil.copytree(folder, dst)
+    return dst
+
+
+def test_make_testset_never_replaces_a_set_while_submit_reads_it(setting, tmp_path, monkeypatch):
+    """Item 4: a submit reading the set while make-testset replaced it scored the old manifest
+    against the new images. The writer is refused while a reader reads, and the other way round."""
+    overrides, folder = setting
+    folder = _copy(folder, tmp_path / "set")
+    before = (folder / "manifest.json").read_bytes()
+    scored = [
+        *overrides,
+        f"data.root={folder}",
+        "data.test_manifest=manifest.json",
+        f"submit.out_dir={tmp_path / 'subs'}",
+    ]
+    replace = load_config(None, [*overrides, *FAST_SET, f"testset.out_dir={folder}", "testset.overwrite=true"])
+    real = submit.predict
+
+    def predict(*args, **kwargs):  # make-testset starts while submit predicts from the folder
+        testset.run(replace, progress=False)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(submit, "predict", predict)
+    with pytest.raises(UserError, match=rf"testset.out_dir: {folder} is being read by another command"):
+        submit.run(load_config(None, scored))
+    assert (folder / "manifest.json").read_bytes() == before
+    monkeypatch.undo()
+    with hold_folder_for_writing(folder, "testset.out_dir"):  # make-testset at work on the folder
+        with pytest.raises(UserError, match=rf"data.test_dir: {folder} is being replaced by make-testset"):
+            submit.run(load_config(None, scored))
+        with pytest.raises(UserError, match=rf"ablation.testset: {folder} is being replaced"):
+            ablation.load_testset(folder, 32)
+    assert not (tmp_path / "subs").exists()
+
+
+def _edit_manifest(folder: Path, edit) -> None:
+    data = _manifest(folder)
+    edit(data["images"])
+    (folder / "manifest.json").write_text(json.dumps(data))
+
+
+MISMATCHES = {
+    "an image deleted": (lambda f: (f / "test" / "5.png").unlink(), r"images\[5\] describes image 5, which .* not"),
+    "an extra image": (
+        lambda f: (f / "test" / "40.png").write_bytes((f / "test" / "0.png").read_bytes()),
+        r"image 40 of .* is not in the manifest \(1 image",
+    ),
+    "an id missing": (lambda f: _edit_manifest(f, lambda im: im.pop(3)), r"image 3 of .* is not in the manifest"),
+    "an id twice": (
+        lambda f: _edit_manifest(f, lambda im: im.append(dict(im[2], kind="clean"))),
+        r"images\[32\] repeats the id 2 of images\[2\]",
+    ),
+    "an id of no image": (
+        lambda f: _edit_manifest(f, lambda im: im[7].update(id=77)),
+        r"images\[7\] describes image 77, which",
+    ),
+    "another label": (
+        lambda f: _edit_manifest(f, lambda im: im[4].update(label=(im[4]["label"] + 1) % 4)),
+        r"images\[4\] \(image 4\) has label \d, the hidden labels say \d",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(MISMATCHES))
+def test_a_manifest_that_is_not_its_folders_is_one_line(setting, tmp_path, case):
+    """Item 5: missing, duplicate and extra ids, and a deleted image, all passed without a word."""
+    overrides, folder = setting
+    folder = _copy(folder, tmp_path / "set")
+    edit, message = MISMATCHES[case]
+    edit(folder)
+    cfg = load_config(
+        None, [*overrides, f"data.root={folder}", "data.test_manifest=manifest.json", f"submit.out_dir={tmp_path}/s"]
+    )
+    with pytest.raises(UserError, match=message) as refused:
+        submit.run(cfg)
+    assert "\n" not in str(refused.value) and not (tmp_path / "s").exists()
+    if case != "an extra image":  # ablate reads only the labelled images: an unlabelled extra one is not in its set
+        with pytest.raises(UserError, match=message):
+            ablation.load_testset(folder, 32)
+
+
+def test_leftovers_of_a_killed_make_testset_are_cleaned_or_put_back(setting, tmp_path):
+    """Item 12: a partial hidden `.set.tmp-*` folder of a killed run was never removed."""
+    overrides, folder = setting
+    out = tmp_path / "set"
+    cfg = load_config(None, [*overrides, *FAST_SET, f"testset.out_dir={out}", "testset.overwrite=true"])
+    partial = tmp_path / ".set.tmp-deadbeef"
+    (partial / "test").mkdir(parents=True)
+    (partial / "test" / "0.png").write_bytes(b"half")
+    testset.run(cfg, progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"]
+    # killed between moving the old set aside and renaming the new one in: the old set comes back
+    old = tmp_path / ".set.old-0badf00d"
+    out.rename(old)
+    (partial / "test").mkdir(parents=True)
+    with pytest.raises(UserError, match="already exists"):
+        testset.run(load_config(None, [*overrides, *FAST_SET, f"testset.out_dir={out}"]), progress=False)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["set"] and (out / "manifest.json").is_file()

@@ -1,0 +1,450 @@
+"""``check-submission`` and ``evaluate eval.file=`` against hostile and hand-made Phase II files
+(issue 29, items 1, 6, 9, 10, 11, 13, 14, 15, 18): a zip's code never runs in our process nor
+fakes a pass, nothing it starts outlives the check, and every malformed file is a FAIL line or
+one error line, never a traceback."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from core.config import load_config
+from core.errors import UserError
+from infer import check_submission, export, model_zip
+from robust import evaluate
+from tests.conftest import ROOT, run_module
+from tests.test_phase2 import _checkpoint, _export_cfg
+
+ARGS = ["--image-size", "32", "data.num_classes=4"]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """test_convnext at 32 px exported in BGR (zip, onnx, budget JSON), and its checkpoint."""
+    root = tmp_path_factory.mktemp("files")
+    ckpt = _checkpoint(root, "test_convnext", 32)
+    result = export.run(_export_cfg(ckpt, root / "out", "export.channel_order=bgr", "export.formats=[onnx,zip]"))
+    return {k: Path(v) for k, v in result["paths"].items()}, ckpt
+
+
+def _zip(dst: Path, members: dict[str, str | bytes]) -> Path:
+    with zipfile.ZipFile(dst, "w") as zf:
+        for name, data in members.items():
+            zf.writestr(name, data)
+    return dst
+
+
+def _members(path: Path) -> dict[str, bytes]:
+    with zipfile.ZipFile(path) as zf:
+        return {name: zf.read(name) for name in zf.namelist()}
+
+
+def _with_model_py(files, dst: Path, model_py: str) -> Path:
+    """The exported zip with another model.py (its model.json and weights.pth kept)."""
+    return _zip(dst, {**_members(files[0]["zip"]), "model.py": model_py})
+
+
+def _check_here(capsys, path: Path, *args: str) -> tuple[int, list[str]]:
+    """check-submission in this process (its zip step still runs in a child): status, output lines."""
+    status = check_submission.run([str(path), *ARGS, *args])
+    return status, capsys.readouterr().out.splitlines()
+
+
+def _evaluate(path: Path, tmp_path: Path):
+    return evaluate.run(load_config(None, [*ARGS[2:], f"eval.file={path}", f"eval.out_dir={tmp_path / 'e'}"]), False)
+
+
+def _lines(text: str) -> list[str]:
+    return [line for line in text.splitlines() if line[:4] in ("PASS", "FAIL")]
+
+
+def _checker(*args: str, script: str | None = None) -> tuple[int, str, str, int]:
+    """check-submission as its own process (``script``: a ``python -c`` program that runs it): the exit
+    status, stdout, stderr and the checker's PID."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
+    argv = [sys.executable, *(["-c", script] if script else ["-m", "infer.check_submission"]), *args]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out, err = proc.communicate(timeout=600)
+    return proc.returncode, out, err, proc.pid
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+# --- item 1: no fake pass, no code of the zip in our process ---------------------------------
+
+FAKE = """import os, sys
+line = 'RESULT {"load": "ok", "macs": 1, "params": 1, "numel": 4}'
+print(line, flush=True)
+sys.stderr.write(line + "\\n")
+os._exit(0)
+"""
+
+
+def test_a_model_py_that_prints_a_result_and_exits_0_fails(tmp_path, files):
+    proc = run_module("infer.check_submission", str(_zip(tmp_path / "fake.zip", {"model.py": FAKE})), *ARGS)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    lines = _lines(proc.stdout)
+    assert lines[0].startswith("FAIL  unpack + Model().float(): the check process ended with code 0 without")
+    assert not [line for line in lines if line.startswith("PASS")]
+    assert "Traceback" not in proc.stderr
+
+
+def test_model_py_runs_once_and_never_in_the_checkers_process(tmp_path, files):
+    marks = tmp_path / "pids"
+    model_py = f"import os\nopen({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n" + model_zip.TEMPLATE.read_text()
+    marked = _with_model_py(files, tmp_path / "marked.zip", model_py)
+    code, out, err, checker = _checker(str(marked), *ARGS, f"submit.checkpoints=[{files[1]}]")
+    assert code == 0, out + err
+    assert "PASS  parity with the in-process model (zip)" in out
+    pids = [int(p) for p in marks.read_text().split()]
+    assert len(pids) == 1 and pids[0] != checker, (pids, checker)
+    # evaluate builds the model with the project's own template: the zip's other model.py is refused unrun
+    with pytest.raises(UserError, match=r"its model.py is not the one ./run.sh export writes") as refused:
+        _evaluate(marked, tmp_path)
+    assert "\n" not in str(refused.value) and len(marks.read_text().split()) == 1
+
+
+# --- items 9, 10, 11: hangs, leaks, sizes ------------------------------------------------------
+
+
+def test_a_model_py_that_loops_forever_is_stopped_at_the_timeout(tmp_path, capsys):
+    start = time.monotonic()
+    status, lines = _check_here(
+        capsys, _zip(tmp_path / "loop.zip", {"model.py": "while True:\n    pass\n"}), "--timeout", "5"
+    )
+    assert status == 1 and time.monotonic() - start < 120
+    assert any(
+        line.startswith("FAIL  unpack + Model().float(): did not finish within 5 s (--timeout)") for line in lines
+    )
+
+
+BACKGROUND = """import os, subprocess, time
+PIDS = {pids!r}
+child = subprocess.Popen(["sleep", "300"])  # holds the inherited stdout open
+first = os.fork()
+if first == 0:  # a daemon: double fork, a session of its own
+    os.setsid()
+    if os.fork() == 0:
+        open(PIDS, "a").write(f"{{os.getpid()}}\\n")
+        time.sleep(300)
+    os._exit(0)
+os.waitpid(first, 0)
+open(PIDS, "a").write(f"{{child.pid}}\\n")
+time.sleep(0.5)
+"""
+
+
+def test_nothing_a_model_py_starts_outlives_the_check(tmp_path, files):
+    pids = tmp_path / "pids"
+    model_py = BACKGROUND.format(pids=str(pids)) + model_zip.TEMPLATE.read_text()
+    start = time.monotonic()
+    proc = run_module(
+        "infer.check_submission", str(_with_model_py(files, tmp_path / "bg.zip", model_py)), *ARGS, "--timeout", "120"
+    )
+    assert time.monotonic() - start < 100, "the check waited for a process that holds its stdout"
+    assert proc.returncode == 1, proc.stdout  # no checkpoint to compare with; the organizers' lines pass
+    assert "PASS  output: 4 values" in proc.stdout
+    assert "note  processes: the check left 2 process(es) running; all were stopped" in proc.stdout
+    started = [int(p) for p in pids.read_text().split()]
+    assert len(started) == 2 and not any(_alive(p) for p in started), started
+
+
+@pytest.fixture(scope="module")
+def bomb(tmp_path_factory) -> Path:
+    """5 MB that unpack to 1.125 GiB of zeros."""
+    path = tmp_path_factory.mktemp("bomb") / "bomb.zip"
+    chunk = bytes(16 << 20)
+    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=1) as zf:
+        with zf.open("weights.pth", "w", force_zip64=True) as fh:
+            for _ in range(72):
+                fh.write(chunk)
+        zf.writestr("model.py", "class Model: pass\n")
+    return path
+
+
+def test_a_zip_bomb_is_refused_before_anything_is_unpacked(bomb, tmp_path, capsys):
+    start = time.monotonic()
+    status, lines = _check_here(capsys, bomb)
+    assert status == 1 and time.monotonic() - start < 30
+    expected = f"FAIL  unpack + Model().float(): {bomb}: its 2 members unpack to 1152 MiB, more than"
+    assert any(line.startswith(expected) for line in lines), lines
+    with pytest.raises(UserError, match="unpack to 1152 MiB") as refused:
+        _evaluate(bomb, tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+MAX_RSS = """import resource, sys
+from infer.check_submission import main
+code = main(sys.argv[1:])
+print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+sys.exit(code)
+"""
+
+
+def test_a_model_py_printing_100_mb_costs_the_checker_no_memory(tmp_path, files):
+    def checker_peak_kb(model_py: str) -> int:
+        path = _with_model_py(files, tmp_path / f"p{len(model_py)}.zip", model_py)
+        code, out, err, _ = _checker(str(path), *ARGS, script=MAX_RSS)
+        assert code == 1, out + err  # no checkpoint to compare with
+        return int(out.split("MAXRSS")[1].split()[0])
+
+    quiet = checker_peak_kb(model_zip.TEMPLATE.read_text())
+    loud = checker_peak_kb("import sys\nsys.stdout.write('x' * (100 << 20))\n" + model_zip.TEMPLATE.read_text())
+    assert loud - quiet < 50 * 1024, (quiet, loud)  # KB; the probe saw 1.1 GB for this one
+
+
+# --- item 13: hand-made zips -------------------------------------------------------------------
+
+PLAIN_MODEL = """import torch
+from torch import nn
+
+
+class Model(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        return self.fc(self.conv(x).mean((2, 3)))
+"""
+
+
+def _bad_spec(files, name: str) -> bytes:
+    spec = json.loads(_members(files[0]["zip"])["model.json"])
+    return {
+        "missing keys": json.dumps({k: v for k, v in spec.items() if k != "channel_order"}).encode(),
+        "not JSON": b"{not json",
+        "a list": json.dumps(list(spec)).encode(),
+    }[name]
+
+
+@pytest.mark.parametrize("case", ["missing keys", "not JSON", "a list"])
+def test_a_hand_made_model_json_is_a_fail_line_or_one_error(files, tmp_path, capsys, case):
+    bad = _zip(tmp_path / "bad.zip", {**_members(files[0]["zip"]), "model.json": _bad_spec(files, case)})
+    status, lines = _check_here(capsys, bad, f"submit.checkpoints=[{files[1]}]")
+    assert status == 1
+    assert any(line.startswith(f"FAIL  model.json: {bad}: model.json") for line in lines), lines
+    assert any(line.startswith("FAIL  unpack + Model().float(): ") for line in lines), lines  # the template's own error
+    with pytest.raises(UserError, match=rf"^eval.file: {bad}: model.json") as refused:
+        _evaluate(bad, tmp_path)
+    assert "\n" not in str(refused.value)
+
+
+def test_a_zip_of_model_py_alone_passes_the_organizers_checks(tmp_path, capsys):
+    plain = _zip(tmp_path / "plain.zip", {"model.py": PLAIN_MODEL})
+    status, lines = _check_here(capsys, plain)
+    assert status == 0, lines
+    assert [line.split(":")[0] for line in lines if line[:4] in ("PASS", "FAIL")] == [
+        "PASS  unpack + Model().float()",
+        "PASS  params (ptflops)",
+        "PASS  MACs (ptflops at 3x32x32)",
+        "PASS  output",
+    ]
+    assert any(line.startswith("note  model.json: none") for line in lines)
+    with pytest.raises(UserError, match=r"no model.json, weights.pth at the top level of the zip"):
+        _evaluate(plain, tmp_path)
+
+
+# --- item 6: a file that is not the one its budget report describes ---------------------------
+
+
+def test_a_file_of_another_export_under_a_stem_is_named(files, tmp_path, capsys):
+    other = _checkpoint(tmp_path, "test_convnext", 32, seed=7)
+    theirs = export.run(_export_cfg(other, tmp_path / "other", "export.channel_order=bgr", "export.formats=[zip]"))
+    stem = tmp_path / "mixed"
+    shutil.copytree(files[0]["zip"].parent, stem)
+    shutil.copy(theirs["paths"]["zip"], stem / "model.zip")  # copied in by hand over the exported one
+    status, lines = _check_here(capsys, stem / "model.zip", f"submit.checkpoints=[{files[1]}]")
+    assert status == 1
+    assert f"FAIL  budget report: {stem / 'model.zip'} is not the file {stem / 'model.budget.json'} describes" in (
+        "\n".join(lines)
+    )
+    with pytest.raises(UserError, match=r"^eval.file: .*model.zip is not the file .*model.budget.json describes"):
+        _evaluate(stem / "model.zip", tmp_path)
+
+
+# --- items 14, 15: ONNX files ------------------------------------------------------------------
+
+
+def _graph(x: onnx.ValueInfoProto | None, cast: bool = False) -> onnx.ModelProto:
+    """x -> (Cast) -> GlobalAveragePool -> Flatten -> Gemm -> 4 outputs; without x, a constant graph."""
+    weight = numpy_helper.from_array(np.ones((4, 3), np.float32), "w")
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", 4])
+    if x is None:
+        nodes = [helper.make_node("Constant", [], ["y"], value=numpy_helper.from_array(np.ones((1, 4), np.float32)))]
+        graph = helper.make_graph(nodes, "g", [], [y])
+        return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+    rank = len(x.type.tensor_type.shape.dim)
+    nodes = [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT)] if cast else []
+    source = "xf" if cast else "x"
+    if rank == 4:
+        nodes += [helper.make_node("GlobalAveragePool", [source], ["p"]), helper.make_node("Flatten", ["p"], ["f"])]
+        source = "f"
+    nodes.append(helper.make_node("Gemm", [source, "w"], ["y"], transB=1))
+    graph = helper.make_graph(nodes, "g", [x], [y], [weight])
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)], ir_version=7)
+
+
+ONNX_INPUTS = {
+    "rank 2": (
+        _graph(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3])),
+        "FAIL  input: the input 'x' has rank 2 (batchx3); the organizers feed N x 3 x H x W",
+    ),
+    "no input": (_graph(None), "FAIL  input: the graph has 0 inputs; the organizers feed one, N x 3 x H x W"),
+    "float16": (
+        _graph(helper.make_tensor_value_info("x", TensorProto.FLOAT16, ["batch", 3, 32, 32]), cast=True),
+        "FAIL  input type: the file takes float16; the organizers feed float32",
+    ),
+    "uint8": (
+        _graph(helper.make_tensor_value_info("x", TensorProto.UINT8, ["batch", 3, 32, 32]), cast=True),
+        "FAIL  input type: the file takes uint8; the organizers feed float32",
+    ),
+    "dynamic height and width": (
+        _graph(helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", 3, "height", "width"])),
+        "PASS  input size: 3 x 'height' x 'width' (dynamic); checked at 3x32x32",
+    ),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", list(ONNX_INPUTS))
+def test_onnx_inputs_the_organizers_do_not_feed_are_fail_lines(tmp_path, capsys, case):
+    proto, expected = ONNX_INPUTS[case]
+    onnx.checker.check_model(proto)
+    onnx.save(proto, tmp_path / "m.onnx")
+    status, lines = _check_here(capsys, tmp_path / "m.onnx")
+    assert status == 1 and expected in lines, lines  # (the dynamic one then fails its channel order and parity)
+    if case == "dynamic height and width":
+        assert "PASS  output (onnxruntime): 4 values for a zero input" in lines
+
+
+def _onnx_variants(files, folder: Path) -> dict[str, tuple[Path, str]]:
+    data = files[0]["onnx"].read_bytes()
+    folder.mkdir()
+    (folder / "random.onnx").write_bytes(os.urandom(5000))
+    (folder / "truncated.onnx").write_bytes(data[: len(data) // 2])
+    proto = onnx.load(files[0]["onnx"])
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value="../outside.bin")
+    onnx.save(proto, folder / "outside.onnx")
+    out = {
+        "random bytes": (folder / "random.onnx", "not a readable ONNX file"),
+        "truncated": (folder / "truncated.onnx", "not a readable ONNX file"),
+        "external data outside its folder": (folder / "outside.onnx", "(ValidationError: Data of TensorProto"),
+    }
+    for name, edit, message in (
+        ("image_size abc", {"image_size": "abc"}, "metadata 'image_size' is 'abc'"),
+        ("no num_classes", {"num_classes": None}, "metadata has no 'num_classes'"),
+    ):
+        proto = onnx.load(files[0]["onnx"])
+        meta = {p.key: p.value for p in proto.metadata_props}
+        meta.update(edit)
+        del proto.metadata_props[:]
+        for key, value in meta.items():
+            if value is not None:
+                proto.metadata_props.add(key=key, value=value)
+        onnx.save(proto, folder / f"{name.replace(' ', '_')}.onnx")
+        out[name] = (folder / f"{name.replace(' ', '_')}.onnx", message)
+    return out
+
+
+def test_evaluate_on_a_broken_onnx_file_is_one_line(files, tmp_path):
+    for name, (path, message) in _onnx_variants(files, tmp_path / "bad").items():
+        with pytest.raises(UserError) as refused:
+            _evaluate(path, tmp_path)
+        text = str(refused.value)
+        assert text.startswith(f"eval.file: {path}: ") and message in text and "\n" not in text, (name, text)
+    assert not (tmp_path / "e" / "eval_file.json").exists()
+
+
+# --- item 18 -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", ["0", "-3", "100000"])
+def test_a_bad_image_size_is_refused_before_any_check(files, size):
+    proc = run_module("infer.check_submission", str(files[0]["onnx"]), f"--image-size={size}", "data.num_classes=4")
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        f"error: --image-size: {size} must be in 16..2048 (the organizers feed 224)"
+    ]
+
+
+# --- what held in the probe (issue 29), kept holding -------------------------------------------
+
+
+def _special(tmp_path: Path, kind: str) -> Path:
+    path = tmp_path / f"{kind.replace('/', '_')}.onnx"
+    if kind == "folder":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "link to /dev/zero":
+        path.symlink_to("/dev/zero")
+    elif kind == "link loop":
+        path.symlink_to(path)
+    return path
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "link to /dev/zero", "link loop"])
+def test_what_is_not_a_file_is_one_line(tmp_path, kind):
+    path = _special(tmp_path, kind)
+    with pytest.raises(UserError, match=rf"^{path}: no such file$"):
+        check_submission.run([str(path)])
+    with pytest.raises(UserError, match=rf"^eval.file: no such file: {path}$"):
+        _evaluate(path, tmp_path)
+
+
+def _external(files, folder: Path, location: str) -> Path:
+    folder.mkdir()
+    proto = onnx.load(files[0]["onnx"])
+    tensor = proto.graph.initializer[0]
+    tensor.ClearField("raw_data")
+    tensor.data_location = TensorProto.EXTERNAL
+    tensor.external_data.add(key="location", value=location)
+    onnx.save(proto, folder / "m.onnx")
+    return folder / "m.onnx"
+
+
+@pytest.mark.parametrize("location", ["../w.bin", "/etc/passwd", "link.bin", "missing.bin"])
+def test_external_data_outside_its_folder_or_missing_is_one_line(files, tmp_path, location):
+    folder = tmp_path / "f"
+    path = _external(files, folder, location)
+    if location == "link.bin":
+        (folder / "link.bin").symlink_to("/etc/passwd")
+    with pytest.raises(UserError, match=rf"^{path}: not a readable ONNX file \(ValidationError: "):
+        check_submission.run([str(path), *ARGS])
+
+
+def test_random_truncated_or_empty_onnx_bytes_are_one_line_or_a_fail(files, tmp_path, capsys):
+    (tmp_path / "empty.onnx").write_bytes(b"")
+    assert _check_here(capsys, tmp_path / "empty.onnx")[0] == 1  # an empty message parses: onnx.checker fails it
+    for path, _ in list(_onnx_variants(files, tmp_path / "bad").values())[:2]:
+        with pytest.raises(UserError, match="not a readable ONNX file"):
+            check_submission.run([str(path), *ARGS])
+
+
+def test_zip_members_with_dotdot_or_absolute_names_land_nowhere(tmp_path, capsys):
+    escaped, absolute = tmp_path / "escaped.txt", tmp_path / "absolute.txt"
+    climb = "../" * 12 + str(escaped).lstrip("/")  # from any unpack folder up to / and down to tmp_path
+    slip = _zip(tmp_path / "slip.zip", {climb: "x", str(absolute): "x", "model.py": PLAIN_MODEL})
+    status, lines = _check_here(capsys, slip)
+    assert status == 0, lines
+    assert not escaped.exists() and not absolute.exists()
