@@ -43,14 +43,14 @@ USAGE
 cmd="${1:-}"
 [ $# -gt 0 ] && shift
 case "$cmd" in
-  train)     ensure_venv; exec "$PY" -m core.launch train.main "$@" ;;
-  submit)    ensure_venv; exec "$PY" -m core.launch infer.submit "$@" ;;
-  evaluate)  ensure_venv; exec "$PY" -m core.launch robust.evaluate "$@" ;;
+  train)     ensure_venv; exec "$PY" -m launch train.main "$@" ;;
+  submit)    ensure_venv; exec "$PY" -m launch infer.submit "$@" ;;
+  evaluate)  ensure_venv; exec "$PY" -m launch robust.evaluate "$@" ;;
   make-testset) ensure_venv; exec "$PY" -m robust.testset "$@" ;;
   ablate)    ensure_venv; exec "$PY" -m robust.ablation "$@" ;;
   validate)  ensure_venv; exec "$PY" -m infer.validate "$@" ;;
-  export)    ensure_venv; exec "$PY" -m infer.export "$@" ;;
-  check-submission) ensure_venv; exec "$PY" -m infer.check_submission "$@" ;;
+  export)    ensure_venv; exec "$PY" -m phase2.export "$@" ;;
+  check-submission) ensure_venv; exec "$PY" -m phase2.check "$@" ;;
   check-data) ensure_venv; exec "$PY" -m train.check_data "$@" ;;
   demo-data) ensure_venv; exec "$PY" -m core.demo_data "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;

@@ -29,7 +29,7 @@ Everything runs on the real code paths with real configs (``core.config.load_con
   channels_last, compile, and submit end to end against the model alone (``bench/gpu.py``).
 * ``checkdata`` (opt-in): ``./run.sh check-data`` on a Phase-II-sized folder (127,390 files).
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
-  a 2-process CPU training run (``python -m core.launch train.main --num_processes 2``)
+  a 2-process CPU training run (``python -m launch train.main --num_processes 2``)
   against 1 process.
 * ``commands``: ``./run.sh submit`` end to end against a minimal hand-written prediction script
   (``bench/minimal_predict.py``), and ``./run.sh train`` to its first step against that script's

@@ -32,7 +32,7 @@ def run_launched_training(
     cmd = [
         sys.executable,
         "-m",
-        "core.launch",
+        "launch",
         "train.main",
         *(["--num_processes", str(num_processes)] if num_processes > 1 else []),
         *launch_flags,
@@ -102,7 +102,7 @@ def bench_submit_at(ctx: BenchContext, key: str, values: Sequence[int], base: in
 
 def bench_submit_threads(ctx: BenchContext) -> None:
     """Submit with 1 torch thread against every core: what ``accelerate launch`` alone gives a CPU
-    run (``OMP_NUM_THREADS=1``) against what ``core.launch`` gives it."""
+    run (``OMP_NUM_THREADS=1``) against what ``launch`` gives it."""
     threads = torch.get_num_threads()
     if threads == 1:
         return
@@ -121,7 +121,7 @@ def bench_submit_threads(ctx: BenchContext) -> None:
             f"submit img/s, 1 torch thread / {threads} threads",
             ratio_of(r, 1, threads),
             f"{median_rate(r[1])} img/s; 1 thread is what accelerate launch alone gives a CPU run "
-            "(core.launch passes --num_cpu_threads_per_process = cores)",
+            "(launch passes --num_cpu_threads_per_process = cores)",
         )
     )
 
@@ -158,7 +158,7 @@ def bench_processes(ctx: BenchContext) -> None:
             f"train, 1 process: launcher's {cores} threads (= cores) / 1 thread (accelerate's own default)",
             ratio_of(r, 1, "one_thread"),
             f"{statistics.median(r[1]):.0f} vs {statistics.median(r['one_thread']):.0f} samples/s; "
-            "core.launch gives a direct run OMP_NUM_THREADS = cores and passes accelerate "
+            "launch gives a direct run OMP_NUM_THREADS = cores and passes accelerate "
             "--num_cpu_threads_per_process, unless either is set",
         )
     )
@@ -168,7 +168,7 @@ def bench_processes(ctx: BenchContext) -> None:
             "train, 2 CPU processes / 1 process (samples/s)",
             ratio_of(r, 2, 1),
             f"{statistics.median(r[2]):.0f} vs {statistics.median(r[1]):.0f} samples/s, one epoch each "
-            f"(python -m core.launch train.main [--num_processes 2]; the cores split between the "
+            f"(python -m launch train.main [--num_processes 2]; the cores split between the "
             f"processes), batch {cfg.train.batch_size} per process, "
             f"{resolve_num_workers(cfg.data.num_workers, torch.cuda.is_available())} loader workers each",
             (">=", 0.9),

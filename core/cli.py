@@ -2,7 +2,7 @@
 
 Bad input (:class:`UserError`) becomes one ``error: ...`` line and exit code 2; the traceback
 is shown only with ``--debug``. SIGTERM ends a stage like Ctrl-C does (``finally`` blocks run,
-so no temporary file is left behind). Under ``core.launch`` each process reports how it ended
+so no temporary file is left behind). Under ``launch`` each process reports how it ended
 into a status folder, so the launcher can tell a clean error from a process that was killed.
 """
 
@@ -21,7 +21,7 @@ from typing import Callable, NoReturn, Sequence
 from core.config import Config, load_config
 from core.errors import UserError, cap_message
 
-# Set by core.launch: the folder where each process reports how it ended (`accelerate launch`
+# Set by launch: the folder where each process reports how it ended (`accelerate launch`
 # maps every failure to exit code 1).
 STATUS_ENV = "ROBUST_PIPELINE_STATUS_DIR"
 # Set by run.sh: the folder the user ran it from (run.sh itself works from the repository).
@@ -29,7 +29,7 @@ CWD_ENV = "ROBUST_PIPELINE_CWD"
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived (a supervisor, `timeout`, a job scheduler or core.launch stopping the run)."""
+    """SIGTERM arrived (a supervisor, `timeout`, a job scheduler or launch stopping the run)."""
 
 
 def user_path(path: str | Path | None) -> Path | None:
@@ -71,7 +71,7 @@ def rank() -> int:
 
 
 def report_status(name: str, text: str) -> None:
-    """Write ``<status folder>/<name>-<rank>`` when running under core.launch."""
+    """Write ``<status folder>/<name>-<rank>`` when running under launch."""
     folder = os.environ.get(STATUS_ENV)
     if folder:
         Path(folder, f"{name}-{rank()}").write_text(text, encoding="utf-8")
@@ -101,7 +101,7 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
         print("interrupted", file=sys.stderr)
         code, reason = 130, "interrupted"
     except Terminated:
-        if not os.environ.get(STATUS_ENV):  # under core.launch, the launcher says why the run stopped
+        if not os.environ.get(STATUS_ENV):  # under launch, the launcher says why the run stopped
             print("terminated", file=sys.stderr)
         code, reason = 143, "terminated"
     finally:  # also on a crash (the traceback follows): the launcher then knows it was not killed

@@ -694,7 +694,7 @@ def expand_name(cfg: Config) -> None:
 def validate_config(cfg: Config, check_aug: bool = True) -> None:
     """Every check a single key's type cannot express, for every section, in one place.
 
-    ``load_config`` calls it, so a stage (and ``core.launch``, before any process starts)
+    ``load_config`` calls it, so a stage (and ``launch``, before any process starts)
     stops on a bad value with one line naming the key.
     """
     if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:

@@ -93,7 +93,7 @@ def resolve_loader_workers(cfg: Config, accelerator: Accelerator) -> int:
     with 2 threads, decoding in the main process between forwards beat 1-3 workers (BENCHMARKS.md,
     the scaling rows). So ``submit.cpu_num_workers`` applies there, and
     its default (-1) gives the workers only the cores the threads leave free: 0 when
-    ``core.launch`` gives the process every core (its CPU default), 1 with 2 cores and
+    ``launch`` gives the process every core (its CPU default), 1 with 2 cores and
     ``OMP_NUM_THREADS=1``.
     """
     if accelerator.device.type != "cpu":

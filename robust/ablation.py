@@ -62,7 +62,7 @@ from core.tracking import model_lineage, start_run, use_models
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members
-from robust.evaluate import load_eval_images
+from robust.eval_images import load_eval_images
 from robust.report import figure_png
 from robust.runner import craft, score
 from robust.testset import IMAGES_DIR, LABELS_NAME

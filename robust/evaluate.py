@@ -33,72 +33,21 @@ import torch
 from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
-from core.datasets import ImageDataset
-from core.devices import default_device, prepare_cuda
+from core.devices import default_device
 from core.errors import UserError
-from core.images import to_float_images
 from core.io import remove_leftovers
-from core.labels import (
-    hidden_labels_path,
-    list_test_images,
-    read_hidden_labels,
-    resolve_samples,
-    resolve_test_dir,
-    select_subset,
-)
-from core.outputs import check_outputs, hold_folders_for_reading, hold_output
+from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage
-from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 from robust.corruptions import add_mce, run_corruptions, summarize, training_counterparts
-from robust.file_eval import file_report_paths, run_file
+from robust.eval_images import load_eval_images
 from robust.metrics import worst_case
-from robust.report import report_files, write_report
+from robust.report import eval_out_dir, report_files, write_report
 from robust.results import EvalResult, Row, Score
-from robust.runner import accuracy, craft, score
+from robust.runner import accuracy, craft, create_accelerator, score
 from robust.specs import PAPER_COLUMNS, SPECS
 from robust.verdict import describe_defense, sanity_checks, verdict
-
-# --- data ----------------------------------------------------------------------------------
-
-
-def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]:
-    """Labelled images as one float tensor in [0, 1] at ``image_size``, their labels, the source
-    and each image's key (its path relative to ``data.root``: what seeds its corruptions).
-
-    The test folder when its hidden labels (``data.test_labels``) exist, else the validation
-    split of the training data. ``eval.subset`` picks a seeded subset.
-    """
-    labels_path = hidden_labels_path(cfg.data)
-    test_dir = resolve_test_dir(cfg.data) if cfg.data.test_dir else None
-    # a make-testset folder is read as one set: none replaces it meanwhile
-    with hold_folders_for_reading([test_dir, labels_path], "data.test_dir"):
-        labels = read_hidden_labels(cfg.data)
-        if labels is not None:
-            samples = [(p, labels[i]) for p, i in list_test_images(resolve_test_dir(cfg.data)) if i in labels]
-            source = f"test set ({labels_path})"
-        else:
-            samples = resolve_samples(cfg.data)[1]
-            source = "validation split" + (f" ({labels_path} not found)" if labels_path is not None else "")
-        if not samples:
-            raise UserError(
-                "evaluate: no labelled images (set data.test_labels, or data.val_fraction > 0 for a validation split)"
-            )
-        samples = [samples[i] for i in select_subset(len(samples), cfg.eval.subset, cfg.eval.seed)]
-        dataset = ImageDataset(samples, create_eval_transform(image_size), cfg.data.bad_images, cfg.data.max_bad_images)
-        images, labels = zip(*(dataset[i] for i in range(len(dataset))))
-    keys = [image_key(path, cfg.data.root) for path, _ in dataset.samples]
-    return to_float_images(torch.stack(images)), torch.tensor(labels), source, keys
-
-
-def image_key(path: Path, root: str) -> str:
-    """``path`` relative to ``root`` (POSIX form), or the whole path when it lies elsewhere."""
-    try:
-        return Path(path).resolve().relative_to(Path(root).resolve()).as_posix()
-    except ValueError:
-        return Path(path).resolve().as_posix()
-
 
 # --- rows and tables -----------------------------------------------------------------------
 
@@ -285,34 +234,22 @@ def run_corruption_rows(
 # --- the stage -----------------------------------------------------------------------------
 
 
-def run(cfg: Config, progress: bool = True) -> EvalResult | dict:
+def run(cfg: Config, progress: bool = True) -> EvalResult:
     """Evaluate the defended model of ``cfg``, write the report and return the numbers.
 
-    With ``eval.file`` set, the exported Phase II file is the model under attack instead
-    (:func:`robust.file_eval.run_file`, its own table).
+    ``./run.sh evaluate eval.file=FILE`` attacks an exported Phase II file instead: the launcher
+    runs :mod:`phase2.score` for it.
     """
-    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
+    if cfg.eval.file:
+        raise UserError("eval.file: run ./run.sh evaluate eval.file=FILE (phase2.score attacks a file)")
+    out_dir = eval_out_dir(cfg)
     check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
     accelerator = create_accelerator()
     progress = progress and accelerator.is_main_process
     with hold_output(out_dir, "evaluate", "eval.out_dir", accelerator):
         if accelerator.is_main_process:  # the lock's holder: leftovers of a killed run
-            remove_leftovers([*report_files(out_dir).values(), *file_report_paths(out_dir)])
-        if cfg.eval.file:
-            return run_file(cfg, load_eval_images, progress, accelerator)
+            remove_leftovers(report_files(out_dir).values())
         return evaluate_into(cfg, out_dir, progress, accelerator)
-
-
-def create_accelerator():
-    """The run's processes and device: every GPU under the launcher (the images' batches and the
-    corruption cells are spread over them, :func:`robust.runner.spread_batches`), else the CPU.
-    Attacks run in float32: a coarser gradient would be a weaker attack."""
-    from accelerate import Accelerator
-
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        prepare_cuda()
-    return Accelerator(cpu=not on_gpu, mixed_precision="no")
 
 
 @dataclasses.dataclass

@@ -333,6 +333,12 @@ def log_wandb(cfg: Config, result: EvalResult, rows: list[list], files: dict[str
         run.finish()
 
 
+def eval_out_dir(cfg: Config) -> Path:
+    """Where the reports of ``evaluate`` and of a Phase II file's score go: ``eval.out_dir``, else
+    ``runs/<name>/eval``."""
+    return Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
+
+
 def report_files(out_dir: Path) -> dict[str, Path]:
     """Every file :func:`write_report` may write into ``out_dir``."""
     names = {"md": "eval.md", "csv": "eval.csv", "json": "eval.json", "bars": "eval_bars.png"}

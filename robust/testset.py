@@ -3,7 +3,7 @@
 The organizers' test images (1st-place write-up) were clean images, black-box attacks of any
 type and strength and common corruptions, sometimes stacked on one image. This stage builds
 that mix from held-out labelled images (the test folder with its hidden labels, else the
-validation split: :func:`robust.evaluate.load_eval_images`):
+validation split: :func:`robust.eval_images.load_eval_images`):
 
 * ``clean``: the image as it is;
 * ``corruption``: one ImageNet-C corruption (``testset.corruptions``) at a random severity;
@@ -46,7 +46,7 @@ from core.errors import UserError
 from core.manifest import KINDS, MANIFEST_NAME
 from core.outputs import hold_folder_for_writing, hold_output, sharing_lock_path
 from infer.defended import load_members, resize_to, resolve_member_paths
-from robust.evaluate import load_eval_images
+from robust.eval_images import load_eval_images
 from robust.specs import draw_attack
 
 LABELS_NAME = "test_labels.txt"

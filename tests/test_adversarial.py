@@ -214,7 +214,7 @@ def test_two_cpu_processes_each_attack_their_own_batch(tiny_data, tmp_path):
         tiny_data,
         tmp_path / "runs",
     )
-    proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides)
+    proc = run_module("launch", "train.main", "--num_processes", "2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1 and proc.stdout.count("PGD-2 at 8/255") == 1, proc.stdout
     info = json.loads((tmp_path / "runs" / "ddp_adv" / "best.json").read_text())

@@ -155,7 +155,7 @@ def test_jsd_with_pgd_grad_accumulation_and_ema_trains_and_resumes_exactly(tiny_
 @pytest.mark.slow
 def test_two_cpu_processes_with_jsd_and_pgd(tiny_data, tmp_path):
     overrides = shrink(["name=ddp_augmix", "train.epochs=1", *AUGMIX_PGD], tiny_data, tmp_path / "runs")
-    proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides)
+    proc = run_module("launch", "train.main", "--num_processes", "2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1, proc.stdout
     info = json.loads((tmp_path / "runs" / "ddp_augmix" / "best.json").read_text())

@@ -21,8 +21,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.config import load_config
 from core.errors import UserError
-from infer import check_submission, export, model_zip
-from robust import evaluate
+from phase2 import check, export, model_zip, score
 from tests.conftest import ROOT, run_module
 from tests.test_phase2 import _checkpoint, _export_cfg
 
@@ -57,12 +56,12 @@ def _with_model_py(files, dst: Path, model_py: str) -> Path:
 
 def _check_here(capsys, path: Path, *args: str) -> tuple[int, list[str]]:
     """check-submission in this process (its zip step still runs in a child): status, output lines."""
-    status = check_submission.run([str(path), *ARGS, *args])
+    status = check.run([str(path), *ARGS, *args])
     return status, capsys.readouterr().out.splitlines()
 
 
 def _evaluate(path: Path, tmp_path: Path):
-    return evaluate.run(load_config(None, [*ARGS[2:], f"eval.file={path}", f"eval.out_dir={tmp_path / 'e'}"]), False)
+    return score.run(load_config(None, [*ARGS[2:], f"eval.file={path}", f"eval.out_dir={tmp_path / 'e'}"]), False)
 
 
 def _lines(text: str) -> list[str]:
@@ -73,7 +72,7 @@ def _checker(*args: str, script: str | None = None) -> tuple[int, str, str, int]
     """check-submission as its own process (``script``: a ``python -c`` program that runs it): the exit
     status, stdout, stderr and the checker's PID."""
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
-    argv = [sys.executable, *(["-c", script] if script else ["-m", "infer.check_submission"]), *args]
+    argv = [sys.executable, *(["-c", script] if script else ["-m", "phase2.check"]), *args]
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     out, err = proc.communicate(timeout=600)
     return proc.returncode, out, err, proc.pid
@@ -97,7 +96,7 @@ os._exit(0)
 
 
 def test_a_model_py_that_prints_a_result_and_exits_0_fails(tmp_path, files):
-    proc = run_module("infer.check_submission", str(_zip(tmp_path / "fake.zip", {"model.py": FAKE})), *ARGS)
+    proc = run_module("phase2.check", str(_zip(tmp_path / "fake.zip", {"model.py": FAKE})), *ARGS)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     lines = _lines(proc.stdout)
     assert lines[0].startswith("FAIL  unpack + Model().float(): the check process ended with code 0 without")
@@ -155,7 +154,7 @@ def test_nothing_a_model_py_starts_outlives_the_check(tmp_path, files):
     model_py = BACKGROUND.format(pids=str(pids)) + model_zip.TEMPLATE.read_text()
     start = time.monotonic()
     proc = run_module(
-        "infer.check_submission", str(_with_model_py(files, tmp_path / "bg.zip", model_py)), *ARGS, "--timeout", "120"
+        "phase2.check", str(_with_model_py(files, tmp_path / "bg.zip", model_py)), *ARGS, "--timeout", "120"
     )
     assert time.monotonic() - start < 100, "the check waited for a process that holds its stdout"
     assert proc.returncode == 1, proc.stdout  # no checkpoint to compare with; the organizers' lines pass
@@ -190,7 +189,7 @@ def test_a_zip_bomb_is_refused_before_anything_is_unpacked(bomb, tmp_path, capsy
 
 
 MAX_RSS = """import resource, sys
-from infer.check_submission import main
+from phase2.check import main
 code = main(sys.argv[1:])
 print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
 sys.exit(code)
@@ -380,7 +379,7 @@ def test_evaluate_on_a_broken_onnx_file_is_one_line(files, tmp_path):
 
 @pytest.mark.parametrize("size", ["0", "-3", "100000"])
 def test_a_bad_image_size_is_refused_before_any_check(files, size):
-    proc = run_module("infer.check_submission", str(files[0]["onnx"]), f"--image-size={size}", "data.num_classes=4")
+    proc = run_module("phase2.check", str(files[0]["onnx"]), f"--image-size={size}", "data.num_classes=4")
     assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.strip().splitlines() == [
         f"error: --image-size: {size} must be in 16..2048 (the organizers feed 224)"
@@ -407,7 +406,7 @@ def _special(tmp_path: Path, kind: str) -> Path:
 def test_what_is_not_a_file_is_one_line(tmp_path, kind):
     path = _special(tmp_path, kind)
     with pytest.raises(UserError, match=rf"^{path}: no such file$"):
-        check_submission.run([str(path)])
+        check.run([str(path)])
     with pytest.raises(UserError, match=rf"^eval.file: no such file: {path}$"):
         _evaluate(path, tmp_path)
 
@@ -430,7 +429,7 @@ def test_external_data_outside_its_folder_or_missing_is_one_line(files, tmp_path
     if location == "link.bin":
         (folder / "link.bin").symlink_to("/etc/passwd")
     with pytest.raises(UserError, match=rf"^{path}: not a readable ONNX file \(ValidationError: "):
-        check_submission.run([str(path), *ARGS])
+        check.run([str(path), *ARGS])
 
 
 def test_random_truncated_or_empty_onnx_bytes_are_one_line_or_a_fail(files, tmp_path, capsys):
@@ -438,7 +437,7 @@ def test_random_truncated_or_empty_onnx_bytes_are_one_line_or_a_fail(files, tmp_
     assert _check_here(capsys, tmp_path / "empty.onnx")[0] == 1  # an empty message parses: onnx.checker fails it
     for path, _ in list(_onnx_variants(files, tmp_path / "bad").values())[:2]:
         with pytest.raises(UserError, match="not a readable ONNX file"):
-            check_submission.run([str(path), *ARGS])
+            check.run([str(path), *ARGS])
 
 
 def test_zip_members_with_dotdot_or_absolute_names_land_nowhere(tmp_path, capsys):

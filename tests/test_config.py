@@ -160,7 +160,7 @@ def test_saved_config_round_trips(tmp_path):
 
 
 def test_cli_bad_key_is_one_line_exit_2():
-    proc = run_module("core.launch", "train.main", "train.epoch=3", timeout=120)
+    proc = run_module("launch", "train.main", "train.epoch=3", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown config key 'train.epoch' (did you mean 'train.epochs'?)"
@@ -170,11 +170,11 @@ def test_cli_bad_key_is_one_line_exit_2():
 def test_config_path_on_the_command_line_is_taken_from_the_users_folder(tmp_path):
     (tmp_path / "mine.yaml").write_text("train:\n  epochz: 3\n")
     proc = run_module(
-        "core.launch", "train.main", "--config", "mine.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
+        "launch", "train.main", "--config", "mine.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
     )  # what run.sh sets: the folder it was run from
     assert proc.returncode == 2 and f"{tmp_path / 'mine.yaml'}: unknown config key 'train.epochz'" in proc.stderr
     missing = run_module(
-        "core.launch", "train.main", "--config", "nope.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
+        "launch", "train.main", "--config", "nope.yaml", timeout=120, ROBUST_PIPELINE_CWD=str(tmp_path)
     )
     assert missing.returncode == 2 and f"config file not found: {tmp_path / 'nope.yaml'}" in missing.stderr
 

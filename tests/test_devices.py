@@ -112,7 +112,7 @@ def tiny_overrides(tiny_data, tmp_path):
 def test_a_faked_8_gpu_machine_starts_what_was_asked(
     tmp_path, tiny_overrides, module, flags, overrides, processes, precision
 ):
-    proc, reports = fake_gpus(tmp_path, 8, "core.launch", module, *flags, *tiny_overrides, *overrides)
+    proc, reports = fake_gpus(tmp_path, 8, "launch", module, *flags, *tiny_overrides, *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     launched = proc.stdout.splitlines()[0]
     assert f"as {processes} processes (DDP) on GPUs " in launched and "of 8 (Fake GPU); precision " in launched
@@ -126,7 +126,7 @@ def test_a_faked_8_gpu_machine_starts_what_was_asked(
 
 @pytest.mark.slow
 def test_a_faked_gpu_without_bf16_trains_in_float32_and_one_gpu_runs_directly(tmp_path, tiny_overrides):
-    proc, reports = fake_gpus(tmp_path, 1, "core.launch", "train.main", *tiny_overrides, bf16=False)
+    proc, reports = fake_gpus(tmp_path, 1, "launch", "train.main", *tiny_overrides, bf16=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.splitlines()[0].startswith("launch: train as 1 process on GPU 0 of 1 (Fake GPU)")
     assert [(r["world_size"], r["mixed_precision"], r["cpu"]) for r in reports] == [(1, "no", False)]
@@ -162,14 +162,14 @@ def _testset(checkpoints) -> Path:
 
 def _zip(checkpoints) -> Path:
     path = checkpoints["root"] / "export" / "model"
-    proc = run_module("infer.export", *checkpoints["overrides"], f"export.path={path}", "export.formats=[zip]")
+    proc = run_module("phase2.export", *checkpoints["overrides"], f"export.path={path}", "export.formats=[zip]")
     assert proc.returncode == 0, proc.stderr[-2000:]
     return path.with_suffix(".zip")
 
 
 STAGES = {
-    "evaluate": lambda c: ["core.launch", "robust.evaluate"],
-    "evaluate-file": lambda c: ["core.launch", "robust.evaluate", f"eval.file={_zip(c)}"],
+    "evaluate": lambda c: ["launch", "robust.evaluate"],
+    "evaluate-file": lambda c: ["launch", "robust.evaluate", f"eval.file={_zip(c)}"],
     "make-testset": lambda c: [
         "robust.testset",
         f"testset.surrogates=[{c['other']}]",
@@ -182,8 +182,8 @@ STAGES = {
         "ablation.variants=[single]",
         f"ablation.standard=[{c['best']}]",
     ],  # fmt: skip
-    "export": lambda c: ["infer.export", f"export.path={c['root'] / 'exp' / 'model'}", "export.formats=[zip]"],
-    "submit": lambda c: ["core.launch", "infer.submit"],
+    "export": lambda c: ["phase2.export", f"export.path={c['root'] / 'exp' / 'model'}", "export.formats=[zip]"],
+    "submit": lambda c: ["launch", "infer.submit"],
 }
 
 

@@ -17,9 +17,11 @@ from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_
 from core.demo_data import generate_demo_data
 from core.io import WriteError
 from gcm import DefendedModel, RandomResizePad
-from infer import export
 from infer.defended import build_defended_model, load_members
-from robust import evaluate, file_eval, phase2
+from phase2 import export
+from phase2 import score as file_score
+from phase2.draws import draw_settings
+from robust import evaluate
 from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS
@@ -368,7 +370,7 @@ def test_two_processes_evaluate_what_one_does(trained, tmp_path):
     for processes in (1, 2):
         out = tmp_path / str(processes)
         flags = ["--num_processes", "2"] if processes == 2 else []
-        proc = run_module("core.launch", "robust.evaluate", *flags, *small, f"eval.out_dir={out}", timeout=900)
+        proc = run_module("launch", "robust.evaluate", *flags, *small, f"eval.out_dir={out}", timeout=900)
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert (
             "evaluate: 24 images from the test set" in proc.stdout and f"{processes} process(es) on cpu" in proc.stdout
@@ -386,9 +388,8 @@ def test_evaluate_attacks_an_exported_phase2_file(trained, tmp_path):
     small = [*trained, *FAST, "eval.subset=24", "eval.batch_size=24", f"eval.eps_linf={STRONG_EPS}"]
     for fmt in ("zip", "onnx"):
         out = tmp_path / fmt
-        result = evaluate.run(
-            load_config(None, [*small, f"eval.file={paths[fmt]}", f"eval.out_dir={out}"]), progress=False
-        )
+        cfg = load_config(None, [*small, f"eval.file={paths[fmt]}", f"eval.out_dir={out}"])
+        result = file_score.run(cfg, progress=False)
         naive, adaptive = result["rows"]
         assert result["channel_order"] == "bgr" and adaptive["adaptive"] and not naive["adaptive"]
         assert naive["clean"] == adaptive["clean"] >= 50.0
@@ -401,12 +402,12 @@ def test_evaluate_attacks_an_exported_phase2_file(trained, tmp_path):
 
 def test_phase2_draws_come_from_the_documented_distribution():
     cfg = load_config(None, ["phase2.draws=60", "phase2.seed=5", "phase2.attack.steps=[3,7]"])
-    draws = phase2.draw_settings(cfg)
-    assert draws == phase2.draw_settings(cfg) and len(draws) == 60
+    draws = draw_settings(cfg)
+    assert draws == draw_settings(cfg) and len(draws) == 60
     a = cfg.phase2.attack
     assert {d["kind"] for d in draws} == set(a.kinds) and {d["norm"] for d in draws} == {"linf", "l2"}
     assert all(d["eps"] in getattr(a, f"eps_{d['norm']}") and d["steps"] in (3, 7) for d in draws)
-    other = phase2.draw_settings(load_config(None, ["phase2.draws=60", "phase2.seed=6"]))
+    other = draw_settings(load_config(None, ["phase2.draws=60", "phase2.seed=6"]))
     assert other != draws, "another seed must draw other settings"
 
 
@@ -429,7 +430,7 @@ def test_phase2_score_attacks_the_exported_file_naive_and_adaptive(trained, tmp_
         f"phase2.attack.eps_linf=[{STRONG_EPS}]",
         "phase2.attack.steps=[10]",
     ]
-    result = evaluate.run(load_config(None, overrides), progress=False)["phase2"]
+    result = file_score.run(load_config(None, overrides), progress=False)["phase2"]
     assert len(result["draws"]) == 3
     for attacker in ("naive", "adaptive"):
         accs = [d[attacker] for d in result["draws"]]
@@ -446,9 +447,9 @@ def test_the_file_reports_two_files_are_one_unit(tmp_path, monkeypatch):
     rows = [{"row": r, "adaptive": r == "adaptive", "clean": 50.0} for r in ("naive", "adaptive")]
     result = {"file": "m.zip", "format": "zip", "channel_order": "bgr", "n": 8, "source": "test", "eps_linf": 0.03}
     result["rows"] = rows
-    file_eval.write_file_report(result, tmp_path)
+    file_score.write_file_report(result, tmp_path)
     before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
     full_disk(monkeypatch, "eval_file.json")
     with pytest.raises(WriteError, match="eval_file.json: cannot write"):
-        file_eval.write_file_report({**result, "n": 9}, tmp_path)
+        file_score.write_file_report({**result, "n": 9}, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before

@@ -16,9 +16,9 @@ from core.errors import UserError
 from core.model import count_params, create_classifier
 from gcm import GradientConcealment, RandomResizePad
 from gcm.random_pad import resize_pad, resize_pad_static
-from infer import export
 from infer.defended import build_defended_model, load_members
-from infer.parity import check_round_trip, fixed_draw
+from phase2 import export
+from phase2.parity import check_round_trip, fixed_draw
 from tests.conftest import full_disk, run_module
 
 
@@ -261,7 +261,7 @@ def test_export_path_that_is_a_folder_is_a_user_error(checkpoints, tmp_path):
 
 
 def test_cli_missing_checkpoint_is_exit_2(tmp_path):
-    proc = run_module("infer.export", f"submit.checkpoints=[{tmp_path / 'nope'}]", timeout=120)
+    proc = run_module("phase2.export", f"submit.checkpoints=[{tmp_path / 'nope'}]", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: checkpoint not found: {tmp_path / 'nope'}.safetensors (train first, or set submit.checkpoints)"

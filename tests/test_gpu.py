@@ -69,7 +69,7 @@ def test_submit_on_the_gpu_agrees_with_the_cpu(tiny_data, tmp_path):
     }.items():
         out = tmp_path / name
         proc = run_module(
-            "core.launch", "infer.submit", *args, f"submit.out_dir={out}", *extra.get("overrides", []),
+            "launch", "infer.submit", *args, f"submit.out_dir={out}", *extra.get("overrides", []),
             **extra.get("env", {}),
         )  # fmt: skip
         assert proc.returncode == 0, proc.stderr[-3000:]
@@ -88,7 +88,7 @@ def test_export_from_a_gpu_trained_checkpoint(tiny_data, tmp_path):
     result, args = train_on_gpu(tiny_data, tmp_path / "runs", "train.epochs=1")
     model, info = load_model(Path(result["run_dir"]) / "best")
     assert next(model.parameters()).device.type == "cpu"  # the exported weights load anywhere
-    proc = run_module("infer.export", *args, f"export.path={tmp_path / 'export' / 'm'}", "export.formats=[onnx,zip]")
+    proc = run_module("phase2.export", *args, f"export.path={tmp_path / 'export' / 'm'}", "export.formats=[onnx,zip]")
     assert proc.returncode == 0, proc.stderr[-3000:]
     budget = json.loads((tmp_path / "export" / "m.budget.json").read_text())
     assert budget["files"]["zip"]["parity"]["max_abs_diff"] <= 1e-5
@@ -97,7 +97,7 @@ def test_export_from_a_gpu_trained_checkpoint(tiny_data, tmp_path):
 def test_evaluate_attacks_on_the_gpu(tiny_data, tmp_path):
     result, args = train_on_gpu(tiny_data, tmp_path / "runs", "train.epochs=1")
     proc = run_module(
-        "core.launch", "robust.evaluate", *args, "eval.subset=16", "eval.batch_size=8",
+        "launch", "robust.evaluate", *args, "eval.subset=16", "eval.batch_size=8",
         "eval.attacks=[pgd_linf,autoattack]", "eval.aa_version=custom", "eval.aa_iters=5", "eval.corruptions=[fog]",
         "eval.corruption_severities=[1]", "eval.eps_curve=[]",
     )  # fmt: skip

@@ -16,8 +16,8 @@ import pytest
 from core.config import load_config
 from core.devices import Devices, available_cores
 from core.errors import UserError
-from core.launch import create_command, resume_command
-from core.launch_plan import DEFAULT_ACCELERATE_CONFIG, ROOT, parse_flags, plan_launch, split_args
+from launch.plan import DEFAULT_ACCELERATE_CONFIG, ROOT, parse_flags, plan_launch, split_args
+from launch.start import create_command, resume_command
 from tests.conftest import run_module, shrink
 
 # `./run.sh train` without flags runs the stage directly; any launch flag, even one that asks for
@@ -202,7 +202,7 @@ def test_split_args_sends_flags_to_the_launcher():
 
 
 def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
-    proc = run_module("core.launch", "train.main", "--epochs", "3", timeout=120)
+    proc = run_module("launch", "train.main", "--epochs", "3", timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         "error: unknown option --epochs: did you mean train.epochs=3? (config keys take key=value)"
@@ -264,14 +264,14 @@ def test_direct_and_accelerate_runs_see_the_same_process(tmp_path):
     env = {"PYTHONPATH": f"{ROOT}:{tmp_path}", "OMP_NUM_THREADS": ""}
     seen = {}
     for path, flags in PATHS.items():
-        proc = run_module("core.launch", "probe_stage", *flags, **env)
+        proc = run_module("launch", "probe_stage", *flags, **env)
         assert proc.returncode == 0, proc.stderr[-2000:]
         seen[path] = json.loads(proc.stdout.strip().splitlines()[-1])
-        failed = run_module("core.launch", "probe_stage", *flags, "name=fail", **env)
+        failed = run_module("launch", "probe_stage", *flags, "name=fail", **env)
         assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
             "error: the probe was asked to fail"
         ), failed.stderr[-2000:]
-    assert seen["direct"]["parent"][1:4] == ["-m", "core.launch", "probe_stage"]  # no accelerate launch between
+    assert seen["direct"]["parent"][1:4] == ["-m", "launch", "probe_stage"]  # no accelerate launch between
     assert seen["accelerate"]["parent"][1:3] == ["-m", "accelerate.commands.launch"]
     assert seen["direct"]["threads"] == seen["accelerate"]["threads"] == available_cores()
     assert seen["direct"]["state"] == seen["accelerate"]["state"]
@@ -301,11 +301,11 @@ def _parent_cmdline(pid: int) -> bytes:
 
 
 def _start_training(tiny_data: Path, out: Path, *flags: str, **popen) -> subprocess.Popen:
-    """``python -m core.launch train.main [flags]`` on the tiny data, long enough to be stopped mid-way."""
+    """``python -m launch train.main [flags]`` on the tiny data, long enough to be stopped mid-way."""
     overrides = shrink(["train.epochs=50", "train.checkpoint_every=2", "data.num_workers=1"], tiny_data, out)
     env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT))
     return subprocess.Popen(
-        [sys.executable, "-m", "core.launch", "train.main", *flags, *overrides],
+        [sys.executable, "-m", "launch", "train.main", *flags, *overrides],
         cwd=ROOT,
         env=env,
         stdout=subprocess.PIPE,
@@ -342,7 +342,7 @@ def test_stopping_the_launcher_stops_every_process(tiny_data, tmp_path, sig, pat
     ckpts = out / "demo" / "checkpoints"
     assert ckpts.is_dir() and not any(p.name.endswith(".tmp") for p in ckpts.iterdir())
     # The checkpoints are intact: the run continues from the newest one.
-    resumed = run_module("core.launch", "train.main", *shrink(["train.epochs=1", "resume=auto"], tiny_data, out))
+    resumed = run_module("launch", "train.main", *shrink(["train.epochs=1", "resume=auto"], tiny_data, out))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
 
 
@@ -379,17 +379,17 @@ def test_a_killed_training_process_is_named_with_the_resume_command(tiny_data, t
 
 
 def test_help_is_the_pipelines_own():
-    proc = run_module("core.launch", "train.main", "--help", timeout=60)
+    proc = run_module("launch", "train.main", "--help", timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: ./run.sh train [--config FILE] [key=value ...]")
     assert "core/config.py" in proc.stdout and "--num_processes N" in proc.stdout and "--gpu_ids" in proc.stdout
-    assert "submit" in run_module("core.launch", "infer.submit", "-h", timeout=60).stdout.splitlines()[0]
+    assert "submit" in run_module("launch", "infer.submit", "-h", timeout=60).stdout.splitlines()[0]
 
 
 def test_a_bad_aug_entry_stops_a_direct_training_run_in_one_line(tmp_path):
     # The launcher leaves the aug section to the stage on the direct path: still one line, exit 2,
     # and no run folder.
-    proc = run_module("core.launch", "train.main", "aug.extra=[{name: NoSuchBlur}]", f"out_dir={tmp_path}")
+    proc = run_module("launch", "train.main", "aug.extra=[{name: NoSuchBlur}]", f"out_dir={tmp_path}")
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert proc.stderr.strip().splitlines() == [
         "error: config key 'aug.extra[0]': unknown albumentations transform 'NoSuchBlur'"
@@ -398,7 +398,7 @@ def test_a_bad_aug_entry_stops_a_direct_training_run_in_one_line(tmp_path):
 
 
 def test_a_crashed_or_stopped_training_is_told_how_to_continue(tmp_path, capsys):
-    from core.launch import explain_exit
+    from launch.start import explain_exit
 
     argv = ["--config", "configs/robust.yaml", "train.epochs=3"]
     (tmp_path / "started-0").write_text("123")

@@ -18,10 +18,10 @@ import pytest
 from core.checkpoint import export_model
 from core.config import load_config
 from core.errors import UserError
-from core.launch import DEFAULT_ACCELERATE_CONFIG
 from core.model import create_classifier
 from core.outputs import HOST, OutputLock, acquire, check_outputs, lock_path_of
 from infer.submission import write_submission
+from launch.start import DEFAULT_ACCELERATE_CONFIG
 from tests.conftest import ROOT, run_module, shrink
 
 # A process that takes the lock of argv[1], starts a child that lives on (as a DataLoader worker
@@ -204,7 +204,7 @@ def test_a_multi_process_run_stops_on_a_held_lock_in_one_line_and_every_rank_sto
     overrides = shrink([], tiny_data, out)
     with acquire(out / "demo", "evaluate", "eval.out_dir"):
         # through the launcher: refused before any process starts, in one line
-        proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides, timeout=300)
+        proc = run_module("launch", "train.main", "--num_processes", "2", *overrides, timeout=300)
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'demo'}: in use by evaluate (pid ")
         # a lock taken after that look (or accelerate started by hand): the main process is refused,

@@ -24,9 +24,10 @@ from core.images import to_float_images
 from core.labels import list_test_images
 from core.model import create_classifier
 from gcm import bpda
-from infer import export, model_zip, onnx_file, submit
+from infer import submit
 from infer.defended import build_defended_model, load_members
-from infer.phase2_file import load_phase2_file
+from phase2 import export, model_zip, onnx_file
+from phase2.files import load_phase2_file
 from tests.conftest import TINY_DATA, run_module, shrink
 
 PHASE2 = ("onnx", "zip")
@@ -235,7 +236,11 @@ def test_over_30m_params_at_224_is_refused_with_one_line(tmp_path):
     ckpt = _checkpoint(tmp_path, "convnext_small", 224, classes=100)  # 49.5M parameters
     out = tmp_path / "out"
     proc = run_module(
-        "infer.export", "--config", "configs/cvpr22_phase2.yaml", f"submit.checkpoints=[{ckpt}]", f"export.path={out}/m"
+        "phase2.export",
+        "--config",
+        "configs/cvpr22_phase2.yaml",
+        f"submit.checkpoints=[{ckpt}]",
+        f"export.path={out}/m",
     )
     assert proc.returncode == 2
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
@@ -248,7 +253,7 @@ def test_over_30m_params_at_224_is_refused_with_one_line(tmp_path):
 
 
 def _check(path, *args):
-    return run_module("infer.check_submission", str(path), "--image-size", "32", "data.num_classes=4", *args)
+    return run_module("phase2.check", str(path), "--image-size", "32", "data.num_classes=4", *args)
 
 
 def _lines(proc):
@@ -298,13 +303,13 @@ def test_check_submission_fails_an_rgb_file_and_a_wrong_size(ckpt32, tmp_path):
     assert [line for line in _lines(proc) if line.startswith("FAIL")] == [
         "FAIL  channel order: the file takes RGB; the organizers feed BGR"
     ]
-    proc = run_module("infer.check_submission", result["paths"]["onnx"], "data.num_classes=4")
+    proc = run_module("phase2.check", result["paths"]["onnx"], "data.num_classes=4")
     assert proc.returncode == 1 and "FAIL  input size: the file takes 3x32x32; checked at 3x224x224" in proc.stdout
 
 
 def test_check_submission_bad_usage_is_exit_2(tmp_path):
     (tmp_path / "model.tar").write_text("x")
-    proc = run_module("infer.check_submission", str(tmp_path / "model.tar"))
+    proc = run_module("phase2.check", str(tmp_path / "model.tar"))
     assert proc.returncode == 2
     assert proc.stderr.strip() == f"error: {tmp_path / 'model.tar'}: a Phase II submission is a .zip or an .onnx file"
 

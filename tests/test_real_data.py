@@ -73,7 +73,7 @@ def test_phase2_on_phase1s_label_file_is_refused_in_one_line(challenge_data, tmp
     phase1 = challenge_data / "phase1"
     overrides = [f"data.root={challenge_data / 'phase2'}", f"data.train_labels={phase1 / 'label.txt'}"]
     overrides += [f"data.train_dir={phase1 / 'train'}", f"out_dir={tmp_path / 'runs'}", *SHRINK]
-    proc = run_module("core.launch", "train.main", "--config", "configs/cvpr22_phase2.yaml", *overrides)
+    proc = run_module("launch", "train.main", "--config", "configs/cvpr22_phase2.yaml", *overrides)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
         f"error: {phase1 / 'label.txt'}: 80 of data.num_classes=100 classes have no training image (missing: "

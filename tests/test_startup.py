@@ -50,7 +50,7 @@ def imported_by(tmp_path: Path, module: str, *args: str, **env: str):
 
 
 def test_help_imports_nothing_heavy(tmp_path):
-    imported, proc = imported_by(tmp_path, "core.launch", "train.main", "--help")
+    imported, proc = imported_by(tmp_path, "launch", "train.main", "--help")
     assert proc.returncode == 0 and proc.stdout.startswith("usage: ./run.sh train")
     assert imported == set()
 

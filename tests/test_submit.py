@@ -203,7 +203,7 @@ def test_two_process_submit_writes_the_same_files(trained, tmp_path):
     # random pad on: its draws must not depend on how batches are spread over processes
     common = ["submit.batch_size=7", "random_pad.enabled=true", "random_pad.min_ratio=0.5"]
     overrides = shrink([f"submit.out_dir={tmp_path / 'two'}", *common], data, runs)
-    proc = run_module("core.launch", "infer.submit", "--num_processes", "2", *overrides, OMP_NUM_THREADS="")
+    proc = run_module("launch", "infer.submit", "--num_processes", "2", *overrides, OMP_NUM_THREADS="")
     assert proc.returncode == 0, proc.stderr[-3000:]
     # the launcher splits the cores between the processes (accelerate alone would give each 1 thread)
     threads = max(1, len(os.sched_getaffinity(0)) // 2)

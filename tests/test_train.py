@@ -17,8 +17,8 @@ from core.checkpoint import load_model
 from core.config import load_config
 from core.demo_data import generate_demo_data
 from core.errors import UserError
-from core.launch import DEFAULT_ACCELERATE_CONFIG
 from core.tracking import resolve_wandb_mode
+from launch.start import DEFAULT_ACCELERATE_CONFIG
 from tests.conftest import LEARNED, ROOT, run_module, shrink
 from train import main as train_main
 from train.setup import create_model_and_optimizer
@@ -172,7 +172,7 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     """`--num_processes 2` without a GPU really runs 2 gloo processes; only rank 0 writes."""
     out = tmp_path / "runs"
     overrides = shrink(["name=ddp", "train.epochs=1"], tiny_data, out)
-    proc = run_module("core.launch", "train.main", "--num_processes", "2", *overrides)
+    proc = run_module("launch", "train.main", "--num_processes", "2", *overrides)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stdout.count("2 process(es)") == 1, proc.stdout  # printed by the main process only
     assert "Grad strides do not match bucket view strides" not in proc.stderr  # DDP's layout warning

@@ -1,7 +1,7 @@
-"""Run a stage: ``python -m core.launch MODULE [args]`` (``./run.sh train|submit|evaluate``).
+"""Run a stage: ``python -m launch MODULE [args]`` (``./run.sh train|submit|evaluate``).
 
 Our own arguments are ``--config FILE``, ``--debug`` and ``key=value``; every other ``--flag`` is
-a launch flag with ``accelerate launch``'s name, decided by :mod:`core.launch_plan` (every visible
+a launch flag with ``accelerate launch``'s name, decided by :mod:`launch.plan` (every visible
 GPU by default, ``--num_processes``, ``--gpu_ids``, ``--cpu``, ``--mixed_precision``, several
 machines) or refused in one line. The config and the plan are checked here first, so a bad key or
 an impossible launch fails in one line before any process starts; then one line says what starts:
@@ -30,13 +30,13 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import STATUS_ENV, run_cli, user_path
+from core.cli import STATUS_ENV, user_path
 from core.config import Config, check_aug_section, load_config
 from core.devices import probe_devices
 from core.errors import UserError
 from core.labels import resolve_samples
-from core.launch_plan import COMMANDS, DEFAULT_ACCELERATE_CONFIG, Plan, parse_flags, plan_launch, split_args
 from core.outputs import acquire
+from launch.plan import COMMANDS, DEFAULT_ACCELERATE_CONFIG, Plan, parse_flags, plan_launch, split_args
 
 USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [launch flags]
 
@@ -106,6 +106,12 @@ def create_command(plan: Plan, module: str, ours: list[str], env: dict) -> list[
     return [sys.executable, *accelerate, "-m", module, *args]
 
 
+def resolve_module(module: str, cfg: Config) -> str:
+    """The stage that does what the command asks: ``evaluate eval.file=FILE`` attacks an exported
+    Phase II file (:mod:`phase2.score`), plain ``evaluate`` the checkpoints (:mod:`robust.evaluate`)."""
+    return "phase2.score" if module == "robust.evaluate" and cfg.eval.file else module
+
+
 def launch(module: str, argv: Sequence[str]) -> int:
     ours, accel = split_args(argv)
     flags = parse_flags(accel, COMMANDS.get(module, ""))
@@ -114,6 +120,7 @@ def launch(module: str, argv: Sequence[str]) -> int:
     config_file = user_path(str(flags["config_file"])) if "config_file" in flags else None
     # Fail fast, in one line, before any process starts.
     cfg = load_config(config_path, overrides, check_aug=False)
+    module = resolve_module(module, cfg)
     devices = probe_devices()
     plan = plan_launch(module, flags, cfg, devices, config_file=config_file)
     if module == "train.main":
@@ -214,14 +221,10 @@ def explain_exit(module: str, rc: int, received: int | None, status: Path, argv:
 
 def main(argv: Sequence[str]) -> None:
     if not argv:
-        raise UserError("usage: python -m core.launch MODULE [--config FILE] [key=value ...] [launch flags]")
+        raise UserError("usage: python -m launch MODULE [--config FILE] [key=value ...] [launch flags]")
     if any(a in ("-h", "--help") for a in argv[1:]):
         print(USAGE.format(command=COMMANDS.get(argv[0], argv[0])))
         return
     code = launch(argv[0], argv[1:])
     if code:
         raise SystemExit(code)
-
-
-if __name__ == "__main__":
-    raise SystemExit(run_cli(lambda a: main(a)))

@@ -2,12 +2,12 @@
 
 The model under attack is the file itself, fed as the organizers feed it (its channel order,
 [0, 1], its input size): the zip's own ``Model``, or the ONNX file converted back by
-``onnx2pytorch`` (:func:`infer.phase2_file.load_phase2_file`). Two rows: the naive white-box
+``onnx2pytorch`` (:func:`phase2.files.load_phase2_file`). Two rows: the naive white-box
 attacker who differentiates through the file's GCM, and the adaptive one (BPDA through the
 file's own GCM switch, EOT over its random pad). Columns: clean, PGD-Linf and AutoAttack (the
 ones of ``eval.attacks``), with the budgets of the ``eval`` section. A file without a GCM switch
 gets its second row labelled as not adaptive, never dropped. With ``phase2.draws`` > 0 the
-Phase-II-like score follows (:mod:`robust.phase2`).
+Phase-II-like score follows (:mod:`phase2.draws`).
 """
 
 from __future__ import annotations
@@ -15,18 +15,22 @@ from __future__ import annotations
 import json
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Sequence
 
 import torch
 
+from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
 from core.devices import default_device
 from core.errors import UserError
-from core.io import atomic_write_files
+from core.io import atomic_write_files, remove_leftovers
+from core.outputs import check_outputs, hold_output
 from gcm.gcm import gcm_modules
-from infer.phase2_file import FileModel, load_phase2_file
-from robust.phase2 import format_phase2, run_phase2
-from robust.runner import accuracy, craft, score
+from phase2.draws import format_phase2, run_phase2
+from phase2.files import FileModel, load_phase2_file
+from robust.eval_images import load_eval_images
+from robust.report import eval_out_dir
+from robust.runner import accuracy, craft, create_accelerator, score
 from robust.specs import SPECS
 
 FILE_ATTACKS = ("pgd_linf", "autoattack")
@@ -80,16 +84,24 @@ def file_report_paths(out_dir: Path) -> list[Path]:
     return [Path(out_dir) / "eval_file.md", Path(out_dir) / "eval_file.json"]
 
 
-def run_file(cfg: Config, load_images: Callable, progress: bool = True, accelerator=None) -> dict:
-    """Attack ``eval.file`` and write ``eval_file.md`` / ``eval_file.json`` to the eval folder.
+def run(cfg: Config, progress: bool = True) -> dict:
+    """``./run.sh evaluate eval.file=FILE``: attack the file, write ``eval_file.md`` / ``eval_file.json``
+    into the eval folder (under the lock ``evaluate`` takes) and return the table."""
+    if not cfg.eval.file:
+        raise UserError("eval.file: name the exported file to attack (./run.sh evaluate evaluates checkpoints)")
+    out_dir = eval_out_dir(cfg)
+    check_outputs(file_report_paths(out_dir), "evaluate", "eval.out_dir")
+    accelerator = create_accelerator()
+    progress = progress and accelerator.is_main_process
+    with hold_output(out_dir, "evaluate", "eval.out_dir", accelerator):
+        if accelerator.is_main_process:  # the lock's holder: leftovers of a killed run
+            remove_leftovers(file_report_paths(out_dir))
+        return score_file(cfg, out_dir, progress, accelerator)
 
-    Args:
-        cfg: the config (``eval`` budgets, ``data`` for the labelled images).
-        load_images: ``(cfg, image_size) -> (x, y, source, keys)``, RGB images in [0, 1] (``evaluate``'s loader).
-        progress: print a line per attack.
-        accelerator: the run's processes and device (the file's torch model runs there; the main
-            process writes); None: one process on :func:`core.devices.default_device`.
-    """
+
+def score_file(cfg: Config, out_dir: Path, progress: bool = True, accelerator=None) -> dict:
+    """The body of :func:`run`: the file on the run's device (or :func:`core.devices.default_device`),
+    its two rows, the Phase-II-like draws; the main process writes the report."""
     start = time.perf_counter()
     torch.manual_seed(cfg.eval.seed)
     device = accelerator.device if accelerator is not None else default_device()
@@ -99,7 +111,7 @@ def run_file(cfg: Config, load_images: Callable, progress: bool = True, accelera
             f"eval.file: the file predicts {model.meta['num_classes']} classes, "
             f"data.num_classes is {cfg.data.num_classes}"
         )
-    x, y, source, _ = load_images(cfg, model.meta["image_size"])
+    x, y, source, _ = load_eval_images(cfg, model.meta["image_size"])
     if progress:
         print(f"evaluate: {len(x)} images from the {source}, model under attack: {cfg.eval.file}", flush=True)
     result = {
@@ -113,7 +125,6 @@ def run_file(cfg: Config, load_images: Callable, progress: bool = True, accelera
     if cfg.phase2.draws:
         result["phase2"] = run_phase2(model, x, y, cfg, progress)
     result["seconds"] = round(time.perf_counter() - start, 1)
-    out_dir = Path(cfg.eval.out_dir) if cfg.eval.out_dir else cfg.run_dir / "eval"
     if accelerator is not None and not accelerator.is_main_process:
         return result
     table = write_file_report(result, out_dir)
@@ -130,3 +141,13 @@ def write_file_report(result: dict, out_dir: Path) -> str:
     result["files"] = [str(p) for p in files]
     atomic_write_files({files[0]: table, files[1]: json.dumps(result, indent=2) + "\n"})
     return table
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    quiet_libraries()
+    args = create_parser("run.sh evaluate eval.file=FILE", "Attack an exported Phase II file.").parse_args(argv)
+    return run(parse_config(args))
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

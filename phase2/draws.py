@@ -10,7 +10,7 @@ draws k settings, each item independently and uniformly from its list in ``phase
   2019), see :func:`attacks.craft_attack`;
 * norm: Linf or L2; budget: one of ``eps_linf`` / ``eps_l2`` for that norm; steps: one of ``steps``.
 
-Each draw runs twice on the file itself (:mod:`robust.file_eval`): naive, as the organizers
+Each draw runs twice on the file itself (:mod:`phase2.score`): naive, as the organizers
 attacked (gradients through the file's GCM), and adaptive (BPDA through the file's GCM, EOT
 over its random pad with ``eval.eot_samples`` gradient samples). Per attacker: the accuracy of
 each draw, their mean, min, max and standard deviation; the adaptive figures are the ones to

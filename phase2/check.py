@@ -5,8 +5,8 @@ Prints one ``PASS``/``FAIL`` line per check and exits 0 only if every check pass
 failed, 2 for bad usage, refused before any check). Lines marked ``note`` inform and do not count.
 
 * A ``.zip``: its ``model.py`` never runs in this process. A fresh ``python -I`` process where
-  neither timm nor this project can be imported (:mod:`infer.zip_check_child`), isolated by
-  :func:`infer.isolated.run_isolated` (a session of its own; everything it started stopped when
+  neither timm nor this project can be imported (:mod:`phase2.check_child`), isolated by
+  :func:`phase2.isolated.run_isolated` (a session of its own; everything it started stopped when
   it ends or at ``--timeout``; its output to a file; its results on a channel its stdout is not)
   takes the organizers' steps: unpack with ``shutil.unpack_archive`` (declared sizes checked
   first), ``from model import Model; Model().float()``, ptflops at 3 x S x S under
@@ -41,12 +41,12 @@ import torch
 from core.cli import CheckerParser, quiet_libraries, run_checker, user_path
 from core.config import Config, load_config
 from core.errors import UserError, echo
-from infer import model_zip, onnx_file
-from infer.complexity import PTFLOPS_KWARGS, count_ptflops
 from infer.defended import build_defended_model, load_members, resolve_member_paths
-from infer.export import count_gmacs, recorded_file_problem
-from infer.isolated import Finished, run_isolated
-from infer.parity import (
+from phase2 import model_zip, onnx_file
+from phase2.complexity import PTFLOPS_KWARGS, count_ptflops
+from phase2.export import count_gmacs, recorded_file_problem
+from phase2.isolated import Finished, run_isolated
+from phase2.parity import (
     ROUND_TRIP_ATOL,
     ROUND_TRIP_SEEDS,
     Replay,
@@ -147,7 +147,7 @@ def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes
 
 
 def run_zip_child(path: Path, size: int, timeout: float, request: dict) -> Finished:
-    """The organizers' steps in an isolated ``python -I`` process (:func:`infer.isolated.run_isolated`)."""
+    """The organizers' steps in an isolated ``python -I`` process (:func:`phase2.isolated.run_isolated`)."""
     settings = {
         "blocked": list(BLOCKED),
         "image_size": size,

@@ -1,7 +1,7 @@
 """The organizers' zip check, run by ``check-submission`` in a fresh ``python -I`` process.
 
-``python -I infer/zip_check_child.py ZIP WORKDIR REQUEST --result-fd=N`` (started by
-:func:`infer.isolated.run_isolated`). Nothing of this project is imported here, and an import
+``python -I phase2/check_child.py ZIP WORKDIR REQUEST --result-fd=N`` (started by
+:func:`phase2.isolated.run_isolated`). Nothing of this project is imported here, and an import
 hook makes ``timm`` and the project's packages unimportable (the organizers' environment had
 neither), so a ``model.py`` that needs them fails as it would there. The steps are theirs
 (``torch/check_model.py`` of their helper repository): ``shutil.unpack_archive``,

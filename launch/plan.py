@@ -36,7 +36,9 @@ ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ACCELERATE_CONFIG = ROOT / "configs" / "accelerate" / "default.yaml"
 
 # The stages started through the launcher and the command that names each.
-COMMANDS = {"train.main": "train", "infer.submit": "submit", "robust.evaluate": "evaluate"}
+COMMANDS = {"train.main": "train", "infer.submit": "submit", "robust.evaluate": "evaluate", "phase2.score": "evaluate"}
+# The stages that attack: float32, whatever train.mixed_precision says.
+ATTACKING = {"robust.evaluate", "phase2.score"}
 
 # accelerate launch flags that take a value and that this launcher decides itself.
 PLANNED = {"num_processes", "num_machines", "gpu_ids", "mixed_precision", "config_file", "num_cpu_threads_per_process"}
@@ -230,7 +232,7 @@ def plan_launch(
     make = _plan_cpu if on_cpu else _plan_gpus
     plan = make(module, flags, file_settings, devices, env, machines, precision, source)
     plan.config_file = config_file
-    if "mixed_precision" in flags and module != "robust.evaluate":
+    if "mixed_precision" in flags and module not in ATTACKING:
         plan.overrides.append(f"train.mixed_precision={flags['mixed_precision']}")  # the stage's own setting
     return plan
 
@@ -252,7 +254,7 @@ def resolve_launch_precision(module: str, flags: dict, cfg: Config, devices: Dev
     """The run's autocast precision and which setting chose it; conflicts and GPU-only values
     on a CPU run are one line."""
     asked = flags.get("mixed_precision")
-    if module == "robust.evaluate":
+    if module in ATTACKING:
         if asked not in (None, "no"):
             raise UserError(
                 f"--mixed_precision {asked}: evaluate attacks in float32 (a gradient in {asked} is coarser, and "

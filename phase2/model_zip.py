@@ -2,7 +2,7 @@
 
 The organizers unpack it with ``shutil.unpack_archive`` and load it with ``sys.path.append(dir);
 from model import Model; Model().float()``, in an environment with torch 1.5 and no timm. So
-``model.py`` is the template :mod:`infer.model_template` (one readable file, copied as is), the
+``model.py`` is the template :mod:`phase2.model_template` (one readable file, copied as is), the
 architecture and defense settings go in ``model.json``, and the weights are the timm backbone's
 state dict under the template's module names, saved in the pre-1.6 serialization that torch 1.5
 reads (``_use_new_zipfile_serialization=False``).

@@ -14,7 +14,7 @@ a weight, and calls ``Conv2d.forward(x, bias)`` (``takes 2 positional arguments 
 given``). :func:`split_shared_initializers` gives each such input its own initializer again.
 
 The file describes itself in its metadata (``channel_order``, ``image_size``, ``num_classes``,
-``gcm``, ``random_pad``, ``output``), which :mod:`infer.check_submission` and ``evaluate`` read.
+``gcm``, ``random_pad``, ``output``), which :mod:`phase2.check` and ``evaluate`` read.
 """
 
 from __future__ import annotations

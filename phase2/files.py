@@ -1,10 +1,10 @@
 """An exported Phase II file (``.zip`` or ``.onnx``) as a model ``evaluate`` can attack.
 
 The zip's model is built from its ``model.json`` and ``weights.pth`` by this project's own copy
-of the template its ``model.py`` is (:func:`infer.model_zip.load_zip_model`: the zip's code never
+of the template its ``model.py`` is (:func:`phase2.model_zip.load_zip_model`: the zip's code never
 runs in this process, and a zip whose ``model.py`` is another file is refused); the ONNX file is
 converted back to PyTorch by ``onnx2pytorch``, as the organizers convert ONNX submissions
-(:func:`infer.onnx_file.convert_to_torch`). Either way the file's own GCM stays in the graph and
+(:func:`phase2.onnx_file.convert_to_torch`). Either way the file's own GCM stays in the graph and
 carries the ``is_gcm`` / ``bpda`` switch that :func:`gcm.bpda` flips for the adaptive rows. A
 file whose stem's budget JSON records another sha256 is refused (it is not the file export
 checked), and so is every malformed file, in one line.
@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from core.errors import UserError
-from infer import model_zip, onnx_file
-from infer.export import recorded_file_problem
+from phase2 import model_zip, onnx_file
+from phase2.export import recorded_file_problem
 
 
 class FileModel(nn.Module):

@@ -5,8 +5,8 @@ without its suffix, default ``runs/<name>/<name>``):
 
 * ``<stem>.onnx`` and ``<stem>.zip``: the Phase II model submission, in the two forms the
   organizers took (their helper repository ``CdtQin/CVPR2022-AISafety-Helper``): an ONNX file
-  (:mod:`infer.onnx_file`), or a zip with ``model.py`` at its top level that loads its own
-  weights in plain torch (:mod:`infer.model_zip`). Both hold one model without TTA (the final
+  (:mod:`phase2.onnx_file`), or a zip with ``model.py`` at its top level that loads its own
+  weights in plain torch (:mod:`phase2.model_zip`). Both hold one model without TTA (the final
   round forbade ensembles), fed N x 3 x size x size in [0, 1] in ``export.channel_order`` (the
   organizers feed BGR), with GCM (float32) and, if enabled, the random resize-pad inside, and
   return N x num_classes log-probabilities (why: README, "Phase II").
@@ -20,7 +20,7 @@ be replayed, else each output matches one box the layer can draw), and the pt2 p
 
 The budget report counts parameters and multiply-accumulates two ways: ``FlopCounterMode`` of
 the whole defended model at its input size (our counter), and ptflops on each Phase II file at
-3 x 224 x 224, as the organizers counted (:mod:`infer.complexity`). Both are checked against
+3 x 224 x 224, as the organizers counted (:mod:`phase2.complexity`). Both are checked against
 ``budget.max_params`` / ``budget.max_gmacs`` (the organizers' rule: params < 30M, ptflops MACs <
 5G); ``budget.enforce=true`` turns a breach into an error and writes nothing.
 """
@@ -46,10 +46,10 @@ from core.io import atomic_write_files, read_json, remove_leftovers
 from core.model import count_params
 from core.outputs import check_outputs, hold_output
 from gcm import DefendedModel
-from infer import model_zip, onnx_file
-from infer.complexity import count_ptflops
 from infer.defended import View, build_defended_model, describe, input_size_of, load_members, resolve_member_paths
-from infer.parity import (
+from phase2 import model_zip, onnx_file
+from phase2.complexity import count_ptflops
+from phase2.parity import (
     ROUND_TRIP_ATOL,
     as_rgb_probabilities,
     box_outputs,

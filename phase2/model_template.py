@@ -1,4 +1,4 @@
-# The model.py of a Phase II zip (written by `./run.sh export`, infer/model_zip.py).
+# The model.py of a Phase II zip (written by `./run.sh export`, phase2/model_zip.py).
 #
 # The organizers load it as `sys.path.append(dir); from model import Model; Model().float()`
 # in an environment with torch 1.5, Python 3.6 and no timm, so this file uses plain torch only

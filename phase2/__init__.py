@@ -1,0 +1,8 @@
+"""Phase II: the model submission, the organizers' way.
+
+``export`` writes the files (the ``model.py`` zip from ``model_template``, the ONNX file, the
+in-process ``.pt2``) with their budget report and ``parity`` checks; ``check`` runs the organizers'
+checks on a file (``check_child`` in an ``isolated`` process); ``files`` loads a file back as a
+model; ``score`` attacks it (``./run.sh evaluate eval.file=FILE``) and ``draws`` gives the
+Phase-II-like score over randomly drawn white-box attacks.
+"""
