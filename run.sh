@@ -52,7 +52,7 @@ case "$cmd" in
   export)    ensure_venv; exec "$PY" -m phase2.export "$@" ;;
   check-submission) ensure_venv; exec "$PY" -m phase2.check "$@" ;;
   check-data) ensure_venv; exec "$PY" -m train.check_data "$@" ;;
-  demo-data) ensure_venv; exec "$PY" -m core.demo_data "$@" ;;
+  demo-data) ensure_venv; exec "$PY" -m train.demo_data "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;
   test)      ensure_venv
              # lint first: a new violation fails the suite (and CI) in seconds

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Callable
 
 from bench.measure import ROOT, BenchContext, Row, measure_interleaved, ratio_of
-from core.demo_data import generate_demo_data
+from train.demo_data import generate_demo_data
 
 SCRIPT = ROOT / "bench" / "minimal_predict.py"
 # tqdm's line once the first batch went through forward, backward and the optimizer step

@@ -26,11 +26,11 @@ from bench.measure import BenchContext, Row, measure_interleaved, median_rate, q
 from bench.submit import create_model_only, load_test_batches, run_forward_only
 from bench.training import collect_train_batches, create_training, run_train_epoch
 from core.checkpoint import export_model
-from core.demo_data import generate_demo_data
 from core.devices import precision_name
 from core.images import to_float_images
 from core.model import create_classifier
 from infer.submit import run as run_submit
+from train.demo_data import generate_demo_data
 
 MODES = {
     "standard": [],

@@ -24,9 +24,9 @@ import torch
 from bench.measure import BenchContext, Row, measure_interleaved, median_rate
 from core.config import load_config
 from core.datasets import ImageDataset, TestImageDataset
-from core.demo_data import generate_demo_data
 from core.labels import list_test_images, resolve_samples
 from core.transforms import create_train_transform
+from train.demo_data import generate_demo_data
 
 # timm's published convnext_tiny throughputs at 224 px, AMP (img/s): what a GPU asks of its loader.
 PUBLISHED_TRAIN_RATE = ("RTX 3090 training (timm benchmark, AMP, torch 1.12)", 813.0)

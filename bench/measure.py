@@ -18,9 +18,9 @@ import torch
 
 from core.checkpoint import export_model
 from core.config import load_config
-from core.demo_data import generate_demo_data
 from core.devices import available_cores
 from core.model import create_classifier
+from train.demo_data import generate_demo_data
 
 ROOT = Path(__file__).resolve().parent.parent
 

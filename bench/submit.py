@@ -17,7 +17,6 @@ from torch import nn
 from bench.measure import BenchContext, Row, measure_interleaved, median_rate, quiet, ratio_of, time_call
 from core.checkpoint import export_model, load_model, read_checkpoint_info, resolve_checkpoint_files
 from core.datasets import TestImageDataset
-from core.demo_data import generate_demo_data
 from core.devices import resolve_channels_last
 from core.images import to_float_images
 from core.labels import list_test_images
@@ -25,6 +24,7 @@ from core.model import create_classifier
 from infer.defended import input_size_of
 from infer.submit import create_accelerator, create_model, create_test_loader, predict, resolve_loader_workers
 from infer.submit import run as submit_stage
+from train.demo_data import generate_demo_data
 
 
 def run_submit(ctx: BenchContext, *extra: str) -> float:

@@ -48,7 +48,12 @@ from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import atomic_write_files, remove_leftovers, to_json_safe
 from core.labels import list_test_images, read_test_labels, select_subset
-from core.manifest import (
+from core.outputs import check_outputs, hold_folders_for_reading, hold_output
+from core.tracking import model_lineage, start_run, use_models
+from core.transforms import create_eval_transform
+from gcm import DefendedModel
+from infer.defended import build_defended_model, input_size_of, load_members
+from infer.manifest import (
     KINDS,
     MANIFEST_NAME,
     breakdown,
@@ -57,11 +62,6 @@ from core.manifest import (
     kinds_by_id,
     read_manifest,
 )
-from core.outputs import check_outputs, hold_folders_for_reading, hold_output
-from core.tracking import model_lineage, start_run, use_models
-from core.transforms import create_eval_transform
-from gcm import DefendedModel
-from infer.defended import build_defended_model, input_size_of, load_members
 from robust.eval_images import load_eval_images
 from robust.report import figure_png
 from robust.runner import craft, score

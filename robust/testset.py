@@ -43,9 +43,9 @@ from core.config import Config, ConfigError, TestsetConfig, config_to_dict
 from core.corruptions import corrupt, corruption_seed
 from core.devices import default_device
 from core.errors import UserError
-from core.manifest import KINDS, MANIFEST_NAME
 from core.outputs import hold_folder_for_writing, hold_output, sharing_lock_path
 from infer.defended import load_members, resize_to, resolve_member_paths
+from infer.manifest import KINDS, MANIFEST_NAME
 from robust.eval_images import load_eval_images
 from robust.specs import draw_attack
 

@@ -35,7 +35,7 @@ def pytest_collection_modifyitems(config, items) -> None:
 
 
 from core.config import Config, load_config  # noqa: E402
-from core.demo_data import generate_demo_data  # noqa: E402
+from train.demo_data import generate_demo_data  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -10,7 +10,6 @@ from torch import nn
 
 from core.config import ConfigError, new_config
 from core.corruptions import ALL_CORRUPTIONS, COMMON, GROUPS, HELD_OUT, corrupt, corruption_seed, group_of
-from core.demo_data import render_image, resolve_class_factors
 from gcm import DefendedModel
 from robust.corruptions import (
     add_mce,
@@ -20,6 +19,7 @@ from robust.corruptions import (
     summarize,
     training_counterparts,
 )
+from train.demo_data import render_image, resolve_class_factors
 
 
 def demo_images(n: int, size: int = 32) -> np.ndarray:

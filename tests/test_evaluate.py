@@ -14,7 +14,6 @@ import torch
 
 from attacks import lp_norm
 from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_config
-from core.demo_data import generate_demo_data
 from core.io import WriteError
 from gcm import DefendedModel, RandomResizePad
 from infer.defended import build_defended_model, load_members
@@ -29,6 +28,7 @@ from robust.verdict import MASKING_POINTS, sanity_checks
 from tests.conftest import LEARNED, full_disk, run_module, shrink
 from tests.test_attacks import CoinFlip
 from train import main as train_main
+from train.demo_data import generate_demo_data
 
 # Short attacks on a small subset: seconds per row on 2 CPU cores.
 FAST = [

@@ -18,7 +18,6 @@ import torch
 from core.checkpoint import export_model
 from core.config import ConfigError, load_config
 from core.datasets import TestImageDataset
-from core.demo_data import generate_demo_data
 from core.errors import UserError
 from core.images import to_float_images
 from core.labels import list_test_images
@@ -29,6 +28,7 @@ from infer.defended import build_defended_model, load_members
 from phase2 import export, model_zip, onnx_file
 from phase2.files import load_phase2_file
 from tests.conftest import TINY_DATA, run_module, shrink
+from train.demo_data import generate_demo_data
 
 PHASE2 = ("onnx", "zip")
 

@@ -14,10 +14,10 @@ import pytest
 from PIL import Image
 
 from core.config import load_config
-from core.demo_data import generate_demo_data
 from core.errors import UserError
 from tests.conftest import ROOT, run_module
 from train import check_data
+from train.demo_data import generate_demo_data
 
 # What turns a 224-px convnext_tiny recipe into seconds on a CPU; everything else is the config's.
 SHRINK = [

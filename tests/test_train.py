@@ -15,12 +15,12 @@ from safetensors.torch import load_file
 
 from core.checkpoint import load_model
 from core.config import load_config
-from core.demo_data import generate_demo_data
 from core.errors import UserError
 from core.tracking import resolve_wandb_mode
 from launch.start import DEFAULT_ACCELERATE_CONFIG
 from tests.conftest import LEARNED, ROOT, run_module, shrink
 from train import main as train_main
+from train.demo_data import generate_demo_data
 from train.setup import create_model_and_optimizer
 
 

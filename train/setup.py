@@ -20,7 +20,6 @@ from torch import nn
 
 from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
-from core.demo_data import generate_demo_data
 from core.devices import (
     local_processes,
     prepare_cuda,
@@ -31,6 +30,7 @@ from core.devices import (
 from core.labels import resolve_samples, select_subset
 from core.model import align_kernel_strides, check_input_size, create_classifier
 from core.transforms import create_eval_transform, create_train_transform
+from train.demo_data import generate_demo_data
 from train.loaders import create_train_loader
 
 

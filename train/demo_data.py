@@ -1,6 +1,6 @@
 """The built-in offline demo data set, in the challenge's file layout.
 
-``python -m core.demo_data --out data/demo`` (or ``./run.sh demo-data``) writes::
+``python -m train.demo_data --out data/demo`` (or ``./run.sh demo-data``) writes::
 
     data/demo/label.txt          0.JPEG 3 ...   (training labels, challenge format)
     data/demo/train/N.JPEG       training images (JPEG, quality 95)
@@ -191,7 +191,7 @@ def _write_split(
 
 
 def _marker(args: dict) -> dict:
-    return {"generator": "core.demo_data", "version": FORMAT_VERSION, **args}
+    return {"generator": "train.demo_data", "version": FORMAT_VERSION, **args}
 
 
 def _read_marker(out: Path) -> dict | None:
@@ -296,7 +296,7 @@ def _publish(tmp: Path, out: Path, marker: dict) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m core.demo_data", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m train.demo_data", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="data/demo", help="output folder (default: data/demo)")
     parser.add_argument("--num-classes", type=int, default=10)
     parser.add_argument("--train-per-class", type=int, default=200)
