@@ -289,3 +289,29 @@ def check_writable(folder: Path, key: str) -> None:
         os.unlink(probe)
     except OSError as exc:
         raise UserError(f"{key}: cannot write to {folder} ({exc.strerror or exc})") from None
+
+
+def publish_folder(tmp: Path, out: Path) -> None:
+    """Put the finished folder ``tmp`` in ``out``'s place, as one step for every reader.
+
+    An ``out`` already there is moved aside (``.<name>.old-<random>``) first, put back if the new
+    folder cannot take its place, and removed only once it has. A kill between the two renames
+    leaves the old folder under its aside name: a later run's leftover cleaning puts it back
+    (make-testset) or removes it.
+
+    Raises:
+        OSError: the rename failed; ``out`` is as it was.
+    """
+    tmp, out = Path(tmp), Path(out)
+    old = None
+    if out.exists() or out.is_symlink():
+        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
+        os.rename(out, old)
+    try:
+        os.rename(tmp, out)
+    except OSError:
+        if old is not None:
+            os.rename(old, out)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)

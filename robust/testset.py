@@ -43,6 +43,7 @@ from core.config import Config, ConfigError, TestsetConfig, config_to_dict
 from core.corruptions import corrupt, corruption_seed
 from core.devices import default_device
 from core.errors import UserError
+from core.io import publish_folder
 from core.outputs import hold_folder_for_writing, hold_output, sharing_lock_path
 from infer.defended import load_members, resize_to, resolve_member_paths
 from infer.manifest import KINDS, MANIFEST_NAME
@@ -234,22 +235,6 @@ def remove_leftovers_of(out: Path) -> None:
             shutil.rmtree(folder, ignore_errors=True)
 
 
-def install(tmp: Path, out: Path) -> None:
-    """Rename ``tmp`` onto ``out``; an old ``out`` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-        out.rename(old)
-    try:
-        tmp.rename(out)
-    except OSError:
-        if old is not None:
-            old.rename(out)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -284,7 +269,7 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
         tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
         try:
             write_folder(tmp, images, plan, manifest)
-            install(tmp, out)
+            publish_folder(tmp, out)
         except OSError as exc:
             raise UserError(f"{out}: cannot write the test set ({exc.strerror or exc}); nothing was replaced") from None
         finally:

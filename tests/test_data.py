@@ -15,11 +15,12 @@ import pytest
 import torch
 from PIL import Image, ImageFile
 
-from core import datasets, demo_data, images
+from core import datasets, images
 from core import labels as label_files
 from core.config import DataConfig
 from core.errors import UserError
 from core.transforms import create_eval_transform
+from train import demo_data
 
 
 def write_image(path: Path, size=(8, 6), color=(10, 20, 30), fmt: str | None = None) -> Path:
@@ -630,3 +631,23 @@ def test_demo_data_classes_and_cli(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4 training images" in printed and "2 test images" in printed and str(tmp_path / "d") in printed
     assert demo_data.main(argv) == 0 and "reused" in capsys.readouterr().out
+
+
+def test_a_failed_swap_keeps_the_old_demo_set(tmp_path, monkeypatch):
+    """The demo set is replaced as one step (core.io.publish_folder): if the new folder cannot take the
+    old one's place, the old set is put back whole, never removed with nothing in its place."""
+    out = tmp_path / "demo"
+    demo_data.generate_demo_data(out, **DEMO_ARGS)
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    real_rename = os.rename
+
+    def rename(src, dst):
+        if ".tmp" in Path(src).name and Path(dst) == out:  # the new set taking the old one's place
+            raise OSError(28, "No space left on device")
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "rename", rename)
+    with pytest.raises(OSError):
+        demo_data.generate_demo_data(out, **{**DEMO_ARGS, "seed": 7})
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert not [p for p in tmp_path.iterdir() if p != out]  # nothing left beside it

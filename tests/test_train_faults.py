@@ -178,13 +178,29 @@ def test_unwritable_out_dir_is_one_clear_error(tiny_config, tmp_path):
         train_main.run(tiny_config(f"out_dir={blocker}"))
 
 
-def test_weights_blowing_up_stop_before_a_bad_checkpoint(tiny_config):
-    cfg = tiny_config("train.lr=1e12", "train.warmup_epochs=0", "train.checkpoint_every=1", "train.epochs=3")
+def test_weights_blowing_up_stop_before_a_bad_checkpoint(tiny_config, monkeypatch):
+    # two good optimizer steps (each checkpointed), then the third turns the weights into inf
+    steps = {"n": 0}
+    real_step = torch.optim.AdamW.step
+
+    def step(self, *args, **kwargs):
+        out = real_step(self, *args, **kwargs)
+        steps["n"] += 1
+        if steps["n"] == 3:
+            with torch.no_grad():
+                for group in self.param_groups:
+                    for p in group["params"]:
+                        p.fill_(float("inf"))
+        return out
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", step)
+    cfg = tiny_config("train.checkpoint_every=1", "train.epochs=3")
     with pytest.raises(TrainingDiverged, match=r"became (nan|inf|NaN/inf).*last good checkpoint is kept"):
         train_main.run(cfg)
-    # any checkpoint left behind holds finite weights: a later resume starts from good state
-    ckpts = cfg.run_dir / "checkpoints"
-    for ckpt in ckpts.iterdir() if ckpts.is_dir() else []:
+    # the checkpoints left behind are the good steps', with finite weights: a resume starts from them
+    ckpts = sorted((cfg.run_dir / "checkpoints").iterdir())
+    assert [p.name for p in ckpts] == ["e0000_b000001", "e0000_b000002"]
+    for ckpt in ckpts:
         state = load_file(str(ckpt / "model.safetensors"))
         assert all(bool(v.isfinite().all()) for v in state.values()), ckpt.name
 

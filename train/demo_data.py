@@ -44,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.errors import UserError
-from core.io import read_json
+from core.io import publish_folder, read_json
 
 MARKER = "demo_data.json"
 FORMAT_VERSION = 2  # bump whenever the rendering changes: stale sets are regenerated
@@ -277,19 +277,12 @@ def generate_demo_data(
 
 
 def _publish(tmp: Path, out: Path, marker: dict) -> None:
-    """Rename ``tmp`` onto ``out``; an older demo set there is replaced, a concurrent twin kept."""
-    if out.exists():
-        if _same_set(out, marker):
-            return  # another process finished the same set first
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.rename(out, old)
-        try:
-            os.rename(tmp, out)
-        finally:
-            shutil.rmtree(old, ignore_errors=True)
-        return
+    """Put ``tmp`` in ``out``'s place (an older demo set there is replaced), unless a concurrent
+    twin finished the same set first."""
+    if out.exists() and _same_set(out, marker):
+        return  # another process finished the same set first
     try:
-        os.rename(tmp, out)
+        publish_folder(tmp, out)
     except OSError:
         if not _same_set(out, marker):
             raise

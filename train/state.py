@@ -22,7 +22,7 @@ from safetensors.torch import load_file, save_file
 from core.checkpoint import export_model, state_dict_of
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError
-from core.io import check_writable
+from core.io import check_writable, publish_folder
 from core.outputs import hold_output
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
@@ -161,9 +161,7 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
             ) from None
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
-            if final.exists():
-                _delete_checkpoint(final)
-            os.replace(tmp, final)
+            publish_folder(tmp, final)  # a checkpoint of the same step is replaced, put back on failure
             for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
                 _delete_checkpoint(old)
         accelerator.wait_for_everyone()
