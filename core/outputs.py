@@ -21,11 +21,11 @@ lock (``flock``) on it:
   another file) is refused in one line, never truncated.
 
 **Ownership.** :func:`check_outputs` refuses, before any work, a target file that belongs to
-another stage: a model checkpoint (``<stem>.safetensors`` and every ``<stem>.*`` beside it, and
-``best``/``last`` in a run folder), a submission set (``<stem>.meta.json`` with its class
-histogram), an export (``<stem>.budget.json``) or an evaluation report (``<stem>.json`` with a
-verdict). Files are grouped by stem, so a new kind of file beside an export or a checkpoint is
-covered without a rule of its own.
+another stage. Each stage declares its own files: a record beside them (a JSON object with
+:func:`record_owner`: the meta file of a submission, the budget report of an export, the report of
+an evaluation, a checkpoint's ``<stem>.json``) or names it claims in a folder (:func:`claim_names`:
+``best`` and ``last`` of a run folder before they are written). Files are grouped by stem, so a
+new kind of file beside an export or a checkpoint is covered without a rule of its own.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import glob
 import json
 import os
 import re
@@ -45,10 +46,9 @@ from pathlib import Path
 from typing import Sequence
 
 from core.errors import UserError
-from core.io import create_temp_beside, parse_json, read_json
+from core.io import atomic_write_text, create_temp_beside, parse_json, read_json
 
 HOST = socket.gethostname()
-CHECKPOINT_NAMES = ("best", "last")  # the exported models of a run folder (train.state.EXPORTS)
 _ATTEMPTS = 20  # rounds of create / inspect while another command creates or releases the lock
 _held_fds: set[int] = set()
 
@@ -532,6 +532,22 @@ def hold_folders_for_reading(paths: Sequence[Path | None], key: str):
 
 # --- ownership ------------------------------------------------------------------------------
 
+# The key of a stage's record (a JSON object it writes beside its files) that says whose they are:
+# ``{"written_by": {"stage": "submit", "what": "submission"}}`` (see :func:`record_owner`).
+RECORD_KEY = "written_by"
+CLAIMS_NAME = ".claims.json"  # a folder's names a stage keeps for itself before writing them
+
+
+def record_owner(stage: str, what: str) -> dict:
+    """What a stage puts in the record of its files so :func:`check_outputs` knows them as its own."""
+    return {RECORD_KEY: {"stage": stage, "what": what}}
+
+
+def claim_names(folder: Path, stage: str, what: str, names: Sequence[str]) -> None:
+    """Keep ``names`` (file stems) of ``folder`` for ``stage`` before it writes them (``train``: ``best``
+    and ``last`` of its run folder, from its first step), so no other stage's file takes them."""
+    atomic_write_text(Path(folder) / CLAIMS_NAME, json.dumps({**record_owner(stage, what), "names": list(names)}))
+
 
 def _stems(name: str) -> list[str]:
     """``a.b.meta.json`` -> ``["a", "a.b", "a.b.meta"]``: every name the file may be grouped under."""
@@ -549,32 +565,38 @@ def _json_object(path: Path) -> dict | None:
     return data if isinstance(data, dict) else None
 
 
-def is_run_folder(folder: Path) -> bool:
-    """A folder ``train`` made: it holds the resolved config, checkpoints or an exported model."""
-    return (
-        (folder / "config.yaml").is_file()
-        or (folder / "checkpoints").is_dir()
-        or any((folder / f"{n}.safetensors").exists() for n in CHECKPOINT_NAMES)
-    )
+def _owner_in(record: dict | None) -> tuple[str, str] | None:
+    owner = (record or {}).get(RECORD_KEY)
+    if isinstance(owner, dict) and isinstance(owner.get("stage"), str) and isinstance(owner.get("what"), str):
+        return owner["stage"], owner["what"]
+    return None
 
 
 def owner_of(path: Path) -> tuple[str, str] | None:
-    """``(stage, what)`` when ``path`` (existing or not) belongs to a stage's group of files, else None."""
+    """``(stage, what)`` when ``path`` (existing or not) belongs to a stage's group of files, else None.
+
+    A group is every file of one stem (``sub.csv``, ``sub.json``, ``sub.meta.json``), and a stage says
+    it owns one by a record among them (``<stem>.json`` or ``<stem>.<kind>.json`` holding
+    :func:`record_owner`) or by claiming the stem in its folder (:func:`claim_names`). Nothing here
+    knows a stage's formats: a new stage declares its files the same way.
+    """
     path = Path(path)
     folder = path.parent
+    claims = _json_object(folder / CLAIMS_NAME) if (folder / CLAIMS_NAME).is_file() else None
     for stem in _stems(path.name):
-        if (folder / f"{stem}.safetensors").exists() or (stem in CHECKPOINT_NAMES and is_run_folder(folder)):
-            return "train", f"the model checkpoint '{stem}' of {folder}"
-        if (folder / f"{stem}.budget.json").is_file():
-            return "export", f"the exported model '{stem}' of {folder}"
-        meta = folder / f"{stem}.meta.json"
-        if meta.is_file() and "class_histogram" in (_json_object(meta) or {}):
-            return "submit", f"the submission '{stem}' in {folder}"
-        report = folder / f"{stem}.json"
-        if report.is_file() and "verdict" in (_json_object(report) or {}):
-            return "evaluate", f"the evaluation report '{stem}' in {folder}"
+        claimed = _owner_in(claims)
+        if claimed and stem in (claims or {}).get("names", []):
+            return claimed[0], f"the {claimed[1]} '{stem}' of {folder}"
+        try:
+            records = [folder / f"{stem}.json", *sorted(folder.glob(f"{glob.escape(stem)}.*.json"))]
+        except OSError:
+            records = []
+        for record in records:
+            owner = _owner_in(_json_object(record)) if record.is_file() else None
+            if owner:
+                return owner[0], f"the {owner[1]} '{stem}' of {folder}"
     if path.suffix == ".safetensors":
-        return "train", f"a model's weights in {folder}"
+        return "another command", f"a model's weights in {folder}"
     return None
 
 

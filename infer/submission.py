@@ -45,7 +45,7 @@ from typing import Any, Sequence
 from core.errors import UserError
 from core.io import atomic_write_files, read_json, submission_name_problem, to_json_safe
 from core.labels import list_test_images
-from core.outputs import check_outputs
+from core.outputs import check_outputs, record_owner
 
 FIELDS = ("image_id", "category_id")
 CSV_HEADER = ",".join(FIELDS)
@@ -110,6 +110,7 @@ def write_submission(
             "n_classes_predicted": len(histogram),
             "class_histogram": {str(label): histogram[label] for label in sorted(histogram)},
             "files": {kind: {"name": paths[kind].name, "sha256": _sha256(text)} for kind, text in twins.items()},
+            **record_owner("submit", "submission"),
         }
     )
     # Serialise everything before touching the disk: a bad value must not leave half a submission.

@@ -44,7 +44,7 @@ from core.devices import default_device
 from core.errors import UserError
 from core.io import atomic_write_files, read_json, remove_leftovers
 from core.model import count_params
-from core.outputs import check_outputs, hold_output
+from core.outputs import check_outputs, hold_output, record_owner
 from gcm import DefendedModel
 from infer.defended import View, build_defended_model, describe, input_size_of, load_members, resolve_member_paths
 from phase2 import model_zip, onnx_file
@@ -346,7 +346,10 @@ def write_outputs(stem: Path, files: dict[str, bytes], report: dict) -> dict[str
         report["files"][fmt]["sha256"] = hashlib.sha256(data).hexdigest()
     try:
         atomic_write_files(
-            {**{paths[fmt]: data for fmt, data in files.items()}, paths["budget"]: json.dumps(report, indent=2) + "\n"},
+            {
+                **{paths[fmt]: data for fmt, data in files.items()},
+                paths["budget"]: json.dumps({**report, **record_owner("export", "exported model")}, indent=2) + "\n",
+            },
             remove=stale,
         )
     except OSError as exc:

@@ -17,6 +17,7 @@ from typing import Callable, Sequence
 from core.config import Config
 from core.corruptions import group_of
 from core.io import atomic_write_files, to_json_safe
+from core.outputs import record_owner
 from core.tracking import start_run, use_models
 from robust.results import ROW_KEYS, EvalResult, Score
 from robust.specs import PAPER_COLUMNS
@@ -357,7 +358,12 @@ def write_report(result: EvalResult, out_dir: Path, cfg: Config, echo: bool = Tr
         files["eps_curve"] = curve
         contents[curve] = curve_png(result)
     names = {k: str(v) for k, v in files.items()}
-    payload = {**result.to_dict(), "files": names, "out_dir": str(out_dir)}
+    payload = {
+        **result.to_dict(),
+        "files": names,
+        "out_dir": str(out_dir),
+        **record_owner("evaluate", "evaluation report"),
+    }
     contents[files["json"]] = json.dumps(to_json_safe(payload), indent=2) + "\n"
     # One unit: a failure leaves the earlier report whole, and no curve of an earlier run stays beside this one.
     atomic_write_files(contents, remove=[curve])

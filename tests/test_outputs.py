@@ -19,7 +19,7 @@ from core.checkpoint import export_model
 from core.config import load_config
 from core.errors import UserError
 from core.model import create_classifier
-from core.outputs import HOST, OutputLock, acquire, check_outputs, lock_path_of
+from core.outputs import HOST, OutputLock, acquire, check_outputs, claim_names, lock_path_of, record_owner
 from infer.submission import write_submission
 from launch.start import DEFAULT_ACCELERATE_CONFIG
 from tests.conftest import ROOT, run_module, shrink
@@ -145,10 +145,10 @@ def test_no_stage_writes_over_another_stages_files(tmp_path):
     export_model(
         create_classifier(cfg.model, 4), run / "best", {"arch": "test_convnext", "num_classes": 4, "image_size": 32}
     )
-    (run / "config.yaml").write_text("name: demo\n")
+    claim_names(run, "train", "model checkpoint", ["best", "last"])  # what train does first in its run folder
     subs = tmp_path / "subs"
     write_submission(subs, "sub", [0, 1], [1, 2], {})
-    (run / "defended.budget.json").write_text("{}")
+    (run / "defended.budget.json").write_text(json.dumps(record_owner("export", "exported model")))
 
     refused = {
         # a submission named after a checkpoint, in its run folder (even `last`, not written yet)

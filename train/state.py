@@ -23,7 +23,7 @@ from core.checkpoint import export_model, state_dict_of
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError
 from core.io import check_writable, publish_folder
-from core.outputs import hold_output
+from core.outputs import claim_names, hold_output, record_owner
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
 
@@ -63,6 +63,7 @@ def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
         check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
         if accelerator.is_main_process:
             run_dir.mkdir(parents=True, exist_ok=True)
+            claim_names(run_dir, "train", "model checkpoint", EXPORTS)  # before best/last exist
         try:
             yield run_dir
         except BaseException:
@@ -321,6 +322,7 @@ def export_models(training: Training, progress: Progress, metrics: dict, improve
         **({"collapse_epoch": progress.collapse_epoch} if progress.collapse_epoch >= 0 else {}),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "config": config_to_dict(cfg),
+        **record_owner("train", "model checkpoint"),
     }
     try:
         export_model(weights, cfg.run_dir / "last", meta)
