@@ -406,6 +406,16 @@ class Config:
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
+    @property
+    def submission_name(self) -> str:
+        """The file name (no extension) ``submit`` writes: ``submit.file_name``, else ``name``."""
+        return self.submit.file_name or self.name
+
+    @property
+    def submission_stem(self) -> Path:
+        """``submit.out_dir / submission_name``: the stem of the three files ``submit`` writes."""
+        return Path(self.submit.out_dir) / self.submission_name
+
 
 # Keys whose value (or, for a list, each item) must be one of these.
 _CHOICES = {
@@ -881,10 +891,10 @@ def _check_predict(cfg: Config) -> None:
             f"config key 'submit.fallback_class': {cfg.submit.fallback_class} is not a class of "
             f"[0, {cfg.data.num_classes}) (data.num_classes)"
         )
-    problem = submission_name_problem(cfg.submit.file_name or cfg.name)
+    problem = submission_name_problem(cfg.submission_name)
     if problem:
         key = "submit.file_name" if cfg.submit.file_name else "name"
-        raise ConfigError(f"config key '{key}': {echo(cfg.submit.file_name or cfg.name)} {problem}")
+        raise ConfigError(f"config key '{key}': {echo(cfg.submission_name)} {problem}")
     if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
         raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
     if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:

@@ -12,7 +12,7 @@
   two runs (two submits of one name racing, a file copied from elsewhere) is detected by
   :func:`set_problems` wherever a set is read (``validate``, and right after writing).
 
-``read_submission`` / ``check_submission`` are strict, because a file the leaderboard rejects
+``read_submission`` / ``validate_file`` are strict, because a file the leaderboard rejects
 costs a day's submission slot. The rules, checked for files we did not write as well:
 
 * the file is UTF-8; a UTF-8 byte-order mark (Excel adds one on "save as CSV") is **reported as
@@ -45,7 +45,7 @@ from typing import Any, Sequence
 from core.errors import UserError
 from core.io import atomic_write_files, read_json, submission_name_problem, to_json_safe
 from core.labels import list_test_images
-from core.outputs import check_outputs, record_owner
+from core.outputs import record_owner
 
 FIELDS = ("image_id", "category_id")
 CSV_HEADER = ",".join(FIELDS)
@@ -69,6 +69,7 @@ def write_submission(
     meta: dict,
     test_dir: Path | None = None,
     num_classes: int | None = None,
+    test_ids: Sequence[int] | None = None,
 ) -> dict[str, Path]:
     """Write ``<name>.csv``, ``<name>.json`` and ``<name>.meta.json`` into ``out_dir``.
 
@@ -76,7 +77,8 @@ def write_submission(
     flushed (and, given ``test_dir``, the CSV and JSON validated under their temporary names)
     are they renamed into place. If anything fails, the temps are removed and files of an older
     submission with the same name are put back, so the folder holds either the whole valid new
-    submission or exactly what it held before.
+    submission or exactly what it held before. The caller has checked that the name is not
+    another stage's (:func:`core.outputs.check_outputs`, before predicting).
 
     Args:
         out_dir: Folder for the files (created if needed).
@@ -85,8 +87,9 @@ def write_submission(
         predictions: The predicted class of each image, aligned with ``image_ids``.
         meta: JSON-able settings to record (config, checkpoints, TTA, GCM, time...).
             ``Path`` and numpy values are converted; NaN/inf become ``null``.
-        test_dir: The test folder the files must cover (see :func:`check_submission`).
+        test_dir: The test folder the files must cover (see :func:`validate_file`).
         num_classes: Labels must lie in ``[0, num_classes)``.
+        test_ids: ``test_dir``'s image ids, when the caller has listed it already.
 
     Returns:
         ``{"csv": path, "json": path, "meta": path}``.
@@ -97,11 +100,27 @@ def write_submission(
         SubmissionNameError: ``name`` is not a plain file name (also a ValueError).
         UserError: the files fail validation against ``test_dir``; nothing was replaced.
     """
-    check_submission_name(name)
+    require_submission_name(name)
     rows = _sorted_rows(image_ids, predictions)
-    histogram = Counter(label for _, label in rows)
     paths = submission_paths(Path(out_dir), name)
-    check_outputs(list(paths.values()), "submit", "submit.file_name")
+    texts = render_files(rows, meta, paths)  # everything serialised first: a bad value writes nothing
+
+    def check(temps: dict[Path, Path]) -> None:
+        for kind in ("csv", "json") if test_dir is not None else ():
+            found = validate_file(temps[paths[kind]], test_dir, num_classes, paths[kind], test_ids).problems
+            if found:
+                raise UserError(f"{paths[kind]}: failed validation, nothing written: {cap_problems(found)[0]}")
+
+    atomic_write_files(texts, check)
+    mixed = set_problems(paths["csv"])
+    if mixed:  # only possible if something wrote the same name meanwhile (it holds no lock: see core.outputs)
+        raise UserError(f"{mixed[0]}; another command wrote this submission at the same time: run submit again")
+    return paths
+
+
+def render_files(rows: list[tuple[int, int]], meta: dict, paths: dict[str, Path]) -> dict[Path, str]:
+    """The three files' texts: the CSV and JSON twins, and the meta file with their counts and hashes."""
+    histogram = Counter(label for _, label in rows)
     twins = {"csv": format_csv(rows), "json": format_json(rows)}
     full_meta = to_json_safe(dict(meta), "meta")
     full_meta.update(
@@ -113,24 +132,11 @@ def write_submission(
             **record_owner("submit", "submission"),
         }
     )
-    # Serialise everything before touching the disk: a bad value must not leave half a submission.
-    texts = {
+    return {
         paths["csv"]: twins["csv"],
         paths["json"]: twins["json"],
         paths["meta"]: json.dumps(full_meta, indent=2, allow_nan=False) + "\n",
     }
-
-    def check(temps: dict[Path, Path]) -> None:
-        for kind in ("csv", "json") if test_dir is not None else ():
-            problems = validate_submission(temps[paths[kind]], test_dir, num_classes, as_path=paths[kind])
-            if problems:
-                raise UserError(f"{paths[kind]}: failed validation, nothing written: {problems[0]}")
-
-    atomic_write_files(texts, check)
-    mixed = set_problems(paths["csv"])
-    if mixed:  # only possible if something wrote the same name meanwhile (it holds no lock: see core.outputs)
-        raise UserError(f"{mixed[0]}; another command wrote this submission at the same time: run submit again")
-    return paths
 
 
 def submission_paths(out_dir: Path, name: str) -> dict[str, Path]:
@@ -172,7 +178,7 @@ def _sha256(data: str | bytes) -> str:
     return hashlib.sha256(data.encode("utf-8") if isinstance(data, str) else data).hexdigest()
 
 
-def check_submission_name(name: str) -> None:
+def require_submission_name(name: str) -> None:
     """Raise :class:`SubmissionNameError` unless ``name`` is a plain file name without extension."""
     problem = submission_name_problem(name)
     if problem:
@@ -438,8 +444,8 @@ def _json_repr(value: Any, width: int = 40) -> str:
 
 
 @dataclass
-class SubmissionCheck:
-    """The outcome of :func:`check_submission`."""
+class FileValidation:
+    """The outcome of :func:`validate_file`."""
 
     problems: list[str]
     n_predictions: int
@@ -450,13 +456,18 @@ class SubmissionCheck:
         return not self.problems
 
 
-def check_submission(
-    path: Path, test_dir: Path, num_classes: int | None, as_path: Path | None = None
-) -> SubmissionCheck:
+def validate_file(
+    path: Path,
+    test_dir: Path,
+    num_classes: int | None,
+    as_path: Path | None = None,
+    test_ids: Sequence[int] | None = None,
+) -> FileValidation:
     """Check a submission file against the test folder; every problem, uncapped.
 
     Summaries (missing and extra ids) come first, then per-line problems in file order.
-    ``as_path`` as in :func:`parse_submission`.
+    ``as_path`` as in :func:`parse_submission`; ``test_ids``: the folder's ids when the caller
+    has listed it already.
 
     Raises:
         UserError: ``test_dir`` is not a usable test folder, or ``num_classes`` < 1 (bad
@@ -465,12 +476,13 @@ def check_submission(
     test_dir = Path(test_dir)
     if num_classes is not None and num_classes < 1:
         raise UserError(f"number of classes must be at least 1, got {num_classes}")
-    check_test_dir(test_dir)
-    test_ids = [image_id for _, image_id in list_test_images(test_dir)]
+    if test_ids is None:
+        require_test_dir(test_dir)
+        test_ids = [image_id for _, image_id in list_test_images(test_dir)]
     parsed = parse_submission(Path(path), as_path)
     if not parsed.readable:
         # Listing every test image as missing would only bury the real problem.
-        return SubmissionCheck(parsed.problems, 0, len(test_ids))
+        return FileValidation(parsed.problems, 0, len(test_ids))
 
     where = str(as_path if as_path is not None else path)
     summary: list[str] = []
@@ -493,10 +505,10 @@ def check_submission(
             labels.append(f"{parsed.where[image_id]}: category_id {label} is negative")
         elif num_classes is not None and label >= num_classes:
             labels.append(f"{parsed.where[image_id]}: category_id {label} is outside [0, {num_classes})")
-    return SubmissionCheck(summary + parsed.problems + labels, len(parsed.predictions), len(test_ids))
+    return FileValidation(summary + parsed.problems + labels, len(parsed.predictions), len(test_ids))
 
 
-def check_test_dir(test_dir: Path) -> None:
+def require_test_dir(test_dir: Path) -> None:
     """A usable test folder, or a UserError naming it (by its absolute path)."""
     if not Path(test_dir).is_dir():
         what = "not a folder" if Path(test_dir).exists() else "not found"
@@ -517,9 +529,9 @@ def validate_submission(
             ``None`` keeps all.
 
     Raises:
-        UserError: The test folder is missing or invalid (see :func:`check_submission`).
+        UserError: The test folder is missing or invalid (see :func:`validate_file`).
     """
-    return cap_problems(check_submission(path, test_dir, num_classes, as_path).problems, limit)
+    return cap_problems(validate_file(path, test_dir, num_classes, as_path).problems, limit)
 
 
 def cap_problems(problems: list[str], limit: int | None = MAX_PROBLEMS) -> list[str]:

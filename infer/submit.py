@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import platform
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -140,16 +141,30 @@ def predict(
     return ids, preds, bad
 
 
-def hidden_label_accuracy(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int]) -> dict:
-    """Accuracy on the test images that have a hidden label."""
-    hits = [(labels[i] == p) for i, p in zip(ids, preds) if i in labels]
-    return {"test_acc": 100.0 * sum(hits) / len(hits) if hits else float("nan"), "test_labelled": len(hits)}
-
-
 def test_inputs(cfg: Config) -> list[Path | None]:
     """What ``submit`` reads of the test set: the folder, the hidden labels, the manifest."""
     manifest = resolve_path(cfg.data.root, cfg.data.test_manifest) if cfg.data.test_manifest else None
-    return [resolve_path(cfg.data.root, cfg.data.test_dir), hidden_labels_path(cfg.data), manifest]
+    return [resolve_test_dir(cfg.data), hidden_labels_path(cfg.data), manifest]
+
+
+@dataclass
+class TestSet:
+    """The test images as ``submit`` reads them once: folder, ``(path, id)`` items, hidden labels
+    (None without), the make-testset manifest (None without)."""
+
+    __test__ = False  # not a pytest test class despite the name
+
+    folder: Path
+    items: list[tuple[Path, int]]
+    labels: dict[int, int] | None
+    manifest: dict | None
+
+
+def read_test_set(cfg: Config, infos: Sequence[dict]) -> TestSet:
+    """List the test folder once and read what goes with it (labels, manifest checked against both)."""
+    folder = resolve_test_dir(cfg.data)
+    items = list_test_images(folder)
+    return TestSet(folder, items, read_hidden_labels(cfg.data), read_test_manifest(cfg, infos, items))
 
 
 def read_test_manifest(cfg: Config, infos: Sequence[dict], items: Sequence[tuple[Path, int]]) -> dict | None:
@@ -162,15 +177,23 @@ def read_test_manifest(cfg: Config, infos: Sequence[dict], items: Sequence[tuple
         raise UserError("config key 'data.test_manifest' needs data.test_labels (the score by kind needs the labels)")
     path = resolve_path(cfg.data.root, cfg.data.test_manifest)
     manifest = read_manifest(path)
-    test_dir = resolve_path(cfg.data.root, cfg.data.test_dir)
-    check_manifest_matches(manifest, path, [i for _, i in items], test_dir, read_hidden_labels(cfg.data))
+    check_manifest_matches(
+        manifest, path, [i for _, i in items], resolve_test_dir(cfg.data), read_hidden_labels(cfg.data)
+    )
     check_not_surrogate(manifest, [info.get("sha256") for info in infos], "data.test_manifest")
     return manifest
 
 
-def kind_accuracy(ids: Sequence[int], preds: Sequence[int], labels: dict[int, int], manifest: dict) -> dict:
-    """The local Phase I score by kind of image (clean, corruption, transfer, stacked, all)."""
-    return breakdown({i: float(labels[i] == p) for i, p in zip(ids, preds) if i in labels}, kinds_by_id(manifest))
+def score_predictions(ids: Sequence[int], preds: Sequence[int], test: TestSet) -> dict:
+    """The local score when hidden labels exist: accuracy, and by kind of image for a make-testset set."""
+    if test.labels is None:
+        return {}
+    hits = [(test.labels[i] == p) for i, p in zip(ids, preds) if i in test.labels]
+    result = {"test_acc": 100.0 * sum(hits) / len(hits) if hits else float("nan"), "test_labelled": len(hits)}
+    if test.manifest is not None:
+        correct = {i: float(test.labels[i] == p) for i, p in zip(ids, preds) if i in test.labels}
+        result["by_kind"] = breakdown(correct, kinds_by_id(test.manifest))
+    return result
 
 
 def run(cfg: Config) -> dict:
@@ -179,7 +202,7 @@ def run(cfg: Config) -> dict:
     accelerator = create_accelerator(cfg)
     # Before the prediction, not after it; on every process, so none waits for a failed one.
     check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
-    stem = Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name)
+    stem = cfg.submission_stem
     check_outputs(list(submission_paths(stem.parent, stem.name).values()), "submit", "submit.file_name")
     # make-testset must not replace the test set while it is read (the manifest of one set and the images of the next)
     with (
@@ -189,11 +212,11 @@ def run(cfg: Config) -> dict:
         return predict_and_write(cfg, accelerator, start)
 
 
-def check_replaces_its_own(cfg: Config, stem: Path, infos: Sequence[dict], test_dir: Path) -> None:
+def check_replaces_its_own(cfg: Config, infos: Sequence[dict], test_dir: Path) -> None:
     """A submission already under this name is replaced only by the same model's predictions on
     the same test folder (a rerun), or with ``overwrite=true``: the Phase I file of a real model is
     not lost to a demo run or to a make-testset score."""
-    meta_path = submission_paths(stem.parent, stem.name)["meta"]
+    meta_path = submission_paths(cfg.submission_stem.parent, cfg.submission_name)["meta"]
     if cfg.overwrite or not meta_path.is_file():
         return
     try:
@@ -202,72 +225,69 @@ def check_replaces_its_own(cfg: Config, stem: Path, infos: Sequence[dict], test_
         old_test = Path(old["test_dir"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         old_models, old_test = None, None
-    if (
-        old_models == [i.get("sha256") for i in infos]
-        and old_test is not None
-        and old_test.resolve() == test_dir.resolve()
-    ):
+    same_test = old_test is not None and old_test.resolve() == test_dir.resolve()
+    if same_test and old_models == [i.get("sha256") for i in infos]:
         return
     what = (
         "an unreadable meta file"
         if old_models is None
         else "another model"
-        if old_test is not None and old_test.resolve() == test_dir.resolve()
+        if same_test
         else f"another test folder ({old_test})"
     )
     raise UserError(
-        f"{stem}.csv: holds the predictions of {what}; overwrite=true replaces them, or "
+        f"{cfg.submission_stem}.csv: holds the predictions of {what}; overwrite=true replaces them, or "
         f"submit.file_name=NAME writes beside them"
     )
 
 
 def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> dict:
-    """The body of :func:`run`, under the lock of the submission's name."""
+    """The body of :func:`run`, under the lock of the submission's name: predict on every process,
+    then the main process, which holds every prediction, scores and writes them."""
     checkpoints = resolve_member_paths(cfg)
     model, infos = create_model(cfg, checkpoints, accelerator)
-    test_dir = resolve_test_dir(cfg.data)
-    check_replaces_its_own(cfg, Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name), infos, test_dir)
-    items = list_test_images(test_dir)
-    manifest = read_test_manifest(cfg, infos, items)
-    loader = create_test_loader(cfg, items, input_size_of(infos), accelerator)
+    test = read_test_set(cfg, infos)
+    check_replaces_its_own(cfg, infos, test.folder)
+    loader = create_test_loader(cfg, test.items, input_size_of(infos), accelerator)
+    announce(cfg, model, test, loader, accelerator)
+    ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)
+    accelerator.wait_for_everyone()
+    if not accelerator.is_main_process:
+        return {"n_images": len(ids)}
+    preds, bad_files = apply_fallback(cfg, test.items, ids, preds, bad, accelerator)
+    result = {"n_images": len(ids), **score_predictions(ids, preds, test)}
+    lineages = [model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), i) for c, i in zip(checkpoints, infos)]
+    meta = build_meta(cfg, model, list(zip(checkpoints, infos, lineages)), test.folder, bad_files, result, accelerator)
+    meta["seconds"] = round(time.perf_counter() - start, 2)  # all but the writing itself
+    paths = write_submission(
+        Path(cfg.submit.out_dir), cfg.submission_name, ids, preds, meta, test.folder, cfg.data.num_classes,
+        [i for _, i in test.items],
+    )  # fmt: skip
+    result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
+    report_written(paths, result, accelerator)
+    log_submission(cfg, paths, meta, lineages)
+    return result
+
+
+def announce(cfg: Config, model: DefendedModel, test: TestSet, loader, accelerator: Accelerator) -> None:
     accelerator.print(
-        f"submit: {len(items)} images from {test_dir}, {describe(model)['members']} member(s), "
+        f"submit: {len(test.items)} images from {test.folder}, {describe(model)['members']} member(s), "
         f"{len(model.model.views)} TTA view(s), GCM {'on' if cfg.gcm.enabled else 'off'}, "
         f"{accelerator.num_processes} process(es) on {accelerator.device.type} in "
         f"{precision_name(accelerator.mixed_precision)} with {torch.get_num_threads()} torch thread(s) and "
         f"{loader.num_workers} loader worker(s) each"
     )
-    ids, preds, bad = predict(model, loader, accelerator, cfg.random_pad.seed)
-    result: dict = {"n_images": len(ids)}
-    accelerator.wait_for_everyone()
-    if not accelerator.is_main_process:
-        return result  # the main process holds every prediction and writes the files
 
-    preds, bad_files = apply_fallback(cfg, items, ids, preds, bad, accelerator)
-    labels = read_hidden_labels(cfg.data)
-    if labels is not None:
-        result.update(hidden_label_accuracy(ids, preds, labels))
-    if manifest is not None and labels is not None:
-        result["by_kind"] = kind_accuracy(ids, preds, labels, manifest)
-    name = cfg.submit.file_name or cfg.name
-    lineages = [
-        model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info) for c, info in zip(checkpoints, infos)
-    ]
-    sources = list(zip(checkpoints, infos, lineages))
-    meta = build_meta(cfg, model, sources, test_dir, len(ids), bad_files, result, accelerator.num_processes)
-    meta["seconds"] = round(time.perf_counter() - start, 2)
-    paths = write_submission(Path(cfg.submit.out_dir), name, ids, preds, meta, test_dir, cfg.data.num_classes)
-    result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
+
+def report_written(paths: dict[str, Path], result: dict, accelerator: Accelerator) -> None:
     acc = (
         f", accuracy on {result['test_labelled']} labelled test images: {result['test_acc']:.2f}%"
         if "test_acc" in result
         else ""
     )
-    accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({len(ids)} predictions, validated){acc}")
+    accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({result['n_images']} predictions, validated){acc}")
     if "by_kind" in result:
         accelerator.print(f"local Phase I score by kind: {format_breakdown(result['by_kind'])}")
-    log_submission(cfg, paths, meta, lineages)
-    return result
 
 
 def apply_fallback(
@@ -300,21 +320,22 @@ def build_meta(
     model: DefendedModel,
     sources: list[tuple[str, dict, dict]],
     test_dir: Path,
-    n_images: int,
     bad_files: list[str],
     result: dict,
-    num_processes: int,
+    accelerator: Accelerator,
 ) -> dict:
     """The meta file: what made these predictions. ``sources`` holds (checkpoint, its info, its
     W&B lineage) per member; the caller adds ``seconds``."""
     import timm  # for its version; loaded by core.model, which keeps wandb out of it
 
     return {
-        "name": cfg.submit.file_name or cfg.name,
+        "name": cfg.submission_name,
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "test_dir": str(test_dir),
-        "n_images": n_images,
-        "num_processes": num_processes,
+        "n_images": result["n_images"],
+        "num_processes": accelerator.num_processes,
+        "device": accelerator.device.type,
+        "precision": precision_name(accelerator.mixed_precision),
         "checkpoints": [
             {
                 "path": str(resolve_checkpoint_files(c)[0]),

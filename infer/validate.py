@@ -20,7 +20,7 @@ from core.cli import CheckerParser, run_checker, user_path
 from core.config import load_config
 from core.errors import UserError
 from core.io import read_json
-from infer.submission import MAX_PROBLEMS, cap_problems, check_submission, check_test_dir, set_problems
+from infer.submission import MAX_PROBLEMS, cap_problems, require_test_dir, set_problems, validate_file
 
 
 def create_validate_parser() -> argparse.ArgumentParser:
@@ -76,9 +76,9 @@ def run(argv: Sequence[str]) -> int:
     if args.max_problems < 0:
         parser.error(f"--max-problems must be 0 (all) or more, got {args.max_problems}")
     file, test_dir = user_path(args.file), user_path(args.test_dir)
-    check_test_dir(test_dir)
+    require_test_dir(test_dir)
     num_classes = resolve_num_classes(file, args.num_classes, user_path(args.config))
-    result = check_submission(file, test_dir, num_classes)
+    result = validate_file(file, test_dir, num_classes)
     result.problems[:0] = set_problems(file)  # a CSV of one run beside the JSON and meta of another
     if not result.ok:
         for line in cap_problems(result.problems, args.max_problems or None):

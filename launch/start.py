@@ -73,7 +73,7 @@ def check_output_free(module: str, cfg: Config) -> None:
     failure report of every rank). Only a look: the stage itself holds the lock while it runs."""
     claims = {
         "train.main": ("train", cfg.run_dir, "name"),
-        "infer.submit": ("submit", Path(cfg.submit.out_dir) / (cfg.submit.file_name or cfg.name), "submit.file_name"),
+        "infer.submit": ("submit", cfg.submission_stem, "submit.file_name"),
     }
     if module in claims:
         stage, output, key = claims[module]

@@ -292,7 +292,7 @@ def score_command(cfg: Config, out: Path, config_arg: str | None = None) -> str:
         f"data.test_dir={IMAGES_DIR}",
         f"data.test_labels={LABELS_NAME}",
         f"data.test_manifest={MANIFEST_NAME}",
-        f"submit.file_name={cfg.submit.file_name or cfg.name}_{out.name}",
+        f"submit.file_name={cfg.submission_name}_{out.name}",
     ]
     return shlex.join(["./run.sh", "submit", *config, *keys])
 

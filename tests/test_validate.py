@@ -13,9 +13,9 @@ from PIL import Image
 from core.errors import UserError
 from infer.submission import (
     SubmissionNameError,
-    check_submission,
     read_submission,
     set_problems,
+    validate_file,
     validate_submission,
     write_submission,
 )
@@ -63,7 +63,7 @@ def test_round_trip_csv_and_json_validate(tmp_path, test_dir):
         parsed, problems = read_submission(paths[key])
         assert problems == [] and parsed == expected
         assert validate_submission(paths[key], test_dir, 20) == []
-        check = check_submission(paths[key], test_dir, 20)
+        check = validate_file(paths[key], test_dir, 20)
         assert check.ok and check.n_predictions == check.n_test_images == N_IMAGES
     assert all_files(tmp_path) == ["sub.csv", "sub.json", "sub.meta.json"]  # no temp left behind
 
@@ -387,7 +387,7 @@ def test_listing_is_capped(tmp_path, test_dir):
     capped = validate_submission(path, test_dir, 20)
     assert len(capped) == 21 and capped[-1] == f"... and {N_IMAGES - 20} more problems"
     assert len(validate_submission(path, test_dir, 20, limit=None)) == N_IMAGES
-    assert check_submission(path, test_dir, 20).problems == validate_submission(path, test_dir, 20, limit=None)
+    assert validate_file(path, test_dir, 20).problems == validate_submission(path, test_dir, 20, limit=None)
 
 
 def test_bad_test_folder_is_a_user_error(tmp_path, test_dir):
