@@ -66,71 +66,85 @@ def whole_vs_parts(
 
 
 def bench_parts(ctx: BenchContext) -> None:
-    cfg = ctx.config()
-    s = ctx.settings
-    bs = cfg.submit.batch_size
-    parts_rounds = max(3, 3 * s.repeats)  # each round takes well under a second: buy robustness
-    member, _ = load_model(ctx.checkpoint)
-    if resolve_channels_last(cfg.model.channels_last):
-        member = member.to(memory_format=torch.channels_last)
-    x = torch.rand(bs, 3, s.image_size, s.image_size)
+    """GCM against one forward, TTA views batched against single views, an ensemble against its
+    members, and the CPU's view of the GPU switches."""
+    cfg, s = ctx.config(), ctx.settings
+    rounds = max(3, 3 * s.repeats)  # each round takes well under a second: buy robustness
+    member = in_layout(load_model(ctx.checkpoint)[0], cfg)
+    x = torch.rand(cfg.submit.batch_size, 3, s.image_size, s.image_size)
     bench_gcm(ctx, member, x, f"{cfg.model.name} at {s.image_size} px")
     if not s.quick:
         # The challenge's model and resolution: a forward costs ~8x more per pixel than the demo's.
         tiny = create_classifier(ModelConfig(name="convnext_tiny", drop_path_rate=0.0), cfg.data.num_classes).eval()
         bench_gcm(ctx, tiny, torch.rand(8, 3, 224, 224), "convnext_tiny at 224 px")
         del tiny
+    bench_tta_views(ctx, member, x, rounds)
+    bench_ensemble(ctx, member, x, rounds)
+    bench_cpu_switches(ctx, x, rounds)
 
-    views = resolve_views([1.0, 0.9], hflip=True)[: s.tta_views]
-    size = s.image_size
+
+def in_layout(model: nn.Module, cfg) -> nn.Module:
+    """``model`` in the memory layout ``model.channels_last`` gives on this machine."""
+    return model.to(memory_format=torch.channels_last) if resolve_channels_last(cfg.model.channels_last) else model
+
+
+def ms_pair(pairs) -> str:
+    return (
+        f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs {statistics.median(p[1] for p in pairs) * 1e3:.0f} ms"
+    )
+
+
+def bench_tta_views(ctx: BenchContext, member: nn.Module, x: torch.Tensor, rounds: int) -> None:
+    """k TTA views in one batched forward against k single-view forwards."""
+    views = resolve_views([1.0, 0.9], hflip=True)[: ctx.settings.tta_views]
+    size = ctx.settings.image_size
     batched = EnsembleTTA([member], [size], views).eval()
     singles = [EnsembleTTA([member], [size], [v]).eval() for v in views]
-    pairs = whole_vs_parts(batched, singles, x, parts_rounds)
+    pairs = whole_vs_parts(batched, singles, x, rounds)
     ctx.rows.append(
         Row(
             "parts",
             f"{len(views)} TTA views batched / {len(views)} single-view forwards",
             median_ratio(pairs),
-            f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
-            f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}, views "
-            f"{', '.join(map(str, views))}",
+            f"{ms_pair(pairs)}, batch {len(x)}, views {', '.join(map(str, views))}",
             ("<=", 1.05),
         )
     )
 
+
+def bench_ensemble(ctx: BenchContext, member: nn.Module, x: torch.Tensor, rounds: int) -> None:
+    """An ensemble of ``settings.members`` in one forward against the sum of its members' forwards."""
+    cfg, size = ctx.config(), ctx.settings.image_size
     others = []
-    for i in range(1, s.members):
+    for i in range(1, ctx.settings.members):
         torch.manual_seed(i)
-        other = create_classifier(cfg.model, cfg.data.num_classes).eval()
-        others.append(
-            other.to(memory_format=torch.channels_last) if resolve_channels_last(cfg.model.channels_last) else other
-        )
+        others.append(in_layout(create_classifier(cfg.model, cfg.data.num_classes).eval(), cfg))
     members = [member, *others]
     ensemble = EnsembleTTA(members, [size] * len(members), [View()]).eval()
     alone = [EnsembleTTA([m], [size], [View()]).eval() for m in members]
-    pairs = whole_vs_parts(ensemble, alone, x, parts_rounds)
+    pairs = whole_vs_parts(ensemble, alone, x, rounds)
     ctx.rows.append(
         Row(
             "parts",
             f"ensemble of {len(members)} / sum of its members",
             median_ratio(pairs),
-            f"{statistics.median(p[0] for p in pairs) * 1e3:.0f} vs "
-            f"{statistics.median(p[1] for p in pairs) * 1e3:.0f} ms, batch {bs}",
+            f"{ms_pair(pairs)}, batch {len(x)}",
             ("<=", 1.05),
         )
     )
 
-    # CPU view of the GPU switches: channels_last layout and bf16 autocast against the default.
+
+def bench_cpu_switches(ctx: BenchContext, x: torch.Tensor, rounds: int) -> None:
+    """The CPU's view of the GPU switches: channels_last and bf16 autocast against the default forward."""
     plain, _ = load_model(ctx.checkpoint)
-    cl, _ = load_model(ctx.checkpoint)
-    cl = cl.to(memory_format=torch.channels_last)
+    cl = load_model(ctx.checkpoint)[0].to(memory_format=torch.channels_last)
 
     def bf16_forward() -> float:
         with torch.autocast("cpu", dtype=torch.bfloat16):
             return time_module(plain, x, 1)
 
     fns = {"cl": lambda: time_module(cl, x, 1), "plain": lambda: time_module(plain, x, 1), "bf16": bf16_forward}
-    r = measure_interleaved(fns, parts_rounds, warmup=True)
+    r = measure_interleaved(fns, rounds, warmup=True)
     for key, label in (
         ("cl", "channels_last forward / default layout forward (time)"),
         ("bf16", "bf16 autocast forward / float32 forward (time)"),
@@ -141,7 +155,7 @@ def bench_parts(ctx: BenchContext) -> None:
                 label,
                 ratio_of(r, key, "plain"),
                 f"{statistics.median(r[key]) * 1e3:.1f} vs {statistics.median(r['plain']) * 1e3:.1f} ms, "
-                f"batch {bs}, CPU; < 1 is faster",
+                f"batch {len(x)}, CPU; < 1 is faster",
             )
         )
 

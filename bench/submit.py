@@ -135,9 +135,9 @@ def run_timm_style_inference(
 
 
 def bench_submit(ctx: BenchContext) -> None:
+    """submit end to end against the model alone, timm's inference loop and its own predict loop."""
     cfg = ctx.config()
     bs = cfg.submit.batch_size
-
     batches = load_test_batches(ctx.test_dir, ctx.settings.image_size, bs)
     model = create_model_only(ctx.checkpoint, cfg)
     predictor = create_predictor(cfg, ctx.checkpoint, ctx.test_dir)
@@ -162,33 +162,33 @@ def bench_submit(ctx: BenchContext) -> None:
         f"{n} images of {ctx.settings.image_size} px, batch {bs}, {torch.get_num_threads()} threads, "
         f"submit loader workers {used_workers}"
     )
+    add_submit_rows(ctx, r, common, used_workers)
+    if not ctx.settings.quick:
+        bench_submit_at_scale(ctx)
+
+
+def add_submit_rows(ctx: BenchContext, r: dict, common: str, used_workers: int) -> None:
+    """The rows of :func:`bench_submit` from its interleaved rates ``r``."""
+    rate = {k: median_rate(v) for k, v in r.items()}
+    timm_rows = [("timm", TIMM_WORKERS, f"timm with its default {TIMM_WORKERS} workers")]
+    if used_workers != TIMM_WORKERS:
+        timm_rows.append(("timm_same", used_workers, "timm with the worker count submit uses here"))
     ctx.rows.append(
         Row(
             "submit",
             "submit end to end / model-only forward",
             ratio_of(r, "submit", "limit"),
-            f"{median_rate(r['submit'])} vs {median_rate(r['limit'])} img/s; {common}",
+            f"{rate['submit']} vs {rate['limit']} img/s; {common}",
             (">=", 0.9),
         )
     )
-    ctx.rows.append(
-        Row(
-            "submit",
-            f"submit end to end / timm inference.py loop (-j {TIMM_WORKERS})",
-            ratio_of(r, "submit", "timm"),
-            f"{median_rate(r['submit'])} vs {median_rate(r['timm'])} img/s; timm with its default "
-            f"{TIMM_WORKERS} workers",
-            (">=", 1.0),
-        )
-    )
-    if used_workers != TIMM_WORKERS:
+    for key, workers, text in timm_rows:
         ctx.rows.append(
             Row(
                 "submit",
-                f"submit end to end / timm inference.py loop (-j {used_workers})",
-                ratio_of(r, "submit", "timm_same"),
-                f"{median_rate(r['submit'])} vs {median_rate(r['timm_same'])} img/s; timm with the worker "
-                "count submit uses here",
+                f"submit end to end / timm inference.py loop (-j {workers})",
+                ratio_of(r, "submit", key),
+                f"{rate['submit']} vs {rate[key]} img/s; {text}",
                 (">=", 1.0),
             )
         )
@@ -197,11 +197,9 @@ def bench_submit(ctx: BenchContext) -> None:
             "submit",
             "predict loop (no set-up, no files) / model-only forward",
             ratio_of(r, "predict", "limit"),
-            f"{median_rate(r['predict'])} vs {median_rate(r['limit'])} img/s: decode+resize+GCM+model+argmax",
+            f"{rate['predict']} vs {rate['limit']} img/s: decode+resize+GCM+model+argmax",
         )
     )
-    if not ctx.settings.quick:
-        bench_submit_at_scale(ctx)
 
 
 def bench_submit_at_scale(ctx: BenchContext) -> None:

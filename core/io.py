@@ -129,29 +129,37 @@ def atomic_write_files(
         for folder in {t.parent for t in [*texts, *removing]}:
             _fsync_dir(folder)
     except BaseException as exc:
-        lost = []
-        for target in reversed(removed):
-            with contextlib.suppress(OSError):
-                if target in backups:
-                    os.replace(backups.pop(target), target)
-        for target in reversed(installed):
-            try:
-                if target in backups:
-                    os.replace(backups[target], target)
-                    del backups[target]
-                else:
-                    target.unlink(missing_ok=True)
-            except OSError as undo_exc:
-                # Keep the backup file: it is now the only copy of the old submission.
-                kept = backups.pop(target, None)
-                lost.append(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
-                exc.add_note(lost[-1])
+        lost = _undo(installed, removed, backups)
+        for note in lost:
+            exc.add_note(note)
         if isinstance(exc, OSError):
             raise (WriteError(writing, exc, "; ".join(lost)) if lost else WriteError(writing, exc)) from None
         raise
     finally:
         for tmp in list(temps.values()) + list(backups.values()):
             tmp.unlink(missing_ok=True)
+
+
+def _undo(installed: list[Path], removed: list[Path], backups: dict[Path, Path]) -> list[str]:
+    """Put the files of a failed unit back as they were (``backups`` loses what it restores);
+    returns a note for each that could not be (its old copy is kept, and named)."""
+    lost = []
+    for target in reversed(removed):
+        with contextlib.suppress(OSError):
+            if target in backups:
+                os.replace(backups.pop(target), target)
+    for target in reversed(installed):
+        try:
+            if target in backups:
+                os.replace(backups[target], target)
+                del backups[target]
+            else:
+                target.unlink(missing_ok=True)
+        except OSError as undo_exc:
+            # Keep the backup file: it is now the only copy of the old version.
+            kept = backups.pop(target, None)
+            lost.append(f"could not restore {target} ({undo_exc}); old copy kept at {kept}")
+    return lost
 
 
 def _write_temp(target: Path, content: str | bytes) -> Path:

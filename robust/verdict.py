@@ -25,39 +25,57 @@ def _beats_white_box(attack: str) -> bool:
 def sanity_checks(result: EvalResult) -> list[str]:
     """The checks printed under the table: each line starts with ``ok:`` or ``WARNING:``."""
     notes = ["ok: every adversarial image lies inside its eps-ball and [0, 1] (checked for every attack)"]
-    one = 100.0 / max(result.n, 1) + 1e-9  # one image, in percent: the resolution of the numbers
     for row in result.rows.values():
-        if "fgsm" in row.attacks and "pgd_linf" in row.attacks:
-            fgsm, pgd = row.attacks["fgsm"].robust_acc, row.attacks["pgd_linf"].robust_acc
-            if pgd > fgsm + 1e-9:
-                notes.append(
-                    f"WARNING: {row.label}: PGD-Linf ({pgd:.1f}%) is weaker than single-step FGSM "
-                    f"({fgsm:.1f}%): an iterative attack must succeed at least as often; a sign of gradient "
-                    "masking or of too few / too small steps"
-                )
-            else:
-                notes.append(f"ok: {row.label}: PGD-Linf ({pgd:.1f}%) at least as strong as FGSM ({fgsm:.1f}%)")
-        if "autoattack" in row.attacks and "pgd_linf" in row.attacks:
-            aa, pgd = row.attacks["autoattack"].robust_acc, row.attacks["pgd_linf"].robust_acc
-            if aa < pgd - MASKING_POINTS:
-                # Fixed-step PGD (the paper's 3/40 eps steps) can stop well short of APGD's adaptive steps.
-                notes.append(
-                    f"WARNING: {row.label}: AutoAttack leaves {aa:.1f}% where PGD-Linf leaves {pgd:.1f}%: the "
-                    "PGD column overstates robustness here; quote AutoAttack (or raise eval.steps / eval.restarts)"
-                )
+        notes += row_checks(row)
+    notes += curve_checks(result)
+    notes += black_box_checks(result)
+    return notes
+
+
+def row_checks(row) -> list[str]:
+    """Within one row: the iterative attack at least as strong as the single step, AutoAttack not far below PGD."""
+    notes = []
+    if "fgsm" in row.attacks and "pgd_linf" in row.attacks:
+        fgsm, pgd = row.attacks["fgsm"].robust_acc, row.attacks["pgd_linf"].robust_acc
+        if pgd > fgsm + 1e-9:
+            notes.append(
+                f"WARNING: {row.label}: PGD-Linf ({pgd:.1f}%) is weaker than single-step FGSM "
+                f"({fgsm:.1f}%): an iterative attack must succeed at least as often; a sign of gradient "
+                "masking or of too few / too small steps"
+            )
+        else:
+            notes.append(f"ok: {row.label}: PGD-Linf ({pgd:.1f}%) at least as strong as FGSM ({fgsm:.1f}%)")
+    if "autoattack" in row.attacks and "pgd_linf" in row.attacks:
+        aa, pgd = row.attacks["autoattack"].robust_acc, row.attacks["pgd_linf"].robust_acc
+        if aa < pgd - MASKING_POINTS:
+            # Fixed-step PGD (the paper's 3/40 eps steps) can stop well short of APGD's adaptive steps.
+            notes.append(
+                f"WARNING: {row.label}: AutoAttack leaves {aa:.1f}% where PGD-Linf leaves {pgd:.1f}%: the "
+                "PGD column overstates robustness here; quote AutoAttack (or raise eval.steps / eval.restarts)"
+            )
+    return notes
+
+
+def curve_checks(result: EvalResult) -> list[str]:
+    """The undefended model's accuracy must fall towards 0 as eps grows (else the attack is too weak)."""
     curve = result.eps_curve
     und = curve.get("undefended", [])
-    if und:
-        eps = ", ".join(f"{v * 255:.3g}" for v in curve["eps"])
-        falling = all(b <= a + one for a, b in zip(und, und[1:]))
-        if falling and und[-1] <= 10.0:
-            notes.append(f"ok: undefended accuracy falls as eps grows ({eps} /255) to {und[-1]:.1f}%")
-        else:
-            notes.append(
-                f"WARNING: undefended accuracy along eps ({eps} /255) is "
-                f"{', '.join(f'{v:.1f}' for v in und)}%: it should fall toward 0; the attack may be too weak "
-                "(more eval.steps, a larger eval.step_ratio or more eval.restarts)"
-            )
+    if not und:
+        return []
+    one = 100.0 / max(result.n, 1) + 1e-9  # one image, in percent: the resolution of the numbers
+    eps = ", ".join(f"{v * 255:.3g}" for v in curve["eps"])
+    if all(b <= a + one for a, b in zip(und, und[1:])) and und[-1] <= 10.0:
+        return [f"ok: undefended accuracy falls as eps grows ({eps} /255) to {und[-1]:.1f}%"]
+    return [
+        f"WARNING: undefended accuracy along eps ({eps} /255) is "
+        f"{', '.join(f'{v:.1f}' for v in und)}%: it should fall toward 0; the attack may be too weak "
+        "(more eval.steps, a larger eval.step_ratio or more eval.restarts)"
+    ]
+
+
+def black_box_checks(result: EvalResult) -> list[str]:
+    """Noise against clean accuracy, and gradient masking: a weaker attacker beating the white box."""
+    notes = []
     by_key = {s.attack: s for s in result.black_box}
     top1 = result.rows["defended"].top1
     if "noise" in by_key:
@@ -68,20 +86,21 @@ def sanity_checks(result: EvalResult) -> list[str]:
             + ("" if tag == "ok" else ": the model is fragile to plain noise of this size")
         )
     white = result.robust_acc("defended", "pgd_linf")
-    if white is not None:
-        for s in result.black_box:
-            if _beats_white_box(s.attack) and s.robust_acc < white - 1e-9:
-                notes.append(
-                    f"WARNING: GRADIENT MASKING: {s.label} ({s.robust_acc:.1f}%) beats standard "
-                    f"white-box PGD-Linf on the {result.defense} model ({white:.1f}%): a weaker attacker "
-                    "does better, so the white-box number overstates robustness"
-                )
-        adaptive = result.robust_acc("adaptive", "pgd_linf")
-        if adaptive is not None and adaptive < white - MASKING_POINTS:
+    if white is None:
+        return notes
+    for s in result.black_box:
+        if _beats_white_box(s.attack) and s.robust_acc < white - 1e-9:
             notes.append(
-                f"WARNING: GRADIENT MASKING: the adaptive attack ({result.adaptive_attack}) lowers PGD-Linf "
-                f"accuracy on the {result.defense} model from {white:.1f}% to {adaptive:.1f}%"
+                f"WARNING: GRADIENT MASKING: {s.label} ({s.robust_acc:.1f}%) beats standard "
+                f"white-box PGD-Linf on the {result.defense} model ({white:.1f}%): a weaker attacker "
+                "does better, so the white-box number overstates robustness"
             )
+    adaptive = result.robust_acc("adaptive", "pgd_linf")
+    if adaptive is not None and adaptive < white - MASKING_POINTS:
+        notes.append(
+            f"WARNING: GRADIENT MASKING: the adaptive attack ({result.adaptive_attack}) lowers PGD-Linf "
+            f"accuracy on the {result.defense} model from {white:.1f}% to {adaptive:.1f}%"
+        )
     return notes
 
 

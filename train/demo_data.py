@@ -208,6 +208,30 @@ def _same_set(out: Path, marker: dict) -> bool:
     return existing is not None and all(existing.get(k) == v for k, v in marker.items() if k != "generator")
 
 
+def _write_set(
+    folder: Path,
+    factors: list,
+    marker: dict,
+    num_classes: int,
+    train_per_class: int,
+    test_per_class: int,
+    image_size: int,
+    seed: int,
+) -> None:
+    """The whole set into ``folder``: both splits, their label files and the marker."""
+    order = np.random.default_rng([seed, 2])
+    train_labels = order.permutation(np.repeat(np.arange(num_classes), train_per_class)).tolist()
+    test_labels = order.permutation(np.repeat(np.arange(num_classes), test_per_class)).tolist()
+    _write_split(folder / "train", "train", train_labels, factors, image_size, seed, ".JPEG")
+    _write_split(folder / "test", "test", test_labels, factors, image_size, seed, ".png")
+    (folder / "label.txt").write_text("".join(f"{i}.JPEG {c}\n" for i, c in enumerate(train_labels)), encoding="utf-8")
+    (folder / "test_labels.txt").write_text(
+        "".join(f"{i}.png {c}\n" for i, c in enumerate(test_labels)), encoding="utf-8"
+    )
+    classes = [{"label": k, "shape": SHAPES[s], "hue_family": h, "copies": c} for k, (s, h, c) in enumerate(factors)]
+    (folder / MARKER).write_text(json.dumps({**marker, "classes": classes}, indent=1) + "\n", encoding="utf-8")
+
+
 def generate_demo_data(
     out: Path,
     num_classes: int = 10,
@@ -256,19 +280,7 @@ def generate_demo_data(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        order = np.random.default_rng([seed, 2])
-        train_labels = order.permutation(np.repeat(np.arange(num_classes), train_per_class)).tolist()
-        test_labels = order.permutation(np.repeat(np.arange(num_classes), test_per_class)).tolist()
-        _write_split(tmp / "train", "train", train_labels, factors, image_size, seed, ".JPEG")
-        _write_split(tmp / "test", "test", test_labels, factors, image_size, seed, ".png")
-        (tmp / "label.txt").write_text("".join(f"{i}.JPEG {c}\n" for i, c in enumerate(train_labels)), encoding="utf-8")
-        (tmp / "test_labels.txt").write_text(
-            "".join(f"{i}.png {c}\n" for i, c in enumerate(test_labels)), encoding="utf-8"
-        )
-        classes = [
-            {"label": k, "shape": SHAPES[s], "hue_family": h, "copies": c} for k, (s, h, c) in enumerate(factors)
-        ]
-        (tmp / MARKER).write_text(json.dumps({**marker, "classes": classes}, indent=1) + "\n", encoding="utf-8")
+        _write_set(tmp, factors, marker, **args)
         os.chmod(tmp, 0o755)  # mkdtemp makes it private
         _publish(tmp, out, marker)
     finally:
