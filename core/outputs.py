@@ -418,48 +418,37 @@ def hold_output(output: Path, stage: str, key: str, accelerator=None):
             lock.release()
 
 
-# --- readers and the writer of a folder -------------------------------------------------------
-
-READERS_LOCK = ".readers.lock"  # inside a folder make-testset writes (published with it)
+# --- kernel locks a stage may build on ---------------------------------------------------------
 
 
-def sharing_lock_path(folder: Path) -> Path:
-    """The reader/writer lock of a folder ``make-testset`` writes: hidden, inside it, so it comes and
-    goes with the set (each set carries its own, created empty by the writer)."""
-    return Path(folder) / READERS_LOCK
+def try_flock(fd: int, mode: int) -> bool:
+    """``flock(fd, mode)`` without waiting: False when another process holds a conflicting lock."""
+    return _flock(fd, mode)
 
 
-def _open_sharing_lock(path: Path, flags: int) -> int | None:
-    """The lock file at ``path`` (never through a link), or None where there is none."""
+def same_file(path: Path, fd: int) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not replaced since it was opened)."""
+    return _same_file(path, fd)
+
+
+def holder_of(output: Path) -> str | None:
+    """Who holds the output lock of ``output`` now, as a message names them (None: nobody we can tell)."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW)
-    except (FileNotFoundError, NotADirectoryError):
-        return None
-    except OSError as exc:
-        raise UserError(f"cannot open the lock {path} ({exc.strerror or exc}): not a lock file of this pipeline")
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
-        os.close(fd)
-        raise UserError(f"the lock {path} is not a regular file: not a lock file of this pipeline; remove it")
-    return fd
-
-
-def _writer_of(folder: Path) -> str:
-    """Who holds the output lock of ``folder`` (the make-testset writing it), as a message names it."""
-    try:
-        fd = _open_existing(lock_path_of(folder), os.O_RDONLY)
+        fd = _open_existing(lock_path_of(output), os.O_RDONLY)
     except (OSError, UserError):
-        fd = None
+        return None
     if fd is None:
-        return "make-testset"
+        return None
     try:
         holder = _read_holder(fd)
     finally:
         os.close(fd)
-    return f"make-testset, {holder.describe()}" if holder is not None else "make-testset"
+    return holder.describe() if holder is not None else None
 
 
 @contextlib.contextmanager
-def _holding(fds: list[int]):
+def holding(fds: list[int]):
+    """Keep the kernel locks on ``fds`` for the block (a forked child closes its copies at once), then close them."""
     _held_fds.update(fds)
     try:
         yield
@@ -467,67 +456,6 @@ def _holding(fds: list[int]):
         for fd in fds:
             _held_fds.discard(fd)
             os.close(fd)
-
-
-@contextlib.contextmanager
-def hold_folder_for_writing(folder: Path, key: str):
-    """Exclude every reader of ``folder`` (:func:`hold_folders_for_reading`) for the block; the
-    writer must give the folder it publishes an empty :data:`READERS_LOCK`.
-
-    Raises:
-        UserError: a command reads the folder now (refused before any work, rather than replacing
-            a set under its reader).
-    """
-    fd = _open_sharing_lock(sharing_lock_path(folder), os.O_RDWR)
-    if fd is not None and not _flock(fd, fcntl.LOCK_EX):
-        os.close(fd)
-        raise UserError(
-            f"{key}: {folder} is being read by another command (submit, evaluate or ablate on this machine); "
-            "it is replaced only while nothing reads it: retry when that command ends"
-        )
-    with _holding([fd] if fd is not None else []):
-        yield
-
-
-def _lock_for_reading(folder: Path, key: str) -> int | None:
-    path = sharing_lock_path(folder)
-    for _ in range(_ATTEMPTS):
-        fd = _open_sharing_lock(path, os.O_RDONLY)
-        if fd is None:
-            return None
-        if not _flock(fd, fcntl.LOCK_SH):
-            os.close(fd)
-            raise UserError(f"{key}: {folder} is being replaced by {_writer_of(folder)}: retry when it ends")
-        if _same_file(path, fd):
-            return fd
-        os.close(fd)  # a new set took the folder's place between our open and our lock: lock that one
-    raise UserError(f"{key}: {folder} keeps being replaced; retry in a moment")
-
-
-@contextlib.contextmanager
-def hold_folders_for_reading(paths: Sequence[Path | None], key: str):
-    """Keep ``make-testset`` from replacing, for the block, the folders that are or hold ``paths``.
-
-    A folder ``make-testset`` wrote holds its :func:`sharing_lock_path`: readers hold it shared,
-    the writer exclusively, so a reader sees one whole set (never the manifest of one and the
-    images of the next). A folder without one was not written by ``make-testset``.
-
-    Raises:
-        UserError: ``make-testset`` is replacing one of them now (one line naming it).
-    """
-    folders = dict.fromkeys(f for p in paths if p is not None for f in (Path(p), Path(p).parent))
-    fds: list[int] = []
-    try:
-        for folder in folders:
-            fd = _lock_for_reading(folder, key)
-            if fd is not None:
-                fds.append(fd)
-    except BaseException:
-        for fd in fds:
-            os.close(fd)
-        raise
-    with _holding(fds):
-        yield
 
 
 # --- ownership ------------------------------------------------------------------------------

@@ -14,16 +14,14 @@ weights' sha256 in the run's config (and in the submission's meta file).
 
 from __future__ import annotations
 
-import hashlib
-import json
 import netrc
 import os
 import socket
 from pathlib import Path
 from urllib.parse import urlparse
 
-from core.config import Config, config_to_dict
-from core.io import atomic_write_text, read_json
+from core.config import Config
+from core.io import read_json
 
 _DEFAULT_URL = "https://api.wandb.ai"
 
@@ -100,23 +98,6 @@ def describe_mode(mode: str, reason: str, run_dir: Path) -> str:
     return f"W&B: {mode} - {reason}{where}"
 
 
-def init_tracking(accelerator, cfg: Config, mode: str, reason: str) -> str:
-    """Start the training run's W&B run on the main process with a mode from :func:`resolve_wandb_mode`.
-
-    Returns the mode used ('disabled' = none). Call it on every process (accelerate decides
-    which one logs); the Accelerator must have been built with ``log_with="wandb"``.
-    """
-    if mode == "disabled":
-        return mode
-    run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    init_kwargs = wandb_settings(cfg, mode, cfg.name, run_dir, "train")
-    accelerator.init_trackers(cfg.wandb.project, config=config_to_dict(cfg), init_kwargs={"wandb": init_kwargs})
-    if accelerator.is_main_process:
-        accelerator.print(describe_mode(mode, reason, run_dir))
-    return mode
-
-
 def start_run(cfg: Config, job_type: str, config: dict):
     """A W&B run of ``submit`` or ``evaluate`` in the run name's group, or ``None`` when W&B is disabled.
 
@@ -139,61 +120,6 @@ def start_run(cfg: Config, job_type: str, config: dict):
 # --- artifacts and lineage -----------------------------------------------------------------
 
 LINEAGE_SUFFIX = ".wandb.json"  # beside an exported model: which artifact holds it
-
-
-def log_model(run, cfg: Config, stem: Path, info: dict) -> dict:
-    """Log the exported model ``<stem>.json`` (+ weights) as artifact ``model-<name>``, aliases best/latest.
-
-    With ``wandb.upload_weights=false`` the weights enter as a checksummed ``file://``
-    reference instead of an upload (huge runs). Writes ``<stem>.wandb.json`` so ``submit``
-    and ``evaluate`` can name this artifact as their input; returns what it wrote there.
-    """
-    import wandb
-
-    weights = Path(f"{stem}.safetensors").resolve()
-    metadata = {
-        k: info.get(k)
-        for k in (
-            "arch",
-            "stem",
-            "num_classes",
-            "image_size",
-            "epoch",
-            "global_step",
-            "val_acc",
-            "val_robust_acc",
-            "selected_by",
-            "weights",
-            "sha256",
-        )
-    }
-    metadata["config_sha256"] = hashlib.sha256(json.dumps(info.get("config", {}), sort_keys=True).encode()).hexdigest()
-    artifact = wandb.Artifact(
-        f"model-{cfg.name}", type="model", metadata={k: v for k, v in metadata.items() if v is not None}
-    )
-    artifact.add_file(str(Path(f"{stem}.json")), name="best.json")
-    if cfg.wandb.upload_weights:
-        artifact.add_file(str(weights), name="best.safetensors")
-    else:
-        artifact.add_reference(weights.as_uri(), name="best.safetensors")
-    run.log_artifact(artifact, aliases=["best", "latest"])
-    lineage = {
-        "artifact": f"model-{cfg.name}",
-        "type": "model",
-        "sha256": info.get("sha256"),
-        "run": run.id,
-        "qualified": None,
-    }
-    if not run.offline:
-        try:  # online: the version exists once committed, so inputs can be pinned to it ("...:v3")
-            lineage["qualified"] = artifact.wait(timeout=max(cfg.wandb.timeout, 60)).qualified_name
-        except Exception as exc:  # noqa: BLE001 - a slow server must not fail a finished training run
-            print(
-                f"W&B: the model artifact is still uploading ({type(exc).__name__}); "
-                "its users will name it without a version"
-            )
-    atomic_write_text(Path(f"{stem}{LINEAGE_SUFFIX}"), json.dumps(lineage, indent=1) + "\n")
-    return lineage
 
 
 def model_lineage(checkpoint: Path, info: dict) -> dict:

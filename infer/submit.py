@@ -37,19 +37,20 @@ from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import check_writable
 from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_test_dir
-from core.outputs import check_outputs, hold_folders_for_reading, hold_output
+from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
-from infer.manifest import (
+from infer.submission import submission_paths, write_submission
+from infer.test_sets import (
     breakdown,
     check_manifest_matches,
     check_not_surrogate,
     format_breakdown,
+    hold_folders_for_reading,
     kinds_by_id,
     read_manifest,
 )
-from infer.submission import submission_paths, write_submission
 
 
 def compile_members(model: DefendedModel) -> None:

@@ -48,17 +48,18 @@ from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import atomic_write_files, remove_leftovers, to_json_safe
 from core.labels import list_test_images, read_test_labels, select_subset
-from core.outputs import check_outputs, hold_folders_for_reading, hold_output
+from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members
-from infer.manifest import (
+from infer.test_sets import (
     KINDS,
     MANIFEST_NAME,
     breakdown,
     check_manifest_matches,
     check_not_surrogate,
+    hold_folders_for_reading,
     kinds_by_id,
     read_manifest,
 )

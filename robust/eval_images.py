@@ -23,8 +23,8 @@ from core.labels import (
     resolve_test_dir,
     select_subset,
 )
-from core.outputs import hold_folders_for_reading
 from core.transforms import create_eval_transform
+from infer.test_sets import hold_folders_for_reading
 
 
 def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]:

@@ -44,9 +44,9 @@ from core.corruptions import corrupt, corruption_seed
 from core.devices import default_device
 from core.errors import UserError
 from core.io import publish_folder
-from core.outputs import hold_folder_for_writing, hold_output, sharing_lock_path
+from core.outputs import hold_output
 from infer.defended import load_members, resize_to, resolve_member_paths
-from infer.manifest import KINDS, MANIFEST_NAME
+from infer.test_sets import KINDS, MANIFEST_NAME, hold_folder_for_writing, sharing_lock_path
 from robust.eval_images import load_eval_images
 from robust.specs import draw_attack
 

@@ -79,6 +79,7 @@ def shrink(cfg_overrides: list[str], data_root: Path, out_dir: Path) -> list[str
         "train.base_batch_size=0",
         "wandb.mode=disabled",
         f"out_dir={out_dir}",
+        f"submit.out_dir={Path(out_dir).parent / 'submissions'}",  # never the checkout's own submissions/
         "submit.num_workers=0",
         "submit.batch_size=16",
         *([f"seed={42 + TEST_SEED}"] if TEST_SEED else []),

@@ -21,9 +21,8 @@ from core.checkpoint import export_model
 from core.config import ConfigError, load_config
 from core.errors import UserError
 from core.model import create_classifier
-from core.outputs import hold_folder_for_writing
 from infer import submit
-from infer.manifest import KINDS
+from infer.test_sets import KINDS, hold_folder_for_writing
 from robust import ablation, testset
 from tests.conftest import shrink
 

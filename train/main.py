@@ -21,10 +21,11 @@ from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, save_config
 from core.devices import precision_name
 from core.model import count_params
-from core.tracking import init_tracking, log_model, resolve_wandb_mode
+from core.tracking import resolve_wandb_mode
 from train.engine import Progress, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data
 from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
+from train.tracking import init_tracking, log_model
 
 
 def run(cfg: Config) -> dict:

@@ -28,10 +28,11 @@ from core.devices import (
     resolve_precision,
 )
 from core.labels import resolve_samples, select_subset
-from core.model import align_kernel_strides, check_input_size, create_classifier
+from core.model import create_classifier
 from core.transforms import create_eval_transform, create_train_transform
 from train.demo_data import generate_demo_data
 from train.loaders import create_train_loader
+from train.network import align_kernel_strides, check_input_size
 
 
 @dataclass
