@@ -49,7 +49,7 @@ def take_result_channel():
             sys.argv.remove(arg)
             os.set_inheritable(fd, False)
             return fd
-    raise SystemExit("usage: zip_check_child.py ZIP WORKDIR REQUEST --result-fd=N")
+    raise SystemExit("usage: check_child.py ZIP WORKDIR REQUEST --result-fd=N")
 
 
 def reporter(fd):

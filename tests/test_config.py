@@ -22,7 +22,7 @@ def test_default_config_is_the_demo():
 def test_challenge_configs_load(name):
     cfg = load_config(ROOT / "configs" / name)
     assert cfg.model.name == "convnext_tiny" and cfg.data.image_size == 224
-    assert cfg.data.root == "data/cvpr22"
+    assert cfg.data.root == f"data/cvpr22/{name[7:13]}"  # each phase its own folder and label file
 
 
 def test_overrides_are_cast_to_the_default_type():

@@ -15,6 +15,7 @@ import torch
 from attacks import lp_norm
 from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_config
 from core.io import WriteError
+from core.labels import select_subset
 from gcm import DefendedModel, RandomResizePad
 from infer.defended import build_defended_model, load_members
 from phase2 import export
@@ -314,10 +315,10 @@ def test_score_averages_the_draws_of_a_randomized_model(setup):
 
 
 def test_subset_is_seeded_and_clamped():
-    a = evaluate.select_subset(100, 10, seed=3)
-    assert list(a) == list(evaluate.select_subset(100, 10, seed=3)) and list(a) == sorted(set(a))
-    assert list(evaluate.select_subset(5, 10, seed=3)) == list(range(5))
-    assert list(evaluate.select_subset(5, 0, seed=3)) == list(range(5))
+    a = select_subset(100, 10, seed=3)
+    assert list(a) == list(select_subset(100, 10, seed=3)) and list(a) == sorted(set(a))
+    assert list(select_subset(5, 10, seed=3)) == list(range(5))
+    assert list(select_subset(5, 0, seed=3)) == list(range(5))
 
 
 @pytest.mark.slow

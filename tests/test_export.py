@@ -14,6 +14,7 @@ from core.checkpoint import export_model
 from core.config import load_config
 from core.errors import UserError
 from core.model import count_params, create_classifier
+from core.outputs import record_owner
 from gcm import GradientConcealment, RandomResizePad
 from gcm.random_pad import resize_pad, resize_pad_static
 from infer.defended import build_defended_model, load_members
@@ -292,7 +293,7 @@ def test_an_export_never_lands_on_a_model(checkpoints, tmp_path):
     export_model(
         load_members(checkpoints[:1], 4)[0][0],
         run_dir / "best",
-        {"arch": "test_convnext", "num_classes": 4, "image_size": 32},
+        {"arch": "test_convnext", "num_classes": 4, "image_size": 32, **record_owner("train", "model checkpoint")},
     )
     for path in (run_dir / "best.pt2", run_dir / "best.safetensors"):
         cfg = _cfg(checkpoints[:1], tmp_path, f"export.path={path}")

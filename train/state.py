@@ -23,7 +23,7 @@ from core.checkpoint import export_model, state_dict_of
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError
 from core.io import check_writable, publish_folder
-from core.outputs import claim_names, hold_output, record_owner
+from core.outputs import CLAIMS_NAME, claim_names, hold_output, record_owner
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
 
@@ -67,9 +67,16 @@ def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
         try:
             yield run_dir
         except BaseException:
-            if accelerator.is_main_process and not existed and run_dir.is_dir() and not any(run_dir.iterdir()):
-                run_dir.rmdir()
+            if accelerator.is_main_process and not existed and run_dir.is_dir():
+                remove_if_only_claims(run_dir)
             raise
+
+
+def remove_if_only_claims(run_dir: Path) -> None:
+    """Remove a run folder this run created and wrote nothing into but its claims."""
+    if {p.name for p in run_dir.iterdir()} <= {CLAIMS_NAME}:
+        (run_dir / CLAIMS_NAME).unlink(missing_ok=True)
+        run_dir.rmdir()
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
