@@ -23,6 +23,7 @@ from core.demo_data import generate_demo_data
 from core.labels import resolve_samples, select_subset
 from core.model import align_kernel_strides, check_input_size, create_classifier
 from core.transforms import create_eval_transform, create_train_transform
+from train.batch_augment import BatchAugment, create_batch_augment
 from train.loaders import create_train_loader
 
 
@@ -44,6 +45,7 @@ class Training:
     train_size: int
     val_size: int
     updates_per_epoch: int
+    batch_augment: BatchAugment | None = None  # aug.prime / aug.fourier, made on the device (train/batch_augment.py)
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -166,4 +168,5 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         len(train_set),
         len(val_set),
         updates_per_epoch,
+        create_batch_augment(cfg.aug, cfg.seed, accelerator.process_index, accelerator.num_processes),
     )
