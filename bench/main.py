@@ -28,6 +28,9 @@ Everything runs on the real code paths with real configs (``core.config.load_con
   steps with the real loader against synthetic batches already on the GPU, bf16 against fp32,
   channels_last, compile, and submit end to end against the model alone (``bench/gpu.py``).
 * ``checkdata`` (opt-in): ``./run.sh check-data`` on a Phase-II-sized folder (127,390 files).
+* ``recipes`` (opt-in): each corruption-robust training option (``aug.prime``, ``aug.fourier``,
+  ``aug.views=2`` with ``train.adv.consistency``, ``train.adv.eps=4/255``) per optimizer step
+  against plain PGD-AT.
 * ``scaling``: submit and training throughput against batch size and DataLoader workers, and
   a 2-process CPU training run (``python -m launch train.main --num_processes 2``)
   against 1 process.
@@ -46,6 +49,7 @@ Usage::
     ./run.sh bench --only submit,parts      # some sections
     ./run.sh bench --write BENCHMARKS.md    # also write the Markdown report
     ./run.sh bench --only commands --baseline /tmp/main   # before/after against another checkout
+    ./run.sh bench --only recipes model.name=convnext_tiny data.image_size=224 train.batch_size=16 --train-steps 3
     ./run.sh bench model.channels_last=true # config overrides apply to every measurement
 """
 
@@ -69,6 +73,7 @@ from bench.gpu import bench_gpu
 from bench.loader import bench_loader
 from bench.measure import BenchSettings, Row, describe_machine, prepare_context
 from bench.parts import bench_compile, bench_parts
+from bench.recipes import bench_recipes
 from bench.report import describe_busy_machine, format_machine, format_markdown, format_table, write_markdown
 from bench.scaling import bench_scaling
 from bench.submit import bench_submit
@@ -78,11 +83,13 @@ from core.errors import UserError
 
 SECTIONS = (
     "submit", "train", "parts", "scaling", "commands", "compile", "decode", "ablation", "loader", "gpu", "checkdata",
+    "recipes",
 )  # fmt: skip
 # opt-in: compile (~1 min of compilation), decode (peak memory of the worst accepted images, ~1 min),
 # ablation (./run.sh ablate on 100 images against one submit, several minutes), loader (224-px
 # pipelines per worker, ~1 min), gpu (convnext_tiny at 224 px on a CUDA GPU; bench/gpu_check.sh),
-# checkdata (check-data on 127,390 generated files, ~2 min the first time)
+# checkdata (check-data on 127,390 generated files, ~2 min the first time), recipes (several
+# PGD-AT runs side by side, several minutes)
 DEFAULT_SECTIONS = ("submit", "train", "parts", "scaling", "commands")
 
 
@@ -98,6 +105,7 @@ RUNNERS = {
     "loader": bench_loader,
     "gpu": bench_gpu,
     "checkdata": bench_check_data,
+    "recipes": bench_recipes,
 }
 
 
@@ -117,6 +125,9 @@ def create_parser() -> argparse.ArgumentParser:
     parser.add_argument("--only", default="", help=f"comma-separated sections: {', '.join(SECTIONS)}")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per comparison (default 3, quick 1)")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (default: torch's, = cores)")
+    parser.add_argument(
+        "--train-steps", type=int, default=0, help="optimizer steps per timed training run (default 20, quick 3)"
+    )
     parser.add_argument("--write", default="", metavar="FILE", help="also write the Markdown report to FILE")
     parser.add_argument("--workdir", default="", help="keep data and checkpoints here (default: a temp folder)")
     parser.add_argument(
@@ -131,12 +142,14 @@ def main(argv: Sequence[str] | None = None) -> list[Row]:
     quiet_libraries()
     args = create_parser().parse_args(argv)
     sections = resolve_sections(args.only)
+    if args.train_steps < 0:
+        raise UserError(f"--train-steps: {args.train_steps} must be >= 1 (0: the default)")
     baseline = user_path(args.baseline)
     if baseline is not None and not (baseline / "run.sh").is_file():
         raise UserError(f"--baseline {args.baseline}: no run.sh in it (give a checkout of this repository)")
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = BenchSettings.create(args.quick, args.repeats)
+    settings = BenchSettings.create(args.quick, args.repeats, args.train_steps)
     machine = describe_machine()
     print(f"machine: {format_machine(machine)}", flush=True)
     start = time.perf_counter()

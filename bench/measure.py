@@ -43,9 +43,9 @@ class BenchSettings:
     model_overrides: tuple = ()  # config overrides that pick the model
 
     @classmethod
-    def create(cls, quick: bool, repeats: int | None) -> "BenchSettings":
+    def create(cls, quick: bool, repeats: int | None, train_steps: int = 0) -> "BenchSettings":
         if not quick:
-            return cls(repeats=repeats or 3)
+            return cls(repeats=repeats or 3, train_steps=train_steps or 20)
         return cls(
             quick=True,
             repeats=repeats or 1,
@@ -53,7 +53,7 @@ class BenchSettings:
             image_size=32,
             train_per_class=24,
             test_per_class=24,
-            train_steps=3,
+            train_steps=train_steps or 3,
             batch_sizes=(8, 16),
             worker_counts=(0, 1),
             model_overrides=("model.name=test_convnext", "train.batch_size=16", "submit.batch_size=16"),

@@ -198,26 +198,34 @@ def bench_adversarial(ctx: BenchContext) -> None:
     mode) does not blur the ratio; robust validation runs once per epoch and is not in it.
     """
     steps = ctx.settings.train_steps
-    base = create_training(ctx.config(f"train.max_steps={steps}"))
-    raw = collect_train_batches(base, min(steps, len(base.train_loader)))
-    trainings = {"none": base}
-    for mode, (overrides, _) in ADVERSARIAL_MODES.items():
-        trainings[mode] = create_training(ctx.config(f"train.max_steps={steps}", *overrides))
-    r = measure_interleaved(
-        {m: (lambda t=t: run_train_epoch(t, raw, 0)) for m, t in trainings.items()}, ctx.settings.repeats, warmup=True
-    )
+    r = time_step_variants(ctx, [], {mode: overrides for mode, (overrides, _) in ADVERSARIAL_MODES.items()})
     for mode, (overrides, goal) in ADVERSARIAL_MODES.items():
         ctx.rows.append(
             Row(
                 "train",
                 f"train.adv.mode={mode} step / standard step (time)",
-                ratio_of(r, "none", mode),  # samples/s of standard over the mode's: its cost per step
-                f"{median_rate(r[mode])} vs {median_rate(r['none'])} samples/s; "
+                ratio_of(r, "base", mode),  # samples/s of standard over the mode's: its cost per step
+                f"{median_rate(r[mode])} vs {median_rate(r['base'])} samples/s; "
                 + "".join(f"{o.split('.')[-1]}, " for o in overrides[1:])
                 + f"{steps} optimizer steps on the same batches",
                 goal,
             )
         )
+
+
+def time_step_variants(ctx: BenchContext, base: list[str], variants: dict[str, list[str]]) -> dict[str, list[float]]:
+    """Samples/s of ``train_one_epoch`` with ``base`` (key ``base``) and with each variant's overrides
+    on top of it, interleaved, on the same augmented batches held in memory (the loader is out of
+    the ratio; what a variant does on the device, its device augmentations included, is in it)."""
+    steps = ctx.settings.train_steps
+    first = create_training(ctx.config(f"train.max_steps={steps}", *base))
+    raw = collect_train_batches(first, min(steps, len(first.train_loader)))
+    trainings = {"base": first}
+    for name, overrides in variants.items():
+        trainings[name] = create_training(ctx.config(f"train.max_steps={steps}", *base, *overrides))
+    return measure_interleaved(
+        {k: (lambda t=t: run_train_epoch(t, raw, 0)) for k, t in trainings.items()}, ctx.settings.repeats, warmup=True
+    )
 
 
 def run_loader(training: Training, batches: int, epoch: int) -> float:

@@ -116,6 +116,47 @@ class AugMixConfig:
     jsd_weight: float = 0.0
 
 
+# PRIME's three primitives (Modas et al. 2022) and a smooth haze-and-contrast field aimed at ImageNet-C's
+# low-frequency cells (fog, contrast); train/batch_augment.py makes them.
+PRIME_PRIMITIVES = ("color", "filter", "deform", "haze")
+
+
+@dataclass
+class PrimeConfig:
+    """PRIME (``aug.prime``): random max-entropy transforms mixed as AugMix mixes its chains, made on
+    the training device a whole batch at a time (train/batch_augment.py). Strengths as the authors'
+    CIFAR config (the closest to 64 px), each drawn per image up to its value."""
+
+    enabled: bool = False
+    p: float = 1.0  # probability that an image is augmented
+    width: int = 3  # chains per image, mixed with Dirichlet(1) weights, then with the image by a uniform weight
+    depth: int = -1  # primitives per chain; -1: 1..3 at random
+    primitives: list = field(default_factory=lambda: list(PRIME_PRIMITIVES))
+    color_strength: float = 0.01  # variance of the tone curve's sine coefficients (PRIME's T = 0.01)
+    color_modes: int = 100  # its highest sine frequency (PRIME's cut = 100)
+    filter_strength: float = 4.0  # sigma of the random kernel delta + sigma * N(0, 1) (PRIME's 4)
+    filter_size: int = 3  # odd
+    deform_strength: float = 1.0  # share of the largest temperature without fold-overs (PRIME's alpha = 1)
+    deform_modes: int = 100  # highest mode of the displacement field (PRIME's cutmax = 100)
+    haze_strength: float = 0.5  # largest amplitude of the smooth grey field added (pixel units)
+    haze_contrast: float = 0.2  # lowest contrast factor (each image pulled towards its mean colour)
+    haze_modes: int = 8  # highest mode of the grey field (low frequencies only, as fog)
+
+
+@dataclass
+class FourierConfig:
+    """Fourier-basis noise (``aug.fourier``; AFA, Vaish et al. 2024): one planar wave per colour
+    channel, of random frequency, direction and phase, added to the image on the training device."""
+
+    enabled: bool = False
+    p: float = 1.0  # probability that an image is augmented
+    max_freq: float = 0.5  # cycles per pixel, drawn uniformly in (0, max_freq] (0.5: the Nyquist frequency)
+    # peak amplitude (pixel units) = strength_min + Exponential(strength_mean); AFA's CIFAR values
+    # (mean strength 5 of a unit-L2 wave scaled by size / 32) give a mean peak of about 0.2
+    strength_min: float = 0.0
+    strength_mean: float = 0.2
+
+
 @dataclass
 class AugConfig:
     scale: list = field(default_factory=lambda: [0.25, 1.0])  # RandomResizedCrop area range
@@ -126,6 +167,12 @@ class AugConfig:
     corruptions: list = field(default_factory=_corruption_family)
     extra: list = field(default_factory=list)  # more albumentations transforms, same form
     augmix: AugMixConfig = field(default_factory=AugMixConfig)
+    prime: PrimeConfig = field(default_factory=PrimeConfig)
+    fourier: FourierConfig = field(default_factory=FourierConfig)
+    # 1: the device augmentations (prime, fourier) replace the loader's image; 2: every image trains
+    # twice, as the loader made it and as its device-augmented copy (each attacked under train.adv;
+    # train.adv.consistency ties their predictions): AFA's auxiliary view, DAJAT's two views
+    views: int = 1
 
 
 @dataclass
@@ -163,6 +210,9 @@ class AdvConfig:
     val_images: int = 200  # 0 -> the whole validation set
     val_steps: int = 10
     select: str = "auto"  # which accuracy picks `best`: auto (robust when mode != none) | clean | robust
+    # aug.views=2: weight of the Jensen-Shannon divergence between the predictions on the two views,
+    # on their adversarial examples under pgd / fgsm_rs (DAJAT, Addepalli et al. 2022); 0: cross-entropy only
+    consistency: float = 0.0
 
 
 @dataclass
@@ -433,6 +483,7 @@ _CHOICES = {
     "model.stem": ("patch", "overlap", "overlap_tiered"),
     "train.adv.mode": ("none", "fgsm_reg", "fgsm_rs", "pgd", "trades"),
     "train.adv.select": ("auto", "clean", "robust"),
+    "aug.prime.primitives": PRIME_PRIMITIVES,
     "export.formats": ("onnx", "zip", "pt2"),
     "export.channel_order": ("rgb", "bgr"),
     "testset.corruptions": ALL_CORRUPTIONS,
@@ -717,6 +768,7 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     if check_aug:
         check_aug_section(cfg)
     _check_augmix(cfg)
+    _check_batch_augment(cfg)
     _check_model(cfg.model)
     _check_predict(cfg)
     _check_eval(cfg.eval)
@@ -870,6 +922,72 @@ def _check_augmix(cfg: Config) -> None:
             f"aug.augmix.jsd_weight > 0 does not combine with train.adv.mode={t.adv.mode}; use pgd or fgsm_rs, "
             "or aug.augmix.jsd_weight=0"
         )
+
+
+def _check_batch_augment(cfg: Config) -> None:
+    """``aug.prime``, ``aug.fourier``, ``aug.views`` and ``train.adv.consistency``: values and combinations."""
+    aug, adv, t = cfg.aug, cfg.train.adv, cfg.train
+    _check_prime(aug.prime)
+    _check_fourier(aug.fourier)
+    on_device = aug.prime.enabled or aug.fourier.enabled
+    if aug.views not in (1, 2):
+        raise ConfigError(f"config key 'aug.views': {aug.views} must be 1 or 2")
+    if adv.consistency < 0:
+        raise ConfigError(f"config key 'train.adv.consistency' must be >= 0, got {adv.consistency}")
+    if adv.consistency > 0 and aug.views != 2:
+        raise ConfigError("config key 'train.adv.consistency' needs aug.views=2 (two views to compare)")
+    if aug.views == 2 and not on_device:
+        raise ConfigError(
+            "config key 'aug.views=2' needs aug.prime.enabled or aug.fourier.enabled (else the second view "
+            "repeats the first)"
+        )
+    if on_device and aug.augmix.enabled and aug.augmix.jsd_weight > 0:
+        # The loader's three AugMix views already carry a consistency loss of their own.
+        raise ConfigError(
+            "aug.prime/aug.fourier do not combine with aug.augmix.jsd_weight > 0; use aug.augmix.jsd_weight=0, "
+            "or aug.views=2 with train.adv.consistency"
+        )
+    if aug.views == 2 and (t.mixup > 0 or t.cutmix > 0):
+        raise ConfigError("aug.views=2 does not combine with train.mixup/train.cutmix (the two views share one label)")
+    if aug.views == 2 and adv.mode in ("fgsm_reg", "trades"):
+        # Both already train on a clean and an adversarial view with their own weighting.
+        raise ConfigError(
+            f"aug.views=2 does not combine with train.adv.mode={adv.mode}; use pgd, fgsm_rs or none, or aug.views=1"
+        )
+
+
+def _check_prime(p: PrimeConfig) -> None:
+    if not p.enabled:
+        return
+    if not p.primitives:  # the names themselves are checked as they are set (_CHOICES)
+        raise ConfigError(f"config key 'aug.prime.primitives' needs at least one of {', '.join(PRIME_PRIMITIVES)}")
+    if not 0 <= p.p <= 1 or p.width < 1 or p.depth == 0 or p.depth < -1:
+        raise ConfigError(
+            f"config keys 'aug.prime.p' (0..1), 'width' (>= 1), 'depth' (-1 or >= 1): out of range in {p.p}, "
+            f"{p.width}, {p.depth}"
+        )
+    strengths = ("color_strength", "filter_strength", "deform_strength", "haze_strength")
+    if any(getattr(p, k) < 0 for k in strengths):
+        raise ConfigError(f"config keys 'aug.prime.{{{','.join(strengths)}}}' must be >= 0")
+    if p.filter_size < 1 or p.filter_size % 2 == 0:
+        raise ConfigError(f"config key 'aug.prime.filter_size': {p.filter_size} must be odd and >= 1")
+    if p.color_modes < 1 or p.deform_modes < 2 or p.haze_modes < 1:
+        raise ConfigError("config keys 'aug.prime.color_modes'/'haze_modes' (>= 1), 'deform_modes' (>= 2) out of range")
+    if not 0 < p.haze_contrast <= 1:
+        raise ConfigError(f"config key 'aug.prime.haze_contrast': {p.haze_contrast} must be in (0, 1]")
+
+
+def _check_fourier(f: FourierConfig) -> None:
+    if not f.enabled:
+        return
+    if not 0 <= f.p <= 1:
+        raise ConfigError(f"config key 'aug.fourier.p': {f.p} must be in [0, 1]")
+    if not 0 < f.max_freq <= 0.5:
+        raise ConfigError(
+            f"config key 'aug.fourier.max_freq': {f.max_freq} must be in (0, 0.5] cycles per pixel (higher ones alias)"
+        )
+    if f.strength_min < 0 or f.strength_mean < 0 or f.strength_min + f.strength_mean == 0:
+        raise ConfigError("config keys 'aug.fourier.strength_min'/'strength_mean' must be >= 0, not both 0")
 
 
 def _check_model(m: ModelConfig) -> None:

@@ -77,6 +77,20 @@ def test_quick_bench_prints_and_writes_the_ratio_table(tmp_path):
     assert body.count("\n| ") >= len(GOAL_ROWS) + len(INFO_ROWS) + 1
 
 
+@pytest.mark.slow
+def test_quick_recipes_section_times_every_option_against_plain_pgd_at(tmp_path):
+    from bench.recipes import RECIPE_OPTIONS
+
+    proc = run_module("bench", "--quick", "--only", "recipes", "--train-steps", "2", timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [ln for ln in proc.stdout.splitlines() if ln.startswith("recipes ") and "/ PGD-AT step (time)" in ln]
+    assert len(rows) == len(RECIPE_OPTIONS), proc.stdout
+    for label, row in zip(RECIPE_OPTIONS, rows):
+        assert label in row and "2 optimizer steps" in row
+        value = float(re.search(r"\(time\)\s+([0-9.]+)\s", row).group(1))
+        assert math.isfinite(value) and value > 0
+
+
 def test_write_markdown_replaces_only_the_marked_block(tmp_path):
     path = tmp_path / "B.md"
     write_markdown(path, "first\n")

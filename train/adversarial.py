@@ -13,6 +13,11 @@ With AugMix's consistency loss (``aug.augmix.jsd_weight > 0``) a batch holds thr
 image (clean, AugMix, AugMix): :func:`consistency_loss` trains on them, the clean view replaced by
 its adversarial example under ``fgsm_rs`` and ``pgd``.
 
+With two views of each image (``aug.views=2``: the loader's and its device-augmented copy),
+:func:`paired_loss` attacks both and trains on both, plus ``train.adv.consistency`` x the
+Jensen-Shannon divergence between the two predictions (DAJAT's consistency between adversarial
+views, Addepalli et al. 2022).
+
 The attack runs on the unwrapped network in eval mode (no drop-path, no gradient sync across
 processes: each process attacks its own batch), with the loss in float32, and never through GCM
 (its gradient is noise by design). Its random starts come from torch's global RNG, which the
@@ -55,6 +60,7 @@ def adversarial_loss(
     targets: torch.Tensor,
     adv: AdvConfig,
     epoch: float,
+    paired: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The training loss of one batch (call it under the accelerator's autocast).
 
@@ -66,7 +72,10 @@ def adversarial_loss(
         targets: Labels (or soft targets with mixup, fgsm_reg only).
         adv: The ``train.adv`` section.
         epoch: Where training stands, in epochs (for the eps warm-up).
+        paired: A second view of each image of ``x`` (``aug.views=2``): :func:`paired_loss`.
     """
+    if paired is not None:
+        return paired_loss(model, attack_model, loss_fn, x, paired, targets, adv, epoch)
     if x.dim() == 5:
         return consistency_loss(model, attack_model, loss_fn, x, targets, adv, epoch)
     if adv.mode == "none":
@@ -118,3 +127,41 @@ def consistency_loss(
     elif adv.mode not in ("none", "fgsm_rs", "pgd"):
         raise ValueError(f"train.adv.mode={adv.mode} has no AugMix consistency loss (validate_config refuses it)")
     return loss_fn(model(torch.cat([clean, *mixed])), targets)
+
+
+def paired_loss(
+    model: nn.Module,
+    attack_model: nn.Module,
+    loss_fn: nn.Module,
+    x: torch.Tensor,
+    paired: torch.Tensor,
+    targets: torch.Tensor,
+    adv: AdvConfig,
+    epoch: float,
+) -> torch.Tensor:
+    """The loss on two views of every image, in one attack and one forward.
+
+    Under ``pgd`` / ``fgsm_rs`` both views are replaced by their adversarial examples (one attack on
+    the 2N batch: its loss is a sum over images, so each view is attacked on its own); the loss is the
+    classification loss over all 2N plus ``adv.consistency`` x the Jensen-Shannon divergence between
+    the two views' predictions (DAJAT's term; ``mode=none`` compares the clean predictions).
+    """
+    both, labels = torch.cat([x, paired]), torch.cat([targets, targets])
+    eps = eps_at(adv, epoch)
+    if adv.mode in ("fgsm_rs", "pgd") and eps > 0:
+        steps = 1 if adv.mode == "fgsm_rs" else adv.steps
+        both = pgd(attack_model, both, labels, eps, steps=steps, step_size=step_size_of(adv, eps))
+    elif adv.mode not in ("none", "fgsm_rs", "pgd"):
+        raise ValueError(f"train.adv.mode={adv.mode} has no two-view loss (validate_config refuses it)")
+    logits = model(both)
+    loss = loss_fn(logits, labels)
+    if adv.consistency > 0:
+        loss = loss + adv.consistency * js_divergence(*logits.float().chunk(2))
+    return loss
+
+
+def js_divergence(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Jensen-Shannon divergence between the softmax predictions of two logit batches (batch mean)."""
+    p, q = F.softmax(a, dim=1), F.softmax(b, dim=1)
+    log_mixture = ((p + q) / 2).clamp(1e-7, 1).log()
+    return (F.kl_div(log_mixture, p, reduction="batchmean") + F.kl_div(log_mixture, q, reduction="batchmean")) / 2

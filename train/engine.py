@@ -66,12 +66,15 @@ def train_one_epoch(
     start = time.perf_counter()
     for images, targets in loader:
         x = to_float_images(images, training.channels_last)
+        paired = None  # the device-augmented second view (aug.views=2)
+        if training.batch_augment is not None:
+            x, paired = training.batch_augment.views(x, epoch, progress.batch)
         if on_first_batch is not None:
-            on_first_batch(x)
+            on_first_batch(x if paired is None else torch.stack([x, paired], 1))
             on_first_batch = None
         if training.mixup_fn is not None:
             x, targets = training.mixup_fn(x, targets)
-        value = train_step(training, raw_model, x, targets, progress, epoch)
+        value = train_step(training, raw_model, x, targets, progress, epoch, paired)
         progress.batch += 1
         loss_sum += value
         loss_count += 1
@@ -106,9 +109,17 @@ def create_bar(total: int, initial: int, epoch: int, accelerator) -> tqdm:
 
 
 def train_step(
-    training: Training, raw_model: nn.Module, x: torch.Tensor, targets: torch.Tensor, progress: Progress, epoch: int
+    training: Training,
+    raw_model: nn.Module,
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    progress: Progress,
+    epoch: int,
+    paired: torch.Tensor | None = None,
 ) -> float:
     """Forward, backward and (when gradients sync) an optimizer step on one batch; returns its loss.
+
+    ``paired``: the batch's device-augmented second view (``aug.views=2``), trained on beside ``x``.
 
     Raises:
         TrainingDiverged: the loss is not finite (the last good checkpoint is kept).
@@ -117,7 +128,7 @@ def train_step(
     with accelerator.accumulate(model):
         with accelerator.autocast():
             epoch_now = progress.global_step / max(1, training.updates_per_epoch)
-            loss = adversarial_loss(model, raw_model, training.loss_fn, x, targets, t.adv, epoch_now)
+            loss = adversarial_loss(model, raw_model, training.loss_fn, x, targets, t.adv, epoch_now, paired)
         value = loss.detach().float().item()
         if not math.isfinite(value):
             raise TrainingDiverged(

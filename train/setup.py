@@ -30,6 +30,7 @@ from core.devices import (
 from core.labels import resolve_samples, select_subset
 from core.model import create_classifier
 from core.transforms import create_eval_transform, create_train_transform
+from train.batch_augment import BatchAugment, create_batch_augment
 from train.demo_data import generate_demo_data
 from train.loaders import create_train_loader
 from train.network import align_kernel_strides, check_input_size
@@ -56,6 +57,7 @@ class Training:
     scaling: BatchScaling | None = None  # the lr and EMA decay for this run's global batch
     channels_last: bool = False  # model.channels_last resolved on this device
     workers: int = 0  # loader worker processes of this process
+    batch_augment: BatchAugment | None = None  # aug.prime / aug.fourier, made on the device (train/batch_augment.py)
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -244,4 +246,5 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         scaling=scaling,
         channels_last=channels_last,
         workers=workers,
+        batch_augment=create_batch_augment(cfg.aug, cfg.seed, accelerator.process_index, accelerator.num_processes),
     )
