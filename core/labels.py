@@ -28,7 +28,7 @@ from typing import Sequence
 
 import numpy as np
 
-from core.config import DataConfig, resolve_path
+from core.config.schema import DataConfig
 from core.errors import UserError
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
@@ -40,6 +40,14 @@ _ID_RE = re.compile(r"[0-9]+")
 
 
 # --------------------------------------------------------------------------- label files
+
+
+def resolve_path(root: str, path: str) -> Path:
+    """``path`` relative to ``root`` unless absolute; '' stays ''."""
+    if not path:
+        return Path("")
+    p = Path(os.path.expanduser(path))
+    return p if p.is_absolute() else Path(root) / p
 
 
 def _read_text_lines(path: Path, what: str) -> list[str]:

@@ -32,7 +32,7 @@ if TYPE_CHECKING:  # the config module builds these pipelines to check its aug s
     import albumentations as A
     from timm.data.auto_augment import AugMixAugment
 
-    from core.config import AugConfig, AugMixConfig
+    from core.config.schema import AugConfig, AugMixConfig
 
 # albumentations and timm are imported on first use, not with this module: they import torch
 # (seconds), and every stage imports this module for the eval resize, which needs neither.

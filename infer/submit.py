@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
-from core.config import Config, config_to_dict, resolve_path
+from core.config import Config, config_to_dict
 from core.datasets import TestImageDataset, create_eval_loader
 from core.devices import (
     available_cores,
@@ -36,7 +36,7 @@ from core.devices import (
 from core.errors import UserError
 from core.images import load_image, to_float_images
 from core.io import check_writable
-from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_test_dir
+from core.labels import hidden_labels_path, list_test_images, read_hidden_labels, resolve_path, resolve_test_dir
 from core.outputs import check_outputs, hold_output
 from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel

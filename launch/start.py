@@ -47,7 +47,7 @@ USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [launch fla
 
 Config sections: name, out_dir, seed, resume, overwrite, data, aug, model, train (train.adv:
 adversarial training), wandb, tta, gcm, random_pad, submit, budget, export, eval. Every key, its
-default and what it means: core/config.py; paths inside a config are relative to the repository.
+default and what it means: core/config/schema.py; paths inside a config are relative to the repository.
 
 Launch flags (accelerate launch's names). Default: every visible GPU, one process each, bf16
 where the GPUs have it (train.mixed_precision=auto); on a machine without CUDA one process.

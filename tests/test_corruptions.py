@@ -1,5 +1,5 @@
-"""ImageNet-C (core/corruptions.py, robust/corruptions.py): the fork runs here, every image has its own
-seed, and the evaluation cells do not depend on batch size, order or the number of processes."""
+"""ImageNet-C (core/corruptions.py, robust/imagenet_c.py, robust/corruptions.py): the fork runs here,
+every image has its own seed, and the evaluation cells do not depend on batch size, order or the number of processes."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from core.config import ConfigError, new_config
-from core.corruptions import ALL_CORRUPTIONS, COMMON, GROUPS, HELD_OUT, corrupt, corruption_seed, group_of
+from core.corruptions import ALL_CORRUPTIONS, COMMON, GROUPS, HELD_OUT, group_of
 from gcm import DefendedModel
 from robust.corruptions import (
     add_mce,
@@ -19,6 +19,7 @@ from robust.corruptions import (
     summarize,
     training_counterparts,
 )
+from robust.imagenet_c import corrupt, corruption_seed
 from train.demo_data import render_image, resolve_class_factors
 
 

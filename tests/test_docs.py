@@ -12,11 +12,11 @@ import re
 
 import pytest
 
-from core.config import _all_keys, new_config
+from core.config import all_keys, new_config
 from tests.conftest import ROOT
 
 DOCS = sorted(p for p in ROOT.glob("*.md"))
-SECTIONS = {f.split(".")[0] for f in _all_keys(new_config()) if "." in f}
+SECTIONS = {f.split(".")[0] for f in all_keys(new_config()) if "." in f}
 FILE_SUFFIXES = (".py", ".md", ".json", ".csv", ".png", ".yaml", ".txt", ".zip", ".onnx", ".pt2", ".sh", ".safetensors")
 
 
@@ -66,9 +66,9 @@ def cited_keys(text: str) -> set[str]:
 
 @pytest.mark.parametrize("doc", [p.name for p in DOCS])
 def test_every_cited_config_key_exists(doc):
-    valid = set(_all_keys(new_config())) | SECTIONS
+    valid = set(all_keys(new_config())) | SECTIONS
     # a section's sub-section (train.adv, aug.augmix) is a key too
-    valid |= {k.rsplit(".", 1)[0] for k in _all_keys(new_config())}
+    valid |= {k.rsplit(".", 1)[0] for k in all_keys(new_config())}
     unknown = sorted(k for k in cited_keys(doc_text()[doc]) if k not in valid)
     assert unknown == [], f"{doc} cites config keys that do not exist"
 

@@ -382,7 +382,7 @@ def test_help_is_the_pipelines_own():
     proc = run_module("launch", "train.main", "--help", timeout=60)
     assert proc.returncode == 0
     assert proc.stdout.startswith("usage: ./run.sh train [--config FILE] [key=value ...]")
-    assert "core/config.py" in proc.stdout and "--num_processes N" in proc.stdout and "--gpu_ids" in proc.stdout
+    assert "core/config/schema.py" in proc.stdout and "--num_processes N" in proc.stdout and "--gpu_ids" in proc.stdout
     assert "submit" in run_module("launch", "infer.submit", "-h", timeout=60).stdout.splitlines()[0]
 
 

@@ -54,3 +54,46 @@ def test_imports_go_one_way(package):
 def test_every_package_is_in_the_rule():
     packages = {p.parent.name for p in ROOT.glob("*/__init__.py")} - {"tests"}
     assert packages == set(ALLOWED)
+
+
+def module_graph() -> dict[str, set[str]]:
+    """Every project module -> the project modules it imports (lazy imports inside functions too)."""
+    files = {}
+    for package in ALLOWED:
+        for path in (ROOT / package).rglob("*.py"):
+            parts = path.relative_to(ROOT).with_suffix("").parts
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+
+    def module_of(name: str) -> str:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return name
+
+    graph = {}
+    for module, path in files.items():
+        names = []
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.Import):
+                names += [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        graph[module] = {module_of(name) for name in names} - {"", module}
+    return graph
+
+
+def test_no_module_imports_itself_around_a_circle():
+    # A circle is dodged with a lazy import or an injected callable, and either hides the design
+    # problem (issue 27: core.config <-> core.transforms, core.labels <-> core.config).
+    graph = module_graph()
+    assert "core.config.schema" in graph and graph["core.config.load"] >= {"core.config.schema"}
+    reaches: dict[str, set[str]] = {}
+    for start in graph:
+        seen, todo = set(), list(graph[start])
+        while todo:
+            module = todo.pop()
+            if module not in seen:
+                seen.add(module)
+                todo += graph.get(module, ())
+        reaches[start] = seen
+    circles = sorted(m for m in graph if m in reaches[m])
+    assert not circles, f"modules that import themselves through others: {circles}"

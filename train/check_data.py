@@ -25,11 +25,11 @@ from typing import Sequence
 from tqdm.auto import tqdm
 
 from core.cli import CheckerParser, parse_config, quiet_libraries, run_checker
-from core.config import Config, resolve_path
+from core.config import Config
 from core.devices import available_cores
 from core.errors import UserError
 from core.images import load_image, read_image_header
-from core.labels import IMAGE_EXTENSIONS, list_test_images, resolve_samples, train_source
+from core.labels import IMAGE_EXTENSIONS, list_test_images, resolve_path, resolve_samples, train_source
 
 SHOWN = 5  # names shown per finding
 

@@ -1,0 +1,513 @@
+"""The config's schema: each section a dataclass, each field with its default and, beside it, its
+allowed values (:func:`one_of`). The defaults describe a real run (ConvNeXt-tiny at 224 px); a YAML
+file lists only what differs (:mod:`core.config.load`), and :mod:`core.config.checks` checks what
+one field's type cannot say.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+from core.corruptions import ALL_CORRUPTIONS, COMMON
+from core.errors import UserError
+
+DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+
+
+def one_of(choices: tuple, default: Any, switch: bool = False) -> Any:
+    """A field whose value must be one of ``choices`` (checked as the config loads).
+
+    ``switch``: a bool with a third value (``auto``); YAML's true/false (on/off, yes/no, 1/0)
+    read as ``"true"``/``"false"``.
+    """
+    return field(default=default, metadata={"choices": tuple(choices), "switch": switch})
+
+
+def one_of_each(choices: tuple, default_factory: Callable[[], list]) -> Any:
+    """A list field whose every item must be one of ``choices``."""
+    return field(default_factory=default_factory, metadata={"choices": tuple(choices)})
+
+
+def choices_of(section: Any, name: str) -> tuple | None:
+    """The allowed values of field ``name`` of a config section; None: any value of its type."""
+    return next((f.metadata.get("choices") for f in dataclasses.fields(section) if f.name == name), None)
+
+
+def is_switch(section: Any, name: str) -> bool:
+    """Whether field ``name`` of a config section is an on/off/auto switch (see :func:`one_of`)."""
+    return any(f.name == name and f.metadata.get("switch") for f in dataclasses.fields(section))
+
+
+# What ``eval.attacks`` may name; ``robust.specs.SPECS`` says what each one runs.
+EVAL_ATTACKS = ("fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "autoattack", "square", "transfer", "noise")
+AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
+
+
+class ConfigError(UserError):
+    """A config file or override that does not fit the schema."""
+
+
+def _corruption_family() -> list:
+    # The corruption-style family the 2nd-place team trained with: noise, blur, JPEG,
+    # weather and dropout. Each entry is an albumentations transform name plus its arguments.
+    return [
+        {"name": "GaussNoise", "std_range": [0.02, 0.1]},
+        {"name": "ISONoise"},
+        {"name": "GaussianBlur", "blur_limit": [3, 5]},
+        {"name": "MotionBlur", "blur_limit": [3, 7]},
+        {"name": "ImageCompression", "quality_range": [30, 90]},
+        # Fog as ImageNet-C makes it: a plasma-fractal haze (brighter, less contrast). Not
+        # A.RandomFog: in albumentations 2.0.8 it draws one cv2 call per fog particle, far
+        # dearer than any other corruption, and alone kept the training loader from hiding
+        # behind compute on CPU (its cost: BENCHMARKS.md, row "with A.RandomFog").
+        {"name": "PlasmaBrightnessContrast", "brightness_range": [0.0, 0.3], "contrast_range": [-0.3, 0.0]},
+        {"name": "RandomRain", "drop_length": 8, "blur_value": 3},
+        {"name": "RandomSnow", "snow_point_range": [0.1, 0.3]},
+        {
+            "name": "CoarseDropout",
+            "num_holes_range": [1, 4],
+            "hole_height_range": [0.05, 0.15],
+            "hole_width_range": [0.05, 0.15],
+        },
+    ]
+
+
+@dataclass
+class DataConfig:
+    root: str = "data/cvpr22"
+    demo: bool = False  # generate the offline demo data set under `root` when it is missing
+    train_dir: str = "train_p2"
+    train_labels: str = "label.txt"  # "" -> ImageFolder layout (one sub-folder per class)
+    val_dir: str = ""  # "" -> images of the validation label file live in train_dir
+    val_labels: str = ""  # a second label file; "" -> stratified split of the training set
+    val_fraction: float = 0.05
+    split_seed: int = 0
+    test_dir: str = "test"
+    test_labels: str = ""  # optional hidden labels (`N.png LABEL`) for a local score
+    # the per-image manifest of a `make-testset` folder: submit breaks its score down by kind
+    test_manifest: str = ""
+    num_classes: int = 100
+    image_size: int = 224
+    # loader worker processes per process; -1 (auto): with CUDA the cores each GPU's process gets,
+    # less one for the process itself; on the CPU 2 (core/devices.py: resolve_num_workers)
+    num_workers: int = -1
+    # every class of [0, num_classes) must have training images (false: a missing class stops the run)
+    allow_missing_classes: bool = False
+    bad_images: str = one_of(
+        ("error", "skip"), "error"
+    )  # error | skip (skipped files are reported, up to max_bad_images)
+    max_bad_images: int = 100
+
+
+# AugMix's operations as the paper chose them (Hendrycks et al. 2020): timm's list without its
+# ColorIncreasing, ContrastIncreasing, BrightnessIncreasing and SharpnessIncreasing, left out of
+# the paper because they overlap ImageNet-C's corruptions (the test would not be unseen).
+AUGMIX_OPS = (
+    "AutoContrast",
+    "Equalize",
+    "Rotate",
+    "PosterizeIncreasing",
+    "SolarizeIncreasing",
+    "ShearX",
+    "ShearY",
+    "TranslateXRel",
+    "TranslateYRel",
+)
+
+
+@dataclass
+class AugMixConfig:
+    """AugMix (``aug.augmix``), timm's implementation, applied to the output of the albumentations pipeline."""
+
+    enabled: bool = False
+    severity: int = 3  # strength of every op, 1..10 (timm's magnitude, drawn uniformly up to it)
+    width: int = 3  # augmentation chains mixed per image
+    depth: int = -1  # ops per chain; -1: 1..3 at random
+    alpha: float = 1.0  # Dirichlet weights of the chains and Beta weight of the mix with the original
+    ops: list = field(default_factory=lambda: list(AUGMIX_OPS))  # timm op names (timm.data.auto_augment)
+    # > 0: each image comes with two AugMix views and the loss adds this weight x their Jensen-Shannon
+    # consistency with the clean view (timm's JsdCrossEntropy; the paper uses 12); 0: the AugMix image
+    # replaces the clean one
+    jsd_weight: float = 0.0
+
+
+# PRIME's three primitives (Modas et al. 2022) and a smooth haze-and-contrast field aimed at ImageNet-C's
+# low-frequency cells (fog, contrast); train/batch_augment.py makes them.
+PRIME_PRIMITIVES = ("color", "filter", "deform", "haze")
+
+
+@dataclass
+class PrimeConfig:
+    """PRIME (``aug.prime``): random max-entropy transforms mixed as AugMix mixes its chains, made on
+    the training device a whole batch at a time (train/batch_augment.py). Strengths as the authors'
+    CIFAR config (the closest to 64 px), each drawn per image up to its value."""
+
+    enabled: bool = False
+    p: float = 1.0  # probability that an image is augmented
+    width: int = 3  # chains per image, mixed with Dirichlet(1) weights, then with the image by a uniform weight
+    depth: int = -1  # primitives per chain; -1: 1..3 at random
+    primitives: list = one_of_each(PRIME_PRIMITIVES, lambda: list(PRIME_PRIMITIVES))
+    color_strength: float = 0.01  # variance of the tone curve's sine coefficients (PRIME's T = 0.01)
+    color_modes: int = 100  # its highest sine frequency (PRIME's cut = 100)
+    filter_strength: float = 4.0  # sigma of the random kernel delta + sigma * N(0, 1) (PRIME's 4)
+    filter_size: int = 3  # odd
+    deform_strength: float = 1.0  # share of the largest temperature without fold-overs (PRIME's alpha = 1)
+    deform_modes: int = 100  # highest mode of the displacement field (PRIME's cutmax = 100)
+    haze_strength: float = 0.5  # largest amplitude of the smooth grey field added (pixel units)
+    haze_contrast: float = 0.2  # lowest contrast factor (each image pulled towards its mean colour)
+    haze_modes: int = 8  # highest mode of the grey field (low frequencies only, as fog)
+
+
+@dataclass
+class FourierConfig:
+    """Fourier-basis noise (``aug.fourier``; AFA, Vaish et al. 2024): one planar wave per colour
+    channel, of random frequency, direction and phase, added to the image on the training device."""
+
+    enabled: bool = False
+    p: float = 1.0  # probability that an image is augmented
+    max_freq: float = 0.5  # cycles per pixel, drawn uniformly in (0, max_freq] (0.5: the Nyquist frequency)
+    # peak amplitude (pixel units) = strength_min + Exponential(strength_mean); AFA's CIFAR values
+    # (mean strength 5 of a unit-L2 wave scaled by size / 32) give a mean peak of about 0.2
+    strength_min: float = 0.0
+    strength_mean: float = 0.2
+
+
+@dataclass
+class AugConfig:
+    scale: list = field(default_factory=lambda: [0.25, 1.0])  # RandomResizedCrop area range
+    ratio: list = field(default_factory=lambda: [0.75, 1.3333])
+    hflip: float = 0.5
+    color_jitter: float = 0.0  # strength; 0 turns it off
+    corruption_p: float = 0.3  # probability that one transform of `corruptions` is applied
+    corruptions: list = field(default_factory=_corruption_family)
+    extra: list = field(default_factory=list)  # more albumentations transforms, same form
+    augmix: AugMixConfig = field(default_factory=AugMixConfig)
+    prime: PrimeConfig = field(default_factory=PrimeConfig)
+    fourier: FourierConfig = field(default_factory=FourierConfig)
+    # 1: the device augmentations (prime, fourier) replace the loader's image; 2: every image trains
+    # twice, as the loader made it and as its device-augmented copy (each attacked under train.adv;
+    # train.adv.consistency ties their predictions): AFA's auxiliary view, DAJAT's two views
+    views: int = 1
+
+
+@dataclass
+class ModelConfig:
+    name: str = "convnext_tiny"
+    pretrained: bool = False  # from the HF hub (needs network)
+    pretrained_file: str = ""  # local weights file; the head is re-initialised for num_classes
+    drop_path_rate: float = 0.1
+    normalize: bool = True  # False: the model sees raw [0,1] pixels (2nd-place style)
+    mean: list = field(default_factory=list)  # [] -> from the timm pretrained config
+    std: list = field(default_factory=list)
+    channels_last: str = one_of(
+        ("auto", "true", "false"), "auto", switch=True
+    )  # auto (on with CUDA, off on the CPU) | true | false
+    compile: bool = False
+    # ConvNeXt stem: patch (4x4 patchify) | overlap | overlap_tiered (convolutional stems, more robust
+    # per FLOP under adversarial training: Singh, Croce & Hein 2023); recorded in the checkpoint
+    stem: str = one_of(("patch", "overlap", "overlap_tiered"), "patch")
+
+
+@dataclass
+class AdvConfig:
+    """Adversarial training (``train.adv``): what each optimizer step trains on.
+
+    Attacks are crafted in [0, 1] pixel space through the model's normalization, with the model
+    in eval mode (no drop-path) and never through GCM; eps and step size are Linf, in pixel units.
+    """
+
+    mode: str = one_of(("none", "fgsm_reg", "fgsm_rs", "pgd", "trades"), "none")
+    eps: float = 8 / 255
+    steps: int = 3  # pgd / trades iterations
+    step_size: float = 0.0  # 0 -> 1.25 eps (fgsm_rs), 2.5 eps / steps (pgd, trades); eps for fgsm_reg
+    warmup_epochs: float = 0.0  # eps (and step size) ramp linearly from 0 over these epochs
+    weight: float = 0.5  # fgsm_reg: weight of the adversarial loss, the clean loss gets the rest
+    beta: float = 6.0  # trades: weight of the KL term (smaller: more clean accuracy)
+    # robust validation: PGD-Linf on a fixed, seeded part of the validation set after every epoch
+    val_images: int = 200  # 0 -> the whole validation set
+    val_steps: int = 10
+    select: str = one_of(
+        ("auto", "clean", "robust"), "auto"
+    )  # which accuracy picks `best`: auto (robust when mode != none) | clean | robust
+    # aug.views=2: weight of the Jensen-Shannon divergence between the predictions on the two views,
+    # on their adversarial examples under pgd / fgsm_rs (DAJAT, Addepalli et al. 2022); 0: cross-entropy only
+    consistency: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    epochs: int = 30
+    batch_size: int = 64  # per process
+    grad_accum_steps: int = 1
+    opt: str = "adamw"
+    # train.lr and train.ema_decay are stated for a global batch (batch_size x processes x
+    # grad_accum_steps) of base_batch_size images, and scaled to the run's global batch B:
+    # lr x (B / base_batch_size) ** p with timm's rule for p (lr_scale=auto: 0.5 for adaptive
+    # optimizers, adam*/lamb/ada*, else 1), and ema_decay ** (B / base_batch_size), so the EMA
+    # averages over the same number of images; base_batch_size=0 takes both as given.
+    lr: float = 1e-3
+    base_batch_size: int = 64
+    lr_scale: str = one_of(("auto", "linear", "sqrt"), "auto")
+    weight_decay: float = 0.05
+    layer_decay: float = 0.0  # 0 -> off; e.g. 0.8 for fine-tuning pretrained weights
+    sched: str = "cosine"
+    warmup_epochs: int = 1
+    warmup_lr: float = 1e-6
+    min_lr: float = 1e-6
+    label_smoothing: float = 0.1
+    mixup: float = 0.0  # alpha; 0 -> off
+    cutmix: float = 0.0
+    mixup_prob: float = 1.0
+    ema: bool = True
+    ema_decay: float = 0.999
+    clip_grad: float = 0.0
+    # auto: bf16 on a GPU that computes it natively, float32 ("no") elsewhere; submit predicts with
+    # it too. GCM computes in float32 whatever this says.
+    mixed_precision: str = one_of(("auto", "no", "bf16", "fp16"), "auto")
+    adv: AdvConfig = field(default_factory=AdvConfig)
+    max_steps: int = 0  # stop after this many optimizer steps (0 -> all epochs)
+    checkpoint_every: int = 0  # optimizer steps between full-state checkpoints (0 -> per epoch)
+    keep_checkpoints: int = 2
+    log_every: int = 10
+
+
+@dataclass
+class WandbConfig:
+    mode: str = one_of(("auto", "online", "offline", "disabled"), "auto")
+    project: str = "robust-convnext"
+    entity: str = ""
+    log_images: bool = True
+    timeout: float = 10.0  # seconds to wait for the server before falling back to offline
+    # the model artifact holds the weights themselves (else a checksummed file:// reference to them)
+    upload_weights: bool = False
+
+
+@dataclass
+class TTAConfig:
+    hflip: bool = False
+    scales: list = field(default_factory=lambda: [1.0])  # resize factors, center-cropped/padded back
+
+
+@dataclass
+class GCMConfig:
+    enabled: bool = True
+    w: float = 1e20
+    eps: float = 1e-8
+
+
+@dataclass
+class RandomPadConfig:
+    enabled: bool = False
+    min_ratio: float = 218 / 224  # resize to l in [min, max] * size, zero-pad back to size
+    max_ratio: float = 223 / 224
+    seed: int = 0
+
+
+@dataclass
+class SubmitConfig:
+    checkpoints: list = field(default_factory=list)  # exported models; [] -> runs/<name>/best
+    weights: list = field(default_factory=list)  # one per member; [] -> equal
+    aggregate: str = one_of(("prob", "logit"), "prob")
+    temperature: float = 1.0
+    batch_size: int = 64
+    num_workers: int = -1  # loader worker processes when a GPU runs the model; -1: as data.num_workers
+    cpu_num_workers: int = -1  # ... when the CPU does; -1: the cores the model's threads leave free
+    out_dir: str = "submissions"
+    file_name: str = ""  # "" -> <name>
+    on_bad_image: str = one_of(("error", "fallback"), "error")
+    fallback_class: int = 0
+
+
+@dataclass
+class BudgetConfig:
+    # The Phase II rules as the organizers' check asserts them (params < 30M, ptflops MACs < 5G
+    # at 3 x 224 x 224; their README's "120Mb" is the same 30M float32 parameters)
+    max_params: float = 30e6
+    max_gmacs: float = 5.0
+    enforce: bool = False
+
+
+@dataclass
+class EvalConfig:
+    subset: int = 500  # labelled images evaluated (seeded choice); 0 -> all
+    batch_size: int = 50
+    seed: int = 0
+    # the paper's white-box columns and AutoAttack, then Square (score-based), transfer and the noise baseline
+    attacks: list = one_of_each(EVAL_ATTACKS, lambda: list(EVAL_ATTACKS))
+    # eps in [0,1] pixel units; the paper's values at 224 px (small images: see configs/default.yaml)
+    eps_linf: float = 8 / 255
+    eps_l2: float = 8.0
+    eps_l1: float = 1600.0
+    steps: int = 20
+    step_ratio: float = 0.075  # step = 3/40 * eps, as in the paper
+    restarts: int = 1
+    cw_steps: int = 100
+    cw_max_norm: float = 0.0  # C&W result projected onto this L2 ball; 0 -> eps_l2
+    square_queries: int = 1000
+    # AutoAttack (Croce & Hein 2020, its authors' pyautoattack): "standard" is their exact setting
+    # (APGD-CE, APGD-T, FAB-T, Square 5000 queries); "custom" runs aa_attacks with the budgets below,
+    # a cheaper subset for CPU runs. Against a randomized model the "rand" version (APGD with EOT) runs.
+    aa_version: str = one_of(("standard", "custom"), "standard")
+    aa_attacks: list = one_of_each(AA_ATTACKS, lambda: ["apgd-ce", "apgd-t"])
+    aa_iters: int = 100
+    aa_target_classes: int = 9
+    aa_queries: int = 5000
+    eps_curve: list = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    eot_samples: int = 10  # gradient samples per step against the random resize-pad layer
+    draws: int = 10  # forward draws for expected accuracy of a randomized model
+    surrogate: str = ""  # an independently trained checkpoint for transfer attacks
+    file: str = ""  # an exported Phase II file (.onnx or .zip) to attack instead of the checkpoints
+    # ImageNet-C (core/corruptions.py): the 15 common corruptions and the 4 held-out ones, severities 1..5
+    corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(ALL_CORRUPTIONS))
+    corruption_severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_baseline: str = ""  # a checkpoint whose errors on the same images give mCE and relative mCE
+    out_dir: str = ""  # "" -> runs/<name>/eval
+
+
+@dataclass
+class ExportConfig:
+    path: str = ""  # "" -> runs/<name>/<name>.pt2; the other formats take its stem
+    # onnx and zip: the Phase II files (one model, no TTA); pt2: the whole in-process model (torch.export)
+    formats: list = one_of_each(("onnx", "zip", "pt2"), lambda: ["onnx", "zip", "pt2"])
+    channel_order: str = one_of(
+        ("rgb", "bgr"), "rgb"
+    )  # of the images the Phase II files are fed (the organizers feed bgr)
+
+
+# What `make-testset` and the Phase-II-like score may draw (attacks/transfer.py: ATTACK_KINDS).
+ATTACK_DRAW_KINDS = ("fgsm", "pgd", "mifgsm", "difgsm")
+
+
+@dataclass
+class AttackDrawConfig:
+    """A distribution over attack settings: each draw picks every item uniformly from its list."""
+
+    kinds: list = one_of_each(ATTACK_DRAW_KINDS, lambda: list(ATTACK_DRAW_KINDS))
+    norms: list = one_of_each(("linf", "l2"), lambda: ["linf", "l2"])
+    # eps in [0, 1] pixel units; L2 values are for 224 px (scale them by side / 224 for small images)
+    eps_linf: list = field(default_factory=lambda: [2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    eps_l2: list = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
+    steps: list = field(default_factory=lambda: [5, 10, 20])
+
+
+@dataclass
+class TestsetConfig:
+    """``./run.sh make-testset``: a Phase-I-like test set from held-out labelled images."""
+
+    out_dir: str = "data/testset"  # written whole (temp folder + rename): test/N.png, test_labels.txt, manifest.json
+    overwrite: bool = False  # replace an existing make-testset folder
+    subset: int = 0  # source images (seeded choice); 0 -> all labelled ones
+    seed: int = 0
+    # the mix: fraction of each kind (they must sum to 1); stacked = attack and corruption, in either order
+    clean: float = 0.25
+    corruption: float = 0.25
+    transfer: float = 0.25
+    stacked: float = 0.25
+    surrogates: list = field(default_factory=list)  # checkpoints the transfer attacks are crafted on
+    corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(COMMON))
+    severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
+
+
+@dataclass
+class Phase2Config:
+    """The Phase-II-like score of ``evaluate eval.file=FILE``: ``draws`` white-box attacks on the file."""
+
+    draws: int = 0  # k attacks, each with settings drawn from `attack`; 0 -> off
+    seed: int = 0
+    attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
+
+
+# The stack parts `ablate` can combine ("+"-joined in ablation.variants; robust/ablation.py).
+ABLATION_PARTS = (
+    "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature",
+    "adversarial", "corruption", "mixed",
+)  # fmt: skip
+
+
+@dataclass
+class AblationConfig:
+    """``./run.sh ablate``: what each part of the submission stack buys, variant by variant."""
+
+    testset: str = "data/testset"  # a make-testset folder: the Phase-I-like score
+    # checkpoints per recipe (2-3 each): standard, adversarially trained, corruption-trained
+    standard: list = field(default_factory=list)
+    adversarial: list = field(default_factory=list)
+    corruption: list = field(default_factory=list)
+    # "+"-joined parts of ABLATION_PARTS on top of one standard checkpoint without GCM, TTA or pad
+    variants: list = field(
+        default_factory=lambda: [
+            "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature", "adversarial",
+            "corruption", "ensemble+hflip+multiscale", "mixed+hflip+multiscale",
+        ]
+    )  # fmt: skip
+    scales: list = field(default_factory=lambda: [0.9, 1.0, 1.1])  # the multiscale part's TTA scales
+    temperature: float = 2.0  # the temperature part (on a single model it changes no prediction)
+    attack_subset: int = 100  # clean images attacked per variant (AutoAttack + BPDA/EOT); 0 -> all
+    bootstrap: int = 2000  # resamples over images of each difference's 95% interval
+    out_dir: str = ""  # "" -> runs/<name>/ablation
+
+
+@dataclass
+class Config:
+    name: str = "cvpr22"
+    out_dir: str = "runs"
+    seed: int = 42
+    resume: str = ""  # "" | auto | path of a checkpoint folder
+    # train: replace the run already under this name (else training refuses); submit: replace a
+    # submission of another model or test folder under this name (a rerun of the same replaces it)
+    overwrite: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    aug: AugConfig = field(default_factory=AugConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+    tta: TTAConfig = field(default_factory=TTAConfig)
+    gcm: GCMConfig = field(default_factory=GCMConfig)
+    random_pad: RandomPadConfig = field(default_factory=RandomPadConfig)
+    submit: SubmitConfig = field(default_factory=SubmitConfig)
+    budget: BudgetConfig = field(default_factory=BudgetConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    testset: TestsetConfig = field(default_factory=TestsetConfig)
+    phase2: Phase2Config = field(default_factory=Phase2Config)
+    ablation: AblationConfig = field(default_factory=AblationConfig)
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.out_dir) / self.name
+
+    @property
+    def submission_name(self) -> str:
+        """The file name (no extension) ``submit`` writes: ``submit.file_name``, else ``name``."""
+        return self.submit.file_name or self.name
+
+    @property
+    def submission_stem(self) -> Path:
+        """``submit.out_dir / submission_name``: the stem of the three files ``submit`` writes."""
+        return Path(self.submit.out_dir) / self.submission_name
+
+
+def all_keys(obj: Any, prefix: str = "") -> list[str]:
+    """Every dotted key of a config (or one of its sections), in field order."""
+    keys = []
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value):
+            keys += all_keys(value, f"{prefix}{f.name}.")
+        else:
+            keys.append(f"{prefix}{f.name}")
+    return keys
+
+
+def sections(cfg: Config) -> list[str]:
+    """The names of the config's sections (``data``, ``train``, ...)."""
+    return [f.name for f in dataclasses.fields(cfg) if dataclasses.is_dataclass(getattr(cfg, f.name))]
+
+
+def new_config() -> Config:
+    """The dataclass defaults."""
+    return Config()
