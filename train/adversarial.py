@@ -120,13 +120,23 @@ def consistency_loss(
     views themselves are not attacked (that would double the cost of every step).
     """
     clean, *mixed = views.unbind(1)
+    clean = attacked_view(attack_model, clean, targets, adv, epoch, "AugMix consistency loss")
+    return loss_fn(model(torch.cat([clean, *mixed])), targets)
+
+
+def attacked_view(
+    attack_model: nn.Module, x: torch.Tensor, targets: torch.Tensor, adv: AdvConfig, epoch: float, loss: str
+) -> torch.Tensor:
+    """``x`` replaced by its adversarial example under ``fgsm_rs`` / ``pgd`` (unchanged under ``none``
+    or while the eps ramp is at 0); the other modes train on two views of their own, so a ``loss``
+    built on views has no meaning for them (validate_config refuses the combination)."""
     eps = eps_at(adv, epoch)
     if adv.mode in ("fgsm_rs", "pgd") and eps > 0:
         steps = 1 if adv.mode == "fgsm_rs" else adv.steps
-        clean = pgd(attack_model, clean, targets, eps, steps=steps, step_size=step_size_of(adv, eps))
-    elif adv.mode not in ("none", "fgsm_rs", "pgd"):
-        raise ValueError(f"train.adv.mode={adv.mode} has no AugMix consistency loss (validate_config refuses it)")
-    return loss_fn(model(torch.cat([clean, *mixed])), targets)
+        return pgd(attack_model, x, targets, eps, steps=steps, step_size=step_size_of(adv, eps))
+    if adv.mode not in ("none", "fgsm_rs", "pgd"):
+        raise ValueError(f"train.adv.mode={adv.mode} has no {loss} (validate_config refuses it)")
+    return x
 
 
 def paired_loss(
@@ -146,13 +156,8 @@ def paired_loss(
     classification loss over all 2N plus ``adv.consistency`` x the Jensen-Shannon divergence between
     the two views' predictions (DAJAT's term; ``mode=none`` compares the clean predictions).
     """
-    both, labels = torch.cat([x, paired]), torch.cat([targets, targets])
-    eps = eps_at(adv, epoch)
-    if adv.mode in ("fgsm_rs", "pgd") and eps > 0:
-        steps = 1 if adv.mode == "fgsm_rs" else adv.steps
-        both = pgd(attack_model, both, labels, eps, steps=steps, step_size=step_size_of(adv, eps))
-    elif adv.mode not in ("none", "fgsm_rs", "pgd"):
-        raise ValueError(f"train.adv.mode={adv.mode} has no two-view loss (validate_config refuses it)")
+    labels = torch.cat([targets, targets])
+    both = attacked_view(attack_model, torch.cat([x, paired]), labels, adv, epoch, "two-view loss")
     logits = model(both)
     loss = loss_fn(logits, labels)
     if adv.consistency > 0:
