@@ -25,6 +25,14 @@ def test_challenge_configs_load(name):
     assert cfg.data.root == f"data/cvpr22/{name[7:13]}"  # each phase its own folder and label file
 
 
+@pytest.mark.parametrize("path", sorted(p.name for p in (ROOT / "configs").glob("*.yaml") if p.name != "sweep.yaml"))
+def test_every_shipped_config_loads_and_trains_under_its_own_name(path):
+    # sweep.yaml is W&B's file, not ours; each other config names its runs after itself, so two of
+    # them never write into one run folder (default.yaml's runs are the demo's)
+    cfg = load_config(ROOT / "configs" / path)
+    assert cfg.name == ("demo" if path == "default.yaml" else path.removesuffix(".yaml"))
+
+
 def test_overrides_are_cast_to_the_default_type():
     cfg = load_config(
         None,
