@@ -42,7 +42,7 @@ from core.tracking import model_lineage, start_run, use_models
 from gcm import DefendedModel
 from infer.defended import build_defended_model, describe, input_size_of, load_members, resolve_member_paths
 from infer.submission import submission_paths, write_submission
-from infer.test_sets import (
+from infer.testset_folder import (
     breakdown,
     check_manifest_matches,
     check_not_surrogate,

@@ -53,7 +53,7 @@ from core.tracking import model_lineage, start_run, use_models
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members
-from infer.test_sets import (
+from infer.testset_folder import (
     KINDS,
     MANIFEST_NAME,
     breakdown,

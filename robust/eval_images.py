@@ -24,7 +24,7 @@ from core.labels import (
     select_subset,
 )
 from core.transforms import create_eval_transform
-from infer.test_sets import hold_folders_for_reading
+from infer.testset_folder import hold_folders_for_reading
 
 
 def load_eval_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor, str, list[str]]:

@@ -45,7 +45,7 @@ from core.errors import UserError
 from core.io import publish_folder
 from core.outputs import hold_output
 from infer.defended import load_members, resize_to, resolve_member_paths
-from infer.test_sets import KINDS, MANIFEST_NAME, hold_folder_for_writing, sharing_lock_path
+from infer.testset_folder import KINDS, MANIFEST_NAME, hold_folder_for_writing, sharing_lock_path
 from robust.eval_images import load_eval_images
 from robust.imagenet_c import corrupt, corruption_seed
 from robust.specs import draw_attack

@@ -22,7 +22,7 @@ from core.config import ConfigError, load_config
 from core.errors import UserError
 from core.model import create_classifier
 from infer import submit
-from infer.test_sets import KINDS, hold_folder_for_writing
+from infer.testset_folder import KINDS, hold_folder_for_writing
 from robust import ablation, testset
 from tests.conftest import shrink
 
