@@ -97,6 +97,16 @@ def tiny_config(tiny_data, tmp_path):
     return make
 
 
+def weight_difference(run_a: Path, run_b: Path) -> float:
+    """The largest absolute difference between two runs' ``last.safetensors`` (same tensors asserted):
+    how the resume tests compare a resumed run with an uninterrupted one."""
+    from safetensors.torch import load_file
+
+    a, b = (load_file(str(Path(run) / "last.safetensors")) for run in (run_a, run_b))
+    assert a.keys() == b.keys()
+    return max(float((a[k] - b[k]).abs().max()) for k in a)
+
+
 def run_module(*args: str, timeout: float = 600, cwd: Path = ROOT, **env: str) -> subprocess.CompletedProcess:
     """``python -m ARGS`` as a separate process, the way ``run.sh`` starts a stage: offline hub,
     W&B off (``env`` adds or overrides variables; a value of "" removes one); text output captured."""

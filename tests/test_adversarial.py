@@ -9,13 +9,12 @@ from types import SimpleNamespace
 import pytest
 import torch
 from accelerate import Accelerator
-from safetensors.torch import load_file
 from torch import nn
 
 from attacks import lp_norm
 from core.config import AdvConfig, ConfigError
 from gcm import GradientConcealment
-from tests.conftest import run_module, shrink
+from tests.conftest import run_module, shrink, weight_difference
 from train import main as train_main
 from train.adversarial import adversarial_loss, eps_at, step_size_of
 from train.engine import Progress
@@ -151,8 +150,7 @@ def test_resume_mid_epoch_equals_uninterrupted_with_pgd(tiny_config):
     train_main.run(tiny_config(*common, "name=part", "train.max_steps=4"))
     part = tiny_config(*common, "name=part", "resume=auto")
     train_main.run(part)
-    a, b = load_file(str(full.run_dir / "last.safetensors")), load_file(str(part.run_dir / "last.safetensors"))
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    worst = weight_difference(full.run_dir, part.run_dir)
     assert worst < 1e-5, f"resumed adversarial training differs from the uninterrupted run by {worst}"
 
 

@@ -7,18 +7,16 @@ import os
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
 
 from core.checkpoint import load_model
 from core.config import load_config
 from core.errors import UserError
 from core.tracking import resolve_wandb_mode
 from launch.start import DEFAULT_ACCELERATE_CONFIG
-from tests.conftest import LEARNED, ROOT, run_module, shrink
+from tests.conftest import LEARNED, ROOT, run_module, shrink, weight_difference
 from train import main as train_main
 from train.demo_data import generate_demo_data
 from train.setup import create_model_and_optimizer
@@ -68,10 +66,6 @@ def test_demo_run_learns(tmp_path):
     assert result["best_acc"] >= LEARNED, result
 
 
-def _weights(run_dir: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(run_dir / "last.safetensors"))
-
-
 def test_resume_mid_epoch_equals_uninterrupted(tiny_config, tmp_path):
     # drop-path, augmentation, mixup and EMA all draw randomness: resume must replay it exactly.
     common = [
@@ -90,9 +84,7 @@ def test_resume_mid_epoch_equals_uninterrupted(tiny_config, tmp_path):
     resumed = train_main.run(tiny_config(*common, "name=part", "resume=auto"))
     assert resumed["epochs"] == 2
 
-    a, b = _weights(full.run_dir), _weights(part.run_dir)
-    assert a.keys() == b.keys()
-    worst = max(float((a[k] - b[k]).abs().max()) for k in a)
+    worst = weight_difference(full.run_dir, part.run_dir)
     assert worst < 1e-5, f"resumed weights differ from the uninterrupted run by {worst}"
     full_info = json.loads((full.run_dir / "last.json").read_text())
     part_info = json.loads((part.run_dir / "last.json").read_text())
