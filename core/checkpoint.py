@@ -49,8 +49,7 @@ def export_model(model: ImageClassifier, stem: Path, meta: dict[str, Any]) -> Pa
         if key not in meta:
             raise ValueError(f"export meta needs '{key}'")
     weights = Path(f"{stem}.safetensors")
-    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
-    data = save_safetensors(state, metadata={"arch": str(meta["arch"])})
+    data = save_safetensors(state_dict_of(model), metadata={"arch": str(meta["arch"])})
     atomic_write_bytes(weights, data)
     norm = model.normalize
     info = {
@@ -209,5 +208,14 @@ def state_mismatch(state: dict[str, torch.Tensor], expected: dict[str, torch.Ten
 
 
 def state_dict_of(model: nn.Module) -> dict[str, torch.Tensor]:
-    """CPU float32 copy of a state dict (for comparisons and exports)."""
-    return {k: v.detach().to("cpu", torch.float32).clone() for k, v in model.state_dict().items()}
+    """CPU float32 copy of a state dict in the standard (contiguous) layout: what safetensors
+    writes, and what every file of ours holds.
+
+    A ``channels_last`` model (``model.channels_last``, on by default on a GPU) has NHWC
+    convolution weights; ``.clone()`` keeps that layout and safetensors refuses the tensor
+    ("non contiguous"), so the copy asks for the contiguous format explicitly.
+    """
+    return {
+        k: v.detach().to("cpu", torch.float32, memory_format=torch.contiguous_format, copy=True)
+        for k, v in model.state_dict().items()
+    }

@@ -206,3 +206,22 @@ def test_the_recorded_sha256_is_of_the_bytes_written(two_models, tmp_path):
     info = json.loads((tmp_path / "m.json").read_text())
     assert info["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
     assert read_checkpoint(weights, tmp_path / "m.json")[0]["sha256"] == info["sha256"]
+
+
+def test_a_channels_last_model_is_saved_in_the_standard_layout(tmp_path):
+    """What a GPU run holds (``model.channels_last`` is on there): its NHWC weights and their copies
+    (the EMA's checkpoint, the exports) are written as safetensors, which refuses a non-contiguous
+    tensor, and load back equal into a model of the standard layout."""
+    from safetensors.torch import load_file, save_file
+
+    from core.checkpoint import state_dict_of
+
+    model = _model(0).to(memory_format=torch.channels_last)
+    assert not model.state_dict()["backbone.stem.0.weight"].is_contiguous()  # else this test shows nothing
+    state = state_dict_of(model)
+    assert all(v.is_contiguous() for v in state.values())
+    save_file(state, str(tmp_path / "ema.safetensors"))  # the EMA's file in a training checkpoint
+    export_model(model, tmp_path / "best", META)
+    loaded, _ = load_model(tmp_path / "best")
+    for key, value in load_file(str(tmp_path / "ema.safetensors")).items():
+        assert torch.equal(value, loaded.state_dict()[key]) and torch.equal(value, model.state_dict()[key])
