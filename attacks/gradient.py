@@ -145,7 +145,10 @@ def pgd(
         step_size: Step length in ``norm``; default 3/40 * eps (the paper's setting: 20
             steps travel 1.5 * eps in total).
         restarts: Random restarts. Only samples not yet fooled are attacked again, so a
-            sample keeps its first successful adversarial, otherwise the last restart's.
+            sample keeps its first successful adversarial, otherwise the last restart's. One
+            restart (adversarial training's case) attacks the whole batch as it is: no index
+            gather or scatter, and no value read back to the host (which would make it wait
+            for the device at every step).
         random_start: Start from a random point of the ball (else from x).
         generator: Source of the random starts (reproducible runs).
         eot_samples: Forward/backward passes averaged per step (Expectation over
@@ -158,19 +161,25 @@ def pgd(
     check_norm(norm)
     x = x.detach().float()
     step_size = 3 / 40 * eps if step_size is None else step_size
+    once = (eps, norm, steps, step_size, random_start, generator, eot_samples, l1_sparsity)
+    with eval_mode(model):
+        if restarts <= 1:  # every step of adversarial training: no success check, nothing read back
+            return _pgd_once(model, x, y, *once)
+        return _pgd_restarts(model, x, y, restarts, once)
+
+
+def _pgd_restarts(model: nn.Module, x: torch.Tensor, y: torch.Tensor, restarts: int, once: tuple) -> torch.Tensor:
+    """``restarts`` runs of :func:`_pgd_once` (arguments ``once``), each on the samples not yet fooled."""
     x_best = x.clone()
     fooled = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-    with eval_mode(model):
-        for r in range(max(1, restarts)):
-            idx = (~fooled).nonzero().squeeze(1)
-            if idx.numel() == 0:
-                break
-            adv = _pgd_once(
-                model, x[idx], y[idx], eps, norm, steps, step_size, random_start, generator, eot_samples, l1_sparsity
-            )
-            x_best[idx] = adv
-            if r < restarts - 1:  # the last restart needs no success check
-                fooled[idx] = _predict(model, adv) != y[idx]
+    for r in range(max(1, restarts)):
+        idx = (~fooled).nonzero().squeeze(1)  # reads the count back: the host waits for the device
+        if idx.numel() == 0:
+            break
+        adv = _pgd_once(model, x[idx], y[idx], *once)
+        x_best[idx] = adv
+        if r < restarts - 1:  # the last restart needs no success check
+            fooled[idx] = _predict(model, adv) != y[idx]
     return x_best
 
 

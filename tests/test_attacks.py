@@ -314,6 +314,21 @@ def test_restarts_keep_first_success(net, data, budgets):
     assert (fooled3 | ~fooled1).all() and fooled3.sum() >= fooled1.sum()
 
 
+@pytest.mark.parametrize("norm", ["linf", "l2", "l1"])
+def test_one_restart_takes_the_fast_path_with_the_general_paths_result(net, data, budgets, norm, monkeypatch):
+    """Adversarial training attacks with one restart at every step: that path gathers, scatters and
+    reads nothing back (``nonzero`` makes the host wait for a GPU), and crafts what the general one does."""
+    from attacks.gradient import _pgd_restarts
+
+    x, y = data
+    eps = {"linf": budgets["mid"], "l2": 1.0, "l1": 10.0}[norm]
+    once = (eps, norm, 3, eps / 4, True, gen(5), 1, 0.99)
+    general = _pgd_restarts(net, x, y, 1, once)
+    monkeypatch.setattr(torch.Tensor, "nonzero", lambda *a, **k: pytest.fail("one restart read a count back"))
+    fast = pgd(net, x, y, eps, norm=norm, steps=3, step_size=eps / 4, restarts=1, generator=gen(5))
+    assert torch.equal(fast, general)
+
+
 def test_square_is_forward_only_and_reduces_accuracy(net, data):
     x, y = data
     adv = square(ForwardOnly(net), x, y, 0.1, queries=300, seed=0)

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -233,3 +234,64 @@ def test_the_logged_loss_is_the_mean_over_every_process(tmp_path):
         "rank0.txt": "2.0",
         "rank1.txt": "2.0",
     }
+
+
+# What makes the host wait for the device: reading a value back (a training step must do none of it,
+# or a GPU idles between steps while the host waits, then the host idles while the GPU works). Only
+# our code's reads count: torch's AdamW reads its step counter, which it keeps on the CPU.
+HOST_READS = ("item", "tolist", "nonzero", "__bool__", "__int__", "__float__")
+
+
+def _called_from_the_project() -> bool:
+    caller = Path(sys._getframe(2).f_code.co_filename).resolve()
+    return caller.is_relative_to(ROOT) and ".venv" not in caller.parts and caller.parent.name != "tests"
+
+
+@pytest.mark.parametrize("mode", ["none", "pgd"])
+def test_a_training_step_never_waits_for_the_device(tiny_config, monkeypatch, mode):
+    from train import engine
+
+    inside, reads = {"step": False}, []
+    for name in HOST_READS:
+        real = getattr(torch.Tensor, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            if inside["step"] and _called_from_the_project():
+                reads.append(f"{_name} in {Path(sys._getframe(1).f_code.co_filename).name}")
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, spy)
+    real_step = engine.train_step
+
+    def step(*args, **kwargs):
+        inside["step"] = True
+        try:
+            return real_step(*args, **kwargs)
+        finally:
+            inside["step"] = False
+
+    monkeypatch.setattr(engine, "train_step", step)
+    adv = [f"train.adv.mode={mode}", "train.adv.steps=2", "train.adv.val_steps=1", "train.adv.val_images=8"]
+    result = train_main.run(tiny_config("train.max_steps=3", "train.ema=false", *adv))
+    assert result["global_step"] == 3
+    assert reads == [], f"a training step read {reads} back from the device"
+
+
+def test_every_run_measures_its_wait_for_data(tiny_config, monkeypatch, capsys):
+    """A loader slower than the step shows as data wait: in the metrics and in the run's last line."""
+    from core.datasets import ImageDataset
+
+    real_getitem = ImageDataset.__getitem__
+
+    def slow(self, index):
+        time.sleep(0.03)  # 16 images a batch: 0.48 s more waiting per batch
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(ImageDataset, "__getitem__", slow)
+    result = train_main.run(tiny_config("train.max_steps=3"))
+    # 3 training batches, the 4th already asked for by the loader's prefetch (the validation pass
+    # is not a step's wait, nor is the step itself: 48 images' decoding takes far less than 2 s)
+    assert 3 * 0.48 <= result["data_wait_s"] < 4 * 0.48 + 2.0
+    assert 0.0 < result["data_wait_frac"] < 1.0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert f"data wait {result['data_wait_frac']:.0%} of step time" in last, last

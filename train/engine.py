@@ -51,20 +51,34 @@ def train_one_epoch(
     on_optimizer_step: Callable[[], None] | None = None,
     on_first_batch: Callable[[torch.Tensor], None] | None = None,
 ) -> dict:
-    """Train until the loader is exhausted (or ``train.max_steps``); returns mean loss and throughput.
+    """Train until the loader is exhausted (or ``train.max_steps``); returns mean loss, throughput and data wait.
 
     ``loader`` is ``training.train_loader`` or a resumed view of it. ``progress.batch`` counts
     consumed batches of this epoch, so the caller can resume with
     ``accelerator.skip_first_batches``. ``on_optimizer_step`` runs after every optimizer step
     (checkpointing lives there).
+
+    No step waits for the device: the losses stay on it and are read (one host sync) only where
+    they are needed anyway: at log points, before a checkpoint and at the end (:class:`LossLog`).
+    ``data_wait_s`` is the time the loop spent waiting for the loader's next batch (on a GPU the
+    host runs ahead of the device, so a loader that keeps up costs ~0 here), ``data_wait_frac``
+    its share of the epoch's time.
     """
     t, accelerator = training.cfg.train, training.accelerator
     training.model.train()
     raw_model = accelerator.unwrap_model(training.model)
     bar = create_bar(len(loader) + progress.batch, progress.batch, epoch, accelerator)
-    loss_sum, loss_count, seen = 0.0, 0, 0
+    losses = LossLog(epoch)
+    seen, waited = 0, 0.0
     start = time.perf_counter()
-    for images, targets in loader:
+    batches = iter(loader)
+    while True:
+        asked = time.perf_counter()
+        batch = next(batches, None)
+        waited += time.perf_counter() - asked
+        if batch is None:
+            break
+        images, targets = batch
         x = to_float_images(images, training.channels_last)
         paired = None  # the device-augmented second view (aug.views=2)
         if training.batch_augment is not None:
@@ -74,26 +88,82 @@ def train_one_epoch(
             on_first_batch = None
         if training.mixup_fn is not None:
             x, targets = training.mixup_fn(x, targets)
-        value = train_step(training, raw_model, x, targets, progress, epoch, paired)
+        losses.add(train_step(training, raw_model, x, targets, progress, epoch, paired), progress.batch)
         progress.batch += 1
-        loss_sum += value
-        loss_count += 1
         seen += x.shape[0] * accelerator.num_processes
         bar.update(1)
         if accelerator.sync_gradients:
             finish_update(training, raw_model, progress)
-            if progress.global_step % t.log_every == 0:
-                log_step(
-                    training, bar, value, epoch, progress.global_step, seen / max(time.perf_counter() - start, 1e-9)
-                )
+            step = progress.global_step
+            stopping = bool(t.max_steps) and step >= t.max_steps
+            logging = step % t.log_every == 0
+            if logging or stopping or checkpoint_due(t, step):
+                losses.check()  # before a checkpoint: diverged weights are never saved
+            if logging:
+                so_far = max(time.perf_counter() - start, 1e-9)
+                log_step(training, bar, losses.take_recent(), epoch, step, seen / so_far, waited / so_far)
             if on_optimizer_step is not None:
                 on_optimizer_step()
-            if t.max_steps and progress.global_step >= t.max_steps:
+            if stopping:
                 break
     bar.close()
+    losses.check()
     elapsed = time.perf_counter() - start
-    loss = mean_over_processes(accelerator, loss_sum, loss_count)
-    return {"loss": loss, "samples_per_s": seen / max(elapsed, 1e-9)}
+    loss = mean_over_processes(accelerator, losses.total, losses.count)
+    return {
+        "loss": loss,
+        "samples_per_s": seen / max(elapsed, 1e-9),
+        "seconds": elapsed,
+        "data_wait_s": waited,
+        "data_wait_frac": waited / max(elapsed, 1e-9),
+    }
+
+
+def checkpoint_due(t, step: int) -> bool:
+    """Whether optimizer step ``step`` writes a full-state checkpoint (``train.checkpoint_every``)."""
+    return bool(t.checkpoint_every) and step % t.checkpoint_every == 0
+
+
+class LossLog:
+    """The batches' losses, kept on the device until read: reading a value (``.item()``) makes the
+    host wait for the device, which every step would otherwise do before its backward.
+
+    :meth:`check` reads the pending ones at once (one sync) and stops the run, naming the first
+    batch whose loss is not finite.
+    """
+
+    def __init__(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.pending: list[tuple[int, torch.Tensor]] = []
+        self.total, self.count = 0.0, 0
+        self.since_log: list[float] = []
+
+    def add(self, loss: torch.Tensor, batch: int) -> None:
+        self.pending.append((batch, loss.detach().float()))
+
+    def check(self) -> None:
+        """Read the pending losses (one host sync).
+
+        Raises:
+            TrainingDiverged: a pending loss is not finite (the last good checkpoint is kept).
+        """
+        if self.pending:
+            values = torch.stack([loss for _, loss in self.pending]).tolist()
+            for (batch, _), value in zip(self.pending, values):
+                if not math.isfinite(value):
+                    raise TrainingDiverged(
+                        f"training loss became {value} at epoch {self.epoch}, batch {batch}; stopped "
+                        "(the last good checkpoint is kept: lower train.lr or use train.clip_grad)"
+                    )
+            self.pending.clear()
+            self.total += sum(values)
+            self.count += len(values)
+            self.since_log += values
+
+    def take_recent(self) -> list[float]:
+        """The losses read since the previous call (the previous log point)."""
+        recent, self.since_log = self.since_log, []
+        return recent
 
 
 def create_bar(total: int, initial: int, epoch: int, accelerator) -> tqdm:
@@ -116,31 +186,23 @@ def train_step(
     progress: Progress,
     epoch: int,
     paired: torch.Tensor | None = None,
-) -> float:
-    """Forward, backward and (when gradients sync) an optimizer step on one batch; returns its loss.
+) -> torch.Tensor:
+    """Forward, backward and (when gradients sync) an optimizer step on one batch; returns its loss,
+    detached and still on the device (reading it would make the host wait: :class:`LossLog`).
 
     ``paired``: the batch's device-augmented second view (``aug.views=2``), trained on beside ``x``.
-
-    Raises:
-        TrainingDiverged: the loss is not finite (the last good checkpoint is kept).
     """
     t, model, accelerator = training.cfg.train, training.model, training.accelerator
     with accelerator.accumulate(model):
         with accelerator.autocast():
             epoch_now = progress.global_step / max(1, training.updates_per_epoch)
             loss = adversarial_loss(model, raw_model, training.loss_fn, x, targets, t.adv, epoch_now, paired)
-        value = loss.detach().float().item()
-        if not math.isfinite(value):
-            raise TrainingDiverged(
-                f"training loss became {value} at epoch {epoch}, batch {progress.batch}; stopped "
-                "(the last good checkpoint is kept: lower train.lr or use train.clip_grad)"
-            )
         accelerator.backward(loss)
         if accelerator.sync_gradients and t.clip_grad > 0:
             accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)
         training.optimizer.step()
         training.optimizer.zero_grad(set_to_none=True)
-    return value
+    return loss.detach()
 
 
 def finish_update(training: Training, raw_model: nn.Module, progress: Progress) -> None:
@@ -151,13 +213,28 @@ def finish_update(training: Training, raw_model: nn.Module, progress: Progress) 
         training.ema.update(raw_model, step=progress.global_step)
 
 
-def log_step(training: Training, bar: tqdm, value: float, epoch: int, step: int, samples_per_s: float) -> None:
-    """Loss (mean over processes), learning rate and throughput to the bar and the trackers."""
+def log_step(
+    training: Training,
+    bar: tqdm,
+    losses: list[float],
+    epoch: int,
+    step: int,
+    samples_per_s: float,
+    data_wait_frac: float,
+) -> None:
+    """Loss since the last log point (mean over batches and processes), learning rate, throughput and
+    the share of the epoch so far spent waiting for data, to the bar and the trackers."""
     lr = training.optimizer.param_groups[0]["lr"]
-    logged_loss = mean_over_processes(training.accelerator, value, 1)
-    bar.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{lr:.2e}")
+    logged_loss = mean_over_processes(training.accelerator, sum(losses), len(losses))
+    bar.set_postfix(loss=f"{logged_loss:.3f}", lr=f"{lr:.2e}", data_wait=f"{data_wait_frac:.0%}")
     training.accelerator.log(
-        {"train/loss": logged_loss, "train/lr": lr, "train/epoch": epoch, "train/samples_per_s": samples_per_s},
+        {
+            "train/loss": logged_loss,
+            "train/lr": lr,
+            "train/epoch": epoch,
+            "train/samples_per_s": samples_per_s,
+            "train/data_wait_frac": data_wait_frac,
+        },
         step=step,
     )
 

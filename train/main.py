@@ -22,10 +22,10 @@ from core.config import Config, save_config
 from core.devices import precision_name
 from core.model import count_params
 from core.tracking import resolve_wandb_mode
-from train.engine import Progress, evaluate, evaluate_robust, train_one_epoch
+from train.engine import Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data
 from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
-from train.tracking import init_tracking, log_model
+from train.tracking import init_tracking, log_data_wait, log_model
 
 
 def run(cfg: Config) -> dict:
@@ -45,10 +45,12 @@ def run(cfg: Config) -> dict:
         announce(training)
 
         metrics: dict = {}
+        waits = DataWait()
         start = time.perf_counter()
         for epoch in range(progress.epoch, cfg.train.epochs):
             grid = sample_grid_hook(training, progress, tracking)
             stats = fit_epoch(training, progress, epoch, on_first_batch=grid)
+            waits.add(stats)
             metrics = validate(training)
             improved = record_epoch(training, progress, epoch, stats, metrics)
             export_models(training, progress, metrics, improved)
@@ -57,7 +59,8 @@ def run(cfg: Config) -> dict:
                 break
         if tracking != "disabled":
             publish_best(training)
-        return finish(training, progress, metrics, time.perf_counter() - start)
+            log_data_wait(accelerator, waits.seconds, waits.fraction)
+        return finish(training, progress, metrics, time.perf_counter() - start, waits)
 
 
 def announce(training: Training) -> None:
@@ -92,7 +95,7 @@ def fit_epoch(
         loader.set_epoch(epoch)
 
     def on_step() -> None:
-        if t.checkpoint_every and progress.global_step % t.checkpoint_every == 0:
+        if checkpoint_due(t, progress.global_step):
             save_checkpoint(training, progress)
 
     stats = train_one_epoch(training, loader, progress, epoch, on_optimizer_step=on_step, on_first_batch=on_first_batch)
@@ -100,6 +103,21 @@ def fit_epoch(
     if not (stopped_early(training.cfg, progress) and progress.batch < len(training.train_loader)):
         progress.epoch, progress.batch = epoch + 1, 0
     return stats
+
+
+class DataWait:
+    """The time this run's steps waited for the loader (``train_one_epoch``'s ``data_wait_s``), summed over epochs."""
+
+    def __init__(self) -> None:
+        self.seconds, self.total = 0.0, 0.0
+
+    def add(self, stats: dict) -> None:
+        self.seconds += stats["data_wait_s"]
+        self.total += stats["seconds"]
+
+    @property
+    def fraction(self) -> float:
+        return self.seconds / self.total if self.total > 0 else 0.0
 
 
 def stopped_early(cfg: Config, progress: Progress) -> bool:
@@ -154,10 +172,16 @@ def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict
             "epoch": epoch,
             "train_loss": stats["loss"],
             "samples_per_s": stats["samples_per_s"],
+            "data_wait_frac": stats["data_wait_frac"],
             **{f"val_{k}": v for k, v in metrics.items()},
         }
     )
-    logged = {"val/acc": metrics["acc"], "val/loss": metrics["loss"], "train/epoch_loss": stats["loss"]}
+    logged = {
+        "val/acc": metrics["acc"],
+        "val/loss": metrics["loss"],
+        "train/epoch_loss": stats["loss"],
+        "train/epoch_data_wait_frac": stats["data_wait_frac"],
+    }
     logged.update({f"val/{k}": metrics[k] for k in ("ema_acc", "robust_acc", "ema_robust_acc") if k in metrics})
     accelerator.log(logged, step=progress.global_step)
     text = f"epoch {epoch}: train loss {stats['loss']:.4f}, {stats['samples_per_s']:.0f} img/s"
@@ -216,7 +240,7 @@ def publish_best(training: Training) -> None:
     run.summary.update({f"best/{k}": info[k] for k in ("val_acc", "val_robust_acc", "epoch") if k in info})
 
 
-def finish(training: Training, progress: Progress, metrics: dict, seconds: float) -> dict:
+def finish(training: Training, progress: Progress, metrics: dict, seconds: float, waits: DataWait) -> dict:
     cfg, accelerator = training.cfg, training.accelerator
     result = {
         "val_acc": metrics.get("acc", float("nan")),
@@ -231,12 +255,15 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
         "val_robust_acc": metrics.get("robust_acc", float("nan")),
         "best_robust_acc": progress.best_robust_acc,
         "collapse_epoch": progress.collapse_epoch,
+        "data_wait_s": waits.seconds,
+        "data_wait_frac": waits.fraction,
     }
     if metrics:
         what = "robust val acc" if selection_of(cfg, metrics) == "robust" else "val acc"
         accelerator.print(
             f"done: best {what} {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
-            f"in {result['seconds']:.0f}s; model: {cfg.run_dir}/best.safetensors"
+            f"in {result['seconds']:.0f}s, data wait {waits.fraction:.0%} of step time; "
+            f"model: {cfg.run_dir}/best.safetensors"
         )
     if progress.collapse_epoch >= 0:
         accelerator.print(

@@ -29,6 +29,14 @@ def init_tracking(accelerator, cfg: Config, mode: str, reason: str) -> str:
     return mode
 
 
+def log_data_wait(accelerator, seconds: float, fraction: float) -> None:
+    """The run's time spent waiting for the loader, in the W&B summary (main process): whether
+    the loader held the device back over the whole run (the per-step curve is ``train/data_wait_frac``)."""
+    if accelerator.is_main_process:
+        run = accelerator.get_tracker("wandb", unwrap=True)
+        run.summary.update({"train/data_wait_s": seconds, "train/data_wait_frac": fraction})
+
+
 def log_model(run, cfg: Config, stem: Path, info: dict) -> dict:
     """Log the exported model ``<stem>.json`` (+ weights) as artifact ``model-<name>``, aliases best/latest.
 
