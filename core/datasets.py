@@ -149,14 +149,15 @@ class TestImageDataset(Dataset):
             return torch.zeros(3, self.image_size, self.image_size, dtype=torch.uint8), image_id, False
 
 
-def create_eval_loader(dataset: Dataset, batch_size: int, num_workers: int) -> DataLoader:
-    """In-order loader for validation and prediction (no augmentation, nothing dropped)."""
+def create_eval_loader(dataset: Dataset, batch_size: int, num_workers: int, persistent: bool = True) -> DataLoader:
+    """In-order loader for validation and prediction (no augmentation, nothing dropped); ``persistent``:
+    its workers stay between passes (false: started for each pass, e.g. validation between epochs)."""
     return DataLoader(
         dataset,
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
         pin_memory=torch.cuda.is_available(),
-        persistent_workers=num_workers > 0,
+        persistent_workers=persistent and num_workers > 0,
         generator=torch.Generator().manual_seed(0),
     )

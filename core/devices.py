@@ -11,6 +11,8 @@ process starts) and each process (when it builds its model) reach the same answe
   convolutions run faster in NHWC there), off on the CPU (no effect there, BENCHMARKS.md);
 * :func:`resolve_num_workers`: ``-1`` (auto) loader workers: on a GPU, the cores each process
   gets minus the one its main thread uses; on the CPU, 2 (the compute threads need the rest);
+* :func:`fit_workers_to_shared_memory`: fewer loader workers where ``/dev/shm`` cannot hold
+  their batches (a container's default is 64 MB);
 * :func:`default_device`: the device a single-process stage runs its models on.
 """
 
@@ -123,6 +125,42 @@ def resolve_num_workers(setting: int, on_gpu: bool, local_processes: int = 1, co
         return CPU_WORKERS
     share = (cores or available_cores()) // max(1, local_processes)
     return max(1, share - 1)
+
+
+# Batches a DataLoader keeps in flight per worker (its prefetch_factor default), each in shared memory.
+PREFETCH_FACTOR = 2
+SHARED_MEMORY = Path("/dev/shm")
+
+
+def shared_memory_free(path: Path = SHARED_MEMORY) -> int | None:
+    """Free bytes of the shared-memory file system loader workers hand batches through (None: none
+    to measure, e.g. not Linux)."""
+    try:
+        stats = os.statvfs(path)
+    except (OSError, AttributeError):
+        return None
+    return stats.f_bavail * stats.f_frsize
+
+
+def fit_workers_to_shared_memory(workers: int, batch_bytes: int, free: int | None) -> tuple[int, str]:
+    """``(workers, warning)``: as many of ``workers`` as ``free`` bytes of shared memory hold.
+
+    Each worker keeps ``PREFETCH_FACTOR`` batches in shared memory (torch.multiprocessing: both of
+    its sharing strategies, ``file_descriptor`` and ``file_system``, put them in ``/dev/shm``), so
+    a container with the default 64 MB dies with a bus error once the workers run ahead. Half of
+    the free space is left for the rest (the validation loader, pinned copies in flight). The
+    warning is one line ("" when nothing was cut).
+    """
+    if workers <= 0 or free is None or batch_bytes <= 0:
+        return workers, ""
+    fits = int(free // 2 // (PREFETCH_FACTOR * batch_bytes))
+    if fits >= workers:
+        return workers, ""
+    return max(0, fits), (
+        f"WARNING: {SHARED_MEMORY} has {free / 2**20:.0f} MB free, too little for {workers} loader workers "
+        f"({PREFETCH_FACTOR} batches of {batch_bytes / 2**20:.1f} MB each): using {max(0, fits)}; give the "
+        "container more (docker run --shm-size=16g or --ipc=host)"
+    )
 
 
 def cuda_available() -> bool:

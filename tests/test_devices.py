@@ -193,3 +193,35 @@ def test_every_stage_puts_its_models_on_the_gpu(tmp_path, checkpoints, stage):
     proc, reports = fake_gpus(tmp_path, 1, *STAGES[stage](checkpoints), *checkpoints["overrides"], stop="to")
     assert proc.returncode == 0 and reports, proc.stdout[-2000:] + proc.stderr[-3000:]
     assert [r["device"].split(":")[0] for r in reports] == ["cuda"]
+
+
+def test_validation_loaders_start_few_workers_and_only_for_their_pass(tiny_config):
+    """Issue 33: three persistent pools of ~15 workers per process (45 per GPU) became one for
+    training; the validation loaders get a few, started per pass; batches reach the device by
+    non-blocking copies."""
+    from train.setup import EVAL_WORKERS, build_training, create_accelerator
+
+    cfg = tiny_config("data.num_workers=6", "train.adv.mode=fgsm_rs", "train.adv.val_images=8")
+    training = build_training(cfg, create_accelerator(cfg))
+    train_loader = training.train_loader
+    assert train_loader.num_workers == 6 and train_loader.persistent_workers and training.workers == 6
+    for loader in (training.val_loader, training.robust_loader):
+        assert loader.num_workers == EVAL_WORKERS < 6 and not loader.persistent_workers
+    assert train_loader._non_blocking and training.val_loader._non_blocking  # accelerate's copies to the device
+
+
+def test_a_small_dev_shm_cuts_the_workers_with_one_line(tiny_config):
+    from core.devices import fit_workers_to_shared_memory
+    from train.setup import split_workers
+
+    # The phase configs on a GPU host of 16 cores: 15 workers, batches of 64 x 224 px (9.2 MiB)
+    phase = load_config(ROOT / "configs" / "cvpr22_phase1.yaml", ["aug.augmix.enabled=false"])
+    roomy = split_workers(phase, 15, free_shm=64 * 2**30)
+    assert (roomy.train, roomy.eval, roomy.warning) == (15, 4, "")
+    docker = split_workers(phase, 15, free_shm=64 * 2**20)  # docker's default /dev/shm
+    assert docker.train == 1 and docker.eval == 1
+    assert "/dev/shm has 64 MB free, too little for 15 loader workers" in docker.warning
+    assert "\n" not in docker.warning and "--shm-size" in docker.warning
+    # eight processes share it: none of them may start a worker
+    assert split_workers(phase, 15, local=8, free_shm=64 * 2**20).train == 0
+    assert fit_workers_to_shared_memory(4, 2**20, None) == (4, "")  # nothing to measure: as configured

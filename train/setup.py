@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
+from accelerate.utils import DataLoaderConfiguration
 from timm.data import Mixup
 from timm.loss import JsdCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -21,11 +22,13 @@ from torch import nn
 from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
 from core.devices import (
+    fit_workers_to_shared_memory,
     local_processes,
     prepare_cuda,
     resolve_channels_last,
     resolve_num_workers,
     resolve_precision,
+    shared_memory_free,
 )
 from core.labels import resolve_samples, select_subset
 from core.model import create_classifier
@@ -62,12 +65,18 @@ class Training:
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     """CPU without CUDA (gloo across processes), the precision ``train.mixed_precision`` resolves
-    to on this device (``auto``: bf16 on a GPU that has it) and the accumulation."""
+    to on this device (``auto``: bf16 on a GPU that has it) and the accumulation.
+
+    The prepared loaders copy their batches to the device without blocking: from the pinned
+    memory the loaders ask for on a GPU, the copy overlaps the step before it (accelerate's
+    ``non_blocking``; on the CPU there is nothing to copy).
+    """
     on_gpu = torch.cuda.is_available()
     if on_gpu:
         prepare_cuda()
     return Accelerator(
         cpu=not on_gpu,
+        dataloader_config=DataLoaderConfiguration(non_blocking=True),
         mixed_precision=resolve_precision(cfg.train.mixed_precision, on_gpu),
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with,
@@ -180,7 +189,33 @@ class Loaders:
     val_size: int
 
 
-def create_loaders(cfg: Config, workers: int) -> Loaders:
+# Validation runs between epochs, while the training loader's workers wait: a few workers of its
+# own, started for each pass and gone after it, rather than another persistent pool per loader.
+EVAL_WORKERS = 4
+
+
+@dataclass(frozen=True)
+class WorkerSplit:
+    """Loader worker processes of one process: the training loader's (persistent) and the
+    validation loaders' (started per pass); ``warning``: one line when shared memory cut them."""
+
+    train: int
+    eval: int
+    warning: str = ""
+
+
+def split_workers(cfg: Config, workers: int, local: int = 1, free_shm: int | None = None) -> WorkerSplit:
+    """The training loader gets ``workers`` (it is the one that must keep up), validation at most
+    ``EVAL_WORKERS``, both only as many as this process's share of ``/dev/shm`` holds
+    (``free_shm``: measured when None; ``local``: processes sharing it on this machine)."""
+    views = 3 if cfg.aug.augmix.enabled and cfg.aug.augmix.jsd_weight > 0 else 1
+    batch_bytes = cfg.train.batch_size * views * 3 * cfg.data.image_size**2  # uint8 images
+    free = shared_memory_free() if free_shm is None else free_shm
+    train, warning = fit_workers_to_shared_memory(workers, batch_bytes, None if free is None else free // local)
+    return WorkerSplit(train, min(EVAL_WORKERS, train), warning)
+
+
+def create_loaders(cfg: Config, workers: WorkerSplit) -> Loaders:
     """The training, validation and robust-validation loaders, not yet prepared for the accelerator."""
     t, d = cfg.train, cfg.data
     train_samples, val_samples = resolve_samples(d)
@@ -190,14 +225,14 @@ def create_loaders(cfg: Config, workers: int) -> Loaders:
     val_set = ImageDataset(
         val_samples, create_eval_transform(d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
     )
-    train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, workers)
-    val_loader = create_eval_loader(val_set, t.batch_size, workers) if len(val_set) else None
+    train_loader = create_train_loader(train_set, t.batch_size, cfg.seed, workers.train)
+    val_loader = create_eval_loader(val_set, t.batch_size, workers.eval, persistent=False) if len(val_set) else None
     robust_loader = None
     if t.adv.mode != "none" and len(val_set):
         # A fixed, seeded part of the validation set: every epoch meets the same images.
         chosen = [val_set.samples[i] for i in select_subset(len(val_set), t.adv.val_images, d.split_seed)]
         robust_set = ImageDataset(chosen, create_eval_transform(d.image_size), bad_images=d.bad_images)
-        robust_loader = create_eval_loader(robust_set, t.batch_size, workers)
+        robust_loader = create_eval_loader(robust_set, t.batch_size, workers.eval, persistent=False)
     return Loaders(train_loader, val_loader, robust_loader, len(train_set), len(val_set))
 
 
@@ -208,7 +243,10 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     """
     t = cfg.train
     on_gpu = accelerator.device.type == "cuda"
-    workers = resolve_num_workers(cfg.data.num_workers, on_gpu, local_processes(accelerator.num_processes))
+    local = local_processes(accelerator.num_processes)
+    workers = split_workers(cfg, resolve_num_workers(cfg.data.num_workers, on_gpu, local), local)
+    if workers.warning:
+        accelerator.print(workers.warning)
     channels_last = resolve_channels_last(cfg.model.channels_last, on_gpu)
     scaling = scale_for_batch(t, accelerator.num_processes)
     loaders = create_loaders(cfg, workers)
@@ -245,6 +283,6 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         updates_per_epoch,
         scaling=scaling,
         channels_last=channels_last,
-        workers=workers,
+        workers=workers.train,
         batch_augment=create_batch_augment(cfg.aug, cfg.seed, accelerator.process_index, accelerator.num_processes),
     )

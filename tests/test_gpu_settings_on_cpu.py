@@ -1,0 +1,69 @@
+"""What ``auto`` turns on for a GPU, run end to end on the CPU (issue 33: none of it had met a GPU).
+
+One chain with every GPU setting: NHWC weights (``model.channels_last``), bf16 autocast
+(``train.mixed_precision``: CPU autocast here), loader worker processes with non-blocking copies,
+and the PGD-AT of the phase configs: train, stopped mid-epoch (``train.max_steps``), continued
+with ``resume=auto``, ``submit``, ``export`` to every format, and ``./run.sh evaluate eval.file=``
+on the exported zip. ``model.compile`` is left out: it costs more than the rest of the chain on
+two CPU cores (tests/test_model.py compiles on its own).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from core.checkpoint import load_model
+from core.config import load_config
+from infer import submit
+from phase2 import export
+from tests.conftest import run_module, shrink
+from train import main as train_main
+
+GPU_SETTINGS = [
+    "model.channels_last=true",
+    "train.mixed_precision=bf16",
+    "data.num_workers=2",
+    "submit.num_workers=2",
+    "train.adv.mode=pgd",
+    "train.adv.steps=1",
+    "train.adv.val_steps=1",
+    "train.adv.val_images=8",
+    "train.checkpoint_every=2",
+]
+# the smallest evaluation of a file that still attacks it (the file's score is not under test)
+EVAL_SMALL = ["eval.subset=8", "eval.batch_size=8", "eval.attacks=[fgsm]", "phase2.draws=1", "phase2.attack.steps=[2]"]
+
+
+@pytest.mark.slow
+def test_the_gpu_settings_train_resume_submit_export_and_evaluate(tiny_data, tmp_path):
+    start = time.perf_counter()
+    overrides = shrink([*GPU_SETTINGS, "data.test_labels=test_labels.txt"], tiny_data, tmp_path / "runs")
+    cfg = load_config(None, overrides)
+
+    stopped = train_main.run(load_config(None, [*overrides, "train.max_steps=3"]))
+    assert stopped["global_step"] == 3 and stopped["epochs"] == 0  # stopped mid-epoch, checkpoints written
+    resumed = train_main.run(load_config(None, [*overrides, "resume=auto"]))
+    assert resumed["epochs"] == 1 and resumed["global_step"] > 3
+    assert 0.0 <= resumed["data_wait_frac"] < 1.0
+    info = json.loads((cfg.run_dir / "best.json").read_text())
+    assert info["config"]["model"]["channels_last"] == "true" and info["config"]["train"]["mixed_precision"] == "bf16"
+    load_model(cfg.run_dir / "best")  # the exported weights load into a model of the standard layout
+
+    predicted = submit.run(cfg)
+    assert predicted["test_acc"] >= 0.0
+
+    formats = ["export.formats=[zip,onnx,pt2]", f"export.path={tmp_path / 'export' / 'model'}"]
+    paths = export.run(load_config(None, [*overrides, *formats]))["paths"]
+    assert sorted(paths) == ["onnx", "pt2", "zip"] and all(Path(p).is_file() for p in paths.values())
+
+    out = tmp_path / "eval"
+    proc = run_module(
+        "launch", "robust.evaluate", *overrides, *EVAL_SMALL, f"eval.file={paths['zip']}", f"eval.out_dir={out}"
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (out / "eval_file.json").is_file() and (out / "eval_file.md").is_file()
+    print(f"GPU-settings chain on the CPU: {time.perf_counter() - start:.0f} s")
