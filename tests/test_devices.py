@@ -225,3 +225,21 @@ def test_a_small_dev_shm_cuts_the_workers_with_one_line(tiny_config):
     # eight processes share it: none of them may start a worker
     assert split_workers(phase, 15, local=8, free_shm=64 * 2**20).train == 0
     assert fit_workers_to_shared_memory(4, 2**20, None) == (4, "")  # nothing to measure: as configured
+
+
+def test_the_warm_up_grows_with_the_global_batch():
+    """Issue 33: 8 GPUs of the phase configs reached lr 2.8e-3 after one epoch, ~44 steps, from scratch."""
+    from train.setup import create_model_and_optimizer
+
+    cfg = load_config(ROOT / "configs" / "cvpr22_phase1.yaml", ["model.name=test_convnext", "model.pretrained=false"])
+    eight = scale_for_batch(cfg.train, 8)
+    assert eight.lr == pytest.approx(1e-3 * 8**0.5) and eight.warmup_epochs == pytest.approx(8**0.5)
+    assert "warm-up 2.83 epochs" in eight.describe()
+    steps = 44  # ~22,990 images / 512 a step
+    _, optimizer, scheduler = create_model_and_optimizer(cfg, steps, eight.lr, False, eight.warmup_epochs)
+    scheduler.step_update(num_updates=steps)
+    # after one epoch the rate has climbed as far as one epoch at the base batch takes it: lr x 1/sqrt(8)
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(1e-3, rel=0.01)
+    assert scale_for_batch(cfg.train, 1).warmup_epochs == cfg.train.warmup_epochs  # the base batch: as stated
+    sgd = load_config(None, ["train.opt=sgd", "train.warmup_epochs=5", "train.epochs=30"]).train
+    assert scale_for_batch(sgd, 8).warmup_epochs == 15  # linear x 8 = 40 epochs: at most half the run

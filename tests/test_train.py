@@ -173,6 +173,9 @@ def test_two_cpu_processes(tiny_data, tmp_path):
     (ckpt,) = (run_dir / "checkpoints").iterdir()
     # accelerate saves one RNG state per process: both ranks took part in the checkpoint
     assert sorted(p.name for p in ckpt.glob("random_states_*.pkl")) == ["random_states_0.pkl", "random_states_1.pkl"]
+    # ... and each its own: the ranks' random draws (PGD's random starts, drop-path) differ (issue 33)
+    rank0, rank1 = (torch.load(ckpt / f"random_states_{i}.pkl", weights_only=False) for i in (0, 1))
+    assert not torch.equal(rank0["torch_manual_seed"], rank1["torch_manual_seed"])
     info = json.loads((run_dir / "last.json").read_text())
     # 128 training images, batch 16 per process, 2 processes -> 4 optimizer steps per epoch
     assert info["global_step"] == 4

@@ -20,8 +20,9 @@ views, Addepalli et al. 2022).
 
 The attack runs on the unwrapped network in eval mode (no drop-path, no gradient sync across
 processes: each process attacks its own batch), with the loss in float32, and never through GCM
-(its gradient is noise by design). Its random starts come from torch's global RNG, which the
-checkpoints save, so a run resumed mid-epoch replays them.
+(its gradient is noise by design). Its random starts come from torch's global RNG, seeded per
+process (``train.setup.seed_process``: each GPU draws its own) and saved in the checkpoints, so a
+run resumed mid-epoch replays them.
 """
 
 from __future__ import annotations

@@ -23,7 +23,7 @@ from core.devices import precision_name
 from core.model import count_params
 from core.tracking import resolve_wandb_mode
 from train.engine import Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
-from train.setup import Training, build_training, create_accelerator, ensure_demo_data
+from train.setup import Training, build_training, create_accelerator, ensure_demo_data, seed_process
 from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
 from train.tracking import init_tracking, log_data_wait, log_model
 
@@ -37,6 +37,7 @@ def run(cfg: Config) -> dict:
         with accelerator.main_process_first():
             ensure_demo_data(cfg, accelerator)
         training = build_training(cfg, accelerator)
+        seed_process(cfg.seed, accelerator.process_index)  # before restore: a resume brings back each one's state
         progress = Progress()
         restore(training, progress)
         if accelerator.is_main_process:

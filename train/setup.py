@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration
+from accelerate.utils import DataLoaderConfiguration, set_seed
 from timm.data import Mixup
 from timm.loss import JsdCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import create_optimizer_v2
@@ -84,38 +84,56 @@ def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
     )
 
 
+def seed_process(seed: int, process_index: int) -> None:
+    """After the model is built (its initial weights drawn alike on every process from ``seed``):
+    torch's, numpy's and Python's global generators per process, so the random draws of the
+    training step (PGD's and FGSM's random starts, TRADES' noise, drop-path, Mixup) differ between
+    the GPUs instead of repeating the same noise on every shard. Process 0 keeps its stream, so a
+    single-process run draws what it always did. Data order and augmentations come from their own
+    generators (``train.loaders``, ``train.batch_augment``), the same on every process."""
+    if process_index:
+        set_seed(seed + process_index)
+
+
 @dataclass(frozen=True)
 class BatchScaling:
-    """``train.lr`` and ``train.ema_decay`` as this run uses them (see :func:`scale_for_batch`)."""
+    """``train.lr``, ``train.warmup_epochs`` and ``train.ema_decay`` as this run uses them
+    (see :func:`scale_for_batch`)."""
 
     global_batch: int
     lr: float
     ema_decay: float
     rule: str  # how lr was scaled, for the start-up line
+    warmup_epochs: float = 0.0
 
     def describe(self) -> str:
-        return f"global batch {self.global_batch}, lr {self.lr:.3g}{self.rule}, EMA decay {self.ema_decay:.6g}"
+        warmup = f", warm-up {self.warmup_epochs:.3g} epochs" if self.warmup_epochs else ""
+        return f"global batch {self.global_batch}, lr {self.lr:.3g}{self.rule}{warmup}, EMA decay {self.ema_decay:.6g}"
 
 
 def scale_for_batch(t, processes: int) -> BatchScaling:
-    """The learning rate and EMA decay for a global batch of ``batch_size x processes x grad_accum_steps``.
+    """The learning rate, warm-up and EMA decay for a global batch of ``batch_size x processes x grad_accum_steps``.
 
     timm's rule (its train.py, ``--lr-base``/``--lr-base-size``/``--lr-base-scale``): ``train.lr`` is
     the rate at ``train.base_batch_size`` images and grows with the ratio of the global batch to it,
     by its square root for adaptive optimizers (a name with "ada" or "lamb": AdamW) and linearly
-    otherwise (SGD). The EMA decay is raised to the same ratio: each update then weighs the same
-    number of images as at the base batch, whatever the number of processes.
+    otherwise (SGD). The warm-up grows by the same factor (at most half of ``train.epochs``): the rate
+    then climbs by as much per training image as at the base batch, where a warm-up fixed in epochs
+    would reach the higher rate in fewer, larger steps (8 GPUs of the phase configs: lr 2.8e-3 after
+    ~44 steps). The EMA decay is raised to the batch ratio: each update then weighs the same number
+    of images as at the base batch, whatever the number of processes.
     """
     batch = t.batch_size * processes * t.grad_accum_steps
     if not t.base_batch_size or batch == t.base_batch_size:
-        return BatchScaling(batch, t.lr, t.ema_decay, "")
+        return BatchScaling(batch, t.lr, t.ema_decay, "", t.warmup_epochs)
     ratio = batch / t.base_batch_size
     rule = t.lr_scale
     if rule == "auto":
         rule = "sqrt" if any(name in t.opt.lower() for name in ("ada", "lamb")) else "linear"
     factor = math.sqrt(ratio) if rule == "sqrt" else ratio
     text = f" (train.lr {t.lr:g} x {'sqrt' if rule == 'sqrt' else ''}({batch}/{t.base_batch_size}), {rule} rule)"
-    return BatchScaling(batch, t.lr * factor, t.ema_decay**ratio, text)
+    warmup = min(t.warmup_epochs * factor, t.epochs / 2) if factor > 1 else t.warmup_epochs
+    return BatchScaling(batch, t.lr * factor, t.ema_decay**ratio, text, warmup)
 
 
 def ensure_demo_data(cfg: Config, accelerator: Accelerator) -> None:
@@ -134,12 +152,18 @@ def ensure_demo_data(cfg: Config, accelerator: Accelerator) -> None:
 
 
 def create_model_and_optimizer(
-    cfg: Config, updates_per_epoch: int, lr: float | None = None, channels_last: bool | None = None
+    cfg: Config,
+    updates_per_epoch: int,
+    lr: float | None = None,
+    channels_last: bool | None = None,
+    warmup_epochs: float | None = None,
 ) -> tuple[nn.Module, torch.optim.Optimizer, object]:
     """The network in its memory layout, timm's optimizer at ``lr`` and its per-step scheduler
-    (defaults: ``train.lr`` as given, ``model.channels_last`` resolved on this machine)."""
+    (defaults: ``train.lr`` and ``train.warmup_epochs`` as given, ``model.channels_last`` resolved
+    on this machine)."""
     t = cfg.train
     lr = t.lr if lr is None else lr
+    warmup_epochs = t.warmup_epochs if warmup_epochs is None else warmup_epochs
     channels_last = resolve_channels_last(cfg.model.channels_last) if channels_last is None else channels_last
     model = create_classifier(cfg.model, cfg.data.num_classes)
     check_input_size(model, cfg.data.image_size, cfg.model.name)
@@ -153,7 +177,7 @@ def create_model_and_optimizer(
         optimizer,
         sched=t.sched,
         num_epochs=t.epochs,
-        warmup_epochs=t.warmup_epochs,
+        warmup_epochs=warmup_epochs,
         warmup_lr=t.warmup_lr,
         min_lr=t.min_lr,
         step_on_epochs=False,
@@ -252,7 +276,9 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     loaders = create_loaders(cfg, workers)
 
     updates_per_epoch = max(1, len(loaders.train) // accelerator.num_processes // t.grad_accum_steps)
-    model, optimizer, scheduler = create_model_and_optimizer(cfg, updates_per_epoch, scaling.lr, channels_last)
+    model, optimizer, scheduler = create_model_and_optimizer(
+        cfg, updates_per_epoch, scaling.lr, channels_last, scaling.warmup_epochs
+    )
     mixup_fn, loss_fn = create_loss(cfg)
 
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, loaders.train)
