@@ -1,10 +1,10 @@
 """What ``auto`` turns on for a GPU, run end to end on the CPU (issue 33: none of it had met a GPU).
 
 One chain with every GPU setting: NHWC weights (``model.channels_last``), bf16 autocast
-(``train.mixed_precision``: CPU autocast here), loader worker processes with non-blocking copies,
-: train, stopped mid-epoch (``train.max_steps``), continued
-with ``resume=auto``, ``submit``, ``export`` to every format, and ``./run.sh evaluate eval.file=``
-on the exported zip. ``model.compile`` is left out: it costs more than the rest of the chain on
+(``train.mixed_precision``: CPU autocast here) and loader worker processes whose batches reach the
+device by non-blocking copies (pinned memory needs CUDA: the CPU runs the copies unpinned): train,
+stopped mid-epoch (``train.max_steps``), continued with ``resume=auto``, ``submit``, ``export`` to
+every format, and ``./run.sh evaluate eval.file=`` on the exported zip. ``model.compile`` is left out: it costs more than the rest of the chain on
 two CPU cores (tests/test_model.py compiles on its own).
 """
 

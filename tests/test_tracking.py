@@ -134,8 +134,11 @@ def test_train_submit_evaluate_share_a_group_and_the_model_artifact(tiny_config,
 
 def test_large_weights_enter_the_artifact_as_a_reference(tiny_config, offline):
     cfg = tiny_config("wandb.mode=offline", "wandb.upload_weights=false", "train.max_steps=1")
-    train_main.run(cfg)
+    result = train_main.run(cfg)
     (model,) = of_type(offline_runs(cfg.run_dir)["train"], "artifact")
+    # the run's wait for data (issue 33) is in its summary, as in its metrics
+    summary = summary_of(offline_runs(cfg.run_dir)["train"])
+    assert summary["train/data_wait_frac"] == pytest.approx(result["data_wait_frac"])
     entries = {e.path: e for e in model.manifest.contents}
     assert entries["best.safetensors"].ref == (cfg.run_dir / "best.safetensors").resolve().as_uri()
     assert not entries["best.json"].ref  # the small JSON is uploaded
