@@ -246,8 +246,9 @@ class TrainConfig:
     # train.lr and train.ema_decay are stated for a global batch (batch_size x processes x
     # grad_accum_steps) of base_batch_size images, and scaled to the run's global batch B:
     # lr x (B / base_batch_size) ** p with timm's rule for p (lr_scale=auto: 0.5 for adaptive
-    # optimizers, adam*/lamb/ada*, else 1), and ema_decay ** (B / base_batch_size), so the EMA
-    # averages over the same number of images; base_batch_size=0 takes both as given.
+    # optimizers, adam*/lamb/ada*, else 1), warmup_epochs by the same factor (at most epochs / 2),
+    # and ema_decay ** (B / base_batch_size), so the EMA averages over the same number of images;
+    # base_batch_size=0 takes them as given (train/setup.py: scale_for_batch).
     lr: float = 1e-3
     base_batch_size: int = 64
     lr_scale: str = one_of(("auto", "linear", "sqrt"), "auto")
