@@ -199,14 +199,14 @@ def test_validation_loaders_start_few_workers_and_only_for_their_pass(tiny_confi
     """Issue 33: three persistent pools of ~15 workers per process (45 per GPU) became one for
     training; the validation loaders get a few, started per pass; batches reach the device by
     non-blocking copies."""
-    from train.setup import EVAL_WORKERS, build_training, create_accelerator
+    from train.setup import build_training, create_accelerator
 
     cfg = tiny_config("data.num_workers=6", "train.adv.mode=fgsm_rs", "train.adv.val_images=8")
     training = build_training(cfg, create_accelerator(cfg))
     train_loader = training.train_loader
     assert train_loader.num_workers == 6 and train_loader.persistent_workers and training.workers == 6
     for loader in (training.val_loader, training.robust_loader):
-        assert loader.num_workers == EVAL_WORKERS < 6 and not loader.persistent_workers
+        assert loader.num_workers == 4 and not loader.persistent_workers  # train.setup.EVAL_WORKERS
     assert train_loader._non_blocking and training.val_loader._non_blocking  # accelerate's copies to the device
 
 
