@@ -119,6 +119,21 @@ def train_one_epoch(
     }
 
 
+class DataWait:
+    """The time this run's steps waited for the loader (``train_one_epoch``'s ``data_wait_s``), summed over epochs."""
+
+    def __init__(self) -> None:
+        self.seconds, self.total = 0.0, 0.0
+
+    def add(self, stats: dict) -> None:
+        self.seconds += stats["data_wait_s"]
+        self.total += stats["seconds"]
+
+    @property
+    def fraction(self) -> float:
+        return self.seconds / self.total if self.total > 0 else 0.0
+
+
 def checkpoint_due(t, step: int) -> bool:
     """Whether optimizer step ``step`` writes a full-state checkpoint (``train.checkpoint_every``)."""
     return bool(t.checkpoint_every) and step % t.checkpoint_every == 0

@@ -22,7 +22,7 @@ from core.config import Config, save_config
 from core.devices import precision_name
 from core.model import count_params
 from core.tracking import resolve_wandb_mode
-from train.engine import Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
+from train.engine import DataWait, Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data, seed_process
 from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
 from train.tracking import init_tracking, log_data_wait, log_model
@@ -104,21 +104,6 @@ def fit_epoch(
     if not (stopped_early(training.cfg, progress) and progress.batch < len(training.train_loader)):
         progress.epoch, progress.batch = epoch + 1, 0
     return stats
-
-
-class DataWait:
-    """The time this run's steps waited for the loader (``train_one_epoch``'s ``data_wait_s``), summed over epochs."""
-
-    def __init__(self) -> None:
-        self.seconds, self.total = 0.0, 0.0
-
-    def add(self, stats: dict) -> None:
-        self.seconds += stats["data_wait_s"]
-        self.total += stats["seconds"]
-
-    @property
-    def fraction(self) -> float:
-        return self.seconds / self.total if self.total > 0 else 0.0
 
 
 def stopped_early(cfg: Config, progress: Progress) -> bool:
