@@ -267,8 +267,7 @@ def mean_over_processes(accelerator, total: float, count: int) -> float:
 def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False, desc: str = "eval") -> dict:
     """Top-1 accuracy (%) and mean cross-entropy over the whole set, gathered across processes."""
     model.eval()
-    correct = total = 0
-    loss_sum = 0.0
+    correct, loss_sum, total = 0, 0.0, 0  # sums stay on the device until the end: no wait per batch
     for images, targets in tqdm(loader, desc=desc, leave=False, disable=not accelerator.is_local_main_process):
         x = to_float_images(images, channels_last)
         with accelerator.autocast():
@@ -276,9 +275,10 @@ def evaluate(model: nn.Module, loader, accelerator, channels_last: bool = False,
         losses = F.cross_entropy(logits.float(), targets, reduction="none")
         pred = logits.argmax(dim=1)
         pred, targets, losses = accelerator.gather_for_metrics((pred, targets, losses))
-        correct += int((pred == targets).sum())
-        total += int(targets.numel())
-        loss_sum += float(losses.sum())
+        correct += (pred == targets).sum()
+        total += targets.numel()
+        loss_sum += losses.double().sum()
+    correct, loss_sum = int(correct), float(loss_sum)
     return {"acc": 100.0 * correct / max(total, 1), "loss": loss_sum / max(total, 1), "n": total}
 
 
@@ -313,6 +313,6 @@ def evaluate_robust(
             with torch.no_grad():
                 pred = model(x_adv).argmax(dim=1)
         pred, targets = accelerator.gather_for_metrics((pred, targets))
-        correct += int((pred == targets).sum())
-        total += int(targets.numel())
-    return 100.0 * correct / max(total, 1)
+        correct += (pred == targets).sum()  # on the device until the end
+        total += targets.numel()
+    return 100.0 * int(correct) / max(total, 1)
