@@ -186,7 +186,7 @@ def _stand_in(cfg):
 def test_catastrophic_overfitting_is_reported_and_best_keeps_the_earlier_weights(tiny_config, capsys):
     cfg = tiny_config(*ADV)
     training, progress = _stand_in(cfg), Progress()
-    stats = {"loss": 1.0, "samples_per_s": 1.0}
+    stats = {"loss": 1.0, "samples_per_s": 1.0, "data_wait_frac": 0.0}  # what train_one_epoch returns
     robust = [30.0, 42.0, 4.0, 2.0]  # fast adversarial training's failure: robust accuracy falls to ~0
     clean = [60.0, 70.0, 85.0, 88.0]  # while clean accuracy keeps rising
     improved = [
