@@ -144,7 +144,7 @@ def _pair(values: Sequence[float], key: str) -> tuple[float, float]:
     return low, high
 
 
-def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMixViews:
+def create_train_transform(cfg: AugConfig, image_size: int, augmix_on_device: bool = False) -> A.Compose | AugMixViews:
     """RandomResizedCrop -> HorizontalFlip -> ColorJitter (optional) -> one corruption -> extras -> AugMix.
 
     * ``color_jitter`` s > 0: brightness, contrast and saturation by factors in [1-s, 1+s]
@@ -152,7 +152,9 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMi
     * ``corruptions``: with probability ``corruption_p`` one of them is applied, chosen with
       weights given by each entry's ``p`` (default 1, i.e. uniformly).
     * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
-    * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output.
+    * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output, unless
+      ``augmix_on_device`` (:func:`resolve_augmix_device`): the training step makes it then
+      (``train/batch_augment.py``), and the loader ships the pipeline's output.
     """
     import albumentations as A
 
@@ -177,7 +179,9 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMi
     transforms += _create_list(cfg.extra, "aug.extra", image_size)
     pipeline = _seeded_compose_class()(transforms)
     if cfg.augmix.enabled:
-        return AugMixViews(pipeline, create_augmix(cfg.augmix, image_size), clean=cfg.augmix.jsd_weight > 0)
+        mix = create_augmix(cfg.augmix, image_size)  # its values are checked wherever AugMix runs
+        if not augmix_on_device:
+            return AugMixViews(pipeline, mix, clean=cfg.augmix.jsd_weight > 0)
     return pipeline
 
 
@@ -200,16 +204,32 @@ def create_augmix(cfg: AugMixConfig, image_size: int) -> AugMixAugment:
         )
     if cfg.jsd_weight < 0:
         raise UserError(f"config key 'aug.augmix.jsd_weight' must be >= 0, got {cfg.jsd_weight}")
-    # As timm's create_transform for 'augmix-...': translations up to 45% (absolute) / 30% (relative)
-    # of the image, magnitudes drawn uniformly up to the severity, mid-grey fill.
-    hparams = {
+    ops = augmix_ops(magnitude=cfg.severity, hparams=augmix_hparams(image_size), transforms=list(cfg.ops))
+    return AugMixAugment(ops, alpha=cfg.alpha, width=cfg.width, depth=cfg.depth)
+
+
+AUGMIX_MAX_DEPTH = 3  # ops per chain when aug.augmix.depth=-1: 1..3 (timm's np.random.randint(1, 4))
+
+
+def augmix_hparams(image_size: int) -> dict:
+    """timm's AugMix op parameters as its create_transform sets them for 'augmix-...': translations
+    up to 45% (absolute) / 30% (relative) of the image, magnitudes drawn uniformly up to the
+    severity, mid-grey fill. Both AugMix paths (here and ``train/batch_augment.py``) use them."""
+    return {
         "translate_const": int(image_size * 0.45),
         "translate_pct": 0.3,
         "img_mean": (128, 128, 128),
         "magnitude_std": float("inf"),
     }
-    ops = augmix_ops(magnitude=cfg.severity, hparams=hparams, transforms=list(cfg.ops))
-    return AugMixAugment(ops, alpha=cfg.alpha, width=cfg.width, depth=cfg.depth)
+
+
+def resolve_augmix_device(cfg: AugConfig, on_gpu: bool) -> bool:
+    """Whether AugMix runs on the training device (``aug.augmix.device``; ``auto``: with CUDA)."""
+    if not cfg.augmix.enabled:
+        return False
+    if cfg.augmix.device == "auto":
+        return on_gpu
+    return cfg.augmix.device == "true"
 
 
 class AugMixViews:

@@ -29,7 +29,7 @@ from core.devices import (
 )
 from core.labels import resolve_samples, select_subset
 from core.model import create_classifier
-from core.transforms import create_eval_transform, create_train_transform
+from core.transforms import create_eval_transform, create_train_transform, resolve_augmix_device
 from train.batch_augment import BatchAugment, create_batch_augment
 from train.demo_data import generate_demo_data
 from train.loaders import create_train_loader
@@ -57,7 +57,8 @@ class Training:
     scaling: BatchScaling | None = None  # the lr and EMA decay for this run's global batch
     channels_last: bool = False  # model.channels_last resolved on this device
     workers: int = 0  # loader worker processes of this process
-    batch_augment: BatchAugment | None = None  # aug.prime / aug.fourier, made on the device (train/batch_augment.py)
+    # aug.prime / aug.fourier, and AugMix with aug.augmix.device on: made on the device (train/batch_augment.py)
+    batch_augment: BatchAugment | None = None
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -180,13 +181,12 @@ class Loaders:
     val_size: int
 
 
-def create_loaders(cfg: Config, workers: int) -> Loaders:
+def create_loaders(cfg: Config, workers: int, augmix_on_device: bool = False) -> Loaders:
     """The training, validation and robust-validation loaders, not yet prepared for the accelerator."""
     t, d = cfg.train, cfg.data
     train_samples, val_samples = resolve_samples(d)
-    train_set = ImageDataset(
-        train_samples, create_train_transform(cfg.aug, d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
-    )
+    train_transform = create_train_transform(cfg.aug, d.image_size, augmix_on_device)
+    train_set = ImageDataset(train_samples, train_transform, bad_images=d.bad_images, max_bad=d.max_bad_images)
     val_set = ImageDataset(
         val_samples, create_eval_transform(d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
     )
@@ -211,7 +211,8 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     workers = resolve_num_workers(cfg.data.num_workers, on_gpu, local_processes(accelerator.num_processes))
     channels_last = resolve_channels_last(cfg.model.channels_last, on_gpu)
     scaling = scale_for_batch(t, accelerator.num_processes)
-    loaders = create_loaders(cfg, workers)
+    augmix_on_device = resolve_augmix_device(cfg.aug, on_gpu)
+    loaders = create_loaders(cfg, workers, augmix_on_device)
 
     updates_per_epoch = max(1, len(loaders.train) // accelerator.num_processes // t.grad_accum_steps)
     model, optimizer, scheduler = create_model_and_optimizer(cfg, updates_per_epoch, scaling.lr, channels_last)
@@ -246,5 +247,12 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         scaling=scaling,
         channels_last=channels_last,
         workers=workers,
-        batch_augment=create_batch_augment(cfg.aug, cfg.seed, accelerator.process_index, accelerator.num_processes),
+        batch_augment=create_batch_augment(
+            cfg.aug,
+            cfg.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            augmix_on_device,
+            cfg.data.image_size,
+        ),
     )
