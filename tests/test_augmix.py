@@ -376,9 +376,7 @@ def test_training_with_device_augmix_runs_and_the_loader_ships_the_plain_image(t
     train_main.run(plain)
     a, b = (load_file(str(c.run_dir / "last.safetensors")) for c in (plain, cfg))
     assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # the device AugMix reached the model
-    jsd = tiny_config(
-        *DEVICE, *JSD[1:], "train.adv.mode=pgd", "train.adv.steps=1", "train.max_steps=2", "name=device_jsd"
-    )
-    assert train_main.run(jsd)["global_step"] == 2
+    jsd = tiny_config(*DEVICE, *AUGMIX_PGD, "train.max_steps=1", "name=device_jsd")  # three views, PGD on the clean one
+    assert train_main.run(jsd)["global_step"] == 1
     cpu = tiny_config("aug.augmix.enabled=true", "name=cpu_augmix")  # auto on a CPU: the loader's PIL AugMix
     assert isinstance(build_training(cpu, create_accelerator(cpu)).train_loader.dataset.dataset.transform, AugMixViews)
