@@ -83,6 +83,8 @@ class Row:
             return "n/a"
         if self.unit == "%":
             return f"{100 * self.value:.2f}%"
+        if self.unit == "ms":
+            return f"{self.value:.2f} ms"
         if self.unit != "x":  # MB, img/s, cores: whole numbers
             return f"{self.value:.0f} {self.unit}"
         return f"{self.value:.3f}"

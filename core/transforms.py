@@ -53,9 +53,43 @@ def _seeded_compose_class() -> type:
     return SeededCompose
 
 
+@functools.cache
+def _resized_crop_class() -> type:
+    import albumentations as A
+    import torch
+    import torch.nn.functional as F
+    from albumentations.augmentations.crops import functional as fcrops
+
+    class AntialiasedResizedCrop(A.RandomResizedCrop):
+        """``A.RandomResizedCrop`` (its draws) whose shrinking resize is torch's antialiased bilinear.
+
+        albumentations shrinks with OpenCV's INTER_AREA (``area_for_downscale="image"``), whose
+        non-integer path cost a 224-px training image about 0.7 ms of a loader worker's CPU, a third
+        of the phase recipe's loader time once AugMix left it; torch's uint8 antialiased bilinear
+        (the filter timm's PIL resize uses) makes nearly the same pixels (a quarter of a grey level
+        apart on average, ``tests/test_transforms.py``) in about a third of the time. Enlarging
+        crops keep albumentations' bilinear resize.
+        """
+
+        def apply(self, img: np.ndarray, crop_coords: tuple[int, int, int, int], **params: Any) -> np.ndarray:
+            crop = fcrops.crop(img, *crop_coords)
+            height, width = self.size
+            shrinks = crop.shape[0] > height or crop.shape[1] > width
+            if not (shrinks and crop.dtype == np.uint8 and crop.ndim == 3):
+                return super().apply(img, crop_coords, **params)
+            chw = torch.from_numpy(np.ascontiguousarray(crop)).permute(2, 0, 1)[None]
+            out = F.interpolate(chw, size=(height, width), mode="bilinear", antialias=True, align_corners=False)
+            return np.ascontiguousarray(out[0].permute(1, 2, 0).numpy())
+
+    AntialiasedResizedCrop.__qualname__ = "AntialiasedResizedCrop"  # pickle finds it in core.transforms
+    return AntialiasedResizedCrop
+
+
 def __getattr__(name: str) -> Any:
     if name == "SeededCompose":  # made on first use (see above)
         return _seeded_compose_class()
+    if name == "AntialiasedResizedCrop":
+        return _resized_crop_class()
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
@@ -144,15 +178,19 @@ def _pair(values: Sequence[float], key: str) -> tuple[float, float]:
     return low, high
 
 
-def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMixViews:
+def create_train_transform(cfg: AugConfig, image_size: int, augmix_on_device: bool = False) -> A.Compose | AugMixViews:
     """RandomResizedCrop -> HorizontalFlip -> ColorJitter (optional) -> one corruption -> extras -> AugMix.
+
+    * The crop: :class:`AntialiasedResizedCrop` (albumentations' draws, a cheaper shrinking resize).
 
     * ``color_jitter`` s > 0: brightness, contrast and saturation by factors in [1-s, 1+s]
       (no hue shift, as timm), applied with probability 0.8.
     * ``corruptions``: with probability ``corruption_p`` one of them is applied, chosen with
       weights given by each entry's ``p`` (default 1, i.e. uniformly).
     * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
-    * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output.
+    * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output, unless
+      ``augmix_on_device`` (:func:`resolve_augmix_device`): the training step makes it then
+      (``train/batch_augment.py``), and the loader ships the pipeline's output.
     """
     import albumentations as A
 
@@ -165,7 +203,7 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMi
     if cfg.color_jitter < 0:
         raise UserError(f"config key 'aug.color_jitter' must be >= 0, got {cfg.color_jitter}")
     transforms: list[A.BasicTransform | A.BaseCompose] = [
-        A.RandomResizedCrop(size=(image_size, image_size), scale=scale, ratio=ratio, area_for_downscale="image"),
+        _resized_crop_class()(size=(image_size, image_size), scale=scale, ratio=ratio, area_for_downscale="image"),
         A.HorizontalFlip(p=cfg.hflip),
     ]
     if cfg.color_jitter > 0:
@@ -177,7 +215,9 @@ def create_train_transform(cfg: AugConfig, image_size: int) -> A.Compose | AugMi
     transforms += _create_list(cfg.extra, "aug.extra", image_size)
     pipeline = _seeded_compose_class()(transforms)
     if cfg.augmix.enabled:
-        return AugMixViews(pipeline, create_augmix(cfg.augmix, image_size), clean=cfg.augmix.jsd_weight > 0)
+        mix = create_augmix(cfg.augmix, image_size)  # its values are checked wherever AugMix runs
+        if not augmix_on_device:
+            return AugMixViews(pipeline, mix, clean=cfg.augmix.jsd_weight > 0)
     return pipeline
 
 
@@ -200,16 +240,32 @@ def create_augmix(cfg: AugMixConfig, image_size: int) -> AugMixAugment:
         )
     if cfg.jsd_weight < 0:
         raise UserError(f"config key 'aug.augmix.jsd_weight' must be >= 0, got {cfg.jsd_weight}")
-    # As timm's create_transform for 'augmix-...': translations up to 45% (absolute) / 30% (relative)
-    # of the image, magnitudes drawn uniformly up to the severity, mid-grey fill.
-    hparams = {
+    ops = augmix_ops(magnitude=cfg.severity, hparams=augmix_hparams(image_size), transforms=list(cfg.ops))
+    return AugMixAugment(ops, alpha=cfg.alpha, width=cfg.width, depth=cfg.depth)
+
+
+AUGMIX_MAX_DEPTH = 3  # ops per chain when aug.augmix.depth=-1: 1..3 (timm's np.random.randint(1, 4))
+
+
+def augmix_hparams(image_size: int) -> dict:
+    """timm's AugMix op parameters as its create_transform sets them for 'augmix-...': translations
+    up to 45% (absolute) / 30% (relative) of the image, magnitudes drawn uniformly up to the
+    severity, mid-grey fill. Both AugMix paths (here and ``train/batch_augment.py``) use them."""
+    return {
         "translate_const": int(image_size * 0.45),
         "translate_pct": 0.3,
         "img_mean": (128, 128, 128),
         "magnitude_std": float("inf"),
     }
-    ops = augmix_ops(magnitude=cfg.severity, hparams=hparams, transforms=list(cfg.ops))
-    return AugMixAugment(ops, alpha=cfg.alpha, width=cfg.width, depth=cfg.depth)
+
+
+def resolve_augmix_device(cfg: AugConfig, on_gpu: bool) -> bool:
+    """Whether AugMix runs on the training device (``aug.augmix.device``; ``auto``: with CUDA)."""
+    if not cfg.augmix.enabled:
+        return False
+    if cfg.augmix.device == "auto":
+        return on_gpu
+    return cfg.augmix.device == "true"
 
 
 class AugMixViews:

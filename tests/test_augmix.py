@@ -4,12 +4,14 @@ consistency loss with the adversarial modes, grad accumulation, EMA, resume and 
 from __future__ import annotations
 
 import json
+import math
 import random
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import load_file
 from timm.data.auto_augment import _AUGMIX_TRANSFORMS
 from timm.loss import JsdCrossEntropy
 from torch import nn
@@ -18,7 +20,7 @@ from attacks import lp_norm
 from core.config import AUGMIX_OPS, AugConfig, AugMixConfig, ConfigError
 from core.datasets import ImageDataset
 from core.errors import UserError
-from core.transforms import AugMixViews, create_train_transform
+from core.transforms import AugMixViews, augmix_hparams, create_train_transform
 from tests.conftest import run_module, shrink, weight_difference
 from tests.test_adversarial import EPS, Recorder
 from train import main as train_main
@@ -168,3 +170,213 @@ def test_the_demo_config_is_robust_yaml_plus_augmix():
     assert augmix["aug"]["augmix"]["enabled"] and augmix["aug"]["augmix"]["jsd_weight"] == 0.0
     assert augmix["train"]["adv"] == robust["train"]["adv"] and augmix["eval"] == robust["eval"]
     assert augmix["data"] == robust["data"] and augmix["model"] == robust["model"]
+
+
+# ---------------------------------------------------------------- AugMix on the device (aug.augmix.device)
+
+DEVICE = ["aug.augmix.enabled=true", "aug.augmix.device=true"]
+DRAWN = 4000  # images per path in the distribution test: ~24,000 ops, ~2,700 per op
+
+
+def _timm_draws(cfg: AugMixConfig, n: int, seed: int, monkeypatch) -> dict:
+    """Run timm's AugMixAugment (the CPU path's object) on n tiny images, recording what it draws."""
+    import timm.data.auto_augment as aa
+
+    augmix = create_train_transform(AugConfig(augmix=cfg), SIZE).augmix
+    record = {"ops": [], "args": [], "depth": [], "weights": [], "mix": [], "resample": []}
+    for op in augmix.ops:
+        fn = op.aug_fn
+
+        def recorded(img, *args, _name=op.name, _fn=fn, **kwargs):
+            record["ops"].append(_name)
+            record["args"].append((_name, args))
+            return _fn(img, *args, **kwargs)
+
+        op.aug_fn = recorded
+    choice, interpolation, basic = np.random.choice, aa._interpolation, augmix._apply_basic
+
+    def choose(ops, depth, replace):
+        record["depth"].append(depth)
+        return choice(ops, depth, replace=replace)
+
+    def interpolate(kwargs):
+        chosen = interpolation(kwargs)
+        record["resample"].append(chosen == Image.Resampling.BICUBIC)
+        return chosen
+
+    def apply_basic(img, weights, m):
+        record["weights"].append(np.asarray(weights, dtype=np.float64))
+        record["mix"].append(float(m))
+        return basic(img, weights, m)
+
+    monkeypatch.setattr(np.random, "choice", choose)
+    monkeypatch.setattr(aa, "_interpolation", interpolate)
+    augmix._apply_basic = apply_basic
+    np.random.seed(seed)
+    random.seed(seed)
+    image = Image.fromarray(_image()[:8, :8])
+    for _ in range(n):
+        augmix(image)
+    monkeypatch.undo()
+    return record
+
+
+def _device_draws(cfg: AugMixConfig, n: int, seed: int) -> dict:
+    """The same statistics from the device path's draws (what augmix() applies)."""
+    from train.batch_augment import draw_augmix
+
+    d = draw_augmix(n, cfg, torch.Generator().manual_seed(seed))
+    steps = torch.arange(d.ops.shape[2]).view(1, 1, -1)
+    active = steps < d.depth.unsqueeze(2)  # the steps each chain takes
+    ops = d.ops[active]
+    geometric = torch.tensor([cfg.ops[i] in GEOMETRIC for i in range(len(cfg.ops))])[d.ops] & active
+    return {
+        "ops": [cfg.ops[i] for i in ops.tolist()],
+        "level": d.level[active],
+        "sign": d.sign[active],
+        "op_index": ops,
+        "depth": d.depth.flatten().tolist(),
+        "weights": d.weights.double().numpy(),
+        "mix": d.mix.double().numpy(),
+        "resample": d.bicubic[geometric].tolist(),
+    }
+
+
+GEOMETRIC = {"Rotate", "ShearX", "ShearY", "TranslateXRel", "TranslateYRel", "TranslateX", "TranslateY"}
+
+
+def _close(a: np.ndarray, b: np.ndarray, what: str, sigmas: float = 5.0) -> float:
+    """Means of two samples agree within ``sigmas`` standard errors of their difference; returns the margin."""
+    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    se = math.sqrt(a.var() / len(a) + b.var() / len(b))
+    assert abs(a.mean() - b.mean()) <= sigmas * se, (
+        f"{what}: {a.mean():.4f} vs {b.mean():.4f} (5 se = {sigmas * se:.4f})"
+    )
+    return sigmas * se
+
+
+def _device_args(cfg: AugMixConfig, dev: dict, name: str) -> np.ndarray:
+    """The first argument timm's op would get, from the device draws of op ``name`` (as augmix() computes it)."""
+    from train.batch_augment import OpParams, _posterize_bits, _signed, _solarize_threshold
+
+    k = cfg.ops.index(name)
+    chosen = dev["op_index"] == k
+    p = OpParams(dev["level"][chosen], dev["sign"][chosen], None, None, augmix_hparams(SIZE))
+    if name == "Rotate":
+        return _signed(p, 30.0).numpy()
+    if name in ("ShearX", "ShearY"):
+        return _signed(p, 0.3).numpy()
+    if name in ("TranslateXRel", "TranslateYRel"):
+        return _signed(p, 0.3).numpy()
+    if name == "PosterizeIncreasing":
+        return _posterize_bits(p, "increasing").numpy()
+    if name == "SolarizeIncreasing":
+        return _solarize_threshold(p, True).numpy()
+    raise KeyError(name)
+
+
+def test_device_augmix_draws_the_distribution_of_timms(monkeypatch):
+    # The same seed for both paths; every statistic agrees within 5 standard errors of the difference
+    # (about 24,000 ops a side: the op-frequency margin is ~0.013 against 1/9 per op).
+    cfg = AugMixConfig(enabled=True)
+    cpu, dev = _timm_draws(cfg, DRAWN, 0, monkeypatch), _device_draws(cfg, DRAWN, 0)
+    assert len(cpu["weights"]) == DRAWN and len(cpu["depth"]) == DRAWN * cfg.width
+    margins = {}
+    for name in cfg.ops:  # which op each step applies: uniform over aug.augmix.ops
+        margins[name] = _close(np.array(cpu["ops"]) == name, np.array(dev["ops"]) == name, f"share of {name}")
+    for depth in (1, 2, 3):  # chain depth: 1..3 uniformly
+        _close(np.array(cpu["depth"]) == depth, np.array(dev["depth"]) == depth, f"chains of depth {depth}")
+    weights_cpu, weights_dev = np.stack(cpu["weights"]), dev["weights"]
+    for chain in range(cfg.width):  # Dirichlet(1, 1, 1): the mean, the second moment, a tail
+        _close(weights_cpu[:, chain], weights_dev[:, chain], f"weight of chain {chain}")
+        _close(weights_cpu[:, chain] ** 2, weights_dev[:, chain] ** 2, f"squared weight of chain {chain}")
+        _close(weights_cpu[:, chain] > 0.8, weights_dev[:, chain] > 0.8, f"weight of chain {chain} > 0.8")
+    _close(np.array(cpu["mix"]), dev["mix"], "Beta mix")
+    _close(np.array(cpu["mix"]) ** 2, dev["mix"] ** 2, "Beta mix squared")
+    _close(np.array(cpu["resample"]), np.array(dev["resample"]), "bicubic share of geometric ops")
+    for name in ("Rotate", "ShearX", "TranslateXRel", "PosterizeIncreasing", "SolarizeIncreasing"):
+        cpu_args = np.array([args[0] for op, args in cpu["args"] if op == name], dtype=np.float64)
+        dev_args = _device_args(cfg, dev, name)
+        _close(cpu_args, dev_args, f"{name} argument")
+        _close(np.abs(cpu_args), np.abs(dev_args), f"{name} |argument|")
+        _close(cpu_args < 0, dev_args < 0, f"{name} negative")
+    assert max(margins.values()) < 0.02  # the test can see a 2-point shift in any op's share
+
+
+def test_device_augmix_is_seeded_in_range_and_keeps_channels_last(tiny_config):
+    from train.batch_augment import create_batch_augment
+
+    cfg = tiny_config(*DEVICE)
+    make = lambda: create_batch_augment(cfg.aug, 0, augmix_on_device=True, image_size=SIZE)  # noqa: E731
+    x = (torch.rand(6, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(0)) * 255).round() / 255
+    x = x.contiguous(memory_format=torch.channels_last)
+    state = torch.get_rng_state()
+    a, paired = make().views(x, epoch=1, batch=2)
+    b, _ = make().views(x, epoch=1, batch=2)
+    c, _ = make().views(x, epoch=1, batch=3)
+    assert paired is None and torch.equal(a, b) and not torch.equal(a, c)
+    assert torch.equal(torch.get_rng_state(), state)  # torch's global generator (the attacks') untouched
+    assert a.shape == x.shape and a.dtype == x.dtype and a.is_contiguous(memory_format=torch.channels_last)
+    assert 0 <= float(a.min()) and float(a.max()) <= 1
+    assert torch.equal((a * 255).round(), a * 255)  # uint8 levels, as timm's PIL output
+    changed = (a - x).flatten(1).abs().amax(1) > 0
+    assert int(changed.sum()) >= 5  # AugMix reached (almost) every image
+    jsd = create_batch_augment(
+        tiny_config(*DEVICE, "aug.augmix.jsd_weight=12").aug, 0, augmix_on_device=True, image_size=SIZE
+    )
+    views, _ = jsd.views(x, epoch=1, batch=2)
+    assert views.shape == (6, 3, 3, SIZE, SIZE) and torch.equal(views[:, 0], x)
+    assert not torch.equal(views[:, 1], views[:, 2])
+
+
+@pytest.mark.parametrize(
+    "name",
+    list(AUGMIX_OPS)
+    + [
+        "ColorIncreasing",
+        "ContrastIncreasing",
+        "BrightnessIncreasing",
+        "SharpnessIncreasing",
+        "Invert",
+        "SolarizeAdd",
+        "GaussianBlur",
+    ],
+)
+def test_each_device_op_does_what_timms_pil_op_does(name, monkeypatch):
+    # One op at a known level on a smooth image: the tensor op against timm's PIL op with the same
+    # argument (bilinear, no negation); mean difference under 2 of 255 levels.
+    import timm.data.auto_augment as aa
+
+    from train.batch_augment import DEVICE_AUGMIX_OPS, OpParams
+
+    yy, xx = np.mgrid[0:SIZE, 0:SIZE]
+    image = np.stack([xx * 7, yy * 5 + 20, (xx + yy) * 3 + 40], -1).clip(0, 255).astype(np.uint8)
+    level, hparams = 2.5, augmix_hparams(SIZE)
+    monkeypatch.setattr(random, "random", lambda: 0.0)  # timm's _randomly_negate: no negation
+    args = aa.LEVEL_TO_ARG[name](level, hparams) if aa.LEVEL_TO_ARG[name] else ()
+    want = np.asarray(
+        aa.NAME_TO_OP[name](Image.fromarray(image), *args, fillcolor=(128,) * 3, resample=Image.Resampling.BILINEAR),
+        dtype=np.float64,
+    )
+    p = OpParams(torch.tensor([level]), torch.tensor([1.0]), torch.tensor([False]), torch.tensor([0.5]), hparams)
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float()
+    got = DEVICE_AUGMIX_OPS[name](x, p).clamp(0, 255).round()[0].permute(1, 2, 0).numpy()
+    assert np.abs(got - want).mean() < 2.0, f"{name}: mean difference {np.abs(got - want).mean():.2f} levels"
+    assert np.abs(got - image).mean() > 0 or np.abs(want - image).mean() == 0
+
+
+def test_training_with_device_augmix_runs_and_the_loader_ships_the_plain_image(tiny_config):
+    cfg = tiny_config(*DEVICE, "train.max_steps=2", "name=device_augmix")
+    training = build_training(cfg, create_accelerator(cfg))
+    assert training.batch_augment is not None and training.batch_augment.augmix is not None
+    assert not isinstance(training.train_loader.dataset.dataset.transform, AugMixViews)  # AugMix left the loader
+    result = train_main.run(cfg)
+    assert result["global_step"] == 2 and math.isfinite(result["val_acc"])
+    plain = tiny_config("train.max_steps=2", "name=plain")
+    train_main.run(plain)
+    a, b = (load_file(str(c.run_dir / "last.safetensors")) for c in (plain, cfg))
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4  # the device AugMix reached the model
+    jsd = tiny_config(*DEVICE, *AUGMIX_PGD, "train.max_steps=1", "name=device_jsd")  # three views, PGD on the clean one
+    assert train_main.run(jsd)["global_step"] == 1
+    cpu = tiny_config("aug.augmix.enabled=true", "name=cpu_augmix")  # auto on a CPU: the loader's PIL AugMix
+    assert isinstance(build_training(cpu, create_accelerator(cpu)).train_loader.dataset.dataset.transform, AugMixViews)

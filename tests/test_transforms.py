@@ -35,14 +35,14 @@ def test_default_config_builds_and_runs_without_warnings():
             out = transform(image=random_image())["image"]
             assert out.shape == (SIZE, SIZE, 3) and out.dtype == np.uint8
     names = [type(t).__name__ for t in transform.transforms]
-    assert names == ["RandomResizedCrop", "HorizontalFlip", "OneOf"]
+    assert names == ["AntialiasedResizedCrop", "HorizontalFlip", "OneOf"]
     assert len(transform.transforms[2].transforms) == len(AugConfig().corruptions)
 
 
 def test_optional_parts_follow_the_config():
     cfg = AugConfig(color_jitter=0.4, corruption_p=0.0, extra=[{"name": "ToGray", "p": 0.1}])
     names = [type(t).__name__ for t in create_train_transform(cfg, SIZE).transforms]
-    assert names == ["RandomResizedCrop", "HorizontalFlip", "ColorJitter", "ToGray"]
+    assert names == ["AntialiasedResizedCrop", "HorizontalFlip", "ColorJitter", "ToGray"]
     assert create_train_transform(cfg, SIZE).transforms[-1].p == 0.1
 
 
@@ -98,7 +98,7 @@ def test_same_seed_same_output_and_draws_are_independent():
     for seed in range(1000):
         transform.set_random_seed(seed)
         applied = {name for name, _ in transform(image=image)["applied_transforms"]}
-        combos["HorizontalFlip" in applied, bool(applied - {"HorizontalFlip", "RandomResizedCrop"})] += 1
+        combos["HorizontalFlip" in applied, bool(applied - {"HorizontalFlip", "AntialiasedResizedCrop"})] += 1
     assert 100 < combos[False, True] < 200  # ~0.5 * 0.3 * 1000
     assert 100 < combos[True, True] < 200
     assert 250 < combos[False, False] < 450 and 250 < combos[True, False] < 450
@@ -158,7 +158,7 @@ def test_eval_transform_gives_albumentations_resize_pixels(shape):
 def test_pipelines_are_albumentations_composes():
     # Callers rely on the A.Compose API (set_random_seed, transforms, serialization repr).
     assert isinstance(create_train_transform(AugConfig(), SIZE), A.Compose)
-    assert "RandomResizedCrop" in repr(create_train_transform(AugConfig(), SIZE))
+    assert "AntialiasedResizedCrop" in repr(create_train_transform(AugConfig(), SIZE))
 
 
 def test_training_corruptions_switch_off_with_an_empty_list(tiny_config):
@@ -172,7 +172,27 @@ def test_training_corruptions_switch_off_with_an_empty_list(tiny_config):
         for seed in range(100):
             transform.set_random_seed(seed)
             names |= {name for name, _ in transform(image=image)["applied_transforms"]}
-        applied[overrides] = names - {"RandomResizedCrop", "HorizontalFlip"}
+        applied[overrides] = names - {"AntialiasedResizedCrop", "HorizontalFlip"}
     assert tiny_config("aug.corruptions=[]").aug.corruptions == []
     assert applied[("aug.corruptions=[]",)] == set()
     assert {"GaussNoise", "ImageCompression"} <= applied[()]  # the default family does apply them
+
+
+def test_the_crop_draws_as_albumentations_and_shrinks_like_inter_area():
+    # The same crop as A.RandomResizedCrop under the same seed; a shrinking crop's pixels within a
+    # grey level of OpenCV's INTER_AREA on average (a smooth photo-like image), an enlarging one's equal.
+    from core.transforms import AntialiasedResizedCrop
+
+    yy, xx = np.mgrid[0:300, 0:400]
+    image = np.stack([(xx * 0.6) % 256, (yy * 0.8) % 256, (np.sin(xx / 9) * np.cos(yy / 7) + 1) * 120], -1)
+    image = image.astype(np.uint8)
+    for size, scale in ((224, (0.6, 1.0)), (512, (0.9, 1.0))):
+        ours = A.Compose([AntialiasedResizedCrop(size=(size, size), scale=scale, area_for_downscale="image")])
+        ref = A.Compose([A.RandomResizedCrop(size=(size, size), scale=scale, area_for_downscale="image")])
+        for seed in range(5):
+            ours.set_random_seed(seed)
+            ref.set_random_seed(seed)
+            a, b = ours(image=image)["image"], ref(image=image)["image"]
+            assert a.shape == b.shape == (size, size, 3) and a.dtype == np.uint8 and a.flags.c_contiguous
+            diff = np.abs(a.astype(float) - b).mean()
+            assert diff < 1.0 if size == 224 else diff == 0, (size, seed, diff)

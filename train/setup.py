@@ -32,7 +32,7 @@ from core.devices import (
 )
 from core.labels import resolve_samples, select_subset
 from core.model import create_classifier
-from core.transforms import create_eval_transform, create_train_transform
+from core.transforms import create_eval_transform, create_train_transform, resolve_augmix_device
 from train.batch_augment import BatchAugment, create_batch_augment
 from train.demo_data import generate_demo_data
 from train.loaders import create_train_loader
@@ -60,7 +60,8 @@ class Training:
     scaling: BatchScaling | None = None  # the lr and EMA decay for this run's global batch
     channels_last: bool = False  # model.channels_last resolved on this device
     workers: int = 0  # loader worker processes of this process
-    batch_augment: BatchAugment | None = None  # aug.prime / aug.fourier, made on the device (train/batch_augment.py)
+    # aug.prime / aug.fourier, and AugMix with aug.augmix.device on: made on the device (train/batch_augment.py)
+    batch_augment: BatchAugment | None = None
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -228,24 +229,26 @@ class WorkerSplit:
     warning: str = ""
 
 
-def split_workers(cfg: Config, workers: int, local: int = 1, free_shm: int | None = None) -> WorkerSplit:
+def split_workers(
+    cfg: Config, workers: int, local: int = 1, free_shm: int | None = None, augmix_on_device: bool = False
+) -> WorkerSplit:
     """The training loader gets ``workers`` (it is the one that must keep up), validation at most
     ``EVAL_WORKERS``, both only as many as this process's share of ``/dev/shm`` holds
     (``free_shm``: measured when None; ``local``: processes sharing it on this machine)."""
-    views = 3 if cfg.aug.augmix.enabled and cfg.aug.augmix.jsd_weight > 0 else 1
+    # AugMix on the device makes its views there: the loader ships one
+    views = 3 if cfg.aug.augmix.enabled and cfg.aug.augmix.jsd_weight > 0 and not augmix_on_device else 1
     batch_bytes = cfg.train.batch_size * views * 3 * cfg.data.image_size**2  # uint8 images
     free = shared_memory_free() if free_shm is None else free_shm
     train, warning = fit_workers_to_shared_memory(workers, batch_bytes, None if free is None else free // local)
     return WorkerSplit(train, min(EVAL_WORKERS, train), warning)
 
 
-def create_loaders(cfg: Config, workers: WorkerSplit) -> Loaders:
+def create_loaders(cfg: Config, workers: WorkerSplit, augmix_on_device: bool = False) -> Loaders:
     """The training, validation and robust-validation loaders, not yet prepared for the accelerator."""
     t, d = cfg.train, cfg.data
     train_samples, val_samples = resolve_samples(d)
-    train_set = ImageDataset(
-        train_samples, create_train_transform(cfg.aug, d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
-    )
+    train_transform = create_train_transform(cfg.aug, d.image_size, augmix_on_device)
+    train_set = ImageDataset(train_samples, train_transform, bad_images=d.bad_images, max_bad=d.max_bad_images)
     val_set = ImageDataset(
         val_samples, create_eval_transform(d.image_size), bad_images=d.bad_images, max_bad=d.max_bad_images
     )
@@ -268,12 +271,15 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
     t = cfg.train
     on_gpu = accelerator.device.type == "cuda"
     local = local_processes(accelerator.num_processes)
-    workers = split_workers(cfg, resolve_num_workers(cfg.data.num_workers, on_gpu, local), local)
+    augmix_on_device = resolve_augmix_device(cfg.aug, on_gpu)
+    workers = split_workers(
+        cfg, resolve_num_workers(cfg.data.num_workers, on_gpu, local), local, augmix_on_device=augmix_on_device
+    )
     if workers.warning:
         accelerator.print(workers.warning)
     channels_last = resolve_channels_last(cfg.model.channels_last, on_gpu)
     scaling = scale_for_batch(t, accelerator.num_processes)
-    loaders = create_loaders(cfg, workers)
+    loaders = create_loaders(cfg, workers, augmix_on_device)
 
     updates_per_epoch = max(1, len(loaders.train) // accelerator.num_processes // t.grad_accum_steps)
     model, optimizer, scheduler = create_model_and_optimizer(
@@ -310,5 +316,12 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
         scaling=scaling,
         channels_last=channels_last,
         workers=workers.train,
-        batch_augment=create_batch_augment(cfg.aug, cfg.seed, accelerator.process_index, accelerator.num_processes),
+        batch_augment=create_batch_augment(
+            cfg.aug,
+            cfg.seed,
+            accelerator.process_index,
+            accelerator.num_processes,
+            augmix_on_device,
+            cfg.data.image_size,
+        ),
     )

@@ -132,6 +132,9 @@ class AugMixConfig:
     # consistency with the clean view (timm's JsdCrossEntropy; the paper uses 12); 0: the AugMix image
     # replaces the clean one
     jsd_weight: float = 0.0
+    # where AugMix runs: auto (on the training device with CUDA, in the CPU loader otherwise) | true (on
+    # the training device, a batch at a time: train/batch_augment.py) | false (in the loader, timm's PIL ops)
+    device: str = one_of(("auto", "true", "false"), "auto", switch=True)
 
 
 # PRIME's three primitives (Modas et al. 2022) and a smooth haze-and-contrast field aimed at ImageNet-C's
