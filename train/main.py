@@ -46,6 +46,8 @@ def run(cfg: Config) -> dict:
 
         metrics: dict = {}
         start = time.perf_counter()
+        if nothing_left(cfg, progress, accelerator):
+            return finish(training, progress, {}, 0.0)
         for epoch in range(progress.epoch, cfg.train.epochs):
             grid = sample_grid_hook(training, progress, tracking)
             stats = fit_epoch(training, progress, epoch, on_first_batch=grid)
@@ -104,6 +106,24 @@ def fit_epoch(
 
 def stopped_early(cfg: Config, progress: Progress) -> bool:
     return bool(cfg.train.max_steps) and progress.global_step >= cfg.train.max_steps
+
+
+def nothing_left(cfg: Config, progress: Progress, accelerator: Accelerator) -> bool:
+    """A resumed run that already reached ``train.max_steps`` or its last epoch: says so instead of
+    training (the loop would otherwise take one more step before it checks ``max_steps``)."""
+    if stopped_early(cfg, progress):
+        accelerator.print(
+            f"nothing to train: the run already stands at step {progress.global_step}, the limit "
+            f"train.max_steps={cfg.train.max_steps}; raise it (0 = every epoch) to continue with resume=auto"
+        )
+    elif progress.epoch >= cfg.train.epochs:
+        accelerator.print(
+            f"nothing to train: the run already finished its train.epochs={cfg.train.epochs}; "
+            f"raise train.epochs to continue with resume=auto; model: {cfg.run_dir}/best.safetensors"
+        )
+    else:
+        return False
+    return True
 
 
 def validate(training: Training) -> dict:
@@ -234,8 +254,14 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
     }
     if metrics:
         what = "robust val acc" if selection_of(cfg, metrics) == "robust" else "val acc"
+        limit = stopped_early(cfg, progress) and progress.epoch < cfg.train.epochs
+        ended = (
+            f"stopped by train.max_steps={cfg.train.max_steps} ({progress.epoch} of {cfg.train.epochs} epochs complete)"
+            if limit
+            else "done"
+        )
         accelerator.print(
-            f"done: best {what} {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
+            f"{ended}: best {what} {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
             f"in {result['seconds']:.0f}s; model: {cfg.run_dir}/best.safetensors"
         )
     if progress.collapse_epoch >= 0:
