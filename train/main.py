@@ -41,7 +41,7 @@ def run(cfg: Config) -> dict:
         restore(training, progress)
         if accelerator.is_main_process:
             save_config(cfg, cfg.run_dir / "config.yaml")
-        tracking = init_tracking(accelerator, cfg, mode, reason)
+        tracking = init_tracking(accelerator, cfg, mode, reason, resumed=progress.global_step > 0)
         announce(training)
 
         metrics: dict = {}
