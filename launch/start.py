@@ -116,7 +116,7 @@ def launch(module: str, argv: Sequence[str]) -> int:
     ours, accel = split_args(argv)
     flags = parse_flags(accel, COMMANDS.get(module, ""))
     config_path = user_path(_flag_value(ours, "--config"))
-    overrides = [a for a in ours if "=" in a and not a.startswith("--")]
+    overrides = _overrides_of(ours)
     config_file = user_path(str(flags["config_file"])) if "config_file" in flags else None
     # Fail fast, in one line, before any process starts.
     cfg = load_config(config_path, overrides, check_aug=False)
@@ -134,6 +134,20 @@ def launch(module: str, argv: Sequence[str]) -> int:
         cmd = create_command(plan, module, ours, env)
         rc, received = supervise(cmd, env)
         return explain_exit(module, rc, received, Path(status), argv)
+
+
+def _overrides_of(ours: list[str]) -> list[str]:
+    """Every argument but ``--config FILE`` and ``--debug``: the stage's overrides, checked here
+    (``train.epochs 2`` included, so its error comes before the launch line, not after)."""
+    out, skip = [], False
+    for arg in ours:
+        if skip or arg == "--debug" or arg.startswith("--config="):
+            skip = False
+        elif arg == "--config":
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def _flag_value(args: list[str], name: str) -> str | None:

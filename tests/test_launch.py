@@ -500,3 +500,13 @@ def test_a_stop_that_lands_in_a_finalizer_still_stops_the_stage(capsys):
     assert reached == [] and time.perf_counter() - start < 4
     err = capsys.readouterr().err
     assert err.strip() == "terminated" and "Exception ignored" not in err
+
+
+def test_a_space_instead_of_equals_is_one_line_with_the_fix_before_any_launch_line(tmp_path):
+    # The launcher used to pass "train.epochs 2" on unchecked: its launch line came first, then
+    # the stage's error, which did not say what to type.
+    proc = run_module("launch", "train.main", "train.epochs", "2", f"out_dir={tmp_path}", timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.strip().splitlines() == [
+        "error: override 'train.epochs' is not of the form key=value (did you mean train.epochs=2?)"
+    ]
