@@ -30,7 +30,7 @@ usage: ./run.sh COMMAND [args]
   evaluate [--config FILE] [key=value ...] [launch flags]   local leaderboard (clean/corruptions/attacks)
   make-testset [--config FILE] [key=value ...]                  a Phase-I-like test set (clean/corrupted/transfer/stacked)
   ablate   [--config FILE] [key=value ...]                      what each part of the submission stack buys
-  validate FILE --test-dir DIR [--num-classes N]                check a submission file
+  validate FILE (--test-dir DIR | --config FILE) [--num-classes N]  check a submission file
   export   [--config FILE] [key=value ...]                      Phase II files (.onnx, .zip) + .pt2 + budget report
   check-submission FILE [--image-size N] [--config FILE] [key=value ...]  the organizers' checks of a Phase II file
   check-data [--config FILE] [--full] [key=value ...]           check the data a config names (labels, classes, images)
