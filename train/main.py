@@ -80,6 +80,14 @@ def announce(training: Training) -> None:
             f"adversarial training: {adv.mode} at eps {adv.eps * 255:.3g}/255{steps}{ramp}; best by "
             f"{'robust' if adv.select != 'clean' else 'clean'} validation accuracy"
         )
+        if adv.warmup_epochs > cfg.train.epochs:
+            reached = adv.eps * cfg.train.epochs / adv.warmup_epochs
+            accelerator.print(
+                f"WARNING: train.adv.warmup_epochs={adv.warmup_epochs:g} is longer than "
+                f"train.epochs={cfg.train.epochs}: "
+                f"eps only reaches {reached * 255:.3g}/255 of {adv.eps * 255:.3g}/255 by the end; lower "
+                "train.adv.warmup_epochs"
+            )
 
 
 def fit_epoch(
