@@ -30,13 +30,15 @@ usage: ./run.sh COMMAND [args]
   evaluate [--config FILE] [key=value ...] [launch flags]   local leaderboard (clean/corruptions/attacks)
   make-testset [--config FILE] [key=value ...]                  a Phase-I-like test set (clean/corrupted/transfer/stacked)
   ablate   [--config FILE] [key=value ...]                      what each part of the submission stack buys
-  validate FILE --test-dir DIR [--num-classes N]                check a submission file
+  validate FILE (--test-dir DIR | --config FILE) [--num-classes N]  check a submission file
   export   [--config FILE] [key=value ...]                      Phase II files (.onnx, .zip) + .pt2 + budget report
   check-submission FILE [--image-size N] [--config FILE] [key=value ...]  the organizers' checks of a Phase II file
   check-data [--config FILE] [--full] [key=value ...]           check the data a config names (labels, classes, images)
   demo-data [--out DIR]                                         generate the offline demo data set
+  wandb-sync [FOLDER ...]                                       upload offline W&B runs (default: runs/); needs .venv/bin/wandb login once
   bench                                                         performance figures
   test     [pytest args]                                        the whole test suite
+./run.sh COMMAND --help shows a command's own options (train/submit/evaluate: also the launch flags).
 USAGE
 }
 
@@ -53,6 +55,7 @@ case "$cmd" in
   check-submission) ensure_venv; exec "$PY" -m phase2.check "$@" ;;
   check-data) ensure_venv; exec "$PY" -m train.check_data "$@" ;;
   demo-data) ensure_venv; exec "$PY" -m train.demo_data "$@" ;;
+  wandb-sync) ensure_venv; exec "$PY" -m core.wandb_sync "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;
   test)      ensure_venv
              # lint first: a new violation fails the suite (and CI) in seconds

@@ -9,10 +9,12 @@ into a status folder, so the launcher can tell a clean error from a process that
 from __future__ import annotations
 
 import argparse
+import functools
 import logging
 import os
 import signal
 import sys
+import threading
 import traceback
 import warnings
 from pathlib import Path
@@ -26,6 +28,9 @@ from core.errors import UserError, cap_message
 STATUS_ENV = "ROBUST_PIPELINE_STATUS_DIR"
 # Set by run.sh: the folder the user ran it from (run.sh itself works from the repository).
 CWD_ENV = "ROBUST_PIPELINE_CWD"
+# The status a stage reports once its output folder holds a state it can continue from (the
+# launcher's stop line then offers resume=auto, else says there is nothing to resume).
+RESUMABLE_STATUS = "resumable"
 
 
 class Terminated(BaseException):
@@ -77,8 +82,64 @@ def report_status(name: str, text: str) -> None:
         Path(folder, f"{name}-{rank()}").write_text(text, encoding="utf-8")
 
 
-def _terminate(signum, frame) -> None:
-    raise Terminated()
+# The stop signal this process received (SIGTERM or SIGINT); empty while it runs.
+_stopping: list[int] = []
+
+
+def _stop(signum, frame) -> None:
+    """The first SIGTERM/SIGINT ends the stage with an exception (``finally`` blocks run); later ones
+    are ignored so that they cannot break into that clean-up (the launcher kills a process that has
+    not ended a grace period later)."""
+    if _stopping:
+        return
+    _stopping.append(signum)
+    quiet_worker_deaths()
+    raise KeyboardInterrupt() if signum == signal.SIGINT else Terminated()
+
+
+def quiet_worker_deaths() -> None:
+    """Stop torch's SIGCHLD handler from reporting data-loader workers that the same stop signal ended.
+
+    A stop signal sent to the process group (the launcher's, a job scheduler's) ends the workers too;
+    torch's handler then raises "DataLoader worker (pid N) is killed by signal: Terminated" at any
+    point of the stage's clean-up, even inside a ``__del__`` (printed as "Exception ignored in").
+    A no-op handler rather than SIG_DFL: a SIGCHLD already pending would otherwise be printed as
+    "Signal 17 ignored due to race condition".
+    """
+    signal.signal(signal.SIGCHLD, lambda signum, frame: None)
+
+
+def _redeliver_stop(previous_hook: Callable, args) -> None:
+    """``sys.unraisablehook``: a stop raised inside a ``__del__`` or a callback, where Python drops
+    exceptions, is delivered again (from a thread, so it lands once that code has returned)."""
+    if _stopping and isinstance(args.exc_value, (KeyboardInterrupt, Terminated)):
+        signum = _stopping.pop()
+        threading.Timer(0.05, os.kill, (os.getpid(), signum)).start()
+        return
+    previous_hook(args)
+
+
+def caused_by_stop(exc: BaseException) -> bool:
+    """Whether ``exc`` is a stop signal or was raised while one was being handled (a loader worker
+    found dead, a collective whose peer had stopped): then it is the stop, not a crash."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, (KeyboardInterrupt, Terminated)):
+            return True
+        seen.add(id(exc))
+        exc = exc.__context__
+    return False
+
+
+def _report_stop(exc: BaseException, debug: bool) -> tuple[int, str]:
+    """Exit code and reason of a stopped stage; its line is the launcher's where there is one."""
+    if debug:
+        traceback.print_exception(exc)
+    interrupted = signal.SIGINT in _stopping or (not _stopping and isinstance(exc, KeyboardInterrupt))
+    code, reason = (130, "interrupted") if interrupted else (143, "terminated")
+    if not os.environ.get(STATUS_ENV):
+        print(reason, file=sys.stderr)
+    return code, reason
 
 
 def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
@@ -86,27 +147,30 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ROBUST_PIPELINE_DEBUG") == "1"
     report_status("started", str(os.getpid()))
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    _stopping.clear()
+    previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    previous_hook = sys.unraisablehook
+    sys.unraisablehook = functools.partial(_redeliver_stop, previous_hook)
     code, reason = 1, "crashed"
     try:
         fn(argv)
         code, reason = 0, "done"
-    except UserError as exc:
-        if debug:
-            traceback.print_exc()
-        if is_main_rank() or debug:
-            print(f"error: {cap_message(str(exc))}", file=sys.stderr, flush=True)
-        code, reason = UserError.exit_code, "error"
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        code, reason = 130, "interrupted"
-    except Terminated:
-        if not os.environ.get(STATUS_ENV):  # under launch, the launcher says why the run stopped
-            print("terminated", file=sys.stderr)
-        code, reason = 143, "terminated"
+    except BaseException as exc:
+        if caused_by_stop(exc):  # also an error raised by the clean-up the stop started
+            code, reason = _report_stop(exc, debug)
+        elif isinstance(exc, UserError):
+            if debug:
+                traceback.print_exc()
+            if is_main_rank() or debug:
+                print(f"error: {cap_message(str(exc))}", file=sys.stderr, flush=True)
+            code, reason = UserError.exit_code, "error"
+        else:
+            raise  # a crash: its traceback follows
     finally:  # also on a crash (the traceback follows): the launcher then knows it was not killed
         report_status("ended", f"{code} {reason}")
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        sys.unraisablehook = previous_hook
     return code
 
 

@@ -2,7 +2,7 @@
 
 wandb online with a key but no network blocks for ~100 s and without a key fails at once, so
 ``mode: auto`` decides up front: online only with a key *and* a server that answers within
-``wandb.timeout`` seconds; otherwise offline (sync later with ``wandb sync``).
+``wandb.timeout`` seconds; otherwise offline (sync later with ``./run.sh wandb-sync``).
 
 What a team finds in W&B: one group per run name, holding the runs of ``train``, ``submit``
 and ``evaluate`` (``job_type``); ``train`` logs its best model as an artifact of type
@@ -79,6 +79,7 @@ def wandb_settings(cfg: Config, mode: str, name: str, run_dir: Path, job_type: s
 
     os.environ["WANDB_MODE"] = mode
     os.environ.setdefault("WANDB_SILENT", "true")
+    stage_artifacts_in(run_dir / "wandb")
     kwargs = {
         "name": name,
         "group": cfg.name,
@@ -92,9 +93,29 @@ def wandb_settings(cfg: Config, mode: str, name: str, run_dir: Path, job_type: s
     return kwargs
 
 
+# The WANDB_DATA_DIR this process set (a value the user set is theirs to keep).
+_staging: list[str] = []
+
+
+def stage_artifacts_in(folder: Path) -> None:
+    """Stage artifact files under ``folder``: wandb copies every file it logs to
+    ``$WANDB_DATA_DIR/artifacts/staging`` (default ``~/.local/share/wandb``, outside the run) and an
+    offline run's record points there until ``wandb sync`` uploads it."""
+    current = os.environ.get("WANDB_DATA_DIR")
+    if current is None or current in _staging:
+        os.environ["WANDB_DATA_DIR"] = str(Path(folder).resolve())
+        _staging.append(os.environ["WANDB_DATA_DIR"])
+
+
+def sync_command(run_dir: Path) -> str:
+    """What uploads a run's offline W&B data later (with the login step where no key is found)."""
+    login = "" if has_api_key() else "; once, before it: .venv/bin/wandb login"
+    return f"./run.sh wandb-sync {run_dir}{login}"
+
+
 def describe_mode(mode: str, reason: str, run_dir: Path) -> str:
     """The console line saying where the run's W&B data goes."""
-    where = f" (sync later: wandb sync {run_dir}/wandb/offline-run-*)" if mode == "offline" else ""
+    where = f" (sync later: {sync_command(run_dir)})" if mode == "offline" else ""
     return f"W&B: {mode} - {reason}{where}"
 
 

@@ -286,7 +286,9 @@ def report_written(paths: dict[str, Path], result: dict, accelerator: Accelerato
         if "test_acc" in result
         else ""
     )
-    accelerator.print(f"wrote {paths['csv']} and {paths['json']} ({result['n_images']} predictions, validated){acc}")
+    accelerator.print(
+        f"wrote {paths['csv']}, {paths['json']} and {paths['meta']} ({result['n_images']} predictions, validated){acc}"
+    )
     if "by_kind" in result:
         accelerator.print(f"local Phase I score by kind: {format_breakdown(result['by_kind'])}")
 

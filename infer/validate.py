@@ -20,20 +20,27 @@ from core.cli import CheckerParser, run_checker, user_path
 from core.config import load_config
 from core.errors import UserError
 from core.io import read_json
+from core.labels import resolve_test_dir
 from infer.submission import MAX_PROBLEMS, cap_problems, require_test_dir, set_problems, validate_file
 
 
 def create_validate_parser() -> argparse.ArgumentParser:
     parser = CheckerParser(prog="run.sh validate", description="Check a submission file (.csv or .json).")
     parser.add_argument("file", type=Path, help="submission file, e.g. submissions/cvpr22.csv")
-    parser.add_argument("--test-dir", type=Path, required=True, help="folder of test images N.png")
+    parser.add_argument(
+        "--test-dir", type=Path, default=None, help="folder of test images N.png (default: --config's data.test_dir)"
+    )
     parser.add_argument(
         "--num-classes",
         type=int,
         default=None,
         help="labels must be in [0, N) (default: from FILE's .meta.json, else from --config)",
     )
-    parser.add_argument("--config", default=None, help="take the class count from this config's data.num_classes")
+    parser.add_argument(
+        "--config",
+        default=None,
+        help="take the test folder and class count from this config (data.test_dir, data.num_classes)",
+    )
     parser.add_argument(
         "--max-problems",
         type=int,
@@ -69,13 +76,22 @@ def resolve_num_classes(file: Path, given: int | None, config: Path | None) -> i
     )
 
 
+def resolve_validate_test_dir(given: Path | None, config: Path | None) -> Path:
+    """``--test-dir`` as typed, else the test folder the config names (``data.root``/``data.test_dir``)."""
+    if given is not None:
+        return user_path(given)
+    if config is not None:
+        return resolve_test_dir(load_config(config, check_aug=False).data)
+    raise UserError("validate: which test images? give --test-dir DIR, or --config FILE to use its data.test_dir")
+
+
 def run(argv: Sequence[str]) -> int:
     """Check the file named in ``argv`` and print the report; returns 0 (valid) or 1 (invalid)."""
     parser = create_validate_parser()
     args = parser.parse_args(list(argv))
     if args.max_problems < 0:
         parser.error(f"--max-problems must be 0 (all) or more, got {args.max_problems}")
-    file, test_dir = user_path(args.file), user_path(args.test_dir)
+    file, test_dir = user_path(args.file), resolve_validate_test_dir(args.test_dir, user_path(args.config))
     require_test_dir(test_dir)
     num_classes = resolve_num_classes(file, args.num_classes, user_path(args.config))
     result = validate_file(file, test_dir, num_classes)

@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import STATUS_ENV, user_path
+from core.cli import RESUMABLE_STATUS, STATUS_ENV, user_path
 from core.config import Config, check_aug_section, load_config
 from core.devices import probe_devices
 from core.errors import UserError
@@ -116,7 +116,7 @@ def launch(module: str, argv: Sequence[str]) -> int:
     ours, accel = split_args(argv)
     flags = parse_flags(accel, COMMANDS.get(module, ""))
     config_path = user_path(_flag_value(ours, "--config"))
-    overrides = [a for a in ours if "=" in a and not a.startswith("--")]
+    overrides = _overrides_of(ours)
     config_file = user_path(str(flags["config_file"])) if "config_file" in flags else None
     # Fail fast, in one line, before any process starts.
     cfg = load_config(config_path, overrides, check_aug=False)
@@ -134,6 +134,20 @@ def launch(module: str, argv: Sequence[str]) -> int:
         cmd = create_command(plan, module, ours, env)
         rc, received = supervise(cmd, env)
         return explain_exit(module, rc, received, Path(status), argv)
+
+
+def _overrides_of(ours: list[str]) -> list[str]:
+    """Every argument but ``--config FILE`` and ``--debug``: the stage's overrides, checked here
+    (``train.epochs 2`` included, so its error comes before the launch line, not after)."""
+    out, skip = [], False
+    for arg in ours:
+        if skip or arg == "--debug" or arg.startswith("--config="):
+            skip = False
+        elif arg == "--config":
+            skip = True
+        else:
+            out.append(arg)
+    return out
 
 
 def _flag_value(args: list[str], name: str) -> str | None:
@@ -189,11 +203,23 @@ def resume_command(argv: Sequence[str]) -> str:
     return shlex.join(["./run.sh", "train", *kept, "resume=auto"])
 
 
+def next_step(module: str, status: Path, argv: Sequence[str]) -> str:
+    """What to type after training ended early: resume from its checkpoint, or (none yet) start again."""
+    if module != "train.main":
+        return ""
+    if any(status.glob(f"{RESUMABLE_STATUS}-*")):
+        return f"continue it with {resume_command(argv)}"
+    return "it had written no checkpoint yet, so there is nothing to resume: start it again with " + shlex.join(
+        ["./run.sh", "train", *argv]
+    )
+
+
 def explain_exit(module: str, rc: int, received: int | None, status: Path, argv: Sequence[str] = ()) -> int:
     """The launcher's exit code, and a line for a process that died without reporting."""
     ended = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").split() for p in status.glob("ended-*")}
     started = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").strip() for p in status.glob("started-*")}
-    hint = f"; continue it with {resume_command(argv)}" if module == "train.main" else ""
+    step = next_step(module, status, argv)
+    hint = f"; {step}" if step else ""
     if received is not None:
         name = signal.Signals(received).name
         print(f"stopped by {name}: every process of the run has ended{hint}", file=sys.stderr)
@@ -206,7 +232,9 @@ def explain_exit(module: str, rc: int, received: int | None, status: Path, argv:
     silent = sorted(r for r in started if r not in ended)
     if silent:
         rank = silent[0]
-        resume = f" Continue it with {resume_command(argv)} (checkpoints are written atomically)." if hint else ""
+        if step.startswith("continue"):
+            step = f"{step} (checkpoints are written atomically)"
+        resume = f" {step[0].upper()}{step[1:]}." if step else ""
         print(
             f"error: process rank {rank} (pid {started[rank]}) of {module} died without reporting an error: it was "
             f"killed by a signal it cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer).{resume}",

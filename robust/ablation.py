@@ -65,7 +65,7 @@ from infer.testset_folder import (
 )
 from robust.eval_images import load_eval_images
 from robust.report import figure_png
-from robust.runner import craft, score
+from robust.runner import Overall, craft, score
 from robust.testset import IMAGES_DIR, LABELS_NAME
 
 RECIPES = ("standard", "adversarial", "corruption")
@@ -150,11 +150,15 @@ def per_image(correct: torch.Tensor) -> np.ndarray:
     return (correct.float().mean(0) if correct.dim() == 2 else correct.float()).numpy()
 
 
-def attack_variant(model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config) -> dict[str, np.ndarray]:
+def attack_variant(
+    model: DefendedModel, x: torch.Tensor, y: torch.Tensor, cfg: Config, desc: str = ""
+) -> dict[str, np.ndarray]:
     """Per-image correctness under AutoAttack through the whole stack (adaptive: BPDA through GCM, EOT
-    over the random pad) and under the naive PGD-Linf (through GCM), both at ``eval.eps_linf``."""
-    adaptive = craft("autoattack", model, x, y, cfg, adaptive=True)
-    naive = craft("pgd_linf", model, x, y, cfg, adaptive=False)
+    over the random pad) and under the naive PGD-Linf (through GCM), both at ``eval.eps_linf``; with
+    ``desc``, each attack shows its progress bar under that name."""
+    shown = {"progress": bool(desc)}
+    adaptive = craft("autoattack", model, x, y, cfg, adaptive=True, desc=f"{desc}: AutoAttack", **shown)
+    naive = craft("pgd_linf", model, x, y, cfg, adaptive=False, desc=f"{desc}: PGD-Linf", **shown)
     return {
         "autoattack": per_image(score(model, adaptive, y, cfg)),
         "pgd_naive": per_image(score(model, naive, y, cfg)),
@@ -173,11 +177,12 @@ def time_per_image(model: DefendedModel, x: torch.Tensor, cfg: Config) -> float:
     return 1000.0 * (time.perf_counter() - start) / max(1, len(x))
 
 
-def measure_variant(model: DefendedModel, data: dict, cfg: Config) -> dict:
-    """Every figure of one variant, with the per-image vectors the bootstrap resamples."""
+def measure_variant(model: DefendedModel, data: dict, cfg: Config, desc: str = "") -> dict:
+    """Every figure of one variant, with the per-image vectors the bootstrap resamples (``desc``:
+    the attacks' progress bars under that name)."""
     phase1 = per_image(score(model, data["test_x"], data["test_y"], cfg))
     clean = per_image(score(model, data["clean_x"], data["clean_y"], cfg))
-    attacked = attack_variant(model, data["attack_x"], data["attack_y"], cfg)
+    attacked = attack_variant(model, data["attack_x"], data["attack_y"], cfg, desc)
     by_kind = breakdown(dict(zip(data["test_ids"], phase1.tolist())), data["kinds"])
     return {
         "vectors": {"phase1": phase1, "clean": clean, **attacked},
@@ -374,18 +379,23 @@ def load_data(cfg: Config, image_size: int) -> dict:
 def run_variants(cfg: Config, data: dict, members: dict, progress: bool) -> dict[str, dict]:
     """Build and measure every variant, ``single`` first."""
     rows = {}
+    overall = Overall(len(resolve_variants(cfg)), "variants")
     for variant in resolve_variants(cfg):
         start = time.perf_counter()
         vcfg = resolve_variant(variant, cfg)
         paths = list(vcfg.submit.checkpoints)
         model = build_defended_model([members[p][0] for p in paths], [members[p][1] for p in paths], vcfg)
         model = model.to(default_device())  # the GPU when there is one: AutoAttack per variant
-        rows[variant] = {"checkpoints": paths, "views": len(model.model.views), **measure_variant(model, data, vcfg)}
+        rows[variant] = {
+            "checkpoints": paths,
+            "views": len(model.model.views),
+            **measure_variant(model, data, vcfg, variant if progress else ""),
+        }
         if progress:
             v = rows[variant]["vectors"]
             print(
                 f"  {variant}: Phase-I-like {_pct(v['phase1']):.1f}%, clean {_pct(v['clean']):.1f}%, AutoAttack "
-                f"(BPDA/EOT) {_pct(v['autoattack']):.1f}% ({time.perf_counter() - start:.0f} s)",
+                f"(BPDA/EOT) {_pct(v['autoattack']):.1f}% ({time.perf_counter() - start:.0f} s; {overall.step()})",
                 flush=True,
             )
     return rows

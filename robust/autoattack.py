@@ -10,6 +10,7 @@ and a randomized model meets the ``rand`` version (APGD with EOT).
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import torch
 from pyautoattack import AutoAttack
@@ -64,9 +65,31 @@ def create_autoattack(model: nn.Module, x: torch.Tensor, eps: float, e: EvalConf
     return aa
 
 
+# Set by robust.runner.craft while a progress bar shows: told as each of AutoAttack's parts starts
+# (they run one after the other on the whole batch, often minutes each).
+on_part: Callable[[str], None] | None = None
+
+
+def report_parts(aa: AutoAttack) -> None:
+    """Call :data:`on_part` with "APGD-T (2/4 parts)" as each part of ``aa`` starts."""
+    if on_part is None:
+        return
+    total, started = len(aa.attacks_to_run), []
+    for label, attack in (("APGD", aa.apgd), ("APGD-T", aa.apgd_targeted), ("FAB", aa.fab), ("Square", aa.square)):
+
+        def perturb(*args, _label=label, _original=attack.perturb, **kwargs):
+            started.append(_label)
+            if on_part is not None:
+                on_part(f"{_label} ({len(started)}/{total} parts)")
+            return _original(*args, **kwargs)
+
+        attack.perturb = perturb
+
+
 def autoattack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, e: EvalConfig, eot: int = 1):
     """AutoAttack's adversarial images of ``x`` (the clean image where every attack failed)."""
     aa = create_autoattack(model, x, eps, e, eot)
+    report_parts(aa)
     x_adv, _ = aa.run_standard_evaluation(x, y, batch_size=len(x))
     return x_adv.detach()
 

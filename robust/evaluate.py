@@ -45,16 +45,34 @@ from robust.eval_images import load_eval_images
 from robust.metrics import worst_case
 from robust.report import eval_out_dir, report_files, write_report
 from robust.results import EvalResult, Row, Score
-from robust.runner import accuracy, craft, create_accelerator, score
+from robust.runner import Overall, accuracy, craft, create_accelerator, score
 from robust.specs import PAPER_COLUMNS, SPECS
 from robust.verdict import describe_defense, sanity_checks, verdict
 
 # --- rows and tables -----------------------------------------------------------------------
 
 
+# The run's attacks done of those planned (set by evaluate_into while it prints progress).
+_overall: list[Overall] = []
+
+
 def _progress_line(progress: bool, label: str, correct: torch.Tensor, start: float) -> None:
     if progress:
-        print(f"  {label}: {accuracy(correct):.1f}% ({time.perf_counter() - start:.0f} s)", flush=True)
+        overall = f"; {_overall[-1].step()}" if _overall else ""
+        print(f"  {label}: {accuracy(correct):.1f}% ({time.perf_counter() - start:.0f} s{overall})", flush=True)
+
+
+def count_attacks(cfg: Config, reused: dict[str, str], surrogate: bool) -> int:
+    """The attacks :func:`evaluate_into` runs with a progress line (the corruption cells count as
+    one): the total of its overall progress."""
+    e = cfg.eval
+    rows = 3 - sum(key in reused for key in ("defended", "adaptive"))
+    per_row = sum(spec.name in e.attacks for spec in PAPER_COLUMNS)
+    known = "pgd_linf" in e.attacks and any(math.isclose(v, e.eps_linf, rel_tol=1e-3) for v in e.eps_curve)
+    curve = len(e.eps_curve) - known
+    corruptions = bool(e.corruptions and e.corruption_severities)
+    black_box = ("square" in e.attacks) + ("transfer" in e.attacks and surrogate)
+    return rows * (per_row + curve) + black_box + corruptions
 
 
 def run_row(
@@ -220,7 +238,11 @@ def run_corruption_rows(
         add_mce(summaries["defended"], summaries["baseline"])
     if progress:
         mean = summaries["defended"].imagenet_c
-        print(f"  corruptions: {len(correct['defended'])} cells ({time.perf_counter() - start:.0f} s)", flush=True)
+        overall = f"; {_overall[-1].step()}" if _overall else ""
+        print(
+            f"  corruptions: {len(correct['defended'])} cells ({time.perf_counter() - start:.0f} s{overall})",
+            flush=True,
+        )
         if mean is not None:
             print(f"  ImageNet-C mean over the common cells run: {mean:.1f}%", flush=True)
     saved = infos[0].get("config", {}) if infos else {}
@@ -342,6 +364,8 @@ def craft_transfers(
                 craft("pgd_linf", models.surrogate, x, y, cfg, progress=progress, desc="surrogate"),
             )
         )
+        if progress and _overall:
+            print(f"  surrogate: PGD-Linf images crafted ({_overall[-1].step()})", flush=True)
     return transfers
 
 
@@ -412,45 +436,49 @@ def evaluate_into(cfg: Config, out_dir: Path, progress: bool = True, accelerator
     x, y, source, keys = load_eval_images(cfg, input_size_of(models.infos))
     defense, adaptive_attack = describe_defense(cfg)
     reused = same_as_undefended(models.defended)
+    total = count_attacks(cfg, reused, models.surrogate is not None)
     if progress:
         print(
             f"evaluate: {len(x)} images from the {source}, {len(models.checkpoints)} member(s), defense: {defense}, "
-            f"{processes} process(es) on {device.type}",
+            f"{processes} process(es) on {device.type}; {total} attacks to run",
             flush=True,
         )
-
-    raw = run_rows(models, x, y, cfg, reused, progress)
-    labels = row_labels(defense, adaptive_attack, reused)
-    clean = raw["defended"]["clean"]
-    transfers = craft_transfers(models, x, y, cfg, raw, progress)
-    measured = run_black_box(models.defended, x, y, cfg, clean, transfers, progress)
-    corruption = run_corruption_rows(models.defended, x, y, keys, cfg, clean, models.infos, progress)
-    curve = run_curves(models, x, y, cfg, raw, reused, progress)
-    result = EvalResult(
-        n=len(x),
-        source=source,
-        defense=defense,
-        adaptive_attack=adaptive_attack,
-        checkpoints=models.checkpoints,
-        surrogate=e.surrogate if models.surrogate is not None else "",
-        settings={**{k: getattr(e, k) for k in SETTING_KEYS}, "cw_max_norm": SPECS["cw_l2"].budget(e)},
-        randomized=models.defended.randomized,
-        rows={k: summarize_row(labels[k], v["clean"], v["attacks"], cfg) for k, v in raw.items()},
-        black_box=black_box_with_worst_case(measured, raw, clean, defense),
-        eps_curve=curve,
-        corruption=corruption,
-        input_models=[
-            model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info)
-            for c, info in zip(models.checkpoints, models.infos)
-        ],
-    )
-    result.sanity = sanity_checks(result)
-    result.verdict = verdict(result)
-    result.seconds = round(time.perf_counter() - start, 1)
-    result.out_dir = str(out_dir)
-    if accelerator is None or accelerator.is_main_process:
-        result.files = write_report(result, out_dir, cfg, echo=progress)
-    return result
+        _overall.append(Overall(total, "attacks"))
+    try:
+        raw = run_rows(models, x, y, cfg, reused, progress)
+        labels = row_labels(defense, adaptive_attack, reused)
+        clean = raw["defended"]["clean"]
+        transfers = craft_transfers(models, x, y, cfg, raw, progress)
+        measured = run_black_box(models.defended, x, y, cfg, clean, transfers, progress)
+        corruption = run_corruption_rows(models.defended, x, y, keys, cfg, clean, models.infos, progress)
+        curve = run_curves(models, x, y, cfg, raw, reused, progress)
+        result = EvalResult(
+            n=len(x),
+            source=source,
+            defense=defense,
+            adaptive_attack=adaptive_attack,
+            checkpoints=models.checkpoints,
+            surrogate=e.surrogate if models.surrogate is not None else "",
+            settings={**{k: getattr(e, k) for k in SETTING_KEYS}, "cw_max_norm": SPECS["cw_l2"].budget(e)},
+            randomized=models.defended.randomized,
+            rows={k: summarize_row(labels[k], v["clean"], v["attacks"], cfg) for k, v in raw.items()},
+            black_box=black_box_with_worst_case(measured, raw, clean, defense),
+            eps_curve=curve,
+            corruption=corruption,
+            input_models=[
+                model_lineage(resolve_checkpoint_files(c)[0].with_suffix(""), info)
+                for c, info in zip(models.checkpoints, models.infos)
+            ],
+        )
+        result.sanity = sanity_checks(result)
+        result.verdict = verdict(result)
+        result.seconds = round(time.perf_counter() - start, 1)
+        result.out_dir = str(out_dir)
+        if accelerator is None or accelerator.is_main_process:
+            result.files = write_report(result, out_dir, cfg, echo=progress)
+        return result
+    finally:
+        _overall.clear()
 
 
 def main(argv: Sequence[str] | None = None) -> EvalResult:

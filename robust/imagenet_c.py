@@ -67,4 +67,6 @@ def corrupt(image: np.ndarray, name: str, severity: int, seed: int) -> np.ndarra
         out = imagenet_c(image, severity=severity, corruption_name=name, **kwargs)
     finally:
         np.random.set_state(state)
-    return np.ascontiguousarray(out, dtype=np.uint8)
+    # writable: pixelate and jpeg_compression return a read-only view of a PIL image, which torch.from_numpy
+    # warns about (once per loader worker)
+    return np.require(out, dtype=np.uint8, requirements=["C", "W"])

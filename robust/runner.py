@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import time
 from typing import Callable
 
 import torch
@@ -19,6 +20,7 @@ from attacks import EOT, eval_mode, lp_norm
 from core.config import Config
 from core.devices import prepare_cuda
 from gcm import DefendedModel, bpda
+from robust import autoattack
 from robust.specs import SPECS, AttackSpec
 
 _ULP = float(torch.finfo(torch.float32).eps)  # spacing of float32 numbers at 1.0
@@ -47,6 +49,35 @@ def create_accelerator():
     if on_gpu:
         prepare_cuda()
     return Accelerator(cpu=not on_gpu, mixed_precision="no")
+
+
+class Overall:
+    """A stage's work counted in units (attacks, images, variants): how far along it is and, at the
+    pace so far, about how long the rest takes (units differ in cost, so it is a rough figure)."""
+
+    def __init__(self, total: int, unit: str) -> None:
+        self.total, self.unit, self.done = total, unit, 0
+        self.start = time.perf_counter()
+
+    def step(self, n: int = 1) -> str:
+        """Count ``n`` more units done; returns "3/14 attacks, about 6 min left"."""
+        self.done += n
+        text = f"{self.done}/{self.total} {self.unit}"
+        left = self.total - self.done
+        if left > 0 and self.done:
+            seconds = (time.perf_counter() - self.start) / self.done * left
+            text += f", about {format_duration(seconds)} left"
+        return text
+
+
+def format_duration(seconds: float) -> str:
+    return (
+        f"{seconds:.0f} s"
+        if seconds < 90
+        else f"{seconds / 60:.0f} min"
+        if seconds < 5400
+        else f"{seconds / 3600:.1f} h"
+    )
 
 
 def batch_seed(seed: int, index: int) -> int:
@@ -103,7 +134,8 @@ def craft(
     target = EOT(model, eot) if name == "cw_l2" and eot > 1 else model
     device = next(model.parameters()).device
     bs = cfg.eval.batch_size
-    bar = tqdm(total=-(-len(x) // bs), desc=desc or name, disable=not progress, leave=False)
+    # In images (this process's batches): a one-batch attack still says how much it has to do.
+    bar = tqdm(total=len(x), desc=desc or name, unit="img", disable=not progress, leave=False)
 
     def one(start: int) -> torch.Tensor:
         seed = batch_seed(cfg.eval.seed, start // bs)
@@ -111,12 +143,16 @@ def craft(
         model.reseed(seed)
         xb, yb = x[start : start + bs].to(device).float(), y[start : start + bs].to(device)
         adv = spec.craft(target, xb, yb, eps, cfg.eval, generator, eot).detach().cpu()
-        bar.update(1)
+        bar.update(len(xb))
         return adv
 
-    with bpda(model) if adaptive else contextlib.nullcontext():
-        adv = torch.cat(spread_batches(one, len(x), bs)) if len(x) else x.clone()
-    bar.close()
+    autoattack.on_part = bar.set_postfix_str if progress else None
+    try:
+        with bpda(model) if adaptive else contextlib.nullcontext():
+            adv = torch.cat(spread_batches(one, len(x), bs)) if len(x) else x.clone()
+    finally:
+        autoattack.on_part = None
+        bar.close()
     check_budget(spec, x, adv, eps)
     return adv
 

@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from PIL import Image
 from torch import nn
+from tqdm.auto import tqdm
 
 from attacks import craft_attack
 from core.checkpoint import read_checkpoint_info, resolve_checkpoint_files
@@ -253,9 +254,13 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
         images_u8, labels, source, keys = load_source(cfg)
         plan = plan_images(keys, t, len(surrogates))
         images = []
+        # per image, with tqdm's estimate of the time left: transfer-attacked images take seconds each
+        bar = tqdm(total=len(plan), desc="make-testset", unit="img", disable=not progress, leave=False)
         for entry, image, label in zip(plan, images_u8, labels.tolist()):
             entry.update(file=f"{entry['id']}.png", label=int(label))
             images.append(apply_steps(image, int(label), entry["steps"], surrogates))
+            bar.update(1)
+        bar.close()
         manifest = {
             "source": source,
             "image_size": cfg.data.image_size,

@@ -217,3 +217,12 @@ def test_two_cpu_processes_each_attack_their_own_batch(tiny_data, tmp_path):
     assert proc.stdout.count("2 process(es)") == 1 and proc.stdout.count("PGD-2 at 8/255") == 1, proc.stdout
     info = json.loads((tmp_path / "runs" / "ddp_adv" / "best.json").read_text())
     assert info["selected_by"] == "robust" and info["val_n"] == 32
+
+
+def test_an_eps_ramp_longer_than_the_run_warns(tiny_config, capsys):
+    # "eps ramped over 5 epochs" printed without a word in a 2-epoch run, which never reached its eps.
+    train_main.run(tiny_config(*ADV, "train.epochs=2", "train.adv.warmup_epochs=5", "train.max_steps=1"))
+    assert (
+        "WARNING: train.adv.warmup_epochs=5 is longer than train.epochs=2: eps only reaches 3.2/255 of 8/255 by "
+        "the end; lower train.adv.warmup_epochs"
+    ) in capsys.readouterr().out.splitlines()

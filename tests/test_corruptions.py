@@ -203,3 +203,12 @@ def test_training_counterparts_follow_the_saved_config():
     assert training_counterparts(config_to_dict(cfg)) == {}
     cfg.aug.color_jitter = 0.4
     assert set(training_counterparts(config_to_dict(cfg))) == {"brightness", "contrast", "saturate"}
+
+
+@pytest.mark.parametrize("name", ["pixelate", "jpeg_compression"])
+def test_corrupted_images_are_writable_arrays(name):
+    # Both came back as a read-only view of a PIL image: torch.from_numpy then warned "The given
+    # NumPy array is not writable" from robust/corruptions.py, once per loader worker.
+    image = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    out = corrupt(image, name, 3, 0)
+    assert out.flags.writeable and out.flags.c_contiguous and out.dtype == np.uint8

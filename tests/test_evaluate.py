@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 
 import pytest
 import torch
@@ -454,3 +455,34 @@ def test_the_file_reports_two_files_are_one_unit(tmp_path, monkeypatch):
     with pytest.raises(WriteError, match="eval_file.json: cannot write"):
         file_score.write_file_report({**result, "n": 9}, tmp_path)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_progress_counts_every_attack_with_an_overall_eta(tiny_config, capsys):
+    # Each attack had a one-step bar (AutoAttack sat at 0/1 for minutes) and nothing said how
+    # much of the evaluation was left. Any weights do: this counts, it does not measure.
+    overrides = [
+        "train.max_steps=1",
+        "eval.attacks=[fgsm,pgd_linf,autoattack,square,transfer]",
+        "eval.subset=8",
+        "eval.batch_size=8",
+        "eval.steps=2",
+        "eval.square_queries=5",
+        "eval.aa_version=custom",
+        "eval.aa_iters=2",
+        "eval.aa_target_classes=1",
+        "eval.eps_curve=[0.01,0.0313725]",
+        "eval.corruptions=[fog]",
+        "eval.corruption_severities=[1]",
+        "data.test_labels=test_labels.txt",
+    ]
+    cfg = tiny_config(*overrides)
+    train_main.run(cfg)
+    capsys.readouterr()
+    evaluate.run(cfg, progress=True)
+    captured = capsys.readouterr()
+    total = int(re.search(r"; (\d+) attacks to run", captured.out).group(1))
+    done = [tuple(map(int, m)) for m in re.findall(r"(\d+)/(\d+) attacks", captured.out)]
+    assert done == [(k, total) for k in range(1, total + 1)], captured.out
+    assert len(re.findall(r"attacks, about \d+ (s|min) left\)", captured.out)) == total - 1
+    # the bars count images, and AutoAttack's says which of its parts is running
+    assert "0/8 [" in captured.err and "APGD-T (2/2 parts)" in captured.err

@@ -33,10 +33,12 @@ def _cfg(trained, tmp_path, *overrides):
     return load_config(None, shrink([f"submit.out_dir={tmp_path / 'subs'}", *overrides], data, runs))
 
 
-def test_submit_writes_valid_files_and_meta(trained, tmp_path):
+def test_submit_writes_valid_files_and_meta(trained, tmp_path, capsys):
     cfg = _cfg(trained, tmp_path, "tta.hflip=true")
     result = submit.run(cfg)
     subs = tmp_path / "subs"
+    # the success line names all three files (it left out the meta file)
+    assert f"wrote {subs}/demo.csv, {subs}/demo.json and {subs}/demo.meta.json (" in capsys.readouterr().out
     assert sorted(p.name for p in subs.iterdir()) == ["demo.csv", "demo.json", "demo.meta.json"]
     test_dir = trained[0] / "test"
     assert validate_submission(subs / "demo.csv", test_dir, 4) == []

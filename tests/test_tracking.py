@@ -8,6 +8,8 @@ in a LevelDB-style log), with wandb's own ``Record`` message.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -179,3 +181,46 @@ def test_the_sweep_file_sweeps_real_keys_with_values_that_cast():
             for part in section.split("."):
                 node = getattr(node, part)
             assert getattr(node, name) == pytest.approx(value), key
+
+
+def test_a_resumed_run_continues_its_wandb_run_and_stages_artifacts_in_the_run_folder(
+    tiny_config, offline, monkeypatch, tmp_path, capsys
+):
+    # wandb staged artifact files in ~/.local/share/wandb (outside runs/, lost when runs/ is copied),
+    # each resume=auto started a new W&B run, and the printed `wandb sync ...` was not on the PATH.
+    monkeypatch.delenv("WANDB_DATA_DIR")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))  # no ~/.netrc: no key
+    common = ("wandb.mode=offline", "wandb.upload_weights=true", "train.checkpoint_every=1")
+    cfg = tiny_config(*common, "train.max_steps=2")
+    train_main.run(cfg)
+    first = capsys.readouterr().out
+    assert (
+        f"W&B: offline - wandb.mode=offline (sync later: ./run.sh wandb-sync {cfg.run_dir}; once, before it: "
+        ".venv/bin/wandb login)" in first.splitlines()
+    )
+    train_main.run(tiny_config(*common, "train.max_steps=3", "resume=auto"))
+    run_id = (cfg.run_dir / "wandb" / "train-run-id").read_text().strip()
+    assert f"; continues W&B run {run_id}" in capsys.readouterr().out
+
+    parts = sorted(cfg.run_dir.glob("wandb/offline-run-*/run-*.wandb"))
+    assert len(parts) == 2 and {of_type(read_records(p), "run")[0].run_id for p in parts} == {run_id}
+    for part in parts:
+        for artifact in of_type(read_records(part), "artifact"):
+            for entry in artifact.manifest.contents:
+                staged = Path(entry.local_path)
+                assert staged.is_file() and staged.is_relative_to(cfg.run_dir.resolve()), staged
+    assert not (tmp_path / "home" / ".local").exists()
+
+    # the sync command as printed: without a key it says what to type first, in one line
+    proc = subprocess.run(
+        ["./run.sh", "wandb-sync", str(cfg.run_dir)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, HOME=str(tmp_path / "home"), WANDB_API_KEY=""),
+    )
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: wandb-sync: no W&B API key (WANDB_API_KEY or ~/.netrc): run .venv/bin/wandb login once, then this again"
+    ], proc.stderr
+    assert (ROOT / ".venv" / "bin" / "wandb").is_file()

@@ -112,6 +112,23 @@ def test_a_finished_run_is_never_replaced_silently(tiny_config):
     assert json.loads((cfg.run_dir / "best.json").read_text())["global_step"] == 1
 
 
+def test_a_resume_at_the_step_limit_says_so_and_trains_nothing(tiny_config, capsys):
+    # It used to take one more optimizer step (the loop checks max_steps after a step), and the
+    # first run's last line said "done:" although max_steps had cut it short.
+    cfg = tiny_config("train.max_steps=3", "train.epochs=2")
+    train_main.run(cfg)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert last.startswith("stopped by train.max_steps=3 (0 of 2 epochs complete): best val acc "), last
+    checkpoints = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
+    result = train_main.run(tiny_config("train.max_steps=3", "train.epochs=2", "resume=auto"))
+    assert result["global_step"] == 3
+    assert capsys.readouterr().out.strip().splitlines()[-1] == (
+        "nothing to train: the run already stands at step 3, the limit train.max_steps=3; raise it "
+        "(0 = every epoch) to continue with resume=auto"
+    )
+    assert sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir()) == checkpoints
+
+
 def test_resume_under_another_model_is_one_line_naming_the_key(tiny_config):
     train_main.run(tiny_config("train.max_steps=1"))
     with pytest.raises(

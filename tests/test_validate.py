@@ -429,7 +429,7 @@ def test_cli_exit_codes(tmp_path, test_dir, capsys):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["sub.csv"], "the following arguments are required: --test-dir"),
+        (["sub.csv"], "give --test-dir DIR, or --config FILE"),
         (["sub.csv", "--test-dir", "{missing}"], "test folder"),
         (["sub.csv", "--test-dir", "{test_dir}", "--num-classes", "x"], "invalid int value"),
         (["sub.csv", "--test-dir", "{test_dir}", "--num-classes", "0"], "at least 1"),
@@ -492,3 +492,18 @@ def test_command_line_paths_are_taken_from_the_users_folder(tmp_path, test_dir):
     assert ok.returncode == 0 and ok.stdout.strip().endswith("OK (26 predictions for 26 test images)"), ok.stderr
     missing = run_sh("validate", "out/sub.csv", "--test-dir", "nope")
     assert missing.returncode == 2 and f"test folder {tmp_path / 'nope'}: not found" in missing.stderr
+
+
+def test_cli_takes_the_test_folder_from_the_config(tmp_path, test_dir, capsys):
+    # `validate FILE --config C` used to demand --test-dir although the config names the folder.
+    ids, preds = shuffled_predictions()
+    bare = write_file(tmp_path / "bare.csv", csv_text(list(zip(ids, preds))))
+    config = write_file(
+        tmp_path / "c.yaml", f"data:\n  root: {test_dir.parent}\n  test_dir: {test_dir.name}\n  num_classes: 20\n"
+    )
+    assert main([str(bare), "--config", str(config)]) == 0
+    assert capsys.readouterr().out.strip() == f"{bare}: OK ({N_IMAGES} predictions for {N_IMAGES} test images)"
+    assert main([str(bare)]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "error: validate: which test images? give --test-dir DIR, or --config FILE to use its data.test_dir"
+    )

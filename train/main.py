@@ -42,12 +42,14 @@ def run(cfg: Config) -> dict:
         restore(training, progress)
         if accelerator.is_main_process:
             save_config(cfg, cfg.run_dir / "config.yaml")
-        tracking = init_tracking(accelerator, cfg, mode, reason)
+        tracking = init_tracking(accelerator, cfg, mode, reason, resumed=progress.global_step > 0)
         announce(training)
 
         metrics: dict = {}
         waits = DataWait()
         start = time.perf_counter()
+        if nothing_left(cfg, progress, accelerator):
+            return finish(training, progress, {}, 0.0, waits)
         for epoch in range(progress.epoch, cfg.train.epochs):
             grid = sample_grid_hook(training, progress, tracking)
             stats = fit_epoch(training, progress, epoch, on_first_batch=grid)
@@ -82,6 +84,14 @@ def announce(training: Training) -> None:
             f"adversarial training: {adv.mode} at eps {adv.eps * 255:.3g}/255{steps}{ramp}; best by "
             f"{'robust' if adv.select != 'clean' else 'clean'} validation accuracy"
         )
+        if adv.warmup_epochs > cfg.train.epochs:
+            reached = adv.eps * cfg.train.epochs / adv.warmup_epochs
+            accelerator.print(
+                f"WARNING: train.adv.warmup_epochs={adv.warmup_epochs:g} is longer than "
+                f"train.epochs={cfg.train.epochs}: "
+                f"eps only reaches {reached * 255:.3g}/255 of {adv.eps * 255:.3g}/255 by the end; lower "
+                "train.adv.warmup_epochs"
+            )
 
 
 def fit_epoch(
@@ -108,6 +118,24 @@ def fit_epoch(
 
 def stopped_early(cfg: Config, progress: Progress) -> bool:
     return bool(cfg.train.max_steps) and progress.global_step >= cfg.train.max_steps
+
+
+def nothing_left(cfg: Config, progress: Progress, accelerator: Accelerator) -> bool:
+    """A resumed run that already reached ``train.max_steps`` or its last epoch: says so instead of
+    training (the loop would otherwise take one more step before it checks ``max_steps``)."""
+    if stopped_early(cfg, progress):
+        accelerator.print(
+            f"nothing to train: the run already stands at step {progress.global_step}, the limit "
+            f"train.max_steps={cfg.train.max_steps}; raise it (0 = every epoch) to continue with resume=auto"
+        )
+    elif progress.epoch >= cfg.train.epochs:
+        accelerator.print(
+            f"nothing to train: the run already finished its train.epochs={cfg.train.epochs}; "
+            f"raise train.epochs to continue with resume=auto; model: {cfg.run_dir}/best.safetensors"
+        )
+    else:
+        return False
+    return True
 
 
 def validate(training: Training) -> dict:
@@ -246,8 +274,14 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
     }
     if metrics:
         what = "robust val acc" if selection_of(cfg, metrics) == "robust" else "val acc"
+        limit = stopped_early(cfg, progress) and progress.epoch < cfg.train.epochs
+        ended = (
+            f"stopped by train.max_steps={cfg.train.max_steps} ({progress.epoch} of {cfg.train.epochs} epochs complete)"
+            if limit
+            else "done"
+        )
         accelerator.print(
-            f"done: best {what} {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
+            f"{ended}: best {what} {progress.best_acc:.2f}% (chance {result['chance_acc']:.1f}%) "
             f"in {result['seconds']:.0f}s, data wait {waits.fraction:.0%} of step time; "
             f"model: {cfg.run_dir}/best.safetensors"
         )

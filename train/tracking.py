@@ -11,21 +11,43 @@ from core.config import Config, config_to_dict
 from core.io import atomic_write_text
 from core.tracking import LINEAGE_SUFFIX, describe_mode, wandb_settings
 
+# Beside the run's W&B files: the id of its training run, so that a resume continues that run.
+RUN_ID_FILE = "train-run-id"
 
-def init_tracking(accelerator, cfg: Config, mode: str, reason: str) -> str:
+
+def resolve_run_id(cfg: Config, resumed: bool) -> tuple[str, bool]:
+    """``(W&B run id, whether it continues an earlier one)``: the id kept in the run folder when the
+    training resumes from a checkpoint, else a new one."""
+    from wandb.sdk.lib.runid import generate_id
+
+    kept = cfg.run_dir / "wandb" / RUN_ID_FILE
+    if resumed and kept.is_file():
+        run_id = kept.read_text(encoding="utf-8").strip()
+        if run_id:
+            return run_id, True
+    return generate_id(), False
+
+
+def init_tracking(accelerator, cfg: Config, mode: str, reason: str, resumed: bool = False) -> str:
     """Start the training run's W&B run on the main process with a mode from :func:`resolve_wandb_mode`.
 
-    Returns the mode used ('disabled' = none). Call it on every process (accelerate decides
-    which one logs); the Accelerator must have been built with ``log_with="wandb"``.
+    ``resumed``: the training continues from a checkpoint, so it continues the run's W&B run too
+    (its id is kept in ``runs/<name>/wandb/train-run-id``; offline, ``wandb sync`` uploads the
+    resumed parts into that one run). Returns the mode used ('disabled' = none). Call it on every
+    process (accelerate decides which one logs); the Accelerator must have been built with
+    ``log_with="wandb"``.
     """
     if mode == "disabled":
         return mode
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
     init_kwargs = wandb_settings(cfg, mode, cfg.name, run_dir, "train")
+    run_id, continued = resolve_run_id(cfg, resumed)
+    init_kwargs.update(id=run_id, resume="allow")
     accelerator.init_trackers(cfg.wandb.project, config=config_to_dict(cfg), init_kwargs={"wandb": init_kwargs})
     if accelerator.is_main_process:
-        accelerator.print(describe_mode(mode, reason, run_dir))
+        atomic_write_text(run_dir / "wandb" / RUN_ID_FILE, run_id + "\n")
+        accelerator.print(describe_mode(mode, reason, run_dir) + (f"; continues W&B run {run_id}" if continued else ""))
     return mode
 
 

@@ -224,9 +224,11 @@ def apply_dict(cfg: Config, data: dict, source: str = "") -> Config:
 
 def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     """Apply dotted ``key=value`` overrides, each cast to the type of its default."""
-    for item in overrides:
+    for i, item in enumerate(overrides):
         if "=" not in item:
-            raise ConfigError(f"override {echo(item)} is not of the form key=value")
+            value = overrides[i + 1] if i + 1 < len(overrides) and "=" not in overrides[i + 1] else None
+            hint = f"did you mean {item}={value}?" if value is not None else "e.g. train.epochs=2"
+            raise ConfigError(f"override {echo(item)} is not of the form key=value ({hint})")
         key, value = item.split("=", 1)
         _set(cfg, key.strip(), value, from_text=True)
     return cfg
