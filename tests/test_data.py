@@ -651,3 +651,13 @@ def test_a_failed_swap_keeps_the_old_demo_set(tmp_path, monkeypatch):
         demo_data.generate_demo_data(out, **{**DEMO_ARGS, "seed": 7})
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
     assert not [p for p in tmp_path.iterdir() if p != out]  # nothing left beside it
+
+
+def test_a_hard_link_listed_under_two_labels_is_named(tmp_path, image_dir):
+    # issue 35, 7: realpath leaves two hard links two names; the inode is one file.
+    os.link(image_dir / "0.JPEG", image_dir / "hard.JPEG")
+    labels = tmp_path / "label.txt"
+    labels.write_text("0.JPEG 0\n1.JPEG 1\n2.JPEG 0\n10.JPEG 1\nhard.JPEG 1\n")
+    cfg = DataConfig(root=str(tmp_path), train_dir="images", train_labels="label.txt", num_classes=2)
+    with pytest.raises(UserError, match=r"hard.JPEG and .*0.JPEG are the same file with labels 1 and 0"):
+        label_files.resolve_samples(cfg)
