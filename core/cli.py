@@ -9,6 +9,7 @@ into a status folder, so the launcher can tell a clean error from a process that
 from __future__ import annotations
 
 import argparse
+import ctypes
 import logging
 import os
 import signal
@@ -81,12 +82,33 @@ def _terminate(signum, frame) -> None:
     raise Terminated()
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel for SIGTERM when this process's parent dies, even by SIGKILL, which no handler
+    sees (Linux; elsewhere nothing happens). Under ``launch`` the process it starts (the stage, or
+    ``accelerate launch``) and every stage process ask it, so a SIGKILLed launcher takes its run with
+    it, which stops cleanly, instead of an orphan holding the run's lock. ``parent``: the PID the
+    caller was started by; if it has already died, SIGTERM comes at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # it died before the call: no signal would come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
     """Call ``fn(argv)``: a UserError becomes one line on stderr and exit code 2, Ctrl-C 130, SIGTERM 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ROBUST_PIPELINE_DEBUG") == "1"
     report_status("started", str(os.getpid()))
     previous = signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get(STATUS_ENV):
+        die_with_parent()  # under launch: a launcher killed outright takes the run with it (see there)
     code, reason = 1, "crashed"
     try:
         fn(argv)
