@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import ctypes
 import logging
 import os
 import signal
@@ -142,6 +143,25 @@ def _report_stop(exc: BaseException, debug: bool) -> tuple[int, str]:
     return code, reason
 
 
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
+def die_with_parent(parent: int | None = None) -> None:
+    """Ask the kernel for SIGTERM when this process's parent dies, even by SIGKILL, which no handler
+    sees (Linux; elsewhere nothing happens). Under ``launch`` the process it starts (the stage, or
+    ``accelerate launch``) and every stage process ask it, so a SIGKILLed launcher takes its run with
+    it, which stops cleanly, instead of an orphan holding the run's lock. ``parent``: the PID the
+    caller was started by; if it has already died, SIGTERM comes at once."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
+    except (OSError, AttributeError):
+        return
+    if parent is not None and os.getppid() != parent:  # it died before the call: no signal would come
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
 def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
     """Call ``fn(argv)``: a UserError becomes one line on stderr and exit code 2, Ctrl-C 130, SIGTERM 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -151,6 +171,9 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_redeliver_stop, previous_hook)
+    previous = signal.signal(signal.SIGTERM, _terminate)
+    if os.environ.get(STATUS_ENV):
+        die_with_parent()  # under launch: a launcher killed outright takes the run with it (see there)
     code, reason = 1, "crashed"
     try:
         fn(argv)

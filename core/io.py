@@ -307,10 +307,15 @@ def publish_folder(tmp: Path, out: Path) -> None:
     leaves the old folder under its aside name: a later run's leftover cleaning puts it back
     (make-testset) or removes it.
 
+    An ``out`` that is a symbolic link stays one: the folder it names is replaced (moving the link
+    aside put a folder in its place and left the link behind under its aside name for ever).
+
     Raises:
         OSError: the rename failed; ``out`` is as it was.
     """
     tmp, out = Path(tmp), Path(out)
+    if out.is_symlink():
+        out = Path(os.path.realpath(out))
     old = None
     if out.exists() or out.is_symlink():
         old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")

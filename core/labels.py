@@ -298,32 +298,27 @@ def stratified_split(labels: Sequence[int], fraction: float, seed: int) -> tuple
     return sorted(train), sorted(val)
 
 
-def real_paths(paths: Sequence[Path]) -> list[str]:
-    """``os.path.realpath`` of each path, resolving each folder once: a file that is not a link is
-    its real folder joined with its name (127k realpath calls took 10-20 s; this takes one scan per
-    folder)."""
-    folders: dict[str, tuple[str, set[str]]] = {}
-    out = []
+def file_ids(paths: Sequence[Path]) -> list[tuple[int, int] | str]:
+    """The identity of each path's file, ``(st_dev, st_ino)``: symbolic links, loops and hard links
+    reach one file by several paths, and only the inode says so (``realpath`` leaves two hard links
+    two names). A path that cannot be read keeps its real path (the readers name it later)."""
+    ids: list[tuple[int, int] | str] = []
     for path in paths:
-        parent, name = os.path.split(os.fspath(path))
-        if parent not in folders:
-            try:
-                with os.scandir(parent or ".") as it:
-                    links = {e.name for e in it if e.is_symlink()}
-            except OSError:
-                links = None  # unreadable folder: resolve every path the slow way
-            folders[parent] = (os.path.realpath(parent or "."), links)
-        real_parent, links = folders[parent]
-        out.append(os.path.realpath(path) if links is None or name in links else os.path.join(real_parent, name))
-    return out
+        try:
+            st = os.stat(path)
+        except OSError:
+            ids.append(os.path.realpath(path))
+        else:
+            ids.append((st.st_dev, st.st_ino))
+    return ids
 
 
 def _drop_duplicate_files(samples: list[tuple[Path, int]], where: Path) -> list[tuple[Path, int]]:
     """Keep one sample per real file (links and loops reach a file by several paths), so a file
     can never land in both the training and the validation split; two labels for it are an error."""
-    first: dict[str, tuple[Path, int]] = {}
+    first: dict[tuple[int, int] | str, tuple[Path, int]] = {}
     kept = []
-    for (path, label), real in zip(samples, real_paths([p for p, _ in samples])):
+    for (path, label), real in zip(samples, file_ids([p for p, _ in samples])):
         if real not in first:
             first[real] = (path, label)
             kept.append((path, label))
@@ -397,8 +392,11 @@ def resolve_samples(cfg: DataConfig) -> tuple[list[tuple[Path, int]], list[tuple
     if cfg.val_labels:
         val_dir = resolve_path(cfg.root, cfg.val_dir) if cfg.val_dir else train_dir
         val = read_label_file(resolve_path(cfg.root, cfg.val_labels), val_dir, cfg.num_classes)
-        train_paths = set(real_paths([p for p, _ in samples]))
-        shared = [p for (p, _), real in zip(val, real_paths([p for p, _ in val])) if real in train_paths]
+        samples = _drop_duplicate_files(samples, train_dir)
+        if not cfg.allow_missing_classes:
+            check_class_coverage([label for _, label in samples], cfg.num_classes, train_source(cfg))
+        train_files = set(file_ids([p for p, _ in samples]))
+        shared = [p for (p, _), real in zip(val, file_ids([p for p, _ in val])) if real in train_files]
         if shared:
             # Validating on training images would inflate the numbers best-checkpoint
             # selection relies on.

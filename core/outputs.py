@@ -80,9 +80,12 @@ class Holder:
 
 
 def lock_path_of(output: Path) -> Path:
-    """The lock file of ``output``: hidden, beside it (so it exists before the output does)."""
-    output = Path(output)
-    return output.parent / f".{output.name}.lock"
+    """The lock file of ``output``: hidden, beside it (so it exists before the output does), in the
+    folder the output really lies in: every spelling of one output (a symbolic link to it or to a
+    folder above it, ``..``, a relative path) meets one lock, and so one directory entry of one
+    folder (the same device and inode, whichever path reaches it)."""
+    real = Path(os.path.realpath(output))  # resolves a link even where it points to nothing yet
+    return real.parent / f".{real.name}.lock"
 
 
 def _process_start(pid: int) -> str:

@@ -83,19 +83,30 @@ def split_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
     """Split into (our args: ``--config FILE``, ``--debug``, ``key=value``; launch flags with their values)."""
     ours, accel = [], []
     argv = list(argv)
+    configs = 0
     i = 0
     while i < len(argv):
         arg = argv[i]
         if arg in ("--config", "--debug") or arg.startswith("--config="):
             ours.append(arg)
-            if arg == "--config" and i + 1 < len(argv):
+            if arg == "--config":
+                if i + 1 == len(argv) or argv[i + 1].startswith("-") or not argv[i + 1]:
+                    raise UserError("--config needs a file: --config FILE")
                 ours.append(argv[i + 1])
                 i += 1
+            elif arg == "--config=":
+                raise UserError("--config needs a file: --config FILE")
+            configs += arg != "--debug"
+            if configs > 1:
+                raise UserError("--config is given twice: give one file (key=value overrides change it)")
         elif arg.startswith("-"):
             accel.append(arg)
             name = flag_name(arg)
             takes_value = "=" not in arg and name not in SWITCHES
-            if takes_value and i + 1 < len(argv) and not argv[i + 1].startswith("-") and "=" not in argv[i + 1]:
+            # A known flag's value may hold "=" (--env A=1, --rdzv_conf k=v); an unknown flag's next
+            # word is taken only if it cannot be a key=value override.
+            value = argv[i + 1] if i + 1 < len(argv) else "-"
+            if takes_value and not value.startswith("-") and (name in PLANNED or name in PASSED or "=" not in value):
                 accel.append(argv[i + 1])
                 i += 1
         else:
@@ -171,6 +182,9 @@ def read_accelerate_config(path: Path) -> dict:
         return {}
     if not isinstance(settings, dict):
         raise UserError(f"--config_file {path}: expected a mapping of accelerate settings")
+    for key in ("distributed_type", "mixed_precision"):
+        if isinstance(settings.get(key), bool):  # YAML 1.1 reads an unquoted NO / no as false
+            settings[key] = "NO" if key == "distributed_type" else ("no" if not settings[key] else "yes")
     kind = str(settings.get("distributed_type", "NO")).upper()
     if kind not in SUPPORTED_TYPES:
         raise UserError(f"--config_file {path}: distributed_type {kind} is not supported here (DDP only: MULTI_GPU)")
@@ -226,18 +240,38 @@ def plan_launch(
     """
     env = os.environ if env is None else env
     file_settings = read_accelerate_config(config_file) if config_file is not None else {}
+    if file_settings.get("mixed_precision") is not None and "mixed_precision" not in flags:
+        # the file's precision is honoured as the flag would be (it was silently dropped)
+        flags = {**flags, "mixed_precision": str(file_settings["mixed_precision"])}
     on_cpu = bool(flags.get("cpu")) or bool(file_settings.get("use_cpu")) or devices.cuda == 0
     machines = _count(flags, file_settings, "num_machines", 1)
     precision, source = resolve_launch_precision(module, flags, cfg, devices, on_cpu)
     make = _plan_cpu if on_cpu else _plan_gpus
     plan = make(module, flags, file_settings, devices, env, machines, precision, source)
+    check_machine_flags(flags, file_settings, machines)
     plan.config_file = config_file
     if "mixed_precision" in flags and module not in ATTACKING:
         plan.overrides.append(f"train.mixed_precision={flags['mixed_precision']}")  # the stage's own setting
     return plan
 
 
-def _count(flags: dict, file_settings: dict, name: str, default: int) -> int:
+def check_machine_flags(flags: dict, file_settings: dict, machines: int) -> None:
+    """Several machines need the main machine's address (without it every process waited on
+    ``(None, 29500)`` for ever); a machine rank must be one of the machines; a port a port number."""
+    rank = _count(flags, file_settings, "machine_rank", 0, least=0)
+    if rank >= machines:
+        raise UserError(f"--machine_rank {rank}: must be below --num_machines {machines} (numbered from 0)")
+    port = flags.get("main_process_port", file_settings.get("main_process_port"))
+    if port is not None and not (str(port).isdigit() and 1 <= int(str(port)) <= 65535):
+        raise UserError(f"--main_process_port {port}: expected a port number in 1..65535")
+    if machines > 1 and not (flags.get("main_process_ip") or file_settings.get("main_process_ip")):
+        raise UserError(
+            f"--num_machines {machines} needs --main_process_ip (the address of the machine with --machine_rank 0, "
+            "which every machine connects to)"
+        )
+
+
+def _count(flags: dict, file_settings: dict, name: str, default: int, least: int = 1) -> int:
     raw = flags.get(name, file_settings.get(name))
     if raw is None:
         return default
@@ -245,8 +279,8 @@ def _count(flags: dict, file_settings: dict, name: str, default: int) -> int:
         value = int(str(raw))
     except ValueError:
         raise UserError(f"--{name} {raw}: expected a whole number") from None
-    if value < 1:
-        raise UserError(f"--{name} {raw}: must be at least 1")
+    if value < least:
+        raise UserError(f"--{name} {raw}: must be at least {least}")
     return value
 
 

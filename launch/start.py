@@ -30,7 +30,7 @@ import tempfile
 from pathlib import Path
 from typing import Sequence
 
-from core.cli import RESUMABLE_STATUS, STATUS_ENV, user_path
+from core.cli import RESUMABLE_STATUS, STATUS_ENV, die_with_parent, user_path
 from core.config import Config, check_aug_section, load_config
 from core.devices import probe_devices
 from core.errors import UserError
@@ -166,7 +166,11 @@ def supervise(cmd: list[str], env: dict) -> tuple[int, int | None]:
     stop with SIGTERM (clean for our stages, quiet for accelerate's own launcher), and killed
     if it has not stopped ``GRACE_SECONDS`` later.
     """
-    proc = subprocess.Popen(cmd, env=env, cwd=os.getcwd(), start_new_session=True)
+    launcher = os.getpid()
+    # SIGTERM to the child when this launcher dies, even by SIGKILL (core.cli.die_with_parent)
+    proc = subprocess.Popen(
+        cmd, env=env, cwd=os.getcwd(), start_new_session=True, preexec_fn=lambda: die_with_parent(launcher)
+    )
     received: list[int] = []
 
     def pass_on(signum, frame) -> None:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import glob
 import json
+import os
 import secrets
 import shlex
 import shutil
@@ -247,7 +248,7 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
     # Every decision about `out` is taken holding its lock (two runs started together both saw no
     # folder before), and with no reader of it (submit, evaluate, ablate) at work.
     with hold_output(out, "make-testset", "testset.out_dir"), hold_folder_for_writing(out, "testset.out_dir"):
-        remove_leftovers_of(out)
+        remove_leftovers_of(Path(os.path.realpath(out)))
         check_out_dir(out, t.overwrite)
         surrogates, records = load_surrogates(cfg)
         torch.manual_seed(t.seed)
@@ -271,7 +272,8 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
             "images": plan,
         }
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.tmp-{secrets.token_hex(4)}")
+        real = Path(os.path.realpath(out))  # through a linked out_dir: the folder it names, the link kept
+        tmp = real.with_name(f".{real.name}.tmp-{secrets.token_hex(4)}")
         try:
             write_folder(tmp, images, plan, manifest)
             publish_folder(tmp, out)

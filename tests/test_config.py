@@ -251,3 +251,68 @@ def test_evaluate_refuses_a_bad_number_it_ignores_before_any_work(tmp_path, over
     assert proc.returncode == 2, proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and proc.stderr.startswith("error: config key")
     assert not (tmp_path / "eval").exists()
+
+
+def test_every_number_has_a_range_and_every_list_an_item_type():
+    # issue 35, 4 and 6: the range is stated beside each field (schema.within) and its default lies in it.
+    import dataclasses
+
+    from core.config import new_config
+
+    def walk(node, prefix=""):
+        for f in dataclasses.fields(node):
+            value = getattr(node, f.name)
+            if dataclasses.is_dataclass(value):
+                yield from walk(value, f"{prefix}{f.name}.")
+            else:
+                yield f"{prefix}{f.name}", f, value
+
+    for key, f, value in walk(new_config()):
+        if isinstance(value, list):
+            assert f.metadata.get("item") is not None, f"{key}: a list without an item type"
+        numbers = value if isinstance(value, list) and f.metadata.get("item") in (int, float) else [value]
+        if isinstance(value, (int, float)) and not isinstance(value, bool) or numbers is value:
+            bounds = f.metadata.get("range")
+            assert bounds is not None, f"{key}: a number without a range"
+            assert all(v in bounds for v in numbers), f"{key}: its default {value} is outside {bounds.text}"
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["aug.fourier.strength_mean=5"], "config key 'aug.fourier.strength_mean': 5.0 must be in [0, 1]"),
+        (["aug.fourier.strength_mean=1e300"], "config key 'aug.fourier.strength_mean': 1e+300 must be in [0, 1]"),
+        (["aug.prime.filter_size=100001"], "config key 'aug.prime.filter_size': 100001 must be in [1, 31]"),
+        (["aug.prime.color_modes=1e9"], "config key 'aug.prime.color_modes': 1000000000 must be in [1, 1000]"),
+        (["train.log_every=0"], "config key 'train.log_every': 0 must be in [1, 1e15]"),
+        (["submit.checkpoints=[a,b]", "submit.weights=[1,-3]"], "'submit.weights': [1.0, -3.0] must be weights >= 0"),
+        (["submit.weights=[x]"], "config key 'submit.weights[0]': expected float, got 'x'"),
+        (["submit.weights=[[1, 2]]"], "config key 'submit.weights[0]': expected float, got [1, 2]"),
+        (["submit.checkpoints=[[a]]"], "config key 'submit.checkpoints[0]': expected str, got ['a']"),
+        (["aug.extra=[GaussNoise]"], "config key 'aug.extra[0]': expected a mapping"),
+        (["tta.scales=[100]"], "config key 'tta.scales[0]': 100.0 must be in (0, 8]"),
+    ],
+)
+def test_numbers_out_of_their_range_and_list_items_of_another_type_are_one_line(overrides, message):
+    # issue 35, 4, 6 and 19: no upper bound on the augmentation values (terabyte allocations), list
+    # items of any type (tracebacks after the model loaded), log_every=0 (ZeroDivisionError).
+    with pytest.raises(ConfigError) as info:
+        load_config(None, overrides, check_aug=False)
+    assert message in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_bad_list_item_stops_submit_before_any_model_loads(tmp_path):
+    proc = run_module("launch", "infer.submit", "submit.weights=[x]", f"submit.out_dir={tmp_path}", timeout=120)
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip() == "error: config key 'submit.weights[0]': expected float, got 'x'"
+
+
+def test_a_key_given_twice_in_a_yaml_file_names_the_file_the_key_and_the_line(tmp_path):
+    # issue 35, 5: a second `train:` block silently dropped the first's lr and epochs.
+    path = tmp_path / "twice.yaml"
+    path.write_text("train:\n  lr: 0.01\n  epochs: 3\nmodel:\n  name: test_convnext\ntrain:\n  batch_size: 8\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert str(info.value).startswith(f"{path}:6: invalid YAML: duplicate key 'train' (first on line 1)")
+    path.write_text("train:\n  <<: {lr: 0.01, epochs: 3}\n  lr: 0.02\n")  # a merge's keys may be overridden
+    assert load_config(path).train.lr == 0.02

@@ -647,7 +647,70 @@ def test_a_failed_swap_keeps_the_old_demo_set(tmp_path, monkeypatch):
         real_rename(src, dst)
 
     monkeypatch.setattr(os, "rename", rename)
-    with pytest.raises(OSError):
+    with pytest.raises(UserError, match=r"demo: cannot write the demo data \(No space left on device\); nothing was"):
         demo_data.generate_demo_data(out, **{**DEMO_ARGS, "seed": 7})
     assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
-    assert not [p for p in tmp_path.iterdir() if p != out]  # nothing left beside it
+    assert not [p for p in tmp_path.iterdir() if p != out]  # nothing left beside it (its lock neither)
+
+
+def test_demo_data_on_a_path_it_cannot_write_is_one_line(tmp_path, capsys):
+    # issue 35, 16: a read-only or full file system gave a traceback (also inside train). We run as
+    # root, whom permissions do not stop: a file where a folder should be, and /proc, do.
+    (tmp_path / "file").write_text("")
+    with pytest.raises(UserError, match=r"file/demo: cannot create the lock .*/file/\.demo\.lock"):
+        demo_data.generate_demo_data(tmp_path / "file" / "demo", **DEMO_ARGS)
+    argv = ["--out", "/proc/demo-data-test", "--num-classes", "2", "--train-per-class", "1", "--test-per-class", "1"]
+    assert demo_data.main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("error: /proc/demo-data-test: cannot ") and "Traceback" not in line
+
+
+READER = """
+import sys
+from pathlib import Path
+from train.demo_data import hold_demo_data
+hold_demo_data(Path(sys.argv[1]))
+print("held", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_demo_data_never_replaces_a_set_a_running_command_reads(tmp_path):
+    # issue 35, 14: demo-data took no lock and replaced data/demo under a running train, which died
+    # later on "image file not found". train holds the set it reads (train.setup.ensure_demo_data).
+    import subprocess
+    import sys
+
+    from tests.conftest import ROOT
+
+    out = tmp_path / "demo"
+    demo_data.generate_demo_data(out, **DEMO_ARGS)
+    before = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    reader = subprocess.Popen(
+        [sys.executable, "-c", READER, str(out)],
+        cwd=ROOT,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert reader.stdout.readline().strip() == "held"
+        with pytest.raises(UserError, match=rf"^{out}: a running command \(train\) reads this demo data set"):
+            demo_data.generate_demo_data(out, **{**DEMO_ARGS, "seed": 7})
+        assert {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+        assert demo_data.generate_demo_data(out, **DEMO_ARGS)["created"] is False  # the same set: reused
+    finally:
+        reader.communicate("", timeout=60)
+    assert demo_data.generate_demo_data(out, **{**DEMO_ARGS, "seed": 7})["created"] is True  # free again
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_a_hard_link_listed_under_two_labels_is_named(tmp_path, image_dir):
+    # issue 35, 7: realpath leaves two hard links two names; the inode is one file.
+    os.link(image_dir / "0.JPEG", image_dir / "hard.JPEG")
+    labels = tmp_path / "label.txt"
+    labels.write_text("0.JPEG 0\n1.JPEG 1\n2.JPEG 0\n10.JPEG 1\nhard.JPEG 1\n")
+    cfg = DataConfig(root=str(tmp_path), train_dir="images", train_labels="label.txt", num_classes=2)
+    with pytest.raises(UserError, match=r"hard.JPEG and .*0.JPEG are the same file with labels 1 and 0"):
+        label_files.resolve_samples(cfg)

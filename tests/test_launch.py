@@ -6,6 +6,9 @@ from __future__ import annotations
 import json
 import os
 import shlex
+
+
+import re
 import signal
 import subprocess
 import sys
@@ -510,3 +513,64 @@ def test_a_space_instead_of_equals_is_one_line_with_the_fix_before_any_launch_li
     assert proc.stderr.strip().splitlines() == [
         "error: override 'train.epochs' is not of the form key=value (did you mean train.epochs=2?)"
     ]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("path", PATHS)
+def test_a_sigkilled_launcher_takes_its_run_with_it(tiny_data, tmp_path, path):
+    # issue 35, 17: SIGKILL of the launcher orphaned the training process (ppid 1), which held the
+    # lock, so the rerun was refused. Its children now get SIGTERM when it dies (PR_SET_PDEATHSIG).
+    out = tmp_path / "runs"
+    proc = _start_training(tiny_data, out, *PATHS[path])
+    _wait_for_checkpoint(out, proc)
+    proc.kill()
+    proc.communicate(timeout=60)
+    deadline = time.time() + 120
+    while _processes_mentioning(str(tmp_path)) and time.time() < deadline:
+        time.sleep(0.2)
+    assert _processes_mentioning(str(tmp_path)) == [], "the run outlived its SIGKILLed launcher"
+    resumed = run_module("launch", "train.main", *shrink(["train.epochs=1", "resume=auto"], tiny_data, out))
+    assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
+
+
+@pytest.mark.parametrize(
+    "accel,message",
+    [
+        (["--num_processes", "2", "--num_machines", "2"], "--num_machines 2 needs --main_process_ip"),
+        (["--machine_rank", "3"], "--machine_rank 3: must be below --num_machines 1"),
+        (["--machine_rank=-1"], "--machine_rank -1: must be at least 0"),
+        (["--main_process_port", "abc"], "--main_process_port abc: expected a port number in 1..65535"),
+        (["--main_process_port", "70000"], "--main_process_port 70000: expected a port number"),
+    ],
+)
+def test_machine_flags_that_cannot_work_are_one_line(accel, message):
+    # issue 35, 20 and 21: two machines without the main one's address hung on "(None, 29500)"; a
+    # machine rank of no machine was ignored; a port "abc" printed 114 lines of accelerate's usage.
+    with pytest.raises(UserError, match="^" + re.escape(message)):
+        plan(accel)
+
+
+def test_launch_flag_values_and_config_files_are_read_as_given(tmp_path):
+    # issue 35, 21: `--env A=1` and `--rdzv_conf k=v` "needed a value"; `--config` without a file
+    # crashed in the stage; `--config A --config B` checked A and ran B.
+    ours, accel = split_args(["--env", "A=1", "--rdzv_conf", "k=v", "x.y=2", "--epochs", "a.b=1"])
+    assert accel == ["--env", "A=1", "--rdzv_conf", "k=v", "--epochs"] and ours == ["x.y=2", "a.b=1"]
+    assert parse_flags(accel[:4]) == {"env": ["A=1"], "rdzv_conf": "k=v"}
+    for argv in (["--config"], ["--config", "--cpu"], ["--config="]):
+        with pytest.raises(UserError, match=r"^--config needs a file: --config FILE$"):
+            split_args(argv)
+    with pytest.raises(UserError, match=r"^--config is given twice"):
+        split_args(["--config", "a.yaml", "--config=b.yaml"])
+    # an accelerate file's settings as accelerate reads them: its precision, an unquoted NO
+    config = tmp_path / "acc.yaml"
+    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: fp16\n")
+    p = plan(["--config_file", str(config)], V100x4, config_file=config)
+    assert p.precision == "fp16" and "train.mixed_precision=fp16" in p.overrides
+    config.write_text("distributed_type: NO\nmixed_precision: no\n")
+    p = plan(["--config_file", str(config)], H200x8, config_file=config)
+    assert p.precision == "no"
+
+
+def test_a_config_flag_without_a_file_is_one_line_before_anything_starts():
+    proc = run_module("launch", "train.main", "train.epochs=1", "--config", timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip() == "error: --config needs a file: --config FILE"

@@ -288,3 +288,25 @@ def test_lock_temp_files_of_killed_creators_are_removed(tmp_path):
             assert live.exists() and young.exists()
     finally:
         os.close(held)
+
+
+def test_a_folder_reached_by_a_symbolic_link_meets_its_holders_lock(tmp_path):
+    # issue 35, 13: the lock was keyed on the path spelled, so `name=alias` (runs/alias -> runs/demo)
+    # trained into a folder another run held.
+    out = tmp_path / "runs" / "demo"
+    out.mkdir(parents=True)
+    os.symlink("demo", tmp_path / "runs" / "alias")
+    os.symlink(tmp_path / "runs", tmp_path / "linked")
+    os.symlink("later", tmp_path / "runs" / "soon")  # a link to a folder not made yet
+    holder = _python(LIVE_HOLDER, str(out), stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        for spelling in ("runs/alias", "linked/demo", "linked/alias", "runs/../runs/demo"):
+            with pytest.raises(UserError, match=rf"^{tmp_path / spelling}: in use by evaluate \(pid {holder.pid} "):
+                acquire(tmp_path / spelling, "train", "name")
+    finally:
+        holder.communicate("", timeout=60)
+    with acquire(tmp_path / "runs" / "soon", "train", "name"):
+        assert (tmp_path / "runs" / ".later.lock").is_file()
+        with pytest.raises(UserError, match="in use by train"):
+            acquire(tmp_path / "runs" / "later", "train", "name")

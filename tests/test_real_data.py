@@ -150,3 +150,18 @@ def test_the_readmes_real_data_commands_run_as_written(challenge_data, tmp_path)
     predictions = json.loads((repo / "submissions/cvpr22_phase1.json").read_text())
     assert [p["image_id"] for p in predictions] == list(range(20)) and {"category_id"} < set(predictions[0])
     assert (repo / "runs/cvpr22_phase2/cvpr22_phase2.zip").is_file()
+
+
+def test_check_data_names_a_missing_class_with_a_validation_label_file(tmp_path, capsys):
+    # issue 35, 3: data.val_labels skipped the class coverage (check-data and train's preflight).
+    root = make_phase(tmp_path / "p", 3, 4, "train", None)
+    lines = (root / "label.txt").read_text().splitlines()
+    (root / "train.txt").write_text("".join(f"{line}\n" for line in lines if not line.endswith(" 2")))
+    (root / "val.txt").write_text("".join(f"{line}\n" for line in lines if line.endswith(" 2")))
+    keys = [f"data.root={root}", "data.demo=false", "data.num_classes=3", "data.train_labels=train.txt"]
+    keys.append("data.val_labels=val.txt")
+    with pytest.raises(UserError, match=r"1 of data.num_classes=3 classes have no training image \(missing: 2\)"):
+        check_data.run(load_config(None, keys))
+    capsys.readouterr()
+    check_data.run(load_config(None, [*keys, "data.allow_missing_classes=true"]), progress=False)
+    assert "(3 classes, 1 without a training image (data.allow_missing_classes=true))" in capsys.readouterr().out

@@ -8,6 +8,7 @@ submitted model.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections import Counter
 from pathlib import Path
@@ -314,3 +315,19 @@ def test_leftovers_of_a_killed_make_testset_are_cleaned_or_put_back(setting, tmp
     with pytest.raises(UserError, match="already exists"):
         testset.run(load_config(None, [*overrides, *FAST_SET, f"testset.out_dir={out}"]), progress=False)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["set"] and (out / "manifest.json").is_file()
+
+
+def test_a_linked_out_dir_stays_a_link_and_leaves_nothing_beside_it(setting, tmp_path):
+    # issue 35, 15: make-testset through a linked out_dir replaced the link with a folder and left
+    # a `.X.old-*` link for ever.
+    overrides, _ = setting
+    real = tmp_path / "sets" / "v1"
+    real.parent.mkdir()
+    link = tmp_path / "current"
+    os.symlink(real, link)  # to a folder not made yet, then to the set it made (replaced)
+    for overwrite in ("false", "true"):
+        cfg = load_config(None, [*overrides, f"testset.out_dir={link}", f"testset.overwrite={overwrite}"])
+        testset.run(cfg, progress=False)
+        assert link.is_symlink() and os.readlink(link) == str(real) and (real / "manifest.json").is_file()
+        assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["current", "sets"]
+        assert sorted(p.name for p in real.parent.iterdir() if not p.name.endswith(".lock")) == ["v1"]

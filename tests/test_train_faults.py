@@ -16,8 +16,9 @@ from safetensors.torch import load_file
 
 from core.checkpoint import load_model
 from core.cli import Terminated
+from core.config import load_config
 from core.errors import UserError
-from tests.conftest import ROOT, full_disk, shrink, weight_difference
+from tests.conftest import ROOT, full_disk, run_module, shrink, weight_difference
 from train import main as train_main
 from train.engine import TrainingDiverged
 from train.state import resolve_resume
@@ -217,3 +218,61 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tiny_config, monkeypatch)
     monkeypatch.undo()
     resumed = train_main.run(tiny_config("resume=auto"))
     assert resumed["global_step"] == 8
+
+
+def _cut(path):
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+
+DAMAGE = {
+    "model cut short": (lambda c: _cut(c / "model.safetensors"), "model.safetensors is damaged"),
+    "EMA cut short": (lambda c: _cut(c / "ema.safetensors"), "ema.safetensors is damaged"),
+    "optimizer cut short": (lambda c: _cut(c / "optimizer.bin"), "optimizer.bin is damaged"),
+    "state a list": (lambda c: (c / "train_state.json").write_text("[1, 2]"), "train_state.json is a JSON list"),
+    "epoch a string": (
+        lambda c: (c / "train_state.json").write_text(
+            (c / "train_state.json").read_text().replace('"epoch": 0', '"epoch": "0"', 1)
+        ),
+        "train_state.json: progress.epoch is '0'",
+    ),
+}
+
+
+@pytest.mark.parametrize("damage", DAMAGE)
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_config, capsys, damage):
+    # issue 35, 18: tracebacks, no fallback, and a hint that repeated the crash.
+    cfg = tiny_config(*COMMON, "train.max_steps=3")
+    train_main.run(cfg)
+    older, newest = sorted((cfg.run_dir / "checkpoints").iterdir())
+    spoil, why = DAMAGE[damage]
+    spoil(newest)
+    with pytest.raises(UserError, match=rf"^resume: {newest} cannot be resumed from: {why}"):
+        train_main.run(tiny_config(*COMMON, f"resume={newest}", "train.max_steps=5"))  # named: no fallback
+    capsys.readouterr()
+    result = train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4"))
+    out = capsys.readouterr().out
+    assert f"note: resume: skipped {newest}: {why}" in out and f"resumed from {older} " in out
+    assert result["global_step"] == 4
+
+
+def test_every_checkpoint_damaged_is_one_line_without_a_resume_hint(tiny_data, tmp_path):
+    out = tmp_path / "runs"
+    first = train_main.run(load_config(None, shrink([*COMMON, "train.max_steps=2"], tiny_data, out)))
+    assert first["global_step"] == 2
+    for ckpt in (out / "demo" / "checkpoints").iterdir():
+        (ckpt / "train_state.json").write_text("[]")
+    proc = run_module("launch", "train.main", *shrink([*COMMON, "resume=auto"], tiny_data, out), timeout=300)
+    assert proc.returncode == 2
+    (line,) = proc.stderr.strip().splitlines()
+    assert line.startswith(f"error: resume: no intact checkpoint in {out / 'demo' / 'checkpoints'} (2 damaged")
+    assert line.endswith("train under a new name=..., or start again with overwrite=true")
+
+
+def test_a_mid_epoch_resume_under_another_per_process_batch_is_refused(tiny_config):
+    # issue 35, 2: 16 x 1 -> 8 x 2 keeps the global batch, and "batch 2" meant other images.
+    cfg = tiny_config(*COMMON, "train.max_steps=2")
+    train_main.run(cfg)
+    with pytest.raises(UserError, match=r"stopped after batch 2 of an epoch with train.batch_size=16 and "):
+        train_main.run(
+            tiny_config(*COMMON, "resume=auto", "train.batch_size=8", "train.grad_accum_steps=2", "train.max_steps=3")
+        )

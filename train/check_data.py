@@ -97,6 +97,14 @@ def describe_sizes(headers: Sequence[tuple[int, int, str] | str]) -> str:
     )
 
 
+def coverage(cfg: Config, train: Sequence[tuple[Path, int]]) -> str:
+    """How many classes have training images (every one, unless ``data.allow_missing_classes``)."""
+    missing = cfg.data.num_classes - len({label for _, label in train})
+    if not missing:
+        return "all with training images"
+    return f"{missing} without a training image (data.allow_missing_classes=true)"
+
+
 def check_split(cfg: Config, name: str, samples: list[tuple[Path, int]], full: bool, progress: bool) -> dict:
     """Counts, sizes and unreadable files of one split; prints its lines."""
     start = time.perf_counter()
@@ -135,7 +143,7 @@ def run(cfg: Config, full: bool = False, progress: bool = True) -> dict:
     """Check the data of ``cfg``; returns the findings (``problems``: what makes training stop)."""
     start = time.perf_counter()
     train, val = resolve_samples(cfg.data)  # layout, labels, listed files, class coverage: one line each
-    print(f"check-data: {train_source(cfg.data)} ({cfg.data.num_classes} classes, all with training images)")
+    print(f"check-data: {train_source(cfg.data)} ({cfg.data.num_classes} classes, {coverage(cfg, train)})")
     report = {"train": check_split(cfg, "train", train, full, progress)}
     if val:
         how = (

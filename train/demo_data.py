@@ -29,6 +29,8 @@ from __future__ import annotations
 
 import argparse
 import colorsys
+import contextlib
+import fcntl
 import io
 import json
 import math
@@ -45,6 +47,7 @@ from PIL import Image, ImageDraw
 
 from core.errors import UserError
 from core.io import publish_folder, read_json
+from core.outputs import hold_output, try_flock
 
 MARKER = "demo_data.json"
 FORMAT_VERSION = 2  # bump whenever the rendering changes: stale sets are regenerated
@@ -265,27 +268,75 @@ def generate_demo_data(
         **args,
     }
     marker = _marker(args)
-    replaced = None
-    if out.exists():
-        if _same_set(out, marker):
-            return {**summary, "created": False}
-        replaced = {k: v for k, v in (_read_marker(out) or {}).items() if k in args}
-        if _read_marker(out) is None and any(out.iterdir()):
-            raise UserError(
-                f"{out}: exists and is not a generated demo data set (no {MARKER}); "
-                "choose another folder, it is left untouched"
-            )
-
+    if out.is_dir() and _same_set(out, marker):
+        return {**summary, "created": False}
     start = time.perf_counter()
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
-        _write_set(tmp, factors, marker, **args)
-        os.chmod(tmp, 0o755)  # mkdtemp makes it private
-        _publish(tmp, out, marker)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        # Decided and written holding the folder's lock (two demo-data or train runs at once), and
+        # never over a set a running command reads (hold_demo_data).
+        with hold_output(out, "demo-data", "data.root"), _replacing(out):
+            if out.is_dir() and _same_set(out, marker):  # a twin finished it while we waited
+                return {**summary, "created": False}
+            replaced = _check_replaceable(out, args)
+            out.parent.mkdir(parents=True, exist_ok=True)
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+            try:
+                _write_set(tmp, factors, marker, **args)
+                os.chmod(tmp, 0o755)  # mkdtemp makes it private
+                _publish(tmp, out, marker)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    except OSError as exc:  # a full or read-only file system, a file where a folder should be
+        raise UserError(f"{out}: cannot write the demo data ({exc.strerror or exc}); nothing was replaced") from None
     return {**summary, "created": True, "replaced": replaced, "seconds": round(time.perf_counter() - start, 2)}
+
+
+def _check_replaceable(out: Path, args: dict) -> dict | None:
+    """The arguments of the demo set ``out`` holds (None: nothing there); user data is never replaced."""
+    if not out.exists():
+        return None
+    if _read_marker(out) is None and any(out.iterdir()):
+        raise UserError(
+            f"{out}: exists and is not a generated demo data set (no {MARKER}); choose another folder, it is left "
+            "untouched"
+        )
+    return {k: v for k, v in (_read_marker(out) or {}).items() if k in args}
+
+
+_read_fds: list[int] = []  # the demo sets this process reads, held for its life
+
+
+def hold_demo_data(root: Path) -> None:
+    """Mark the demo set at ``root`` as read by this process until it ends (a shared kernel lock on
+    its marker; forked loader workers share it): ``demo-data`` refuses to replace it meanwhile.
+    Nothing happens where ``root`` holds no demo set."""
+    try:
+        fd = os.open(Path(root) / MARKER, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return
+    if not try_flock(fd, fcntl.LOCK_SH):
+        os.close(fd)
+        raise UserError(f"{root}: the demo data are being replaced by demo-data; run again once it has ended")
+    _read_fds.append(fd)
+
+
+@contextlib.contextmanager
+def _replacing(out: Path):
+    """An exclusive kernel lock on the marker of the set at ``out`` (if any) while it is replaced."""
+    try:
+        fd = os.open(out / MARKER, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        yield
+        return
+    try:
+        if not try_flock(fd, fcntl.LOCK_EX):
+            raise UserError(
+                f"{out}: a running command (train) reads this demo data set; not replacing it under it: wait for it "
+                "to end, or write the new set elsewhere (--out, data.root)"
+            )
+        yield
+    finally:
+        os.close(fd)
 
 
 def _publish(tmp: Path, out: Path, marker: dict) -> None:

@@ -34,7 +34,7 @@ from core.labels import resolve_samples, select_subset
 from core.model import create_classifier
 from core.transforms import create_eval_transform, create_train_transform, resolve_augmix_device
 from train.batch_augment import BatchAugment, create_batch_augment
-from train.demo_data import generate_demo_data
+from train.demo_data import generate_demo_data, hold_demo_data
 from train.loaders import create_train_loader
 from train.network import align_kernel_strides, check_input_size
 
@@ -139,10 +139,13 @@ def scale_for_batch(t, processes: int) -> BatchScaling:
 
 def ensure_demo_data(cfg: Config, accelerator: Accelerator) -> None:
     """Generate the offline demo data set when the config asks for it and it is missing (or was
-    made for another class count or size: then say so, since it replaces the earlier one)."""
+    made for another class count or size: then say so, since it replaces the earlier one). A demo
+    set the run reads is held (``hold_demo_data``): demo-data never replaces it under the run."""
     if not cfg.data.demo:
+        hold_demo_data(Path(cfg.data.root))
         return
     made = generate_demo_data(Path(cfg.data.root), num_classes=cfg.data.num_classes, image_size=cfg.data.image_size)
+    hold_demo_data(Path(cfg.data.root))
     if made["created"]:
         was = made.get("replaced")
         before = f" (it held {was.get('num_classes')} classes at {was.get('image_size')} px)" if was else ""

@@ -13,16 +13,18 @@ import os
 import pickle
 import shutil
 import time
+import zipfile
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from core.checkpoint import export_model, state_dict_of
 from core.cli import RESUMABLE_STATUS, report_status
 from core.config import Config, config_to_dict, read_yaml
-from core.errors import UserError
+from core.errors import UserError, echo
 from core.io import check_writable, publish_folder
 from core.outputs import CLAIMS_NAME, claim_names, hold_output, record_owner
 from train.engine import Progress, TrainingDiverged
@@ -98,6 +100,10 @@ def launch_of(training: Training) -> dict:
     return {
         "processes": training.accelerator.num_processes,
         "global_batch": scaling.global_batch if scaling is not None else None,
+        # a mid-epoch position counts loader batches of this size (64 x 1 -> 32 x 2 kept the global
+        # batch and resumed "batch 3" at image 96 instead of 192)
+        "batch_size": training.cfg.train.batch_size,
+        "grad_accum_steps": training.cfg.train.grad_accum_steps,
     }
 
 
@@ -120,7 +126,7 @@ def load_extra_state(folder: Path, progress: Progress, scheduler, ema) -> None:
         scheduler.load_state_dict(state["scheduler"])
         if ema is not None:
             ema.module.load_state_dict(load_file(str(folder / EMA_WEIGHTS), device=str(ema_device(ema))))
-    except (OSError, KeyError, ValueError, RuntimeError) as exc:
+    except (OSError, KeyError, ValueError, RuntimeError, TypeError, AttributeError) as exc:
         raise UserError(
             f"resume: {folder} is not a complete checkpoint of this run ({type(exc).__name__}: "
             f"{str(exc).splitlines()[0] if str(exc) else ''})"
@@ -186,16 +192,80 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
     return final
 
 
+# train_state.json's progress as this code writes it: a hand-edited or damaged one is refused, not trained on.
+PROGRESS_TYPES = {"epoch": int, "batch": int, "global_step": int, "best_acc": (int, float), "history": list}
+REQUIRED_PROGRESS = ("epoch", "batch", "global_step")
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why ``folder`` cannot be resumed from, or None. Cheap, and nothing is unpickled: our JSON as
+    we write it, every safetensors file (accelerate's model, our EMA) whole as its header says, every
+    ``torch.save`` file (optimizer, RNG states) a zip whose directory is there (a cut file loses it)."""
+    try:
+        state = json.loads((folder / TRAIN_STATE).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return f"it has no {TRAIN_STATE}"
+    except (OSError, ValueError, RecursionError) as exc:
+        return f"{TRAIN_STATE} is not readable JSON ({type(exc).__name__})"
+    if not isinstance(state, dict) or not isinstance(state.get("progress"), dict):
+        return f"{TRAIN_STATE} is a JSON {type(state).__name__}, not a training state with a 'progress' object"
+    if not isinstance(state.get("scheduler"), dict):
+        return f"{TRAIN_STATE} has no 'scheduler' object"
+    progress = state["progress"]
+    for key, kind in PROGRESS_TYPES.items():
+        value = progress.get(key)
+        if key in REQUIRED_PROGRESS and key not in progress:
+            return f"{TRAIN_STATE} has no progress.{key}"
+        if key in progress and (isinstance(value, bool) or not isinstance(value, kind)):
+            return f"{TRAIN_STATE}: progress.{key} is {echo(value)}, not a number of the kind this code writes"
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), "pt"):
+                pass
+        except Exception as exc:  # noqa: BLE001 - safetensors' own error type varies by version
+            return f"{path.name} is damaged ({(str(exc).splitlines() or [type(exc).__name__])[0][:160]})"
+    for path in sorted(p for p in folder.iterdir() if p.suffix in (".bin", ".pkl", ".pt", ".pth")):
+        if not zipfile.is_zipfile(path):
+            return f"{path.name} is damaged (not a whole torch.save file: cut short?)"
+    return None
+
+
+def newest_intact_checkpoint(run_dir: Path) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The newest checkpoint of ``run_dir`` that :func:`checkpoint_problem` passes, and the newer ones
+    it skipped with why. Every one damaged is one line: resuming from nothing would start over."""
+    found = checkpoint_dirs(run_dir)
+    skipped = []
+    for folder in reversed(found):
+        problem = checkpoint_problem(folder)
+        if problem is None:
+            return folder, skipped
+        skipped.append((folder, problem))
+    if skipped:
+        newest, why = skipped[0]
+        raise UserError(
+            f"resume: no intact checkpoint in {run_dir / 'checkpoints'} ({len(skipped)} damaged; the newest, "
+            f"{newest.name}: {why}); train under a new name=..., or start again with overwrite=true"
+        )
+    return None, []
+
+
 def resolve_resume(cfg: Config) -> Path | None:
+    return resolve_resume_noting(cfg)[0]
+
+
+def resolve_resume_noting(cfg: Config) -> tuple[Path | None, list[tuple[Path, str]]]:
+    """The checkpoint ``resume`` names (``auto``: the newest intact one) and the damaged ones skipped."""
     if not cfg.resume:
-        return None
+        return None, []
     if cfg.resume == "auto":
-        found = checkpoint_dirs(cfg.run_dir)
-        return found[-1] if found else None
+        return newest_intact_checkpoint(cfg.run_dir)
     path = Path(cfg.resume)
     if not path.is_dir():
         raise UserError(f"resume: no checkpoint folder {path}")
-    return path
+    problem = checkpoint_problem(path)
+    if problem is not None:
+        raise UserError(f"resume: {path} cannot be resumed from: {problem}")
+    return path, []
 
 
 def restore(training: Training, progress: Progress) -> None:
@@ -206,7 +276,9 @@ def restore(training: Training, progress: Progress) -> None:
     """
     cfg, accelerator = training.cfg, training.accelerator
     run_dir = cfg.run_dir
-    resume_from = resolve_resume(cfg)
+    resume_from, skipped = resolve_resume_noting(cfg)
+    for folder, why in skipped:
+        accelerator.print(f"note: resume: skipped {folder}: {why}; the previous intact checkpoint is used")
     if resume_from is not None:
         check_resumable(cfg, resume_from)
         check_same_launch(resume_from, launch_of(training))
@@ -240,8 +312,9 @@ def check_same_launch(folder: Path, now: dict) -> None:
     each process's shard, the skipped batches of a mid-epoch stop and the learning rate all
     depend on them, so the run could not continue exactly where it stopped."""
     try:
-        was = json.loads((folder / TRAIN_STATE).read_text(encoding="utf-8")).get("launch") or {}
-    except (OSError, ValueError, AttributeError):
+        state = json.loads((folder / TRAIN_STATE).read_text(encoding="utf-8"))
+        was, batch = state.get("launch") or {}, state["progress"].get("batch", 0)
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
         return  # load_extra_state names a damaged checkpoint
     for key in ("processes", "global_batch"):
         if was.get(key) is not None and was[key] != now[key]:
@@ -250,6 +323,15 @@ def check_same_launch(folder: Path, now: dict) -> None:
                 f"{was.get('global_batch')}; this run has {now['processes']} and {now['global_batch']}: it could "
                 f"not continue exactly where it stopped. Resume with --num_processes {was['processes']} and the "
                 "same train.batch_size / train.grad_accum_steps, or train under a new name=..."
+            )
+    # Mid-epoch, the position is a count of loader batches: it means other images under another batch size.
+    for key in ("batch_size", "grad_accum_steps"):
+        if batch and was.get(key) is not None and was[key] != now[key]:
+            raise UserError(
+                f"resume: {folder} stopped after batch {batch} of an epoch with train.batch_size={was['batch_size']} "
+                f"and train.grad_accum_steps={was.get('grad_accum_steps')}; this run has {now['batch_size']} and "
+                f"{now['grad_accum_steps']}, so that batch would be other images (some trained twice, some never). "
+                "Resume with the same two values, or train under a new name=..."
             )
 
 

@@ -22,6 +22,7 @@ from core.config.schema import (
     PrimeConfig,
     TestsetConfig,
     TrainConfig,
+    range_of,
 )
 from core.errors import echo
 from core.io import submission_name_problem
@@ -50,6 +51,7 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     _check_testset(cfg.testset, cfg.data.image_size)
     _check_phase2(cfg.phase2, cfg.data.image_size)
     _check_ablation(cfg.ablation)
+    _check_ranges(cfg)
 
 
 # `name` and `submit.file_name` become file and folder names with up to 24 more characters (temporary,
@@ -81,6 +83,23 @@ def _check_finite(node: Any, prefix: str = "") -> None:
         for item in value if isinstance(value, list) else [value]:
             if isinstance(item, float) and (math.isnan(item) or (math.isinf(item) and key not in _MAY_BE_INFINITE)):
                 raise ConfigError(f"config key '{key}': {echo(value)} is not a finite number")
+
+
+def _check_ranges(node: Any, prefix: str = "") -> None:
+    """Every number (and every number of a list) within the range its field states (``within`` in
+    the schema): after the checks above, which say more where they apply."""
+    for f in dataclasses.fields(node):
+        key, value = f"{prefix}{f.name}", getattr(node, f.name)
+        if dataclasses.is_dataclass(value):
+            _check_ranges(value, f"{key}.")
+            continue
+        bounds = range_of(node, f.name)
+        if bounds is None:
+            continue
+        items = [(f"{key}[{i}]", v) for i, v in enumerate(value)] if isinstance(value, list) else [(key, value)]
+        for where, item in items:
+            if item not in bounds:
+                raise ConfigError(f"config key '{where}': {echo(item)} must be in {bounds.text}")
 
 
 # numpy's legacy seeding (accelerate's set_seed, the corruptions) takes [0, 2**32); default_rng refuses < 0.
@@ -290,6 +309,10 @@ def _check_predict(cfg: Config) -> None:
         raise ConfigError(f"config key '{key}': {echo(cfg.submission_name)} {problem}")
     if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
         raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
+    if cfg.submit.weights and (min(cfg.submit.weights) < 0 or sum(cfg.submit.weights) <= 0):
+        raise ConfigError(
+            f"config key 'submit.weights': {echo(cfg.submit.weights)} must be weights >= 0 with a positive sum"
+        )
     if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
         raise ConfigError("config keys 'random_pad.min_ratio'/'max_ratio' need 0 < min <= max <= 1")
     if not cfg.export.formats:

@@ -22,6 +22,7 @@ from core.config.schema import (
     all_keys,
     choices_of,
     is_switch,
+    item_type_of,
     new_config,
     sections,
 )
@@ -52,8 +53,9 @@ _TRUE = {"true", "yes", "on", "1"}
 _FALSE = {"false", "no", "off", "0"}
 
 
-def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> Any:
-    """Cast ``value`` to the type of ``default``; raise ConfigError naming ``key`` if it cannot."""
+def cast_value(key: str, value: Any, default: Any, from_text: bool = False, item: type | None = None) -> Any:
+    """Cast ``value`` to the type of ``default`` (a list's items to ``item``, else to its default's
+    first item's type); raise ConfigError naming ``key`` (and the item) if it cannot."""
     expected = type(default)
     try:
         if expected is bool:
@@ -70,7 +72,7 @@ def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> A
             if isinstance(value, float) and value.is_integer():
                 return int(value)
             if isinstance(value, str):
-                return int(value.strip())
+                return _int_of_text(value.strip())
             raise ValueError
         if expected is float:
             if isinstance(value, bool):
@@ -95,14 +97,34 @@ def cast_value(key: str, value: Any, default: Any, from_text: bool = False) -> A
                 return []
             if not isinstance(value, list):
                 raise ValueError
-            if default and not isinstance(default[0], dict):
-                return [cast_value(f"{key}[{i}]", v, default[0], from_text) for i, v in enumerate(value)]
+            item = item or (type(default[0]) if default else None)
+            if item is dict:
+                _check_mappings(key, value)
+            elif item is not None:
+                return [cast_value(f"{key}[{i}]", v, item(), from_text) for i, v in enumerate(value)]
             return list(value)
     except (ValueError, TypeError, yaml.YAMLError, RecursionError):
         pass
     else:
         raise ConfigError(f"config key '{key}' has a type this loader does not handle")
     raise ConfigError(f"config key '{key}': expected {expected.__name__}, got {echo(value)}")
+
+
+def _int_of_text(text: str) -> int:
+    """``"12"``, and a whole number written as a float (``"1e9"``, ``"3.0"``: YAML reads ``1e9`` as text)."""
+    try:
+        return int(text)
+    except ValueError:
+        number = float(text)
+        if not number.is_integer():
+            raise
+        return int(number)
+
+
+def _check_mappings(key: str, value: list) -> None:
+    for i, entry in enumerate(value):
+        if not isinstance(entry, dict):
+            raise ConfigError(f"config key '{key}[{i}]': expected a mapping (name: ..., arguments), got {echo(entry)}")
 
 
 def _switch_value(value: str) -> str:
@@ -130,7 +152,7 @@ def _set(cfg: Config, key: str, value: Any, from_text: bool) -> None:
                 for sub, sub_value in value.items():
                     _set(cfg, f"{key}.{sub}", sub_value, from_text)
                 return
-            new = cast_value(key, value, current, from_text)
+            new = cast_value(key, value, current, from_text, item_type_of(node, part))
             if is_switch(node, part):
                 new = _switch_value(new)
             _check_choice(key, new, choices_of(node, part))
@@ -155,6 +177,25 @@ class _BoundedLoader(yaml.SafeLoader):
                 "inside its own anchor); write the values out"
             )
         return super().construct_document(node)
+
+    def construct_mapping(self, node, deep=False):
+        """A key given twice in one mapping is an error (PyYAML keeps the last: a second ``train:``
+        block silently dropped the first's values). Keys a merge (``<<``) brings in may be overridden."""
+        first: dict[Any, int] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else []:
+            if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node)
+            if key in first:
+                raise yaml.constructor.ConstructorError(
+                    None,
+                    None,
+                    f"duplicate key '{echo(key)[1:-1] if isinstance(key, str) else echo(key)}' (first on line "
+                    f"{first[key]}): the second would silently replace the first's values; merge them",
+                    key_node.start_mark,
+                )
+            first[key] = key_node.start_mark.line + 1
+        return super().construct_mapping(node, deep)
 
 
 def _expanded_size(root: yaml.Node) -> float:

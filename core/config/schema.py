@@ -1,15 +1,17 @@
 """The config's schema: each section a dataclass, each field with its default and, beside it, its
-allowed values (:func:`one_of`). The defaults describe a real run (ConvNeXt-tiny at 224 px); a YAML
-file lists only what differs (:mod:`core.config.load`), and :mod:`core.config.checks` checks what
-one field's type cannot say.
+allowed values (:func:`one_of`, :func:`one_of_each`), its range (:func:`within`: every number has
+one) or its list's item type (:func:`list_of`: every list has one). The defaults describe a real run
+(ConvNeXt-tiny at 224 px); a YAML file lists only what differs (:mod:`core.config.load`), and
+:mod:`core.config.checks` checks what one field cannot say.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 from core.corruptions import ALL_CORRUPTIONS, COMMON
 from core.errors import UserError
@@ -28,12 +30,65 @@ def one_of(choices: tuple, default: Any, switch: bool = False) -> Any:
 
 def one_of_each(choices: tuple, default_factory: Callable[[], list]) -> Any:
     """A list field whose every item must be one of ``choices``."""
-    return field(default_factory=default_factory, metadata={"choices": tuple(choices)})
+    return field(default_factory=default_factory, metadata={"choices": tuple(choices), "item": str})
+
+
+class Interval(NamedTuple):
+    """The allowed values of a number: ``lo``..``hi``, each end open or closed (``text`` as written)."""
+
+    lo: float
+    hi: float
+    lo_open: bool
+    hi_open: bool
+    text: str
+
+    def __contains__(self, value: object) -> bool:
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return above and below
+
+
+_INTERVAL = re.compile(r"([\[(])\s*([^,\s]+)\s*,\s*([^,\s]+)\s*([\])])")
+
+
+def parse_interval(text: str) -> Interval:
+    """``"[0, 1]"``, ``"(0, 10]"``, ``"[1, inf]"``: the interval as mathematics writes it."""
+    match = _INTERVAL.fullmatch(text)
+    if not match:
+        raise ValueError(f"not an interval: {text!r}")
+    return Interval(float(match[2]), float(match[3]), match[1] == "(", match[4] == ")", text)
+
+
+def within(interval: str, default: Any, item: type | None = None) -> Any:
+    """A number field whose value must lie in ``interval`` (``"[0, 1]"``, ``"(0, 10]"``), checked
+    as the config loads; a list field of numbers (``item``: their type, else the default's first
+    item's): each item must. Bounds are what a run can mean, not what is wise: a bad but possible
+    value passes, one that cannot be meant (a probability of 5, a 100001-px filter) does not."""
+    bounds = parse_interval(interval)
+    if isinstance(default, list):
+        items = list(default)
+        return field(default_factory=lambda: list(items), metadata={"range": bounds, "item": item or type(items[0])})
+    return field(default=default, metadata={"range": bounds})
+
+
+def list_of(item: type, default_factory: Callable[[], list] = list) -> Any:
+    """A list field whose items are of type ``item`` (``str``, ``dict``, ...), checked as the config loads."""
+    return field(default_factory=default_factory, metadata={"item": item})
 
 
 def choices_of(section: Any, name: str) -> tuple | None:
     """The allowed values of field ``name`` of a config section; None: any value of its type."""
     return next((f.metadata.get("choices") for f in dataclasses.fields(section) if f.name == name), None)
+
+
+def range_of(section: Any, name: str) -> Interval | None:
+    """The range of number field ``name`` of a config section (see :func:`within`)."""
+    return next((f.metadata.get("range") for f in dataclasses.fields(section) if f.name == name), None)
+
+
+def item_type_of(section: Any, name: str) -> type | None:
+    """The item type of list field ``name`` of a config section (see :func:`list_of`)."""
+    return next((f.metadata.get("item") for f in dataclasses.fields(section) if f.name == name), None)
 
 
 def is_switch(section: Any, name: str) -> bool:
@@ -83,23 +138,23 @@ class DataConfig:
     train_labels: str = "label.txt"  # "" -> ImageFolder layout (one sub-folder per class)
     val_dir: str = ""  # "" -> images of the validation label file live in train_dir
     val_labels: str = ""  # a second label file; "" -> stratified split of the training set
-    val_fraction: float = 0.05
-    split_seed: int = 0
+    val_fraction: float = within("[0, 1)", 0.05)
+    split_seed: int = within("[0, 4294967295]", 0)
     test_dir: str = "test"
     test_labels: str = ""  # optional hidden labels (`N.png LABEL`) for a local score
     # the per-image manifest of a `make-testset` folder: submit breaks its score down by kind
     test_manifest: str = ""
-    num_classes: int = 100
-    image_size: int = 224
+    num_classes: int = within("[2, 100000]", 100)
+    image_size: int = within("[16, 4096]", 224)
     # loader worker processes per process; -1 (auto): with CUDA the cores each GPU's process gets,
     # less one for the process itself; on the CPU 2 (core/devices.py: resolve_num_workers)
-    num_workers: int = -1
+    num_workers: int = within("[-1, 1024]", -1)
     # every class of [0, num_classes) must have training images (false: a missing class stops the run)
     allow_missing_classes: bool = False
     bad_images: str = one_of(
         ("error", "skip"), "error"
     )  # error | skip (skipped files are reported, up to max_bad_images)
-    max_bad_images: int = 100
+    max_bad_images: int = within("[0, 1e12]", 100)
 
 
 # AugMix's operations as the paper chose them (Hendrycks et al. 2020): timm's list without its
@@ -123,15 +178,16 @@ class AugMixConfig:
     """AugMix (``aug.augmix``), timm's implementation, applied to the output of the albumentations pipeline."""
 
     enabled: bool = False
-    severity: int = 3  # strength of every op, 1..10 (timm's magnitude, drawn uniformly up to it)
-    width: int = 3  # augmentation chains mixed per image
-    depth: int = -1  # ops per chain; -1: 1..3 at random
-    alpha: float = 1.0  # Dirichlet weights of the chains and Beta weight of the mix with the original
-    ops: list = field(default_factory=lambda: list(AUGMIX_OPS))  # timm op names (timm.data.auto_augment)
+    severity: int = within("[1, 10]", 3)  # strength of every op, 1..10 (timm's magnitude, drawn uniformly up to it)
+    width: int = within("[1, 16]", 3)  # augmentation chains mixed per image
+    depth: int = within("[-1, 16]", -1)  # ops per chain; -1: 1..3 at random
+    # Dirichlet weights of the chains and Beta weight of the mix with the original
+    alpha: float = within("[0.05, 1000]", 1.0)
+    ops: list = list_of(str, lambda: list(AUGMIX_OPS))  # timm op names (timm.data.auto_augment)
     # > 0: each image comes with two AugMix views and the loss adds this weight x their Jensen-Shannon
     # consistency with the clean view (timm's JsdCrossEntropy; the paper uses 12); 0: the AugMix image
     # replaces the clean one
-    jsd_weight: float = 0.0
+    jsd_weight: float = within("[0, 1000]", 0.0)
     # where AugMix runs: auto (on the training device with CUDA, in the CPU loader otherwise) | true (on
     # the training device, a batch at a time: train/batch_augment.py) | false (in the loader, timm's PIL ops)
     device: str = one_of(("auto", "true", "false"), "auto", switch=True)
@@ -149,19 +205,21 @@ class PrimeConfig:
     CIFAR config (the closest to 64 px), each drawn per image up to its value."""
 
     enabled: bool = False
-    p: float = 1.0  # probability that an image is augmented
-    width: int = 3  # chains per image, mixed with Dirichlet(1) weights, then with the image by a uniform weight
-    depth: int = -1  # primitives per chain; -1: 1..3 at random
+    p: float = within("[0, 1]", 1.0)  # probability that an image is augmented
+    # chains per image, mixed with Dirichlet(1) weights, then with the image by a uniform weight
+    width: int = within("[1, 16]", 3)
+    depth: int = within("[-1, 16]", -1)  # primitives per chain; -1: 1..3 at random
     primitives: list = one_of_each(PRIME_PRIMITIVES, lambda: list(PRIME_PRIMITIVES))
-    color_strength: float = 0.01  # variance of the tone curve's sine coefficients (PRIME's T = 0.01)
-    color_modes: int = 100  # its highest sine frequency (PRIME's cut = 100)
-    filter_strength: float = 4.0  # sigma of the random kernel delta + sigma * N(0, 1) (PRIME's 4)
-    filter_size: int = 3  # odd
-    deform_strength: float = 1.0  # share of the largest temperature without fold-overs (PRIME's alpha = 1)
-    deform_modes: int = 100  # highest mode of the displacement field (PRIME's cutmax = 100)
-    haze_strength: float = 0.5  # largest amplitude of the smooth grey field added (pixel units)
-    haze_contrast: float = 0.2  # lowest contrast factor (each image pulled towards its mean colour)
-    haze_modes: int = 8  # highest mode of the grey field (low frequencies only, as fog)
+    color_strength: float = within("[0, 1]", 0.01)  # variance of the tone curve's sine coefficients (PRIME's T = 0.01)
+    color_modes: int = within("[1, 1000]", 100)  # its highest sine frequency (PRIME's cut = 100)
+    filter_strength: float = within("[0, 100]", 4.0)  # sigma of the random kernel delta + sigma * N(0, 1) (PRIME's 4)
+    filter_size: int = within("[1, 31]", 3)  # odd
+    # share of the largest temperature without fold-overs (PRIME's alpha = 1)
+    deform_strength: float = within("[0, 10]", 1.0)
+    deform_modes: int = within("[2, 500]", 100)  # highest mode of the displacement field (PRIME's cutmax = 100)
+    haze_strength: float = within("[0, 1]", 0.5)  # largest amplitude of the smooth grey field added (pixel units)
+    haze_contrast: float = within("(0, 1]", 0.2)  # lowest contrast factor (each image pulled towards its mean colour)
+    haze_modes: int = within("[1, 500]", 8)  # highest mode of the grey field (low frequencies only, as fog)
 
 
 @dataclass
@@ -170,30 +228,31 @@ class FourierConfig:
     channel, of random frequency, direction and phase, added to the image on the training device."""
 
     enabled: bool = False
-    p: float = 1.0  # probability that an image is augmented
-    max_freq: float = 0.5  # cycles per pixel, drawn uniformly in (0, max_freq] (0.5: the Nyquist frequency)
+    p: float = within("[0, 1]", 1.0)  # probability that an image is augmented
+    # cycles per pixel, drawn uniformly in (0, max_freq] (0.5: the Nyquist frequency)
+    max_freq: float = within("(0, 0.5]", 0.5)
     # peak amplitude (pixel units) = strength_min + Exponential(strength_mean); AFA's CIFAR values
     # (mean strength 5 of a unit-L2 wave scaled by size / 32) give a mean peak of about 0.2
-    strength_min: float = 0.0
-    strength_mean: float = 0.2
+    strength_min: float = within("[0, 1]", 0.0)
+    strength_mean: float = within("[0, 1]", 0.2)
 
 
 @dataclass
 class AugConfig:
-    scale: list = field(default_factory=lambda: [0.25, 1.0])  # RandomResizedCrop area range
-    ratio: list = field(default_factory=lambda: [0.75, 1.3333])
-    hflip: float = 0.5
-    color_jitter: float = 0.0  # strength; 0 turns it off
-    corruption_p: float = 0.3  # probability that one transform of `corruptions` is applied
-    corruptions: list = field(default_factory=_corruption_family)
-    extra: list = field(default_factory=list)  # more albumentations transforms, same form
+    scale: list = within("(0, 1]", [0.25, 1.0])  # RandomResizedCrop area range
+    ratio: list = within("(0, 100]", [0.75, 1.3333])
+    hflip: float = within("[0, 1]", 0.5)
+    color_jitter: float = within("[0, 1]", 0.0)  # strength; 0 turns it off
+    corruption_p: float = within("[0, 1]", 0.3)  # probability that one transform of `corruptions` is applied
+    corruptions: list = list_of(dict, _corruption_family)
+    extra: list = list_of(dict)  # more albumentations transforms, same form
     augmix: AugMixConfig = field(default_factory=AugMixConfig)
     prime: PrimeConfig = field(default_factory=PrimeConfig)
     fourier: FourierConfig = field(default_factory=FourierConfig)
     # 1: the device augmentations (prime, fourier) replace the loader's image; 2: every image trains
     # twice, as the loader made it and as its device-augmented copy (each attacked under train.adv;
     # train.adv.consistency ties their predictions): AFA's auxiliary view, DAJAT's two views
-    views: int = 1
+    views: int = within("[1, 2]", 1)
 
 
 @dataclass
@@ -201,10 +260,10 @@ class ModelConfig:
     name: str = "convnext_tiny"
     pretrained: bool = False  # from the HF hub (needs network)
     pretrained_file: str = ""  # local weights file; the head is re-initialised for num_classes
-    drop_path_rate: float = 0.1
+    drop_path_rate: float = within("[0, 1)", 0.1)
     normalize: bool = True  # False: the model sees raw [0,1] pixels (2nd-place style)
-    mean: list = field(default_factory=list)  # [] -> from the timm pretrained config
-    std: list = field(default_factory=list)
+    mean: list = within("[0, 1]", [], item=float)  # [] -> from the timm pretrained config
+    std: list = within("(0, 1]", [], item=float)
     channels_last: str = one_of(
         ("auto", "true", "false"), "auto", switch=True
     )  # auto (on with CUDA, off on the CPU) | true | false
@@ -223,28 +282,28 @@ class AdvConfig:
     """
 
     mode: str = one_of(("none", "fgsm_reg", "fgsm_rs", "pgd", "trades"), "none")
-    eps: float = 8 / 255
-    steps: int = 3  # pgd / trades iterations
-    step_size: float = 0.0  # 0 -> 1.25 eps (fgsm_rs), 2.5 eps / steps (pgd, trades); eps for fgsm_reg
-    warmup_epochs: float = 0.0  # eps (and step size) ramp linearly from 0 over these epochs
-    weight: float = 0.5  # fgsm_reg: weight of the adversarial loss, the clean loss gets the rest
-    beta: float = 6.0  # trades: weight of the KL term (smaller: more clean accuracy)
+    eps: float = within("[0, 1]", 8 / 255)
+    steps: int = within("[0, 100000]", 3)  # pgd / trades iterations
+    step_size: float = within("[0, 1]", 0.0)  # 0 -> 1.25 eps (fgsm_rs), 2.5 eps / steps (pgd, trades); eps for fgsm_reg
+    warmup_epochs: float = within("[0, 1e6]", 0.0)  # eps (and step size) ramp linearly from 0 over these epochs
+    weight: float = within("[0, 1]", 0.5)  # fgsm_reg: weight of the adversarial loss, the clean loss gets the rest
+    beta: float = within("[0, 1000]", 6.0)  # trades: weight of the KL term (smaller: more clean accuracy)
     # robust validation: PGD-Linf on a fixed, seeded part of the validation set after every epoch
-    val_images: int = 200  # 0 -> the whole validation set
-    val_steps: int = 10
+    val_images: int = within("[0, 1e12]", 200)  # 0 -> the whole validation set
+    val_steps: int = within("[1, 100000]", 10)
     select: str = one_of(
         ("auto", "clean", "robust"), "auto"
     )  # which accuracy picks `best`: auto (robust when mode != none) | clean | robust
     # aug.views=2: weight of the Jensen-Shannon divergence between the predictions on the two views,
     # on their adversarial examples under pgd / fgsm_rs (DAJAT, Addepalli et al. 2022); 0: cross-entropy only
-    consistency: float = 0.0
+    consistency: float = within("[0, 1000]", 0.0)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 30
-    batch_size: int = 64  # per process
-    grad_accum_steps: int = 1
+    epochs: int = within("[1, 1e6]", 30)
+    batch_size: int = within("[1, 1048576]", 64)  # per process
+    grad_accum_steps: int = within("[1, 1048576]", 1)
     opt: str = "adamw"
     # train.lr and train.ema_decay are stated for a global batch (batch_size x processes x
     # grad_accum_steps) of base_batch_size images, and scaled to the run's global batch B:
@@ -252,30 +311,30 @@ class TrainConfig:
     # optimizers, adam*/lamb/ada*, else 1), warmup_epochs by the same factor (at most epochs / 2),
     # and ema_decay ** (B / base_batch_size), so the EMA averages over the same number of images;
     # base_batch_size=0 takes them as given (train/setup.py: scale_for_batch).
-    lr: float = 1e-3
-    base_batch_size: int = 64
+    lr: float = within("(0, 10]", 1e-3)
+    base_batch_size: int = within("[0, 1e9]", 64)
     lr_scale: str = one_of(("auto", "linear", "sqrt"), "auto")
-    weight_decay: float = 0.05
-    layer_decay: float = 0.0  # 0 -> off; e.g. 0.8 for fine-tuning pretrained weights
+    weight_decay: float = within("[0, 10]", 0.05)
+    layer_decay: float = within("[0, 1]", 0.0)  # 0 -> off; e.g. 0.8 for fine-tuning pretrained weights
     sched: str = "cosine"
-    warmup_epochs: int = 1
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-6
-    label_smoothing: float = 0.1
-    mixup: float = 0.0  # alpha; 0 -> off
-    cutmix: float = 0.0
-    mixup_prob: float = 1.0
+    warmup_epochs: int = within("[0, 1e6]", 1)
+    warmup_lr: float = within("[0, 10]", 1e-6)
+    min_lr: float = within("[0, 10]", 1e-6)
+    label_smoothing: float = within("[0, 1)", 0.1)
+    mixup: float = within("[0, 1000]", 0.0)  # alpha; 0 -> off
+    cutmix: float = within("[0, 1000]", 0.0)
+    mixup_prob: float = within("[0, 1]", 1.0)
     ema: bool = True
-    ema_decay: float = 0.999
-    clip_grad: float = 0.0
+    ema_decay: float = within("(0, 1)", 0.999)
+    clip_grad: float = within("[0, 1e12]", 0.0)
     # auto: bf16 on a GPU that computes it natively, float32 ("no") elsewhere; submit predicts with
     # it too. GCM computes in float32 whatever this says.
     mixed_precision: str = one_of(("auto", "no", "bf16", "fp16"), "auto")
     adv: AdvConfig = field(default_factory=AdvConfig)
-    max_steps: int = 0  # stop after this many optimizer steps (0 -> all epochs)
-    checkpoint_every: int = 0  # optimizer steps between full-state checkpoints (0 -> per epoch)
-    keep_checkpoints: int = 2
-    log_every: int = 10
+    max_steps: int = within("[0, 1e15]", 0)  # stop after this many optimizer steps (0 -> all epochs)
+    checkpoint_every: int = within("[0, 1e15]", 0)  # optimizer steps between full-state checkpoints (0 -> per epoch)
+    keep_checkpoints: int = within("[1, 10000]", 2)
+    log_every: int = within("[1, 1e15]", 10)
 
 
 @dataclass
@@ -284,7 +343,7 @@ class WandbConfig:
     project: str = "robust-convnext"
     entity: str = ""
     log_images: bool = True
-    timeout: float = 10.0  # seconds to wait for the server before falling back to offline
+    timeout: float = within("(0, 86400]", 10.0)  # seconds to wait for the server before falling back to offline
     # the model artifact holds the weights themselves (else a checksummed file:// reference to them)
     upload_weights: bool = False
 
@@ -292,81 +351,83 @@ class WandbConfig:
 @dataclass
 class TTAConfig:
     hflip: bool = False
-    scales: list = field(default_factory=lambda: [1.0])  # resize factors, center-cropped/padded back
+    scales: list = within("(0, 8]", [1.0])  # resize factors, center-cropped/padded back
 
 
 @dataclass
 class GCMConfig:
     enabled: bool = True
-    w: float = 1e20
-    eps: float = 1e-8
+    w: float = within("[0, 1e300]", 1e20)
+    eps: float = within("[0, 1]", 1e-8)
 
 
 @dataclass
 class RandomPadConfig:
     enabled: bool = False
-    min_ratio: float = 218 / 224  # resize to l in [min, max] * size, zero-pad back to size
-    max_ratio: float = 223 / 224
-    seed: int = 0
+    min_ratio: float = within("(0, 1]", 218 / 224)  # resize to l in [min, max] * size, zero-pad back to size
+    max_ratio: float = within("(0, 1]", 223 / 224)
+    seed: int = within("[0, 4294967295]", 0)
 
 
 @dataclass
 class SubmitConfig:
-    checkpoints: list = field(default_factory=list)  # exported models; [] -> runs/<name>/best
-    weights: list = field(default_factory=list)  # one per member; [] -> equal
+    checkpoints: list = list_of(str)  # exported models; [] -> runs/<name>/best
+    weights: list = within("[0, 1e12]", [], item=float)  # one per member; [] -> equal
     aggregate: str = one_of(("prob", "logit"), "prob")
-    temperature: float = 1.0
-    batch_size: int = 64
-    num_workers: int = -1  # loader worker processes when a GPU runs the model; -1: as data.num_workers
-    cpu_num_workers: int = -1  # ... when the CPU does; -1: the cores the model's threads leave free
+    temperature: float = within("(0, 1e6]", 1.0)
+    batch_size: int = within("[1, 1048576]", 64)
+    # loader worker processes when a GPU runs the model; -1: as data.num_workers
+    num_workers: int = within("[-1, 1024]", -1)
+    # ... when the CPU does; -1: the cores the model's threads leave free
+    cpu_num_workers: int = within("[-1, 1024]", -1)
     out_dir: str = "submissions"
     file_name: str = ""  # "" -> <name>
     on_bad_image: str = one_of(("error", "fallback"), "error")
-    fallback_class: int = 0
+    fallback_class: int = within("[0, 100000]", 0)
 
 
 @dataclass
 class BudgetConfig:
     # The Phase II rules as the organizers' check asserts them (params < 30M, ptflops MACs < 5G
     # at 3 x 224 x 224; their README's "120Mb" is the same 30M float32 parameters)
-    max_params: float = 30e6
-    max_gmacs: float = 5.0
+    max_params: float = within("[0, inf]", 30e6)
+    max_gmacs: float = within("[0, inf]", 5.0)
     enforce: bool = False
 
 
 @dataclass
 class EvalConfig:
-    subset: int = 500  # labelled images evaluated (seeded choice); 0 -> all
-    batch_size: int = 50
-    seed: int = 0
+    subset: int = within("[0, 1e12]", 500)  # labelled images evaluated (seeded choice); 0 -> all
+    batch_size: int = within("[1, 1048576]", 50)
+    seed: int = within("[0, 4294967295]", 0)
     # the paper's white-box columns and AutoAttack, then Square (score-based), transfer and the noise baseline
     attacks: list = one_of_each(EVAL_ATTACKS, lambda: list(EVAL_ATTACKS))
     # eps in [0,1] pixel units; the paper's values at 224 px (small images: see configs/default.yaml)
-    eps_linf: float = 8 / 255
-    eps_l2: float = 8.0
-    eps_l1: float = 1600.0
-    steps: int = 20
-    step_ratio: float = 0.075  # step = 3/40 * eps, as in the paper
-    restarts: int = 1
-    cw_steps: int = 100
-    cw_max_norm: float = 0.0  # C&W result projected onto this L2 ball; 0 -> eps_l2
-    square_queries: int = 1000
+    eps_linf: float = within("(0, 1]", 8 / 255)
+    eps_l2: float = within("(0, 1e6]", 8.0)
+    eps_l1: float = within("(0, 1e9]", 1600.0)
+    steps: int = within("[1, 100000]", 20)
+    step_ratio: float = within("(0, 100]", 0.075)  # step = 3/40 * eps, as in the paper
+    restarts: int = within("[1, 10000]", 1)
+    cw_steps: int = within("[1, 100000]", 100)
+    cw_max_norm: float = within("[0, 1e6]", 0.0)  # C&W result projected onto this L2 ball; 0 -> eps_l2
+    square_queries: int = within("[1, 1e9]", 1000)
     # AutoAttack (Croce & Hein 2020, its authors' pyautoattack): "standard" is their exact setting
     # (APGD-CE, APGD-T, FAB-T, Square 5000 queries); "custom" runs aa_attacks with the budgets below,
     # a cheaper subset for CPU runs. Against a randomized model the "rand" version (APGD with EOT) runs.
     aa_version: str = one_of(("standard", "custom"), "standard")
     aa_attacks: list = one_of_each(AA_ATTACKS, lambda: ["apgd-ce", "apgd-t"])
-    aa_iters: int = 100
-    aa_target_classes: int = 9
-    aa_queries: int = 5000
-    eps_curve: list = field(default_factory=lambda: [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
-    eot_samples: int = 10  # gradient samples per step against the random resize-pad layer
-    draws: int = 10  # forward draws for expected accuracy of a randomized model
+    aa_iters: int = within("[1, 100000]", 100)
+    aa_target_classes: int = within("[1, 100000]", 9)
+    aa_queries: int = within("[1, 1e9]", 5000)
+    eps_curve: list = within("(0, 1]", [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    eot_samples: int = within("[1, 100000]", 10)  # gradient samples per step against the random resize-pad layer
+    draws: int = within("[1, 100000]", 10)  # forward draws for expected accuracy of a randomized model
     surrogate: str = ""  # an independently trained checkpoint for transfer attacks
     file: str = ""  # an exported Phase II file (.onnx or .zip) to attack instead of the checkpoints
     # ImageNet-C (core/corruptions.py): the 15 common corruptions and the 4 held-out ones, severities 1..5
     corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(ALL_CORRUPTIONS))
-    corruption_severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    corruption_severities: list = within("[1, 5]", [1, 2, 3, 4, 5])
     corruption_baseline: str = ""  # a checkpoint whose errors on the same images give mCE and relative mCE
     out_dir: str = ""  # "" -> runs/<name>/eval
 
@@ -392,9 +453,9 @@ class AttackDrawConfig:
     kinds: list = one_of_each(ATTACK_DRAW_KINDS, lambda: list(ATTACK_DRAW_KINDS))
     norms: list = one_of_each(("linf", "l2"), lambda: ["linf", "l2"])
     # eps in [0, 1] pixel units; L2 values are for 224 px (scale them by side / 224 for small images)
-    eps_linf: list = field(default_factory=lambda: [2 / 255, 4 / 255, 8 / 255, 16 / 255])
-    eps_l2: list = field(default_factory=lambda: [1.0, 2.0, 4.0, 8.0])
-    steps: list = field(default_factory=lambda: [5, 10, 20])
+    eps_linf: list = within("(0, 1]", [2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    eps_l2: list = within("(0, 1e6]", [1.0, 2.0, 4.0, 8.0])
+    steps: list = within("[1, 100000]", [5, 10, 20])
 
 
 @dataclass
@@ -403,16 +464,16 @@ class TestsetConfig:
 
     out_dir: str = "data/testset"  # written whole (temp folder + rename): test/N.png, test_labels.txt, manifest.json
     overwrite: bool = False  # replace an existing make-testset folder
-    subset: int = 0  # source images (seeded choice); 0 -> all labelled ones
-    seed: int = 0
+    subset: int = within("[0, 1e12]", 0)  # source images (seeded choice); 0 -> all labelled ones
+    seed: int = within("[0, 4294967295]", 0)
     # the mix: fraction of each kind (they must sum to 1); stacked = attack and corruption, in either order
-    clean: float = 0.25
-    corruption: float = 0.25
-    transfer: float = 0.25
-    stacked: float = 0.25
-    surrogates: list = field(default_factory=list)  # checkpoints the transfer attacks are crafted on
+    clean: float = within("[0, 1]", 0.25)
+    corruption: float = within("[0, 1]", 0.25)
+    transfer: float = within("[0, 1]", 0.25)
+    stacked: float = within("[0, 1]", 0.25)
+    surrogates: list = list_of(str)  # checkpoints the transfer attacks are crafted on
     corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(COMMON))
-    severities: list = field(default_factory=lambda: [1, 2, 3, 4, 5])
+    severities: list = within("[1, 5]", [1, 2, 3, 4, 5])
     attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
 
 
@@ -420,8 +481,8 @@ class TestsetConfig:
 class Phase2Config:
     """The Phase-II-like score of ``evaluate eval.file=FILE``: ``draws`` white-box attacks on the file."""
 
-    draws: int = 0  # k attacks, each with settings drawn from `attack`; 0 -> off
-    seed: int = 0
+    draws: int = within("[0, 1000]", 0)  # k attacks, each with settings drawn from `attack`; 0 -> off
+    seed: int = within("[0, 4294967295]", 0)
     attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
 
 
@@ -438,20 +499,21 @@ class AblationConfig:
 
     testset: str = "data/testset"  # a make-testset folder: the Phase-I-like score
     # checkpoints per recipe (2-3 each): standard, adversarially trained, corruption-trained
-    standard: list = field(default_factory=list)
-    adversarial: list = field(default_factory=list)
-    corruption: list = field(default_factory=list)
+    standard: list = list_of(str)
+    adversarial: list = list_of(str)
+    corruption: list = list_of(str)
     # "+"-joined parts of ABLATION_PARTS on top of one standard checkpoint without GCM, TTA or pad
-    variants: list = field(
-        default_factory=lambda: [
+    variants: list = list_of(
+        str,
+        lambda: [
             "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature", "adversarial",
             "corruption", "ensemble+hflip+multiscale", "mixed+hflip+multiscale",
-        ]
+        ],
     )  # fmt: skip
-    scales: list = field(default_factory=lambda: [0.9, 1.0, 1.1])  # the multiscale part's TTA scales
-    temperature: float = 2.0  # the temperature part (on a single model it changes no prediction)
-    attack_subset: int = 100  # clean images attacked per variant (AutoAttack + BPDA/EOT); 0 -> all
-    bootstrap: int = 2000  # resamples over images of each difference's 95% interval
+    scales: list = within("(0, 8]", [0.9, 1.0, 1.1])  # the multiscale part's TTA scales
+    temperature: float = within("(0, 1e6]", 2.0)  # the temperature part (on a single model it changes no prediction)
+    attack_subset: int = within("[0, 1e12]", 100)  # clean images attacked per variant (AutoAttack + BPDA/EOT); 0 -> all
+    bootstrap: int = within("[100, 1e9]", 2000)  # resamples over images of each difference's 95% interval
     out_dir: str = ""  # "" -> runs/<name>/ablation
 
 
@@ -459,7 +521,7 @@ class AblationConfig:
 class Config:
     name: str = "cvpr22"
     out_dir: str = "runs"
-    seed: int = 42
+    seed: int = within("[0, 4294967295]", 42)
     resume: str = ""  # "" | auto | path of a checkpoint folder
     # train: replace the run already under this name (else training refuses); submit: replace a
     # submission of another model or test folder under this name (a rerun of the same replaces it)
