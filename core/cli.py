@@ -9,8 +9,8 @@ into a status folder, so the launcher can tell a clean error from a process that
 from __future__ import annotations
 
 import argparse
-import functools
 import ctypes
+import functools
 import logging
 import os
 import signal
@@ -171,7 +171,6 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_redeliver_stop, previous_hook)
-    previous = signal.signal(signal.SIGTERM, _terminate)
     if os.environ.get(STATUS_ENV):
         die_with_parent()  # under launch: a launcher killed outright takes the run with it (see there)
     code, reason = 1, "crashed"

@@ -5,10 +5,8 @@ from __future__ import annotations
 
 import json
 import os
-import shlex
-
-
 import re
+import shlex
 import signal
 import subprocess
 import sys
