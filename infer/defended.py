@@ -145,7 +145,7 @@ def build_defended_model(
         aggregate=cfg.submit.aggregate,
         temperature=cfg.submit.temperature,
     )
-    gcm = GradientConcealment(cfg.gcm.w, cfg.gcm.eps) if defense and cfg.gcm.enabled else None
+    gcm = GradientConcealment(cfg.gcm.w, cfg.gcm.eps, form=cfg.gcm.form) if defense and cfg.gcm.enabled else None
     pad = None
     if defense and cfg.random_pad.enabled:
         pad = RandomResizePad(cfg.random_pad.min_ratio, cfg.random_pad.max_ratio, seed=cfg.random_pad.seed)
@@ -161,7 +161,10 @@ def describe(model: DefendedModel) -> dict:
     """Settings recorded in the submission's meta file."""
     gcm, pad, ens = model.gcm, model.random_pad, model.model
     return {
-        "gcm": {"enabled": gcm is not None, **({"w": gcm.w, "eps": gcm.eps} if gcm is not None else {})},
+        "gcm": {
+            "enabled": gcm is not None,
+            **({"w": gcm.w, "eps": gcm.eps, "form": gcm.form} if gcm is not None else {}),
+        },
         "random_pad": {
             "enabled": pad is not None,
             **({"min_ratio": pad.min_ratio, "max_ratio": pad.max_ratio, "seed": pad.seed} if pad is not None else {}),

@@ -296,6 +296,9 @@ class GCMConfig:
     enabled: bool = True
     w: float = 1e20
     eps: float = 1e-8
+    # sin: the paper's x + eps*sin(w*x); cos: x + eps*cos(w*x), the same concealment in an op the
+    # organizers' ONNX converter has (an exported .onnx always holds the cos form)
+    form: str = one_of(("sin", "cos"), "sin")
 
 
 @dataclass
