@@ -268,6 +268,8 @@ def create_pt2_file(model: DefendedModel, size: int) -> tuple[bytes, dict]:
     return data, {"parity": {"max_abs_diff": check_round_trip(load_program(data), model, size)}}
 
 
+ORGANIZERS_SIZE = 224  # the side of the images the organizers feed a Phase II model
+
 PARITY_CHECKS = (
     ("parity", ""),
     ("onnxruntime", " in onnxruntime"),
@@ -419,6 +421,7 @@ def print_written(paths: dict[str, Path], files: dict[str, tuple[bytes, dict]], 
         print(
             f"Phase II files: N x 3 x {size} x {size} in [0, 1], {order} -> N x {cfg.data.num_classes} "
             f"log-probabilities; check them with ./run.sh check-submission FILE"
+            + (f" --image-size {size}" if size != ORGANIZERS_SIZE else "")
         )
     if "pt2" in files:
         print(f"in-process file: torch.export.load('{paths['pt2']}').module(), RGB -> probabilities")
@@ -455,6 +458,12 @@ def export_to(cfg: Config, stem: Path) -> dict:
     size = input_size_of(infos)
     if {"onnx", "zip"} & set(cfg.export.formats):
         check_phase2_model(model)
+        if size != ORGANIZERS_SIZE:
+            print(
+                f"warning: the Phase II files take 3x{size}x{size} (data.image_size); the organizers feed "
+                f"3x{ORGANIZERS_SIZE}x{ORGANIZERS_SIZE}; check them with "
+                f"./run.sh check-submission FILE --image-size {size}"
+            )
 
     report = budget_report(model, size, cfg, checkpoints)
     report["defense"] = describe(model)
