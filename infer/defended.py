@@ -163,7 +163,7 @@ def describe(model: DefendedModel) -> dict:
     return {
         "gcm": {
             "enabled": gcm is not None,
-            **({"w": gcm.w, "eps": gcm.eps, "form": gcm.form} if gcm is not None else {}),
+            **({"w": gcm.w, "eps": gcm.eps} if gcm is not None else {}),
         },
         "random_pad": {
             "enabled": pad is not None,
