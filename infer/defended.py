@@ -161,10 +161,7 @@ def describe(model: DefendedModel) -> dict:
     """Settings recorded in the submission's meta file."""
     gcm, pad, ens = model.gcm, model.random_pad, model.model
     return {
-        "gcm": {
-            "enabled": gcm is not None,
-            **({"w": gcm.w, "eps": gcm.eps} if gcm is not None else {}),
-        },
+        "gcm": {"enabled": gcm is not None, **({"w": gcm.w, "eps": gcm.eps} if gcm is not None else {})},
         "random_pad": {
             "enabled": pad is not None,
             **({"min_ratio": pad.min_ratio, "max_ratio": pad.max_ratio, "seed": pad.seed} if pad is not None else {}),
