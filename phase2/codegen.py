@@ -11,7 +11,10 @@ with the two differences from their copy that an exported ConvNeXt meets:
   LayerNorm use them): :class:`ErfOpCodeGenerator` / :class:`PowOpCodeGenerator` here write the
   same ``torch.erf(...)`` / ``torch.pow(...)`` lines theirs do;
 * their ``Clip`` writes ``torch.clamp`` (torch 1.5 has no ``torch.clip``); 0.1.5 writes
-  ``torch.clip``, which the check of the generated code against torch 1.5's names reports.
+  ``torch.clip``, which the check of the generated code against torch 1.5's names reports;
+* their generated ``Model.__init__`` empties each ``self._vars`` entry its ``forward`` never reads
+  (the weights a ``Conv``/``Gemm`` module took a copy of): without that, ptflops counts those
+  parameters twice (the demo model: 6.75M instead of 3.38M). :func:`load_generated` does the same.
 
 Neither has a ``Sin`` generator (hence GCM's ``cos`` form in an exported .onnx), and ``Pad``
 needs its pads as initializers (constant pads). onnx-pytorch 0.1.5 imports ``onnx.mapping``,
@@ -31,12 +34,17 @@ import uuid
 from pathlib import Path
 
 import onnx
+import torch
 from torch import nn
 
 PACKAGE = "onnx-pytorch==0.1.5"
 # What a tensor or node name may hold once the generator has replaced ':', '/' and '.' by '_': the
 # names are pasted into the generated Python, so anything else is refused before generating.
 SAFE_NAME = re.compile(r"^[A-Za-z0-9_]*$")
+
+
+FORWARD = "def forward(self, *inputs):"
+VAR_READ = re.compile(r'self\._vars\["([^"]+)"\]')
 
 
 class ConversionError(Exception):
@@ -131,15 +139,22 @@ def generate(proto: onnx.ModelProto, out_dir: Path) -> Path:
 
 
 def load_generated(model_py: Path) -> nn.Module:
-    """``Model()`` of the generated file (it reads ``variables/*.npy`` beside it), in eval mode."""
+    """``Model()`` of the generated file (it reads ``variables/*.npy`` beside it), in eval mode, its
+    variables that ``forward`` never reads emptied as the organizers' copy does (module docstring)."""
     name = f"phase2_generated_{uuid.uuid4().hex}"
     spec = importlib.util.spec_from_file_location(name, model_py)
     module = importlib.util.module_from_spec(spec)
     try:
         spec.loader.exec_module(module)
-        return module.Model().eval()
+        model = module.Model().eval()
     except Exception as exc:  # whatever the generated code raises on import or construction
         raise ConversionError(f"the generated model.py does not load ({type(exc).__name__}: {str(exc)[:200]})") from exc
+    source = model_py.read_text()
+    read = set(VAR_READ.findall(source[source.find(FORWARD) :])) if FORWARD in source else set()
+    for key in list(getattr(model, "_vars", {})):
+        if key not in read:
+            model._vars[key] = nn.Parameter(torch.empty(0), requires_grad=False)
+    return model
 
 
 def convert(proto: onnx.ModelProto, out_dir: Path) -> tuple[nn.Module, str]:
