@@ -101,13 +101,20 @@ def _unary_call(base: type, op: str, call: str) -> type:
 
 
 def unsafe_name(proto: onnx.ModelProto) -> str | None:
-    """A tensor or node name that would not be a plain identifier in the generated code, or None."""
+    """A tensor or node name (or a node's string attribute) that would not be a plain identifier in
+    the generated code, or None."""
     graph = proto.graph
     names = [n.name for n in graph.node] + [t for n in graph.node for t in (*n.input, *n.output)]
     names += [v.name for v in (*graph.input, *graph.output, *graph.initializer)]
     for name in names:
         if not SAFE_NAME.match(re.sub("[:/.]", "_", name)):
             return name
+    # string attributes (a Pad or Resize mode...) are pasted into the code too
+    for node in graph.node:
+        for attr in node.attribute:
+            for value in [attr.s, *attr.strings]:
+                if not SAFE_NAME.match(value.decode("utf-8", errors="replace").replace("-", "_")):
+                    return f"{node.name}.{attr.name}"
     return None
 
 

@@ -23,7 +23,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.config import load_config
 from core.errors import UserError
-from phase2 import check, export, model_zip, score
+from phase2 import check, codegen, export, model_zip, score
 from tests.conftest import ROOT, run_module
 from tests.test_phase2 import _checkpoint, _export_cfg
 
@@ -526,3 +526,22 @@ def test_an_onnx_of_a_newer_ir_or_opset_is_a_fail_line(files, tmp_path, capsys):
     status, lines = _check_here(capsys, path, f"submit.checkpoints=[{files[1]}]")
     assert status == 1
     assert "FAIL  onnx 1.11 / onnxruntime 1.10: IR version 9 > 8: onnx 1.11 (the organizers') cannot load it" in lines
+
+
+@pytest.mark.parametrize("where", ["tensor name", "string attribute"])
+def test_code_cannot_be_pasted_into_the_generated_module_through_a_name(tmp_path, where):
+    # The code generator pastes names and string attributes into Python source that the checker runs.
+    evil = 'x"]); import os; os.system("touch pwned"); (["'
+    node = helper.make_node("Relu", ["input"], ["out" if where == "string attribute" else evil], name="r")
+    if where == "string attribute":
+        node.attribute.append(helper.make_attribute("mode", evil))
+    out = node.output[0]
+    graph = helper.make_graph(
+        [node],
+        "g",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, [1, 3, 4, 4])],
+        [helper.make_tensor_value_info(out, TensorProto.FLOAT, [1, 3, 4, 4])],
+    )
+    with pytest.raises(codegen.ConversionError, match="not a plain identifier; not generated"):
+        codegen.generate(helper.make_model(graph), tmp_path / "out")
+    assert not (tmp_path / "out").exists() and not Path("pwned").exists()
