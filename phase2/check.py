@@ -38,6 +38,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -236,6 +238,22 @@ def check_zip(path: Path, cfg: Config, size: int, checks: Checks, timeout: float
 
 def check_zip_environment(path: Path, checks: Checks) -> None:
     """The zip's files read for the organizers' Python 3.6 / torch 1.5 (:mod:`phase2.legacy_env`)."""
+    try:
+        problems = zip_environment_problems(path)
+    except UserError as exc:  # a member too big or unreadable
+        problems = [str(exc)]
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as exc:
+        problems = [f"{path}: cannot read a member of the zip ({type(exc).__name__}: {exc})"]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    checks.add(
+        not problems,
+        "Python 3.6 / torch 1.5.0",
+        problems[0] + more if problems else "every .py parses as 3.6 and names torch 1.5.0 API; weights legacy format",
+    )
+
+
+def zip_environment_problems(path: Path) -> list[str]:
+    """What in the zip's ``.py``, ``.pth`` and ``.pt`` files the organizers' environment cannot load."""
     problems = []
     with model_zip.open_zip(path) as zf:
         for info in zf.infolist():
@@ -248,12 +266,7 @@ def check_zip_environment(path: Path, checks: Checks) -> None:
                 with zf.open(info) as fh:
                     problem = legacy_env.weights_problem(fh.read(4), info.filename)
                 problems += [problem] if problem else []
-    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
-    checks.add(
-        not problems,
-        "Python 3.6 / torch 1.5.0",
-        problems[0] + more if problems else "every .py parses as 3.6 and names torch 1.5.0 API; weights legacy format",
-    )
+    return problems
 
 
 def check_zip_steps(checks: Checks, done: Finished, cfg: Config, size: int, timeout: float) -> None:

@@ -52,6 +52,8 @@ def syntax_problems(source: str, name: str) -> list[str]:
         tree = ast.parse(source, filename=name, feature_version=(3, 6))
     except SyntaxError as exc:
         return [f"{name}:{exc.lineno}: {exc.msg} (Python 3.6 grammar)"]
+    except (ValueError, RecursionError, MemoryError) as exc:  # null bytes, absurd nesting
+        return [f"{name}: not parseable Python ({type(exc).__name__})"]
     lines = source.splitlines()
     problems = []
     for node in ast.walk(tree):
@@ -118,7 +120,7 @@ def torch_name_problems(source: str, name: str, known: frozenset = TORCH_150_NAM
     """Every torch name the code reaches through its imports that torch 1.5.0 did not have."""
     try:
         tree = ast.parse(source)
-    except SyntaxError:
+    except (SyntaxError, ValueError, RecursionError, MemoryError):
         return []  # syntax_problems reports it
     aliases = _torch_aliases(tree)
     problems = []
