@@ -100,7 +100,8 @@ os._exit(0)
 def test_a_model_py_that_prints_a_result_and_exits_0_fails(tmp_path, files):
     proc = run_module("phase2.check", str(_zip(tmp_path / "fake.zip", {"model.py": FAKE})), *ARGS)
     assert proc.returncode == 1, proc.stdout + proc.stderr
-    lines = _lines(proc.stdout)
+    # the static read of its code for Python 3.6 / torch 1.5 passes (it is valid code); no step of the run does
+    lines = [line for line in _lines(proc.stdout) if not line.startswith("PASS  Python 3.6 / torch 1.5.0")]
     assert lines[0].startswith("FAIL  unpack + Model().float(): the check process ended with code 0 without")
     assert not [line for line in lines if line.startswith("PASS")]
     assert "Traceback" not in proc.stderr
