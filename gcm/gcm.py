@@ -2,6 +2,9 @@
 
 The first layer of the defended model in "Gradient Concealment: Free Lunch for Defending
 Adversarial Attacks" (arXiv 2205.10617): `y = x + eps * sin(w * x)` with w=1e20, eps=1e-8.
+The `cos` form, `y = x + eps * cos(w * x)`, conceals the gradient the same way (its gradient is
+`1 - eps * w * sin(w * x)`) and is what an ONNX file holds: the organizers' ONNX -> torch
+converter (the onnx-pytorch code generator) has a `Cos` generator and no `Sin` one.
 
 In float32 the forward pass changes nothing measurable (|y - x| <= 1.5e-8, and x is returned
 unchanged for |x| >= 0.25) but the input gradient becomes `1 + eps * w * cos(w * x)`, i.e.
@@ -19,8 +22,11 @@ from torch import nn
 __all__ = ["GradientConcealment", "DefendedModel", "apply_gcm", "set_bpda", "bpda", "gcm_modules"]
 
 
+FORMS = ("sin", "cos")
+
+
 class GradientConcealment(nn.Module):
-    """`y = x + eps * sin(w * x)`, always computed and returned in float32.
+    """`y = x + eps * sin(w * x)` (or `cos`), always computed and returned in float32.
 
     Why float32 always: in float16 `w * x` overflows to inf for any non-zero pixel and
     `sin(inf)` is NaN, so every output pixel is NaN; bfloat16 keeps the range but loses the
@@ -36,6 +42,8 @@ class GradientConcealment(nn.Module):
         bpda: Use the straight-through estimator: same forward value, identity backward.
             This is what an honest adaptive attack does; flip it at run time with
             `set_bpda` / `bpda`.
+        form: "sin" (the paper's) or "cos" (the same concealment in an op the organizers'
+            ONNX converter has; forward moves a pixel by at most eps as well).
     """
 
     # What `set_bpda` / `bpda` look for: a module whose class says it is a GCM and has a `bpda`
@@ -43,8 +51,11 @@ class GradientConcealment(nn.Module):
     # converted back to torch) is not this class but carries the same marker.
     is_gcm = True
 
-    def __init__(self, w: float = 1e20, eps: float = 1e-8, bpda: bool = False):
+    def __init__(self, w: float = 1e20, eps: float = 1e-8, bpda: bool = False, form: str = "sin"):
         super().__init__()
+        if form not in FORMS:
+            raise ValueError(f"GCM form {form!r}: expected one of {FORMS}")
+        self.form = form
         self.w = float(w)
         self.eps = float(eps)
         self.bpda = bool(bpda)
@@ -59,10 +70,11 @@ class GradientConcealment(nn.Module):
             return self._conceal(x)
 
     def _conceal(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.eps * torch.sin(self.w * x)
+        wave = torch.cos if self.form == "cos" else torch.sin
+        return x + self.eps * wave(self.w * x)
 
     def extra_repr(self) -> str:
-        return f"w={self.w:g}, eps={self.eps:g}, bpda={self.bpda}"
+        return f"w={self.w:g}, eps={self.eps:g}, form={self.form}, bpda={self.bpda}"
 
 
 class DefendedModel(nn.Module):
@@ -108,18 +120,19 @@ class DefendedModel(nn.Module):
         return self.model(x)
 
 
-def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8) -> DefendedModel:
+def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8, form: str = "sin") -> DefendedModel:
     """Put a GradientConcealment layer in front of `model`.
 
     Args:
         model: Any module taking an image batch (inputs in [0, 1] in the paper).
         w: GCM frequency.
         eps: GCM amplitude.
+        form: "sin" (the paper's) or "cos".
 
     Returns:
-        `DefendedModel(model, gcm=GradientConcealment(w, eps))`.
+        `DefendedModel(model, gcm=GradientConcealment(w, eps, form=form))`.
     """
-    return DefendedModel(model, gcm=GradientConcealment(w=w, eps=eps))
+    return DefendedModel(model, gcm=GradientConcealment(w=w, eps=eps, form=form))
 
 
 def set_bpda(model: nn.Module, enabled: bool) -> int:

@@ -145,7 +145,7 @@ def build_defended_model(
         aggregate=cfg.submit.aggregate,
         temperature=cfg.submit.temperature,
     )
-    gcm = GradientConcealment(cfg.gcm.w, cfg.gcm.eps) if defense and cfg.gcm.enabled else None
+    gcm = GradientConcealment(cfg.gcm.w, cfg.gcm.eps, form=cfg.gcm.form) if defense and cfg.gcm.enabled else None
     pad = None
     if defense and cfg.random_pad.enabled:
         pad = RandomResizePad(cfg.random_pad.min_ratio, cfg.random_pad.max_ratio, seed=cfg.random_pad.seed)

@@ -16,10 +16,16 @@ failed, 2 for bad usage, refused before any check). Lines marked ``note`` inform
   ``model.json`` (read from the zip, not unpacked here), and checks that the random pad draws
   anew per call. A zip without ``model.json`` (the organizers accept ``model.py`` alone) gets the
   organizers' checks and a note.
-* An ``.onnx``: ``onnx.checker``, opset and op types within onnxruntime 1.10's range, one float32
-  N x 3 x H x W input with a dynamic batch axis (H and W equal to S, or dynamic), onnxruntime
-  parity with the in-process model, the ``onnx2pytorch`` round trip with its parity, ptflops on
-  the converted model, the output size for a zero input.
+* An ``.onnx``: ``onnx.checker``, opset and op types within onnxruntime 1.10's range, IR version
+  <= 8 (onnx 1.11), one float32 N x 3 x H x W input with a dynamic batch axis (H and W equal to
+  S, or dynamic), the organizers' conversion (the onnx-pytorch code generator,
+  :mod:`phase2.codegen`) and the torch 1.5 names of the code it writes, the converted module
+  against onnxruntime on the check images (every image the same class), onnxruntime and the
+  converted module against the in-process model, ptflops on the converted model, the output size
+  for a zero input.
+* A zip's files are also read for the organizers' environment (:mod:`phase2.legacy_env`): every
+  ``.py`` parses under Python 3.6 and names only torch 1.5.0 API, every ``.pth``/``.pt`` is in
+  the pre-1.6 format.
 * Either: where a ``<stem>.budget.json`` lies beside the file, it must record the file's sha256
   (else the file is not the one that export checked and reported).
 
@@ -32,6 +38,8 @@ from __future__ import annotations
 import argparse
 import sys
 import tempfile
+import zipfile
+import zlib
 from pathlib import Path
 from typing import Sequence
 
@@ -42,7 +50,7 @@ from core.cli import CheckerParser, quiet_libraries, run_checker, user_path
 from core.config import Config, load_config
 from core.errors import UserError, echo
 from infer.defended import build_defended_model, load_members, resolve_member_paths
-from phase2 import model_zip, onnx_file
+from phase2 import codegen, legacy_env, model_zip, onnx_file
 from phase2.complexity import PTFLOPS_KWARGS, count_ptflops
 from phase2.export import count_gmacs, recorded_file_problem
 from phase2.isolated import Finished, run_isolated
@@ -201,6 +209,7 @@ def check_zip(path: Path, cfg: Config, size: int, checks: Checks, timeout: float
     except UserError as exc:
         checks.add(False, "unpack + Model().float()", str(exc))
         return
+    check_zip_environment(path, checks)
     spec = zip_spec(path, checks)
     reference, no_reference = in_process_model(cfg) if spec is not None else (None, None)
     done = run_zip_child(path, size, timeout, parity_request(reference, spec))
@@ -225,6 +234,39 @@ def check_zip(path: Path, cfg: Config, size: int, checks: Checks, timeout: float
     if loaded and reference is not None:
         check_replayed_parity(checks, done, reference, spec, timeout)
     check_recorded(path, checks)
+
+
+def check_zip_environment(path: Path, checks: Checks) -> None:
+    """The zip's files read for the organizers' Python 3.6 / torch 1.5 (:mod:`phase2.legacy_env`)."""
+    try:
+        problems = zip_environment_problems(path)
+    except UserError as exc:  # a member too big or unreadable
+        problems = [str(exc)]
+    except (zipfile.BadZipFile, OSError, RuntimeError, NotImplementedError, EOFError, zlib.error) as exc:
+        problems = [f"{path}: cannot read a member of the zip ({type(exc).__name__}: {exc})"]
+    more = f" (and {len(problems) - 1} more)" if len(problems) > 1 else ""
+    checks.add(
+        not problems,
+        "Python 3.6 / torch 1.5.0",
+        problems[0] + more if problems else "every .py parses as 3.6 and names torch 1.5.0 API; weights legacy format",
+    )
+
+
+def zip_environment_problems(path: Path) -> list[str]:
+    """What in the zip's ``.py``, ``.pth`` and ``.pt`` files the organizers' environment cannot load."""
+    problems = []
+    with model_zip.open_zip(path) as zf:
+        for info in zf.infolist():
+            if info.filename.endswith(".py"):
+                raw = model_zip.read_member(zf, info.filename, path, model_zip.MAX_TEXT_BYTES) or b""
+                source = raw.decode("utf-8", errors="replace")
+                problems += legacy_env.syntax_problems(source, info.filename)
+                problems += legacy_env.torch_name_problems(source, info.filename)
+            elif info.filename.endswith((".pth", ".pt")):
+                with zf.open(info) as fh:
+                    problem = legacy_env.weights_problem(fh.read(4), info.filename)
+                problems += [problem] if problem else []
+    return problems
 
 
 def check_zip_steps(checks: Checks, done: Finished, cfg: Config, size: int, timeout: float) -> None:
@@ -278,38 +320,15 @@ def check_onnx_structure(proto: onnx.ModelProto, checks: Checks) -> bool:
         if ops["fits_onnxruntime_1_10"]
         else f"opset {ops['opset']}, other domains {ops['other_domains']}, undefined {ops['ops_undefined_at_opset']}",
     )
-    for name, known in (
-        ("onnx2pytorch 0.4.1", ONNX2PYTORCH_041_OPS),
-        ("the helper's onnx-pytorch", HELPER_CODEGEN_OPS),
-    ):
-        missing = sorted(set(ops["ops"]) - known)
-        if missing:
-            checks.note("2022 converters", f"{name} has no {' '.join(missing)} (the zip is the safer form)")
+    problem = legacy_env.onnx_version_problem(proto.ir_version, ops["opset"])
+    checks.add(
+        problem is None,
+        "onnx 1.11 / onnxruntime 1.10",
+        problem
+        or f"IR version {proto.ir_version} <= {legacy_env.MAX_IR_VERSION}, opset {ops['opset']} <= "
+        f"{legacy_env.MAX_OPSET}",
+    )
     return True
-
-
-# Op types the 2022 ONNX->torch converters implement (read from their sources): onnx2pytorch
-# 0.4.1 (Nov 2021, the last release before the challenge, of the repository the organizers name) and
-# the onnx-pytorch 0.1.4 code generator their helper repository ships (onnx/onnx_pytorch/op_code_generators).
-# Neither has Sin (onnx2pytorch added it in 2026); their README says their converter was modified.
-ONNX2PYTORCH_041_OPS = frozenset(
-    "Add And AveragePool BatchNormalization Cast Ceil Clip Concat Constant ConstantOfShape Conv "
-    "ConvTranspose Div Elu Equal Erf Exp Expand Flatten Floor Gather GatherND Gemm GlobalAveragePool "
-    "Greater Identity InstanceNormalization LSTM LeakyRelu Less Log Loop MatMul Max MaxPool Min Mul "
-    "NonMaxSuppression Not OneHot Or PRelu Pad Pow Range Reciprocal ReduceMax ReduceMean ReduceMin "
-    "ReduceProd ReduceSum Relu Reshape Resize Scatter ScatterElements ScatterND Shape Sigmoid Slice "
-    "Softmax Softplus Softsign Split Sqrt Squeeze Sub Tanh ThresholdedRelu Tile TopK Transpose Unsqueeze "
-    "Upsample Where".split()
-)
-HELPER_CODEGEN_OPS = frozenset(
-    "Abs Acos Acosh Add And ArgMax ArgMin Asin Asinh Atan Atanh AveragePool BatchNormalization BitShift "
-    "Cast Ceil Clip Concat Constant ConstantOfShape Conv ConvTranspose Cos Cosh Div Dropout Elu Equal Erf "
-    "Exp Expand Flatten Floor Gather GatherND Gemm GlobalAveragePool Greater Identity "
-    "InstanceNormalization LRN LeakyRelu Less Log MatMul Max MaxPool Mul NonMaxSuppression NonZero Not "
-    "PRelu Pad Pow Reciprocal ReduceMean ReduceMin ReduceProd ReduceSum Relu Reshape Resize RoiAlign "
-    "Round Scatter ScatterElements Shape Sigmoid Slice Softmax Split Sqrt Squeeze Sub Tanh TopK Transpose "
-    "Unsqueeze Upsample Where".split()
-)
 
 
 def check_onnx_input(proto: onnx.ModelProto, size: int, checks: Checks) -> bool:
@@ -327,10 +346,11 @@ def check_onnx_input(proto: onnx.ModelProto, size: int, checks: Checks) -> bool:
         return False
     if all(isinstance(d, str) for d in (height, width)) and channels == 3:
         return checks.add(True, "input size", f"3 x '{height}' x '{width}' (dynamic); checked at 3x{size}x{size}")
+    fix = f" (check it with --image-size {height})" if channels == 3 and height == width != size else ""
     return checks.add(
         [channels, height, width] == [3, size, size],
         "input size",
-        f"the file takes {channels}x{height}x{width}; checked at 3x{size}x{size}",
+        f"the file takes {channels}x{height}x{width}; checked at 3x{size}x{size}{fix}",
     )
 
 
@@ -357,18 +377,47 @@ def check_onnx_model(proto: onnx.ModelProto, cfg: Config, size: int, checks: Che
     ok = checks.add(
         zeros.numel() == cfg.data.num_classes, "output (onnxruntime)", f"{zeros.numel()} values for a zero input"
     )
+    with tempfile.TemporaryDirectory(prefix="phase2_codegen_") as out_dir:
+        converted = check_conversion(proto, Path(out_dir), cfg, size, checks)
+        if converted is not None:
+            check_converted_model(proto, converted, session, ok, order, cfg, size, checks)
+
+
+def check_conversion(proto: onnx.ModelProto, out_dir: Path, cfg: Config, size: int, checks: Checks):
+    """The organizers' conversion (:mod:`phase2.codegen`): the generated module and its code's torch
+    names, or None after a FAIL line."""
     try:
-        converted = onnx_file.convert_to_torch(proto)
+        converted, source = codegen.convert(proto, out_dir)
         with torch.no_grad():
             n = converted(torch.zeros(1, 3, size, size)).numel()
-    except Exception as exc:  # the conversion or the converted graph's first run, whatever it raises
-        checks.add(False, "onnx2pytorch", f"{type(exc).__name__}: {str(exc)[:200]}")
-        return
-    checks.add(n == cfg.data.num_classes, "onnx2pytorch", f"converted; {n} values for a zero input")
+    except Exception as exc:  # the generator, or the generated module's first run, whatever it raises
+        checks.add(False, "organizers' converter (onnx-pytorch code_gen)", f"{exc}"[:300])
+        return None
+    checks.add(
+        n == cfg.data.num_classes,
+        "organizers' converter (onnx-pytorch code_gen)",
+        f"converted; {n} values for a zero input",
+    )
+    problems = legacy_env.torch_name_problems(source, "generated model.py")
+    checks.add(
+        not problems, "generated code on torch 1.5", problems[0] if problems else "every torch name exists in 1.5.0"
+    )
+    return converted
+
+
+def check_converted_model(proto, converted, session, ok: bool, order: str, cfg: Config, size: int, checks: Checks):
+    """ptflops on the converted module, and its predictions against onnxruntime and the in-process model."""
     macs, params = count_ptflops(converted, (3, size, size))
     check_budget(checks, macs, params, cfg, size)
     checks.note("our counter", f"{count_gmacs(converted, size):.4g} GMACs (FlopCounterMode) on the converted model")
+    with torch.no_grad():
+        x = check_images(size)
+        by_ort, by_gen = onnx_file.run_session(session, x).argmax(1), converted(x).argmax(1)
+    same = int((by_ort == by_gen).sum())
+    checks.add(same == len(x), "converted vs onnxruntime", f"{same} of {len(x)} check images predicted the same class")
     reference, no_reference = in_process_model(cfg)
+    if reference is not None and onnx_file.read_metadata(proto).get("gcm_form") == "cos":
+        reference = onnx_file.onnx_defended_model(reference)  # what export put in the file
     if no_reference:
         checks.add(False, "parity with the in-process model", no_reference)
     if reference is None or not ok or order not in ("rgb", "bgr"):
@@ -377,7 +426,7 @@ def check_onnx_model(proto: onnx.ModelProto, cfg: Config, size: int, checks: Che
     boxes = box_outputs(reference, size) if reference.randomized else None
     ort_output = as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order)
     check_parity(checks, "onnxruntime", ort_output, reference, spec, boxes)
-    check_parity(checks, "onnx2pytorch", as_rgb_probabilities(converted, order), reference, spec, boxes)
+    check_parity(checks, "code_gen", as_rgb_probabilities(converted, order), reference, spec, boxes)
 
 
 # --- the command ------------------------------------------------------------------------------

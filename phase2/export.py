@@ -8,13 +8,15 @@ without its suffix, default ``runs/<name>/<name>``):
   (:mod:`phase2.onnx_file`), or a zip with ``model.py`` at its top level that loads its own
   weights in plain torch (:mod:`phase2.model_zip`). Both hold one model without TTA (the final
   round forbade ensembles), fed N x 3 x size x size in [0, 1] in ``export.channel_order`` (the
-  organizers feed BGR), with GCM (float32) and, if enabled, the random resize-pad inside, and
+  organizers feed BGR), with GCM (float32) and, if enabled, the random resize-pad inside (the
+  .onnx: GCM's ``cos`` form and no random pad, so the organizers' converter reads it), and
   return N x num_classes log-probabilities (why: README, "Phase II").
 * ``<stem>.pt2``: the whole in-process model ``submit`` uses (GCM, TTA, ensemble) as a
   ``torch.export`` program taking RGB and returning probabilities; not a Phase II interface.
 
 Nothing is written unless every file reproduces the in-process model: the zip's ``Model()``
-loaded from its bytes, the ONNX file in onnxruntime and converted back by ``onnx2pytorch``
+loaded from its bytes, the ONNX file in onnxruntime and converted back by the organizers'
+converter (the onnx-pytorch code generator, :mod:`phase2.codegen`)
 (probabilities within ``ROUND_TRIP_ATOL``; with the random pad draw for draw where the draws can
 be replayed, else each output matches one box the layer can draw), and the pt2 program.
 
@@ -30,6 +32,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import tempfile
 from pathlib import Path
 from typing import Sequence
 
@@ -47,12 +50,11 @@ from core.model import count_params
 from core.outputs import check_outputs, hold_output, record_owner
 from gcm import DefendedModel
 from infer.defended import View, build_defended_model, describe, input_size_of, load_members, resolve_member_paths
-from phase2 import model_zip, onnx_file
+from phase2 import codegen, model_zip, onnx_file
 from phase2.complexity import count_ptflops
 from phase2.parity import (
     ROUND_TRIP_ATOL,
     as_rgb_probabilities,
-    box_outputs,
     check_round_trip,
     file_parity,
     placed,
@@ -190,44 +192,54 @@ def check_phase2_model(model: DefendedModel) -> None:
 def create_onnx_file(
     model: DefendedModel, info: dict, cfg: Config, size: int, device: torch.device | None = None
 ) -> tuple[bytes, dict]:
-    """The ONNX file and its report (ops, onnxruntime and onnx2pytorch parity, ptflops of the conversion).
+    """The ONNX file and its report (ops, onnxruntime parity, the organizers' conversion and its
+    parity, ptflops of the converted module).
 
-    The file is written from the model on the CPU; the parity checks run on ``device`` (the GPU,
-    with onnxruntime's CUDA provider where this onnxruntime has it)."""
+    The file holds GCM's ``cos`` form and no random pad (:func:`phase2.onnx_file.onnx_defended_model`);
+    its parity is checked against that model. The file is written from the model on the CPU; the
+    parity checks run on ``device`` (the GPU, with onnxruntime's CUDA provider where it has it)."""
     device = torch.device("cpu") if device is None else device
     order = cfg.export.channel_order
+    if model.randomized:
+        print(
+            "note: the .onnx leaves out the random resize-pad (the organizers' converter needs "
+            "constant pads); the .zip keeps it"
+        )
+    model = onnx_file.onnx_defended_model(model)
     metadata = {
         "channel_order": order,
         "image_size": size,
         "num_classes": cfg.data.num_classes,
         "output": "log_probabilities",
         "gcm": cfg.gcm.enabled,
-        "random_pad": model.randomized,
+        "gcm_form": "cos",
+        "random_pad": False,
         "checkpoint_sha256": info.get("sha256", ""),
     }
     proto = onnx_file.export_onnx(onnx_file.create_file_model(model, order), size, metadata)
     onnx.checker.check_model(proto)
     data = proto.SerializeToString()
     session = onnx_file.create_session(data, gpu=device.type == "cuda")
-    converted = onnx_file.convert_to_torch(proto)
-    try:
-        with torch.no_grad():
-            converted(torch.zeros(1, 3, size, size))
-    except Exception as exc:  # a converted graph can fail with any error at its first run
-        raise UserError(
-            f"export: the file converted by onnx2pytorch does not run ({type(exc).__name__}: {exc})"
-        ) from exc
-    macs, params = count_ptflops(converted, (3, size, size))
-    with placed(device, model, converted):
-        reference = box_outputs(model, size) if model.randomized else None
-        report = {
-            **onnx_file.op_report(proto),
-            "onnxruntime": file_parity(
-                as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order), model, size, reference
-            ),
-            "onnx2pytorch": file_parity(as_rgb_probabilities(converted, order), model, size, reference),
-            "ptflops": {"input": [3, size, size], "macs": macs, "params": params},
-        }
+    with tempfile.TemporaryDirectory(prefix="phase2_codegen_") as out_dir:
+        try:
+            converted, _ = codegen.convert(proto, Path(out_dir))
+            with torch.no_grad():
+                converted(torch.zeros(1, 3, size, size))
+        except Exception as exc:  # the generator or the generated module's first run, whatever it raises
+            raise UserError(
+                f"export: the organizers' converter (onnx-pytorch code_gen) fails on the .onnx ({exc})"
+            ) from exc
+        macs, params = count_ptflops(converted, (3, size, size))
+        with placed(device, model, converted):
+            report = {
+                **onnx_file.op_report(proto),
+                "ir_version": proto.ir_version,
+                "onnxruntime": file_parity(
+                    as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order), model, size
+                ),
+                "code_gen": file_parity(as_rgb_probabilities(converted, order), model, size),
+                "ptflops": {"input": [3, size, size], "macs": macs, "params": params},
+            }
     report["onnxruntime"]["provider"] = session.get_providers()[0]
     return data, report
 
@@ -256,7 +268,13 @@ def create_pt2_file(model: DefendedModel, size: int) -> tuple[bytes, dict]:
     return data, {"parity": {"max_abs_diff": check_round_trip(load_program(data), model, size)}}
 
 
-PARITY_CHECKS = (("parity", ""), ("onnxruntime", " in onnxruntime"), ("onnx2pytorch", " converted by onnx2pytorch"))
+ORGANIZERS_SIZE = 224  # the side of the images the organizers feed a Phase II model
+
+PARITY_CHECKS = (
+    ("parity", ""),
+    ("onnxruntime", " in onnxruntime"),
+    ("code_gen", " converted by the organizers' onnx-pytorch code_gen"),
+)
 
 
 def parity_problems(files: dict[str, tuple[bytes, dict]]) -> list[str]:
@@ -403,6 +421,7 @@ def print_written(paths: dict[str, Path], files: dict[str, tuple[bytes, dict]], 
         print(
             f"Phase II files: N x 3 x {size} x {size} in [0, 1], {order} -> N x {cfg.data.num_classes} "
             f"log-probabilities; check them with ./run.sh check-submission FILE"
+            + (f" --image-size {size}" if size != ORGANIZERS_SIZE else "")
         )
     if "pt2" in files:
         print(f"in-process file: torch.export.load('{paths['pt2']}').module(), RGB -> probabilities")
@@ -439,6 +458,12 @@ def export_to(cfg: Config, stem: Path) -> dict:
     size = input_size_of(infos)
     if {"onnx", "zip"} & set(cfg.export.formats):
         check_phase2_model(model)
+        if size != ORGANIZERS_SIZE:
+            print(
+                f"warning: the Phase II files take 3x{size}x{size} (data.image_size); the organizers feed "
+                f"3x{ORGANIZERS_SIZE}x{ORGANIZERS_SIZE}; check them with "
+                f"./run.sh check-submission FILE --image-size {size}"
+            )
 
     report = budget_report(model, size, cfg, checkpoints)
     report["defense"] = describe(model)

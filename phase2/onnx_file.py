@@ -5,7 +5,10 @@ onnxruntime 1.10, which implements opsets up to 15, so the dynamo exporter's ops
 (``LayerNormalization``) would not load there; 13 is the lowest at which the random pad's
 integer ``Clip`` is defined (opset 11 has no int64 ``Clip``, and onnxruntime refuses that
 graph). LayerNorm is written out (ReduceMean, Sub, Pow, Sqrt, Div), ConvNeXt's channels-last
-permutes are Transposes, GCM is ``Sin``; the batch axis is dynamic.
+permutes are Transposes, GCM is its ``cos`` form (``Cos``: the organizers' converter, the
+onnx-pytorch code generator, has no ``Sin``; :mod:`phase2.codegen`), and the random resize-pad is
+left out (its pads depend on a random draw and that converter's ``Pad`` needs constant pads; the
+zip keeps it); the batch axis is dynamic.
 
 Why the exported graph is rewritten once: the legacy exporter merges initializers of equal
 value (a freshly initialised ConvNeXt has every conv bias zero) and feeds the merged ones
@@ -29,26 +32,62 @@ import torch
 from torch import nn
 
 from core.errors import UserError, echo
-from gcm import DefendedModel
+from gcm import DefendedModel, GradientConcealment
+from infer.defended import resize_to
 
 OPSET = 13
 ORT_110_MAX_OPSET = 15  # onnxruntime 1.10, the organizers' version, implements opsets up to 15
 EXAMPLE_BATCH = 2
+PROBABILITY_FLOOR = 1e-12  # the ensemble's clamp_min before its log
 
 # onnx2pytorch 0.6.0 indexes with lists, which torch 2.14 warns about on every forward of a converted file.
 warnings.filterwarnings("ignore", message=".*non-tuple sequence for multidimensional indexing.*")
 
 
 class ChannelFlip(nn.Module):
-    """BGR <-> RGB in front of the model (the organizers feed BGR, the model was trained on RGB)."""
+    """BGR <-> RGB in front of the model (the organizers feed BGR, the model was trained on RGB).
+
+    A Gather of channels 2, 1, 0, not ``flip`` (a Slice of step -1, which the organizers' converter
+    writes as ``x[:, ::-1]``: torch refuses negative steps)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.flip(1)
+        return x.index_select(1, torch.tensor([2, 1, 0], device=x.device))
 
 
 def create_file_model(model: DefendedModel, channel_order: str) -> nn.Module:
     """The model a Phase II file holds: ``model`` (GCM, random pad, one member) fed in ``channel_order``."""
     return nn.Sequential(ChannelFlip(), model) if channel_order == "bgr" else model
+
+
+class SingleModelOutput(nn.Module):
+    """One member without TTA: ``log(softmax(member(resize(x)) / temperature) + 1e-12)``.
+
+    What the ensemble computes for one member and one view (its ``clamp_min(1e-12).log()``, within
+    1e-12 in probability), written in ops the organizers' converter has: without the ensemble's
+    ``view(views, N, -1)`` (a Reshape whose shape depends on the batch size: the converter runs
+    onnxruntime's symbolic shape inference, which fails on it, and then stops with a KeyError on
+    the tensor it could not type), and without ``LogSoftmax`` or ``Clip`` (it has no LogSoftmax,
+    and the PyPI release writes Clip as ``torch.clip``, which torch 1.5 lacks).
+    """
+
+    def __init__(self, ensemble: nn.Module) -> None:
+        super().__init__()
+        self.member = ensemble.members[0]
+        self.image_size = ensemble.image_sizes[0]
+        self.temperature = ensemble.temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        logits = self.member(resize_to(x, self.image_size)).float() / self.temperature
+        return (logits.softmax(-1) + PROBABILITY_FLOOR).log()
+
+
+def onnx_defended_model(model: DefendedModel) -> DefendedModel:
+    """``model`` as an .onnx holds it: GCM in its ``cos`` form, no random resize-pad, the one member's
+    log-probabilities (:class:`SingleModelOutput`; the module docstring says why)."""
+    gcm = model.gcm
+    if gcm is not None:
+        gcm = GradientConcealment(gcm.w, gcm.eps, form="cos")
+    return DefendedModel(SingleModelOutput(model.model), gcm=gcm, random_pad=None).eval()
 
 
 def split_shared_initializers(model: onnx.ModelProto) -> int:
@@ -201,27 +240,31 @@ def run_session(session, x: torch.Tensor) -> torch.Tensor:
     return torch.from_numpy(session.run(None, {name: x.detach().cpu().float().numpy()})[0])
 
 
-class BypassableSin(nn.Module):
-    """The GCM sine of a converted ONNX graph, with the BPDA switch ``evaluate`` looks for.
+class BypassableWave(nn.Module):
+    """The GCM sine or cosine of a converted ONNX graph, with the BPDA switch ``evaluate`` looks for.
 
-    In the graph GCM is ``x + eps * Sin(w * x)``; detaching the sine keeps every forward value
-    and leaves the identity path as the gradient: BPDA straight through GCM.
+    In the graph GCM is ``x + eps * Cos(w * x)`` (``Sin`` in files of older exports); detaching
+    the wave keeps every forward value and leaves the identity path as the gradient: BPDA
+    straight through GCM.
     """
 
     is_gcm = True
 
-    def __init__(self) -> None:
+    def __init__(self, form: str) -> None:
         super().__init__()
+        self.form = form
         self.bpda = False
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = torch.sin(x)
+        y = torch.cos(x) if self.form == "cos" else torch.sin(x)
         return y.detach() if self.bpda else y
 
 
 def convert_to_torch(proto: onnx.ModelProto) -> nn.Module:
-    """The file converted back to PyTorch by ``onnx2pytorch`` (as the organizers convert ONNX
-    submissions), with its ``Sin`` nodes made bypassable (:class:`BypassableSin`)."""
+    """The file converted to PyTorch by ``onnx2pytorch``, with its ``Sin``/``Cos`` nodes made
+    bypassable (:class:`BypassableWave`): what ``evaluate`` attacks. Not the organizers'
+    converter (that is :mod:`phase2.codegen`); what it adds is one module per ONNX node, so GCM's
+    wave can carry the BPDA switch an adaptive attack needs."""
     from onnx2pytorch import ConvertModel
 
     copy = onnx.ModelProto()
@@ -233,6 +276,6 @@ def convert_to_torch(proto: onnx.ModelProto) -> nn.Module:
     except Exception as exc:  # onnx2pytorch raises anything on an op it cannot map
         raise UserError(f"onnx2pytorch cannot convert the file ({type(exc).__name__}: {str(exc)[:200]})") from exc
     for name, module in list(model.named_children()):
-        if getattr(module, "op_name", None) == "sin":
-            setattr(model, name, BypassableSin())
+        if getattr(module, "op_name", None) in ("sin", "cos"):
+            setattr(model, name, BypassableWave(module.op_name))
     return model

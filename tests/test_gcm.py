@@ -346,3 +346,33 @@ def test_defended_model_owns_its_randomness(model, images):
     assert all(torch.equal(a, b) for a, b in zip(first, again))
     assert defended.random_pad.seed == 7  # the configured seed stays what the config said
     assert not DefendedModel(model, random_pad=RandomResizePad(enabled=False)).randomized
+
+
+# --- the cos form (what an exported .onnx holds: the organizers' converter has no Sin) ---
+
+
+def test_cos_form_moves_no_pixel_more_than_eps_and_conceals_the_gradient(model, images):
+    gcm = GradientConcealment(form="cos")
+    assert (gcm(images) - images).abs().max() <= 1.5e-8
+    x = images.clone().requires_grad_(True)
+    gcm(x).sum().backward()
+    # d/dx = 1 - 1e12 * sin(1e20 x): magnitude ~1e12, sign pseudo-random, like the sin form.
+    assert x.grad.abs().median() > 1e10 and 0.4 < (x.grad > 0).float().mean() < 0.6
+    plain = input_grad(model, images)
+    concealed = input_grad(apply_gcm(model, form="cos"), images)
+    agree = (torch.sign(plain) == torch.sign(concealed))[plain != 0].float().mean().item()
+    assert 0.4 < agree < 0.6, agree
+    assert torch.equal(apply_gcm(model, form="cos")(images).argmax(1), model(images).argmax(1))
+
+
+def test_cos_form_bpda_recovers_the_plain_gradient(model, images):
+    defended = apply_gcm(model, form="cos")
+    with bpda(defended) as found:
+        grad = input_grad(defended, images)
+    assert found == 1
+    torch.testing.assert_close(grad, input_grad(model, images), rtol=1e-4, atol=1e-6)
+
+
+def test_an_unknown_form_is_refused():
+    with pytest.raises(ValueError, match="GCM form 'tan'"):
+        GradientConcealment(form="tan")

@@ -147,7 +147,7 @@ def test_the_readmes_real_data_commands_run_as_written(challenge_data, tmp_path)
         )
         assert proc.returncode == 0, f"{command}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
     # the files each phase uploads
-    predictions = json.loads((repo / "submissions/cvpr22_phase1.json").read_text())
+    predictions = json.loads((repo / "submissions/t1_p1_result.json").read_text())
     assert [p["image_id"] for p in predictions] == list(range(20)) and {"category_id"} < set(predictions[0])
     assert (repo / "runs/cvpr22_phase2/cvpr22_phase2.zip").is_file()
 

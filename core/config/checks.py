@@ -52,6 +52,34 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     _check_phase2(cfg.phase2, cfg.data.image_size)
     _check_ablation(cfg.ablation)
     _check_ranges(cfg)
+    _check_rules(cfg)
+
+
+# Where each rule of the CVPR 2022 challenge is written (README, "The challenge's rules").
+ONE_MODEL_SOURCE = "the Track I 1st-place team's write-up: no model fusion"
+NO_PRETRAINED_SOURCE = (
+    "the 2nd- and 5th-place teams' READMEs: github.com/ForeverPs/Robust-Classification, "
+    "github.com/WindVChen/Solution-For-AISafety-CVPR2022"
+)
+
+
+def _check_rules(cfg: Config) -> None:
+    """The challenge's rules a phase config turns on (``rules.*``), unless ``rules.strict=false``."""
+    r = cfg.rules
+    if not r.strict:
+        return
+    override = "rules.strict=false overrides it after checking the current rules"
+    if r.one_model and len(cfg.submit.checkpoints) > 1:
+        raise ConfigError(
+            f"rules.one_model: submit.checkpoints lists {len(cfg.submit.checkpoints)} models; the CVPR 2022 "
+            f"challenge allowed one ({ONE_MODEL_SOURCE}); {override}"
+        )
+    if r.no_pretrained and (cfg.model.pretrained or cfg.model.pretrained_file):
+        key = "model.pretrained=true" if cfg.model.pretrained else "model.pretrained_file"
+        raise ConfigError(
+            f"rules.no_pretrained: {key} loads pretrained weights; the CVPR 2022 challenge forbade them "
+            f"({NO_PRETRAINED_SOURCE}); {override}"
+        )
 
 
 # `name` and `submit.file_name` become file and folder names with up to 24 more characters (temporary,

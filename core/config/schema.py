@@ -359,6 +359,9 @@ class GCMConfig:
     enabled: bool = True
     w: float = within("[0, 1e300]", 1e20)
     eps: float = within("[0, 1]", 1e-8)
+    # sin: the paper's x + eps*sin(w*x); cos: x + eps*cos(w*x), the same concealment in an op the
+    # organizers' ONNX converter has (an exported .onnx always holds the cos form)
+    form: str = one_of(("sin", "cos"), "sin")
 
 
 @dataclass
@@ -518,6 +521,15 @@ class AblationConfig:
 
 
 @dataclass
+class RulesConfig:
+    # The CVPR 2022 challenge's rules a phase config turns on (README, "The challenge's rules"
+    # cites each source); strict=false lets a team override them after checking the current rules.
+    strict: bool = True
+    one_model: bool = False  # no model fusion: submit.checkpoints lists at most one model
+    no_pretrained: bool = False  # no pretrained weights: model.pretrained and model.pretrained_file refused
+
+
+@dataclass
 class Config:
     name: str = "cvpr22"
     out_dir: str = "runs"
@@ -541,6 +553,7 @@ class Config:
     testset: TestsetConfig = field(default_factory=TestsetConfig)
     phase2: Phase2Config = field(default_factory=Phase2Config)
     ablation: AblationConfig = field(default_factory=AblationConfig)
+    rules: RulesConfig = field(default_factory=RulesConfig)
 
     @property
     def run_dir(self) -> Path:
