@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -18,7 +20,7 @@ from bench.main import main as bench_main
 from bench.measure import Row, measure_interleaved, median_ratio
 from bench.report import MARK_BEGIN, MARK_END, write_markdown
 from core.errors import UserError
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 # --------------------------------------------------------------------------- the bench command
 
@@ -131,10 +133,6 @@ def test_commands_rows_refuse_different_predictions_and_a_baseline_without_run_s
 @pytest.mark.slow
 def test_the_gpu_check_script_stops_cleanly_without_a_gpu(tmp_path):
     # bench/gpu_check.sh runs on a lent GPU machine; here it must say why it stops, in its output folder
-    import subprocess
-
-    from tests.conftest import ROOT
-
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh")],
         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "CUDA_VISIBLE_DEVICES": ""},
@@ -154,3 +152,21 @@ def test_the_gpu_section_says_it_was_not_measured_without_a_gpu():
     ctx = BenchContext(BenchSettings(), None, [], None, None)
     bench_gpu(ctx)
     assert [(r.section, r.formatted_value(), r.detail) for r in ctx.rows] == [("gpu", "n/a", NOT_MEASURED)]
+
+
+# Packages the lent GPU machine's image lacks that bench/gpu_wheels.sh does not carry (DESIGN.md,
+# "GPU facts"): a test module that imports one at its top stops `pytest -m gpu` at collection there.
+ABSENT_ON_THE_GPU_MACHINE = ("wandb",)
+
+
+def test_every_test_module_collects_without_the_packages_the_gpu_machine_lacks():
+    blocked = ", ".join(repr(name) for name in ABSENT_ON_THE_GPU_MACHINE)
+    script = (
+        "import sys, pytest\n"
+        f"for name in ({blocked},):\n"
+        "    sys.modules[name] = None  # import fails as if absent; find_spec returns None\n"
+        "sys.exit(pytest.main(['tests', '-m', 'gpu', '--collect-only', '-q', '-p', 'no:cacheprovider']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "tests/test_gpu.py" in proc.stdout
