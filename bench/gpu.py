@@ -438,9 +438,11 @@ def start_part(plan: GpuPlan, name: str, timeout: float) -> str:
     try:
         code = proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # the part and its loader workers
-        proc.wait()
         return f"timed out after {timeout:.0f} s (its time box; the rows above it were kept)"
+    finally:  # also when this process is stopped (SIGTERM from an outer timeout): no orphaned part
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the part and its loader workers
+            proc.wait()
     seconds = time.perf_counter() - start
     print(f"[gpu {name}] {'done' if code == 0 else f'FAILED (exit {code})'} in {seconds:.0f} s", flush=True)
     return "" if code == 0 else f"its process exited with {code} after {seconds:.0f} s (its log says why)"
@@ -516,6 +518,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         write=args.write,
         command="python -m bench.gpu " + " ".join(argv if argv is not None else sys.argv[1:]),
     )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # run start_part's clean-up on `timeout`
     print(f"machine: {format_machine(describe_machine())}", flush=True)
     rows = run_parts(plan, list(dict.fromkeys(parts)), parse_timeouts(args.timeout, args.timeout_scale))
     print()
