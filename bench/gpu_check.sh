@@ -62,11 +62,14 @@ fi
 # What is imported once the wheels are on the path (the carried timm, not the image's).
 "$PY" - <<'EOF' 2>&1 | tee -a "$OUT/machine.txt"
 import importlib
-for name in ("torch", "torchvision", "timm", "accelerate", "albumentations", "pydantic", "typing_extensions",
-             "onnx", "onnxruntime", "numpy", "autoattack", "ptflops", "onnx2pytorch", "imagecorruptions", "wandb"):
+import importlib.metadata as md
+DISTS = {"typing_extensions": "typing_extensions", "ptflops": "ptflops", "imagecorruptions": "imagecorruptions-imaug"}
+for name in ("torch", "torchvision", "timm", "accelerate", "albumentations", "pydantic", "typing_extensions", "onnx",
+             "onnxruntime", "numpy", "pyautoattack", "ptflops", "onnx2pytorch", "imagecorruptions", "wandb"):
     try:
         module = importlib.import_module(name)
-        print(f"{name} {getattr(module, '__version__', '?')} from {module.__file__}")
+        version = getattr(module, "__version__", None) or md.version(DISTS.get(name, name))
+        print(f"{name} {version} from {module.__file__}")
     except Exception as exc:  # noqa: BLE001 - one line per package, whatever stops it
         print(f"{name}: not importable ({type(exc).__name__}: {exc})")
 EOF
