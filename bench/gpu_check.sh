@@ -76,13 +76,21 @@ EOF
 echo "set-up: $(($(date +%s) - started)) s" | tee -a "$OUT/machine.txt"
 
 status=0
+cpu_seconds() {  # CPU seconds (user + sys) of this script's finished child processes so far, into $CPU
+  times >"$WORK/times"  # in this shell: a subshell's `times` starts from zero
+  CPU=$(awk 'END {gsub(/s/, ""); split($1, u, "m"); split($2, k, "m"); printf "%.0f", u[1] * 60 + u[2] + k[1] * 60 + k[2]}' \
+    "$WORK/times")
+}
 step() {  # step NAME SECONDS LOG COMMAND...: one time-boxed part; its failure marks the check failed
-  local name=$1 seconds=$2 log=$3 t0
+  local name=$1 seconds=$2 log=$3 t0 c0
   shift 3
-  t0=$(date +%s)
+  cpu_seconds
+  t0=$(date +%s) c0=$CPU
   timeout -k 10 "$seconds" "$@" 2>&1 | tee "$OUT/$log"
   local code=${PIPESTATUS[0]}
-  echo "[$name] exit $code in $(($(date +%s) - t0)) s (time box $seconds s)" | tee -a "$OUT/$log"
+  cpu_seconds
+  echo "[$name] exit $code in $(($(date +%s) - t0)) s wall, $((CPU - c0)) s CPU (time box $seconds s)" \
+    | tee -a "$OUT/$log"
   [ "$code" = 0 ] || status=1
 }
 step tests $((T_TESTS * SCALE)) gpu_tests.log \
@@ -92,7 +100,8 @@ step bench $((T_BENCH * SCALE + 30)) bench_gpu.log \
   --write "$OUT/bench_gpu.md" --rows "$OUT/bench_gpu_rows.jsonl" $([ "${GPU_CHECK_COMPILE:-0}" = 1 ] && echo --compile)
 step loader $((T_LOADER * SCALE)) bench_loader.log \
   "$PY" -m bench --only loader $SIZES --repeats 1 --workdir "$WORK/loader" --write "$OUT/bench_loader.md"
+cpu_seconds
 rm -rf "$WORK"
 echo "gpu check$([ "$REHEARSE" = 1 ] && echo " REHEARSAL"): $([ $status = 0 ] && echo passed || echo FAILED)" \
-  "in $(($(date +%s) - started)) s, logs in $OUT"
+  "in $(($(date +%s) - started)) s wall, $CPU s CPU after set-up; logs in $OUT"
 exit $status
