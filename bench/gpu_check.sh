@@ -103,5 +103,5 @@ step loader $((T_LOADER * SCALE)) bench_loader.log \
 cpu_seconds
 rm -rf "$WORK"
 echo "gpu check$([ "$REHEARSE" = 1 ] && echo " REHEARSAL"): $([ $status = 0 ] && echo passed || echo FAILED)" \
-  "in $(($(date +%s) - started)) s wall, $CPU s CPU after set-up; logs in $OUT"
+  "in $(($(date +%s) - started)) s wall, $CPU s CPU; logs in $OUT"
 exit $status
