@@ -64,7 +64,7 @@ PARTS = ("modes", "precision", "layout", "compile", "submit")
 DEFAULT_PARTS = ("modes", "precision", "layout", "submit")  # compile: opt-in (--compile)
 # Seconds each part may take on one H100 before it is stopped (bench/gpu_check.sh's budget, where
 # the arithmetic is written out); --timeout NAME=S changes one.
-TIMEOUTS = {"modes": 90, "precision": 30, "layout": 30, "compile": 150, "submit": 45}
+TIMEOUTS = {"modes": 85, "precision": 30, "layout": 30, "compile": 150, "submit": 40}
 PHASE_CONFIG = "configs/cvpr22_phase2.yaml"
 NOT_MEASURED = "not yet measured on a GPU: no CUDA device here (bench/gpu_check.sh runs this section on one)"
 CPU_TAG = " (CPU rehearsal: not a GPU figure)"
@@ -121,7 +121,7 @@ def create_gpu_data(plan: GpuPlan, min_train_images: int) -> list[str]:
     s = plan.sizes()
     work = Path(plan.workdir)
     base = work / "gpu_data"
-    generate_demo_data(base, num_classes=s["classes"], train_per_class=6, test_per_class=5, image_size=s["data_size"])
+    generate_demo_data(base, num_classes=s["classes"], train_per_class=3, test_per_class=2, image_size=s["data_size"])
     train = link_repeated(base / "train", work / f"gpu_train_{min_train_images}", min_train_images, base / "label.txt")
     test = link_repeated(base / "test", work / f"gpu_test_{s['test_images']}", s["test_images"])
     return [
@@ -398,13 +398,17 @@ RUNNERS = {
 }
 
 
-def run_part(plan: GpuPlan, name: str) -> None:
-    """One part, in this process: its data, then its rows, each recorded as soon as measured."""
-    started = time.perf_counter()
+def prepare_data(plan: GpuPlan) -> list[str]:
+    """The parts' data (made once; each part finds it made) and the overrides every part uses."""
     base = load_config(ROOT / plan.config, [*plan.base_overrides(), *plan.overrides])
     steps, _ = steady_steps(plan, base)
-    images = steps * base.train.batch_size
-    overrides = [*create_gpu_data(plan, images), *plan.base_overrides(), *plan.overrides]
+    return [*create_gpu_data(plan, steps * base.train.batch_size), *plan.base_overrides(), *plan.overrides]
+
+
+def run_part(plan: GpuPlan, name: str) -> None:
+    """One part, in this process: its rows, each recorded as soon as measured."""
+    started = time.perf_counter()
+    overrides = prepare_data(plan)
     print(f"[gpu {name}] measuring...", flush=True)
     RUNNERS[name](plan, overrides, lambda row: record_row(plan, row, started))
 
@@ -420,6 +424,8 @@ def run_parts(plan: GpuPlan, parts: Sequence[str], timeouts: dict[str, float]) -
     if not plan.rows:
         plan.rows = str(Path(plan.workdir) / "gpu_rows.jsonl")
     Path(plan.rows).unlink(missing_ok=True)
+    prepare_data(plan)
+    print(f"[gpu] data ready in {time.perf_counter() - started:.0f} s", flush=True)
     for name in parts:
         outcome = start_part(plan, name, timeouts[name])
         if outcome:
