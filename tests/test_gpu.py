@@ -66,8 +66,10 @@ def test_channels_last_and_compile_step(tiny_data, tmp_path):
 
 
 def test_submit_on_the_gpu_agrees_with_the_cpu(tiny_data, tmp_path):
-    # A model that learned (a random one's near-ties would flip on any rounding).
-    result, args = train_on_gpu(tiny_data, tmp_path / "runs", "train.epochs=8")
+    # A model that learned (a random one's near-ties would flip on any rounding): the suite's recipe
+    # for that (test_evaluate's fixture); 8 epochs at the default lr and batch 16 reached 31% (chance
+    # 25%) in float32 and bf16 alike in the GPU check's rehearsal.
+    result, args = train_on_gpu(tiny_data, tmp_path / "runs", "train.epochs=12", "train.lr=4e-3", "train.batch_size=32")
     assert result["best_acc"] >= LEARNED
     preds = {}
     for name, extra in {
