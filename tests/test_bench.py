@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -18,7 +20,7 @@ from bench.main import main as bench_main
 from bench.measure import Row, measure_interleaved, median_ratio
 from bench.report import MARK_BEGIN, MARK_END, write_markdown
 from core.errors import UserError
-from tests.conftest import run_module
+from tests.conftest import ROOT, run_module
 
 # --------------------------------------------------------------------------- the bench command
 
@@ -131,10 +133,6 @@ def test_commands_rows_refuse_different_predictions_and_a_baseline_without_run_s
 @pytest.mark.slow
 def test_the_gpu_check_script_stops_cleanly_without_a_gpu(tmp_path):
     # bench/gpu_check.sh runs on a lent GPU machine; here it must say why it stops, in its output folder
-    import subprocess
-
-    from tests.conftest import ROOT
-
     proc = subprocess.run(
         ["bash", str(ROOT / "bench" / "gpu_check.sh")],
         env={"PATH": "/usr/bin:/bin", "OUT": str(tmp_path / "out"), "CUDA_VISIBLE_DEVICES": ""},
@@ -154,3 +152,54 @@ def test_the_gpu_section_says_it_was_not_measured_without_a_gpu():
     ctx = BenchContext(BenchSettings(), None, [], None, None)
     bench_gpu(ctx)
     assert [(r.section, r.formatted_value(), r.detail) for r in ctx.rows] == [("gpu", "n/a", NOT_MEASURED)]
+
+
+# Packages the lent GPU machine's image lacks that bench/gpu_wheels.sh does not carry (DESIGN.md,
+# "GPU facts"): a test module that imports one at its top stops `pytest -m gpu` at collection there.
+ABSENT_ON_THE_GPU_MACHINE = ("wandb",)
+
+
+def test_every_test_module_collects_without_the_packages_the_gpu_machine_lacks():
+    blocked = ", ".join(repr(name) for name in ABSENT_ON_THE_GPU_MACHINE)
+    script = (
+        "import sys, pytest\n"
+        f"for name in ({blocked},):\n"
+        "    sys.modules[name] = None  # import fails as if absent; find_spec returns None\n"
+        "sys.exit(pytest.main(['tests', '-m', 'gpu', '--collect-only', '-q', '-p', 'no:cacheprovider']))\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
+    assert "tests/test_gpu.py" in proc.stdout
+
+
+def test_each_gpu_row_reaches_the_rows_file_and_the_markdown_as_it_is_measured(tmp_path):
+    from bench.gpu import GpuPlan, read_rows, record_row
+
+    plan = GpuPlan("cpu", str(tmp_path), "configs/cvpr22_phase2.yaml", rows=str(tmp_path / "r.jsonl"))
+    plan.write = str(tmp_path / "GPU.md")
+    first = Row("gpu", "train pgd-2 step: real loader / limit", 0.93, "931 vs 1001 img/s", (">=", 0.9))
+    record_row(plan, first, 0.0)
+    assert read_rows(plan.rows) == [first]  # back from JSON as it was, goal and all
+    assert (
+        "| gpu | train pgd-2 step: real loader / limit | 0.930 | >= 0.9 | PASS |" in (tmp_path / "GPU.md").read_text()
+    )
+    record_row(plan, Row("gpu", "peak GPU memory", 2048.0, "", unit="MB"), 0.0)
+    assert (tmp_path / "GPU.md").read_text().count("\n| gpu |") == 2
+
+
+@pytest.mark.slow
+def test_gpu_parts_run_one_precision_per_process_and_a_timeout_loses_only_its_part(tmp_path):
+    # precision trains in float32 and layout in bf16 (forced on the CPU, as `auto` does on a GPU):
+    # one process refuses the second Accelerator; submit's 1-s time box stops it before any figure
+    md, rows = tmp_path / "GPU.md", tmp_path / "rows.jsonl"
+    proc = run_module(
+        "bench.gpu", "--device", "cpu", "--parts", "precision,layout,submit", "--timeout", "submit=1",
+        "--repeats", "1", "--workdir", str(tmp_path / "w"), "--write", str(md), "--rows", str(rows), timeout=600,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    text = md.read_text()
+    for figure in ("bf16 autocast / float32", "channels_last / default layout"):
+        line = next(ln for ln in text.splitlines() if figure in ln)
+        assert "CPU rehearsal: not a GPU figure" in line and float(line.split(" | ")[2]) > 0, line
+    assert "| part submit: no figure | n/a |" in text and "timed out after 1 s" in text
+    assert len(rows.read_text().splitlines()) == 3
