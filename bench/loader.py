@@ -87,24 +87,29 @@ def images_per_second(dataset, count: int, offset: int) -> float:
     return count / (time.perf_counter() - start)
 
 
-def measure_rates(ctx: BenchContext, count: int) -> dict[str, list[float]]:
-    """Images/s of each training pipeline and of submit's decode + resize, one thread each."""
-    data, test_items = create_data(ctx)
-    datasets = {label: create_dataset(ctx, data, overrides) for label, overrides in PIPELINES.items()}
-    datasets[SUBMIT] = TestImageDataset(test_items, 224)
+def measure_like_a_worker(ctx: BenchContext, datasets: dict, measure, count: int) -> dict[str, list[float]]:
+    """``measure(dataset, count, offset)`` of each dataset, interleaved, on one thread as a loader worker runs."""
     offsets = iter(range(0, 10**9, count))
     threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
     torch.set_num_threads(1)
     cv2.setNumThreads(1)  # a loader worker: one core, OpenCV without its own thread pool
     try:
         return measure_interleaved(
-            {k: (lambda d=d: images_per_second(d, count, next(offsets))) for k, d in datasets.items()},
+            {k: (lambda d=d: measure(d, count, next(offsets))) for k, d in datasets.items()},
             ctx.settings.repeats,
             warmup=True,
         )
     finally:
         torch.set_num_threads(threads)
         cv2.setNumThreads(cv_threads)
+
+
+def measure_rates(ctx: BenchContext, count: int) -> dict[str, list[float]]:
+    """Images/s of each training pipeline and of submit's decode + resize, one thread each."""
+    data, test_items = create_data(ctx)
+    datasets = {label: create_dataset(ctx, data, overrides) for label, overrides in PIPELINES.items()}
+    datasets[SUBMIT] = TestImageDataset(test_items, 224)
+    return measure_like_a_worker(ctx, datasets, images_per_second, count)
 
 
 SUBMIT = "submit's decode + resize (PNG 256 px -> 224)"
@@ -152,19 +157,7 @@ def measure_phase_recipe(ctx: BenchContext, data, count: int) -> dict[str, list[
     datasets = {
         label: create_dataset(ctx, photos, shape, PHASE_CONFIG, on_device) for label, on_device in PHASE_PATHS.items()
     }
-    offsets = iter(range(0, 10**9, count))
-    threads, cv_threads = torch.get_num_threads(), cv2.getNumThreads()
-    torch.set_num_threads(1)
-    cv2.setNumThreads(1)
-    try:
-        return measure_interleaved(
-            {k: (lambda d=d: cpu_ms_per_image(d, count, next(offsets))) for k, d in datasets.items()},
-            ctx.settings.repeats,
-            warmup=True,
-        )
-    finally:
-        torch.set_num_threads(threads)
-        cv2.setNumThreads(cv_threads)
+    return measure_like_a_worker(ctx, datasets, cpu_ms_per_image, count)
 
 
 def bench_phase_recipe(ctx: BenchContext, data, count: int) -> None:
