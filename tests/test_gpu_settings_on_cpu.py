@@ -39,8 +39,22 @@ SMALL = ["data.test_labels=test_labels.txt", "train.batch_size=8", "submit.batch
 EVAL_SMALL = ["eval.subset=8", "eval.batch_size=8", "eval.attacks=[fgsm]", "phase2.draws=1", "phase2.attack.steps=[2]"]
 
 
+@pytest.fixture
+def fresh_accelerator_state():
+    """bf16 here after another precision earlier in the same pytest process: accelerate refuses a
+    second precision per process, so its singletons are reset around the test, as accelerate's own
+    test case does (``accelerate.test_utils.testing.AccelerateTestCase.tearDown``)."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+
+
 @pytest.mark.slow
-def test_the_gpu_settings_train_resume_submit_export_and_evaluate(tmp_path):
+def test_the_gpu_settings_train_resume_submit_export_and_evaluate(tmp_path, fresh_accelerator_state):
     start = time.perf_counter()
     data = tmp_path / "demo"
     generate_demo_data(data, num_classes=4, train_per_class=10, test_per_class=2, image_size=32)

@@ -93,7 +93,7 @@ def test_submit_imports_wandb_only_when_tracking_and_never_albumentations(tiny_d
 def test_training_imports_albumentations_but_not_wandb_when_tracking_is_off(tiny_data, tmp_path):
     overrides = shrink(["train.max_steps=1"], tiny_data, tmp_path / "runs")
     imported, proc = imported_by(tmp_path, "train.main", *overrides)
-    assert proc.returncode == 0 and "done:" in proc.stdout, proc.stderr[-2000:]
+    assert proc.returncode == 0 and "stopped by train.max_steps=1" in proc.stdout, proc.stderr[-2000:]
     assert imported == {"torch", "timm", "albumentations"}
 
 
