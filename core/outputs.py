@@ -89,8 +89,15 @@ def lock_path_of(output: Path) -> Path:
 
 
 def _process_start(pid: int) -> str:
+    """When process ``pid`` started (clock ticks after boot); "" when it is gone or has ended.
+
+    A process that has exited but is not yet reaped (a zombie, state Z; or X) still has its
+    /proc entry and start time, but holds no lock any more: it counts as ended, or a command
+    started right after a stopped run would be refused until the run's parent reaps it.
+    """
     try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return "" if fields[0] in ("Z", "X") else fields[19]
     except (OSError, IndexError):
         return ""
 

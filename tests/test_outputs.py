@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -89,6 +90,36 @@ def test_a_killed_holder_is_taken_over_even_while_a_child_it_forked_lives(tmp_pa
         os.kill(child, signal.SIGKILL)
     note = capsys.readouterr().err
     assert f"was locked by train (pid {proc.pid} on {HOST}" in note and "lock taken over" in note
+
+
+# A holder that ends without releasing its lock; its parent (the test) has not reaped it yet.
+EXITED_HOLDER = """
+import os, sys
+from pathlib import Path
+from core.outputs import acquire
+lock = acquire(Path(sys.argv[1]), "train", "name")
+print("held", flush=True)
+os._exit(0)
+"""
+
+
+def test_a_holder_that_has_ended_but_is_not_yet_reaped_is_taken_over(tmp_path):
+    # A stopped run's process stays a zombie until its parent reaps it, with its PID and start time
+    # still in /proc: a resume started at that moment was refused as "in use" by a process that no
+    # longer runs (test_launch's SIGINT test met it now and then).
+    out = tmp_path / "runs" / "demo"
+    proc = _python(EXITED_HOLDER, str(out), stdout=subprocess.PIPE)
+    try:
+        assert proc.stdout.readline().strip() == "held"
+        stat = Path(f"/proc/{proc.pid}/stat")
+        deadline = time.time() + 60
+        while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.time() < deadline:
+            time.sleep(0.01)
+        assert stat.read_text().rsplit(")", 1)[1].split()[0] == "Z"  # ended, not reaped
+        with acquire(out, "train", "name") as lock:
+            assert lock.taken_over is not None and lock.taken_over.pid == proc.pid
+    finally:
+        proc.communicate(timeout=60)
 
 
 def test_a_lock_of_another_machine_is_never_taken_over(tmp_path):
