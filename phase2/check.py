@@ -36,6 +36,7 @@ S is ``--image-size`` (default 224, what the organizers feed); our own counter
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import zipfile
@@ -137,10 +138,14 @@ def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes
     except (ValueError, RuntimeError) as exc:  # a recorded output of another shape, a graph that fails
         checks.add(False, f"parity with the in-process model ({what})", f"{type(exc).__name__}: {str(exc)[:200]}")
         return
+    diff = parity["max_abs_diff"]
+    if math.isnan(diff):
+        checks.add(False, f"parity with the in-process model ({what})", "its outputs are not finite (NaN or inf)")
+        return
     checks.add(
-        parity["max_abs_diff"] <= ROUND_TRIP_ATOL,
+        diff <= ROUND_TRIP_ATOL,
         f"parity with the in-process model ({what})",
-        f"max |dp| {parity['max_abs_diff']:.2g} at {size}px ({parity['compared']})",
+        f"max |dp| {diff:.2g} at {size}px ({parity['compared']})",
     )
     if reference.randomized:
         if pad_calls is None:

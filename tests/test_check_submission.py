@@ -546,3 +546,42 @@ def test_code_cannot_be_pasted_into_the_generated_module_through_a_name(tmp_path
     with pytest.raises(codegen.ConversionError, match="not a plain identifier; not generated"):
         codegen.generate(helper.make_model(graph), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not Path("pwned").exists()
+
+
+# --- issue 35: NaN outputs, the box, time limits -------------------------------------------------
+
+NAN_FORWARD = """
+
+_forward = Model.forward
+
+
+def _nan_forward(self, x):
+    return _forward(self, x) * float("nan")
+
+
+Model.forward = _nan_forward
+"""
+
+
+def _nan_onnx(files, dst: Path) -> Path:
+    """The exported .onnx with every output multiplied by NaN."""
+    proto = onnx.load(str(files[0]["onnx"]))
+    out = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [f"{o}_pre" if o == out else o for o in node.output]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan_factor"))
+    proto.graph.node.append(helper.make_node("Mul", [f"{out}_pre", "nan_factor"], [out]))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["zip", "onnx"])
+def test_a_file_whose_outputs_are_nan_fails_parity(files, tmp_path, capsys, kind):
+    if kind == "zip":
+        bad = _with_model_py(files, tmp_path / "nan.zip", model_zip.TEMPLATE.read_text() + NAN_FORWARD)
+    else:
+        bad = _nan_onnx(files, tmp_path / "nan.onnx")
+    status, lines = _check_here(capsys, bad, f"submit.checkpoints=[{files[1]}]")
+    parity = [line for line in lines if "parity with the in-process model" in line]
+    assert status == 1 and parity, lines
+    assert all(line.startswith("FAIL") and "not finite (NaN or inf)" in line for line in parity), parity
