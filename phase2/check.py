@@ -6,8 +6,11 @@ failed, 2 for bad usage, refused before any check). Lines marked ``note`` inform
 
 * A ``.zip``: its ``model.py`` never runs in this process. A fresh ``python -I`` process where
   neither timm nor this project can be imported (:mod:`phase2.check_child`), isolated by
-  :func:`phase2.isolated.run_isolated` (a session of its own; everything it started stopped when
-  it ends or at ``--timeout``; its output to a file; its results on a channel its stdout is not)
+  :func:`phase2.isolated.run_isolated` (in a box of Linux namespaces where the kernel allows one,
+  :mod:`phase2.box`: read-only file system but its own tmpfs, no network, no other process seen,
+  killed with the checker; a ``note  box:`` line says which, or names the risk; a session of its
+  own; everything it started stopped when it ends or at ``--timeout``; its output to a file; its
+  results on a channel its stdout is not)
   takes the organizers' steps: unpack with ``shutil.unpack_archive`` (declared sizes checked
   first), ``from model import Model; Model().float()``, ptflops at 3 x S x S under
   ``budget.max_params`` / ``budget.max_gmacs``, ``data.num_classes`` outputs for a zero input;
@@ -160,20 +163,22 @@ def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes
 
 
 def run_zip_child(path: Path, size: int, timeout: float, request: dict) -> Finished:
-    """The organizers' steps in an isolated ``python -I`` process (:func:`phase2.isolated.run_isolated`)."""
+    """The organizers' steps in an isolated, boxed ``python -I`` process (:func:`phase2.isolated.run_isolated`)."""
     settings = {
         "blocked": list(BLOCKED),
         "image_size": size,
         "ptflops": PTFLOPS_KWARGS,
         "max_unpacked": model_zip.MAX_UNPACKED_BYTES,
     }
-    with tempfile.TemporaryDirectory(prefix="phase2_check_") as private:
-        workdir = Path(private) / "unpacked"
-        workdir.mkdir()
-        request_path = Path(private) / "request.pt"
-        torch.save({**request, "settings": settings}, request_path)
-        argv = [sys.executable, "-I", str(CHILD), str(path.resolve()), str(workdir), str(request_path)]
-        return run_isolated(argv, timeout, workdir)
+    with tempfile.TemporaryFile() as request_file:  # unnamed: nothing left behind, even after SIGKILL
+        torch.save({**request, "settings": settings}, request_file)
+        request_file.flush()
+        fd = request_file.fileno()
+
+        def argv_for(workdir: str) -> list[str]:
+            return [sys.executable, "-I", str(CHILD), str(path.resolve()), workdir, f"/proc/self/fd/{fd}"]
+
+        return run_isolated(argv_for, timeout, model_zip.MAX_UNPACKED_BYTES + (128 << 20), (fd,))
 
 
 def _missing(done: Finished, timeout: float) -> str:
@@ -228,6 +233,7 @@ def check_zip(path: Path, cfg: Config, size: int, checks: Checks, timeout: float
         check_zip_steps(checks, done, cfg, size, timeout)
     if done.garbled:
         checks.add(False, "check process", "its result channel held more than its reports")
+    checks.note("box", done.box)
     if done.stopped:
         checks.note("processes", f"the check left {done.stopped} process(es) running; all were stopped")
     if loaded and spec is not None:
