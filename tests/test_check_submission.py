@@ -758,3 +758,45 @@ def test_without_a_box_the_check_names_the_risk_and_goes_on(tmp_path, capsys, mo
     assert "note  box: none (no util-linux `unshare` on PATH): model.py can write wherever this user can" in "\n".join(
         lines
     )
+
+
+def _endless_loop_onnx(dst: Path) -> Path:
+    """A valid .onnx (opset 13, IR 7, dynamic batch) whose graph is a Loop of 1e15 iterations."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Identity", ["v"], ["v_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, ["batch", 3, 32, 32]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["batch", 3, 32, 32]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "input"], ["output"], body=body)],
+        "endless",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [
+            numpy_helper.from_array(np.array(10**15, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "go"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_an_onnx_that_computes_without_end_is_stopped_at_the_timeout(tmp_path, capsys):
+    start = time.monotonic()
+    status, lines = _check_here(capsys, _endless_loop_onnx(tmp_path / "loop.onnx"), "--timeout", "5")
+    assert status == 1 and time.monotonic() - start < 60
+    assert (
+        "FAIL  output (onnxruntime): did not finish within 5 s (--timeout); the check process and all it started "
+        "were stopped" in lines
+    ), lines
+    assert any(line.startswith("note  box: ") for line in lines)
