@@ -172,15 +172,17 @@ def run_zip_child(path: Path, size: int, timeout: float, request: dict) -> Finis
         "ptflops": PTFLOPS_KWARGS,
         "max_unpacked": model_zip.MAX_UNPACKED_BYTES,
     }
-    with tempfile.TemporaryFile() as request_file:  # unnamed: nothing left behind, even after SIGKILL
+    # Both reach it as open files: the request file is unnamed (nothing left behind, even after
+    # SIGKILL), and the zip is read wherever it lies (the box hides /dev/shm behind its own).
+    with tempfile.TemporaryFile() as request_file, path.open("rb") as zip_file:
         torch.save({**request, "settings": settings}, request_file)
         request_file.flush()
-        fd = request_file.fileno()
+        fds = (zip_file.fileno(), request_file.fileno())
 
         def argv_for(workdir: str) -> list[str]:
-            return [sys.executable, "-I", str(CHILD), str(path.resolve()), workdir, f"/proc/self/fd/{fd}"]
+            return [sys.executable, "-I", str(CHILD), f"/proc/self/fd/{fds[0]}", workdir, f"/proc/self/fd/{fds[1]}"]
 
-        return run_isolated(argv_for, timeout, model_zip.MAX_UNPACKED_BYTES + (128 << 20), (fd,))
+        return run_isolated(argv_for, timeout, model_zip.MAX_UNPACKED_BYTES + (128 << 20), fds)
 
 
 def _missing(done: Finished, timeout: float) -> str:

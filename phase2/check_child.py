@@ -1,7 +1,8 @@
 """The organizers' zip check, run by ``check-submission`` in a fresh ``python -I`` process.
 
 ``python -I phase2/check_child.py ZIP WORKDIR REQUEST --result-fd=N`` (started by
-:func:`phase2.isolated.run_isolated`, in its box; REQUEST: ``/proc/self/fd/M``, an unnamed file).
+:func:`phase2.isolated.run_isolated`, in its box; ZIP and REQUEST: ``/proc/self/fd/M`` names of
+open files, the zip and an unnamed ``torch.save`` file).
 Nothing of this project is imported here, and an import hook makes ``timm`` and the project's
 packages unimportable (the organizers' environment had neither), so a ``model.py`` that needs
 them fails as it would there. The steps are theirs

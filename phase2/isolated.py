@@ -50,7 +50,8 @@ BOX_SCRIPT = Path(__file__).resolve().with_name("box.py")
 UNSHARE_FLAGS = ("--user", "--map-root-user", "--mount", "--pid", "--fork", "--net", "--mount-proc")
 BOX_WORKDIR = "/dev/shm/work"  # inside the box: on its private tmpfs (phase2.box.PRIVATE)
 NO_BOX_RISK = (
-    "model.py can write wherever this user can, reach the network and read other processes' /proc; "
+    "model.py can write wherever this user can, reach the network and read other processes' /proc, "
+    "and a SIGKILLed checker leaves its temp folder; "
     "it keeps no keys in its environment, dies with the checker and is stopped at the time limit"
 )
 
