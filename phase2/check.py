@@ -6,8 +6,11 @@ failed, 2 for bad usage, refused before any check). Lines marked ``note`` inform
 
 * A ``.zip``: its ``model.py`` never runs in this process. A fresh ``python -I`` process where
   neither timm nor this project can be imported (:mod:`phase2.check_child`), isolated by
-  :func:`phase2.isolated.run_isolated` (a session of its own; everything it started stopped when
-  it ends or at ``--timeout``; its output to a file; its results on a channel its stdout is not)
+  :func:`phase2.isolated.run_isolated` (in a box of Linux namespaces where the kernel allows one,
+  :mod:`phase2.box`: read-only file system but its own tmpfs, no network, no other process seen,
+  killed with the checker; a ``note  box:`` line says which, or names the risk; a session of its
+  own; everything it started stopped when it ends or at ``--timeout``; its output to a file; its
+  results on a channel its stdout is not)
   takes the organizers' steps: unpack with ``shutil.unpack_archive`` (declared sizes checked
   first), ``from model import Model; Model().float()``, ptflops at 3 x S x S under
   ``budget.max_params`` / ``budget.max_gmacs``, ``data.num_classes`` outputs for a zero input;
@@ -18,7 +21,9 @@ failed, 2 for bad usage, refused before any check). Lines marked ``note`` inform
   organizers' checks and a note.
 * An ``.onnx``: ``onnx.checker``, opset and op types within onnxruntime 1.10's range, IR version
   <= 8 (onnx 1.11), one float32 N x 3 x H x W input with a dynamic batch axis (H and W equal to
-  S, or dynamic), the organizers' conversion (the onnx-pytorch code generator,
+  S, or dynamic); then, in the boxed process of a zip's check and under the same ``--timeout``
+  (:mod:`phase2.onnx_child`: a graph may compute without end, and the generated code is code),
+  onnxruntime, the organizers' conversion (the onnx-pytorch code generator,
   :mod:`phase2.codegen`) and the torch 1.5 names of the code it writes, the converted module
   against onnxruntime on the check images (every image the same class), onnxruntime and the
   converted module against the in-process model, ptflops on the converted model, the output size
@@ -36,6 +41,7 @@ S is ``--image-size`` (default 224, what the organizers feed); our own counter
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 import tempfile
 import zipfile
@@ -50,15 +56,14 @@ from core.cli import CheckerParser, quiet_libraries, run_checker, user_path
 from core.config import Config, load_config
 from core.errors import UserError, echo
 from infer.defended import build_defended_model, load_members, resolve_member_paths
-from phase2 import codegen, legacy_env, model_zip, onnx_file
-from phase2.complexity import PTFLOPS_KWARGS, count_ptflops
-from phase2.export import count_gmacs, recorded_file_problem
+from phase2 import legacy_env, model_zip, onnx_child, onnx_file
+from phase2.complexity import PTFLOPS_KWARGS
+from phase2.export import recorded_file_problem
 from phase2.isolated import Finished, run_isolated
 from phase2.parity import (
     ROUND_TRIP_ATOL,
     ROUND_TRIP_SEEDS,
     Replay,
-    as_rgb_probabilities,
     box_outputs,
     check_images,
     file_parity,
@@ -71,6 +76,7 @@ ORGANIZERS_SIZE = 224
 MIN_SIZE, MAX_SIZE = 16, 2048  # data.image_size's least; far above any size the challenge used
 DEFAULT_TIMEOUT = 600.0
 PAD_CALLS = 4  # calls in a row of which the random pad must draw more than one box
+MATCH_CALLS = 3  # outputs of a randomized .onnx compared with every box (phase2.parity.matches_some_box)
 
 
 class Checks:
@@ -137,10 +143,14 @@ def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes
     except (ValueError, RuntimeError) as exc:  # a recorded output of another shape, a graph that fails
         checks.add(False, f"parity with the in-process model ({what})", f"{type(exc).__name__}: {str(exc)[:200]}")
         return
+    diff = parity["max_abs_diff"]
+    if math.isnan(diff):
+        checks.add(False, f"parity with the in-process model ({what})", "its outputs are not finite (NaN or inf)")
+        return
     checks.add(
-        parity["max_abs_diff"] <= ROUND_TRIP_ATOL,
+        diff <= ROUND_TRIP_ATOL,
         f"parity with the in-process model ({what})",
-        f"max |dp| {parity['max_abs_diff']:.2g} at {size}px ({parity['compared']})",
+        f"max |dp| {diff:.2g} at {size}px ({parity['compared']})",
     )
     if reference.randomized:
         if pad_calls is None:
@@ -155,20 +165,24 @@ def check_parity(checks: Checks, what: str, output, reference, spec: dict, boxes
 
 
 def run_zip_child(path: Path, size: int, timeout: float, request: dict) -> Finished:
-    """The organizers' steps in an isolated ``python -I`` process (:func:`phase2.isolated.run_isolated`)."""
+    """The organizers' steps in an isolated, boxed ``python -I`` process (:func:`phase2.isolated.run_isolated`)."""
     settings = {
         "blocked": list(BLOCKED),
         "image_size": size,
         "ptflops": PTFLOPS_KWARGS,
         "max_unpacked": model_zip.MAX_UNPACKED_BYTES,
     }
-    with tempfile.TemporaryDirectory(prefix="phase2_check_") as private:
-        workdir = Path(private) / "unpacked"
-        workdir.mkdir()
-        request_path = Path(private) / "request.pt"
-        torch.save({**request, "settings": settings}, request_path)
-        argv = [sys.executable, "-I", str(CHILD), str(path.resolve()), str(workdir), str(request_path)]
-        return run_isolated(argv, timeout, workdir)
+    # Both reach it as open files: the request file is unnamed (nothing left behind, even after
+    # SIGKILL), and the zip is read wherever it lies (the box hides /dev/shm behind its own).
+    with tempfile.TemporaryFile() as request_file, path.open("rb") as zip_file:
+        torch.save({**request, "settings": settings}, request_file)
+        request_file.flush()
+        fds = (zip_file.fileno(), request_file.fileno())
+
+        def argv_for(workdir: str) -> list[str]:
+            return [sys.executable, "-I", str(CHILD), f"/proc/self/fd/{fds[0]}", workdir, f"/proc/self/fd/{fds[1]}"]
+
+        return run_isolated(argv_for, timeout, model_zip.MAX_UNPACKED_BYTES + (128 << 20), fds)
 
 
 def _missing(done: Finished, timeout: float) -> str:
@@ -223,6 +237,7 @@ def check_zip(path: Path, cfg: Config, size: int, checks: Checks, timeout: float
         check_zip_steps(checks, done, cfg, size, timeout)
     if done.garbled:
         checks.add(False, "check process", "its result channel held more than its reports")
+    checks.note("box", done.box)
     if done.stopped:
         checks.note("processes", f"the check left {done.stopped} process(es) running; all were stopped")
     if loaded and spec is not None:
@@ -354,79 +369,125 @@ def check_onnx_input(proto: onnx.ModelProto, size: int, checks: Checks) -> bool:
     )
 
 
-def check_onnx(path: Path, cfg: Config, size: int, checks: Checks) -> None:
+def check_onnx(path: Path, cfg: Config, size: int, checks: Checks, timeout: float = DEFAULT_TIMEOUT) -> None:
     proto = onnx_file.load_onnx(path)
     if check_onnx_structure(proto, checks) and check_onnx_input(proto, size, checks):
-        check_onnx_model(proto, cfg, size, checks)
+        check_onnx_model(proto, cfg, size, checks, timeout)
     check_recorded(path, checks)
 
 
-def check_onnx_model(proto: onnx.ModelProto, cfg: Config, size: int, checks: Checks) -> None:
-    """What the file computes: onnxruntime, the onnx2pytorch conversion, ptflops, parity."""
+def onnx_request(reference, order: str, size: int) -> dict:
+    """What the check process records: outputs on the check images in the file's channel order,
+    as many calls as the parity with ``reference`` asks for (one to compare the two with each other)."""
+    x = check_images(size)
+    randomized = reference is not None and reference.randomized
+    return {
+        "image_size": size,
+        "x": x.flip(1) if order == "bgr" else x,
+        "calls": MATCH_CALLS if randomized else 1,
+        "pad_calls": PAD_CALLS if randomized else 0,
+    }
+
+
+def run_onnx_child(data: bytes, timeout: float, request: dict) -> Finished:
+    """onnxruntime and the organizers' converter on the file, in the boxed process of a zip's check
+    (:mod:`phase2.onnx_child`): a graph may compute without end, and the generated code is code."""
+    with tempfile.TemporaryFile() as graph, tempfile.TemporaryFile() as request_file:
+        graph.write(data)
+        graph.flush()
+        torch.save(request, request_file)
+        request_file.flush()
+        fds = (graph.fileno(), request_file.fileno())
+
+        def argv_for(workdir: str) -> list[str]:
+            return onnx_child.command(f"/proc/self/fd/{fds[0]}", workdir, f"/proc/self/fd/{fds[1]}")
+
+        return run_isolated(argv_for, timeout, 2 * len(data) + (256 << 20), fds)
+
+
+def check_onnx_model(proto: onnx.ModelProto, cfg: Config, size: int, checks: Checks, timeout: float) -> None:
+    """What the file computes: onnxruntime, the onnx-pytorch conversion, ptflops, parity."""
     order = onnx_file.read_metadata(proto).get("channel_order", "rgb")
     if order in ("rgb", "bgr"):
         check_channel_order(checks, order)
     else:
         checks.add(False, "channel order", f"its metadata channel_order is {echo(order)}, neither rgb nor bgr")
-    try:
-        session = onnx_file.create_session(proto.SerializeToString())
-        zeros = onnx_file.run_session(session, torch.zeros(1, 3, size, size))
-    except Exception as exc:  # onnxruntime raises its own types on a graph it cannot load or run
-        checks.add(False, "output (onnxruntime)", f"{type(exc).__name__}: {str(exc).strip()[:200]}")
-        return
-    ok = checks.add(
-        zeros.numel() == cfg.data.num_classes, "output (onnxruntime)", f"{zeros.numel()} values for a zero input"
-    )
-    with tempfile.TemporaryDirectory(prefix="phase2_codegen_") as out_dir:
-        converted = check_conversion(proto, Path(out_dir), cfg, size, checks)
-        if converted is not None:
-            check_converted_model(proto, converted, session, ok, order, cfg, size, checks)
-
-
-def check_conversion(proto: onnx.ModelProto, out_dir: Path, cfg: Config, size: int, checks: Checks):
-    """The organizers' conversion (:mod:`phase2.codegen`): the generated module and its code's torch
-    names, or None after a FAIL line."""
-    try:
-        converted, source = codegen.convert(proto, out_dir)
-        with torch.no_grad():
-            n = converted(torch.zeros(1, 3, size, size)).numel()
-    except Exception as exc:  # the generator, or the generated module's first run, whatever it raises
-        checks.add(False, "organizers' converter (onnx-pytorch code_gen)", f"{exc}"[:300])
-        return None
-    checks.add(
-        n == cfg.data.num_classes,
-        "organizers' converter (onnx-pytorch code_gen)",
-        f"converted; {n} values for a zero input",
-    )
-    problems = legacy_env.torch_name_problems(source, "generated model.py")
-    checks.add(
-        not problems, "generated code on torch 1.5", problems[0] if problems else "every torch name exists in 1.5.0"
-    )
-    return converted
-
-
-def check_converted_model(proto, converted, session, ok: bool, order: str, cfg: Config, size: int, checks: Checks):
-    """ptflops on the converted module, and its predictions against onnxruntime and the in-process model."""
-    macs, params = count_ptflops(converted, (3, size, size))
-    check_budget(checks, macs, params, cfg, size)
-    checks.note("our counter", f"{count_gmacs(converted, size):.4g} GMACs (FlopCounterMode) on the converted model")
-    with torch.no_grad():
-        x = check_images(size)
-        by_ort, by_gen = onnx_file.run_session(session, x).argmax(1), converted(x).argmax(1)
-    same = int((by_ort == by_gen).sum())
-    checks.add(same == len(x), "converted vs onnxruntime", f"{same} of {len(x)} check images predicted the same class")
     reference, no_reference = in_process_model(cfg)
     if reference is not None and onnx_file.read_metadata(proto).get("gcm_form") == "cos":
         reference = onnx_file.onnx_defended_model(reference)  # what export put in the file
-    if no_reference:
-        checks.add(False, "parity with the in-process model", no_reference)
-    if reference is None or not ok or order not in ("rgb", "bgr"):
+    done = run_onnx_child(proto.SerializeToString(), timeout, onnx_request(reference, order, size))
+    checks.note("box", done.box)
+    result = done.results
+    if "ort_numel" not in result:
+        checks.add(False, "output (onnxruntime)", result.get("ort_numel_error") or _missing(done, timeout))
         return
-    spec = {"image_size": size}
+    ok = checks.add(
+        result["ort_numel"] == cfg.data.num_classes,
+        "output (onnxruntime)",
+        f"{result['ort_numel']} values for a zero input",
+    )
+    if check_conversion(checks, done, cfg, timeout):
+        check_converted_model(checks, done, cfg, size)
+        if no_reference:
+            checks.add(False, "parity with the in-process model", no_reference)
+        if reference is not None and ok and order in ("rgb", "bgr"):
+            check_onnx_parity(checks, done, reference, size)
+
+
+def check_conversion(checks: Checks, done: Finished, cfg: Config, timeout: float) -> bool:
+    """The organizers' conversion (:mod:`phase2.codegen`): the generated module's output size and its
+    code's torch names; False after a FAIL line."""
+    result, name = done.results, "organizers' converter (onnx-pytorch code_gen)"
+    n = result.get("gen_numel")
+    if n is None:
+        why = result.get("converted_error") or result.get("gen_numel_error") or _missing(done, timeout)
+        return checks.add(False, name, why)
+    checks.add(n == cfg.data.num_classes, name, f"converted; {n} values for a zero input")
+    problems = legacy_env.torch_name_problems(result.get("source", ""), "generated model.py")
+    checks.add(
+        not problems, "generated code on torch 1.5", problems[0] if problems else "every torch name exists in 1.5.0"
+    )
+    return True
+
+
+def _recorded(outputs: object) -> tuple[list[torch.Tensor], list[torch.Tensor]] | None:
+    """The log-probabilities the check process recorded (on the check images; calls in a row), or None."""
+    try:
+        return (
+            [torch.tensor(o, dtype=torch.float32) for o in outputs["on_x"]],
+            [torch.tensor(o, dtype=torch.float32) for o in outputs["in_a_row"]],
+        )
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        return None
+
+
+def check_converted_model(checks: Checks, done: Finished, cfg: Config, size: int) -> None:
+    """ptflops on the converted module, and its predictions against onnxruntime's."""
+    result = done.results
+    macs, params = result.get("ptflops") or (None, None)
+    check_budget(checks, macs, params, cfg, size)
+    if "our_gmacs" in result:
+        checks.note("our counter", f"{result['our_gmacs']:.4g} GMACs (FlopCounterMode) on the converted model")
+    by_ort, by_gen = _recorded(result.get("ort_outputs")), _recorded(result.get("gen_outputs"))
+    if by_ort is None or by_gen is None or by_ort[0][0].shape != by_gen[0][0].shape:
+        why = result.get("ort_outputs_error") or result.get("gen_outputs_error") or "no outputs of the same shape"
+        checks.add(False, "converted vs onnxruntime", why)
+        return
+    same = int((by_ort[0][0].argmax(1) == by_gen[0][0].argmax(1)).sum())
+    n = len(by_ort[0][0])
+    checks.add(same == n, "converted vs onnxruntime", f"{same} of {n} check images predicted the same class")
+
+
+def check_onnx_parity(checks: Checks, done: Finished, reference, size: int) -> None:
+    """onnxruntime's and the converted module's recorded outputs against the in-process model."""
     boxes = box_outputs(reference, size) if reference.randomized else None
-    ort_output = as_rgb_probabilities(lambda v: onnx_file.run_session(session, v), order)
-    check_parity(checks, "onnxruntime", ort_output, reference, spec, boxes)
-    check_parity(checks, "code_gen", as_rgb_probabilities(converted, order), reference, spec, boxes)
+    for what, key in (("onnxruntime", "ort_outputs"), ("code_gen", "gen_outputs")):
+        recorded = _recorded(done.results.get(key))
+        if recorded is None:
+            checks.add(False, f"parity with the in-process model ({what})", "no outputs recorded")
+            continue
+        replay = Replay(check_images(size), [o.exp() for o in recorded[0]])
+        check_parity(checks, what, replay, reference, {"image_size": size}, boxes, recorded[1] or None)
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -439,7 +500,10 @@ def create_check_parser() -> argparse.ArgumentParser:
         "--image-size", type=int, default=ORGANIZERS_SIZE, help=f"input side, {MIN_SIZE}..{MAX_SIZE} (organizers: 224)"
     )
     parser.add_argument(
-        "--timeout", type=float, default=DEFAULT_TIMEOUT, help="seconds the zip's check process may take (default 600)"
+        "--timeout",
+        type=float,
+        default=DEFAULT_TIMEOUT,
+        help="seconds the boxed check process (a zip's model.py; an .onnx's runs) may take (default 600)",
     )
     parser.add_argument("--config", default=None, help="config with the budget limits and the model to compare with")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -466,7 +530,7 @@ def run(argv: Sequence[str]) -> int:
     if path.suffix == ".zip":
         check_zip(path, cfg, args.image_size, checks, args.timeout)
     else:
-        check_onnx(path, cfg, args.image_size, checks)
+        check_onnx(path, cfg, args.image_size, checks, args.timeout)
     print(f"{path}: {'OK' if not checks.failed else f'FAILED ({checks.failed} check(s))'}")
     return 1 if checks.failed else 0
 

@@ -1,9 +1,11 @@
 """The organizers' zip check, run by ``check-submission`` in a fresh ``python -I`` process.
 
 ``python -I phase2/check_child.py ZIP WORKDIR REQUEST --result-fd=N`` (started by
-:func:`phase2.isolated.run_isolated`). Nothing of this project is imported here, and an import
-hook makes ``timm`` and the project's packages unimportable (the organizers' environment had
-neither), so a ``model.py`` that needs them fails as it would there. The steps are theirs
+:func:`phase2.isolated.run_isolated`, in its box; ZIP and REQUEST: ``/proc/self/fd/M`` names of
+open files, the zip and an unnamed ``torch.save`` file).
+Nothing of this project is imported here, and an import hook makes ``timm`` and the project's
+packages unimportable (the organizers' environment had neither), so a ``model.py`` that needs
+them fails as it would there. The steps are theirs
 (``torch/check_model.py`` of their helper repository): ``shutil.unpack_archive``,
 ``sys.path.append``, ``from model import Model; Model().float()``, ptflops at 3 x S x S, the
 output size for a zero input; then what ``check-submission`` compares in its own process
@@ -94,6 +96,7 @@ def main(zip_path, workdir, request_path, report):
     resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     sys.meta_path.insert(0, Blocker(settings["blocked"]))
     try:
+        os.makedirs(workdir, exist_ok=True)
         unpack(zip_path, workdir, settings["max_unpacked"])
         sys.path.append(workdir)
         from model import Model

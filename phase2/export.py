@@ -283,7 +283,9 @@ def parity_problems(files: dict[str, tuple[bytes, dict]]) -> list[str]:
     for fmt, (_, rep) in files.items():
         for key, where in PARITY_CHECKS:
             diff = rep.get(key, {}).get("max_abs_diff", 0.0)
-            if not diff <= ROUND_TRIP_ATOL:
+            if diff != diff:  # NaN: parity's mark of a non-finite output
+                problems.append(f"the .{fmt} file{where} gives non-finite outputs (NaN or inf)")
+            elif not diff <= ROUND_TRIP_ATOL:
                 problems.append(
                     f"the .{fmt} file{where} does not reproduce the in-process model "
                     f"(max |dp| = {diff:.3g} > {ROUND_TRIP_ATOL:g})"

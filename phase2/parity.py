@@ -20,7 +20,8 @@ from torch import nn
 from gcm import DefendedModel
 from gcm.random_pad import resize_pad
 
-# Largest |probability difference| tolerated between a file and the in-process model.
+# Largest |probability difference| tolerated between a file and the in-process model. A file
+# with a non-finite output scores NaN, which no ``<=`` comparison passes.
 ROUND_TRIP_ATOL = 1e-5
 CHECK_BATCH = 3
 
@@ -121,6 +122,8 @@ def check_round_trip(
                     expected = model(x).exp()
             if got.shape != expected.shape:
                 return float("inf")
+            if not torch.isfinite(got).all():
+                return float("nan")  # max(worst, nan) would keep worst: an all-NaN file would pass
             worst = max(worst, (got.to(expected.device) - expected).abs().max().item())
     return worst
 
@@ -163,6 +166,8 @@ def matches_some_box(
             got = output(x)
             if got.shape != outputs.shape[1:]:
                 return float("inf"), 0
+            if not torch.isfinite(got).all():
+                return float("nan"), 0
             got = got.to(outputs.device)
             dist = (outputs - got).abs().flatten(1).max(1).values
             worst = max(worst, float(dist.min()))

@@ -5,10 +5,12 @@ one error line, never a traceback."""
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -23,7 +25,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from core.config import load_config
 from core.errors import UserError
-from phase2 import check, codegen, export, model_zip, score
+from phase2 import check, codegen, export, isolated, model_zip, score
 from tests.conftest import ROOT, run_module
 from tests.test_phase2 import _checkpoint, _export_cfg
 
@@ -107,19 +109,40 @@ def test_a_model_py_that_prints_a_result_and_exits_0_fails(tmp_path, files):
     assert "Traceback" not in proc.stderr
 
 
+def _fifo(path: Path) -> int:
+    """A FIFO at ``path``, open for reading (non-blocking): what a boxed model.py can still report on
+    (opening a FIFO to write is no write to its read-only file system)."""
+    os.mkfifo(path)
+    return os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+
+
+def _drain(fd: int) -> str:
+    data = b""
+    with contextlib.suppress(BlockingIOError):
+        while chunk := os.read(fd, 65536):
+            data += chunk
+    os.close(fd)
+    return data.decode()
+
+
 def test_model_py_runs_once_and_never_in_the_checkers_process(tmp_path, files):
-    marks = tmp_path / "pids"
-    model_py = f"import os\nopen({str(marks)!r}, 'a').write(f'{{os.getpid()}}\\n')\n" + model_zip.TEMPLATE.read_text()
+    marks = tmp_path / "marks"
+    reader = _fifo(marks)
+    model_py = (
+        f"import os, sys\nwith open({str(marks)!r}, 'w') as fh:\n"
+        "    fh.write(f'{os.getpid()} {\"phase2.check\" in sys.modules}\\n')\n" + model_zip.TEMPLATE.read_text()
+    )
     marked = _with_model_py(files, tmp_path / "marked.zip", model_py)
     code, out, err, checker = _checker(str(marked), *ARGS, f"submit.checkpoints=[{files[1]}]")
     assert code == 0, out + err
     assert "PASS  parity with the in-process model (zip)" in out
-    pids = [int(p) for p in marks.read_text().split()]
-    assert len(pids) == 1 and pids[0] != checker, (pids, checker)
+    runs = _drain(reader).split("\n")[:-1]
+    assert len(runs) == 1 and runs[0].split()[1] == "False" and runs[0].split()[0] != str(checker), runs
     # evaluate builds the model with the project's own template: the zip's other model.py is refused unrun
+    reader = os.open(marks, os.O_RDONLY | os.O_NONBLOCK)
     with pytest.raises(UserError, match=r"its model.py is not the one ./run.sh export writes") as refused:
         _evaluate(marked, tmp_path)
-    assert "\n" not in str(refused.value) and len(marks.read_text().split()) == 1
+    assert "\n" not in str(refused.value) and _drain(reader) == ""
 
 
 # --- items 9, 10, 11: hangs, leaks, sizes ------------------------------------------------------
@@ -136,35 +159,56 @@ def test_a_model_py_that_loops_forever_is_stopped_at_the_timeout(tmp_path, capsy
     )
 
 
-BACKGROUND = """import os, subprocess, time
-PIDS = {pids!r}
-child = subprocess.Popen(["sleep", "300"])  # holds the inherited stdout open
+NAMED = "import ctypes\nctypes.CDLL(None).prctl(15, {name!r}, 0, 0, 0)  # PR_SET_NAME: seen in /proc/PID/comm\n"
+
+BACKGROUND = """import os, subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", {sleeper!r}])  # holds the inherited stdout open
 first = os.fork()
 if first == 0:  # a daemon: double fork, a session of its own
     os.setsid()
     if os.fork() == 0:
-        open(PIDS, "a").write(f"{{os.getpid()}}\\n")
+        {named}
         time.sleep(300)
     os._exit(0)
 os.waitpid(first, 0)
-open(PIDS, "a").write(f"{{child.pid}}\\n")
 time.sleep(0.5)
 """
 
 
+def _named(name: bytes) -> list[int]:
+    """The PIDs of the live processes named ``name`` (``/proc/PID/comm``)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        with contextlib.suppress(OSError):
+            if entry.isdigit() and Path(f"/proc/{entry}/comm").read_bytes().strip() == name and _alive(int(entry)):
+                found.append(int(entry))
+    return found
+
+
+def _kill_named(name: bytes) -> None:
+    """Clean-up after a test that failed: the processes it started, by PID."""
+    for pid in _named(name):
+        with contextlib.suppress(OSError):
+            os.kill(pid, 9)
+
+
 def test_nothing_a_model_py_starts_outlives_the_check(tmp_path, files):
-    pids = tmp_path / "pids"
-    model_py = BACKGROUND.format(pids=str(pids)) + model_zip.TEMPLATE.read_text()
+    name = b"p2bg%d" % os.getpid()
+    named = NAMED.format(name=name)
+    sleeper = named + "import time\ntime.sleep(300)\n"
+    background = BACKGROUND.format(sleeper=sleeper, named=named.replace("\n", "\n        "))
+    model_py = background + model_zip.TEMPLATE.read_text()
     start = time.monotonic()
-    proc = run_module(
-        "phase2.check", str(_with_model_py(files, tmp_path / "bg.zip", model_py)), *ARGS, "--timeout", "120"
-    )
-    assert time.monotonic() - start < 100, "the check waited for a process that holds its stdout"
-    assert proc.returncode == 1, proc.stdout  # no checkpoint to compare with; the organizers' lines pass
-    assert "PASS  output: 4 values" in proc.stdout
-    assert "note  processes: the check left 2 process(es) running; all were stopped" in proc.stdout
-    started = [int(p) for p in pids.read_text().split()]
-    assert len(started) == 2 and not any(_alive(p) for p in started), started
+    try:
+        proc = run_module(
+            "phase2.check", str(_with_model_py(files, tmp_path / "bg.zip", model_py)), *ARGS, "--timeout", "120"
+        )
+        assert time.monotonic() - start < 100, "the check waited for a process that holds its stdout"
+        assert proc.returncode == 1, proc.stdout  # no checkpoint to compare with; the organizers' lines pass
+        assert "PASS  output: 4 values" in proc.stdout
+        assert not _named(name)
+    finally:
+        _kill_named(name)
 
 
 @pytest.fixture(scope="module")
@@ -546,3 +590,213 @@ def test_code_cannot_be_pasted_into_the_generated_module_through_a_name(tmp_path
     with pytest.raises(codegen.ConversionError, match="not a plain identifier; not generated"):
         codegen.generate(helper.make_model(graph), tmp_path / "out")
     assert not (tmp_path / "out").exists() and not Path("pwned").exists()
+
+
+# --- issue 35: NaN outputs, the box, time limits -------------------------------------------------
+
+NAN_FORWARD = """
+
+_forward = Model.forward
+
+
+def _nan_forward(self, x):
+    return _forward(self, x) * float("nan")
+
+
+Model.forward = _nan_forward
+"""
+
+
+def _nan_onnx(files, dst: Path) -> Path:
+    """The exported .onnx with every output multiplied by NaN."""
+    proto = onnx.load(str(files[0]["onnx"]))
+    out = proto.graph.output[0].name
+    for node in proto.graph.node:
+        node.output[:] = [f"{o}_pre" if o == out else o for o in node.output]
+    proto.graph.initializer.append(numpy_helper.from_array(np.array([np.nan], np.float32), "nan_factor"))
+    proto.graph.node.append(helper.make_node("Mul", [f"{out}_pre", "nan_factor"], [out]))
+    onnx.save(proto, str(dst))
+    return dst
+
+
+@pytest.mark.parametrize("kind", ["zip", "onnx"])
+def test_a_file_whose_outputs_are_nan_fails_parity(files, tmp_path, capsys, kind):
+    if kind == "zip":
+        bad = _with_model_py(files, tmp_path / "nan.zip", model_zip.TEMPLATE.read_text() + NAN_FORWARD)
+    else:
+        bad = _nan_onnx(files, tmp_path / "nan.onnx")
+    status, lines = _check_here(capsys, bad, f"submit.checkpoints=[{files[1]}]")
+    parity = [line for line in lines if "parity with the in-process model" in line]
+    assert status == 1 and parity, lines
+    assert all(line.startswith("FAIL") and "not finite (NaN or inf)" in line for line in parity), parity
+
+
+def _needs_box() -> None:
+    box = isolated.find_box()
+    if not box.prefix:
+        pytest.skip(f"no box on this machine: {box.line}")
+
+
+HOSTILE = {
+    # item 8: a file in the project, and an append to a file outside its temp folder
+    "write": """for target, mode in (({new!r}, "w"), ({old!r}, "a")):
+    try:
+        with open(target, mode) as fh:
+            fh.write("written by model.py\\n")
+    except OSError:
+        pass
+""",
+    # item 9: the checker's environment, through /proc/<ppid>/environ or any other process's
+    "environ": """import glob, os
+leaked = []
+for name in [f"/proc/{{os.getppid()}}/environ", *glob.glob("/proc/*/environ")]:
+    try:
+        if b"s3cr3t-35" in open(name, "rb").read():
+            leaked.append(name)
+    except OSError:
+        pass
+if leaked:
+    raise RuntimeError("leaked the checker's P2_FAKE_SECRET from " + " ".join(leaked))
+""",
+    # the network: a connection to a port this test listens on
+    "network": """import socket
+try:
+    socket.create_connection(("127.0.0.1", {port}), timeout=2).sendall(b"hello")
+except OSError:
+    pass
+""",
+}
+
+
+@pytest.mark.parametrize("case", ["write", "environ", "network"])
+def test_a_boxed_model_py_cannot_write_read_the_checker_or_connect(tmp_path, case):
+    _needs_box()
+    new, old = ROOT / f".p2_written_by_model_py_{os.getpid()}", tmp_path / "outside.txt"
+    old.write_text("kept\n")
+    listener = socket.create_server(("127.0.0.1", 0))
+    hostile = HOSTILE[case].format(new=str(new), old=str(old), port=listener.getsockname()[1])
+    try:
+        hostile_zip = _zip(tmp_path / "hostile.zip", {"model.py": hostile + PLAIN_MODEL})
+        proc = run_module("phase2.check", str(hostile_zip), *ARGS, P2_FAKE_SECRET="s3cr3t-35")
+        status, lines = proc.returncode, proc.stdout.splitlines()
+        listener.settimeout(0.2)
+        with pytest.raises(TimeoutError):
+            listener.accept()[0].close()
+    finally:
+        listener.close()
+        written = new.exists()
+        new.unlink(missing_ok=True)
+    assert not written and old.read_text() == "kept\n"
+    assert status == 0, lines
+    assert "PASS  unpack + Model().float(): loaded in a fresh `python -I` without timm or this project" in lines
+    assert any(line.startswith("note  box: Linux namespaces (unshare: user, mount, pid, net)") for line in lines)
+
+
+CHAIN = """import os, time
+if os.fork() == 0:  # a setsid fork chain: each generation starts the next and ends, every 3 ms, for 60 s
+    os.setsid()
+    end = time.time() + 60
+    while time.time() < end:
+        if os.fork():
+            os._exit(0)
+        time.sleep(0.003)
+    os._exit(0)
+"""
+
+
+def test_a_setsid_fork_chain_does_not_outlive_the_check(tmp_path):
+    _needs_box()
+    name = b"p2chain%d" % os.getpid()
+    model_py = NAMED.format(name=name) + CHAIN + PLAIN_MODEL
+    try:
+        proc = run_module("phase2.check", str(_zip(tmp_path / "chain.zip", {"model.py": model_py})), *ARGS)
+        assert proc.returncode == 0, proc.stdout + proc.stderr
+        time.sleep(0.3)
+        assert not _named(name), "the fork chain outlived the check"
+    finally:
+        for _ in range(20):  # a chain that escaped moves on while it is killed
+            _kill_named(name)
+
+
+HANG = "import time\ntime.sleep(300)\n"
+
+
+def test_sigkill_of_the_checker_takes_the_check_and_its_folder_with_it(tmp_path):
+    _needs_box()
+    name = b"p2hang%d" % os.getpid()
+    temp = tmp_path / "tmpdir"
+    temp.mkdir()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", WANDB_MODE="disabled", PYTHONPATH=str(ROOT), TMPDIR=str(temp))
+    hang = _zip(tmp_path / "hang.zip", {"model.py": NAMED.format(name=name) + HANG})
+    argv = [sys.executable, "-m", "phase2.check", str(hang), *ARGS]
+    checker = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not _named(name) and time.monotonic() < deadline and checker.poll() is None:
+            time.sleep(0.1)
+        assert _named(name), "model.py never ran"
+        checker.kill()
+        checker.wait()
+        deadline = time.monotonic() + 10
+        while _named(name) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not _named(name), "the check process outlived a SIGKILLed checker"
+        assert not [p.name for p in temp.iterdir() if p.name.startswith("phase2_")]
+    finally:
+        checker.kill()
+        _kill_named(name)
+
+
+def test_without_a_box_the_check_names_the_risk_and_goes_on(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no unshare on it
+    isolated.find_box.cache_clear()
+    try:
+        status, lines = _check_here(capsys, _zip(tmp_path / "plain.zip", {"model.py": PLAIN_MODEL}))
+    finally:
+        isolated.find_box.cache_clear()
+    assert status == 0, lines
+    assert "note  box: none (no util-linux `unshare` on PATH): model.py can write wherever this user can" in "\n".join(
+        lines
+    )
+
+
+def _endless_loop_onnx(dst: Path) -> Path:
+    """A valid .onnx (opset 13, IR 7, dynamic batch) whose graph is a Loop of 1e15 iterations."""
+    body = helper.make_graph(
+        [helper.make_node("Identity", ["cond"], ["cond_out"]), helper.make_node("Identity", ["v"], ["v_out"])],
+        "body",
+        [
+            helper.make_tensor_value_info("i", TensorProto.INT64, []),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v", TensorProto.FLOAT, ["batch", 3, 32, 32]),
+        ],
+        [
+            helper.make_tensor_value_info("cond_out", TensorProto.BOOL, []),
+            helper.make_tensor_value_info("v_out", TensorProto.FLOAT, ["batch", 3, 32, 32]),
+        ],
+    )
+    graph = helper.make_graph(
+        [helper.make_node("Loop", ["trips", "go", "input"], ["output"], body=body)],
+        "endless",
+        [helper.make_tensor_value_info("input", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [helper.make_tensor_value_info("output", TensorProto.FLOAT, ["batch", 3, 32, 32])],
+        [
+            numpy_helper.from_array(np.array(10**15, np.int64), "trips"),
+            numpy_helper.from_array(np.array(True), "go"),
+        ],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    model.ir_version = 7
+    onnx.save(model, str(dst))
+    return dst
+
+
+def test_an_onnx_that_computes_without_end_is_stopped_at_the_timeout(tmp_path, capsys):
+    start = time.monotonic()
+    status, lines = _check_here(capsys, _endless_loop_onnx(tmp_path / "loop.onnx"), "--timeout", "5")
+    assert status == 1 and time.monotonic() - start < 60
+    assert (
+        "FAIL  output (onnxruntime): did not finish within 5 s (--timeout); the check process and all it started "
+        "were stopped" in lines
+    ), lines
+    assert any(line.startswith("note  box: ") for line in lines)
