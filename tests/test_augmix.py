@@ -80,6 +80,7 @@ def test_loader_yields_three_views_the_same_whatever_the_workers(tmp_path):
     "overrides, message",
     [
         (["aug.augmix.jsd_weight=12"], "jsd_weight' needs aug.augmix.enabled=true"),
+        (["aug.augmix.device=true"], "'aug.augmix.device=true' needs aug.augmix.enabled=true"),
         ([*JSD, "train.mixup=0.2"], "does not combine with train.mixup"),
         ([*JSD, "train.adv.mode=trades"], "does not combine with train.adv.mode=trades"),
         ([*JSD, "train.adv.mode=fgsm_reg"], "does not combine with train.adv.mode=fgsm_reg"),

@@ -230,6 +230,9 @@ def _check_augmix(cfg: Config) -> None:
             f"config key 'aug.augmix.alpha': {a.alpha} is below {MIN_AUGMIX_ALPHA} (smaller alphas make timm's "
             "Dirichlet mixing weights NaN, and the images black); the paper uses 1"
         )
+    if a.device == "true" and not a.enabled:
+        # asks for AugMix on the device, where nothing would run it: a silent no-op otherwise
+        raise ConfigError("config key 'aug.augmix.device=true' needs aug.augmix.enabled=true")
     if a.jsd_weight <= 0:
         return
     if not a.enabled:
