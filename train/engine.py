@@ -69,16 +69,10 @@ def train_one_epoch(
     raw_model = accelerator.unwrap_model(training.model)
     bar = create_bar(len(loader) + progress.batch, progress.batch, epoch, accelerator)
     losses = LossLog(epoch)
-    seen, waited = 0, 0.0
+    seen = 0
     start = time.perf_counter()
-    batches = iter(loader)
-    while True:
-        asked = time.perf_counter()
-        batch = next(batches, None)
-        waited += time.perf_counter() - asked
-        if batch is None:
-            break
-        images, targets = batch
+    batches = TimedBatches(loader)
+    for images, targets in batches:
         x = to_float_images(images, training.channels_last)
         paired = None  # the device-augmented second view (aug.views=2)
         if training.batch_augment is not None:
@@ -101,7 +95,7 @@ def train_one_epoch(
                 losses.check()  # before a checkpoint: diverged weights are never saved
             if logging:
                 so_far = max(time.perf_counter() - start, 1e-9)
-                log_step(training, bar, losses.take_recent(), epoch, step, seen / so_far, waited / so_far)
+                log_step(training, bar, losses.take_recent(), epoch, step, seen / so_far, batches.waited / so_far)
             if on_optimizer_step is not None:
                 on_optimizer_step()
             if stopping:
@@ -114,9 +108,27 @@ def train_one_epoch(
         "loss": loss,
         "samples_per_s": seen / max(elapsed, 1e-9),
         "seconds": elapsed,
-        "data_wait_s": waited,
-        "data_wait_frac": waited / max(elapsed, 1e-9),
+        "data_wait_s": batches.waited,
+        "data_wait_frac": batches.waited / max(elapsed, 1e-9),
     }
+
+
+class TimedBatches:
+    """``loader``'s batches; ``waited`` sums the seconds spent waiting for each one (the loop's own
+    work between batches does not count)."""
+
+    def __init__(self, loader) -> None:
+        self.loader, self.waited = loader, 0.0
+
+    def __iter__(self):
+        batches = iter(self.loader)
+        while True:
+            asked = time.perf_counter()
+            batch = next(batches, None)
+            self.waited += time.perf_counter() - asked
+            if batch is None:
+                return
+            yield batch
 
 
 class DataWait:
