@@ -162,6 +162,17 @@ def die_with_parent(parent: int | None = None) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def end_process_group() -> None:
+    """End this process's part of a multi-process run (accelerate's process group), as a finished
+    run does in ``end_training``. After a refusal every rank exits together; a group left for the
+    interpreter's exit to tear down sometimes aborts a rank ("terminate called without an active
+    exception", SIGABRT) instead of the refusal's exit code 2. Not after a crash or a stop: peers
+    may still wait in a collective, and the launcher ends them."""
+    state = sys.modules.get("accelerate.state")  # never imported: no group to end
+    if state is not None and state.PartialState._shared_state:
+        state.PartialState().destroy_process_group()  # a no-op where no group was started
+
+
 def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = None) -> int:
     """Call ``fn(argv)``: a UserError becomes one line on stderr and exit code 2, Ctrl-C 130, SIGTERM 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -185,6 +196,7 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
                 traceback.print_exc()
             if is_main_rank() or debug:
                 print(f"error: {cap_message(str(exc))}", file=sys.stderr, flush=True)
+            end_process_group()
             code, reason = UserError.exit_code, "error"
         else:
             raise  # a crash: its traceback follows

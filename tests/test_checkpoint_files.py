@@ -109,7 +109,9 @@ while not stop.exists():
     meta = {"arch": "test_convnext", "num_classes": 4, "image_size": 32, "val_acc": float(count % 2)}
     export_model(models[count % 2], stem, meta)
     count += 1
-    Path(f"{stop}.count").write_text(str(count))
+    # renamed into place: the test reads it while this loop writes the next one
+    Path(f"{stop}.count.tmp").write_text(str(count))
+    Path(f"{stop}.count.tmp").replace(f"{stop}.count")
 """
 
 

@@ -252,6 +252,34 @@ def test_a_multi_process_run_stops_on_a_held_lock_in_one_line_and_every_rank_sto
     assert len(codes) == 2 and "2" in codes and set(codes) <= {"2", "-15"}, ranks.stderr[-3000:]
 
 
+REFUSING_RANK = """
+import atexit
+import torch.distributed as dist
+from accelerate import PartialState
+from core.cli import run_cli
+from core.errors import UserError
+
+def refuse(argv):
+    PartialState()  # joins the launcher's process group, as a stage's Accelerator does
+    raise UserError("refused")
+
+atexit.register(lambda: print(f"group at exit: {dist.is_initialized()}", flush=True))
+raise SystemExit(run_cli(refuse))
+"""
+
+
+def test_a_refused_rank_ends_its_process_group_before_the_interpreter_exits(tmp_path):
+    # A group left to the interpreter's exit sometimes aborts the rank (SIGABRT, "terminate called
+    # without an active exception": gloo's threads meet a half torn-down interpreter, pytorch#190489),
+    # so the refusal's exit code 2 is lost. That race is rare; whether the group is still up at exit is not.
+    script = tmp_path / "refuse.py"
+    script.write_text(REFUSING_RANK)
+    proc = run_module("torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script), timeout=300)
+    assert proc.returncode != 0 and proc.stdout.count("group at exit: False") == 2, proc.stdout + proc.stderr[-3000:]
+    codes = re.findall(r"exitcode  : (-?\d+)", proc.stderr)
+    assert "2" in codes and set(codes) <= {"2", "-15"}, proc.stderr[-3000:]
+
+
 def test_evaluate_refuses_a_report_over_a_submission_before_any_attack(tmp_path):
     from robust import evaluate
 
