@@ -19,7 +19,7 @@ import torch
 from core.config import load_config
 from core.devices import Devices, available_cores
 from core.errors import UserError
-from launch.start import describe, explain_exit, plan_launch, resume_command, split_args, stopped
+from launch.start import describe, explain_exit, plan_launch, split_args, stopped
 from tests.conftest import ROOT, run_module, shrink
 
 # `./run.sh train` without flags runs the stage in the launcher's process; any launch flag, even one
@@ -210,10 +210,14 @@ def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
     ]
 
 
-def test_the_resume_command_repeats_the_run():
+def test_the_resume_command_repeats_the_run(tmp_path):
+    from train.main import next_step
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=my run"], check_aug=False)
+    (cfg.run_dir / "checkpoints" / "e0001_b000000").mkdir(parents=True)
     argv = ["--config", "configs/robust.yaml", "--num_processes", "2", "name=my run", "overwrite=true"]
-    assert resume_command(argv) == (
-        "./run.sh train --config configs/robust.yaml --num_processes 2 'name=my run' resume=auto"
+    assert next_step(cfg, argv) == (
+        "continue it with ./run.sh train --config configs/robust.yaml --num_processes 2 'name=my run' resume=auto"
     )
 
 
