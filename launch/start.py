@@ -1,11 +1,9 @@
 """Run a stage: ``python -m launch MODULE [args]`` (``./run.sh train|submit|evaluate``).
 
-``--config FILE``, ``--debug`` and ``key=value`` are the stage's; every other flag is ``accelerate
-launch``'s, read by its own parser and carried out by its own launcher, in this process. Decided
-first, so a mistake is one line before any process starts: the config, the flags, the precision
-(``auto``), the training data and an output another command holds. Without flags, on at most one
-GPU, the stage runs here on the config loaded here. A stop reaches every process; how they ended is
-explained in one line; each ends with this launcher, even when it is SIGKILLed (``core.cli``).
+``--config FILE``, ``--debug`` and ``key=value`` are the stage's; every other flag goes as given to
+accelerate's own launcher, run in this process. First, before any process starts, a mistake is one
+line (config, flags, precision, data, an output in use). Without flags on at most one GPU, the stage
+runs here on the config loaded here. How the processes ended is one line; they end with this one.
 """
 
 from __future__ import annotations
@@ -32,10 +30,10 @@ USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [accelerate
   --config FILE  YAML config (default configs/default.yaml, the CPU demo), relative to your folder
   key=value      dotted overrides, e.g. train.epochs=3 (every key: core/config/schema.py)
   --debug        show tracebacks
-Every other flag goes to accelerate launch as given (its --help lists them). Default: every visible
-GPU, one process each, bf16 where they have it (train.mixed_precision=auto); without CUDA one process.
-E.g. --num_processes N (on the CPU: N gloo processes), --gpu_ids 0,2, --cpu, --mixed_precision
-no|bf16|fp16, --config_file FILE, --num_machines M --machine_rank R --main_process_ip IP."""
+Every other flag goes to accelerate launch as given (accelerate launch --help): by default every
+visible GPU, one process each, bf16 where they have it (train.mixed_precision=auto); without CUDA,
+one process. E.g. --num_processes N (on the CPU: N gloo processes), --num_processes 2 --gpu_ids 2,5,
+--cpu, --mixed_precision no|bf16|fp16, --config_file FILE, --num_machines M --main_process_ip IP."""
 
 COMMANDS = {"train.main": "train", "infer.submit": "submit", "robust.evaluate": "evaluate", "phase2.score": "evaluate"}
 KILLED = "a signal it cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer)"
@@ -124,13 +122,13 @@ def plan_launch(module: str, cfg: Config, flags: list[str], stage_args: list[str
 
 def decide_precision(module: str, cfg: Config, asked: str | None, on_gpu: bool, devices: Devices) -> tuple[str, str]:
     """The run's precision and the setting that chose it (:func:`core.devices.resolve_precision`)."""
-    if module in ATTACKING and asked not in (None, "no"):
+    if module not in ATTACKING:
+        precision = resolve_precision(setting := cfg.train.mixed_precision, on_gpu, devices.bf16, asked)
+        return precision, f"--mixed_precision {asked}" if asked else f"train.mixed_precision={setting}"
+    if asked not in (None, "no"):
         raise UserError(f"--mixed_precision {asked}: evaluate attacks in float32 (a gradient in {asked} is "
                         "coarser, and a weaker attack flatters the model)")  # fmt: skip
-    if module in ATTACKING:
-        return "no", "evaluate attacks in float32"
-    precision = resolve_precision(cfg.train.mixed_precision, on_gpu, devices.bf16, asked)
-    return precision, f"--mixed_precision {asked}" if asked else f"train.mixed_precision={cfg.train.mixed_precision}"
+    return "no", "evaluate attacks in float32"
 
 
 def describe(module: str, args, devices: Devices, precision: tuple[str, str]) -> str:
@@ -183,12 +181,12 @@ def run_here(module: str, cfg: Config, devices: Devices, argv: Sequence[str]) ->
         importlib.import_module(module).run(cfg)
         return 0
     except BaseException as exc:
-        if stop_signal(exc):
-            return stopped(stop_signal(exc), module, cfg, argv)
-        if isinstance(exc, UserError) or not isinstance(exc, Exception):
+        if not (stop := stop_signal(exc)) and (isinstance(exc, UserError) or not isinstance(exc, Exception)):
             raise
-        traceback.print_exc()  # a crash: then what to type
-        return explain_exit(1, 0, os.getpid(), module, cfg, argv)
+        if not stop:
+            traceback.print_exc()  # a crash: then what to type
+    # out of the except block, the stage's frames are gone: its progress bar has closed its line
+    return stopped(stop, module, cfg, argv) if stop else explain_exit(1, 0, os.getpid(), module, cfg, argv)
 
 
 def run_processes(module: str, cfg: Config, args, argv: Sequence[str]) -> int:
@@ -240,9 +238,8 @@ def next_step(module: str, cfg: Config, argv: Sequence[str]) -> str:
 
 
 def stopped(signum: int, module: str, cfg: Config, argv: Sequence[str]) -> int:
-    step = next_step(module, cfg, argv)
-    print(f"stopped by {signal.Signals(signum).name}: every process of the run has ended{'; ' * bool(step)}{step}",
-          file=sys.stderr)  # fmt: skip
+    step = f"; {step}" if (step := next_step(module, cfg, argv)) else ""
+    print(f"stopped by {signal.Signals(signum).name}: every process of the run has ended{step}", file=sys.stderr)
     return 128 + signum
 
 

@@ -405,7 +405,8 @@ def test_ctrl_c_prints_only_the_stop_line_saying_what_can_be_resumed(tiny_data, 
 
 
 def _is_training_process(cmdline: bytes) -> bool:
-    return cmdline.split(b"\0")[1:3] == [b"-m", b"train.main"]
+    """``python [-u] -m train.main ...`` (torch's elastic agent adds -u)."""
+    return [a for a in cmdline.split(b"\0")[1:4] if a != b"-u"][:2] == [b"-m", b"train.main"]
 
 
 @pytest.mark.slow
