@@ -202,6 +202,22 @@ def test_our_own_arguments_are_one_line(host):
             split_args(flags, command)
 
 
+def test_one_process_runs_the_stage_here_on_the_config_loaded_once(tmp_path, monkeypatch):
+    # issue 37: the launcher loaded the config, then the stage it started loaded it again
+    from launch import start
+
+    (tmp_path / "once_stage.py").write_text("seen = []\n\n\ndef run(cfg):\n    seen.append(cfg)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (the launcher would give this process every core)
+    monkeypatch.setattr(start, "probe_devices", lambda: CPU)
+    loaded = []
+    monkeypatch.setattr(start, "load_config", lambda *a, **k: loaded.append(load_config(*a, **k)) or loaded[-1])
+    assert start.launch("once_stage", ["name=once"]) == 0
+    import once_stage
+
+    assert len(loaded) == 1 and once_stage.seen == loaded and loaded[0].name == "once"
+
+
 def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
     proc = run_module("launch", "train.main", "--epochs", "3", timeout=120)
     assert proc.returncode == 2
