@@ -17,12 +17,12 @@ from torch import nn
 from bench.measure import BenchContext, Row, measure_interleaved, median_rate, quiet, ratio_of, time_call
 from core.checkpoint import export_model, load_model, read_checkpoint_info, resolve_checkpoint_files
 from core.datasets import TestImageDataset
-from core.devices import resolve_channels_last
+from core.devices import create_accelerator, resolve_channels_last
 from core.images import to_float_images
 from core.labels import list_test_images
 from core.model import create_classifier
 from infer.defended import input_size_of
-from infer.submit import create_accelerator, create_model, create_test_loader, predict, resolve_loader_workers
+from infer.submit import create_model, create_test_loader, predict, resolve_loader_workers
 from infer.submit import run as submit_stage
 from train.demo_data import generate_demo_data
 
@@ -64,7 +64,7 @@ TIMM_WORKERS = 2  # timm inference.py's default --workers
 
 def create_predictor(cfg, checkpoint: Path, test_dir: Path):
     """``(model, loader, accelerator)`` built by the functions ``infer.submit.run`` uses."""
-    accelerator = create_accelerator(cfg)
+    accelerator = create_accelerator(cfg.train.mixed_precision)
     model, infos = create_model(cfg, [checkpoint], accelerator)
     loader = create_test_loader(cfg, list_test_images(test_dir), input_size_of(infos), accelerator)
     return model, loader, accelerator

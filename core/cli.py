@@ -2,8 +2,8 @@
 
 Bad input (:class:`UserError`) becomes one ``error: ...`` line and exit code 2; the traceback
 is shown only with ``--debug``. SIGTERM ends a stage like Ctrl-C does (``finally`` blocks run,
-so no temporary file is left behind). Under ``launch`` each process reports how it ended
-into a status folder, so the launcher can tell a clean error from a process that was killed.
+so no temporary file is left behind). A process the launcher started leaves the stop line to the
+launcher and ends when the launcher dies (:func:`die_with_parent`).
 """
 
 from __future__ import annotations
@@ -24,14 +24,10 @@ from typing import Callable, NoReturn, Sequence
 from core.config import Config, load_config
 from core.errors import UserError, cap_message
 
-# Set by launch: the folder where each process reports how it ended (`accelerate launch`
-# maps every failure to exit code 1).
-STATUS_ENV = "ROBUST_PIPELINE_STATUS_DIR"
+# Set by launch for the processes it starts: its own PID.
+LAUNCHER_ENV = "ROBUST_PIPELINE_LAUNCHER"
 # Set by run.sh: the folder the user ran it from (run.sh itself works from the repository).
 CWD_ENV = "ROBUST_PIPELINE_CWD"
-# The status a stage reports once its output folder holds a state it can continue from (the
-# launcher's stop line then offers resume=auto, else says there is nothing to resume).
-RESUMABLE_STATUS = "resumable"
 
 
 class Terminated(BaseException):
@@ -72,17 +68,6 @@ def quiet_libraries() -> None:
     warnings.filterwarnings("ignore", message=".*TypedStorage is deprecated.*")
 
 
-def rank() -> int:
-    return int(os.environ.get("RANK") or 0)
-
-
-def report_status(name: str, text: str) -> None:
-    """Write ``<status folder>/<name>-<rank>`` when running under launch."""
-    folder = os.environ.get(STATUS_ENV)
-    if folder:
-        Path(folder, f"{name}-{rank()}").write_text(text, encoding="utf-8")
-
-
 # The stop signal this process received (SIGTERM or SIGINT); empty while it runs.
 _stopping: list[int] = []
 
@@ -120,46 +105,41 @@ def _redeliver_stop(previous_hook: Callable, args) -> None:
     previous_hook(args)
 
 
-def caused_by_stop(exc: BaseException) -> bool:
-    """Whether ``exc`` is a stop signal or was raised while one was being handled (a loader worker
-    found dead, a collective whose peer had stopped): then it is the stop, not a crash."""
+def stop_signal(exc: BaseException) -> int | None:
+    """The stop signal (SIGINT or SIGTERM) that ``exc`` is, or was raised while handling (a loader
+    worker found dead, a collective whose peer had stopped): then it is the stop, not a crash.
+    None: not a stop."""
     seen: set[int] = set()
     while exc is not None and id(exc) not in seen:
         if isinstance(exc, (KeyboardInterrupt, Terminated)):
-            return True
+            interrupted = signal.SIGINT in _stopping or (not _stopping and isinstance(exc, KeyboardInterrupt))
+            return signal.SIGINT if interrupted else signal.SIGTERM
         seen.add(id(exc))
         exc = exc.__context__
-    return False
+    return None
 
 
-def _report_stop(exc: BaseException, debug: bool) -> tuple[int, str]:
-    """Exit code and reason of a stopped stage; its line is the launcher's where there is one."""
-    if debug:
-        traceback.print_exception(exc)
-    interrupted = signal.SIGINT in _stopping or (not _stopping and isinstance(exc, KeyboardInterrupt))
-    code, reason = (130, "interrupted") if interrupted else (143, "terminated")
-    if not os.environ.get(STATUS_ENV):
-        print(reason, file=sys.stderr)
-    return code, reason
+def launched() -> bool:
+    """Whether this process was started by the launcher (which explains how it ended)."""
+    return os.environ.get(LAUNCHER_ENV, str(os.getpid())) != str(os.getpid())
 
 
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
-def die_with_parent(parent: int | None = None) -> None:
+def die_with_parent(launcher: int) -> None:
     """Ask the kernel for SIGTERM when this process's parent dies, even by SIGKILL, which no handler
-    sees (Linux; elsewhere nothing happens). Under ``launch`` the process it starts (the stage, or
-    ``accelerate launch``) and every stage process ask it, so a SIGKILLed launcher takes its run with
-    it, which stops cleanly, instead of an orphan holding the run's lock. ``parent``: the PID the
-    caller was started by; if it has already died, SIGTERM comes at once."""
+    sees (Linux; elsewhere nothing happens). Every process the launcher starts asks it, so a
+    SIGKILLed launcher takes its run with it, which stops cleanly, instead of an orphan holding the
+    run's lock. If the ``launcher`` PID has already died, SIGTERM comes at once."""
     if not sys.platform.startswith("linux"):
         return
     try:
         ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
-    except (OSError, AttributeError):
-        return
-    if parent is not None and os.getppid() != parent:  # it died before the call: no signal would come
-        os.kill(os.getpid(), signal.SIGTERM)
+        os.kill(launcher, 0)
+    except (OSError, AttributeError) as exc:
+        if isinstance(exc, ProcessLookupError):  # it died before the call: no signal would come
+            os.kill(os.getpid(), signal.SIGTERM)
 
 
 def end_process_group() -> None:
@@ -177,31 +157,32 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
     """Call ``fn(argv)``: a UserError becomes one line on stderr and exit code 2, Ctrl-C 130, SIGTERM 143."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv or os.environ.get("ROBUST_PIPELINE_DEBUG") == "1"
-    report_status("started", str(os.getpid()))
     _stopping.clear()
     previous = {s: signal.signal(s, _stop) for s in (signal.SIGTERM, signal.SIGINT)}
     previous_hook = sys.unraisablehook
     sys.unraisablehook = functools.partial(_redeliver_stop, previous_hook)
-    if os.environ.get(STATUS_ENV):
-        die_with_parent()  # under launch: a launcher killed outright takes the run with it (see there)
-    code, reason = 1, "crashed"
+    if launched():
+        die_with_parent(int(os.environ[LAUNCHER_ENV]))
+    code = 1
     try:
         fn(argv)
-        code, reason = 0, "done"
+        code = 0
     except BaseException as exc:
-        if caused_by_stop(exc):  # also an error raised by the clean-up the stop started
-            code, reason = _report_stop(exc, debug)
+        stop = stop_signal(exc)  # also an error raised by the clean-up the stop started
+        if debug and (stop or isinstance(exc, UserError)):
+            traceback.print_exception(exc)
+        if stop:
+            code = 128 + stop
+            if not launched():  # else the launcher's line says it
+                print("interrupted" if stop == signal.SIGINT else "terminated", file=sys.stderr)
         elif isinstance(exc, UserError):
-            if debug:
-                traceback.print_exc()
             if is_main_rank() or debug:
                 print(f"error: {cap_message(str(exc))}", file=sys.stderr, flush=True)
             end_process_group()
-            code, reason = UserError.exit_code, "error"
+            code = UserError.exit_code
         else:
             raise  # a crash: its traceback follows
-    finally:  # also on a crash (the traceback follows): the launcher then knows it was not killed
-        report_status("ended", f"{code} {reason}")
+    finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
         sys.unraisablehook = previous_hook

@@ -6,7 +6,9 @@ process starts) and each process (when it builds its model) reach the same answe
 * :func:`probe_devices`: the CUDA devices this process sees (``CUDA_VISIBLE_DEVICES`` applied),
   their names, bf16 support and the CPU cores;
 * :func:`resolve_precision`: ``train.mixed_precision=auto`` is bf16 on a GPU that has it, else
-  float32 ("no"); an explicit value is kept;
+  float32 ("no"); an explicit value is kept, and checked against the device and
+  ``--mixed_precision``;
+* :func:`create_accelerator`: the one Accelerator factory of every stage;
 * :func:`resolve_channels_last`: ``model.channels_last=auto`` is on with CUDA (ConvNeXt's
   convolutions run faster in NHWC there), off on the CPU (no effect there, BENCHMARKS.md);
 * :func:`resolve_num_workers`: ``-1`` (auto) loader workers: on a GPU, the cores each process
@@ -21,6 +23,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+
+from core.errors import UserError
 
 # What `auto` means for a CPU run's loader: the measured default (BENCHMARKS.md, "scaling": 0-2
 # workers are within noise of each other on 2 cores; more preempt the model's threads).
@@ -82,23 +86,51 @@ def probe_devices() -> Devices:
     return Devices(cuda=count, names=names, bf16=bf16, cores=available_cores())
 
 
-def resolve_precision(setting: str, on_gpu: bool | None = None, bf16: bool | None = None) -> str:
+def resolve_precision(
+    setting: str, on_gpu: bool | None = None, bf16: bool | None = None, asked: str | None = None
+) -> str:
     """The autocast precision a run uses: ``no`` (float32), ``bf16`` or ``fp16``.
 
     ``auto`` picks bf16 on a GPU that computes it natively (Ampere and newer) and float32
     elsewhere: bf16 keeps float32's range, so no loss scaling and no overflow in the attack's
     gradients; a pre-Ampere GPU gets float32 rather than fp16's loss scaling, which the user may
     still ask for by name. GCM computes in float32 whatever this says (``gcm/gcm.py``).
+    ``asked``: ``accelerate launch --mixed_precision`` (or its config file's), which must agree
+    with an explicit ``setting``.
+
+    Raises:
+        UserError: a disagreement, fp16 on the CPU or bf16 on GPUs without it, in one line.
     """
-    if setting != "auto":
-        return setting
+    source = f"train.mixed_precision={setting}"
+    if asked is not None:
+        if asked not in ("no", "bf16", "fp16"):
+            raise UserError(f"--mixed_precision {asked}: expected no, bf16 or fp16")
+        if setting not in ("auto", asked):
+            raise UserError(f"--mixed_precision {asked} and {source} disagree: give one of them")
+        setting, source = asked, f"--mixed_precision {asked}"
     if on_gpu is None:
         on_gpu = cuda_available()
-    if not on_gpu:
-        return "no"
     if bf16 is None:
-        bf16 = probe_devices().bf16
-    return "bf16" if bf16 else "no"
+        bf16 = on_gpu and probe_devices().bf16
+    if setting == "fp16" and not on_gpu:
+        raise UserError(f"{source}: fp16 needs a GPU and this run is on the CPU; use bf16 or no")
+    if setting == "bf16" and on_gpu and not bf16:
+        raise UserError(f"{source}: these GPUs do not compute bf16 natively; use fp16 or no")
+    if setting != "auto":
+        return setting
+    return "bf16" if on_gpu and bf16 else "no"
+
+
+def create_accelerator(mixed_precision: str = "auto", **kwargs):
+    """The Accelerator every stage runs with: the CPU where no CUDA device is visible (gloo across
+    processes), CUDA prepared (:func:`prepare_cuda`), and ``mixed_precision`` as
+    :func:`resolve_precision` decides it on this device. ``kwargs`` go to ``Accelerator``."""
+    from accelerate import Accelerator
+
+    on_gpu = cuda_available()
+    if on_gpu:
+        prepare_cuda()
+    return Accelerator(cpu=not on_gpu, mixed_precision=resolve_precision(mixed_precision, on_gpu), **kwargs)
 
 
 def precision_name(precision: str) -> str:

@@ -26,12 +26,11 @@ from core.config import Config, config_to_dict
 from core.datasets import TestImageDataset, create_eval_loader
 from core.devices import (
     available_cores,
+    create_accelerator,
     local_processes,
     precision_name,
-    prepare_cuda,
     resolve_channels_last,
     resolve_num_workers,
-    resolve_precision,
 )
 from core.errors import UserError
 from core.images import load_image, to_float_images
@@ -62,15 +61,6 @@ def compile_members(model: DefendedModel) -> None:
     members = model.model.members
     for i, member in enumerate(members):
         members[i] = torch.compile(member)
-
-
-def create_accelerator(cfg: Config) -> Accelerator:
-    """The Accelerator ``submit`` predicts with: CPU without CUDA; the autocast precision
-    ``train.mixed_precision`` resolves to on this device (``auto``: bf16 on a GPU that has it)."""
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        prepare_cuda()
-    return Accelerator(cpu=not on_gpu, mixed_precision=resolve_precision(cfg.train.mixed_precision, on_gpu))
 
 
 def create_model(
@@ -200,7 +190,7 @@ def score_predictions(ids: Sequence[int], preds: Sequence[int], test: TestSet) -
 def run(cfg: Config) -> dict:
     """Write the submission files for ``cfg``; returns counts, paths and (if labelled) accuracy."""
     start = time.perf_counter()
-    accelerator = create_accelerator(cfg)
+    accelerator = create_accelerator(cfg.train.mixed_precision)
     # Before the prediction, not after it; on every process, so none waits for a failed one.
     check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
     stem = cfg.submission_stem

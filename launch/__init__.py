@@ -1,2 +1,2 @@
-"""The launcher: how ``train``, ``submit`` and ``evaluate`` start (:mod:`launch.plan` decides the
-processes, devices and precision; :mod:`launch.start` checks, starts and supervises them)."""
+"""The launcher: how ``train``, ``submit`` and ``evaluate`` start (:mod:`launch.start`): checks that
+need no process first, then one process here or accelerate's own launcher for several."""

@@ -1,262 +1,264 @@
 """Run a stage: ``python -m launch MODULE [args]`` (``./run.sh train|submit|evaluate``).
 
-Our own arguments are ``--config FILE``, ``--debug`` and ``key=value``; every other ``--flag`` is
-a launch flag with ``accelerate launch``'s name, decided by :mod:`launch.plan` (every visible
-GPU by default, ``--num_processes``, ``--gpu_ids``, ``--cpu``, ``--mixed_precision``, several
-machines) or refused in one line. The config and the plan are checked here first, so a bad key or
-an impossible launch fails in one line before any process starts; then one line says what starts:
-processes, devices, precision.
-
-One plain process (no flag; the CPU or a single GPU) runs the stage directly, ``python -m
-MODULE``: ``accelerate launch`` would only add an interpreter that imports torch (seconds) to
-start it, and ``Accelerator()`` builds the same one-process state without it. Anything else runs
-under ``accelerate launch`` with explicit flags (a default config of the user's machine changes
-nothing). CPU processes get their share of the cores as torch threads (accelerate would give one).
-
-Stopping: SIGINT or SIGTERM sent to this launcher (Ctrl-C, ``kill PID``, ``timeout``, a job
-scheduler) is passed on to every process it started, which stop cleanly (checkpoints are
-published atomically); it waits for them, so nothing keeps running. A process that dies without
-a word (SIGKILL, the out-of-memory killer) is named, with the command that resumes the run.
+``--config FILE``, ``--debug`` and ``key=value`` are the stage's; every other flag goes as given to
+accelerate's own launcher, run in this process. First, before any process starts, a mistake is one
+line (config, flags, precision, data, an output in use). Without flags on at most one GPU, the stage
+runs here on the config loaded here. How the processes ended is one line; they end with this one.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+import logging
 import os
-import shlex
 import signal
 import subprocess
 import sys
-import tempfile
-from pathlib import Path
+import traceback
 from typing import Sequence
 
-from core.cli import RESUMABLE_STATUS, STATUS_ENV, die_with_parent, user_path
-from core.config import Config, check_aug_section, load_config
-from core.devices import probe_devices
+from core.cli import LAUNCHER_ENV, quiet_libraries, stop_signal, user_path
+from core.config import Config, key_named, load_config
+from core.devices import Devices, precision_name, probe_devices, resolve_precision
 from core.errors import UserError
 from core.labels import resolve_samples
 from core.outputs import acquire
-from launch.plan import COMMANDS, DEFAULT_ACCELERATE_CONFIG, Plan, parse_flags, plan_launch, split_args
 
-USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [launch flags]
+USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [accelerate launch flags]
 
-  --config FILE   YAML config (default configs/default.yaml, the CPU demo); a relative FILE is
-                  taken from the folder you run the command in
-  key=value       dotted overrides, e.g. train.epochs=3 data.image_size=64 train.adv.mode=pgd
-  --debug         show tracebacks
+  --config FILE  YAML config (default configs/default.yaml, the CPU demo), relative to your folder
+  key=value      dotted overrides, e.g. train.epochs=3 (every key: core/config/schema.py)
+  --debug        show tracebacks
+Every other flag goes to accelerate launch as given (accelerate launch --help): by default every
+visible GPU, one process each, bf16 where they have it (train.mixed_precision=auto); without CUDA,
+one process. E.g. --num_processes N (on the CPU: N gloo processes), --num_processes 2 --gpu_ids 2,5,
+--cpu, --mixed_precision no|bf16|fp16, --config_file FILE, --num_machines M --main_process_ip IP."""
 
-Config sections: name, out_dir, seed, resume, overwrite, data, aug, model, train (train.adv:
-adversarial training), wandb, tta, gcm, random_pad, submit, budget, export, eval. Every key, its
-default and what it means: core/config/schema.py; paths inside a config are relative to the repository.
-
-Launch flags (accelerate launch's names). Default: every visible GPU, one process each, bf16
-where the GPUs have it (train.mixed_precision=auto); on a machine without CUDA one process.
-  --num_processes N       N processes (the first N GPUs; on the CPU, N gloo processes)
-  --gpu_ids 0,2           which of the visible GPUs (as torch numbers them; CUDA_VISIBLE_DEVICES
-                          chooses what is visible)
-  --cpu                   run on the CPU even where there are GPUs
-  --mixed_precision P     no | bf16 | fp16 (sets train.mixed_precision)
-  --num_machines M --machine_rank R --main_process_ip IP --main_process_port PORT
-                          several machines (--num_processes counts every machine's processes)
-  --config_file FILE      an accelerate config file (DDP settings only)
-  --num_cpu_threads_per_process T, --same_network, --rdzv_backend, --rdzv_conf, --max_restarts,
-  --monitor_interval, --tee, --log_dir, --role, --env, --quiet, --enable_cpu_affinity
-DeepSpeed, FSDP, Megatron, TPU, fp8 and dynamo flags are refused (this is plain DDP;
-model.compile=true compiles)."""
-
-GRACE_SECONDS = 60  # after passing a signal on: then the processes are killed
+COMMANDS = {"train.main": "train", "infer.submit": "submit", "robust.evaluate": "evaluate", "phase2.score": "evaluate"}
+KILLED = "a signal it cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer)"
+ATTACKING = {"robust.evaluate", "phase2.score"}  # float32, whatever train.mixed_precision says
 
 
-def check_output_free(module: str, cfg: Config) -> None:
-    """The run folder or submission name another command holds is one line here, before any
-    process starts (inside a multi-process run, the main process's refusal comes with accelerate's
-    failure report of every rank). Only a look: the stage itself holds the lock while it runs."""
-    claims = {
-        "train.main": ("train", cfg.run_dir, "name"),
-        "infer.submit": ("submit", cfg.submission_stem, "submit.file_name"),
-    }
-    if module in claims:
-        stage, output, key = claims[module]
-        acquire(output, stage, key).release()
+def split_args(argv: Sequence[str], command: str) -> tuple[str | None, list[str], list[str]]:
+    """``(--config FILE, the stage's other arguments, accelerate launch flags with their values)``;
+    which flags take a value is accelerate's parser's answer."""
+    config, ours, flags, i = None, [], [], 0
+    while i < len(argv):
+        arg, after = argv[i], argv[i + 1 : i + 2]
+        if arg == "--config" or arg.startswith("--config="):
+            if config is not None:
+                raise UserError("--config is given twice: give one file (key=value overrides change it)")
+            config = arg[len("--config=") :] if "=" in arg else "".join(after)
+            i += "=" not in arg
+            if not config or config.startswith("-"):
+                raise UserError("--config needs a file: --config FILE")
+        elif arg.startswith("-") and arg != "--debug":
+            name, _, value = arg.lstrip("-").partition("=")
+            action = accelerate_parser()._option_string_actions.get(arg.split("=", 1)[0])
+            if action is None and key_named(name, command):
+                value = value or "".join(a for a in after if "=" not in a) or "..."
+                raise UserError(f"unknown option --{name}: did you mean {key_named(name, command)}={value}? "
+                                "(config keys take key=value)")  # fmt: skip
+            if action is None:
+                raise UserError(f"unknown option --{name} (accelerate launch flags: ./run.sh {command} --help)")
+            takes_value = "=" not in arg and action.nargs != 0 and bool(after)
+            flags += argv[i : i + 1 + takes_value]
+            i += takes_value
+        else:
+            ours.append(arg)
+        i += 1
+    return config, ours, flags
 
 
-def preflight_training(cfg: Config, plan: Plan) -> None:
-    """What training would stop on, checked before any process or GPU is taken: the data layout, the
-    label file, the listed images and every class having images (``./run.sh check-data`` does
-    this and reads every image). The demo data are made by the stage itself."""
-    if not plan.direct:
-        # Only training augments. Checking its aug section imports albumentations and torch, so a direct
-        # run leaves that to the stage (its first step); several processes get it checked here, once.
-        check_aug_section(cfg)
-    if not cfg.data.demo:
+@functools.cache
+def accelerate_parser():
+    """accelerate launch's own parser, its usage errors as one line (not its 114-line usage)."""
+    from accelerate.commands.launch import launch_command_parser
+
+    def refuse(message: str):
+        raise UserError(f"accelerate launch: {message}")
+
+    parser = launch_command_parser()
+    parser.error = refuse
+    return parser
+
+
+def plan_launch(module: str, cfg: Config, flags: list[str], stage_args: list[str], devices: Devices):
+    """``(accelerate launch's reading of flags, (precision, what chose it))``; None: one process here.
+    On the CPU several processes are gloo processes of its multi-GPU launcher (``--cpu`` starts one,
+    whatever ``--num_processes`` says), each with its share of the cores (accelerate gives one)."""
+    from accelerate.commands.config import default_config_file  # accelerate launch would read it
+    from accelerate.commands.launch import _validate_launch_command
+
+    if not flags and devices.cuda <= 1 and not os.path.isfile(default_config_file):
+        return None, decide_precision(module, cfg, None, devices.cuda == 1, devices)
+    logging.getLogger("accelerate.commands.launch").setLevel(logging.ERROR)  # "defaults used instead"
+    args = accelerate_parser().parse_args([*flags, "--module", module])
+    args.training_script_args, given = stage_args, (args.mixed_precision, args.num_cpu_threads_per_process)
+    try:
+        args, _, from_file = _validate_launch_command(args)
+    except (ValueError, OSError, AssertionError) as exc:
+        raise UserError(f"accelerate launch: {exc}") from None
+    if args.num_machines > 1 and not args.main_process_ip:  # else every machine waits for ever
+        raise UserError(f"--num_machines {args.num_machines} needs --main_process_ip (the main machine's address)")
+    args.on_gpu = devices.cuda > 0 and not args.cpu and not args.use_cpu
+    if not args.on_gpu:
+        args.num_processes = args.num_processes or 1  # accelerate's count of no GPUs: its launcher starts one
+        if args.num_processes > 1:
+            args.cpu, args.use_cpu, args.multi_gpu = False, False, True
+            if devices.cuda:  # --cpu: the processes must not see the GPUs either
+                os.environ["CUDA_VISIBLE_DEVICES"] = ""
+        if given[1] is None and not os.environ.get("OMP_NUM_THREADS"):
+            args.num_cpu_threads_per_process = max(1, devices.cores // (args.num_processes // args.num_machines))
+            os.environ["OMP_NUM_THREADS"] = str(args.num_cpu_threads_per_process)
+    asked = args.mixed_precision if given[0] or from_file else None
+    precision = decide_precision(module, cfg, asked, args.on_gpu, devices)
+    args.mixed_precision = precision[0]  # the processes' ACCELERATE_MIXED_PRECISION
+    if asked and module not in ATTACKING:
+        args.training_script_args.append(f"train.mixed_precision={asked}")
+    return args, precision
+
+
+def decide_precision(module: str, cfg: Config, asked: str | None, on_gpu: bool, devices: Devices) -> tuple[str, str]:
+    """The run's precision and the setting that chose it (:func:`core.devices.resolve_precision`)."""
+    if module not in ATTACKING:
+        precision = resolve_precision(setting := cfg.train.mixed_precision, on_gpu, devices.bf16, asked)
+        return precision, f"--mixed_precision {asked}" if asked else f"train.mixed_precision={setting}"
+    if asked not in (None, "no"):
+        raise UserError(f"--mixed_precision {asked}: evaluate attacks in float32 (a gradient in {asked} is "
+                        "coarser, and a weaker attack flatters the model)")  # fmt: skip
+    return "no", "evaluate attacks in float32"
+
+
+def describe(module: str, args, devices: Devices, precision: tuple[str, str]) -> str:
+    """The start-up line: processes, devices, precision (``args`` None: one process here)."""
+    n, machines = (args.num_processes, args.num_machines) if args else (1, 1)
+    ids = None
+    if args.on_gpu if args else devices.cuda:
+        gpu_ids = getattr(args, "gpu_ids", None)
+        ids = list(range(n // machines)) if gpu_ids in (None, "all") else [int(i) for i in gpu_ids.split(",")]
+    how = "1 process" if n == 1 else f"{n} processes ({'DDP' if ids else 'gloo'})"
+    how += f" on {machines} machines, {n // machines} here" if machines > 1 else ""
+    threads = args.num_cpu_threads_per_process if args else devices.cores
+    where = devices.describe(ids) + ("" if ids else f", {threads} torch thread{'s' * (threads > 1)} each")
+    command, (name, source) = COMMANDS.get(module, module), precision
+    return f"launch: {command} as {how} on {where}; precision {precision_name(name)} ({source})"
+
+
+def check_before_start(module: str, cfg: Config) -> None:
+    """What the stage would stop on, before any process or GPU is taken: the training data (the demo
+    data are made by the stage) and an output another command holds (the stage then takes it)."""
+    if module == "train.main" and not cfg.data.demo:
         resolve_samples(cfg.data)
-
-
-def create_command(plan: Plan, module: str, ours: list[str], env: dict) -> list[str]:
-    """The command that starts ``plan``: ``python -m MODULE`` for one plain process, else
-    ``accelerate launch``; sets ``env`` (the processes' environment) as the plan says."""
-    env.update(plan.env)
-    args = [*ours, *plan.overrides]
-    if plan.direct:
-        if plan.threads and not env.get("OMP_NUM_THREADS"):
-            env["OMP_NUM_THREADS"] = str(plan.threads)
-        return [sys.executable, "-m", module, *args]
-    config_file = str(plan.config_file or DEFAULT_ACCELERATE_CONFIG)
-    accelerate = ["-m", "accelerate.commands.launch", "--quiet", "--config_file", config_file, *plan.accelerate]
-    return [sys.executable, *accelerate, "-m", module, *args]
-
-
-def resolve_module(module: str, cfg: Config) -> str:
-    """The stage that does what the command asks: ``evaluate eval.file=FILE`` attacks an exported
-    Phase II file (:mod:`phase2.score`), plain ``evaluate`` the checkpoints (:mod:`robust.evaluate`)."""
-    return "phase2.score" if module == "robust.evaluate" and cfg.eval.file else module
+    claims = {"train.main": (cfg.run_dir, "name"), "infer.submit": (cfg.submission_stem, "submit.file_name")}
+    if module in claims:
+        acquire(claims[module][0], COMMANDS[module], claims[module][1]).release()
 
 
 def launch(module: str, argv: Sequence[str]) -> int:
-    ours, accel = split_args(argv)
-    flags = parse_flags(accel, COMMANDS.get(module, ""))
-    config_path = user_path(_flag_value(ours, "--config"))
-    overrides = _overrides_of(ours)
-    config_file = user_path(str(flags["config_file"])) if "config_file" in flags else None
-    # Fail fast, in one line, before any process starts.
-    cfg = load_config(config_path, overrides, check_aug=False)
-    module = resolve_module(module, cfg)
+    config, ours, flags = split_args(argv, COMMANDS.get(module, ""))
+    cfg = load_config(user_path(config), [a for a in ours if a != "--debug"], check_aug=module == "train.main")
+    module = "phase2.score" if module == "robust.evaluate" and cfg.eval.file else module
     devices = probe_devices()
-    plan = plan_launch(module, flags, cfg, devices, config_file=config_file)
-    if module == "train.main":
-        preflight_training(cfg, plan)
-    check_output_free(module, cfg)
-    print(plan.describe(devices), flush=True)
-    with tempfile.TemporaryDirectory() as status:
-        env = dict(os.environ, **{STATUS_ENV: status})
-        if "--debug" in ours:
-            env["ROBUST_PIPELINE_DEBUG"] = "1"
-        cmd = create_command(plan, module, ours, env)
-        rc, received = supervise(cmd, env)
-        return explain_exit(module, rc, received, Path(status), argv)
+    stage_args = [*(["--config", str(user_path(config))] if config else []), *ours]
+    args, precision = plan_launch(module, cfg, flags, stage_args, devices)
+    check_before_start(module, cfg)
+    print(describe(module, args, devices, precision), flush=True)
+    if args is None:
+        return run_here(module, cfg, devices, argv)
+    if "--debug" in ours:
+        os.environ["ROBUST_PIPELINE_DEBUG"] = "1"
+    return run_processes(module, cfg, args, argv)
 
 
-def _overrides_of(ours: list[str]) -> list[str]:
-    """Every argument but ``--config FILE`` and ``--debug``: the stage's overrides, checked here
-    (``train.epochs 2`` included, so its error comes before the launch line, not after)."""
-    out, skip = [], False
-    for arg in ours:
-        if skip or arg == "--debug" or arg.startswith("--config="):
-            skip = False
-        elif arg == "--config":
-            skip = True
-        else:
-            out.append(arg)
-    return out
-
-
-def _flag_value(args: list[str], name: str) -> str | None:
-    for i, arg in enumerate(args):
-        if arg == name and i + 1 < len(args):
-            return args[i + 1]
-        if arg.startswith(name + "="):
-            return arg.split("=", 1)[1]
-    return None
-
-
-def supervise(cmd: list[str], env: dict) -> tuple[int, int | None]:
-    """Run ``cmd`` in its own process group; pass SIGINT/SIGTERM on to the whole group and wait.
-
-    Returns ``(exit code, the signal this launcher received or None)``. The group is told to
-    stop with SIGTERM (clean for our stages, quiet for accelerate's own launcher), and killed
-    if it has not stopped ``GRACE_SECONDS`` later.
-    """
-    launcher = os.getpid()
-    # SIGTERM to the child when this launcher dies, even by SIGKILL (core.cli.die_with_parent)
-    proc = subprocess.Popen(
-        cmd, env=env, cwd=os.getcwd(), start_new_session=True, preexec_fn=lambda: die_with_parent(launcher)
-    )
-    received: list[int] = []
-
-    def pass_on(signum, frame) -> None:
-        received.append(signum)
-        _signal_group(proc.pid, signal.SIGTERM)
-
-    previous = {s: signal.signal(s, pass_on) for s in (signal.SIGINT, signal.SIGTERM)}
+def run_here(module: str, cfg: Config, devices: Devices, argv: Sequence[str]) -> int:
+    """The stage's ``run(cfg)`` in this process, on every core: the config reaches it loaded once."""
+    quiet_libraries()
+    if not os.environ.get("OMP_NUM_THREADS"):
+        __import__("torch").set_num_threads(devices.cores)
     try:
-        while True:
-            try:
-                rc = proc.wait(timeout=GRACE_SECONDS if received else None)
-                break
-            except subprocess.TimeoutExpired:
-                _signal_group(proc.pid, signal.SIGKILL)
-    finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
-    # Stragglers of the group (a loader worker whose parent was killed): nothing may outlive us.
-    _signal_group(proc.pid, signal.SIGKILL)
-    return rc, (received[0] if received else None)
-
-
-def _signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def resume_command(argv: Sequence[str]) -> str:
-    """The command that continues a run: the one that started it, with ``resume=auto`` instead of
-    its ``resume=`` / ``overwrite=`` (same config, overrides and launch flags, so the same run)."""
-    kept = [a for a in argv if not a.startswith(("resume=", "overwrite="))]
-    return shlex.join(["./run.sh", "train", *kept, "resume=auto"])
-
-
-def next_step(module: str, status: Path, argv: Sequence[str]) -> str:
-    """What to type after training ended early: resume from its checkpoint, or (none yet) start again."""
-    if module != "train.main":
-        return ""
-    if any(status.glob(f"{RESUMABLE_STATUS}-*")):
-        return f"continue it with {resume_command(argv)}"
-    return "it had written no checkpoint yet, so there is nothing to resume: start it again with " + shlex.join(
-        ["./run.sh", "train", *argv]
-    )
-
-
-def explain_exit(module: str, rc: int, received: int | None, status: Path, argv: Sequence[str] = ()) -> int:
-    """The launcher's exit code, and a line for a process that died without reporting."""
-    ended = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").split() for p in status.glob("ended-*")}
-    started = {p.name.split("-", 1)[1]: p.read_text(encoding="utf-8").strip() for p in status.glob("started-*")}
-    step = next_step(module, status, argv)
-    hint = f"; {step}" if step else ""
-    if received is not None:
-        name = signal.Signals(received).name
-        print(f"stopped by {name}: every process of the run has ended{hint}", file=sys.stderr)
-        return 128 + received
-    if rc == 0:
+        importlib.import_module(module).run(cfg)
         return 0
-    if rc < 0:  # a direct child killed by a signal: the shell's code for it (137 for SIGKILL)
-        rc = 128 - rc
-    codes = sorted({int(code) for code, _ in ended.values()}, reverse=True)
-    silent = sorted(r for r in started if r not in ended)
-    if silent:
-        rank = silent[0]
-        if step.startswith("continue"):
-            step = f"{step} (checkpoints are written atomically)"
-        resume = f" {step[0].upper()}{step[1:]}." if step else ""
-        print(
-            f"error: process rank {rank} (pid {started[rank]}) of {module} died without reporting an error: it was "
-            f"killed by a signal it cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer).{resume}",
-            file=sys.stderr,
-        )
-        return rc
-    if hint and any(reason == "crashed" for _, reason in ended.values()):
-        print(f"train crashed (the traceback is above){hint} once the cause is fixed", file=sys.stderr)
-    # accelerate --quiet maps every failure to 1; keep our own code ("bad input" is 2).
-    return next((c for c in codes if c), rc)
+    except BaseException as exc:
+        if not (stop := stop_signal(exc)) and (isinstance(exc, UserError) or not isinstance(exc, Exception)):
+            raise
+        if not stop:
+            traceback.print_exc()  # a crash: then what to type
+    # out of the except block, the stage's frames are gone: its progress bar has closed its line
+    return stopped(stop, module, cfg, argv) if stop else explain_exit(1, 0, os.getpid(), module, cfg, argv)
+
+
+def run_processes(module: str, cfg: Config, args, argv: Sequence[str]) -> int:
+    """accelerate's launcher with ``args``, in this process (several processes: torch's elastic agent,
+    which passes a stop on to them and reports how each ended); how they ended, in one line."""
+    import torch.distributed.run  # noqa: F401  (its loggers, quietened below: our line says it)
+    from accelerate.commands.launch import launch_command
+    from torch.distributed.elastic.multiprocessing import SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+    os.environ[LAUNCHER_ENV] = str(os.getpid())  # the processes end with this one (core.cli)
+    for name in [n for n in logging.root.manager.loggerDict if n.startswith("torch.distributed.elastic")]:
+        logging.getLogger(name).setLevel(logging.CRITICAL)
+    try:
+        if not (args.multi_gpu or args.use_deepspeed or args.use_fsdp or args.use_megatron_lm or args.tpu):
+            return run_one(args, module, cfg, argv)
+        launch_command(args)
+        return 0
+    except ChildFailedError as exc:  # the cause: a process killed by a signal, a refusal (2), the first
+        rank, why = min(exc.failures.items(), key=lambda f: (f[1].exitcode >= 0, f[1].exitcode != 2, f[1].timestamp))
+        return explain_exit(why.exitcode, rank, why.pid, module, cfg, argv)
+    except BaseException as exc:  # a stop: torch's agent has passed it on to every process
+        if not (signum := exc.sigval if isinstance(exc, SignalException) else stop_signal(exc)):
+            raise
+        return stopped(signum, module, cfg, argv)
+
+
+def run_one(args, module: str, cfg: Config, argv: Sequence[str]) -> int:
+    """accelerate's one-process launch (its ``simple_launcher``); a stop reaches the process and its workers."""
+    from accelerate.utils import prepare_simple_launcher_cmd_env
+
+    cmd, env = prepare_simple_launcher_cmd_env(args)
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+    try:
+        return explain_exit(proc.wait(), 0, proc.pid, module, cfg, argv)
+    except BaseException:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(60)  # then it is killed
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+        raise
+
+
+def next_step(module: str, cfg: Config, argv: Sequence[str]) -> str:
+    """What to type after the run ended early, where the stage says (its ``next_step(cfg, argv)``)."""
+    hint = getattr(importlib.import_module(module), "next_step", None)
+    return hint(cfg, argv) if hint else ""
+
+
+def stopped(signum: int, module: str, cfg: Config, argv: Sequence[str]) -> int:
+    step = f"; {step}" if (step := next_step(module, cfg, argv)) else ""
+    print(f"stopped by {signal.Signals(signum).name}: every process of the run has ended{step}", file=sys.stderr)
+    return 128 + signum
+
+
+def explain_exit(code: int, rank: int, pid: int, module: str, cfg: Config, argv: Sequence[str]) -> int:
+    """The exit code for a process that ended with ``code``; a line where it could not say why."""
+    step = next_step(module, cfg, argv) if code else ""
+    if code < 0:  # killed by a signal: the shell's code for it (137 for SIGKILL)
+        name = signal.Signals(-code).name if code != -signal.SIGKILL else KILLED
+        resume = f" {step[:1].upper()}{step[1:]}{' (checkpoints are written atomically)' * step.startswith('cont')}."
+        print(f"error: process rank {rank} (pid {pid}) of {module} died without reporting an error: it was killed by "
+              f"{name}.{resume * bool(step)}", file=sys.stderr)  # fmt: skip
+        return 128 - code
+    if code == 1 and step:
+        print(f"{COMMANDS[module]} crashed (the traceback is above); {step} once the cause is fixed", file=sys.stderr)
+    return code
 
 
 def main(argv: Sequence[str]) -> None:
-    if not argv:
-        raise UserError("usage: python -m launch MODULE [--config FILE] [key=value ...] [launch flags]")
-    if any(a in ("-h", "--help") for a in argv[1:]):
-        print(USAGE.format(command=COMMANDS.get(argv[0], argv[0])))
-        return
-    code = launch(argv[0], argv[1:])
-    if code:
+    if not argv or any(a in ("-h", "--help") for a in argv[1:]):
+        print(USAGE.format(command=COMMANDS.get(argv[0], argv[0]) if argv else "train|submit|evaluate"))
+    elif code := launch(argv[0], argv[1:]):
         raise SystemExit(code)

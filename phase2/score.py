@@ -21,7 +21,7 @@ import torch
 
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
-from core.devices import default_device
+from core.devices import create_accelerator, default_device
 from core.errors import UserError
 from core.io import atomic_write_files, remove_leftovers
 from core.outputs import check_outputs, hold_output
@@ -30,7 +30,7 @@ from phase2.draws import format_phase2, run_phase2
 from phase2.files import FileModel, load_phase2_file
 from robust.eval_images import load_eval_images
 from robust.report import eval_out_dir
-from robust.runner import accuracy, craft, create_accelerator, score
+from robust.runner import accuracy, craft, score
 from robust.specs import SPECS
 
 FILE_ATTACKS = ("pgd_linf", "autoattack")
@@ -91,7 +91,7 @@ def run(cfg: Config, progress: bool = True) -> dict:
         raise UserError("eval.file: name the exported file to attack (./run.sh evaluate evaluates checkpoints)")
     out_dir = eval_out_dir(cfg)
     check_outputs(file_report_paths(out_dir), "evaluate", "eval.out_dir")
-    accelerator = create_accelerator()
+    accelerator = create_accelerator("no")  # attacks in float32: a coarser gradient is a weaker attack
     progress = progress and accelerator.is_main_process
     with hold_output(out_dir, "evaluate", "eval.out_dir", accelerator):
         if accelerator.is_main_process:  # the lock's holder: leftovers of a killed run

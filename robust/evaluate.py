@@ -33,7 +33,7 @@ import torch
 from core.checkpoint import resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
-from core.devices import default_device
+from core.devices import create_accelerator, default_device
 from core.errors import UserError
 from core.io import remove_leftovers
 from core.outputs import check_outputs, hold_output
@@ -45,7 +45,7 @@ from robust.eval_images import load_eval_images
 from robust.metrics import worst_case
 from robust.report import eval_out_dir, report_files, write_report
 from robust.results import EvalResult, Row, Score
-from robust.runner import Overall, accuracy, craft, create_accelerator, score
+from robust.runner import Overall, accuracy, craft, score
 from robust.specs import PAPER_COLUMNS, SPECS
 from robust.verdict import describe_defense, sanity_checks, verdict
 
@@ -266,7 +266,7 @@ def run(cfg: Config, progress: bool = True) -> EvalResult:
         raise UserError("eval.file: run ./run.sh evaluate eval.file=FILE (phase2.score attacks a file)")
     out_dir = eval_out_dir(cfg)
     check_outputs(list(report_files(out_dir).values()), "evaluate", "eval.out_dir")  # before hours of attacks
-    accelerator = create_accelerator()
+    accelerator = create_accelerator("no")  # attacks in float32: a coarser gradient is a weaker attack
     progress = progress and accelerator.is_main_process
     with hold_output(out_dir, "evaluate", "eval.out_dir", accelerator):
         if accelerator.is_main_process:  # the lock's holder: leftovers of a killed run

@@ -18,7 +18,6 @@ from tqdm.auto import tqdm
 
 from attacks import EOT, eval_mode, lp_norm
 from core.config import Config
-from core.devices import prepare_cuda
 from gcm import DefendedModel, bpda
 from robust import autoattack
 from robust.specs import SPECS, AttackSpec
@@ -37,18 +36,6 @@ def check_budget(spec: AttackSpec, x: torch.Tensor, adv: torch.Tensor, eps: floa
             f"attack {spec.name} left its budget: {spec.norm} norm {size:.6g} > eps {eps:.6g}, "
             f"or pixels outside [0, 1] ({float(adv.min()):.4g}..{float(adv.max()):.4g})"
         )
-
-
-def create_accelerator():
-    """The run's processes and device (``evaluate`` and ``phase2.score``): every GPU under the
-    launcher, the images' batches and the corruption cells spread over them (:func:`spread_batches`),
-    else the CPU. Attacks run in float32: a coarser gradient would be a weaker attack."""
-    from accelerate import Accelerator
-
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        prepare_cuda()
-    return Accelerator(cpu=not on_gpu, mixed_precision="no")
 
 
 class Overall:

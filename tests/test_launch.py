@@ -1,11 +1,11 @@
-"""The launcher: one plain process runs the stage directly, anything else under accelerate launch
-(multi-process CPU runs and their thread count); signals, exit codes and the SIGKILL report on both paths."""
+"""The launcher: one process runs the stage here, with the config it loaded; anything else goes
+through accelerate's own launcher with the user's flags as given (faked 8-GPU and CPU hosts);
+signals, exit codes and the SIGKILL report on both paths."""
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shlex
 import signal
 import subprocess
@@ -14,16 +14,16 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from core.config import load_config
 from core.devices import Devices, available_cores
 from core.errors import UserError
-from launch.plan import DEFAULT_ACCELERATE_CONFIG, ROOT, parse_flags, plan_launch, split_args
-from launch.start import create_command, resume_command
-from tests.conftest import run_module, shrink
+from launch.start import describe, explain_exit, plan_launch, split_args, stopped
+from tests.conftest import ROOT, run_module, shrink
 
-# `./run.sh train` without flags runs the stage directly; any launch flag, even one that asks for
-# nothing more, goes through accelerate launch.
+# `./run.sh train` without flags runs the stage in the launcher's process; any launch flag, even one
+# that asks for nothing more, goes through accelerate's launcher.
 PATHS = {"direct": (), "accelerate": ("--num_processes", "1")}
 
 CPU = Devices(cuda=0, cores=8)
@@ -31,176 +31,191 @@ H200x8 = Devices(cuda=8, names=("NVIDIA H200",) * 8, bf16=True, cores=128)
 V100x4 = Devices(cuda=4, names=("Tesla V100",) * 4, bf16=False, cores=32)
 
 
-def plan(accel=(), devices=CPU, module="train.main", overrides=(), env=None, config_file=None):
-    """The launch of ``./run.sh train [overrides] [accel]`` on ``devices`` (nothing is started)."""
-    cfg = load_config(None, list(overrides), check_aug=False)
-    return plan_launch(module, parse_flags(list(accel)), cfg, devices, env={} if env is None else env,
-                       config_file=config_file)  # fmt: skip
+@pytest.fixture
+def host(monkeypatch):
+    """Plan launches as ``./run.sh train [overrides] [flags]`` would on a faked machine (nothing starts)."""
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)  # (restored after, as is what the launcher sets)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")  # restored after: --cpu hides the GPUs
+
+    def plan(flags=(), devices=CPU, module="train.main", overrides=()):
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: devices.cuda > 0)
+        monkeypatch.setattr(torch.cuda, "device_count", lambda: devices.cuda)
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: devices.bf16)
+        cfg = load_config(None, list(overrides), check_aug=False)
+        config, ours, accel = split_args(list(flags), "train")
+        args, precision = plan_launch(module, cfg, accel, ours, devices)
+        return args, precision, describe(module, args, devices, precision)
+
+    return plan
 
 
-def flag(args: list[str], name: str) -> str | None:
-    return args[args.index(name) + 1] if name in args else None
+# --- the CPU: one process here, or gloo processes sharing the cores ---------------------------
 
 
-# --- the CPU: one direct process, or gloo processes sharing the cores --------------------------
-
-
-def test_a_cpu_run_is_one_direct_process_with_every_core():
-    p = plan()
-    assert (p.direct, p.processes, p.gpu_ids, p.precision, p.threads) == (True, 1, None, "no", 8)
-    env: dict = {}
-    assert create_command(p, "train.main", ["a.b=1"], env) == [sys.executable, "-m", "train.main", "a.b=1"]
-    assert env["OMP_NUM_THREADS"] == "8"
-    env = {"OMP_NUM_THREADS": "1"}
-    create_command(p, "train.main", [], env)
-    assert env["OMP_NUM_THREADS"] == "1"  # the user's choice
+def test_a_cpu_run_is_one_process_here_with_every_core(host):
+    args, precision, line = host()
+    assert args is None and precision == ("no", "train.mixed_precision=auto")
+    assert line == (
+        "launch: train as 1 process on the CPU (8 cores), 8 torch threads each; precision fp32 "
+        "(train.mixed_precision=auto)"
+    )
 
 
 @pytest.mark.parametrize(
-    "accel,cores,threads",
+    "flags,cores,threads",
     [
-        (["--num_processes", "2"], 8, "4"),
-        (["--num_processes=4"], 2, "1"),  # never below one thread
-        (["--cpu", "--num-processes", "2"], 8, "4"),  # --cpu alone would run one process
-        (["--num_processes", "2", "--num_cpu_threads_per_process", "3"], 8, "3"),  # the user's choice
+        (["--num_processes", "2"], 8, 4),
+        (["--num_processes=4"], 2, 1),  # never below one thread
+        (["--cpu", "--num-processes", "2"], 8, 4),  # accelerate's --cpu alone would run one process
+        (["--num_processes", "2", "--num_cpu_threads_per_process", "3"], 8, 3),  # the user's choice
     ],
 )
-def test_cpu_processes_run_with_gloo_and_share_the_cores(accel, cores, threads):
-    p = plan(accel, Devices(cuda=0, cores=cores))
-    assert not p.direct and p.gpu_ids is None
-    assert "--multi_gpu" in p.accelerate and "--cpu" not in p.accelerate
-    assert flag(p.accelerate, "--num_cpu_threads_per_process") == threads
-    assert flag(p.accelerate, "--num_processes") == str(p.processes)
+def test_cpu_processes_run_with_gloo_and_share_the_cores(host, flags, cores, threads):
+    args, _, line = host(flags, Devices(cuda=0, cores=cores))
+    assert args.multi_gpu and not args.cpu and args.num_cpu_threads_per_process == threads
+    assert f"processes (gloo) on the CPU ({cores} cores), {threads} torch thread" in line
 
 
-def test_omp_num_threads_is_left_to_accelerate():
-    p = plan(["--num_processes", "2"], env={"OMP_NUM_THREADS": "3"})
-    assert "--num_cpu_threads_per_process" not in p.accelerate
+def test_omp_num_threads_is_left_to_accelerate(host, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    args, _, _ = host(["--num_processes", "2"])
+    assert args.num_cpu_threads_per_process == 3  # accelerate's own reading of it
 
 
 @pytest.mark.parametrize(
-    "accel,message",
+    "flags,message",
     [
-        (["--gpu_ids", "0"], "--gpu_ids 0: no CUDA device is visible here"),
         (["--mixed_precision", "fp16"], "--mixed_precision fp16: fp16 needs a GPU and this run is on the CPU"),
-        (["--num_processes", "0"], "--num_processes 0: must be at least 1"),
-        (["--num_processes", "two"], "--num_processes two: expected a whole number"),
+        (["--num_processes", "two"], "accelerate launch: argument --num_processes/--num-processes: invalid int value"),
     ],
 )
-def test_gpu_only_settings_on_a_cpu_machine_are_one_line(accel, message):
-    with pytest.raises(UserError, match="^" + message.replace("+", r"\+")):
-        plan(accel)
+def test_gpu_only_settings_on_a_cpu_machine_are_one_line(host, flags, message):
+    with pytest.raises(UserError, match="^" + message):
+        host(flags)
 
 
-# --- GPUs: every visible one by default --------------------------------------------------------
+# --- GPUs: accelerate's default is every visible one ---------------------------------------------
 
 
-def test_every_gpu_runs_one_process_in_bf16_by_default():
-    p = plan(devices=H200x8)
-    assert (p.processes, p.gpu_ids, p.precision, p.direct) == (8, list(range(8)), "bf16", False)
-    assert "--multi_gpu" in p.accelerate and flag(p.accelerate, "--mixed_precision") == "bf16"
-    assert flag(p.accelerate, "--gpu_ids") == "all" and p.env == {}  # all of them: nothing remapped
-    assert p.describe(H200x8) == (
+def test_every_gpu_runs_one_process_in_bf16_by_default(host):
+    args, precision, line = host(devices=H200x8)
+    assert (args.num_processes, args.multi_gpu, args.mixed_precision) == (8, True, "bf16")
+    assert args.training_script_args == []  # nothing added: each process resolves auto alike
+    assert line == (
         "launch: train as 8 processes (DDP) on GPUs 0-7 of 8 (NVIDIA H200); precision bf16 (train.mixed_precision=auto)"
     )
 
 
-def test_num_processes_takes_the_first_gpus_and_gpu_ids_chooses_them():
-    assert plan(["--num_processes", "4"], H200x8).env == {"CUDA_VISIBLE_DEVICES": "0,1,2,3"}
-    # --gpu_ids counts the visible devices, so it composes with the user's CUDA_VISIBLE_DEVICES
-    p = plan(["--gpu_ids", "2,5"], H200x8, env={"CUDA_VISIBLE_DEVICES": "4,5,6,7,0,1,2,3"})
-    assert (p.processes, p.gpu_ids, p.env) == (2, [2, 5], {"CUDA_VISIBLE_DEVICES": "6,1"})
-    assert "GPUs 2,5 of 8" in p.describe(H200x8)
+def test_num_processes_and_gpu_ids_are_accelerates(host):
+    args, _, line = host(["--num_processes", "4"], H200x8)
+    assert (args.num_processes, args.gpu_ids) == (4, None) and "on GPUs 0-3 of 8" in line
+    args, _, line = host(["--num_processes", "2", "--gpu_ids", "2,5"], H200x8)
+    assert (args.num_processes, args.gpu_ids) == (2, "2,5") and "on GPUs 2,5 of 8" in line
 
 
-def test_one_gpu_runs_directly_on_that_gpu():
-    p = plan(devices=Devices(cuda=1, names=("NVIDIA H200",), bf16=True, cores=16))
-    assert (p.direct, p.processes, p.precision, p.env) == (True, 1, "bf16", {})
-    p = plan(["--gpu_ids", "3"], H200x8)
-    assert p.processes == 1 and p.env == {"CUDA_VISIBLE_DEVICES": "3"} and not p.direct
+def test_one_gpu_runs_here_and_one_process_with_flags_through_accelerate(host):
+    args, precision, line = host(devices=Devices(cuda=1, names=("NVIDIA H200",), bf16=True, cores=16))
+    assert args is None and precision[0] == "bf16" and "1 process on GPU 0 of 1 (NVIDIA H200)" in line
+    args, _, line = host(["--num_processes", "1"], H200x8)
+    assert args.num_processes == 1 and not args.multi_gpu and "1 process on GPU 0 of 8" in line
 
 
-@pytest.mark.parametrize(
-    "accel,message",
-    [
-        (["--num_processes", "9"], "--num_processes 9 needs 9 GPUs on this machine, but 8 are visible here"),
-        (["--gpu_ids", "0,1", "--num_processes", "4"], "--num_processes 4 needs 4 GPUs on this machine, but 2 are"),
-        (["--gpu_ids", "8"], "--gpu_ids 8: no CUDA device 8 here; 8 visible, numbered 0-7"),
-        (["--gpu_ids", "0,0"], "--gpu_ids 0,0: a device is listed twice"),
-        (["--num_machines", "2", "--num_processes", "3"], "--num_processes 3 is not a multiple of --num_machines 2"),
-    ],
-)
-def test_more_processes_than_gpus_is_one_line(accel, message):
-    with pytest.raises(UserError, match="^" + message):
-        plan(accel, H200x8)
-
-
-def test_precision_flag_key_and_gpu_kind():
-    p = plan(["--mixed_precision", "fp16"], H200x8)
-    assert p.precision == "fp16" and p.overrides == ["train.mixed_precision=fp16"]
-    assert plan(overrides=["train.mixed_precision=no"], devices=H200x8).precision == "no"
-    assert plan(["--mixed_precision", "bf16"], H200x8, overrides=["train.mixed_precision=auto"]).precision == "bf16"
+def test_precision_flag_key_and_gpu_kind(host):
+    args, precision, _ = host(["--num_processes", "2", "--mixed_precision", "fp16"], H200x8)
+    assert precision[0] == args.mixed_precision == "fp16"
+    assert args.training_script_args == ["train.mixed_precision=fp16"]  # the stage's own setting follows
+    assert host(["--num_processes", "2"], H200x8, overrides=["train.mixed_precision=no"])[1][0] == "no"
     with pytest.raises(UserError, match="^--mixed_precision fp16 and train.mixed_precision=no disagree"):
-        plan(["--mixed_precision", "fp16"], H200x8, overrides=["train.mixed_precision=no"])
+        host(["--mixed_precision", "fp16"], H200x8, overrides=["train.mixed_precision=no"])
     # GPUs without native bf16: auto is float32; asking for bf16 by name is refused
-    assert plan(devices=V100x4).precision == "no"
+    assert host(["--num_processes", "2"], V100x4)[1][0] == "no"
     with pytest.raises(UserError, match="do not compute bf16 natively"):
-        plan(["--mixed_precision", "bf16"], V100x4)
+        host(["--mixed_precision", "bf16"], V100x4)
 
 
-def test_cpu_flag_hides_the_gpus_from_the_processes():
-    p = plan(["--cpu"], H200x8)
-    assert p.gpu_ids is None and p.precision == "no" and p.env == {"CUDA_VISIBLE_DEVICES": ""}
+def test_cpu_flag_hides_the_gpus_from_the_processes(host):
+    args, precision, line = host(["--cpu", "--num_processes", "2"], H200x8)
+    assert args.multi_gpu and precision[0] == "no" and os.environ["CUDA_VISIBLE_DEVICES"] == ""
+    assert "2 processes (gloo) on the CPU" in line
 
 
-def test_several_machines_pass_their_flags_on():
-    accel = ["--num_machines", "2", "--machine_rank", "1", "--main_process_ip", "10.0.0.1", "--same_network"]
-    p = plan(accel, H200x8)
-    assert (p.processes, p.local_processes) == (16, 8)
-    assert flag(p.accelerate, "--machine_rank") == "1" and flag(p.accelerate, "--main_process_ip") == "10.0.0.1"
-    assert "--same_network" in p.accelerate and "on 2 machines, 8 here" in p.describe(H200x8)
-    p = plan(config_file=ROOT / "configs/accelerate/multi_node.yaml", devices=H200x8)
-    assert (p.processes, p.machines) == (16, 2)
-
-
-def test_an_accelerate_config_file_is_read(tmp_path):
-    config = tmp_path / "acc.yaml"
-    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\nmixed_precision: fp16\n")
-    p = plan(["--config_file", str(config)], H200x8, config_file=config)
-    assert p.processes == 4 and p.config_file == config
-    config.write_text("distributed_type: DEEPSPEED\n")
-    with pytest.raises(UserError, match="distributed_type DEEPSPEED is not supported here"):
-        plan(config_file=config)
-
-
-@pytest.mark.parametrize(
-    "accel,message",
-    [
-        (["--use_deepspeed"], "--use_deepspeed: DeepSpeed is not supported"),
-        (["--fsdp_version", "2"], "--fsdp_version: FSDP is not supported"),
-        (["--tpu"], "--tpu: TPUs are not supported"),
-        (["--dynamo_backend", "inductor"], "--dynamo_backend: use model.compile=true"),
-        (["--gradient_accumulation_steps", "4"], "--gradient_accumulation_steps: use train.grad_accum_steps=N"),
-        (["-m"], "--m: the launcher runs the stage as a module itself"),
-        (["--num_processes"], "--num_processes needs a value"),
-        (["--frobnicate"], r"unknown option --frobnicate \(launch flags: ./run.sh train --help\)"),
-    ],
-)
-def test_flags_this_pipeline_does_not_use_are_refused_in_one_line(accel, message):
-    with pytest.raises(UserError, match="^" + message):
-        parse_flags(accel, "train")
-
-
-def test_evaluate_attacks_in_float32():
-    assert plan(devices=H200x8, module="robust.evaluate").precision == "no"
+def test_evaluate_attacks_in_float32(host):
+    assert host(["--num_processes", "2"], H200x8, module="robust.evaluate")[1][0] == "no"
     with pytest.raises(UserError, match="evaluate attacks in float32"):
-        plan(["--mixed_precision", "bf16"], H200x8, module="robust.evaluate")
+        host(["--mixed_precision", "bf16"], H200x8, module="robust.evaluate")
 
 
-def test_split_args_sends_flags_to_the_launcher():
-    ours, accel = split_args(["--config", "c.yaml", "a.b=1", "--num_processes", "2", "--cpu", "--debug"])
-    assert ours == ["--config", "c.yaml", "a.b=1", "--debug"]
-    assert accel == ["--num_processes", "2", "--cpu"]
+# --- every flag goes to accelerate as given: the old re-parser's mistakes --------------------------
+
+
+def test_flags_and_their_values_reach_accelerate_as_given(host):
+    # issue 37: the launcher's own re-parser took `--env A=1` and `--rdzv_conf k=v` for overrides
+    # (or "needed a value"); accelerate's parser knows which of its flags take a value.
+    flags = ["--env", "A=1", "--rdzv_conf", "k=v", "--num_processes", "2", "--same_network"]
+    assert split_args([*flags[:2], "x.y=2", *flags[2:], "--config", "c.yaml", "a.b=1", "--debug"], "train") == (
+        "c.yaml",
+        ["x.y=2", "a.b=1", "--debug"],
+        flags,
+    )
+    args, _, _ = host([*flags, "--machine_rank", "0"], H200x8)
+    assert (args.env, args.rdzv_conf, args.same_network, args.num_processes) == (["A=1"], "k=v", True, 2)
+
+
+def test_accelerates_own_errors_are_one_line(host, tmp_path):
+    with pytest.raises(UserError, match=r"^accelerate launch: argument --main_process_port/--main-process-port: "
+                                         r"invalid int value: 'abc'$"):  # fmt: skip
+        host(["--num_processes", "2", "--main_process_port", "abc"], H200x8)
+    with pytest.raises(UserError, match=r"^accelerate launch: The passed configuration file `/no/such.yaml` does not"):
+        host(["--config_file", "/no/such.yaml"], H200x8)
+    with pytest.raises(UserError, match=r"^--num_machines 2 needs --main_process_ip"):
+        host(["--num_processes", "16", "--num_machines", "2"], H200x8)
+
+
+def test_an_accelerate_config_file_is_read_by_accelerate_the_last_one_given(host, tmp_path):
+    first, second = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    first.write_text("distributed_type: MULTI_GPU\nnum_processes: 4\nmixed_precision: fp16\n")
+    second.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: 'no'\n")
+    args, precision, _ = host(["--config_file", str(first)], V100x4)
+    assert args.num_processes == 4 and precision == ("fp16", "--mixed_precision fp16")  # the file's precision
+    args, precision, _ = host(["--config_file", str(first), "--config_file", str(second)], V100x4)
+    assert (args.config_file, args.num_processes, precision[0]) == (str(second), 2, "no")  # argparse: the last
+    multi_node = ROOT / "configs" / "accelerate" / "multi_node.yaml"
+    args, _, line = host(["--config_file", str(multi_node), "--machine_rank", "1"], H200x8)
+    assert (args.num_processes, args.num_machines, args.machine_rank) == (16, 2, 1)
+    assert "16 processes (DDP) on 2 machines, 8 here" in line
+
+
+def test_our_own_arguments_are_one_line(host):
+    for argv in (["--config"], ["--config", "--cpu"], ["--config="]):
+        with pytest.raises(UserError, match=r"^--config needs a file: --config FILE$"):
+            split_args(argv, "train")
+    with pytest.raises(UserError, match=r"^--config is given twice"):
+        split_args(["--config", "a.yaml", "--config=b.yaml"], "train")
+    with pytest.raises(UserError, match=r"^unknown option --frobnicate \(accelerate launch flags: ./run.sh train"):
+        split_args(["--frobnicate"], "train")
+    for flags, command, key in (
+        (["--batch-size=8"], "submit", "submit.batch_size=8"),
+        (["--train.lr", "0.1"], "train", "train.lr=0.1"),
+        (["--seed"], "train", "seed=..."),
+    ):
+        with pytest.raises(UserError, match=rf"did you mean {key}\?"):
+            split_args(flags, command)
+
+
+def test_one_process_runs_the_stage_here_on_the_config_loaded_once(tmp_path, monkeypatch):
+    # issue 37: the launcher loaded the config, then the stage it started loaded it again
+    from launch import start
+
+    (tmp_path / "once_stage.py").write_text("seen = []\n\n\ndef run(cfg):\n    seen.append(cfg)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # (the launcher would give this process every core)
+    monkeypatch.setattr(start, "probe_devices", lambda: CPU)
+    loaded = []
+    monkeypatch.setattr(start, "load_config", lambda *a, **k: loaded.append(load_config(*a, **k)) or loaded[-1])
+    assert start.launch("once_stage", ["name=once"]) == 0
+    import once_stage
+
+    assert len(loaded) == 1 and once_stage.seen == loaded and loaded[0].name == "once"
 
 
 def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
@@ -209,50 +224,50 @@ def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
     assert proc.stderr.strip().splitlines() == [
         "error: unknown option --epochs: did you mean train.epochs=3? (config keys take key=value)"
     ]
-    for accel, command, key in (
-        (["--batch-size=8"], "submit", "submit.batch_size=8"),
-        (["--train.lr", "0.1"], "train", "train.lr=0.1"),
-        (["--seed"], "train", "seed=..."),
-    ):
-        with pytest.raises(UserError, match=rf"did you mean {key}\?"):
-            parse_flags(accel, command)
 
 
-def test_the_resume_command_repeats_the_run():
+def test_the_resume_command_repeats_the_run(tmp_path):
+    from train.main import next_step
+
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=my run"], check_aug=False)
+    (cfg.run_dir / "checkpoints" / "e0001_b000000").mkdir(parents=True)
     argv = ["--config", "configs/robust.yaml", "--num_processes", "2", "name=my run", "overwrite=true"]
-    assert resume_command(argv) == (
-        "./run.sh train --config configs/robust.yaml --num_processes 2 'name=my run' resume=auto"
+    assert next_step(cfg, argv) == (
+        "continue it with ./run.sh train --config configs/robust.yaml --num_processes 2 'name=my run' resume=auto"
     )
 
 
-def test_every_launch_passes_an_explicit_accelerate_config():
-    # accelerate reads the user's ~/.cache default config unless one is given: ours asks for nothing
-    cmd = create_command(plan(["--num_processes", "2"]), "train.main", [], {})
-    assert cmd[cmd.index("--config_file") + 1] == str(DEFAULT_ACCELERATE_CONFIG)
-
-
-# Reports what a stage started by the launcher sees: its parent, thread count and accelerate state.
+# Reports what a stage started by the launcher sees: its command line, its parent's, its thread
+# count and accelerate state.
 PROBE_STAGE = """
 import json, os
 from pathlib import Path
 
-from core.cli import run_cli
+from core.cli import create_parser, parse_config, run_cli
+from core.devices import create_accelerator
 from core.errors import UserError
 
 
-def main(argv):
-    if "name=fail" in argv:
+def cmdline(pid):
+    return Path(f"/proc/{pid}/cmdline").read_bytes().decode().split("\\0")
+
+
+def run(cfg):
+    if cfg.name == "fail":
         raise UserError("the probe was asked to fail")
     import torch
-    from accelerate import Accelerator
 
-    state = Accelerator(cpu=not torch.cuda.is_available()).state
-    parent = Path(f"/proc/{os.getppid()}/cmdline").read_bytes().decode().split("\\0")
+    state = create_accelerator(cfg.train.mixed_precision).state
     print(json.dumps({
-        "parent": parent,
+        "self": cmdline(os.getpid()),
+        "parent": cmdline(os.getppid()),
         "threads": torch.get_num_threads(),
         "state": [state.num_processes, str(state.distributed_type), str(state.device), str(state.mixed_precision)],
     }))
+
+
+def main(argv):
+    run(parse_config(create_parser("probe", "").parse_args(argv)))
 
 
 if __name__ == "__main__":
@@ -273,8 +288,9 @@ def test_direct_and_accelerate_runs_see_the_same_process(tmp_path):
         assert failed.returncode == 2 and failed.stderr.strip().splitlines()[-1] == (
             "error: the probe was asked to fail"
         ), failed.stderr[-2000:]
-    assert seen["direct"]["parent"][1:4] == ["-m", "launch", "probe_stage"]  # no accelerate launch between
-    assert seen["accelerate"]["parent"][1:3] == ["-m", "accelerate.commands.launch"]
+    assert seen["direct"]["self"][1:4] == ["-m", "launch", "probe_stage"]  # the launcher's own process
+    assert seen["accelerate"]["self"][1:3] == ["-m", "probe_stage"]  # started by accelerate's launcher ...
+    assert seen["accelerate"]["parent"][1:4] == ["-m", "launch", "probe_stage"]  # ... in the launcher
     assert seen["direct"]["threads"] == seen["accelerate"]["threads"] == available_cores()
     assert seen["direct"]["state"] == seen["accelerate"]["state"]
 
@@ -405,18 +421,20 @@ def test_ctrl_c_prints_only_the_stop_line_saying_what_can_be_resumed(tiny_data, 
 
 
 def _is_training_process(cmdline: bytes) -> bool:
-    return cmdline.split(b"\0")[1:3] == [b"-m", b"train.main"]
+    """``python [-u] -m train.main ...`` (torch's elastic agent adds -u)."""
+    return [a for a in cmdline.split(b"\0")[1:4] if a != b"-u"][:2] == [b"-m", b"train.main"]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("path", PATHS)
-def test_a_killed_training_process_is_named_with_the_resume_command(tiny_data, tmp_path, path):
+@pytest.mark.parametrize("flags", [PATHS["accelerate"], ("--num_processes", "2")], ids=["one", "two"])
+def test_a_killed_training_process_is_named_with_the_resume_command(tiny_data, tmp_path, flags):
+    # (a run of one process without flags is the launcher's own process: killed, the shell says so)
     out = tmp_path / "runs"
-    proc = _start_training(tiny_data, out, *PATHS[path])
+    proc = _start_training(tiny_data, out, *flags)
     _wait_for_checkpoint(out, proc)
     # the training process: `python -m train.main`, started by the launcher or accelerate launch
-    # (its loader workers, its children, have the same command line)
-    trainer = next(
+    # (its loader workers, its children, have the same command line; rank 0 is the first one)
+    trainer = min(
         pid
         for pid in _processes_mentioning(str(tmp_path))
         if _is_training_process(Path(f"/proc/{pid}/cmdline").read_bytes())
@@ -427,10 +445,10 @@ def test_a_killed_training_process_is_named_with_the_resume_command(tiny_data, t
     assert proc.returncode != 0
     # the error line (after the progress bar's last \r, which ends without a newline)
     line = stderr[stderr.index("error: ") :].splitlines()[0] if "error: " in stderr else stderr[-2000:]
-    assert f"process rank 0 (pid {trainer}) of train.main died without reporting" in line
+    assert f"(pid {trainer}) of train.main died without reporting" in line
     assert "SIGKILL" in line
     # the hint repeats the run's own command (here: its launch flags and overrides), with resume=auto
-    expected = " ".join(["./run.sh train", *PATHS[path], "data.root=" + str(tiny_data)])
+    expected = " ".join(["./run.sh train", *flags, "data.root=" + str(tiny_data)])
     assert f"Continue it with {expected} " in line and line.endswith(
         "resume=auto (checkpoints are written atomically)."
     )
@@ -455,27 +473,36 @@ def test_a_bad_aug_entry_stops_a_direct_training_run_in_one_line(tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_a_crashed_or_stopped_training_is_told_how_to_continue(tmp_path, capsys):
-    from launch.start import explain_exit
-
+def test_a_crashed_killed_or_stopped_training_is_told_how_to_continue(tmp_path, capsys):
+    cfg = load_config(None, [f"out_dir={tmp_path}"], check_aug=False)
     argv = ["--config", "configs/robust.yaml", "train.epochs=3"]
-    (tmp_path / "started-0").write_text("123")
-    (tmp_path / "ended-0").write_text("1 crashed")
-    assert explain_exit("train.main", 1, None, tmp_path, argv) == 1  # before its first checkpoint
+    assert explain_exit(1, 0, 123, "train.main", cfg, argv) == 1  # before its first checkpoint
     assert capsys.readouterr().err.strip() == (
         "train crashed (the traceback is above); it had written no checkpoint yet, so there is nothing to resume: "
         "start it again with ./run.sh train --config configs/robust.yaml train.epochs=3 once the cause is fixed"
     )
-    (tmp_path / "resumable-0").write_text("e0001_b000000")  # what train reports once it has a checkpoint
-    assert explain_exit("train.main", 1, None, tmp_path, argv) == 1
+    (cfg.run_dir / "checkpoints" / "e0001_b000000.tmp").mkdir(parents=True)  # a torn write: nothing to resume
+    assert stopped(signal.SIGTERM, "train.main", cfg, argv) == 143
+    assert "it had written no checkpoint yet" in capsys.readouterr().err
+    (cfg.run_dir / "checkpoints" / "e0001_b000000").mkdir()
+    assert explain_exit(1, 0, 123, "train.main", cfg, argv) == 1
     assert capsys.readouterr().err.strip() == (
         "train crashed (the traceback is above); continue it with ./run.sh train --config configs/robust.yaml "
         "train.epochs=3 resume=auto once the cause is fixed"
     )
-    assert explain_exit("train.main", 143, signal.SIGTERM, tmp_path, argv) == 128 + signal.SIGTERM
-    assert "continue it with ./run.sh train --config configs/robust.yaml" in capsys.readouterr().err
-    (tmp_path / "ended-0").write_text("2 error")  # bad input: its own line says what to do
-    assert explain_exit("train.main", 1, None, tmp_path, argv) == 2 and capsys.readouterr().err == ""
+    assert stopped(signal.SIGINT, "train.main", cfg, argv) == 130
+    assert capsys.readouterr().err.strip() == (
+        "stopped by SIGINT: every process of the run has ended; continue it with ./run.sh train --config "
+        "configs/robust.yaml train.epochs=3 resume=auto"
+    )
+    assert explain_exit(-9, 1, 77, "train.main", cfg, argv) == 137
+    assert capsys.readouterr().err.strip() == (
+        "error: process rank 1 (pid 77) of train.main died without reporting an error: it was killed by a signal it "
+        "cannot catch (SIGKILL: kill -9, or the kernel's out-of-memory killer). Continue it with ./run.sh train "
+        "--config configs/robust.yaml train.epochs=3 resume=auto (checkpoints are written atomically)."
+    )
+    assert explain_exit(2, 0, 123, "train.main", cfg, argv) == 2 and capsys.readouterr().err == ""  # its own line
+    assert explain_exit(2, 0, 123, "infer.submit", cfg, argv) == 2 and capsys.readouterr().err == ""
 
 
 def test_a_stop_that_lands_in_a_finalizer_still_stops_the_stage(capsys):
@@ -529,44 +556,6 @@ def test_a_sigkilled_launcher_takes_its_run_with_it(tiny_data, tmp_path, path):
     assert _processes_mentioning(str(tmp_path)) == [], "the run outlived its SIGKILLed launcher"
     resumed = run_module("launch", "train.main", *shrink(["train.epochs=1", "resume=auto"], tiny_data, out))
     assert resumed.returncode == 0 and "resumed from" in resumed.stdout, resumed.stderr[-2000:]
-
-
-@pytest.mark.parametrize(
-    "accel,message",
-    [
-        (["--num_processes", "2", "--num_machines", "2"], "--num_machines 2 needs --main_process_ip"),
-        (["--machine_rank", "3"], "--machine_rank 3: must be below --num_machines 1"),
-        (["--machine_rank=-1"], "--machine_rank -1: must be at least 0"),
-        (["--main_process_port", "abc"], "--main_process_port abc: expected a port number in 1..65535"),
-        (["--main_process_port", "70000"], "--main_process_port 70000: expected a port number"),
-    ],
-)
-def test_machine_flags_that_cannot_work_are_one_line(accel, message):
-    # issue 35, 20 and 21: two machines without the main one's address hung on "(None, 29500)"; a
-    # machine rank of no machine was ignored; a port "abc" printed 114 lines of accelerate's usage.
-    with pytest.raises(UserError, match="^" + re.escape(message)):
-        plan(accel)
-
-
-def test_launch_flag_values_and_config_files_are_read_as_given(tmp_path):
-    # issue 35, 21: `--env A=1` and `--rdzv_conf k=v` "needed a value"; `--config` without a file
-    # crashed in the stage; `--config A --config B` checked A and ran B.
-    ours, accel = split_args(["--env", "A=1", "--rdzv_conf", "k=v", "x.y=2", "--epochs", "a.b=1"])
-    assert accel == ["--env", "A=1", "--rdzv_conf", "k=v", "--epochs"] and ours == ["x.y=2", "a.b=1"]
-    assert parse_flags(accel[:4]) == {"env": ["A=1"], "rdzv_conf": "k=v"}
-    for argv in (["--config"], ["--config", "--cpu"], ["--config="]):
-        with pytest.raises(UserError, match=r"^--config needs a file: --config FILE$"):
-            split_args(argv)
-    with pytest.raises(UserError, match=r"^--config is given twice"):
-        split_args(["--config", "a.yaml", "--config=b.yaml"])
-    # an accelerate file's settings as accelerate reads them: its precision, an unquoted NO
-    config = tmp_path / "acc.yaml"
-    config.write_text("distributed_type: MULTI_GPU\nnum_processes: 2\nmixed_precision: fp16\n")
-    p = plan(["--config_file", str(config)], V100x4, config_file=config)
-    assert p.precision == "fp16" and "train.mixed_precision=fp16" in p.overrides
-    config.write_text("distributed_type: NO\nmixed_precision: no\n")
-    p = plan(["--config_file", str(config)], H200x8, config_file=config)
-    assert p.precision == "no"
 
 
 def test_a_config_flag_without_a_file_is_one_line_before_anything_starts():

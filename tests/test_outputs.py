@@ -22,7 +22,6 @@ from core.errors import UserError
 from core.model import create_classifier
 from core.outputs import HOST, OutputLock, acquire, check_outputs, claim_names, lock_path_of, record_owner
 from infer.submission import write_submission
-from launch.start import DEFAULT_ACCELERATE_CONFIG
 from tests.conftest import ROOT, run_module, shrink
 
 # A process that takes the lock of argv[1], starts a child that lives on (as a DataLoader worker
@@ -240,7 +239,7 @@ def test_a_multi_process_run_stops_on_a_held_lock_in_one_line_and_every_rank_sto
         assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {out / 'demo'}: in use by evaluate (pid ")
         # a lock taken after that look (or accelerate started by hand): the main process is refused,
         # every rank learns it and stops; none waits at a barrier for the others
-        accelerate = ["accelerate.commands.launch", "--config_file", str(DEFAULT_ACCELERATE_CONFIG), "--multi_gpu"]
+        accelerate = ["accelerate.commands.launch", "--multi_gpu"]
         ranks = run_module(*accelerate, "--num_processes", "2", "-m", "train.main", *overrides, timeout=300)
     assert ranks.returncode != 0
     errors = [line for line in ranks.stderr.splitlines() if line.startswith("error: ")]

@@ -16,7 +16,6 @@ from core.checkpoint import load_model
 from core.config import load_config
 from core.errors import UserError
 from core.tracking import resolve_wandb_mode
-from launch.start import DEFAULT_ACCELERATE_CONFIG
 from tests.conftest import LEARNED, ROOT, run_module, shrink, weight_difference
 from train import main as train_main
 from train.demo_data import generate_demo_data
@@ -240,7 +239,7 @@ TWO_CPU_PROCESSES = ["--multi_gpu", "--num_processes", "2", "--num_cpu_threads_p
 def test_the_logged_loss_is_the_mean_over_every_process(tmp_path):
     script = tmp_path / "probe.py"
     script.write_text(MEAN_PROBE)
-    launch = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DEFAULT_ACCELERATE_CONFIG)]
+    launch = [sys.executable, "-m", "accelerate.commands.launch"]
     proc = subprocess.run(
         [*launch, *TWO_CPU_PROCESSES, str(script), str(tmp_path)],
         cwd=ROOT,

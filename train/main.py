@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import shlex
 import time
 from pathlib import Path
 from typing import Callable, Sequence
@@ -24,7 +25,15 @@ from core.model import count_params
 from core.tracking import resolve_wandb_mode
 from train.engine import DataWait, Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data, seed_process
-from train.state import export_models, pick_weights, restore, run_folder, save_checkpoint, selection_of
+from train.state import (
+    checkpoint_dirs,
+    export_models,
+    pick_weights,
+    restore,
+    run_folder,
+    save_checkpoint,
+    selection_of,
+)
 from train.tracking import init_tracking, log_data_wait, log_model
 
 
@@ -292,6 +301,16 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
         )
     accelerator.end_training()
     return result
+
+
+def next_step(cfg: Config, argv: Sequence[str]) -> str:
+    """What to type after a run of ``./run.sh train ARGV`` ended early (the launcher's stop, crash and
+    killed lines): resume from its newest complete checkpoint, or start it again."""
+    if checkpoint_dirs(cfg.run_dir):
+        kept = [a for a in argv if not a.startswith(("resume=", "overwrite="))]
+        return f"continue it with {shlex.join(['./run.sh', 'train', *kept, 'resume=auto'])}"
+    again = shlex.join(["./run.sh", "train", *argv])
+    return f"it had written no checkpoint yet, so there is nothing to resume: start it again with {again}"
 
 
 def main(argv: Sequence[str] | None = None) -> dict:

@@ -19,15 +19,14 @@ from timm.scheduler import create_scheduler_v2
 from timm.utils import ModelEmaV3
 from torch import nn
 
+from core import devices
 from core.config import Config
 from core.datasets import ImageDataset, create_eval_loader
 from core.devices import (
     fit_workers_to_shared_memory,
     local_processes,
-    prepare_cuda,
     resolve_channels_last,
     resolve_num_workers,
-    resolve_precision,
     shared_memory_free,
 )
 from core.labels import resolve_samples, select_subset
@@ -65,20 +64,16 @@ class Training:
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
-    """CPU without CUDA (gloo across processes), the precision ``train.mixed_precision`` resolves
-    to on this device (``auto``: bf16 on a GPU that has it) and the accumulation.
+    """:func:`core.devices.create_accelerator` with training's settings: ``train.mixed_precision``,
+    the accumulation, the tracker and the run folder.
 
     The prepared loaders copy their batches to the device without blocking: from the pinned
     memory the loaders ask for on a GPU, the copy overlaps the step before it (accelerate's
     ``non_blocking``; on the CPU there is nothing to copy).
     """
-    on_gpu = torch.cuda.is_available()
-    if on_gpu:
-        prepare_cuda()
-    return Accelerator(
-        cpu=not on_gpu,
+    return devices.create_accelerator(
+        cfg.train.mixed_precision,
         dataloader_config=DataLoaderConfiguration(non_blocking=True),
-        mixed_precision=resolve_precision(cfg.train.mixed_precision, on_gpu),
         gradient_accumulation_steps=cfg.train.grad_accum_steps,
         log_with=log_with,
         project_dir=str(cfg.run_dir),

@@ -22,7 +22,6 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 from core.checkpoint import export_model, state_dict_of
-from core.cli import RESUMABLE_STATUS, report_status
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError, echo
 from core.io import check_writable, publish_folder
@@ -65,8 +64,6 @@ def run_folder(cfg: Config, accelerator) -> Iterator[Path]:
     with hold_output(run_dir, "train", "name", accelerator):
         check_run_name(cfg)  # every process checks, so none waits at a barrier for a failed one
         if accelerator.is_main_process:
-            if cfg.resume and checkpoint_dirs(run_dir):  # a stop from here on leaves something to resume
-                report_status(RESUMABLE_STATUS, checkpoint_dirs(run_dir)[-1].name)
             run_dir.mkdir(parents=True, exist_ok=True)
             claim_names(run_dir, "train", "model checkpoint", EXPORTS)  # before best/last exist
         try:
@@ -179,7 +176,6 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
         accelerator.wait_for_everyone()
         if accelerator.is_main_process:
             publish_folder(tmp, final)  # a checkpoint of the same step is replaced, put back on failure
-            report_status(RESUMABLE_STATUS, final.name)
             for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
                 _delete_checkpoint(old)
         accelerator.wait_for_everyone()
