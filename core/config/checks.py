@@ -177,13 +177,22 @@ def _check_train(t: TrainConfig) -> None:
     if t.base_batch_size < 0 or not 0 < t.ema_decay < 1:
         raise ConfigError("config keys 'train.base_batch_size' (>= 0, 0 = no scaling) / 'train.ema_decay' (0..1) bad")
     _check_adv(t)
+    _check_select(t)
+
+
+def _check_select(t: TrainConfig) -> None:
+    w = t.score.weights
+    if len(w) != 3 or sum(w) <= 0:
+        raise ConfigError(
+            f"config key 'train.score.weights': {w} must be 3 shares (clean, corruption, attack) with a positive sum"
+        )
 
 
 def _check_adv(t: TrainConfig) -> None:
     a = t.adv
     if a.mode == "none":
-        if a.select == "robust":
-            raise ConfigError("config key 'train.adv.select': robust needs adversarial training (train.adv.mode)")
+        if t.select == "robust":
+            raise ConfigError("config key 'train.select': robust needs adversarial training (train.adv.mode)")
         return
     if not 0 < a.eps <= 1:
         raise ConfigError(f"config key 'train.adv.eps': {a.eps} must be in (0, 1] (pixel units; 8/255 = 0.0314)")
