@@ -36,7 +36,7 @@ EMA_WEIGHTS = "ema.safetensors"
 
 
 # Keys a training state depends on: resuming under other values cannot load it.
-STATE_KEYS = ("model.name", "model.stem", "data.num_classes", "train.opt", "train.ema")
+STATE_KEYS = ("model.name", "model.stem", "data.num_classes", "train.opt", "train.ema", "train.select")
 EXPORTS = ("best", "last")
 
 
