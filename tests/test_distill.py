@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from core.checkpoint import export_model, load_model
+from core.config import ConfigError
 from core.errors import UserError
 from core.model import create_classifier
 from train import main as train_main
@@ -89,14 +90,22 @@ def test_teacher_of_another_class_count_is_one_line(tiny_config, tmp_path):
     other = create_classifier(cfg.model, 3)
     export_model(other, tmp_path / "three", {"arch": "test_convnext", "num_classes": 3, "image_size": 32})
     bad = tiny_config("name=student", f"train.distill.teachers=[{tmp_path / 'three'}]")
-    with pytest.raises(UserError, match=r"^train\.distill\.teachers: .*three predicts 3 classes, data.num_classes is 4$"):
+    with pytest.raises(
+        UserError, match=r"^train\.distill\.teachers: .*three predicts 3 classes, data.num_classes is 4$"
+    ):
         build_training(bad, create_accelerator(bad))
     missing = tiny_config("name=student2", f"train.distill.teachers=[{tmp_path / 'nowhere'}]")
     with pytest.raises(UserError, match=r"^train\.distill\.teachers: .*nowhere"):
         build_training(missing, create_accelerator(missing))
 
 
-def test_an_attack_of_its_own_is_refused(tiny_config, tmp_path):
-    cfg = tiny_config("train.distill.teachers=[x]", "train.adv.mode=trades")
-    with pytest.raises(UserError, match="train.distill.teachers: train.adv.mode=trades"):
-        build_training(cfg, create_accelerator(cfg))
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["train.adv.mode=trades"], "train.adv.mode=trades has an attack of its own"),
+        (["aug.augmix.enabled=true", "aug.augmix.jsd_weight=12"], "consistency loss"),
+    ],
+)
+def test_what_distillation_cannot_combine_with_is_a_config_error(tiny_config, overrides, message):
+    with pytest.raises(ConfigError, match=f"train.distill.teachers.*{message}"):
+        tiny_config("train.distill.teachers=[x]", *overrides)

@@ -11,7 +11,8 @@ teacher's labels in place of the student's own). Here ``T(x)`` is the mean of th
 softmax outputs (an ensemble's robust soft label), both sides softened by
 ``train.distill.temperature`` (RSLAD uses 1; the KL is scaled by its square, as Hinton et al.
 2015, so the gradient's size does not depend on it). The attack is on when ``train.adv`` is
-(``pgd``: ``train.adv.steps`` steps, ``fgsm_rs``: one, with the mode's eps ramp and step size);
+(``pgd``: ``train.adv.steps`` steps, ``fgsm_rs``: one, with the mode's eps ramp and step size;
+the other modes, AugMix's consistency loss and ``aug.views=2`` are config errors with it);
 without it only the clean term is left. ``train.distill.weight`` is the share of this loss, the
 configured label loss (on ``x'`` under adversarial training, else on ``x``) gets the rest.
 
@@ -34,7 +35,6 @@ from core.errors import UserError
 from train.adversarial import eps_at, step_size_of
 
 ADV_SHARE = 5 / 6  # RSLAD's weight of the adversarial term (the clean one gets 1/6)
-MODES = ("none", "pgd", "fgsm_rs")  # the train.adv modes whose attack RSLAD's inner maximisation replaces
 
 
 @dataclass
@@ -54,20 +54,6 @@ class Teachers:
         return torch.stack([F.softmax(z / t, dim=1) for z in self.logits(x)]).mean(0)
 
 
-def check_distill(cfg: Config) -> None:
-    """What the distillation loss cannot combine with, in one line each (before any model is built)."""
-    t, aug = cfg.train, cfg.aug
-    if t.adv.mode not in MODES:
-        raise UserError(
-            f"train.distill.teachers: train.adv.mode={t.adv.mode} has an attack of its own; distillation crafts "
-            f"RSLAD's (use one of {', '.join(MODES)})"
-        )
-    if aug.augmix.enabled and aug.augmix.jsd_weight > 0:
-        raise UserError("train.distill.teachers: not with AugMix's consistency loss (set aug.augmix.jsd_weight=0)")
-    if aug.views != 1:
-        raise UserError("train.distill.teachers: not with aug.views=2 (the two-view loss)")
-
-
 def load_teachers(cfg: Config, device: torch.device, channels_last: bool = False) -> Teachers | None:
     """``train.distill.teachers`` on ``device``, frozen and in eval mode; None when there are none.
 
@@ -78,7 +64,6 @@ def load_teachers(cfg: Config, device: torch.device, channels_last: bool = False
     paths = cfg.train.distill.teachers
     if not paths:
         return None
-    check_distill(cfg)
     models = []
     for path in paths:
         try:
