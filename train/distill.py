@@ -7,7 +7,8 @@ image only, on both the clean and the adversarial input::
     L = 5/6 * KL(S(x') || T(x)) + 1/6 * KL(S(x) || T(x)),
 
 with ``x'`` found by PGD on ``KL(S(x') || T(x))`` (its inner maximisation: TRADES' attack with the
-teacher's labels in place of the student's own). Here ``T(x)`` is the mean of the teachers'
+teacher's labels in place of the student's own; the authors' code, github.com/zibojia/RSLAD,
+``rslad_loss.py``: from ``x + 0.001 N(0, I)``, sign steps, Linf projection). Here ``T(x)`` is the mean of the teachers'
 softmax outputs (an ensemble's robust soft label), both sides softened by
 ``train.distill.temperature`` (RSLAD uses 1; the KL is scaled by its square, as Hinton et al.
 2015, so the gradient's size does not depend on it). The attack is on when ``train.adv`` is
