@@ -14,6 +14,7 @@ from core.checkpoint import export_model, load_model
 from core.config import ConfigError
 from core.errors import UserError
 from core.model import create_classifier
+from phase2 import export
 from train import main as train_main
 from train.distill import Teachers, distill_loss
 from train.engine import Progress, train_step
@@ -23,11 +24,16 @@ ADV = ["train.adv.mode=pgd", "train.adv.steps=2", "train.adv.val_images=8", "tra
 
 
 @pytest.fixture
-def teacher(tiny_config):
-    """A trained tiny teacher (one epoch): its run folder's ``best``."""
-    cfg = tiny_config("name=teacher")
-    train_main.run(cfg)
-    return cfg.run_dir / "best"
+def teacher(tiny_config, tmp_path):
+    """An exported tiny teacher (its weights as initialised: what is tested does not depend on them)."""
+    cfg = tiny_config()
+    stem = tmp_path / "teacher"
+    export_model(
+        create_classifier(cfg.model, cfg.data.num_classes),
+        stem,
+        {"arch": "test_convnext", "num_classes": 4, "image_size": 32},
+    )
+    return stem
 
 
 def _linear(weight: torch.Tensor) -> nn.Module:
@@ -76,13 +82,24 @@ def test_teachers_are_frozen_and_never_trained(tiny_config, teacher):
     assert any(not torch.equal(a, b) for a, b in zip(student_before, training.model.parameters()))
 
 
-def test_distilled_student_is_an_ordinary_checkpoint(tiny_config, teacher):
+@pytest.mark.slow
+def test_distilled_student_is_an_ordinary_checkpoint(tiny_config, teacher, tmp_path):
     cfg = tiny_config("name=student", f"train.distill.teachers=[{teacher}]", "train.distill.temperature=2", *ADV)
     result = train_main.run(cfg)
     assert 0.0 <= result["best_acc"] <= 100.0
     model, info = load_model(cfg.run_dir / "best")
     assert info["config"]["train"]["distill"]["teachers"] == [str(teacher)]
     assert json.loads((cfg.run_dir / "best.json").read_text())["arch"] == "test_convnext"
+    # the student alone goes through the Phase II budget check, as an enforced error would stop it
+    budget = export.run(
+        tiny_config(
+            f"submit.checkpoints=[{cfg.run_dir / 'best'}]",
+            "budget.enforce=true",
+            f"export.path={tmp_path / 'student.pt2'}",
+            "export.formats=[pt2]",
+        )
+    )
+    assert json.loads(open(budget["budget_path"]).read())["within_budget"]
 
 
 def test_teacher_of_another_class_count_is_one_line(tiny_config, tmp_path):

@@ -22,6 +22,7 @@ from train.selection import create_score_set, measure_score
 SCORE = ["train.select=score", "train.score.images=12", "train.score.draws=2"]
 
 
+@pytest.mark.slow
 def test_best_is_picked_by_the_score(tiny_config):
     cfg = tiny_config(*SCORE, "train.epochs=2")
     result = train_main.run(cfg)
@@ -35,6 +36,7 @@ def test_best_is_picked_by_the_score(tiny_config):
     assert all(h["val_score_seconds"] > 0 for h in history)
 
 
+@pytest.mark.slow
 def test_the_score_is_what_evaluate_measures_on_the_defended_model(tiny_config):
     # The same images, corruptions and attack draws: the score's parts equal evaluate's clean
     # accuracy, its ImageNet-C cells and the adaptive (BPDA through GCM) Phase-II-like draws.
