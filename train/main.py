@@ -280,7 +280,7 @@ def publish_best(training: Training) -> None:
     info = json.loads(Path(f"{best}.json").read_text(encoding="utf-8"))
     run = accelerator.get_tracker("wandb", unwrap=True)
     log_model(run, cfg, best, info)
-    run.summary.update({f"best/{k}": info[k] for k in ("val_acc", "val_robust_acc", "epoch") if k in info})
+    run.summary.update({f"best/{k}": info[k] for k in ("val_acc", "val_robust_acc", "val_score", "epoch") if k in info})
 
 
 def finish(training: Training, progress: Progress, metrics: dict, seconds: float, waits: DataWait) -> dict:
