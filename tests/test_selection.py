@@ -8,6 +8,7 @@ import json
 import pytest
 import torch
 from accelerate import Accelerator
+from safetensors.torch import load_file
 
 from core.checkpoint import load_model
 from core.config import ConfigError
@@ -34,6 +35,12 @@ def test_best_is_picked_by_the_score(tiny_config):
     scores = [max(h["val_score"], h["val_ema_score"]) for h in history]
     assert len(scores) == 2 and result["best_acc"] == pytest.approx(max(scores))
     assert all(h["val_score_seconds"] > 0 for h in history)
+    # the score only chooses: the same seed under the default selection trains the same weights
+    default = tiny_config("train.epochs=2", "name=default_select")
+    train_main.run(default)
+    for name in ("model.safetensors", "ema.safetensors"):
+        a, b = (load_file(str(run / "checkpoints" / ckpt.name / name)) for run in (cfg.run_dir, default.run_dir))
+        assert all(torch.equal(a[k], b[k]) for k in a), name
 
 
 @pytest.mark.slow
