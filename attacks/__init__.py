@@ -3,7 +3,7 @@
 from attacks.gradient import EOT, cw_l2, eval_mode, fgsm, pgd, trades_examples
 from attacks.noise import random_noise
 from attacks.norms import NORMS, lp_norm, project, project_l1_ball
-from attacks.transfer import ATTACK_KINDS, craft_attack, input_diversity, mi_fgsm
+from attacks.transfer import ATTACK_KINDS, craft_attack, draw_attack, draw_attacks, input_diversity, mi_fgsm
 
 __all__ = [
     "ATTACK_KINDS",
@@ -11,6 +11,8 @@ __all__ = [
     "NORMS",
     "craft_attack",
     "cw_l2",
+    "draw_attack",
+    "draw_attacks",
     "eval_mode",
     "fgsm",
     "input_diversity",

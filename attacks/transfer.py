@@ -16,6 +16,7 @@ from (``ATTACK_KINDS``), each in Linf or L2, so both draw settings the same way.
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -151,3 +152,27 @@ def craft_attack(
             model, x, y, eps, norm=norm, steps=steps, diversity_prob=prob, generator=generator, eot_samples=eot_samples
         )
     raise ValueError(f"unknown attack kind {kind!r} (one of {', '.join(ATTACK_KINDS)})")
+
+
+def draw_attack(rng: np.random.Generator, draws, n_surrogates: int = 0) -> dict:
+    """One attack's settings, each item uniform over its list in ``draws`` (a ``core.config.AttackDrawConfig``:
+    ``kinds``, ``norms``, ``eps_linf``, ``eps_l2``, ``steps``), for :func:`craft_attack`."""
+    norm = str(rng.choice(draws.norms))
+    step = {
+        "op": "attack",
+        "kind": str(rng.choice(draws.kinds)),
+        "norm": norm,
+        "eps": float(rng.choice(getattr(draws, f"eps_{norm}"))),
+        "steps": int(rng.choice(draws.steps)),
+        "seed": int(rng.integers(2**31)),
+    }
+    if n_surrogates:
+        step["surrogate"] = int(rng.integers(n_surrogates))
+    return step
+
+
+def draw_attacks(seed: int, draws, k: int) -> list[dict]:
+    """The first ``k`` settings :func:`draw_attack` draws from ``draws`` under ``seed``, in order: the
+    Phase-II-like score's attacks (``phase2.seed``, ``phase2.attack``; a smaller ``k`` takes a prefix)."""
+    rng = np.random.default_rng(seed)
+    return [draw_attack(rng, draws) for _ in range(k)]

@@ -1,6 +1,6 @@
 """ImageNet-C's corruption names, as every stage names them: Hendrycks & Dietterich's 15 common
 corruptions in four groups plus the 4 they held out for validation, each at severities 1 to 5.
-The corruptions themselves (one image, reproducible per image) are ``robust/imagenet_c.py``.
+The corruptions themselves (one image, reproducible per image) are ``core/imagenet_c.py``.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Phase II of the challenge attacked each submitted model white-box with settings sampled at
 random per submission (the 5th-place model scored 88.12 to 89.08 across reruns). The local twin
 draws k settings, each item independently and uniformly from its list in ``phase2.attack``
-(the same distribution type as the test set's transfer attacks, :func:`robust.specs.draw_attack`):
+(the same distribution type as the test set's transfer attacks, :func:`attacks.draw_attack`):
 
 * attack: ``fgsm`` (one step of eps), ``pgd`` (random start, steps of 2.5 eps / steps),
   ``mifgsm`` (momentum, Dong et al. 2018), ``difgsm`` (momentum + input diversity, Xie et al.
@@ -23,20 +23,18 @@ import statistics
 import time
 from typing import Sequence
 
-import numpy as np
 import torch
 from torch import nn
 
-from attacks import craft_attack
+from attacks import craft_attack, draw_attacks
 from core.config import Config
 from robust.runner import accuracy, craft, score
-from robust.specs import AttackSpec, draw_attack
+from robust.specs import AttackSpec
 
 
 def draw_settings(cfg: Config) -> list[dict]:
     """The ``phase2.draws`` attack settings of ``phase2.seed``, in order."""
-    rng = np.random.default_rng(cfg.phase2.seed)
-    return [draw_attack(rng, cfg.phase2.attack) for _ in range(cfg.phase2.draws)]
+    return draw_attacks(cfg.phase2.seed, cfg.phase2.attack, cfg.phase2.draws)
 
 
 def describe_setting(d: dict) -> str:

@@ -1,7 +1,7 @@
 """ImageNet-C on the evaluated images: every (corruption, severity) cell corrupted once, scored by every model.
 
-The images of one cell are made by :func:`robust.imagenet_c.corrupt` at the model's input size
-from the uint8 test images, each under its own seed (:func:`robust.imagenet_c.corruption_seed`
+The images of one cell are made by :func:`core.imagenet_c.corrupt` at the model's input size
+from the uint8 test images, each under its own seed (:func:`core.imagenet_c.corruption_seed`
 of the image's key, the corruption, the severity and ``eval.seed``), in DataLoader workers
 (``data.num_workers``; the cells spread over the processes of a multi-process launch): the
 pixels do not depend on the batch size, the order or the number of processes. One cell's
@@ -27,8 +27,8 @@ from tqdm.auto import tqdm
 from core.config import Config
 from core.corruptions import COMMON, GROUPS
 from core.devices import cuda_available, local_processes, resolve_num_workers
+from core.imagenet_c import corrupt, corruption_seed
 from gcm import DefendedModel
-from robust.imagenet_c import corrupt, corruption_seed
 from robust.runner import score
 
 Cell = tuple[str, int]  # (corruption, severity)

@@ -10,12 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
 from torch import nn
 
 from attacks import cw_l2, fgsm, pgd, random_noise
-from core.config import AttackDrawConfig, EvalConfig
+from core.config import EvalConfig
 from robust.autoattack import autoattack, square
 
 # (model, x, y, eps, eval section, generator, EOT samples) -> adversarial images
@@ -113,19 +112,3 @@ SPECS: dict[str, AttackSpec] = {
 }
 
 PAPER_COLUMNS = tuple(spec for spec in SPECS.values() if spec.paper)
-
-
-def draw_attack(rng: np.random.Generator, draws: AttackDrawConfig, n_surrogates: int = 0) -> dict:
-    """One attack's settings, each item uniform over its list in ``draws`` (an ``AttackDrawConfig``)."""
-    norm = str(rng.choice(draws.norms))
-    step = {
-        "op": "attack",
-        "kind": str(rng.choice(draws.kinds)),
-        "norm": norm,
-        "eps": float(rng.choice(getattr(draws, f"eps_{norm}"))),
-        "steps": int(rng.choice(draws.steps)),
-        "seed": int(rng.integers(2**31)),
-    }
-    if n_surrogates:
-        step["surrogate"] = int(rng.integers(n_surrogates))
-    return step

@@ -38,19 +38,18 @@ from PIL import Image
 from torch import nn
 from tqdm.auto import tqdm
 
-from attacks import craft_attack
+from attacks import craft_attack, draw_attack
 from core.checkpoint import read_checkpoint_info, resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config, ConfigError, TestsetConfig, config_to_dict
 from core.devices import default_device
 from core.errors import UserError
+from core.imagenet_c import corrupt, corruption_seed
 from core.io import publish_folder
 from core.outputs import hold_output
 from infer.defended import load_members, resize_to, resolve_member_paths
 from infer.testset_folder import KINDS, MANIFEST_NAME, hold_folder_for_writing, sharing_lock_path
 from robust.eval_images import load_eval_images
-from robust.imagenet_c import corrupt, corruption_seed
-from robust.specs import draw_attack
 
 LABELS_NAME = "test_labels.txt"
 IMAGES_DIR = "test"

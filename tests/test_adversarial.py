@@ -93,8 +93,8 @@ def test_warm_up_start_and_mode_none_train_on_clean_images(batch):
         (["train.adv.mode=fgsm_reg", "train.adv.weight=1.5"], "train.adv.weight"),
         (["train.adv.mode=pgd", "train.adv.val_steps=0"], "train.adv.val_steps"),
         (["train.adv.mode=madry"], "train.adv.mode.*not one of"),
-        (["train.adv.select=loss"], "train.adv.select"),
-        (["train.adv.select=robust"], "robust needs adversarial training"),
+        (["train.select=loss"], "train.select"),
+        (["train.select=robust"], "robust needs adversarial training"),
     ],
 )
 def test_meaningless_settings_are_config_errors(tiny_config, overrides, message):
@@ -119,7 +119,7 @@ def test_adversarial_run_selects_best_by_robust_accuracy(tiny_config):
     # best = the highest robust accuracy of any epoch, of the weights or of their EMA
     scores = [max(h["val_robust_acc"], h.get("val_ema_robust_acc", -1.0)) for h in _history(cfg)]
     assert len(scores) == 2 and result["best_acc"] == pytest.approx(max(scores))
-    clean = tiny_config(*ADV, "train.epochs=1", "train.adv.select=clean", "name=clean_select")
+    clean = tiny_config(*ADV, "train.epochs=1", "train.select=clean", "name=clean_select")
     train_main.run(clean)
     assert json.loads((clean.run_dir / "best.json").read_text())["selected_by"] == "clean"
 

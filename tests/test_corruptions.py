@@ -1,4 +1,4 @@
-"""ImageNet-C (core/corruptions.py, robust/imagenet_c.py, robust/corruptions.py): the fork runs here,
+"""ImageNet-C (core/corruptions.py, core/imagenet_c.py, robust/corruptions.py): the fork runs here,
 every image has its own seed, and the evaluation cells do not depend on batch size, order or the number of processes."""
 
 from __future__ import annotations
@@ -10,6 +10,7 @@ from torch import nn
 
 from core.config import ConfigError, new_config
 from core.corruptions import ALL_CORRUPTIONS, COMMON, GROUPS, HELD_OUT, group_of
+from core.imagenet_c import corrupt, corruption_seed
 from gcm import DefendedModel
 from robust.corruptions import (
     add_mce,
@@ -19,7 +20,6 @@ from robust.corruptions import (
     summarize,
     training_counterparts,
 )
-from robust.imagenet_c import corrupt, corruption_seed
 from train.demo_data import render_image, resolve_class_factors
 
 

@@ -16,6 +16,7 @@ from attacks import pgd
 from core.errors import UserError
 from core.images import to_float_images
 from train.adversarial import adversarial_loss
+from train.distill import distill_loss
 from train.setup import Training
 
 
@@ -223,7 +224,12 @@ def train_step(
     with accelerator.accumulate(model):
         with accelerator.autocast():
             epoch_now = progress.global_step / max(1, training.updates_per_epoch)
-            loss = adversarial_loss(model, raw_model, training.loss_fn, x, targets, t.adv, epoch_now, paired)
+            if training.teachers is not None:
+                loss = distill_loss(
+                    model, raw_model, training.loss_fn, training.teachers, x, targets, training.cfg, epoch_now
+                )
+            else:
+                loss = adversarial_loss(model, raw_model, training.loss_fn, x, targets, t.adv, epoch_now, paired)
         accelerator.backward(loss)
         if accelerator.sync_gradients and t.clip_grad > 0:
             accelerator.clip_grad_norm_(model.parameters(), t.clip_grad)

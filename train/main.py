@@ -24,6 +24,7 @@ from core.devices import precision_name
 from core.model import count_params
 from core.tracking import resolve_wandb_mode
 from train.engine import DataWait, Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
+from train.selection import describe_score_set, measure_score
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data, seed_process
 from train.state import (
     checkpoint_dirs,
@@ -85,14 +86,22 @@ def announce(training: Training) -> None:
         f"threads, {training.workers} loader workers each), precision {precision_name(accelerator.mixed_precision)}"
         f"{', channels_last' if training.channels_last else ''}; {training.scaling.describe()}"
     )
+    if training.teachers is not None:
+        d = cfg.train.distill
+        accelerator.print(
+            f"distillation: RSLAD robust soft labels of {len(training.teachers.models)} frozen teacher(s) "
+            f"(train.distill.teachers), weight {d.weight:g}, temperature {d.temperature:g}"
+        )
+    if training.score_set is not None:
+        accelerator.print(describe_score_set(training.score_set, cfg))
     adv = cfg.train.adv
     if adv.mode != "none":
         steps = f", {adv.steps} steps" if adv.mode in ("pgd", "trades") else ""
         ramp = f", eps ramped over {adv.warmup_epochs:g} epochs" if adv.warmup_epochs else ""
-        accelerator.print(
-            f"adversarial training: {adv.mode} at eps {adv.eps * 255:.3g}/255{steps}{ramp}; best by "
-            f"{'robust' if adv.select != 'clean' else 'clean'} validation accuracy"
+        by = {"clean": "clean validation accuracy", "score": "the score"}.get(
+            cfg.train.select, "robust validation accuracy"
         )
+        accelerator.print(f"adversarial training: {adv.mode} at eps {adv.eps * 255:.3g}/255{steps}{ramp}; best by {by}")
         if adv.warmup_epochs > cfg.train.epochs:
             reached = adv.eps * cfg.train.epochs / adv.warmup_epochs
             accelerator.print(
@@ -169,7 +178,17 @@ def validate(training: Training) -> dict:
                 metrics[key] = evaluate_robust(
                     net, training.robust_loader, accelerator, adv.eps, adv.val_steps, cfg.seed, channels_last
                 )
+    if training.score_set is not None:
+        for prefix, net in (("", accelerator.unwrap_model(training.model)), ("ema_", ema_module(training))):
+            if net is not None:
+                metrics.update(
+                    {f"{prefix}{k}": v for k, v in measure_score(net, training.score_set, accelerator).items()}
+                )
     return metrics
+
+
+def ema_module(training: Training):
+    return training.ema.module if training.ema is not None else None
 
 
 def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict, metrics: dict) -> bool:
@@ -205,7 +224,13 @@ def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict
         "train/epoch_loss": stats["loss"],
         "train/epoch_data_wait_frac": stats["data_wait_frac"],
     }
-    logged.update({f"val/{k}": metrics[k] for k in ("ema_acc", "robust_acc", "ema_robust_acc") if k in metrics})
+    logged.update(
+        {
+            f"val/{k}": metrics[k]
+            for k in ("ema_acc", "robust_acc", "ema_robust_acc", "score", "ema_score", "score_seconds")
+            if k in metrics
+        }
+    )
     accelerator.log(logged, step=progress.global_step)
     text = f"epoch {epoch}: train loss {stats['loss']:.4f}, {stats['samples_per_s']:.0f} img/s"
     text += f", val acc {metrics['acc']:.2f}%"
@@ -214,6 +239,10 @@ def record_epoch(training: Training, progress: Progress, epoch: int, stats: dict
         eps = training.cfg.train.adv.eps
         text += f"; PGD-{training.cfg.train.adv.val_steps} at {eps * 255:.3g}/255: {robust:.2f}%"
         text += f", EMA {metrics['ema_robust_acc']:.2f}%" if "ema_robust_acc" in metrics else ""
+    if "score" in metrics:
+        parts = ", ".join(f"{k} {v:.2f}%" for k, v in metrics["score_parts"].items())
+        text += f"; score {metrics['score']:.2f}% ({parts}; {metrics['score_seconds']:.1f}s)"
+        text += f", EMA {metrics['ema_score']:.2f}%" if "ema_score" in metrics else ""
     accelerator.print(text)
     if collapsed:
         accelerator.print(
@@ -260,7 +289,7 @@ def publish_best(training: Training) -> None:
     info = json.loads(Path(f"{best}.json").read_text(encoding="utf-8"))
     run = accelerator.get_tracker("wandb", unwrap=True)
     log_model(run, cfg, best, info)
-    run.summary.update({f"best/{k}": info[k] for k in ("val_acc", "val_robust_acc", "epoch") if k in info})
+    run.summary.update({f"best/{k}": info[k] for k in ("val_acc", "val_robust_acc", "val_score", "epoch") if k in info})
 
 
 def finish(training: Training, progress: Progress, metrics: dict, seconds: float, waits: DataWait) -> dict:
@@ -282,7 +311,7 @@ def finish(training: Training, progress: Progress, metrics: dict, seconds: float
         "data_wait_frac": waits.fraction,
     }
     if metrics:
-        what = "robust val acc" if selection_of(cfg, metrics) == "robust" else "val acc"
+        what = {"robust": "robust val acc", "score": "val score"}.get(selection_of(cfg, metrics), "val acc")
         limit = stopped_early(cfg, progress) and progress.epoch < cfg.train.epochs
         ended = (
             f"stopped by train.max_steps={cfg.train.max_steps} ({progress.epoch} of {cfg.train.epochs} epochs complete)"

@@ -6,7 +6,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -34,8 +34,10 @@ from core.model import create_classifier
 from core.transforms import create_eval_transform, create_train_transform, resolve_augmix_device
 from train.batch_augment import BatchAugment, create_batch_augment
 from train.demo_data import generate_demo_data, hold_demo_data
+from train.distill import Teachers, load_teachers
 from train.loaders import create_train_loader
 from train.network import align_kernel_strides, check_input_size
+from train.selection import ScoreSet, create_score_set
 
 
 @dataclass
@@ -61,6 +63,8 @@ class Training:
     workers: int = 0  # loader worker processes of this process
     # aug.prime / aug.fourier, and AugMix with aug.augmix.device on: made on the device (train/batch_augment.py)
     batch_augment: BatchAugment | None = None
+    teachers: Teachers | None = None  # train.distill.teachers: frozen, on this process's device (train/distill.py)
+    score_set: ScoreSet | None = None  # train.select=score: the images the score is measured on (train/selection.py)
 
 
 def create_accelerator(cfg: Config, log_with: str | None = None) -> Accelerator:
@@ -210,6 +214,7 @@ class Loaders:
     robust: object | None  # the fixed validation subset attacked after every epoch (adversarial training)
     train_size: int
     val_size: int
+    val_samples: list = field(default_factory=list)
 
 
 # Validation runs between epochs, while the training loader's workers wait: a few workers of its
@@ -258,7 +263,7 @@ def create_loaders(cfg: Config, workers: WorkerSplit, augmix_on_device: bool = F
         chosen = [val_set.samples[i] for i in select_subset(len(val_set), t.adv.val_images, d.split_seed)]
         robust_set = ImageDataset(chosen, create_eval_transform(d.image_size), bad_images=d.bad_images)
         robust_loader = create_eval_loader(robust_set, t.batch_size, workers.eval, persistent=False)
-    return Loaders(train_loader, val_loader, robust_loader, len(train_set), len(val_set))
+    return Loaders(train_loader, val_loader, robust_loader, len(train_set), len(val_set), val_set.samples)
 
 
 def build_training(cfg: Config, accelerator: Accelerator) -> Training:
@@ -322,4 +327,6 @@ def build_training(cfg: Config, accelerator: Accelerator) -> Training:
             augmix_on_device,
             cfg.data.image_size,
         ),
+        teachers=load_teachers(cfg, accelerator.device, channels_last),
+        score_set=create_score_set(cfg, loaders.val_samples, accelerator.process_index, accelerator.num_processes),
     )

@@ -35,7 +35,7 @@ EMA_WEIGHTS = "ema.safetensors"
 
 
 # Keys a training state depends on: resuming under other values cannot load it.
-STATE_KEYS = ("model.name", "model.stem", "data.num_classes", "train.opt", "train.ema")
+STATE_KEYS = ("model.name", "model.stem", "data.num_classes", "train.opt", "train.ema", "train.select")
 EXPORTS = ("best", "last")
 
 
@@ -367,17 +367,23 @@ def check_resumable(cfg: Config, folder: Path) -> None:
 
 
 def selection_of(cfg: Config, metrics: dict) -> str:
-    """The accuracy ``best`` is picked by: ``train.adv.select``, where ``auto`` is robust under
-    adversarial training (robust overfitting: Rice et al. 2020) when it was measured."""
-    select = cfg.train.adv.select
+    """The validation figure ``best`` is picked by: ``train.select``, where ``auto`` is robust under
+    adversarial training (robust overfitting: Rice et al. 2020) when it was measured, else clean;
+    ``score`` is the Phase-II-like score of ``train.score`` (:mod:`train.select`)."""
+    select = cfg.train.select
     if select == "auto":
         select = "clean" if cfg.train.adv.mode == "none" else "robust"
+    if select == "score":
+        return "score" if "score" in metrics else "clean"
     return select if "robust_acc" in metrics else "clean"
+
+
+SELECTED_KEYS = {"clean": "acc", "robust": "robust_acc", "score": "score"}
 
 
 def pick_weights(metrics: dict, by: str) -> tuple[bool, float]:
     """``(use the EMA weights, their score)``: whichever of the weights and their EMA validates better."""
-    key = "robust_acc" if by == "robust" else "acc"
+    key = SELECTED_KEYS[by]
     score, ema_score = metrics[key], metrics.get(f"ema_{key}", -1.0)
     return ema_score >= score, max(score, ema_score)
 
@@ -406,6 +412,11 @@ def export_models(training: Training, progress: Progress, metrics: dict, improve
         **(
             {"val_robust_acc": metrics[f"{prefix}robust_acc"], "adversarial_training": config_to_dict(cfg.train.adv)}
             if "robust_acc" in metrics
+            else {}
+        ),
+        **(
+            {"val_score": metrics[f"{prefix}score"], "val_score_parts": metrics[f"{prefix}score_parts"]}
+            if "score" in metrics
             else {}
         ),
         **({"collapse_epoch": progress.collapse_epoch} if progress.collapse_epoch >= 0 else {}),

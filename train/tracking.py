@@ -80,6 +80,7 @@ def log_model(run, cfg: Config, stem: Path, info: dict) -> dict:
             "global_step",
             "val_acc",
             "val_robust_acc",
+            "val_score",
             "selected_by",
             "weights",
             "sha256",

@@ -41,6 +41,7 @@ def validate_config(cfg: Config, check_aug: bool = True) -> None:
     _check_seeds(cfg)
     _check_data(cfg.data)
     _check_train(cfg.train)
+    _check_distill(cfg)
     if check_aug:
         check_aug_section(cfg)
     _check_augmix(cfg)
@@ -177,13 +178,43 @@ def _check_train(t: TrainConfig) -> None:
     if t.base_batch_size < 0 or not 0 < t.ema_decay < 1:
         raise ConfigError("config keys 'train.base_batch_size' (>= 0, 0 = no scaling) / 'train.ema_decay' (0..1) bad")
     _check_adv(t)
+    _check_select(t)
+
+
+# train.adv modes whose attack the distillation loss replaces by RSLAD's (train/distill.py)
+DISTILL_MODES = ("none", "pgd", "fgsm_rs")
+
+
+def _check_distill(cfg: Config) -> None:
+    t, aug = cfg.train, cfg.aug
+    if not t.distill.teachers:
+        return
+    if t.adv.mode not in DISTILL_MODES:
+        raise ConfigError(
+            f"config key 'train.distill.teachers': train.adv.mode={t.adv.mode} has an attack of its own; "
+            f"distillation crafts RSLAD's (use one of {', '.join(DISTILL_MODES)})"
+        )
+    if aug.augmix.enabled and aug.augmix.jsd_weight > 0:
+        raise ConfigError(
+            "config key 'train.distill.teachers': not with AugMix's consistency loss (aug.augmix.jsd_weight=0)"
+        )
+    if aug.views != 1:
+        raise ConfigError("config key 'train.distill.teachers': not with aug.views=2 (the two-view loss)")
+
+
+def _check_select(t: TrainConfig) -> None:
+    w = t.score.weights
+    if len(w) != 3 or sum(w) <= 0:
+        raise ConfigError(
+            f"config key 'train.score.weights': {w} must be 3 shares (clean, corruption, attack) with a positive sum"
+        )
 
 
 def _check_adv(t: TrainConfig) -> None:
     a = t.adv
     if a.mode == "none":
-        if a.select == "robust":
-            raise ConfigError("config key 'train.adv.select': robust needs adversarial training (train.adv.mode)")
+        if t.select == "robust":
+            raise ConfigError("config key 'train.select': robust needs adversarial training (train.adv.mode)")
         return
     if not 0 < a.eps <= 1:
         raise ConfigError(f"config key 'train.adv.eps': {a.eps} must be in (0, 1] (pixel units; 8/255 = 0.0314)")

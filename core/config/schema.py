@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from core.corruptions import ALL_CORRUPTIONS, COMMON
+from core.corruptions import ALL_CORRUPTIONS, COMMON, HELD_OUT
 from core.errors import UserError
 
 DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
@@ -291,12 +291,32 @@ class AdvConfig:
     # robust validation: PGD-Linf on a fixed, seeded part of the validation set after every epoch
     val_images: int = within("[0, 1e12]", 200)  # 0 -> the whole validation set
     val_steps: int = within("[1, 100000]", 10)
-    select: str = one_of(
-        ("auto", "clean", "robust"), "auto"
-    )  # which accuracy picks `best`: auto (robust when mode != none) | clean | robust
     # aug.views=2: weight of the Jensen-Shannon divergence between the predictions on the two views,
     # on their adversarial examples under pgd / fgsm_rs (DAJAT, Addepalli et al. 2022); 0: cross-entropy only
     consistency: float = within("[0, 1000]", 0.0)
+
+
+@dataclass
+class DistillConfig:
+    """Distillation of an ensemble into the configured model (``train.distill``): the teachers'
+    averaged soft labels on clean and attacked inputs, RSLAD's loss (Zi et al. 2021; train/distill.py)."""
+
+    teachers: list = list_of(str)  # exported models (runs/X/best), frozen; [] -> off
+    weight: float = within("[0, 1]", 1.0)  # share of the distillation loss; the label loss gets the rest
+    temperature: float = within("(0, 1e6]", 1.0)  # softens teachers and student alike (RSLAD: 1)
+
+
+@dataclass
+class SelectScoreConfig:
+    """``train.select=score``: the Phase-II-like score on a fixed, seeded part of the validation split
+    after every epoch (train/select.py): clean, held-out corruptions and ``phase2.attack`` draws."""
+
+    images: int = within("[1, 1e12]", 100)  # validation images (seeded choice, the same every epoch)
+    corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(HELD_OUT))  # ImageNet-C's held-out four
+    severities: list = within("[1, 5]", [3])
+    draws: int = within("[0, 1000]", 2)  # white-box attacks drawn from phase2.attack at phase2.seed
+    # the score's mix: shares of clean, corrupted and attacked accuracy (normalised to sum 1)
+    weights: list = within("[0, 1e6]", [1.0, 1.0, 1.0], item=float)
 
 
 @dataclass
@@ -335,6 +355,11 @@ class TrainConfig:
     checkpoint_every: int = within("[0, 1e15]", 0)  # optimizer steps between full-state checkpoints (0 -> per epoch)
     keep_checkpoints: int = within("[1, 10000]", 2)
     log_every: int = within("[1, 1e15]", 10)
+    # which validation figure picks `best`: auto (robust under adversarial training, else clean) |
+    # clean | robust | score (the Phase-II-like score of train.score)
+    select: str = one_of(("auto", "clean", "robust", "score"), "auto")
+    score: SelectScoreConfig = field(default_factory=SelectScoreConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 @dataclass
