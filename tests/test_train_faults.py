@@ -65,8 +65,8 @@ def test_torn_checkpoint_is_never_resumed_from(tiny_config):
     train_main.run(cfg)
     ckpts = cfg.run_dir / "checkpoints"
     last = sorted(ckpts.iterdir())[-1]
-    # what a kill in the middle of save_state leaves: a newer folder still under its .tmp name
-    torn = ckpts / "e0000_b000005.tmp"
+    # what a kill in the middle of save_state leaves: a newer folder still under its temporary name
+    torn = ckpts / ".e0000_b000005.tmp"
     shutil.copytree(last, torn)
     for f in torn.iterdir():
         f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
@@ -134,7 +134,7 @@ def test_a_resume_checkpoint_with_a_blocked_pickle_is_one_line(tiny_config):
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated], ids=["SIGINT", "SIGTERM"])
 def test_a_stop_signal_while_saving_leaves_no_torn_folder(tiny_config, monkeypatch, stop):
     """A stop signal lands as an exception in whatever Python is doing; mid-save it used to leave
-    the ``.tmp`` folder behind (seen in tests/test_launch.py when SIGTERM landed mid-save)."""
+    the temporary folder behind (seen in tests/test_launch.py when SIGTERM landed mid-save)."""
     cfg = tiny_config(*COMMON, "train.max_steps=2")
     train_main.run(cfg)
     before = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
@@ -158,7 +158,7 @@ def test_pruning_old_checkpoints_survives_leftovers_of_an_earlier_kill(tiny_conf
     train_main.run(cfg)
     ckpts = cfg.run_dir / "checkpoints"
     (only,) = ckpts.iterdir()
-    leftover = ckpts / f"{only.name}.old.tmp"  # what a SIGKILL mid-delete leaves
+    leftover = ckpts / f".{only.name}.tmp"  # what a SIGKILL mid-delete leaves
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
     train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4", "train.keep_checkpoints=1"))
