@@ -50,6 +50,7 @@ from core.checkpoint import export_model
 from core.config import load_config
 from core.devices import precision_name, resolve_num_workers
 from core.images import to_float_images
+from core.io import publishing
 from core.model import create_classifier
 from infer.submit import run as run_submit
 from train.demo_data import generate_demo_data
@@ -147,22 +148,21 @@ def link_repeated(source: Path, out: Path, count: int, labels: Path | None = Non
     them when ``labels`` is given: the training layout ``out/train`` + ``out/label.txt``)."""
     if out.is_dir():
         return out
-    tmp = out.with_name(out.name + ".tmp")
-    folder = tmp / "train" if labels else tmp
-    folder.mkdir(parents=True, exist_ok=True)
-    if labels:
-        items = [line.split() for line in labels.read_text().splitlines() if line.strip()]
-        lines = []
-        for i in range(count):
-            name, label = items[i % len(items)]
-            os.link(source / name, folder / f"{i}{Path(name).suffix}")
-            lines.append(f"{i}{Path(name).suffix} {label}")
-        (tmp / "label.txt").write_text("\n".join(lines) + "\n")
-    else:
-        files = sorted(source.iterdir())
-        for i in range(count):
-            os.link(files[i % len(files)], folder / f"{i}{files[i % len(files)].suffix}")
-    tmp.rename(out)
+    with publishing(out) as tmp:
+        folder = tmp / "train" if labels else tmp
+        folder.mkdir(exist_ok=True)
+        if labels:
+            items = [line.split() for line in labels.read_text().splitlines() if line.strip()]
+            lines = []
+            for i in range(count):
+                name, label = items[i % len(items)]
+                os.link(source / name, folder / f"{i}{Path(name).suffix}")
+                lines.append(f"{i}{Path(name).suffix} {label}")
+            (tmp / "label.txt").write_text("\n".join(lines) + "\n")
+        else:
+            files = sorted(source.iterdir())
+            for i in range(count):
+                os.link(files[i % len(files)], folder / f"{i}{files[i % len(files)].suffix}")
     return out
 
 

@@ -299,32 +299,96 @@ def check_writable(folder: Path, key: str) -> None:
         raise UserError(f"{key}: cannot write to {folder} ({exc.strerror or exc})") from None
 
 
-def publish_folder(tmp: Path, out: Path) -> None:
-    """Put the finished folder ``tmp`` in ``out``'s place, as one step for every reader.
+# A folder output's two hidden neighbours while it is written: the new folder, and the old one moved aside.
+def _temp_of(out: Path) -> Path:
+    return out.with_name(f".{out.name}.tmp")
 
-    An ``out`` already there is moved aside (``.<name>.old-<random>``) first, put back if the new
-    folder cannot take its place, and removed only once it has. A kill between the two renames
-    leaves the old folder under its aside name: a later run's leftover cleaning puts it back
-    (make-testset) or removes it.
 
-    An ``out`` that is a symbolic link stays one: the folder it names is replaced (moving the link
-    aside put a folder in its place and left the link behind under its aside name for ever).
+def _aside_of(out: Path) -> Path:
+    return out.with_name(f".{out.name}.old")
+
+
+def settle_leftovers(out: Path) -> None:
+    """Clean what a writer of the folder ``out`` killed outright (SIGKILL, a power cut) left beside it:
+    its temporary folder is removed; the old folder moved aside is put back where the kill came
+    before the new one took its place, else removed.
+
+    Only while holding the lock of ``out`` (:mod:`core.outputs`): a live writer would lose its work.
+    """
+    real = Path(os.path.realpath(out))
+    _remove_tree(_temp_of(real))
+    aside = _aside_of(real)
+    if aside.is_dir() and not aside.is_symlink():
+        if not (real.exists() or real.is_symlink()):
+            os.rename(aside, real)
+        else:
+            _remove_tree(aside)
+
+
+@contextlib.contextmanager
+def publishing(out: Path, main_process: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``out``; put it in ``out``'s place, as one step for
+    every reader, only if the block succeeds. The one way a folder output is written.
+
+    Leftovers of a killed writer are settled first (:func:`settle_leftovers`; hold ``out``'s lock).
+    An ``out`` already there is moved aside, put back if the new folder cannot take its place, and
+    removed only once it has. On any failure (a stop signal included) the temporary folder is
+    removed and ``out`` is as it was. An ``out`` that is a symbolic link stays one: the folder it
+    names is replaced, and the temporary folder lies beside that folder (one file system).
+
+    Args:
+        out: The folder to publish.
+        main_process: False in the other processes of a distributed writer: they get the same
+            temporary folder to write into (once the main process has made it), and leave making,
+            publishing and removing it to the main process.
 
     Raises:
-        OSError: the rename failed; ``out`` is as it was.
+        OSError: the folder could not be made or published; ``out`` is as it was.
     """
-    tmp, out = Path(tmp), Path(out)
-    if out.is_symlink():
-        out = Path(os.path.realpath(out))
-    old = None
+    real = Path(os.path.realpath(out))
+    tmp = _temp_of(real)
+    if not main_process:
+        yield tmp
+        return
+    settle_leftovers(real)
+    real.parent.mkdir(parents=True, exist_ok=True)
+    tmp.mkdir()
+    try:
+        yield tmp
+        _swap_in(tmp, real)
+    finally:
+        _remove_tree(tmp)
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    aside = None
     if out.exists() or out.is_symlink():
-        old = out.with_name(f".{out.name}.old-{secrets.token_hex(4)}")
-        os.rename(out, old)
+        aside = _aside_of(out)
+        os.rename(out, aside)
     try:
         os.rename(tmp, out)
     except OSError:
-        if old is not None:
-            os.rename(old, out)
+        if aside is not None:
+            os.rename(aside, out)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if aside is not None:
+        _remove_tree(aside)
+
+
+def remove_folder(path: Path) -> None:
+    """Remove the folder ``path``, renamed to its temporary name first: a stop mid-delete leaves
+    no half folder under its name, only a leftover that :func:`settle_leftovers` removes."""
+    doomed = _temp_of(Path(path))
+    _remove_tree(doomed)  # left by an earlier kill
+    try:
+        os.rename(path, doomed)
+    except OSError:
+        doomed = Path(path)
+    _remove_tree(doomed)
+
+
+def _remove_tree(path: Path) -> None:
+    if path.is_symlink():
+        path.unlink()
+    else:
+        shutil.rmtree(path, ignore_errors=True)

@@ -129,7 +129,8 @@ def _still_running(holder: Holder) -> bool:
     return holder.host == HOST and bool(holder.process_start) and _process_start(holder.pid) == holder.process_start
 
 
-def _same_file(path: Path, fd: int) -> bool:
+def same_file(path: Path, fd: int) -> bool:
+    """Whether ``fd`` is still the file at ``path`` (not replaced since it was opened)."""
     try:
         st, own = os.lstat(path), os.fstat(fd)
     except FileNotFoundError:
@@ -165,7 +166,7 @@ def _remove_dead_temps(path: Path, same_as: os.stat_result | None = None) -> Non
             st = os.fstat(fd)
             if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
                 continue
-            if same_as is None and (time.time() - st.st_mtime < _STALE_TEMP_SECONDS or not _flock(fd)):
+            if same_as is None and (time.time() - st.st_mtime < _STALE_TEMP_SECONDS or not try_flock(fd)):
                 continue
             if stat.S_ISREG(st.st_mode) and st.st_uid == os.geteuid():
                 temp.unlink(missing_ok=True)
@@ -226,7 +227,7 @@ def _open_existing(path: Path, flags: int) -> int | None:
     return fd
 
 
-def _flock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:
+def try_flock(fd: int, mode: int = fcntl.LOCK_EX) -> bool:
     """Take the kernel lock (``mode``: exclusive or shared) without waiting; False if another open
     file holds a conflicting one."""
     try:
@@ -252,7 +253,7 @@ class OutputLock:
         if self.fd < 0:
             return
         with contextlib.suppress(OSError):
-            if _same_file(self.path, self.fd):  # still ours (we hold the kernel lock): remove it
+            if same_file(self.path, self.fd):  # still ours (we hold the kernel lock): remove it
                 self.path.unlink()
         _held_fds.discard(self.fd)
         os.close(self.fd)
@@ -277,7 +278,7 @@ def _try_create(path: Path, holder: Holder) -> int | None:
     fd, tmp = create_temp_beside(path)
     try:
         _write_holder(fd, holder)
-        _flock(fd)
+        try_flock(fd)
         try:
             os.link(tmp, path)
         except FileExistsError:
@@ -305,7 +306,7 @@ def _create_without_link(path: Path, holder: Holder) -> int | None:
         fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o644)
     except FileExistsError:
         return None
-    if not _flock(fd):
+    if not try_flock(fd):
         os.close(fd)
         return None
     _write_holder(fd, holder)
@@ -323,12 +324,12 @@ def _try_take_over(path: Path, holder: Holder, key: str) -> tuple[int, Holder | 
     if fd is None:
         return None  # released meanwhile
     try:
-        if not _flock(fd):
+        if not try_flock(fd):
             previous = _read_holder(fd)
             if previous is None or (previous.host == HOST and not _still_running(previous)):
                 return None  # another command is taking over from a dead holder: look again
             raise UserError(f"in use by {previous.describe()}: {busy_hint}")
-        if not _same_file(path, fd):
+        if not same_file(path, fd):
             return None  # released and removed between our open and our lock
         previous = _read_holder(fd)
         if previous is not None and previous.host != HOST:
@@ -428,17 +429,7 @@ def hold_output(output: Path, stage: str, key: str, accelerator=None):
             lock.release()
 
 
-# --- kernel locks a stage may build on ---------------------------------------------------------
-
-
-def try_flock(fd: int, mode: int) -> bool:
-    """``flock(fd, mode)`` without waiting: False when another process holds a conflicting lock."""
-    return _flock(fd, mode)
-
-
-def same_file(path: Path, fd: int) -> bool:
-    """Whether ``fd`` is still the file at ``path`` (not replaced since it was opened)."""
-    return _same_file(path, fd)
+# --- who holds a lock ---------------------------------------------------------------------------
 
 
 def holder_of(output: Path) -> str | None:

@@ -190,7 +190,7 @@ def create_train_transform(cfg: AugConfig, image_size: int, augmix_on_device: bo
     * ``extra``: applied in order, each with its own ``p`` (the transform's default if unset).
     * ``augmix`` (when enabled): :class:`AugMixViews` on the pipeline's output, unless
       ``augmix_on_device`` (:func:`resolve_augmix_device`): the training step makes it then
-      (``train/batch_augment.py``), and the loader ships the pipeline's output.
+      (``train/device_augmix.py``), and the loader ships the pipeline's output.
     """
     import albumentations as A
 
@@ -250,7 +250,7 @@ AUGMIX_MAX_DEPTH = 3  # ops per chain when aug.augmix.depth=-1: 1..3 (timm's np.
 def augmix_hparams(image_size: int) -> dict:
     """timm's AugMix op parameters as its create_transform sets them for 'augmix-...': translations
     up to 45% (absolute) / 30% (relative) of the image, magnitudes drawn uniformly up to the
-    severity, mid-grey fill. Both AugMix paths (here and ``train/batch_augment.py``) use them."""
+    severity, mid-grey fill. Both AugMix paths (here and ``train/device_augmix.py``) use them."""
     return {
         "translate_const": int(image_size * 0.45),
         "translate_pct": 0.3,

@@ -12,7 +12,7 @@
   two runs (two submits of one name racing, a file copied from elsewhere) is detected by
   :func:`set_problems` wherever a set is read (``validate``, and right after writing).
 
-``read_submission`` / ``validate_file`` are strict, because a file the leaderboard rejects
+``parse_submission`` / ``validate_file`` are strict, because a file the leaderboard rejects
 costs a day's submission slot. The rules, checked for files we did not write as well:
 
 * the file is UTF-8; a UTF-8 byte-order mark (Excel adds one on "save as CSV") is **reported as
@@ -240,22 +240,10 @@ class ParsedSubmission:
         self._short[image_id] = short
 
 
-def read_submission(path: Path) -> tuple[dict[int, int], list[str]]:
-    """Parse a ``.csv`` or ``.json`` submission.
-
-    Args:
-        path: The file; its extension picks the format.
-
-    Returns:
-        ``(image_id -> category_id, problems)``. Rows with a problem are left out of the dict
-        (a duplicate keeps its first value); ``problems`` is empty for a well-formed file.
-    """
-    parsed = parse_submission(path)
-    return parsed.predictions, parsed.problems
-
-
 def parse_submission(path: Path, as_path: Path | None = None) -> ParsedSubmission:
-    """Like :func:`read_submission`, also giving each prediction's location.
+    """Parse a ``.csv`` or ``.json`` submission (its extension picks the format): each prediction,
+    its location, and the problems. Rows with a problem are left out of the predictions (a
+    duplicate keeps its first value); ``problems`` is empty for a well-formed file.
 
     ``as_path``: read ``path`` as if it were this file (its extension picks the format and
     messages name it), e.g. a temporary file about to be renamed to ``as_path``.
@@ -513,25 +501,6 @@ def require_test_dir(test_dir: Path) -> None:
     if not Path(test_dir).is_dir():
         what = "not a folder" if Path(test_dir).exists() else "not found"
         raise UserError(f"test folder {Path(test_dir).absolute()}: {what}")
-
-
-def validate_submission(
-    path: Path, test_dir: Path, num_classes: int | None, limit: int | None = MAX_PROBLEMS, as_path: Path | None = None
-) -> list[str]:
-    """All problems of a submission file (empty list = valid), capped at ``limit`` lines.
-
-    Args:
-        path: A ``.csv`` or ``.json`` submission.
-        test_dir: The test image folder (``N.png`` ...) the submission must cover exactly.
-        num_classes: Labels must lie in ``[0, num_classes)``; ``None`` checks only that they
-            are not negative.
-        limit: Keep the first ``limit`` messages plus one ``... and N more problems``;
-            ``None`` keeps all.
-
-    Raises:
-        UserError: The test folder is missing or invalid (see :func:`validate_file`).
-    """
-    return cap_problems(validate_file(path, test_dir, num_classes, as_path).problems, limit)
 
 
 def cap_problems(problems: list[str], limit: int | None = MAX_PROBLEMS) -> list[str]:

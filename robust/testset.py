@@ -22,12 +22,8 @@ same torch build and thread count). Output, written into a temporary folder rena
 from __future__ import annotations
 
 import dataclasses
-import glob
 import json
-import os
-import secrets
 import shlex
-import shutil
 import time
 from pathlib import Path
 from typing import Sequence
@@ -45,7 +41,7 @@ from core.config import Config, ConfigError, TestsetConfig, config_to_dict
 from core.devices import default_device
 from core.errors import UserError
 from core.imagenet_c import corrupt, corruption_seed
-from core.io import publish_folder
+from core.io import publishing, settle_leftovers
 from core.outputs import hold_output
 from infer.defended import load_members, resize_to, resolve_member_paths
 from infer.testset_folder import KINDS, MANIFEST_NAME, hold_folder_for_writing, sharing_lock_path
@@ -205,8 +201,8 @@ def _png_bytes(image: torch.Tensor) -> bytes:
 
 
 def write_folder(folder: Path, images: Sequence[torch.Tensor], plan: Sequence[dict], manifest: dict) -> None:
-    """The challenge layout in ``folder`` (which must not exist yet)."""
-    (folder / IMAGES_DIR).mkdir(parents=True)
+    """The challenge layout in the empty ``folder``."""
+    (folder / IMAGES_DIR).mkdir(parents=True, exist_ok=True)
     for entry, image in zip(plan, images):
         (folder / IMAGES_DIR / entry["file"]).write_bytes(_png_bytes(image))
     labels = "".join(f"{e['file']} {e['label']}\n" for e in plan)
@@ -224,18 +220,6 @@ def check_out_dir(out: Path, overwrite: bool) -> None:
         raise UserError(f"{out}: exists and is not a make-testset folder (no {MANIFEST_NAME}); not replacing it")
 
 
-def remove_leftovers_of(out: Path) -> None:
-    """What a make-testset killed outright left beside ``out``: its partial temporary folders, and
-    the old set moved aside (put back if the kill came before the new one took its place)."""
-    temps = sorted(out.parent.glob(f".{glob.escape(out.name)}.tmp-*"))
-    olds = sorted(out.parent.glob(f".{glob.escape(out.name)}.old-*"))
-    if olds and not out.exists() and (olds[-1] / MANIFEST_NAME).is_file():
-        olds.pop().rename(out)
-    for folder in temps + olds:
-        if folder.is_dir() and not folder.is_symlink():
-            shutil.rmtree(folder, ignore_errors=True)
-
-
 # --- the stage -------------------------------------------------------------------------------
 
 
@@ -247,7 +231,7 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
     # Every decision about `out` is taken holding its lock (two runs started together both saw no
     # folder before), and with no reader of it (submit, evaluate, ablate) at work.
     with hold_output(out, "make-testset", "testset.out_dir"), hold_folder_for_writing(out, "testset.out_dir"):
-        remove_leftovers_of(Path(os.path.realpath(out)))
+        settle_leftovers(out)  # an old set a kill left aside comes back before it is checked
         check_out_dir(out, t.overwrite)
         surrogates, records = load_surrogates(cfg)
         torch.manual_seed(t.seed)
@@ -270,16 +254,11 @@ def run(cfg: Config, progress: bool = True, config_arg: str | None = None) -> di
             "surrogates": records,
             "images": plan,
         }
-        out.parent.mkdir(parents=True, exist_ok=True)
-        real = Path(os.path.realpath(out))  # through a linked out_dir: the folder it names, the link kept
-        tmp = real.with_name(f".{real.name}.tmp-{secrets.token_hex(4)}")
         try:
-            write_folder(tmp, images, plan, manifest)
-            publish_folder(tmp, out)
+            with publishing(out) as tmp:
+                write_folder(tmp, images, plan, manifest)
         except OSError as exc:
             raise UserError(f"{out}: cannot write the test set ({exc.strerror or exc}); nothing was replaced") from None
-        finally:
-            shutil.rmtree(tmp, ignore_errors=True)
     counts = {k: sum(e["kind"] == k for e in plan) for k in KINDS}
     result = {"out_dir": str(out), "n": len(plan), "counts": counts, "seconds": round(time.perf_counter() - start, 1)}
     if progress:

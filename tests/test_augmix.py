@@ -224,7 +224,7 @@ def _timm_draws(cfg: AugMixConfig, n: int, seed: int, monkeypatch) -> dict:
 
 def _device_draws(cfg: AugMixConfig, n: int, seed: int) -> dict:
     """The same statistics from the device path's draws (what augmix() applies)."""
-    from train.batch_augment import draw_augmix
+    from train.device_augmix import draw_augmix
 
     d = draw_augmix(n, cfg, torch.Generator().manual_seed(seed))
     steps = torch.arange(d.ops.shape[2]).view(1, 1, -1)
@@ -258,7 +258,7 @@ def _close(a: np.ndarray, b: np.ndarray, what: str, sigmas: float = 5.0) -> floa
 
 def _device_args(cfg: AugMixConfig, dev: dict, name: str) -> np.ndarray:
     """The first argument timm's op would get, from the device draws of op ``name`` (as augmix() computes it)."""
-    from train.batch_augment import OpParams, _posterize_bits, _signed, _solarize_threshold
+    from train.device_augmix import OpParams, _posterize_bits, _signed, _solarize_threshold
 
     k = cfg.ops.index(name)
     chosen = dev["op_index"] == k
@@ -348,7 +348,7 @@ def test_each_device_op_does_what_timms_pil_op_does(name, monkeypatch):
     # argument (bilinear, no negation); mean difference under 2 of 255 levels.
     import timm.data.auto_augment as aa
 
-    from train.batch_augment import DEVICE_AUGMIX_OPS, OpParams
+    from train.device_augmix import DEVICE_AUGMIX_OPS, OpParams
 
     yy, xx = np.mgrid[0:SIZE, 0:SIZE]
     image = np.stack([xx * 7, yy * 5 + 20, (xx + yy) * 3 + 40], -1).clip(0, 255).astype(np.uint8)

@@ -634,7 +634,7 @@ def test_demo_data_classes_and_cli(tmp_path, capsys):
 
 
 def test_a_failed_swap_keeps_the_old_demo_set(tmp_path, monkeypatch):
-    """The demo set is replaced as one step (core.io.publish_folder): if the new folder cannot take the
+    """The demo set is replaced as one step (core.io.publishing): if the new folder cannot take the
     old one's place, the old set is put back whole, never removed with nothing in its place."""
     out = tmp_path / "demo"
     demo_data.generate_demo_data(out, **DEMO_ARGS)

@@ -1,12 +1,14 @@
 """The layout rule of README "Layout": imports go one way, and no stage reaches into a sibling.
 
-Read from the source (every ``import`` / ``from ... import``, lazy ones inside functions too),
-so a new arrow that runs the wrong way fails here before it lands.
+Read from the source (every ``import`` / ``from ... import``, relative and lazy ones inside
+functions too, and modules named in strings: ``importlib.import_module("x.y")`` and ``-m x.y``
+in a command list), so a new arrow that runs the wrong way fails here before it lands.
 """
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 import pytest
@@ -27,18 +29,60 @@ ALLOWED = {
 }
 
 
-def project_imports(path: Path) -> set[str]:
-    """Top-level project packages that ``path`` imports."""
-    found = set()
+def module_name(path: Path) -> str:
+    parts = path.relative_to(ROOT).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _constant_str(node: ast.AST) -> str | None:
+    return node.value if isinstance(node, ast.Constant) and isinstance(node.value, str) else None
+
+
+def _started_modules(items: list[ast.AST]) -> list[str]:
+    """The modules a command list runs: ``"-m", "x.y"`` (and the stage after ``"-m", "launch"``)."""
+    words = [_constant_str(item) for item in items]
+    found = []
+    for i, word in enumerate(words[:-1]):
+        if word == "-m" and words[i + 1]:
+            found.append(words[i + 1])
+            if words[i + 1] == "launch" and i + 2 < len(words) and words[i + 2]:
+                found.append(words[i + 2])
+    return found
+
+
+def imported_names(path: Path) -> list[str]:
+    """Every module name ``path`` imports or starts (as written; relative imports resolved)."""
+    package = module_name(path) if path.name == "__init__.py" else module_name(path).rpartition(".")[0]
+    names = []
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
-        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-            names = [node.module]
-        else:
-            continue
-        found |= {name.split(".")[0] for name in names} & set(ALLOWED)
-    return found
+            names += [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join([*parent, *([node.module] if node.module else [])])
+            names += [base, *(f"{base}.{alias.name}" for alias in node.names)]
+        elif isinstance(node, ast.Call) and node.args and _constant_str(node.args[0]):
+            func = node.func
+            if (func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")) == "import_module":
+                names.append(_constant_str(node.args[0]))
+        elif isinstance(node, (ast.List, ast.Tuple)):
+            names += _started_modules(node.elts)
+    return names
+
+
+def run_sh_modules() -> list[str]:
+    """The project modules run.sh starts (``-m x.y``, and the stage after ``-m launch``)."""
+    found = []
+    for first, second in re.findall(r"-m ([\w.]+)(?: ([\w.]+))?", (ROOT / "run.sh").read_text(encoding="utf-8")):
+        found += [first, *([second] if first == "launch" and second else [])]
+    return [m for m in found if m.split(".")[0] in ALLOWED]
+
+
+def project_imports(path: Path) -> set[str]:
+    """Top-level project packages that ``path`` imports."""
+    return {name.split(".")[0] for name in imported_names(path)} & set(ALLOWED)
 
 
 @pytest.mark.parametrize("package", sorted(ALLOWED))
@@ -56,29 +100,32 @@ def test_every_package_is_in_the_rule():
     assert packages == set(ALLOWED)
 
 
+def project_modules() -> dict[str, Path]:
+    return {module_name(path): path for package in ALLOWED for path in (ROOT / package).rglob("*.py")}
+
+
 def module_graph() -> dict[str, set[str]]:
     """Every project module -> the project modules it imports (lazy imports inside functions too)."""
-    files = {}
-    for package in ALLOWED:
-        for path in (ROOT / package).rglob("*.py"):
-            parts = path.relative_to(ROOT).with_suffix("").parts
-            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
+    files = project_modules()
 
     def module_of(name: str) -> str:
         while name and name not in files:
             name = name.rpartition(".")[0]
         return name
 
-    graph = {}
-    for module, path in files.items():
-        names = []
-        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
-            if isinstance(node, ast.Import):
-                names += [alias.name for alias in node.names]
-            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
-                names += [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
-        graph[module] = {module_of(name) for name in names} - {"", module}
-    return graph
+    return {module: {module_of(name) for name in imported_names(path)} - {"", module} for module, path in files.items()}
+
+
+def test_strings_and_relative_imports_are_seen():
+    gcm, scaling = imported_names(ROOT / "gcm" / "__init__.py"), imported_names(ROOT / "bench" / "scaling.py")
+    assert "gcm.gcm" in gcm and {"launch", "train.main"} <= set(scaling)
+    assert {"launch", "train.main", "robust.testset", "infer.validate"} <= set(run_sh_modules())
+
+
+def test_every_module_run_sh_starts_exists():
+    modules = project_modules()
+    missing = [m for m in run_sh_modules() if m not in modules and f"{m}.__main__" not in modules]
+    assert not missing, f"run.sh starts modules that are not there: {missing}"
 
 
 def test_no_module_imports_itself_around_a_circle():

@@ -14,7 +14,7 @@ from core.config import load_config
 from core.outputs import acquire
 from infer import submit
 from infer.defended import EnsembleTTA, View, apply_view, build_defended_model, load_members, resolve_views
-from infer.submission import set_problems, validate_submission
+from infer.submission import set_problems, validate_file
 from tests.conftest import TINY_DATA, full_disk, run_module, shrink
 from train import main as train_main
 
@@ -41,8 +41,7 @@ def test_submit_writes_valid_files_and_meta(trained, tmp_path, capsys):
     assert f"wrote {subs}/demo.csv, {subs}/demo.json and {subs}/demo.meta.json (" in capsys.readouterr().out
     assert sorted(p.name for p in subs.iterdir()) == ["demo.csv", "demo.json", "demo.meta.json"]
     test_dir = trained[0] / "test"
-    assert validate_submission(subs / "demo.csv", test_dir, 4) == []
-    assert validate_submission(subs / "demo.json", test_dir, 4) == []
+    assert validate_file(subs / "demo.csv", test_dir, 4).ok and validate_file(subs / "demo.json", test_dir, 4).ok
     rows = (subs / "demo.csv").read_text().splitlines()
     n_test = TINY_DATA["num_classes"] * TINY_DATA["test_per_class"]
     assert rows[0] == "image_id,category_id" and len(rows) == 1 + n_test

@@ -26,6 +26,35 @@ from train.state import resolve_resume
 COMMON = ["train.epochs=2", "model.drop_path_rate=0.1", "train.checkpoint_every=1", "aug.corruption_p=0.5"]
 
 
+@pytest.fixture(scope="module")
+def base_runs(tiny_data, tmp_path_factory):
+    """``base_runs(steps)``: the run folder of ``COMMON`` trained for ``steps`` steps, trained once for
+    the module (several faults start from the same finished run)."""
+    made = {}
+
+    def get(steps: int):
+        if steps not in made:
+            out = tmp_path_factory.mktemp(f"base{steps}")
+            train_main.run(load_config(None, shrink([*COMMON, f"train.max_steps={steps}"], tiny_data, out)))
+            made[steps] = out / "demo"
+        return made[steps]
+
+    return get
+
+
+@pytest.fixture
+def trained(base_runs, tiny_config):
+    """``trained(steps) -> Config``: this test's own copy of the base run of ``steps`` steps, in its
+    ``tiny_config`` run folder (what ``train_main.run(tiny_config(*COMMON, "train.max_steps=N"))`` makes)."""
+
+    def copy(steps: int):
+        cfg = tiny_config(*COMMON, f"train.max_steps={steps}")
+        shutil.copytree(base_runs(steps), cfg.run_dir)
+        return cfg
+
+    return copy
+
+
 @pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_data, tiny_config, tmp_path):
     full = tiny_config(*COMMON, "name=full")
@@ -60,13 +89,12 @@ def test_sigkill_mid_epoch_then_resume_matches_uninterrupted(tiny_data, tiny_con
     assert weight_difference(full.run_dir, out / "killed") < 1e-5
 
 
-def test_torn_checkpoint_is_never_resumed_from(tiny_config):
-    cfg = tiny_config(*COMMON, "train.max_steps=3")
-    train_main.run(cfg)
+def test_torn_checkpoint_is_never_resumed_from(trained, tiny_config):
+    cfg = trained(3)
     ckpts = cfg.run_dir / "checkpoints"
     last = sorted(ckpts.iterdir())[-1]
-    # what a kill in the middle of save_state leaves: a newer folder still under its .tmp name
-    torn = ckpts / "e0000_b000005.tmp"
+    # what a kill in the middle of save_state leaves: a newer folder still under its temporary name
+    torn = ckpts / ".e0000_b000005.tmp"
     shutil.copytree(last, torn)
     for f in torn.iterdir():
         f.write_bytes(f.read_bytes()[: max(1, f.stat().st_size // 3)])
@@ -75,9 +103,8 @@ def test_torn_checkpoint_is_never_resumed_from(tiny_config):
     assert result["global_step"] == 4
 
 
-def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_config, monkeypatch):
-    cfg = tiny_config(*COMMON, "train.max_steps=2")
-    train_main.run(cfg)
+def test_disk_full_during_checkpoint_keeps_earlier_ones(trained, tiny_config, monkeypatch):
+    cfg = trained(2)
     before = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
     weights_before = (cfg.run_dir / "last.safetensors").read_bytes()
 
@@ -96,9 +123,8 @@ def test_disk_full_during_checkpoint_keeps_earlier_ones(tiny_config, monkeypatch
     assert (cfg.run_dir / "last.safetensors").read_bytes() != b"" and weights_before
 
 
-def test_disk_full_while_exporting_best_and_last_keeps_the_earlier_ones(tiny_config, monkeypatch):
-    cfg = tiny_config(*COMMON, "train.max_steps=2")
-    train_main.run(cfg)
+def test_disk_full_while_exporting_best_and_last_keeps_the_earlier_ones(trained, tiny_config, monkeypatch):
+    cfg = trained(2)
     exports = ("best.*", "last.*", ".*.tmp")
     before = {p.name: p.read_bytes() for pattern in exports for p in cfg.run_dir.glob(pattern)}
     full_disk(monkeypatch, "last.safetensors")
@@ -132,11 +158,10 @@ def test_a_resume_checkpoint_with_a_blocked_pickle_is_one_line(tiny_config):
 
 
 @pytest.mark.parametrize("stop", [KeyboardInterrupt, Terminated], ids=["SIGINT", "SIGTERM"])
-def test_a_stop_signal_while_saving_leaves_no_torn_folder(tiny_config, monkeypatch, stop):
+def test_a_stop_signal_while_saving_leaves_no_torn_folder(trained, tiny_config, monkeypatch, stop):
     """A stop signal lands as an exception in whatever Python is doing; mid-save it used to leave
-    the ``.tmp`` folder behind (seen in tests/test_launch.py when SIGTERM landed mid-save)."""
-    cfg = tiny_config(*COMMON, "train.max_steps=2")
-    train_main.run(cfg)
+    the temporary folder behind (seen in tests/test_launch.py when SIGTERM landed mid-save)."""
+    cfg = trained(2)
     before = sorted(p.name for p in (cfg.run_dir / "checkpoints").iterdir())
 
     from accelerate import Accelerator
@@ -158,7 +183,7 @@ def test_pruning_old_checkpoints_survives_leftovers_of_an_earlier_kill(tiny_conf
     train_main.run(cfg)
     ckpts = cfg.run_dir / "checkpoints"
     (only,) = ckpts.iterdir()
-    leftover = ckpts / f"{only.name}.old.tmp"  # what a SIGKILL mid-delete leaves
+    leftover = ckpts / f".{only.name}.tmp"  # what a SIGKILL mid-delete leaves
     leftover.mkdir()
     (leftover / "model.safetensors").write_bytes(b"half")
     train_main.run(tiny_config(*COMMON, "resume=auto", "train.max_steps=4", "train.keep_checkpoints=1"))
@@ -239,10 +264,9 @@ DAMAGE = {
 
 
 @pytest.mark.parametrize("damage", DAMAGE)
-def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_config, capsys, damage):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(trained, tiny_config, capsys, damage):
     # issue 35, 18: tracebacks, no fallback, and a hint that repeated the crash.
-    cfg = tiny_config(*COMMON, "train.max_steps=3")
-    train_main.run(cfg)
+    cfg = trained(3)
     older, newest = sorted((cfg.run_dir / "checkpoints").iterdir())
     spoil, why = DAMAGE[damage]
     spoil(newest)
@@ -255,10 +279,9 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_intact_one(tiny_
     assert result["global_step"] == 4
 
 
-def test_every_checkpoint_damaged_is_one_line_without_a_resume_hint(tiny_data, tmp_path):
+def test_every_checkpoint_damaged_is_one_line_without_a_resume_hint(trained, tiny_data, tmp_path):
     out = tmp_path / "runs"
-    first = train_main.run(load_config(None, shrink([*COMMON, "train.max_steps=2"], tiny_data, out)))
-    assert first["global_step"] == 2
+    assert trained(2).run_dir == out / "demo"
     for ckpt in (out / "demo" / "checkpoints").iterdir():
         (ckpt / "train_state.json").write_text("[]")
     proc = run_module("launch", "train.main", *shrink([*COMMON, "resume=auto"], tiny_data, out), timeout=300)
@@ -268,10 +291,9 @@ def test_every_checkpoint_damaged_is_one_line_without_a_resume_hint(tiny_data, t
     assert line.endswith("train under a new name=..., or start again with overwrite=true")
 
 
-def test_a_mid_epoch_resume_under_another_per_process_batch_is_refused(tiny_config):
+def test_a_mid_epoch_resume_under_another_per_process_batch_is_refused(trained, tiny_config):
     # issue 35, 2: 16 x 1 -> 8 x 2 keeps the global batch, and "batch 2" meant other images.
-    cfg = tiny_config(*COMMON, "train.max_steps=2")
-    train_main.run(cfg)
+    trained(2)
     with pytest.raises(UserError, match=r"stopped after batch 2 of an epoch with train.batch_size=16 and "):
         train_main.run(
             tiny_config(*COMMON, "resume=auto", "train.batch_size=8", "train.grad_accum_steps=2", "train.max_steps=3")

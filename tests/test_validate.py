@@ -13,10 +13,10 @@ from PIL import Image
 from core.errors import UserError
 from infer.submission import (
     SubmissionNameError,
-    read_submission,
+    cap_problems,
+    parse_submission,
     set_problems,
     validate_file,
-    validate_submission,
     write_submission,
 )
 from infer.validate import main
@@ -41,6 +41,15 @@ def shuffled_predictions(seed: int = 0) -> tuple[list[int], list[int]]:
     return ids, [rng.randrange(20) for _ in ids]
 
 
+def read_back(path: Path) -> tuple[dict[int, int], list[str]]:
+    parsed = parse_submission(path)
+    return parsed.predictions, parsed.problems
+
+
+def problems_of(path: Path, test_dir: Path, num_classes: int | None) -> list[str]:
+    return validate_file(path, test_dir, num_classes).problems
+
+
 def write_file(path: Path, text: str) -> Path:
     path.write_bytes(text.encode("utf-8"))
     return path
@@ -60,9 +69,8 @@ def test_round_trip_csv_and_json_validate(tmp_path, test_dir):
     assert paths == {"csv": tmp_path / "sub.csv", "json": tmp_path / "sub.json", "meta": tmp_path / "sub.meta.json"}
     expected = dict(zip(ids, preds))
     for key in ("csv", "json"):
-        parsed, problems = read_submission(paths[key])
+        parsed, problems = read_back(paths[key])
         assert problems == [] and parsed == expected
-        assert validate_submission(paths[key], test_dir, 20) == []
         check = validate_file(paths[key], test_dir, 20)
         assert check.ok and check.n_predictions == check.n_test_images == N_IMAGES
     assert all_files(tmp_path) == ["sub.csv", "sub.json", "sub.meta.json"]  # no temp left behind
@@ -228,7 +236,7 @@ def test_success_replaces_every_file_of_the_older_submission(tmp_path):
     paths = write_submission(tmp_path, "sub", [0, 1], [7, 8], {"run": "new"})
     assert all_files(tmp_path) == ["sub.csv", "sub.json", "sub.meta.json"]
     for key in ("csv", "json"):
-        assert read_submission(paths[key]) == ({0: 7, 1: 8}, [])
+        assert read_back(paths[key]) == ({0: 7, 1: 8}, [])
     assert json.loads(paths["meta"].read_text())["run"] == "new"
 
 
@@ -257,26 +265,26 @@ HEADER = "image_id,category_id\n"
     ],
 )
 def test_csv_problems_name_the_line(tmp_path, text, problem):
-    _, problems = read_submission(write_file(tmp_path / "x.csv", text))
+    _, problems = read_back(write_file(tmp_path / "x.csv", text))
     assert any(p.startswith(f"{tmp_path}{os.sep}{problem}") for p in problems), problems
 
 
 def test_csv_keeps_good_rows_around_bad_ones(tmp_path):
     path = write_file(tmp_path / "x.csv", HEADER + "0,1\n1,x\n2,3\n0,9\n")
-    parsed, problems = read_submission(path)
+    parsed, problems = read_back(path)
     assert parsed == {0: 1, 2: 3}  # the duplicate keeps the first value
     assert [p.split(": ", 1)[0] for p in problems] == [f"{path}:3", f"{path}:5"]
 
 
 def test_csv_accepts_crlf_and_a_missing_final_newline(tmp_path):
     for name, text in (("crlf.csv", "image_id,category_id\r\n0,1\r\n10,2\r\n"), ("nofinal.csv", HEADER + "0,1\n10,2")):
-        assert read_submission(write_file(tmp_path / name, text)) == ({0: 1, 10: 2}, [])
+        assert read_back(write_file(tmp_path / name, text)) == ({0: 1, 10: 2}, [])
 
 
 def test_csv_bom_is_reported_but_the_rows_are_still_read(tmp_path):
     path = tmp_path / "bom.csv"
     path.write_bytes(b"\xef\xbb\xbf" + (HEADER + "0,1\n").encode())
-    parsed, problems = read_submission(path)
+    parsed, problems = read_back(path)
     assert parsed == {0: 1}
     assert len(problems) == 1 and problems[0].startswith(f"{path}:1: ") and "byte-order mark" in problems[0]
 
@@ -284,7 +292,7 @@ def test_csv_bom_is_reported_but_the_rows_are_still_read(tmp_path):
 def test_non_utf8_file_names_the_line(tmp_path):
     path = tmp_path / "latin1.csv"
     path.write_bytes(HEADER.encode() + b"0,1\n1,\xe9\n")
-    parsed, problems = read_submission(path)
+    parsed, problems = read_back(path)
     assert parsed == {} and len(problems) == 1
     assert problems[0].startswith(f"{path}:3: not UTF-8 text (byte 0xe9")
 
@@ -316,23 +324,23 @@ def test_non_utf8_file_names_the_line(tmp_path):
 )
 def test_json_problems_name_the_entry(tmp_path, text, problem):
     path = write_file(tmp_path / "x.json", text)
-    _, problems = read_submission(path)
+    _, problems = read_back(path)
     assert f"{path}: {problem}" in "\n".join(problems), problems
 
 
 def test_json_bom_and_bad_values_leave_the_good_entries(tmp_path):
     path = tmp_path / "x.json"
     path.write_bytes(b"\xef\xbb\xbf" + b'[{"image_id": 2, "category_id": 1}, {"image_id": 10, "category_id": 1.5}]')
-    parsed, problems = read_submission(path)
+    parsed, problems = read_back(path)
     assert parsed == {2: 1}
     assert len(problems) == 2 and "byte-order mark" in problems[0] and "entry 1" in problems[1]
 
 
 def test_unknown_extension_and_missing_file(tmp_path):
-    assert read_submission(write_file(tmp_path / "x.txt", HEADER))[1] == [
+    assert read_back(write_file(tmp_path / "x.txt", HEADER))[1] == [
         f"{tmp_path / 'x.txt'}: unknown submission type '.txt'; expected a .csv or .json file"
     ]
-    assert read_submission(tmp_path / "nope.csv") == ({}, [f"{tmp_path / 'nope.csv'}: file not found"])
+    assert read_back(tmp_path / "nope.csv") == ({}, [f"{tmp_path / 'nope.csv'}: file not found"])
 
 
 # ------------------------------------------------------------------------ checks against the test set
@@ -345,7 +353,7 @@ def csv_text(rows) -> str:
 def test_missing_and_extra_ids_are_summarised(tmp_path, test_dir):
     rows = [(i, 0) for i in range(N_IMAGES) if i not in (3, 10, 25)] + [(99, 0), (-1, 0)]
     path = write_file(tmp_path / "s.csv", csv_text(rows))
-    problems = validate_submission(path, test_dir, 20)
+    problems = problems_of(path, test_dir, 20)
     assert problems == [
         f"{path}: 3 of {N_IMAGES} test images have no valid prediction (image_id 3, 10, 25)",
         # rows[k] is on line k + 2 (after the header): 99 and -1 are the last two rows
@@ -359,46 +367,46 @@ def test_labels_out_of_range_name_the_line(tmp_path, test_dir):
     rows[4] = (4, 5)  # line 6
     rows[7] = (7, -2)  # line 9
     path = write_file(tmp_path / "s.csv", csv_text(rows))
-    assert validate_submission(path, test_dir, 5) == [
+    assert problems_of(path, test_dir, 5) == [
         f"{path}:6: category_id 5 is outside [0, 5)",
         f"{path}:9: category_id -2 is negative",
     ]
     # without a class count only negative labels are wrong
-    assert validate_submission(path, test_dir, None) == [f"{path}:9: category_id -2 is negative"]
-    assert validate_submission(path, test_dir, 6) == [f"{path}:9: category_id -2 is negative"]
+    assert problems_of(path, test_dir, None) == [f"{path}:9: category_id -2 is negative"]
+    assert problems_of(path, test_dir, 6) == [f"{path}:9: category_id -2 is negative"]
 
 
 def test_json_labels_out_of_range_name_the_entry(tmp_path, test_dir):
     entries = [{"image_id": i, "category_id": 0} for i in range(N_IMAGES)]
     entries[12]["category_id"] = 20
     path = write_file(tmp_path / "s.json", json.dumps(entries))
-    assert validate_submission(path, test_dir, 20) == [f"{path}: entry 12: category_id 20 is outside [0, 20)"]
+    assert problems_of(path, test_dir, 20) == [f"{path}: entry 12: category_id 20 is outside [0, 20)"]
 
 
 def test_unreadable_file_is_one_problem_not_a_list_of_missing_images(tmp_path, test_dir):
-    assert validate_submission(tmp_path / "nope.json", test_dir, 20) == [f"{tmp_path / 'nope.json'}: file not found"]
+    assert problems_of(tmp_path / "nope.json", test_dir, 20) == [f"{tmp_path / 'nope.json'}: file not found"]
     bad = write_file(tmp_path / "bad.json", "[{")
-    assert len(validate_submission(bad, test_dir, 20)) == 1
+    assert len(problems_of(bad, test_dir, 20)) == 1
 
 
 def test_listing_is_capped(tmp_path, test_dir):
     rows = [(i, 50) for i in range(N_IMAGES)]
     path = write_file(tmp_path / "s.csv", csv_text(rows))
-    capped = validate_submission(path, test_dir, 20)
+    problems = problems_of(path, test_dir, 20)
+    capped = cap_problems(problems)  # what `validate` prints by default
     assert len(capped) == 21 and capped[-1] == f"... and {N_IMAGES - 20} more problems"
-    assert len(validate_submission(path, test_dir, 20, limit=None)) == N_IMAGES
-    assert validate_file(path, test_dir, 20).problems == validate_submission(path, test_dir, 20, limit=None)
+    assert len(problems) == N_IMAGES and cap_problems(problems, None) == problems
 
 
 def test_bad_test_folder_is_a_user_error(tmp_path, test_dir):
     good = write_submission(tmp_path / "out", "s", list(range(N_IMAGES)), [0] * N_IMAGES, {})["csv"]
     with pytest.raises(UserError, match="not found"):
-        validate_submission(good, tmp_path / "missing", 20)
+        problems_of(good, tmp_path / "missing", 20)
     with pytest.raises(UserError, match="not a folder"):
-        validate_submission(good, good, 20)
+        problems_of(good, good, 20)
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError):
-        validate_submission(good, tmp_path / "empty", 20)
+        problems_of(good, tmp_path / "empty", 20)
 
 
 # ---------------------------------------------------------------------------------------- CLI

@@ -35,9 +35,7 @@ import io
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Sequence
@@ -46,7 +44,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from core.errors import UserError
-from core.io import publish_folder, read_json
+from core.io import publishing, read_json, settle_leftovers
 from core.outputs import hold_output, try_flock
 
 MARKER = "demo_data.json"
@@ -275,17 +273,12 @@ def generate_demo_data(
         # Decided and written holding the folder's lock (two demo-data or train runs at once), and
         # never over a set a running command reads (hold_demo_data).
         with hold_output(out, "demo-data", "data.root"), _replacing(out):
+            settle_leftovers(out)
             if out.is_dir() and _same_set(out, marker):  # a twin finished it while we waited
                 return {**summary, "created": False}
             replaced = _check_replaceable(out, args)
-            out.parent.mkdir(parents=True, exist_ok=True)
-            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-            try:
+            with publishing(out) as tmp:
                 _write_set(tmp, factors, marker, **args)
-                os.chmod(tmp, 0o755)  # mkdtemp makes it private
-                _publish(tmp, out, marker)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
     except OSError as exc:  # a full or read-only file system, a file where a folder should be
         raise UserError(f"{out}: cannot write the demo data ({exc.strerror or exc}); nothing was replaced") from None
     return {**summary, "created": True, "replaced": replaced, "seconds": round(time.perf_counter() - start, 2)}
@@ -337,18 +330,6 @@ def _replacing(out: Path):
         yield
     finally:
         os.close(fd)
-
-
-def _publish(tmp: Path, out: Path, marker: dict) -> None:
-    """Put ``tmp`` in ``out``'s place (an older demo set there is replaced), unless a concurrent
-    twin finished the same set first."""
-    if out.exists() and _same_set(out, marker):
-        return  # another process finished the same set first
-    try:
-        publish_folder(tmp, out)
-    except OSError:
-        if not _same_set(out, marker):
-            raise
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import pickle
 import shutil
 import time
@@ -24,7 +23,7 @@ from safetensors.torch import load_file, save_file
 from core.checkpoint import export_model, state_dict_of
 from core.config import Config, config_to_dict, read_yaml
 from core.errors import UserError, echo
-from core.io import check_writable, publish_folder
+from core.io import check_writable, publishing, remove_folder
 from core.outputs import CLAIMS_NAME, claim_names, hold_output, record_owner
 from train.engine import Progress, TrainingDiverged
 from train.setup import Training
@@ -82,7 +81,7 @@ def remove_if_only_claims(run_dir: Path) -> None:
 
 
 def checkpoint_dirs(run_dir: Path) -> list[Path]:
-    """Complete full-state checkpoints, oldest first. A ``.tmp`` folder is a torn write."""
+    """Complete full-state checkpoints, oldest first (a torn write lies under a hidden temporary name)."""
     root = run_dir / "checkpoints"
     if not root.is_dir():
         return []
@@ -134,17 +133,6 @@ def ema_device(ema) -> torch.device:
     return next(ema.module.parameters()).device
 
 
-def _delete_checkpoint(path: Path) -> None:
-    """Renamed to ``.tmp`` first: a stop mid-delete must not leave half a folder under a checkpoint's name."""
-    doomed = path.with_name(path.name + ".old.tmp")
-    shutil.rmtree(doomed, ignore_errors=True)  # left by an earlier kill
-    try:
-        os.replace(path, doomed)
-    except OSError:
-        doomed = path
-    shutil.rmtree(doomed, ignore_errors=True)
-
-
 def save_checkpoint(training: Training, progress: Progress) -> Path:
     """Full training state into ``checkpoints/e<epoch>_b<batch>``, published by an atomic rename.
 
@@ -159,11 +147,9 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
         )
     root = run_dir / "checkpoints"
     final = root / f"{CHECKPOINT_PREFIX}{progress.epoch:04d}_b{progress.batch:06d}"
-    tmp = final.with_name(final.name + ".tmp")
-    try:
-        if accelerator.is_main_process:
-            root.mkdir(parents=True, exist_ok=True)
-            shutil.rmtree(tmp, ignore_errors=True)
+    # Every process writes its part into the same temporary folder; the main one makes and publishes
+    # it (a checkpoint of the same step is replaced), or removes it on any failure or stop signal.
+    with publishing(final, accelerator.is_main_process) as tmp:
         accelerator.wait_for_everyone()
         try:
             accelerator.save_state(str(tmp))
@@ -171,20 +157,13 @@ def save_checkpoint(training: Training, progress: Progress) -> Path:
                 save_extra_state(tmp, progress, training.scheduler, training.ema, launch_of(training))
         except OSError as exc:
             raise UserError(
-                f"cannot write checkpoint {tmp}: {exc.strerror or exc}; earlier checkpoints are intact"
+                f"cannot write checkpoint {final}: {exc.strerror or exc}; earlier checkpoints are intact"
             ) from None
         accelerator.wait_for_everyone()
-        if accelerator.is_main_process:
-            publish_folder(tmp, final)  # a checkpoint of the same step is replaced, put back on failure
-            for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
-                _delete_checkpoint(old)
-        accelerator.wait_for_everyone()
-    except BaseException:
-        # Also on a stop signal (Terminated, KeyboardInterrupt): no torn folder is left behind.
-        if accelerator.is_main_process:
-            for torn in root.glob(f"{CHECKPOINT_PREFIX}*.tmp"):
-                shutil.rmtree(torn, ignore_errors=True)
-        raise
+    if accelerator.is_main_process:
+        for old in checkpoint_dirs(run_dir)[: -training.cfg.train.keep_checkpoints]:
+            remove_folder(old)
+    accelerator.wait_for_everyone()
     return final
 
 
