@@ -316,3 +316,52 @@ def test_a_key_given_twice_in_a_yaml_file_names_the_file_the_key_and_the_line(tm
     assert str(info.value).startswith(f"{path}:6: invalid YAML: duplicate key 'train' (first on line 1)")
     path.write_text("train:\n  <<: {lr: 0.01, epochs: 3}\n  lr: 0.02\n")  # a merge's keys may be overridden
     assert load_config(path).train.lr == 0.02
+
+
+def test_a_config_extends_its_base_and_overrides_win(tmp_path):
+    # issue 37, 3: `base:` names the config a file extends, relative to the file; chains allowed.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("name: root\ntrain:\n  epochs: 7\n  lr: 0.01\ntta:\n  scales: [1.0, 0.9]\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nname: mid\ntrain:\n  lr: 0.02\n")
+    (tmp_path / "leaf.yaml").write_text("base: sub/mid.yaml\ntta:\n  scales: [1.2]\n")
+    cfg = load_config(tmp_path / "leaf.yaml", ["train.epochs=3"])
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr, cfg.tta.scales) == ("mid", 3, 0.02, [1.2])
+    assert load_config(tmp_path / "leaf.yaml").train.epochs == 7
+    (tmp_path / "root.yaml").write_text("train:\n  epochz: 7\n")  # a bad key of a base names the base
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'root.yaml'}: unknown config key 'train.epochz'"):
+        load_config(tmp_path / "leaf.yaml")
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": "base: a.yaml\n"}, "a.yaml: base 'a.yaml' makes a cycle (a.yaml -> a.yaml)"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "b.yaml: base 'a.yaml' makes a cycle"),
+        ({"a.yaml": "base: nope.yaml\n"}, "a.yaml: base 'nope.yaml': config file not found: "),
+        ({"a.yaml": "base: [b.yaml]\n"}, "a.yaml: 'base' must name a config file"),
+    ],
+)
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "a.yaml")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith(str(tmp_path))
+
+
+def test_the_phase_configs_carry_robust_commons_recipe_without_restating_it():
+    # They restated it and drifted (adv.steps 2 against 3); now they extend it, and what they change
+    # (the steps at 224 px among it) each says why in the file.
+    from core.config import read_yaml
+
+    common = config_to_dict(load_config(ROOT / "configs" / "robust_common.yaml"))
+    for phase in ("cvpr22_phase1.yaml", "cvpr22_phase2.yaml"):
+        raw = read_yaml(ROOT / "configs" / phase)
+        assert "base" in raw and not {"mode", "eps"} & set(raw.get("train", {}).get("adv", {}))
+        assert "label_smoothing" not in raw.get("train", {}) and "enabled" not in raw.get("aug", {}).get("augmix", {})
+        cfg = config_to_dict(load_config(ROOT / "configs" / phase))
+        for key in ("mode", "eps", "warmup_epochs"):
+            assert cfg["train"]["adv"][key] == common["train"]["adv"][key]
+        assert cfg["train"]["adv"]["steps"] == 2 and cfg["aug"]["augmix"] == common["aug"]["augmix"]
+        assert cfg["train"]["label_smoothing"] == common["train"]["label_smoothing"] == 0.0

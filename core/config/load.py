@@ -253,6 +253,33 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+# The key of a config file that names the config it extends (its path relative to the file).
+BASE_KEY = "base"
+
+
+def read_config_chain(path: Path) -> list[tuple[Path, dict]]:
+    """``path``'s mapping and those of the configs it extends through ``base:``, the furthest base
+    first (each is applied over the one before). A missing base or a cycle is one line naming the file."""
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    while True:
+        data = read_yaml(path)
+        seen.append(path.resolve())
+        base = data.pop(BASE_KEY, None)
+        chain.append((path, data))
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: '{BASE_KEY}' must name a config file (a path relative to this one)")
+        target = Path(os.path.normpath(path.parent / base))
+        if target.resolve() in seen:
+            cycle = " -> ".join(p.name for p in [*seen, target.resolve()])
+            raise ConfigError(f"{path}: {BASE_KEY} {echo(base)} makes a cycle ({cycle})")
+        if not target.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY} {echo(base)}: config file not found: {target}")
+        path = target
+
+
 def apply_dict(cfg: Config, data: dict, source: str = "") -> Config:
     """Merge a nested mapping (as read from YAML) into ``cfg``."""
     for key, value in data.items():
@@ -276,7 +303,8 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check_aug: bool = True) -> Config:
-    """Defaults <- YAML file (``configs/default.yaml`` when ``path`` is None) <- overrides.
+    """Defaults <- the YAML files ``path`` extends (``base:``) <- YAML file (``configs/default.yaml``
+    when ``path`` is None) <- overrides.
 
     ``check_aug=False`` leaves out the check of the ``aug`` section (building its pipeline imports
     albumentations, and with it torch): for the stages and tools that never augment an image. An
@@ -284,8 +312,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | None = No
     AugMix's numbers always are (they need no import).
     """
     cfg = new_config()
-    path = Path(path) if path else DEFAULT_CONFIG
-    apply_dict(cfg, read_yaml(path), source=str(path))
+    for source, data in read_config_chain(Path(path) if path else DEFAULT_CONFIG):
+        apply_dict(cfg, data, source=str(source))
     apply_overrides(cfg, overrides or [])
     expand_name(cfg)
     # An `aug.*` value typed on the command line of a stage that never augments is still checked whole.
