@@ -31,11 +31,12 @@ from pathlib import Path
 from typing import Sequence
 
 from core.cli import RESUMABLE_STATUS, STATUS_ENV, die_with_parent, user_path
-from core.config import Config, check_aug_section, load_config
+from core.config import Config, load_config
 from core.devices import probe_devices
 from core.errors import UserError
 from core.labels import resolve_samples
 from core.outputs import acquire
+from core.transforms import create_train_transform
 from launch.plan import COMMANDS, DEFAULT_ACCELERATE_CONFIG, Plan, parse_flags, plan_launch, split_args
 
 USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [launch flags]
@@ -73,7 +74,7 @@ def check_output_free(module: str, cfg: Config) -> None:
     failure report of every rank). Only a look: the stage itself holds the lock while it runs."""
     claims = {
         "train.main": ("train", cfg.run_dir, "name"),
-        "infer.submit": ("submit", cfg.submission_stem, "submit.file_name"),
+        "infer.submit": ("submit", cfg.submit.stem(cfg.name), "submit.file_name"),
     }
     if module in claims:
         stage, output, key = claims[module]
@@ -87,7 +88,7 @@ def preflight_training(cfg: Config, plan: Plan) -> None:
     if not plan.direct:
         # Only training augments. Checking its aug section imports albumentations and torch, so a direct
         # run leaves that to the stage (its first step); several processes get it checked here, once.
-        check_aug_section(cfg)
+        create_train_transform(cfg.aug, cfg.data.image_size)  # building the pipeline checks it
     if not cfg.data.demo:
         resolve_samples(cfg.data)
 
@@ -119,7 +120,7 @@ def launch(module: str, argv: Sequence[str]) -> int:
     overrides = _overrides_of(ours)
     config_file = user_path(str(flags["config_file"])) if "config_file" in flags else None
     # Fail fast, in one line, before any process starts.
-    cfg = load_config(config_path, overrides, check_aug=False)
+    cfg = load_config(config_path, overrides)
     module = resolve_module(module, cfg)
     devices = probe_devices()
     plan = plan_launch(module, flags, cfg, devices, config_file=config_file)

@@ -15,8 +15,8 @@ import torch
 from torch import nn
 
 from attacks import cw_l2, fgsm, pgd, random_noise
-from core.config import AttackDrawConfig, EvalConfig
 from robust.autoattack import autoattack, square
+from robust.config import AttackDrawConfig, EvalConfig
 
 # (model, x, y, eps, eval section, generator, EOT samples) -> adversarial images
 Craft = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, EvalConfig, torch.Generator, int], torch.Tensor]

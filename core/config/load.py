@@ -302,23 +302,15 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check_aug: bool = True) -> Config:
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
     """Defaults <- the YAML files ``path`` extends (``base:``) <- YAML file (``configs/default.yaml``
-    when ``path`` is None) <- overrides.
-
-    ``check_aug=False`` leaves out the check of the ``aug`` section (building its pipeline imports
-    albumentations, and with it torch): for the stages and tools that never augment an image. An
-    ``aug.*`` override is checked anyway (given explicitly, a bad value must not pass silently), and
-    AugMix's numbers always are (they need no import).
-    """
+    when ``path`` is None) <- overrides, every value checked (:func:`validate_config`)."""
     cfg = new_config()
     for source, data in read_config_chain(Path(path) if path else DEFAULT_CONFIG):
         apply_dict(cfg, data, source=str(source))
     apply_overrides(cfg, overrides or [])
     expand_name(cfg)
-    # An `aug.*` value typed on the command line of a stage that never augments is still checked whole.
-    explicit_aug = any(item.split("=", 1)[0].strip().startswith("aug.") for item in overrides or [])
-    validate_config(cfg, check_aug or explicit_aug)
+    validate_config(cfg)
     return cfg
 
 
@@ -335,11 +327,6 @@ def expand_name(cfg: Config) -> None:
 def config_to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config."""
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a config saved by :func:`config_to_dict` (unknown keys are still errors)."""
-    return apply_dict(new_config(), data, source="saved config")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:
