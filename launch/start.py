@@ -47,8 +47,9 @@ USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [launch fla
   --debug         show tracebacks
 
 Config sections: name, out_dir, seed, resume, overwrite, data, aug, model, train (train.adv:
-adversarial training), wandb, tta, gcm, random_pad, submit, budget, export, eval. Every key, its
-default and what it means: core/config/schema.py; paths inside a config are relative to the repository.
+adversarial training), wandb, tta, gcm, random_pad, submit, rules, eval, testset, ablation, budget,
+export, phase2. Every key, its default and what it means: core/config/schema.py and the stages'
+config.py (infer/, robust/, phase2/); paths inside a config are relative to the repository.
 
 Launch flags (accelerate launch's names). Default: every visible GPU, one process each, bf16
 where the GPUs have it (train.mixed_precision=auto); on a machine without CUDA one process.

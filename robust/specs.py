@@ -2,7 +2,7 @@
 
 Each entry says what an ``eval.attacks`` name means: its column title, its norm, which
 ``eval`` keys hold its budget and its number of steps, and how to craft it. The config's list
-of valid names (``core.config.EVAL_ATTACKS``) is checked against this table by the tests.
+of valid names (``robust.config.EVAL_ATTACKS``) is checked against this table by the tests.
 """
 
 from __future__ import annotations
