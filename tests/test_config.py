@@ -363,3 +363,24 @@ def test_the_phase_configs_carry_robust_commons_recipe_without_restating_it():
             assert cfg["train"]["adv"][key] == common["train"]["adv"][key]
         assert cfg["train"]["adv"]["steps"] == 2 and cfg["aug"]["augmix"] == common["aug"]["augmix"]
         assert cfg["train"]["label_smoothing"] == common["train"]["label_smoothing"] == 0.0
+
+
+def test_each_stage_owns_its_sections_and_core_names_none():
+    # issue 37, 2: core's root config holds what every stage reads; a stage's sections (and their
+    # checks) live in its own config module and still load from every config file and command line.
+    import dataclasses
+
+    from core.config import Config, new_config
+
+    assert {f.name for f in dataclasses.fields(Config)} >= {"data", "aug", "model", "train", "wandb"}
+    owners = {
+        "infer.config": {"submit", "tta", "gcm", "random_pad", "rules"},
+        "robust.config": {"eval", "testset", "ablation"},
+        "phase2.config": {"budget", "export", "phase2"},
+    }
+    cfg = new_config()
+    for module, names in owners.items():
+        assert not names & {f.name for f in dataclasses.fields(Config)}
+        assert {type(getattr(cfg, name)).__module__ for name in names} == {module}
+    with pytest.raises(ConfigError, match="unknown config key 'eval.stepz'"):
+        load_config(None, ["eval.stepz=3"])

@@ -383,7 +383,7 @@ _SECTIONS: dict[str, Section] = {}
 
 def register_section(name: str, schema: type, check: Callable[[Any], None] | None = None) -> None:
     """Add section ``name`` (a dataclass of fields as above) to every config, and ``check(cfg)`` to
-    every load (after the root's checks, in the order of registration): how a stage owns its settings
+    every load (after the root's checks): how a stage owns its settings
     while one config file and one command line still serve every stage."""
     if name in {f.name for f in dataclasses.fields(Config)}:
         raise ValueError(f"config section {name!r} is the root config's own")
@@ -398,14 +398,19 @@ def discover_sections() -> None:
         importlib.import_module(f"{path.parent.name}.config")
 
 
+def _ordered() -> list[tuple[str, Section]]:
+    # by owning module, then as registered: the same order whichever stage imported its module first
+    return sorted(_SECTIONS.items(), key=lambda item: item[1].schema.__module__)
+
+
 def section_checks() -> list[Callable[[Any], None]]:
-    """The registered sections' checks, in the order of registration."""
-    return [s.check for s in _SECTIONS.values() if s.check is not None]
+    """The registered sections' checks, in the order of :func:`new_config`'s fields."""
+    return [s.check for _, s in _ordered() if s.check is not None]
 
 
 @functools.cache
 def _composed() -> type:
-    fields = [(name, s.schema, field(default_factory=s.schema)) for name, s in _SECTIONS.items()]
+    fields = [(name, s.schema, field(default_factory=s.schema)) for name, s in _ordered()]
     composed = dataclasses.make_dataclass("Config", fields, bases=(Config,))
     composed.__module__ = __name__
     return composed
