@@ -155,7 +155,7 @@ def craft_attack(
 
 
 def draw_attack(rng: np.random.Generator, draws, n_surrogates: int = 0) -> dict:
-    """One attack's settings, each item uniform over its list in ``draws`` (a ``core.config.AttackDrawConfig``:
+    """One attack's settings, each item uniform over its list in ``draws`` (a ``robust.config.AttackDrawConfig``:
     ``kinds``, ``norms``, ``eps_linf``, ``eps_l2``, ``steps``), for :func:`craft_attack`."""
     norm = str(rng.choice(draws.norms))
     step = {

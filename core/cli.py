@@ -50,10 +50,9 @@ def create_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
-def parse_config(args: argparse.Namespace, check_aug: bool = False) -> Config:
-    """The config of ``--config`` and the overrides; ``check_aug``: the stage augments images, so its
-    ``aug`` section is checked too (see :func:`core.config.load_config`)."""
-    return load_config(user_path(args.config), args.overrides, check_aug)
+def parse_config(args: argparse.Namespace) -> Config:
+    """The config of ``--config`` and the overrides (see :func:`core.config.load_config`)."""
+    return load_config(user_path(args.config), args.overrides)
 
 
 def is_main_rank() -> bool:

@@ -261,26 +261,6 @@ def to_json_safe(value: Any, where: str = "value") -> Any:
     raise ValueError(f"{where}: {type(value).__name__} value {value!r} cannot be written as JSON")
 
 
-def submission_name_problem(name: object) -> str | None:
-    """What makes ``name`` unusable as the stem of the submission files, or ``None``.
-
-    The files are ``<name>.csv``, ``<name>.json`` and ``<name>.meta.json`` in one folder, so
-    the name must be a plain, visible file name without those extensions.
-    """
-    if (
-        not isinstance(name, str)
-        or not name
-        or name in {".", ".."}
-        or name.startswith(".")
-        or any(c in name for c in "/\\\0")
-        or name.strip() != name
-    ):
-        return "must be a plain file name (no path separators, not hidden, no surrounding spaces)"
-    if name.lower().endswith((".csv", ".json")):
-        return f"must not carry an extension (the files are {name}.csv/.json; use {Path(name).stem!r})"
-    return None
-
-
 def check_writable(folder: Path, key: str) -> None:
     """Prove a file can be written into ``folder`` (or, where it does not exist yet, into the
     nearest folder above it that does) before any long work; creates nothing that stays.

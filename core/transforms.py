@@ -26,13 +26,12 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from core.config import AugConfig, AugMixConfig
 from core.errors import UserError
 
-if TYPE_CHECKING:  # the config module builds these pipelines to check its aug section
+if TYPE_CHECKING:
     import albumentations as A
     from timm.data.auto_augment import AugMixAugment
-
-    from core.config.schema import AugConfig, AugMixConfig
 
 # albumentations and timm are imported on first use, not with this module: they import torch
 # (seconds), and every stage imports this module for the eval resize, which needs neither.

@@ -43,9 +43,10 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from core.errors import UserError
-from core.io import atomic_write_files, read_json, submission_name_problem, to_json_safe
+from core.io import atomic_write_files, read_json, to_json_safe
 from core.labels import list_test_images
 from core.outputs import record_owner
+from infer.config import submission_name_problem
 
 FIELDS = ("image_id", "category_id")
 CSV_HEADER = ",".join(FIELDS)
@@ -102,7 +103,7 @@ def write_submission(
     """
     require_submission_name(name)
     rows = _sorted_rows(image_ids, predictions)
-    paths = submission_paths(Path(out_dir), name)
+    paths = submission_paths(Path(out_dir) / name)
     texts = render_files(rows, meta, paths)  # everything serialised first: a bad value writes nothing
 
     def check(temps: dict[Path, Path]) -> None:
@@ -139,10 +140,11 @@ def render_files(rows: list[tuple[int, int]], meta: dict, paths: dict[str, Path]
     }
 
 
-def submission_paths(out_dir: Path, name: str) -> dict[str, Path]:
-    """The three files of submission ``name``: ``{"csv": ..., "json": ..., "meta": ...}``."""
-    out_dir = Path(out_dir)
-    return {"csv": out_dir / f"{name}.csv", "json": out_dir / f"{name}.json", "meta": out_dir / f"{name}.meta.json"}
+def submission_paths(stem: Path) -> dict[str, Path]:
+    """The three files of the submission ``stem`` (``submit.stem``, ``out_dir / name``):
+    ``{"csv": ..., "json": ..., "meta": ...}``."""
+    suffixes = {"csv": ".csv", "json": ".json", "meta": ".meta.json"}
+    return {kind: Path(f"{stem}{suffix}") for kind, suffix in suffixes.items()}
 
 
 def set_problems(path: Path) -> list[str]:
@@ -151,7 +153,7 @@ def set_problems(path: Path) -> list[str]:
     when there is no meta file, or when the meta predates these records."""
     path = Path(path)
     stem = path.name[: -len(".meta.json")] if path.name.endswith(".meta.json") else path.name.rsplit(".", 1)[0]
-    paths = submission_paths(path.parent, stem)
+    paths = submission_paths(path.parent / stem)
     try:
         meta = read_json(paths["meta"])
     except (OSError, ValueError):

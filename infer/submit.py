@@ -193,8 +193,8 @@ def run(cfg: Config) -> dict:
     accelerator = create_accelerator(cfg.train.mixed_precision)
     # Before the prediction, not after it; on every process, so none waits for a failed one.
     check_writable(Path(cfg.submit.out_dir), "submit.out_dir")
-    stem = cfg.submission_stem
-    check_outputs(list(submission_paths(stem.parent, stem.name).values()), "submit", "submit.file_name")
+    stem = cfg.submit.stem(cfg.name)
+    check_outputs(list(submission_paths(stem).values()), "submit", "submit.file_name")
     # make-testset must not replace the test set while it is read (the manifest of one set and the images of the next)
     with (
         hold_output(stem, "submit", "submit.file_name", accelerator),
@@ -207,7 +207,7 @@ def check_replaces_its_own(cfg: Config, infos: Sequence[dict], test_dir: Path) -
     """A submission already under this name is replaced only by the same model's predictions on
     the same test folder (a rerun), or with ``overwrite=true``: the Phase I file of a real model is
     not lost to a demo run or to a make-testset score."""
-    meta_path = submission_paths(cfg.submission_stem.parent, cfg.submission_name)["meta"]
+    meta_path = submission_paths(cfg.submit.stem(cfg.name))["meta"]
     if cfg.overwrite or not meta_path.is_file():
         return
     try:
@@ -227,7 +227,7 @@ def check_replaces_its_own(cfg: Config, infos: Sequence[dict], test_dir: Path) -
         else f"another test folder ({old_test})"
     )
     raise UserError(
-        f"{cfg.submission_stem}.csv: holds the predictions of {what}; overwrite=true replaces them, or "
+        f"{cfg.submit.stem(cfg.name)}.csv: holds the predictions of {what}; overwrite=true replaces them, or "
         f"submit.file_name=NAME writes beside them"
     )
 
@@ -251,7 +251,7 @@ def predict_and_write(cfg: Config, accelerator: Accelerator, start: float) -> di
     meta = build_meta(cfg, model, list(zip(checkpoints, infos, lineages)), test.folder, bad_files, result, accelerator)
     meta["seconds"] = round(time.perf_counter() - start, 2)  # all but the writing itself
     paths = write_submission(
-        Path(cfg.submit.out_dir), cfg.submission_name, ids, preds, meta, test.folder, cfg.data.num_classes,
+        Path(cfg.submit.out_dir), cfg.submit.name_of(cfg.name), ids, preds, meta, test.folder, cfg.data.num_classes,
         [i for _, i in test.items],
     )  # fmt: skip
     result.update({"files": {k: str(v) for k, v in paths.items()}, "seconds": time.perf_counter() - start})
@@ -322,7 +322,7 @@ def build_meta(
     import timm  # for its version; loaded by core.model, which keeps wandb out of it
 
     return {
-        "name": cfg.submission_name,
+        "name": cfg.submit.name_of(cfg.name),
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "test_dir": str(test_dir),
         "n_images": result["n_images"],

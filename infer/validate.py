@@ -69,7 +69,7 @@ def resolve_num_classes(file: Path, given: int | None, config: Path | None) -> i
         if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
             return value
     if config is not None:
-        return load_config(config, check_aug=False).data.num_classes
+        return load_config(config).data.num_classes
     raise UserError(
         f"{file}: the number of classes is unknown (no readable {meta.name} beside it): give --num-classes N "
         "or --config FILE, so out-of-range classes are caught"
@@ -81,7 +81,7 @@ def resolve_validate_test_dir(given: Path | None, config: Path | None) -> Path:
     if given is not None:
         return user_path(given)
     if config is not None:
-        return resolve_test_dir(load_config(config, check_aug=False).data)
+        return resolve_test_dir(load_config(config).data)
     raise UserError("validate: which test images? give --test-dir DIR, or --config FILE to use its data.test_dir")
 
 

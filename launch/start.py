@@ -28,7 +28,7 @@ from core.outputs import acquire
 USAGE = """usage: ./run.sh {command} [--config FILE] [key=value ...] [accelerate launch flags]
 
   --config FILE  YAML config (default configs/default.yaml, the CPU demo), relative to your folder
-  key=value      dotted overrides, e.g. train.epochs=3 (every key: core/config/schema.py)
+  key=value      dotted overrides, e.g. train.epochs=3 (every key: core/config/schema.py and the stages' config.py)
   --debug        show tracebacks
 Every other flag goes to accelerate launch as given (accelerate launch --help): by default every
 visible GPU, one process each, bf16 where they have it (train.mixed_precision=auto); without CUDA,
@@ -151,14 +151,14 @@ def check_before_start(module: str, cfg: Config) -> None:
     data are made by the stage) and an output another command holds (the stage then takes it)."""
     if module == "train.main" and not cfg.data.demo:
         resolve_samples(cfg.data)
-    claims = {"train.main": (cfg.run_dir, "name"), "infer.submit": (cfg.submission_stem, "submit.file_name")}
+    claims = {"train.main": (cfg.run_dir, "name"), "infer.submit": (cfg.submit.stem(cfg.name), "submit.file_name")}
     if module in claims:
         acquire(claims[module][0], COMMANDS[module], claims[module][1]).release()
 
 
 def launch(module: str, argv: Sequence[str]) -> int:
     config, ours, flags = split_args(argv, COMMANDS.get(module, ""))
-    cfg = load_config(user_path(config), [a for a in ours if a != "--debug"], check_aug=module == "train.main")
+    cfg = load_config(user_path(config), [a for a in ours if a != "--debug"])
     module = "phase2.score" if module == "robust.evaluate" and cfg.eval.file else module
     devices = probe_devices()
     stage_args = [*(["--config", str(user_path(config))] if config else []), *ours]

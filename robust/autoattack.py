@@ -17,7 +17,7 @@ from pyautoattack import AutoAttack
 from pyautoattack.square import SquareAttack
 from torch import nn
 
-from core.config import EvalConfig
+from robust.config import EvalConfig
 
 # The package reports through this logger; our tables say what it found.
 logging.getLogger("auto-attack").setLevel(logging.ERROR)

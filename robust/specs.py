@@ -2,7 +2,7 @@
 
 Each entry says what an ``eval.attacks`` name means: its column title, its norm, which
 ``eval`` keys hold its budget and its number of steps, and how to craft it. The config's list
-of valid names (``core.config.EVAL_ATTACKS``) is checked against this table by the tests.
+of valid names (``robust.config.EVAL_ATTACKS``) is checked against this table by the tests.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import torch
 from torch import nn
 
 from attacks import cw_l2, fgsm, pgd, random_noise
-from core.config import EvalConfig
 from robust.autoattack import autoattack, square
+from robust.config import EvalConfig
 
 # (model, x, y, eps, eval section, generator, EOT samples) -> adversarial images
 Craft = Callable[[nn.Module, torch.Tensor, torch.Tensor, float, EvalConfig, torch.Generator, int], torch.Tensor]

@@ -37,7 +37,7 @@ from tqdm.auto import tqdm
 from attacks import craft_attack, draw_attack
 from core.checkpoint import read_checkpoint_info, resolve_checkpoint_files
 from core.cli import create_parser, parse_config, quiet_libraries, run_cli
-from core.config import Config, ConfigError, TestsetConfig, config_to_dict
+from core.config import Config, ConfigError, config_to_dict
 from core.devices import default_device
 from core.errors import UserError
 from core.imagenet_c import corrupt, corruption_seed
@@ -45,6 +45,7 @@ from core.io import publishing, settle_leftovers
 from core.outputs import hold_output
 from infer.defended import load_members, resize_to, resolve_member_paths
 from infer.testset_folder import KINDS, MANIFEST_NAME, hold_folder_for_writing, sharing_lock_path
+from robust.config import TestsetConfig
 from robust.eval_images import load_eval_images
 
 LABELS_NAME = "test_labels.txt"
@@ -277,7 +278,7 @@ def score_command(cfg: Config, out: Path, config_arg: str | None = None) -> str:
         f"data.test_dir={IMAGES_DIR}",
         f"data.test_labels={LABELS_NAME}",
         f"data.test_manifest={MANIFEST_NAME}",
-        f"submit.file_name={cfg.submission_name}_{out.name}",
+        f"submit.file_name={cfg.submit.name_of(cfg.name)}_{out.name}",
     ]
     return shlex.join(["./run.sh", "submit", *config, *keys])
 

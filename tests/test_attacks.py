@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks import EOT, cw_l2, fgsm, lp_norm, pgd, project_l1_ball, random_noise
-from core.config import EvalConfig
 from robust.autoattack import autoattack, create_autoattack, square
+from robust.config import EvalConfig
 from robust.metrics import robust_metrics, worst_case
 from tests.conftest import TEST_SEED
 

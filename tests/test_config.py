@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from core.config import ConfigError, config_from_dict, config_to_dict, load_config, save_config
+from core.config import ConfigError, config_to_dict, load_config, save_config
 from tests.conftest import run_module
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -164,7 +164,6 @@ def test_saved_config_round_trips(tmp_path):
     save_config(cfg, tmp_path / "config.yaml")
     again = load_config(tmp_path / "config.yaml")
     assert config_to_dict(again) == config_to_dict(cfg)
-    assert config_to_dict(config_from_dict(config_to_dict(cfg))) == config_to_dict(cfg)
 
 
 def test_cli_bad_key_is_one_line_exit_2():
@@ -216,9 +215,8 @@ def test_config_path_on_the_command_line_is_taken_from_the_users_folder(tmp_path
     ],
 )
 def test_bad_numbers_of_every_stage_are_refused_at_load(override, message):
-    # check_aug=False: what evaluate, submit, export, make-testset and ablate load with
     with pytest.raises(ConfigError) as info:
-        load_config(None, override, check_aug=False)
+        load_config(None, override)
     assert message in str(info.value)
 
 
@@ -245,7 +243,7 @@ def test_a_tiny_augmix_alpha_would_train_on_black_images():
     assert black_fraction(MIN_AUGMIX_ALPHA) == 0.0
 
 
-@pytest.mark.parametrize("override", ["aug.augmix.severity=11", "phase2.draws=-1", "aug.corruptions=[{name: Nope}]"])
+@pytest.mark.parametrize("override", ["aug.augmix.severity=11", "phase2.draws=-1"])
 def test_evaluate_refuses_a_bad_number_it_ignores_before_any_work(tmp_path, override):
     proc = run_module("robust.evaluate", f"eval.out_dir={tmp_path / 'eval'}", override, timeout=300)
     assert proc.returncode == 2, proc.stderr
@@ -297,7 +295,7 @@ def test_numbers_out_of_their_range_and_list_items_of_another_type_are_one_line(
     # issue 35, 4, 6 and 19: no upper bound on the augmentation values (terabyte allocations), list
     # items of any type (tracebacks after the model loaded), log_every=0 (ZeroDivisionError).
     with pytest.raises(ConfigError) as info:
-        load_config(None, overrides, check_aug=False)
+        load_config(None, overrides)
     assert message in str(info.value) and "\n" not in str(info.value)
 
 
@@ -316,3 +314,73 @@ def test_a_key_given_twice_in_a_yaml_file_names_the_file_the_key_and_the_line(tm
     assert str(info.value).startswith(f"{path}:6: invalid YAML: duplicate key 'train' (first on line 1)")
     path.write_text("train:\n  <<: {lr: 0.01, epochs: 3}\n  lr: 0.02\n")  # a merge's keys may be overridden
     assert load_config(path).train.lr == 0.02
+
+
+def test_a_config_extends_its_base_and_overrides_win(tmp_path):
+    # issue 37, 3: `base:` names the config a file extends, relative to the file; chains allowed.
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "root.yaml").write_text("name: root\ntrain:\n  epochs: 7\n  lr: 0.01\ntta:\n  scales: [1.0, 0.9]\n")
+    (tmp_path / "sub" / "mid.yaml").write_text("base: ../root.yaml\nname: mid\ntrain:\n  lr: 0.02\n")
+    (tmp_path / "leaf.yaml").write_text("base: sub/mid.yaml\ntta:\n  scales: [1.2]\n")
+    cfg = load_config(tmp_path / "leaf.yaml", ["train.epochs=3"])
+    assert (cfg.name, cfg.train.epochs, cfg.train.lr, cfg.tta.scales) == ("mid", 3, 0.02, [1.2])
+    assert load_config(tmp_path / "leaf.yaml").train.epochs == 7
+    (tmp_path / "root.yaml").write_text("train:\n  epochz: 7\n")  # a bad key of a base names the base
+    with pytest.raises(ConfigError, match=rf"^{tmp_path / 'root.yaml'}: unknown config key 'train.epochz'"):
+        load_config(tmp_path / "leaf.yaml")
+
+
+@pytest.mark.parametrize(
+    "files, message",
+    [
+        ({"a.yaml": "base: a.yaml\n"}, "a.yaml: base 'a.yaml' makes a cycle (a.yaml -> a.yaml)"),
+        ({"a.yaml": "base: b.yaml\n", "b.yaml": "base: a.yaml\n"}, "b.yaml: base 'a.yaml' makes a cycle"),
+        ({"a.yaml": "base: nope.yaml\n"}, "a.yaml: base 'nope.yaml': config file not found: "),
+        ({"a.yaml": "base: [b.yaml]\n"}, "a.yaml: 'base' must name a config file"),
+    ],
+)
+def test_a_bad_base_is_one_line_naming_the_file(tmp_path, files, message):
+    for name, text in files.items():
+        (tmp_path / name).write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "a.yaml")
+    assert message in str(info.value) and "\n" not in str(info.value)
+    assert str(info.value).startswith(str(tmp_path))
+
+
+def test_the_phase_configs_carry_robust_commons_recipe_without_restating_it():
+    # They restated it and drifted (adv.steps 2 against 3); now they extend it, and what they change
+    # (the steps at 224 px among it) each says why in the file.
+    from core.config import read_yaml
+
+    common = config_to_dict(load_config(ROOT / "configs" / "robust_common.yaml"))
+    for phase in ("cvpr22_phase1.yaml", "cvpr22_phase2.yaml"):
+        raw = read_yaml(ROOT / "configs" / phase)
+        assert "base" in raw and not {"mode", "eps"} & set(raw.get("train", {}).get("adv", {}))
+        assert "label_smoothing" not in raw.get("train", {}) and "enabled" not in raw.get("aug", {}).get("augmix", {})
+        cfg = config_to_dict(load_config(ROOT / "configs" / phase))
+        for key in ("mode", "eps", "warmup_epochs"):
+            assert cfg["train"]["adv"][key] == common["train"]["adv"][key]
+        assert cfg["train"]["adv"]["steps"] == 2 and cfg["aug"]["augmix"] == common["aug"]["augmix"]
+        assert cfg["train"]["label_smoothing"] == common["train"]["label_smoothing"] == 0.0
+
+
+def test_each_stage_owns_its_sections_and_core_names_none():
+    # issue 37, 2: core's root config holds what every stage reads; a stage's sections (and their
+    # checks) live in its own config module and still load from every config file and command line.
+    import dataclasses
+
+    from core.config import Config, new_config
+
+    assert {f.name for f in dataclasses.fields(Config)} >= {"data", "aug", "model", "train", "wandb"}
+    owners = {
+        "infer.config": {"submit", "tta", "gcm", "random_pad", "rules"},
+        "robust.config": {"eval", "testset", "ablation"},
+        "phase2.config": {"budget", "export", "phase2"},
+    }
+    cfg = new_config()
+    for module, names in owners.items():
+        assert not names & {f.name for f in dataclasses.fields(Config)}
+        assert {type(getattr(cfg, name)).__module__ for name in names} == {module}
+    with pytest.raises(ConfigError, match="unknown config key 'eval.stepz'"):
+        load_config(None, ["eval.stepz=3"])

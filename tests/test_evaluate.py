@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from attacks import lp_norm
-from core.config import EVAL_ATTACKS, ConfigError, EvalConfig, load_config, new_config
+from core.config import ConfigError, load_config, new_config
 from core.io import WriteError
 from core.labels import select_subset
 from gcm import DefendedModel, RandomResizePad
@@ -23,6 +23,7 @@ from phase2 import export
 from phase2 import score as file_score
 from phase2.draws import draw_settings
 from robust import evaluate
+from robust.config import EVAL_ATTACKS, EvalConfig
 from robust.results import EvalResult, Row, Score
 from robust.runner import accuracy, check_budget, craft, score
 from robust.specs import SPECS

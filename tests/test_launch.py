@@ -41,7 +41,7 @@ def host(monkeypatch):
         monkeypatch.setattr(torch.cuda, "is_available", lambda: devices.cuda > 0)
         monkeypatch.setattr(torch.cuda, "device_count", lambda: devices.cuda)
         monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: devices.bf16)
-        cfg = load_config(None, list(overrides), check_aug=False)
+        cfg = load_config(None, list(overrides))
         config, ours, accel = split_args(list(flags), "train")
         args, precision = plan_launch(module, cfg, accel, ours, devices)
         return args, precision, describe(module, args, devices, precision)
@@ -229,7 +229,7 @@ def test_a_config_key_typed_as_a_flag_is_one_line_naming_the_key():
 def test_the_resume_command_repeats_the_run(tmp_path):
     from train.main import next_step
 
-    cfg = load_config(None, [f"out_dir={tmp_path}", "name=my run"], check_aug=False)
+    cfg = load_config(None, [f"out_dir={tmp_path}", "name=my run"])
     (cfg.run_dir / "checkpoints" / "e0001_b000000").mkdir(parents=True)
     argv = ["--config", "configs/robust.yaml", "--num_processes", "2", "name=my run", "overwrite=true"]
     assert next_step(cfg, argv) == (
@@ -474,7 +474,7 @@ def test_a_bad_aug_entry_stops_a_direct_training_run_in_one_line(tmp_path):
 
 
 def test_a_crashed_killed_or_stopped_training_is_told_how_to_continue(tmp_path, capsys):
-    cfg = load_config(None, [f"out_dir={tmp_path}"], check_aug=False)
+    cfg = load_config(None, [f"out_dir={tmp_path}"])
     argv = ["--config", "configs/robust.yaml", "train.epochs=3"]
     assert explain_exit(1, 0, 123, "train.main", cfg, argv) == 1  # before its first checkpoint
     assert capsys.readouterr().err.strip() == (

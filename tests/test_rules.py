@@ -36,4 +36,4 @@ def test_rules_strict_false_overrides_and_other_configs_have_no_rules():
 
 def test_phase1_writes_the_file_name_the_public_solutions_wrote():
     cfg = load_config(ROOT / PHASES[0])
-    assert cfg.submission_stem.as_posix() == "submissions/t1_p1_result"
+    assert cfg.submit.stem(cfg.name).as_posix() == "submissions/t1_p1_result"

@@ -23,6 +23,7 @@ from core.config import Config, save_config
 from core.devices import precision_name
 from core.model import count_params
 from core.tracking import resolve_wandb_mode
+from core.transforms import create_train_transform
 from train.engine import DataWait, Progress, checkpoint_due, evaluate, evaluate_robust, train_one_epoch
 from train.selection import describe_score_set, measure_score
 from train.setup import Training, build_training, create_accelerator, ensure_demo_data, seed_process
@@ -40,6 +41,9 @@ from train.tracking import init_tracking, log_data_wait, log_model
 
 def run(cfg: Config) -> dict:
     """Train as configured; returns the final metrics (also written to ``runs/<name>/``)."""
+    # Building the augmentation pipeline checks the aug section: a bad entry is one line naming its
+    # key before any folder, process group or download.
+    create_train_transform(cfg.aug, cfg.data.image_size)
     mode, reason = resolve_wandb_mode(cfg.wandb.mode, cfg.wandb.timeout)
     accelerator = create_accelerator(cfg, log_with=None if mode == "disabled" else "wandb")
     set_seed(cfg.seed)
@@ -345,7 +349,7 @@ def next_step(cfg: Config, argv: Sequence[str]) -> str:
 def main(argv: Sequence[str] | None = None) -> dict:
     quiet_libraries()
     args = create_parser("run.sh train", "Fine-tune a timm ConvNeXt with accelerate.").parse_args(argv)
-    return run(parse_config(args, check_aug=True))
+    return run(parse_config(args))
 
 
 if __name__ == "__main__":

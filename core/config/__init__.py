@@ -1,69 +1,67 @@
-"""Typed configuration shared by every stage, in three parts:
+"""Typed configuration, in three parts:
 
-* :mod:`core.config.schema`: the sections as dataclasses, each field's default and allowed values;
-* :mod:`core.config.load`: defaults <- YAML file <- ``key=value`` overrides, cast and checked per key;
+* :mod:`core.config.schema`: the root config and the sections every stage reads (data, aug, model,
+  train, wandb) as dataclasses, each field's default and allowed values; a stage adds the sections
+  it owns from its own ``config`` module (:func:`register_section`);
+* :mod:`core.config.load`: defaults <- YAML files (``base:`` chains) <- ``key=value`` overrides,
+  cast and checked per key;
 * :mod:`core.config.checks`: what one field cannot say (ranges, combinations), run on every load.
 
-A stage imports what it needs from here.
+A stage imports what it needs from here, and its own sections from its ``config`` module.
 """
 
-from core.config.checks import MAX_NAME_BYTES, MAX_SEED, MIN_AUGMIX_ALPHA, check_aug_section, validate_config
+from core.config.checks import (
+    MAX_NAME_BYTES,
+    MAX_SEED,
+    MIN_AUGMIX_ALPHA,
+    at_least_one,
+    check_name_length,
+    validate_config,
+)
 from core.config.load import (
     MAX_YAML_VALUES,
     apply_dict,
     apply_overrides,
     cast_value,
-    config_from_dict,
     config_to_dict,
     expand_name,
     key_named,
     load_config,
     load_yaml_text,
+    read_config_chain,
     read_yaml,
     save_config,
 )
 from core.config.schema import (
-    AA_ATTACKS,
-    ABLATION_PARTS,
-    ATTACK_DRAW_KINDS,
     AUGMIX_OPS,
     DEFAULT_CONFIG,
-    EVAL_ATTACKS,
     PRIME_PRIMITIVES,
-    AblationConfig,
     AdvConfig,
-    AttackDrawConfig,
     AugConfig,
     AugMixConfig,
-    BudgetConfig,
     Config,
     ConfigError,
     DataConfig,
-    EvalConfig,
-    ExportConfig,
     FourierConfig,
-    GCMConfig,
     ModelConfig,
-    Phase2Config,
     PrimeConfig,
-    RandomPadConfig,
-    SubmitConfig,
-    TestsetConfig,
     TrainConfig,
-    TTAConfig,
     WandbConfig,
     all_keys,
+    list_of,
     new_config,
+    one_of,
+    one_of_each,
+    register_section,
     sections,
+    within,
 )
 
 __all__ = [
-    "AA_ATTACKS", "ABLATION_PARTS", "ATTACK_DRAW_KINDS", "AUGMIX_OPS", "DEFAULT_CONFIG", "EVAL_ATTACKS",
-    "MAX_NAME_BYTES", "MAX_SEED", "MAX_YAML_VALUES", "MIN_AUGMIX_ALPHA", "PRIME_PRIMITIVES",
-    "AblationConfig", "AdvConfig", "AttackDrawConfig", "AugConfig", "AugMixConfig", "BudgetConfig", "Config",
-    "ConfigError", "DataConfig", "EvalConfig", "ExportConfig", "FourierConfig", "GCMConfig", "ModelConfig",
-    "Phase2Config", "PrimeConfig", "RandomPadConfig", "SubmitConfig", "TestsetConfig", "TrainConfig", "TTAConfig",
-    "WandbConfig", "all_keys", "apply_dict", "apply_overrides", "cast_value", "check_aug_section",
-    "config_from_dict", "config_to_dict", "expand_name", "key_named", "load_config", "load_yaml_text", "new_config",
-    "read_yaml", "save_config", "sections", "validate_config",
+    "AUGMIX_OPS", "DEFAULT_CONFIG", "MAX_NAME_BYTES", "MAX_SEED", "MAX_YAML_VALUES", "MIN_AUGMIX_ALPHA",
+    "PRIME_PRIMITIVES", "AdvConfig", "AugConfig", "AugMixConfig", "Config", "ConfigError", "DataConfig",
+    "FourierConfig", "ModelConfig", "PrimeConfig", "TrainConfig", "WandbConfig", "all_keys", "apply_dict",
+    "apply_overrides", "at_least_one", "cast_value", "check_name_length", "config_to_dict", "expand_name",
+    "key_named", "list_of", "load_config", "load_yaml_text", "new_config", "one_of", "one_of_each",
+    "read_config_chain", "read_yaml", "register_section", "save_config", "sections", "validate_config", "within",
 ]  # fmt: skip

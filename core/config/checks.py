@@ -1,5 +1,6 @@
-"""The checks of a loaded config that one field's type cannot express, every section in one place
-(:func:`validate_config`): ranges, finite numbers, seeds, names, combinations that make no sense."""
+"""The checks of a loaded config that one field's type cannot express (:func:`validate_config`):
+ranges, finite numbers, seeds and names everywhere, and the combinations of the root's sections
+that make no sense; a stage's sections come with their own checks (``register_section``)."""
 
 from __future__ import annotations
 
@@ -8,99 +9,56 @@ import math
 from typing import Any
 
 from core.config.schema import (
-    ABLATION_PARTS,
     PRIME_PRIMITIVES,
-    AblationConfig,
-    AttackDrawConfig,
     Config,
     ConfigError,
     DataConfig,
-    EvalConfig,
     FourierConfig,
     ModelConfig,
-    Phase2Config,
     PrimeConfig,
-    TestsetConfig,
     TrainConfig,
     range_of,
+    section_checks,
 )
 from core.errors import echo
-from core.io import submission_name_problem
 
 
-def validate_config(cfg: Config, check_aug: bool = True) -> None:
-    """Every check a single key's type cannot express, for every section, in one place.
+def validate_config(cfg: Config) -> None:
+    """Every check a single key's type cannot express: the root's sections here, then each stage's
+    (registered with its sections), then every number's range.
 
-    ``load_config`` calls it, so a stage (and ``launch``, before any process starts)
-    stops on a bad value with one line naming the key.
+    ``load_config`` calls it, so a stage stops on a bad value with one line naming the key.
     """
     if not cfg.name or any(c in cfg.name for c in "/\\") or cfg.name in {".", ".."}:
         raise ConfigError(f"config key 'name': {echo(cfg.name)} must be a plain name (no path separators)")
-    _check_name_lengths(cfg)
+    check_name_length("name", cfg.name)
     _check_finite(cfg)
     _check_seeds(cfg)
     _check_data(cfg.data)
     _check_train(cfg.train)
     _check_distill(cfg)
-    if check_aug:
-        check_aug_section(cfg)
     _check_augmix(cfg)
     _check_batch_augment(cfg)
     _check_model(cfg.model)
-    _check_predict(cfg)
-    _check_eval(cfg.eval)
-    _check_testset(cfg.testset, cfg.data.image_size)
-    _check_phase2(cfg.phase2, cfg.data.image_size)
-    _check_ablation(cfg.ablation)
+    for check in section_checks():
+        check(cfg)
     _check_ranges(cfg)
-    _check_rules(cfg)
 
 
-# Where each rule of the CVPR 2022 challenge is written (README, "The challenge's rules").
-ONE_MODEL_SOURCE = "the Track I 1st-place team's write-up: no model fusion"
-NO_PRETRAINED_SOURCE = (
-    "the 2nd- and 5th-place teams' READMEs: github.com/ForeverPs/Robust-Classification, "
-    "github.com/WindVChen/Solution-For-AISafety-CVPR2022"
-)
-
-
-def _check_rules(cfg: Config) -> None:
-    """The challenge's rules a phase config turns on (``rules.*``), unless ``rules.strict=false``."""
-    r = cfg.rules
-    if not r.strict:
-        return
-    override = "rules.strict=false overrides it after checking the current rules"
-    if r.one_model and len(cfg.submit.checkpoints) > 1:
-        raise ConfigError(
-            f"rules.one_model: submit.checkpoints lists {len(cfg.submit.checkpoints)} models; the CVPR 2022 "
-            f"challenge allowed one ({ONE_MODEL_SOURCE}); {override}"
-        )
-    if r.no_pretrained and (cfg.model.pretrained or cfg.model.pretrained_file):
-        key = "model.pretrained=true" if cfg.model.pretrained else "model.pretrained_file"
-        raise ConfigError(
-            f"rules.no_pretrained: {key} loads pretrained weights; the CVPR 2022 challenge forbade them "
-            f"({NO_PRETRAINED_SOURCE}); {override}"
-        )
-
-
-# `name` and `submit.file_name` become file and folder names with up to 24 more characters (temporary,
+# Names (`name`, a stage's file names) become file and folder names with up to 24 more characters (temporary,
 # backup and lock files) under the 255-byte limit of common file systems, and W&B artifact names
 # (`submission-<name>`: at most 128 characters).
 MAX_NAME_BYTES = 100
 
 
-def _check_name_lengths(cfg: Config) -> None:
-    for key, value in (("name", cfg.name), ("submit.file_name", cfg.submit.file_name)):
-        size = len(value.encode("utf-8", "surrogateescape"))
-        if size > MAX_NAME_BYTES:
-            raise ConfigError(
-                f"config key '{key}': {echo(value)} is {size} bytes long, more than {MAX_NAME_BYTES} (it becomes "
-                "file names, and file systems allow 255 bytes once our suffixes are added)"
-            )
-
-
-# Infinity means "no limit" for these; no other number of the config may be infinite, none NaN.
-_MAY_BE_INFINITE = {"budget.max_params", "budget.max_gmacs"}
+def check_name_length(key: str, value: str) -> None:
+    """``value`` of config key ``key`` becomes file names: at most ``MAX_NAME_BYTES``."""
+    size = len(value.encode("utf-8", "surrogateescape"))
+    if size > MAX_NAME_BYTES:
+        raise ConfigError(
+            f"config key '{key}': {echo(value)} is {size} bytes long, more than {MAX_NAME_BYTES} (it becomes "
+            "file names, and file systems allow 255 bytes once our suffixes are added)"
+        )
 
 
 def _check_finite(node: Any, prefix: str = "") -> None:
@@ -110,8 +68,13 @@ def _check_finite(node: Any, prefix: str = "") -> None:
             _check_finite(value, f"{key}.")
             continue
         for item in value if isinstance(value, list) else [value]:
-            if isinstance(item, float) and (math.isnan(item) or (math.isinf(item) and key not in _MAY_BE_INFINITE)):
+            # infinity is a value only where the field's range holds it ("no limit": `within("[0, inf]")`)
+            if isinstance(item, float) and (math.isnan(item) or math.isinf(item) and item not in _range(node, f.name)):
                 raise ConfigError(f"config key '{key}': {echo(value)} is not a finite number")
+
+
+def _range(node: Any, name: str) -> Any:
+    return range_of(node, name) or ()
 
 
 def _check_ranges(node: Any, prefix: str = "") -> None:
@@ -147,7 +110,7 @@ def _check_seeds(node: Any, prefix: str = "") -> None:
                 raise ConfigError(f"config key '{key}': {echo(value)} must be in [0, {MAX_SEED}]")
 
 
-def _at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
+def at_least_one(section: Any, prefix: str, keys: tuple[str, ...]) -> None:
     for key in keys:
         if getattr(section, key) < 1:
             raise ConfigError(f"config key '{prefix}.{key}' must be at least 1")
@@ -165,7 +128,7 @@ def _check_data(d: DataConfig) -> None:
 
 
 def _check_train(t: TrainConfig) -> None:
-    _at_least_one(t, "train", ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints"))
+    at_least_one(t, "train", ("epochs", "batch_size", "grad_accum_steps", "keep_checkpoints"))
     if t.lr <= 0 or t.warmup_lr < 0 or t.min_lr < 0:
         raise ConfigError(f"config key 'train.lr' must be positive (got {t.lr}); train.warmup_lr/min_lr >= 0")
     if (t.mixup > 0 or t.cutmix > 0) and t.batch_size % 2:
@@ -231,15 +194,6 @@ def _check_adv(t: TrainConfig) -> None:
         # evaluation measures, and the clean/adversarial pairing of TRADES breaks. (fgsm_reg,
         # a regularizer, keeps working with mixup as the 2nd-place recipe used it.)
         raise ConfigError(f"train.adv.mode={a.mode} does not combine with train.mixup/train.cutmix; turn one off")
-
-
-def check_aug_section(cfg: Config) -> None:
-    # Building the pipeline is the check: albumentations 2.x only warns about a 1.x-style
-    # argument, and create_train_transform turns that (and every other problem) into a
-    # UserError naming the entry, before any process starts.
-    from core.transforms import create_train_transform
-
-    create_train_transform(cfg.aug, cfg.data.image_size)
 
 
 # Below this, numpy's Dirichlet/Beta draws behind timm's AugMix underflow to 0/0: NaN mixing weights,
@@ -349,116 +303,3 @@ def _check_fourier(f: FourierConfig) -> None:
 def _check_model(m: ModelConfig) -> None:
     if m.mean and len(m.mean) != 3 or m.std and len(m.std) != 3:
         raise ConfigError("config keys 'model.mean'/'model.std' need 3 values (or [] for the timm default)")
-
-
-def _check_predict(cfg: Config) -> None:
-    """The sections ``submit``, ``evaluate`` and ``export`` share: submit, tta, random_pad."""
-    _at_least_one(cfg.submit, "submit", ("batch_size",))
-    if min(cfg.submit.num_workers, cfg.submit.cpu_num_workers) < -1:
-        raise ConfigError("config keys 'submit.num_workers'/'submit.cpu_num_workers' must be >= 0, or -1 for auto")
-    if not cfg.tta.scales or any(s <= 0 for s in cfg.tta.scales):
-        raise ConfigError("config key 'tta.scales' needs one or more positive factors")
-    if cfg.submit.temperature <= 0:
-        raise ConfigError(f"config key 'submit.temperature' must be positive, got {cfg.submit.temperature}")
-    if not 0 <= cfg.submit.fallback_class < cfg.data.num_classes:
-        raise ConfigError(
-            f"config key 'submit.fallback_class': {cfg.submit.fallback_class} is not a class of "
-            f"[0, {cfg.data.num_classes}) (data.num_classes)"
-        )
-    problem = submission_name_problem(cfg.submission_name)
-    if problem:
-        key = "submit.file_name" if cfg.submit.file_name else "name"
-        raise ConfigError(f"config key '{key}': {echo(cfg.submission_name)} {problem}")
-    if cfg.submit.weights and len(cfg.submit.weights) != max(1, len(cfg.submit.checkpoints)):
-        raise ConfigError("config key 'submit.weights' needs one weight per entry of 'submit.checkpoints'")
-    if cfg.submit.weights and (min(cfg.submit.weights) < 0 or sum(cfg.submit.weights) <= 0):
-        raise ConfigError(
-            f"config key 'submit.weights': {echo(cfg.submit.weights)} must be weights >= 0 with a positive sum"
-        )
-    if not 0 < cfg.random_pad.min_ratio <= cfg.random_pad.max_ratio <= 1:
-        raise ConfigError("config keys 'random_pad.min_ratio'/'max_ratio' need 0 < min <= max <= 1")
-    if not cfg.export.formats:
-        raise ConfigError("config key 'export.formats' needs at least one of onnx, zip, pt2")
-
-
-def _check_eval(e: EvalConfig) -> None:
-    _at_least_one(e, "eval", ("batch_size", "steps", "cw_steps", "square_queries", "eot_samples", "draws", "restarts"))
-    if e.subset < 0:
-        raise ConfigError("config key 'eval.subset' must be >= 0 (0 = all images)")
-    for key in ("eps_linf", "eps_l2", "eps_l1", "step_ratio"):
-        if getattr(e, key) <= 0:
-            raise ConfigError(f"config key 'eval.{key}' must be positive")
-    if e.cw_max_norm < 0 or any(v <= 0 for v in e.eps_curve):
-        raise ConfigError("config keys 'eval.cw_max_norm' (>= 0) / 'eval.eps_curve' (> 0) out of range")
-    if e.eps_linf > 1 or any(v > 1 for v in e.eps_curve):
-        raise ConfigError(
-            "config keys 'eval.eps_linf' / 'eval.eps_curve' are Linf budgets in [0, 1] pixel units (8/255 = 0.0314); "
-            "more than 1 is no budget at all"
-        )
-    if any(s not in range(1, 6) for s in e.corruption_severities):
-        raise ConfigError(
-            f"config key 'eval.corruption_severities': {echo(e.corruption_severities)} must be within 1..5"
-        )
-    _at_least_one(e, "eval", ("aa_iters", "aa_target_classes", "aa_queries"))
-    if e.aa_version == "custom" and not e.aa_attacks:
-        raise ConfigError("config key 'eval.aa_attacks' needs at least one attack with eval.aa_version=custom")
-
-
-# More attack draws than anyone runs (each is two whole attacks of the file); 10**9 ran without end.
-MAX_PHASE2_DRAWS = 1000
-
-
-def _check_attack_draws(a: AttackDrawConfig, prefix: str, image_size: int) -> None:
-    """Budgets in [0, 1] pixel units: Linf at most 1 (the whole range), L2 at most the norm of a
-    white ``data.image_size`` image; anything above is no budget at all."""
-    for key in ("kinds", "norms", "steps"):
-        if not getattr(a, key):
-            raise ConfigError(f"config key '{prefix}.{key}' needs at least one value")
-    limits = {"linf": 1.0, "l2": math.sqrt(3) * image_size}
-    for norm in a.norms:
-        values = getattr(a, f"eps_{norm}")
-        if not values or any(v <= 0 for v in values):
-            raise ConfigError(f"config key '{prefix}.eps_{norm}' needs one or more positive values")
-        if any(v > limits[norm] for v in values):
-            unit = " (pixel units: 8/255 = 0.0314)" if norm == "linf" else ""
-            raise ConfigError(
-                f"config key '{prefix}.eps_{norm}': {echo(values)} exceeds {limits[norm]:.4g}, the largest "
-                f"{norm} distance between two {image_size}px images in [0, 1]{unit}"
-            )
-    if any(s < 1 for s in a.steps):
-        raise ConfigError(f"config key '{prefix}.steps': every value must be at least 1")
-
-
-def _check_phase2(p: Phase2Config, image_size: int) -> None:
-    if not 0 <= p.draws <= MAX_PHASE2_DRAWS:
-        raise ConfigError(f"config key 'phase2.draws': {p.draws} must be in 0..{MAX_PHASE2_DRAWS} (0 turns it off)")
-    _check_attack_draws(p.attack, "phase2.attack", image_size)
-
-
-def _check_testset(t: TestsetConfig, image_size: int) -> None:
-    fractions = {k: getattr(t, k) for k in ("clean", "corruption", "transfer", "stacked")}
-    if any(v < 0 for v in fractions.values()) or not math.isclose(sum(fractions.values()), 1.0, abs_tol=1e-6):
-        raise ConfigError(
-            f"config keys 'testset.clean/corruption/transfer/stacked' must be >= 0 and sum to 1, "
-            f"got {echo(list(fractions.values()))}"
-        )
-    if t.subset < 0:
-        raise ConfigError("config key 'testset.subset' must be >= 0 (0 = all images)")
-    if fractions["corruption"] + fractions["stacked"] > 0 and (not t.corruptions or not t.severities):
-        raise ConfigError("config keys 'testset.corruptions'/'testset.severities' need values for corrupted images")
-    if any(s not in range(1, 6) for s in t.severities):
-        raise ConfigError(f"config key 'testset.severities': {echo(t.severities)} must be within 1..5")
-    _check_attack_draws(t.attack, "testset.attack", image_size)
-
-
-def _check_ablation(a: AblationConfig) -> None:
-    for i, variant in enumerate(a.variants):
-        for part in str(variant).split("+"):
-            if part not in ABLATION_PARTS:
-                raise ConfigError(
-                    f"config key 'ablation.variants[{i}]': {echo(part)} is not a part ({', '.join(ABLATION_PARTS)})"
-                )
-    if not a.scales or any(s <= 0 for s in a.scales) or a.temperature <= 0:
-        raise ConfigError("config keys 'ablation.scales' (positive factors) / 'ablation.temperature' (> 0) bad")
-    if a.attack_subset < 0 or a.bootstrap < 100:
-        raise ConfigError("config keys 'ablation.attack_subset' (>= 0) / 'ablation.bootstrap' (>= 100) out of range")

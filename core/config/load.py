@@ -253,6 +253,33 @@ def read_yaml(path: Path) -> dict:
     return data
 
 
+# The key of a config file that names the config it extends (its path relative to the file).
+BASE_KEY = "base"
+
+
+def read_config_chain(path: Path) -> list[tuple[Path, dict]]:
+    """``path``'s mapping and those of the configs it extends through ``base:``, the furthest base
+    first (each is applied over the one before). A missing base or a cycle is one line naming the file."""
+    chain: list[tuple[Path, dict]] = []
+    seen: list[Path] = []
+    while True:
+        data = read_yaml(path)
+        seen.append(path.resolve())
+        base = data.pop(BASE_KEY, None)
+        chain.append((path, data))
+        if base is None:
+            return chain[::-1]
+        if not isinstance(base, str) or not base.strip():
+            raise ConfigError(f"{path}: '{BASE_KEY}' must name a config file (a path relative to this one)")
+        target = Path(os.path.normpath(path.parent / base))
+        if target.resolve() in seen:
+            cycle = " -> ".join(p.name for p in [*seen, target.resolve()])
+            raise ConfigError(f"{path}: {BASE_KEY} {echo(base)} makes a cycle ({cycle})")
+        if not target.is_file():
+            raise ConfigError(f"{path}: {BASE_KEY} {echo(base)}: config file not found: {target}")
+        path = target
+
+
 def apply_dict(cfg: Config, data: dict, source: str = "") -> Config:
     """Merge a nested mapping (as read from YAML) into ``cfg``."""
     for key, value in data.items():
@@ -275,22 +302,15 @@ def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
     return cfg
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None, check_aug: bool = True) -> Config:
-    """Defaults <- YAML file (``configs/default.yaml`` when ``path`` is None) <- overrides.
-
-    ``check_aug=False`` leaves out the check of the ``aug`` section (building its pipeline imports
-    albumentations, and with it torch): for the stages and tools that never augment an image. An
-    ``aug.*`` override is checked anyway (given explicitly, a bad value must not pass silently), and
-    AugMix's numbers always are (they need no import).
-    """
+def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> Config:
+    """Defaults <- the YAML files ``path`` extends (``base:``) <- YAML file (``configs/default.yaml``
+    when ``path`` is None) <- overrides, every value checked (:func:`validate_config`)."""
     cfg = new_config()
-    path = Path(path) if path else DEFAULT_CONFIG
-    apply_dict(cfg, read_yaml(path), source=str(path))
+    for source, data in read_config_chain(Path(path) if path else DEFAULT_CONFIG):
+        apply_dict(cfg, data, source=str(source))
     apply_overrides(cfg, overrides or [])
     expand_name(cfg)
-    # An `aug.*` value typed on the command line of a stage that never augments is still checked whole.
-    explicit_aug = any(item.split("=", 1)[0].strip().startswith("aug.") for item in overrides or [])
-    validate_config(cfg, check_aug or explicit_aug)
+    validate_config(cfg)
     return cfg
 
 
@@ -307,11 +327,6 @@ def expand_name(cfg: Config) -> None:
 def config_to_dict(cfg: Any) -> dict:
     """Plain nested dict of a config."""
     return dataclasses.asdict(cfg)
-
-
-def config_from_dict(data: dict) -> Config:
-    """Rebuild a config saved by :func:`config_to_dict` (unknown keys are still errors)."""
-    return apply_dict(new_config(), data, source="saved config")
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

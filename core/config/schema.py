@@ -3,20 +3,26 @@ allowed values (:func:`one_of`, :func:`one_of_each`), its range (:func:`within`:
 one) or its list's item type (:func:`list_of`: every list has one). The defaults describe a real run
 (ConvNeXt-tiny at 224 px); a YAML file lists only what differs (:mod:`core.config.load`), and
 :mod:`core.config.checks` checks what one field cannot say.
+
+Here: the root config and the sections every stage reads (data, aug, model, train, wandb). A stage
+owns its other sections in its own ``config`` module and adds them with :func:`register_section`.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import importlib
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
 
-from core.corruptions import ALL_CORRUPTIONS, COMMON, HELD_OUT
+from core.corruptions import ALL_CORRUPTIONS, HELD_OUT
 from core.errors import UserError
 
-DEFAULT_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "default.yaml"
+ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_CONFIG = ROOT / "configs" / "default.yaml"
 
 
 def one_of(choices: tuple, default: Any, switch: bool = False) -> Any:
@@ -94,11 +100,6 @@ def item_type_of(section: Any, name: str) -> type | None:
 def is_switch(section: Any, name: str) -> bool:
     """Whether field ``name`` of a config section is an on/off/auto switch (see :func:`one_of`)."""
     return any(f.name == name and f.metadata.get("switch") for f in dataclasses.fields(section))
-
-
-# What ``eval.attacks`` may name; ``robust.specs.SPECS`` says what each one runs.
-EVAL_ATTACKS = ("fgsm", "pgd_l1", "pgd_l2", "pgd_linf", "cw_l2", "autoattack", "square", "transfer", "noise")
-AA_ATTACKS = ("apgd-ce", "apgd-t", "fab-t", "square", "apgd-dlr", "fab")
 
 
 class ConfigError(UserError):
@@ -374,188 +375,10 @@ class WandbConfig:
 
 
 @dataclass
-class TTAConfig:
-    hflip: bool = False
-    scales: list = within("(0, 8]", [1.0])  # resize factors, center-cropped/padded back
-
-
-@dataclass
-class GCMConfig:
-    enabled: bool = True
-    w: float = within("[0, 1e300]", 1e20)
-    eps: float = within("[0, 1]", 1e-8)
-    # sin: the paper's x + eps*sin(w*x); cos: x + eps*cos(w*x), the same concealment in an op the
-    # organizers' ONNX converter has (an exported .onnx always holds the cos form)
-    form: str = one_of(("sin", "cos"), "sin")
-
-
-@dataclass
-class RandomPadConfig:
-    enabled: bool = False
-    min_ratio: float = within("(0, 1]", 218 / 224)  # resize to l in [min, max] * size, zero-pad back to size
-    max_ratio: float = within("(0, 1]", 223 / 224)
-    seed: int = within("[0, 4294967295]", 0)
-
-
-@dataclass
-class SubmitConfig:
-    checkpoints: list = list_of(str)  # exported models; [] -> runs/<name>/best
-    weights: list = within("[0, 1e12]", [], item=float)  # one per member; [] -> equal
-    aggregate: str = one_of(("prob", "logit"), "prob")
-    temperature: float = within("(0, 1e6]", 1.0)
-    batch_size: int = within("[1, 1048576]", 64)
-    # loader worker processes when a GPU runs the model; -1: as data.num_workers
-    num_workers: int = within("[-1, 1024]", -1)
-    # ... when the CPU does; -1: the cores the model's threads leave free
-    cpu_num_workers: int = within("[-1, 1024]", -1)
-    out_dir: str = "submissions"
-    file_name: str = ""  # "" -> <name>
-    on_bad_image: str = one_of(("error", "fallback"), "error")
-    fallback_class: int = within("[0, 100000]", 0)
-
-
-@dataclass
-class BudgetConfig:
-    # The Phase II rules as the organizers' check asserts them (params < 30M, ptflops MACs < 5G
-    # at 3 x 224 x 224; their README's "120Mb" is the same 30M float32 parameters)
-    max_params: float = within("[0, inf]", 30e6)
-    max_gmacs: float = within("[0, inf]", 5.0)
-    enforce: bool = False
-
-
-@dataclass
-class EvalConfig:
-    subset: int = within("[0, 1e12]", 500)  # labelled images evaluated (seeded choice); 0 -> all
-    batch_size: int = within("[1, 1048576]", 50)
-    seed: int = within("[0, 4294967295]", 0)
-    # the paper's white-box columns and AutoAttack, then Square (score-based), transfer and the noise baseline
-    attacks: list = one_of_each(EVAL_ATTACKS, lambda: list(EVAL_ATTACKS))
-    # eps in [0,1] pixel units; the paper's values at 224 px (small images: see configs/default.yaml)
-    eps_linf: float = within("(0, 1]", 8 / 255)
-    eps_l2: float = within("(0, 1e6]", 8.0)
-    eps_l1: float = within("(0, 1e9]", 1600.0)
-    steps: int = within("[1, 100000]", 20)
-    step_ratio: float = within("(0, 100]", 0.075)  # step = 3/40 * eps, as in the paper
-    restarts: int = within("[1, 10000]", 1)
-    cw_steps: int = within("[1, 100000]", 100)
-    cw_max_norm: float = within("[0, 1e6]", 0.0)  # C&W result projected onto this L2 ball; 0 -> eps_l2
-    square_queries: int = within("[1, 1e9]", 1000)
-    # AutoAttack (Croce & Hein 2020, its authors' pyautoattack): "standard" is their exact setting
-    # (APGD-CE, APGD-T, FAB-T, Square 5000 queries); "custom" runs aa_attacks with the budgets below,
-    # a cheaper subset for CPU runs. Against a randomized model the "rand" version (APGD with EOT) runs.
-    aa_version: str = one_of(("standard", "custom"), "standard")
-    aa_attacks: list = one_of_each(AA_ATTACKS, lambda: ["apgd-ce", "apgd-t"])
-    aa_iters: int = within("[1, 100000]", 100)
-    aa_target_classes: int = within("[1, 100000]", 9)
-    aa_queries: int = within("[1, 1e9]", 5000)
-    eps_curve: list = within("(0, 1]", [1 / 255, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
-    eot_samples: int = within("[1, 100000]", 10)  # gradient samples per step against the random resize-pad layer
-    draws: int = within("[1, 100000]", 10)  # forward draws for expected accuracy of a randomized model
-    surrogate: str = ""  # an independently trained checkpoint for transfer attacks
-    file: str = ""  # an exported Phase II file (.onnx or .zip) to attack instead of the checkpoints
-    # ImageNet-C (core/corruptions.py): the 15 common corruptions and the 4 held-out ones, severities 1..5
-    corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(ALL_CORRUPTIONS))
-    corruption_severities: list = within("[1, 5]", [1, 2, 3, 4, 5])
-    corruption_baseline: str = ""  # a checkpoint whose errors on the same images give mCE and relative mCE
-    out_dir: str = ""  # "" -> runs/<name>/eval
-
-
-@dataclass
-class ExportConfig:
-    path: str = ""  # "" -> runs/<name>/<name>.pt2; the other formats take its stem
-    # onnx and zip: the Phase II files (one model, no TTA); pt2: the whole in-process model (torch.export)
-    formats: list = one_of_each(("onnx", "zip", "pt2"), lambda: ["onnx", "zip", "pt2"])
-    channel_order: str = one_of(
-        ("rgb", "bgr"), "rgb"
-    )  # of the images the Phase II files are fed (the organizers feed bgr)
-
-
-# What `make-testset` and the Phase-II-like score may draw (attacks/transfer.py: ATTACK_KINDS).
-ATTACK_DRAW_KINDS = ("fgsm", "pgd", "mifgsm", "difgsm")
-
-
-@dataclass
-class AttackDrawConfig:
-    """A distribution over attack settings: each draw picks every item uniformly from its list."""
-
-    kinds: list = one_of_each(ATTACK_DRAW_KINDS, lambda: list(ATTACK_DRAW_KINDS))
-    norms: list = one_of_each(("linf", "l2"), lambda: ["linf", "l2"])
-    # eps in [0, 1] pixel units; L2 values are for 224 px (scale them by side / 224 for small images)
-    eps_linf: list = within("(0, 1]", [2 / 255, 4 / 255, 8 / 255, 16 / 255])
-    eps_l2: list = within("(0, 1e6]", [1.0, 2.0, 4.0, 8.0])
-    steps: list = within("[1, 100000]", [5, 10, 20])
-
-
-@dataclass
-class TestsetConfig:
-    """``./run.sh make-testset``: a Phase-I-like test set from held-out labelled images."""
-
-    out_dir: str = "data/testset"  # written whole (temp folder + rename): test/N.png, test_labels.txt, manifest.json
-    overwrite: bool = False  # replace an existing make-testset folder
-    subset: int = within("[0, 1e12]", 0)  # source images (seeded choice); 0 -> all labelled ones
-    seed: int = within("[0, 4294967295]", 0)
-    # the mix: fraction of each kind (they must sum to 1); stacked = attack and corruption, in either order
-    clean: float = within("[0, 1]", 0.25)
-    corruption: float = within("[0, 1]", 0.25)
-    transfer: float = within("[0, 1]", 0.25)
-    stacked: float = within("[0, 1]", 0.25)
-    surrogates: list = list_of(str)  # checkpoints the transfer attacks are crafted on
-    corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(COMMON))
-    severities: list = within("[1, 5]", [1, 2, 3, 4, 5])
-    attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
-
-
-@dataclass
-class Phase2Config:
-    """The Phase-II-like score of ``evaluate eval.file=FILE``: ``draws`` white-box attacks on the file."""
-
-    draws: int = within("[0, 1000]", 0)  # k attacks, each with settings drawn from `attack`; 0 -> off
-    seed: int = within("[0, 4294967295]", 0)
-    attack: AttackDrawConfig = field(default_factory=AttackDrawConfig)
-
-
-# The stack parts `ablate` can combine ("+"-joined in ablation.variants; robust/ablation.py).
-ABLATION_PARTS = (
-    "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature",
-    "adversarial", "corruption", "mixed",
-)  # fmt: skip
-
-
-@dataclass
-class AblationConfig:
-    """``./run.sh ablate``: what each part of the submission stack buys, variant by variant."""
-
-    testset: str = "data/testset"  # a make-testset folder: the Phase-I-like score
-    # checkpoints per recipe (2-3 each): standard, adversarially trained, corruption-trained
-    standard: list = list_of(str)
-    adversarial: list = list_of(str)
-    corruption: list = list_of(str)
-    # "+"-joined parts of ABLATION_PARTS on top of one standard checkpoint without GCM, TTA or pad
-    variants: list = list_of(
-        str,
-        lambda: [
-            "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature", "adversarial",
-            "corruption", "ensemble+hflip+multiscale", "mixed+hflip+multiscale",
-        ],
-    )  # fmt: skip
-    scales: list = within("(0, 8]", [0.9, 1.0, 1.1])  # the multiscale part's TTA scales
-    temperature: float = within("(0, 1e6]", 2.0)  # the temperature part (on a single model it changes no prediction)
-    attack_subset: int = within("[0, 1e12]", 100)  # clean images attacked per variant (AutoAttack + BPDA/EOT); 0 -> all
-    bootstrap: int = within("[100, 1e9]", 2000)  # resamples over images of each difference's 95% interval
-    out_dir: str = ""  # "" -> runs/<name>/ablation
-
-
-@dataclass
-class RulesConfig:
-    # The CVPR 2022 challenge's rules a phase config turns on (README, "The challenge's rules"
-    # cites each source); strict=false lets a team override them after checking the current rules.
-    strict: bool = True
-    one_model: bool = False  # no model fusion: submit.checkpoints lists at most one model
-    no_pretrained: bool = False  # no pretrained weights: model.pretrained and model.pretrained_file refused
-
-
-@dataclass
 class Config:
+    """The root config: what every stage reads. A stage adds the sections it owns
+    (:func:`register_section`); :func:`new_config` gives the root with every stage's sections."""
+
     name: str = "cvpr22"
     out_dir: str = "runs"
     seed: int = within("[0, 4294967295]", 42)
@@ -568,31 +391,55 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     wandb: WandbConfig = field(default_factory=WandbConfig)
-    tta: TTAConfig = field(default_factory=TTAConfig)
-    gcm: GCMConfig = field(default_factory=GCMConfig)
-    random_pad: RandomPadConfig = field(default_factory=RandomPadConfig)
-    submit: SubmitConfig = field(default_factory=SubmitConfig)
-    budget: BudgetConfig = field(default_factory=BudgetConfig)
-    export: ExportConfig = field(default_factory=ExportConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
-    testset: TestsetConfig = field(default_factory=TestsetConfig)
-    phase2: Phase2Config = field(default_factory=Phase2Config)
-    ablation: AblationConfig = field(default_factory=AblationConfig)
-    rules: RulesConfig = field(default_factory=RulesConfig)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.out_dir) / self.name
 
-    @property
-    def submission_name(self) -> str:
-        """The file name (no extension) ``submit`` writes: ``submit.file_name``, else ``name``."""
-        return self.submit.file_name or self.name
 
-    @property
-    def submission_stem(self) -> Path:
-        """``submit.out_dir / submission_name``: the stem of the three files ``submit`` writes."""
-        return Path(self.submit.out_dir) / self.submission_name
+class Section(NamedTuple):
+    """A section a stage adds to the config: its dataclass and the check of what one field cannot say."""
+
+    schema: type
+    check: Callable[[Any], None] | None
+
+
+_SECTIONS: dict[str, Section] = {}
+
+
+def register_section(name: str, schema: type, check: Callable[[Any], None] | None = None) -> None:
+    """Add section ``name`` (a dataclass of fields as above) to every config, and ``check(cfg)`` to
+    every load (after the root's checks): how a stage owns its settings
+    while one config file and one command line still serve every stage."""
+    if name in {f.name for f in dataclasses.fields(Config)}:
+        raise ValueError(f"config section {name!r} is the root config's own")
+    _SECTIONS[name] = Section(schema, check)
+    _composed.cache_clear()
+
+
+def discover_sections() -> None:
+    """Import each top-level package's ``config`` module (``<package>/config.py``): each registers the
+    sections of its stage, so every config file and override loads the same in every stage."""
+    for path in sorted(ROOT.glob("*/config.py")):
+        importlib.import_module(f"{path.parent.name}.config")
+
+
+def _ordered() -> list[tuple[str, Section]]:
+    # by owning module, then as registered: the same order whichever stage imported its module first
+    return sorted(_SECTIONS.items(), key=lambda item: item[1].schema.__module__)
+
+
+def section_checks() -> list[Callable[[Any], None]]:
+    """The registered sections' checks, in the order of :func:`new_config`'s fields."""
+    return [s.check for _, s in _ordered() if s.check is not None]
+
+
+@functools.cache
+def _composed() -> type:
+    fields = [(name, s.schema, field(default_factory=s.schema)) for name, s in _ordered()]
+    composed = dataclasses.make_dataclass("Config", fields, bases=(Config,))
+    composed.__module__ = __name__
+    return composed
 
 
 def all_keys(obj: Any, prefix: str = "") -> list[str]:
@@ -613,5 +460,6 @@ def sections(cfg: Config) -> list[str]:
 
 
 def new_config() -> Config:
-    """The dataclass defaults."""
-    return Config()
+    """The dataclass defaults of the root and of every stage's sections."""
+    discover_sections()
+    return _composed()()
