@@ -300,6 +300,19 @@ class AdvConfig:
 
 
 @dataclass
+class AverageConfig:
+    """``./run.sh average`` (train/average.py): one exported model from the weights of several."""
+
+    # last: the last `last` full-state checkpoints of one run (SWA-style); uniform / greedy: the `best`
+    # of several runs from a shared start (model soups; greedy adds a run only if the soup's
+    # validation score improves)
+    mode: str = one_of(("last", "uniform", "greedy"), "greedy")
+    runs: list = list_of(str)  # run folders or checkpoint stems (runs/X/best); mode=last: one run folder
+    last: int = within("[2, 10000]", 2)  # checkpoints averaged by mode=last (train.keep_checkpoints must keep them)
+    weights: str = one_of(("model", "ema"), "model")  # mode=last: the raw weights or their EMA
+
+
+@dataclass
 class TrainConfig:
     epochs: int = within("[1, 1e6]", 30)
     batch_size: int = within("[1, 1048576]", 64)  # per process
@@ -335,6 +348,10 @@ class TrainConfig:
     checkpoint_every: int = within("[0, 1e15]", 0)  # optimizer steps between full-state checkpoints (0 -> per epoch)
     keep_checkpoints: int = within("[1, 10000]", 2)
     log_every: int = within("[1, 1e15]", 10)
+    # issue 38, two stages and weight averaging (train/init_from.py, train/average.py):
+    # an exported model (runs/X/best) whose weights a fresh run starts from; "" -> timm's initialisation
+    init_from: str = ""
+    average: AverageConfig = field(default_factory=AverageConfig)
 
 
 @dataclass

@@ -1,0 +1,87 @@
+"""Issue 38's training recipes on the real code path: two stages (``train.init_from``) and weight
+averaging (``./run.sh average``), on tiny generated data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from core.checkpoint import load_model
+from core.errors import UserError
+from train import main as train_main
+from train.state import checkpoint_dirs
+
+
+def _weights(stem) -> dict[str, torch.Tensor]:
+    return load_file(f"{stem}.safetensors")
+
+
+def test_init_from_starts_from_the_other_runs_weights_with_a_fresh_schedule(tiny_config, capsys):
+    first = tiny_config("name=stage1", "train.max_steps=2")
+    train_main.run(first)
+    start = _weights(first.run_dir / "best")
+    # lr 1e-12: the second stage cannot move far from where it starts, so its weights show where that was
+    second = tiny_config(
+        "name=stage2", "train.max_steps=1", f"train.init_from={first.run_dir}/best", "train.lr=1e-12", "train.ema=false"
+    )
+    result = train_main.run(second)
+    assert result["global_step"] == 1  # a fresh schedule: the first run's 2 steps are not counted
+    assert "init_from:" in capsys.readouterr().out
+    after = _weights(second.run_dir / "last")
+    backbone = [k for k in start if k.startswith("backbone.")]
+    assert max(float((after[k] - start[k]).abs().max()) for k in backbone) < 1e-6
+    # without init_from the same run starts elsewhere (timm's initialisation)
+    fresh = tiny_config("name=fresh", "train.max_steps=1", "train.lr=1e-12", "train.ema=false")
+    train_main.run(fresh)
+    other = _weights(fresh.run_dir / "last")
+    assert max(float((other[k] - start[k]).abs().max()) for k in backbone) > 1e-3
+
+
+def test_resume_wins_over_init_from(tiny_config):
+    first = tiny_config("name=src", "train.max_steps=1")
+    train_main.run(first)
+    # the second stage stops after one step, then resumes with init_from still set
+    cfg = tiny_config("name=ft", "train.max_steps=1", f"train.init_from={first.run_dir}/best")
+    train_main.run(cfg)
+    before = _weights(cfg.run_dir / "last")
+    resumed = tiny_config("name=ft", "train.max_steps=2", "resume=auto", f"train.init_from={first.run_dir}/best")
+    result = train_main.run(resumed)
+    assert result["global_step"] == 2
+    # the resumed run stands at step 2 of its own run; the init weights were not loaded over it
+    ckpt = checkpoint_dirs(cfg.run_dir)[-1]
+    assert json.loads((ckpt / "train_state.json").read_text())["progress"]["global_step"] == 2
+    assert not torch.equal(_weights(cfg.run_dir / "last")["backbone.head.fc.weight"], before["backbone.head.fc.weight"])
+
+
+@pytest.mark.parametrize(
+    "override, key",
+    [("model.name=convnext_atto", "model.name"), ("model.stem=overlap", "model.stem")],
+)
+def test_init_from_another_network_is_one_line_naming_the_key(tiny_config, override, key):
+    first = tiny_config("name=src", "train.max_steps=1")
+    train_main.run(first)
+    cfg = tiny_config("name=bad", "train.max_steps=1", f"train.init_from={first.run_dir}/best", override)
+    with pytest.raises(UserError) as err:
+        train_main.run(cfg)
+    text = str(err.value)
+    assert "\n" not in text and key in text and "best.json" in text
+    assert not cfg.run_dir.exists()  # nothing left behind by the refused run
+
+
+def test_init_from_a_missing_model_is_one_line(tiny_config, tmp_path):
+    cfg = tiny_config("name=bad", f"train.init_from={tmp_path}/nope/best")
+    with pytest.raises(UserError, match=r"train.init_from=.*nope/best: no exported model"):
+        train_main.run(cfg)
+
+
+def test_the_init_model_loads_as_an_ordinary_checkpoint(tiny_config):
+    first = tiny_config("name=src", "train.max_steps=1")
+    train_main.run(first)
+    cfg = tiny_config("name=ft", "train.max_steps=1", f"train.init_from={first.run_dir}/best")
+    train_main.run(cfg)
+    model, info = load_model(cfg.run_dir / "best")
+    assert info["config"]["train"]["init_from"] == f"{first.run_dir}/best"
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
