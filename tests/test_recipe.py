@@ -4,6 +4,7 @@ averaging (``./run.sh average``), on tiny generated data."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from safetensors.torch import load_file
 
 from core.checkpoint import load_model
 from core.errors import UserError
+from train import average
 from train import main as train_main
 from train.state import checkpoint_dirs
 
@@ -85,3 +87,86 @@ def test_the_init_model_loads_as_an_ordinary_checkpoint(tiny_config):
     model, info = load_model(cfg.run_dir / "best")
     assert info["config"]["train"]["init_from"] == f"{first.run_dir}/best"
     assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+
+
+# --- ./run.sh average ------------------------------------------------------------------------
+
+
+@pytest.fixture
+def two_runs(tiny_config):
+    """Two runs from a shared start (train.init_from), each 2 steps on its own seed."""
+    start = tiny_config("name=start", "train.max_steps=2")
+    train_main.run(start)
+    runs = []
+    for seed in (1, 2):
+        cfg = tiny_config(
+            f"name=run{seed}", "train.max_steps=2", f"seed={seed}", f"train.init_from={start.run_dir}/best"
+        )
+        train_main.run(cfg)
+        runs.append(cfg.run_dir)
+    return runs
+
+
+def test_a_uniform_soup_is_the_mean_of_the_runs_and_an_ordinary_checkpoint(tiny_config, two_runs):
+    cfg = tiny_config("name=soup", "train.average.mode=uniform", f"train.average.runs=[{two_runs[0]},{two_runs[1]}]")
+    result = average.run(cfg)
+    a, b, soup = (_weights(p) for p in (two_runs[0] / "best", two_runs[1] / "best", cfg.run_dir / "best"))
+    assert all(torch.allclose(soup[k], (a[k] + b[k]) / 2) for k in a)
+    model, info = load_model(cfg.run_dir / "best")  # what submit, evaluate and export load
+    assert info["averaged"]["kept"] == result["kept"] and len(result["kept"]) == 2
+    assert info["val_acc"] == pytest.approx(result["result"]["acc"])
+    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+
+
+def test_a_greedy_soup_adds_a_run_only_if_validation_improves(tiny_config, two_runs):
+    copy = two_runs[0].parent / "copy"
+    copy.mkdir()
+    for suffix in (".safetensors", ".json"):
+        shutil.copy(two_runs[0] / f"best{suffix}", copy / f"best{suffix}")
+    # the copy averages to the same weights: the same score, not an improvement, so it is left out
+    cfg = tiny_config("name=greedy", f"train.average.runs=[{two_runs[0]},{copy}]")
+    result = average.run(cfg)
+    assert len(result["kept"]) == 1
+    assert set(result["scores"]) == {str(two_runs[0] / "best"), str(copy / "best")}
+    assert result["result"]["score"] == pytest.approx(max(s["score"] for s in result["scores"].values()))
+
+
+def test_the_last_k_checkpoints_average_to_their_mean(tiny_config):
+    src = tiny_config("name=long", "train.max_steps=3", "train.checkpoint_every=1", "train.keep_checkpoints=3")
+    train_main.run(src)
+    folders = checkpoint_dirs(src.run_dir)[-2:]
+    cfg = tiny_config("name=swa", "train.average.mode=last", f"train.average.runs=[{src.run_dir}]")
+    average.run(cfg)
+    x, y = (load_file(str(f / "model.safetensors")) for f in folders)
+    out = _weights(cfg.run_dir / "best")
+    assert all(torch.allclose(out[k], (x[k] + y[k]) / 2) for k in out)
+    ema = tiny_config(
+        "name=swa_ema", "train.average.mode=last", "train.average.weights=ema", f"train.average.runs=[{src.run_dir}]"
+    )
+    average.run(ema)
+    x, y = (load_file(str(f / "ema.safetensors")) for f in folders)
+    out = _weights(ema.run_dir / "best")
+    assert all(torch.allclose(out[k], (x[k] + y[k]) / 2) for k in out)
+
+
+def test_averaging_refuses_bad_input_in_one_line(tiny_config, tmp_path):
+    a = tiny_config("name=a", "train.max_steps=1")
+    train_main.run(a)
+    other = tiny_config("name=o", "train.max_steps=1", "model.stem=overlap")
+    train_main.run(other)
+    cases = [
+        (f"train.average.runs=[{a.run_dir},{tmp_path}/missing]", "missing: no exported model"),
+        (f"train.average.runs=[{a.run_dir},{other.run_dir}]", "stem=overlap"),
+        (f"train.average.runs=[{a.run_dir}]", "needs two runs or more"),
+        (f"train.average.mode=last train.average.runs=[{a.run_dir}] train.average.last=3", "holds 1 checkpoint"),
+    ]
+    for override, message in cases:
+        cfg = tiny_config("name=out", *override.split())
+        with pytest.raises(UserError) as err:
+            average.run(cfg)
+        assert message in str(err.value) and "\n" not in str(err.value), override
+        assert not (cfg.run_dir / "best.safetensors").exists()
+    # an existing model under the name is never replaced without overwrite=true
+    cfg = tiny_config("name=a", "train.average.mode=uniform", f"train.average.runs=[{a.run_dir},{a.run_dir}]")
+    with pytest.raises(UserError, match="overwrite=true"):
+        average.run(cfg)
