@@ -170,3 +170,37 @@ def test_averaging_refuses_bad_input_in_one_line(tiny_config, tmp_path):
     cfg = tiny_config("name=a", "train.average.mode=uniform", f"train.average.runs=[{a.run_dir},{a.run_dir}]")
     with pytest.raises(UserError, match="overwrite=true"):
         average.run(cfg)
+
+
+# --- output temperature ----------------------------------------------------------------------
+
+
+class _Constant(torch.nn.Module):
+    """A member that predicts the same logits for every image."""
+
+    def __init__(self, logits: list[float]) -> None:
+        super().__init__()
+        self.logits = torch.nn.Parameter(torch.tensor(logits))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.logits.expand(len(x), -1)
+
+
+def test_temperature_changes_an_ensembles_prediction_never_one_models(tiny_config):
+    from infer.temperature import tune_temperature
+
+    cfg = tiny_config("submit.aggregate=prob")
+    x, y = torch.rand(4, 3, 32, 32), torch.tensor([1, 1, 1, 1])
+    infos = [{"image_size": 32}] * 3
+    # one sure member for class 0 against two unsure ones for class 1: at T=1 the sure vote wins the
+    # mean probability (0.51 for class 0), sharpened (T=0.01) every vote counts one (0.33 for class 0)
+    members = [_Constant([10.0, 0.0]), _Constant([0.0, 1.0]), _Constant([0.0, 1.0])]
+    tuned = tune_temperature(members, infos, cfg, [1.0, 0.01], x, y)
+    acc = {r["temperature"]: r["acc"] for r in tuned["table"]}
+    assert acc == {1.0: 0.0, 0.01: 100.0} and tuned["temperature"] == 0.01
+    # one member: the same prediction at every temperature; the tie goes to the lower cross-entropy
+    one = tune_temperature(members[1:2], infos[:1], cfg, [0.01, 1.0, 4.0], x, y)
+    assert len({r["acc"] for r in one["table"]}) == 1
+    assert one["temperature"] == 0.01  # always right here, so the sharpest is the most confident
+    wrong = tune_temperature(members[1:2], infos[:1], cfg, [0.01, 1.0, 4.0], x, torch.zeros(4, dtype=torch.long))
+    assert wrong["temperature"] == 4.0  # always wrong: the softest costs the least

@@ -1,0 +1,81 @@
+"""Output temperature of the defended model, tuned on the validation split (never on test labels).
+
+The stack divides every member's logits by ``submit.temperature`` after GCM and before the
+aggregation (:mod:`infer.defended`), so a temperature below 1 sharpens the output and one above 1
+softens it, with GCM or without. Where it changes anything:
+
+* one model (Phase II's single file): never its prediction (``argmax`` of ``logits / T`` is
+  ``argmax`` of the logits for every T > 0), only its confidence: the log-probabilities an
+  attacker's cross-entropy climbs. A small T saturates the softmax, so the cross-entropy gradient
+  of a confidently right image underflows to 0 in float32: gradient masking, like the 5th-place
+  team's ``softmax(logits * 10000)``. An attack on a scale-free loss (AutoAttack's DLR) or on the
+  logits is not slowed by it.
+* an ensemble averaging probabilities (``submit.aggregate=prob``): the weight each member's vote
+  carries, so the prediction itself. ``aggregate=logit`` divides the mean logit: no change.
+
+:func:`tune_temperature` picks the temperature of a grid by the stack's validation accuracy, ties
+broken by the lower validation cross-entropy (the calibrated temperature, Guo et al. 2017), so on
+one model it picks the calibrated one, never a sharpening that only masks gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from core.config import Config
+from core.datasets import ImageDataset
+from core.errors import UserError
+from core.images import to_float_images
+from core.labels import resolve_samples
+from core.transforms import create_eval_transform
+from infer.defended import build_defended_model
+
+
+def validation_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The validation split ``train`` holds out (``data.*``), as float images in [0, 1] and labels."""
+    _, samples = resolve_samples(cfg.data)
+    if not samples:
+        raise UserError("temperature tuning needs a validation split (data.val_fraction > 0, or data.val_labels)")
+    dataset = ImageDataset(samples, create_eval_transform(image_size), bad_images=cfg.data.bad_images)
+    images, labels = zip(*(dataset[i] for i in range(len(dataset))))
+    return to_float_images(torch.stack([torch.as_tensor(x) for x in images])), torch.as_tensor(labels)
+
+
+def with_temperature(cfg: Config, temperature: float) -> Config:
+    return dataclasses.replace(cfg, submit=dataclasses.replace(cfg.submit, temperature=float(temperature)))
+
+
+@torch.inference_mode()
+def stack_scores(model: nn.Module, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> dict:
+    """Accuracy (%) and mean cross-entropy of a log-probability model on ``x``."""
+    device = next(model.parameters()).device
+    outs = torch.cat([model(x[i : i + batch_size].to(device)).float().cpu() for i in range(0, len(x), batch_size)])
+    return {
+        "acc": 100.0 * float((outs.argmax(1) == y).float().mean()),
+        "nll": float(-outs.gather(1, y.view(-1, 1)).mean()),
+    }
+
+
+def tune_temperature(
+    members: Sequence[nn.Module],
+    infos: Sequence[dict],
+    cfg: Config,
+    grid: Sequence[float],
+    x: torch.Tensor,
+    y: torch.Tensor,
+) -> dict:
+    """The temperature of ``grid`` whose stack (``cfg``'s: members, TTA, GCM) scores best on the
+    validation images ``x``, ``y``: highest accuracy, then lowest cross-entropy. Returns
+    ``{"temperature": T, "table": [{"temperature", "acc", "nll"}, ...]}``."""
+    if not grid:
+        raise UserError("temperature tuning needs a grid of temperatures (each > 0)")
+    table = []
+    for t in grid:
+        model = build_defended_model(members, infos, with_temperature(cfg, t))
+        table.append({"temperature": float(t), **stack_scores(model, x, y, cfg.submit.batch_size)})
+    best = max(table, key=lambda r: (round(r["acc"], 9), -r["nll"]))
+    return {"temperature": best["temperature"], "table": table}
