@@ -79,14 +79,16 @@ def test_init_from_a_missing_model_is_one_line(tiny_config, tmp_path):
         train_main.run(cfg)
 
 
-def test_the_init_model_loads_as_an_ordinary_checkpoint(tiny_config):
+def test_a_second_stage_at_a_higher_resolution_is_an_ordinary_checkpoint(tiny_config, capsys):
+    """A coarse resolution schedule: stage 1 at 32 px, stage 2 at 64 px from its weights."""
     first = tiny_config("name=src", "train.max_steps=1")
     train_main.run(first)
-    cfg = tiny_config("name=ft", "train.max_steps=1", f"train.init_from={first.run_dir}/best")
+    cfg = tiny_config("name=ft", "train.max_steps=1", f"train.init_from={first.run_dir}/best", "data.image_size=64")
     train_main.run(cfg)
+    assert "trained at 32 px" in capsys.readouterr().out
     model, info = load_model(cfg.run_dir / "best")
-    assert info["config"]["train"]["init_from"] == f"{first.run_dir}/best"
-    assert model(torch.rand(1, 3, 32, 32)).shape == (1, 4)
+    assert info["config"]["train"]["init_from"] == f"{first.run_dir}/best" and info["image_size"] == 64
+    assert model(torch.rand(1, 3, 64, 64)).shape == (1, 4)
 
 
 # --- ./run.sh average ------------------------------------------------------------------------
