@@ -16,6 +16,9 @@ softens it, with GCM or without. Where it changes anything:
 :func:`tune_temperature` picks the temperature of a grid by the stack's validation accuracy, ties
 broken by the lower validation cross-entropy (the calibrated temperature, Guo et al. 2017), so on
 one model it picks the calibrated one, never a sharpening that only masks gradients.
+
+``python -m infer.temperature [--config F] [key=value ...]`` prints the table for the stack ``submit``
+would build (``submit.checkpoints``, TTA, GCM, ``submit.aggregate``) over ``ablation.temperatures``.
 """
 
 from __future__ import annotations
@@ -26,13 +29,14 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from core.cli import create_parser, parse_config, quiet_libraries, run_cli
 from core.config import Config
 from core.datasets import ImageDataset
 from core.errors import UserError
 from core.images import to_float_images
 from core.labels import resolve_samples
 from core.transforms import create_eval_transform
-from infer.defended import build_defended_model
+from infer.defended import build_defended_model, input_size_of, load_members, resolve_member_paths
 
 
 def validation_images(cfg: Config, image_size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -79,3 +83,23 @@ def tune_temperature(
         table.append({"temperature": float(t), **stack_scores(model, x, y, cfg.submit.batch_size)})
     best = max(table, key=lambda r: (round(r["acc"], 9), -r["nll"]))
     return {"temperature": best["temperature"], "table": table}
+
+
+def main(argv: Sequence[str] | None = None) -> dict:
+    quiet_libraries()
+    parser = create_parser("python -m infer.temperature", "Tune the output temperature on the validation split.")
+    cfg = parse_config(parser.parse_args(argv))
+    members, infos = load_members(resolve_member_paths(cfg), cfg.data.num_classes)
+    x, y = validation_images(cfg, input_size_of(infos))
+    result = tune_temperature(members, infos, cfg, cfg.ablation.temperatures, x, y)
+    print(
+        f"{len(members)} member(s), aggregate={cfg.submit.aggregate}, gcm={cfg.gcm.enabled}, {len(y)} validation images"
+    )
+    for row in result["table"]:
+        print(f"  T={row['temperature']:g}: accuracy {row['acc']:.1f}%, cross-entropy {row['nll']:.3f}")
+    print(f"picked T={result['temperature']:g}: set submit.temperature={result['temperature']:g}")
+    return result
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
