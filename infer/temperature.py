@@ -6,10 +6,12 @@ softens it, with GCM or without. Where it changes anything:
 
 * one model (Phase II's single file): never its prediction (``argmax`` of ``logits / T`` is
   ``argmax`` of the logits for every T > 0), only its confidence: the log-probabilities an
-  attacker's cross-entropy climbs. A small T saturates the softmax, so the cross-entropy gradient
-  of a confidently right image underflows to 0 in float32: gradient masking, like the 5th-place
-  team's ``softmax(logits * 10000)``. An attack on a scale-free loss (AutoAttack's DLR) or on the
-  logits is not slowed by it.
+  attacker's loss climbs. A small T saturates the softmax: the probabilities of all but the top
+  class underflow, the output's log (clamped at 1e-12 under ``aggregate=prob``) goes flat, and
+  every gradient of it vanishes, AutoAttack's scale-free DLR loss included (RESULTS.md, issue 38:
+  47% under AutoAttack at T = 0.001 against 24% at T = 1, the same model). That is gradient
+  masking, like the 5th-place team's ``softmax(logits * 10000)``: an attack on the logits, or a
+  transfer from the same weights at T = 1, is not slowed by it, so the T = 1 figure is the real one.
 * an ensemble averaging probabilities (``submit.aggregate=prob``): the weight each member's vote
   carries, so the prediction itself. ``aggregate=logit`` divides the mean logit: no change.
 

@@ -196,6 +196,7 @@ def test_the_four_report_files_are_one_unit(tmp_path, monkeypatch, refused):
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # every old file, no temp file
 
 
+@pytest.mark.slow
 def test_sharpen_and_tuned_temperature_rows(overrides):
     """Issue 38: a temperature below 1 stacked with GCM, and one tuned on the validation split."""
     cfg = load_config(
