@@ -30,6 +30,7 @@ usage: ./run.sh COMMAND [args]
   evaluate [--config FILE] [key=value ...] [launch flags]   local leaderboard (clean/corruptions/attacks)
   make-testset [--config FILE] [key=value ...]                  a Phase-I-like test set (clean/corrupted/transfer/stacked)
   ablate   [--config FILE] [key=value ...]                      what each part of the submission stack buys
+  average  [--config FILE] [key=value ...]                      one checkpoint from several: last k of a run, model soups
   validate FILE (--test-dir DIR | --config FILE) [--num-classes N]  check a submission file
   export   [--config FILE] [key=value ...]                      Phase II files (.onnx, .zip) + .pt2 + budget report
   check-submission FILE [--image-size N] [--config FILE] [key=value ...]  the organizers' checks of a Phase II file
@@ -54,6 +55,7 @@ case "$cmd" in
   export)    ensure_venv; exec "$PY" -m phase2.export "$@" ;;
   check-submission) ensure_venv; exec "$PY" -m phase2.check "$@" ;;
   check-data) ensure_venv; exec "$PY" -m train.check_data "$@" ;;
+  average)   ensure_venv; exec "$PY" -m train.average "$@" ;;
   demo-data) ensure_venv; exec "$PY" -m train.demo_data "$@" ;;
   wandb-sync) ensure_venv; exec "$PY" -m core.wandb_sync "$@" ;;
   bench)     ensure_venv; exec "$PY" -m bench "$@" ;;

@@ -7,7 +7,9 @@ is ``"+"``-joined parts on top of one standard checkpoint without TTA, GCM or ra
 * ``ensemble``: the first 2-3 checkpoints of the variant's recipe; ``mixed``: the first
   checkpoint of every recipe given;
 * ``gcm``, ``random_pad``: the defense layers (``gcm.*`` / ``random_pad.*`` settings);
-* ``temperature``: ``ablation.temperature`` on every member's logits;
+* ``temperature``: ``ablation.temperature`` on every member's logits; ``sharpen``:
+  ``ablation.sharpen`` (below 1); ``tuned``: the temperature of ``ablation.temperatures`` that
+  scores best on the validation split (:func:`infer.temperature.tune_temperature`);
 * ``adversarial``, ``corruption``: that recipe's checkpoints instead of the standard ones.
 
 Every variant is the exact model ``submit`` builds (:func:`infer.defended.build_defended_model`),
@@ -53,6 +55,7 @@ from core.tracking import model_lineage, start_run, use_models
 from core.transforms import create_eval_transform
 from gcm import DefendedModel
 from infer.defended import build_defended_model, input_size_of, load_members
+from infer.temperature import tune_temperature, validation_images, with_temperature
 from infer.testset_folder import (
     KINDS,
     MANIFEST_NAME,
@@ -105,7 +108,7 @@ def resolve_variant(variant: str, cfg: Config) -> Config:
             cfg.submit,
             checkpoints=resolve_checkpoints(parts, cfg, variant),
             weights=[],
-            temperature=a.temperature if "temperature" in parts else 1.0,
+            temperature=a.sharpen if "sharpen" in parts else a.temperature if "temperature" in parts else 1.0,
         ),
         tta=dataclasses.replace(
             cfg.tta, hflip="hflip" in parts, scales=list(a.scales) if "multiscale" in parts else [1.0]
@@ -229,6 +232,11 @@ def _delta(row: dict, metric: str) -> str:
     return f" ({d['diff']:+.1f} [{d['lo']:+.1f}, {d['hi']:+.1f}]{tag})"
 
 
+def _temperature(row: dict) -> str:
+    t = row.get("temperature", 1.0)
+    return f" (T={t:g})" if t != 1.0 else ""
+
+
 def table_rows(rows: dict[str, dict]) -> list[dict]:
     """One flat record per variant (the CSV's rows)."""
     out = []
@@ -238,6 +246,7 @@ def table_rows(rows: dict[str, dict]) -> list[dict]:
             "variant": name,
             "members": len(row["checkpoints"]),
             "views": row["views"],
+            "temperature": row.get("temperature", 1.0),
             "phase1": _pct(v["phase1"]),
             **{f"phase1_{k}": row["by_kind"].get(k, {}).get("acc") for k in KINDS},
             "clean": _pct(v["clean"]),
@@ -271,7 +280,8 @@ def render_markdown(rows: dict[str, dict], info: dict) -> str:
             f"{row['by_kind'][k]['acc']:.1f}" if k in row["by_kind"] else "" for k in KINDS
         )  # fmt: skip
         lines.append(
-            f"| {name} | {len(row['checkpoints'])} x {row['views']} | {_pct(v['phase1']):.1f}{_delta(row, 'phase1')} "
+            f"| {name}{_temperature(row)} | {len(row['checkpoints'])} x {row['views']} "
+            f"| {_pct(v['phase1']):.1f}{_delta(row, 'phase1')} "
             f"| {by_kind} | {_pct(v['clean']):.1f}{_delta(row, 'clean')} "
             f"| {_pct(v['autoattack']):.1f}{_delta(row, 'autoattack')} | {_pct(v['pgd_naive']):.1f} "
             f"| {row['ms_per_image']:.2f} |"
@@ -376,6 +386,16 @@ def load_data(cfg: Config, image_size: int) -> dict:
     }
 
 
+def tune_variant(vcfg: Config, cfg: Config, members: dict, paths: list[str], image_size: int) -> Config:
+    """The ``tuned`` part: the variant with the temperature of ``ablation.temperatures`` that its
+    stack scores best with on the validation split (never the test labels)."""
+    x, y = validation_images(cfg, image_size)
+    tuned = tune_temperature(
+        [members[p][0] for p in paths], [members[p][1] for p in paths], vcfg, cfg.ablation.temperatures, x, y
+    )
+    return with_temperature(vcfg, tuned["temperature"])
+
+
 def run_variants(cfg: Config, data: dict, members: dict, progress: bool) -> dict[str, dict]:
     """Build and measure every variant, ``single`` first."""
     rows = {}
@@ -384,11 +404,14 @@ def run_variants(cfg: Config, data: dict, members: dict, progress: bool) -> dict
         start = time.perf_counter()
         vcfg = resolve_variant(variant, cfg)
         paths = list(vcfg.submit.checkpoints)
+        if "tuned" in variant.split("+"):
+            vcfg = tune_variant(vcfg, cfg, members, paths, data["test_x"].shape[-1])
         model = build_defended_model([members[p][0] for p in paths], [members[p][1] for p in paths], vcfg)
         model = model.to(default_device())  # the GPU when there is one: AutoAttack per variant
         rows[variant] = {
             "checkpoints": paths,
             "views": len(model.model.views),
+            "temperature": vcfg.submit.temperature,
             **measure_variant(model, data, vcfg, variant if progress else ""),
         }
         if progress:

@@ -102,7 +102,7 @@ class TestsetConfig:
 # The stack parts `ablate` can combine ("+"-joined in ablation.variants; robust/ablation.py).
 ABLATION_PARTS = (
     "single", "hflip", "multiscale", "ensemble", "gcm", "random_pad", "temperature",
-    "adversarial", "corruption", "mixed",
+    "adversarial", "corruption", "mixed", "sharpen", "tuned",
 )  # fmt: skip
 
 
@@ -128,6 +128,10 @@ class AblationConfig:
     attack_subset: int = within("[0, 1e12]", 100)  # clean images attacked per variant (AutoAttack + BPDA/EOT); 0 -> all
     bootstrap: int = within("[100, 1e9]", 2000)  # resamples over images of each difference's 95% interval
     out_dir: str = ""  # "" -> runs/<name>/ablation
+    # issue 38, output sharpening (infer/temperature.py): the sharpen part's temperature (< 1), and the
+    # grid the tuned part picks a temperature from on the validation split (accuracy, then cross-entropy)
+    sharpen: float = within("(0, 1e6]", 1e-3)
+    temperatures: list = within("(0, 1e6]", [1e-3, 0.01, 0.1, 0.5, 1.0, 2.0, 4.0])
 
 
 def check_eval(cfg: Config) -> None:

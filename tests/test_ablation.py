@@ -195,3 +195,20 @@ def test_the_four_report_files_are_one_unit(tmp_path, monkeypatch, refused):
     with pytest.raises(WriteError, match=f"{refused}: cannot write"):
         ablation.write_outputs(*_synthetic_rows(1, cfg), tmp_path, cfg)
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before  # every old file, no temp file
+
+
+@pytest.mark.slow
+def test_sharpen_and_tuned_temperature_rows(overrides):
+    """Issue 38: a temperature below 1 stacked with GCM, and one tuned on the validation split."""
+    cfg = load_config(
+        None, [*overrides, "ablation.variants=[single,gcm+sharpen,ensemble+tuned]", "ablation.sharpen=0.01"]
+    )
+    result = ablation.run(cfg, progress=False)
+    rows = result["rows"]
+    assert rows["gcm+sharpen"]["temperature"] == 0.01
+    # one model: sharpening changes no prediction
+    assert rows["gcm+sharpen"]["vs_single"]["phase1"]["diff"] == 0.0
+    assert rows["gcm+sharpen"]["vs_single"]["clean"]["diff"] == 0.0
+    assert rows["ensemble+tuned"]["temperature"] in cfg.ablation.temperatures
+    assert "| gcm+sharpen (T=0.01) | 1 x 1 |" in open(result["files"]["md"]).read()
+    assert [r["temperature"] for r in result["table"]][:2] == [1.0, 0.01]

@@ -26,6 +26,7 @@ from core.errors import UserError, echo
 from core.io import check_writable, publishing, remove_folder
 from core.outputs import CLAIMS_NAME, claim_names, hold_output, record_owner
 from train.engine import Progress, TrainingDiverged
+from train.init_from import apply_init_from
 from train.setup import Training
 
 CHECKPOINT_PREFIX = "e"
@@ -244,7 +245,8 @@ def resolve_resume_noting(cfg: Config) -> tuple[Path | None, list[tuple[Path, st
 
 
 def restore(training: Training, progress: Progress) -> None:
-    """Continue from ``resume`` (a folder, or ``auto``: the newest checkpoint) or start fresh.
+    """Continue from ``resume`` (a folder, or ``auto``: the newest checkpoint) or start fresh
+    (from ``train.init_from``'s weights when it names a model).
 
     A fresh run under an old name removes the old checkpoints, which a later ``resume=auto``
     would otherwise pick up.
@@ -279,6 +281,8 @@ def restore(training: Training, progress: Progress) -> None:
             shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)
             for path in old:
                 path.unlink(missing_ok=True) if path.is_file() else None
+    if resume_from is None and cfg.train.init_from:  # a resumed run continues its own weights
+        accelerator.print(apply_init_from(accelerator.unwrap_model(training.model), training.ema, cfg))
     accelerator.wait_for_everyone()
 
 

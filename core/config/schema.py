@@ -310,7 +310,7 @@ class DistillConfig:
 @dataclass
 class SelectScoreConfig:
     """``train.select=score``: the Phase-II-like score on a fixed, seeded part of the validation split
-    after every epoch (train/select.py): clean, held-out corruptions and ``phase2.attack`` draws."""
+    after every epoch (train/selection.py): clean, held-out corruptions and ``phase2.attack`` draws."""
 
     images: int = within("[1, 1e12]", 100)  # validation images (seeded choice, the same every epoch)
     corruptions: list = one_of_each(ALL_CORRUPTIONS, lambda: list(HELD_OUT))  # ImageNet-C's held-out four
@@ -318,6 +318,19 @@ class SelectScoreConfig:
     draws: int = within("[0, 1000]", 2)  # white-box attacks drawn from phase2.attack at phase2.seed
     # the score's mix: shares of clean, corrupted and attacked accuracy (normalised to sum 1)
     weights: list = within("[0, 1e6]", [1.0, 1.0, 1.0], item=float)
+
+
+@dataclass
+class AverageConfig:
+    """``./run.sh average`` (train/average.py): one exported model from the weights of several."""
+
+    # last: the last `last` full-state checkpoints of one run (SWA-style); uniform / greedy: the `best`
+    # of several runs from a shared start (model soups; greedy adds a run only if the soup's
+    # validation score improves)
+    mode: str = one_of(("last", "uniform", "greedy"), "greedy")
+    runs: list = list_of(str)  # run folders or checkpoint stems (runs/X/best); mode=last: one run folder
+    last: int = within("[2, 10000]", 2)  # checkpoints averaged by mode=last (train.keep_checkpoints must keep them)
+    weights: str = one_of(("model", "ema"), "model")  # mode=last: the raw weights or their EMA
 
 
 @dataclass
@@ -361,6 +374,10 @@ class TrainConfig:
     select: str = one_of(("auto", "clean", "robust", "score"), "auto")
     score: SelectScoreConfig = field(default_factory=SelectScoreConfig)
     distill: DistillConfig = field(default_factory=DistillConfig)
+    # issue 38, two stages and weight averaging (train/init_from.py, train/average.py):
+    # an exported model (runs/X/best) whose weights a fresh run starts from; "" -> timm's initialisation
+    init_from: str = ""
+    average: AverageConfig = field(default_factory=AverageConfig)
 
 
 @dataclass
