@@ -136,7 +136,8 @@ def apply_gcm(model: nn.Module, w: float = 1e20, eps: float = 1e-8, form: str = 
 
 
 def set_bpda(model: nn.Module, enabled: bool) -> int:
-    """Switch the straight-through (BPDA) backward on or off for every GCM in `model`.
+    """Switch the straight-through (BPDA) backward on or off for every GCM in `model` (and every
+    other layer with a BPDA stand-in, `bpda_modules`).
 
     Args:
         model: Module tree to search (the GCM itself also counts).
@@ -145,11 +146,9 @@ def set_bpda(model: nn.Module, enabled: bool) -> int:
     Returns:
         Number of GradientConcealment modules found.
     """
-    found = 0
-    for m in gcm_modules(model):
+    for m in bpda_modules(model):
         m.bpda = bool(enabled)
-        found += 1
-    return found
+    return len(gcm_modules(model))
 
 
 def gcm_modules(model: nn.Module) -> list:
@@ -157,21 +156,29 @@ def gcm_modules(model: nn.Module) -> list:
     return [m for m in model.modules() if getattr(type(m), "is_gcm", False) is True]
 
 
+def bpda_modules(model: nn.Module) -> list:
+    """Every module with a BPDA switch: the GCM layers, and any other layer that masks gradients
+    and has a differentiable stand-in for the attacker (a class marked `has_bpda`, e.g. an output
+    temperature below 1, which saturates the softmax; `infer.defended.EnsembleTTA`)."""
+    marked = ("is_gcm", "has_bpda")
+    return [m for m in model.modules() if any(getattr(type(m), name, False) is True for name in marked)]
+
+
 @contextmanager
 def bpda(model: nn.Module) -> Iterator[int]:
-    """Enable BPDA on every GCM in `model` for the duration of a `with` block.
+    """Enable BPDA on every GCM in `model` (and every layer of `bpda_modules`) for a `with` block.
 
     Each module's previous setting is restored on exit, also on error.
 
     Yields:
         Number of GradientConcealment modules found (0 means there was nothing to bypass).
     """
-    modules = gcm_modules(model)
+    modules = bpda_modules(model)
     previous = [m.bpda for m in modules]
     try:
         for m in modules:
             m.bpda = True
-        yield len(modules)
+        yield len(gcm_modules(model))
     finally:
         for m, state in zip(modules, previous):
             m.bpda = state

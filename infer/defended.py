@@ -71,6 +71,8 @@ class EnsembleTTA(nn.Module):
     k views cost about one k-times-larger batch rather than k separate calls.
     """
 
+    has_bpda = True  # its output temperature has a stand-in for the adaptive attacker (gcm.bpda_modules)
+
     def __init__(
         self,
         members: Sequence[nn.Module],
@@ -91,22 +93,36 @@ class EnsembleTTA(nn.Module):
         self.weights = [v / total for v in w]
         self.aggregate = aggregate
         self.temperature = float(temperature)
+        self.bpda = False  # switched by gcm.bpda / gcm.set_bpda for the adaptive attacker
 
-    def member_logits(self, index: int, x: torch.Tensor) -> torch.Tensor:
-        """Logits of one member for every view: (views, N, classes), float32."""
+    def member_logits(self, index: int, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Logits of one member for every view, divided by ``temperature``: (views, N, classes), float32."""
         xm = resize_to(x, self.image_sizes[index])
         batch = (
             torch.cat([apply_view(xm, v.scale, v.hflip) for v in self.views])
             if len(self.views) > 1
             else apply_view(xm, self.views[0].scale, self.views[0].hflip)
         )
-        logits = self.members[index](batch).float() / self.temperature
+        logits = self.members[index](batch).float() / temperature
         return logits.view(len(self.views), x.shape[0], -1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.bpda and self.temperature != 1.0:
+            # A temperature below 1 saturates the softmax: the gradient vanishes, and an attacker who
+            # differentiates it scores the model as robust (RESULTS.md, issue 38). The adaptive
+            # attacker's stand-in (BPDA) is the same stack at temperature 1: the forward value is
+            # the real one, the gradient the stand-in's.
+            with torch.no_grad():
+                value = self.combine(x, self.temperature)
+            stand_in = self.combine(x, 1.0)
+            return value + (stand_in - stand_in.detach())
+        return self.combine(x, self.temperature)
+
+    def combine(self, x: torch.Tensor, temperature: float) -> torch.Tensor:
+        """Log-probabilities of the stack with the members' logits divided by ``temperature``."""
         combined = None
         for i in range(len(self.members)):
-            logits = self.member_logits(i, x)
+            logits = self.member_logits(i, x, temperature)
             if self.aggregate == "prob":
                 part = logits.softmax(-1).mean(0) * self.weights[i]
             else:

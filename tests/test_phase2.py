@@ -445,3 +445,33 @@ def test_export_at_a_small_size_warns_and_names_the_check_flag(ckpt32, tmp_path,
     out = capsys.readouterr().out
     assert "warning: the Phase II files take 3x32x32 (data.image_size); the organizers feed 3x224x224" in out
     assert "./run.sh check-submission FILE --image-size 32" in out
+
+
+def _input_gradient(model, x, y):
+    x = x.clone().requires_grad_(True)
+    torch.nn.functional.nll_loss(model(x), y).backward()
+    return x.grad
+
+
+def test_a_sharpening_temperature_does_not_hide_the_gradient_from_the_adaptive_attacker(ckpt32, tmp_path):
+    # T < 1 saturates the softmax, so an attacker who differentiates it sees (almost) no gradient and
+    # scores the model as robust (RESULTS.md, issue 38). Under BPDA, as GCM, it is the stand-in's:
+    # the value stays the sharpened one, the gradient is the temperature-1 model's, in process and
+    # in the exported zip alike.
+    x = torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    cfg = _export_cfg(ckpt32, tmp_path, "submit.temperature=0.001", "gcm.enabled=false")
+    plain = _export_cfg(ckpt32, tmp_path / "t1", "gcm.enabled=false")
+    with torch.no_grad():
+        y = _in_process(plain)(x).argmax(1)  # images it gets right: those an attacker must move
+    zipped = model_zip.load_zip_model(export.run(cfg)["paths"]["zip"])[0]
+    for sharp, reference in ((_in_process(cfg), _in_process(plain)), (zipped, _in_process(plain))):
+        masked = _input_gradient(sharp, x, y)
+        with bpda(sharp):
+            value = sharp(x).detach()
+            revealed = _input_gradient(sharp, x, y)
+        expected = _input_gradient(reference, x, y)
+        with torch.no_grad():
+            assert torch.allclose(value, sharp(x))  # the forward is the sharpened model's
+        assert torch.allclose(revealed, expected, rtol=1e-4, atol=1e-7)
+        # what the naive attacker sees: nothing on an image with a clear margin (a near tie still shows)
+        assert (masked.flatten(1).abs().sum(1) < 1e-6 * expected.flatten(1).abs().sum(1)).any()
