@@ -5,14 +5,15 @@
 # where PyPI is reachable: the versions are the ones pinned in this checkout's .venv, the files are
 # CPython 3.12 manylinux builds (the GPU machine's Python), saved into .whl/ (ignored by git), which
 # is emptied first: two versions of one package there stop the whole install on the device.
-# typing_extensions travels too: the image's is older than pydantic 2.14 needs (>= 4.16, `Sentinel`).
+# onnx-pytorch travels too (the organizers' code generator; export checks an .onnx with it and
+# refuses without it). typing_extensions travels too: the image's is older than pydantic 2.14 needs (>= 4.16, `Sentinel`).
 # wandb does not (its 0.31.0 wheel is 19 MiB, more than all of these together, and the check runs
 # with W&B disabled): the tests that run it skip where it is absent.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 OUT=.whl
 PACKAGES="timm albumentations albucore pydantic pydantic_core annotated-types typing-inspection typing_extensions
-stringzilla simsimd pyautoattack ptflops onnx2pytorch imagecorruptions-imaug"
+stringzilla simsimd pyautoattack ptflops onnx2pytorch imagecorruptions-imaug onnx-pytorch"
 rm -rf "$OUT"
 mkdir -p "$OUT"
 for name in $PACKAGES; do
