@@ -143,7 +143,7 @@ def die_with_parent(launcher: int) -> None:
 
 def end_process_group() -> None:
     """End this process's part of a multi-process run (accelerate's process group), as a finished
-    run does in ``end_training``. After a refusal every rank exits together; a group left for the
+    run does in ``end_training``. After a stage or a refusal every rank exits together; a group left for the
     interpreter's exit to tear down sometimes aborts a rank ("terminate called without an active
     exception", SIGABRT) instead of the refusal's exit code 2. Not after a crash or a stop: peers
     may still wait in a collective, and the launcher ends them."""
@@ -165,6 +165,7 @@ def run_cli(fn: Callable[[Sequence[str]], object], argv: Sequence[str] | None = 
     code = 1
     try:
         fn(argv)
+        end_process_group()  # every rank got here: none waits in a collective
         code = 0
     except BaseException as exc:
         stop = stop_signal(exc)  # also an error raised by the clean-up the stop started
